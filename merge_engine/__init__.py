@@ -1,0 +1,39 @@
+"""mergebot's merge engine: mergekit-style recipes, streamed merges, model cards.
+
+    from merge_engine import load_recipe, preflight, merge
+    plan = preflight(load_recipe("recipe.yaml"))   # headers only: errors before any download
+    merge(plan, "./merged")                          # streams tensors, writes card and recipe
+
+In memory: :func:`merge_models` and :func:`merge_into` (see :mod:`merge_engine.memory`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from merge_engine.errors import MergeError
+from merge_engine.memory import merge_into, merge_models
+from merge_engine.plan import MergePlan, build_plan
+from merge_engine.recipe import ModelReference, Recipe, load_recipe, parse_recipe
+from merge_engine.run import write_merge
+from merge_engine.sources import inspect_recipe_models
+
+
+def preflight(recipe: Recipe, *, token: str | bool | None = None, allow_pickle: bool = False) -> MergePlan:
+    """Validate a recipe against the models' configs and safetensors headers; download no weight."""
+    sources = inspect_recipe_models(recipe.referenced_models(), token, allow_pickle)
+    return build_plan(recipe, sources)
+
+
+def merge(recipe_or_plan: Recipe | MergePlan, out_dir: str | Path, **options: Any) -> Path:
+    """Run a merge end to end into ``out_dir`` (see :func:`merge_engine.run.write_merge` for options)."""
+    token = options.get("token")
+    plan = recipe_or_plan if isinstance(recipe_or_plan, MergePlan) else preflight(recipe_or_plan, token=token)
+    return write_merge(plan, out_dir, **options)
+
+
+__all__ = [
+    "MergeError", "MergePlan", "ModelReference", "Recipe", "build_plan", "load_recipe", "merge",
+    "merge_into", "merge_models", "parse_recipe", "preflight",
+]

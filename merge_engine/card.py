@@ -1,0 +1,84 @@
+"""The model card: typed metadata (``ModelCardData``) plus a Jinja template of the prose.
+
+It documents the method and its paper, the parameter values actually used (summarised over
+tensors when gradients or filters make them vary), every source with its pinned revision,
+the recipe, and the command that reproduces the merge. ``base_model`` lists Hub ids only.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from merge_engine.plan import MergePlan
+from merge_engine.recipe import ModelReference
+
+TEMPLATE = files("merge_engine") / "templates" / "card.md"
+
+
+def _summary(values: list[Any]) -> str:
+    distinct = sorted(set(values), key=str)
+    if len(distinct) == 1:
+        return f"`{distinct[0]:g}`" if isinstance(distinct[0], float) else f"`{distinct[0]}`"
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct):
+        return f"`{min(distinct):g}` to `{max(distinct):g}` (varies by layer or filter)"
+    return ", ".join(f"`{v}`" for v in distinct) + " (varies by tensor)"
+
+
+def parameter_rows(plan: MergePlan) -> list[dict[str, str]]:
+    tasks = [t for t in plan.tasks if not t.copy_only]
+    rows = []
+    for param in plan.method.global_params:
+        values = [t.shared[param.name] for t in tasks]
+        rows.append({"name": param.name, "scope": "global", "value": _summary(values), "default": _default(param)})
+    for param in plan.method.per_model_params:
+        by_model: dict[ModelReference, list[Any]] = {}
+        for task in tasks:
+            for read, values in zip(task.inputs, task.per_model, strict=True):
+                by_model.setdefault(read.model, []).append(values[param.name])
+        for model, values in by_model.items():
+            rows.append({"name": param.name, "scope": f"{model}", "value": _summary(values), "default": _default(param)})
+    return rows
+
+
+def _default(param) -> str:
+    return "required" if param.required else f"`{param.default}`"
+
+
+def _hub_link(ref: ModelReference, is_local: bool) -> str:
+    return f"`{ref.path}` (local folder)" if is_local else f"[{ref.path}](https://huggingface.co/{ref.path})"
+
+
+def build_card(plan: MergePlan, name: str | None = None, command: str | None = None) -> ModelCard:
+    recipe = plan.recipe
+    hub_sources = [ref for ref in recipe.referenced_models() if not plan.sources[ref].ref.is_local]
+    base = recipe.base_model
+    inputs = recipe.input_models()
+    data = ModelCardData(
+        base_model=[ref.path for ref in hub_sources if ref in inputs or ref == base] or None,
+        base_model_relation="merge" if hub_sources else None,
+        library_name="transformers",
+        tags=["merge", "mergebot", plan.method.name],
+    )
+    models = []
+    for ref in recipe.referenced_models():
+        source = plan.sources[ref]
+        role = "base" if ref == base else ("input" if ref in inputs else "tokenizer")
+        revision = f"`{source.revision}`" if source.revision else "local"
+        models.append({"link": _hub_link(ref, ref.is_local), "role": role, "revision": revision})
+    pinned = recipe.with_revisions({ref: s.revision for ref, s in plan.sources.items() if s.revision})
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE),
+        name=name or "Merged model",
+        method=plan.method,
+        base=base,
+        seed=plan.seed,
+        parameters=parameter_rows(plan),
+        notes=plan.notes,
+        models=models,
+        recipe=pinned.to_yaml().rstrip(),
+        command=command or "mergebot merge mergebot_recipe.yaml ./merged",
+    )

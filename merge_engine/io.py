@@ -1,0 +1,189 @@
+"""Reading and writing weights without ever holding a whole model.
+
+Reading: :class:`SafetensorsStore` memory-maps the shards of a folder and hands out one tensor
+at a time. Writing: :class:`ShardedWriter` knows every output tensor's name, shape and dtype
+before the first one is computed (the plan says so), so it lays out the shards and writes each
+header up front, then appends each tensor's bytes as it arrives: nothing is buffered, and
+memory stays bounded by the tensor being written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import torch
+from safetensors import safe_open
+
+from merge_engine.errors import SourceError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_NAME = "model.safetensors.index.json"
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a safetensors header says of one tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def parse_header(raw: bytes, origin: str) -> dict[str, dict]:
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise SourceError(f"{origin} is not a valid safetensors file (its header is not JSON); re-download or re-save it") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor names, shapes and dtypes of one safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise SourceError(f"{path} is not a valid safetensors file (it is {len(prefix)} bytes long); re-download or re-save it")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise SourceError(f"{path} declares a {length}-byte header, more than any real checkpoint; the file is corrupt")
+        header = parse_header(f.read(length), str(path))
+    return tensor_infos(header, path.name, str(path))
+
+
+def tensor_infos(header: Mapping[str, dict], file: str, origin: str) -> dict[str, TensorInfo]:
+    infos = {}
+    for name, entry in header.items():
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype", ""))
+        if dtype is None:
+            raise SourceError(f"tensor {name} in {origin} has dtype {entry.get('dtype')!r}, which mergebot cannot merge")
+        infos[name] = TensorInfo(tuple(entry["shape"]), dtype, file)
+    return infos
+
+
+class TensorStore(Protocol):
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class SafetensorsStore:
+    """Lazy, memory-mapped access to the tensors of a folder of safetensors shards."""
+
+    def __init__(self, folder: Path, tensors: Mapping[str, TensorInfo]):
+        self.folder = folder
+        self.tensors = tensors
+        self._handles: dict[str, object] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.tensors[name].file
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
+        return self._handles[file].get_tensor(name)
+
+
+class MemoryStore:
+    """A state dict seen as a store (the in-memory API)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def assign_shards(tensors: list[PlannedTensor], shard_size: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most ``shard_size`` bytes (a bigger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def _header_bytes(shard: list[PlannedTensor]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in shard:
+        header[tensor.name] = {"dtype": DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Streams tensors, in planned order, into shards whose headers are written first."""
+
+    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int):
+        self.folder = folder
+        self.shards = assign_shards(tensors, shard_size)
+        count = len(self.shards)
+        self.file_names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self._queue = [(shard_index, t) for shard_index, shard in enumerate(self.shards) for t in shard]
+        self._position = 0
+        self._file: BinaryIO | None = None
+        self._open_shard = -1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard_index, planned = self._queue[self._position]
+        if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise RuntimeError(f"internal error: wrote {name} {tuple(tensor.shape)} {tensor.dtype}, planned {planned}")
+        if shard_index != self._open_shard:
+            self._close_file()
+            self._file = open(self.folder / self.file_names[shard_index], "wb")
+            self._file.write(_header_bytes(self.shards[shard_index]))
+            self._open_shard = shard_index
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._position += 1
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> None:
+        """Close the last shard and write the index; refuses if a planned tensor never came."""
+        self._close_file()
+        if self._position != len(self._queue):
+            missing = self._queue[self._position][1].name
+            raise RuntimeError(f"internal error: the merge stopped before writing {missing}")
+        if len(self.shards) > 1:
+            weight_map = {t.name: file for file, shard in zip(self.file_names, self.shards, strict=True) for t in shard}
+            total = sum(t.nbytes for shard in self.shards for t in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        self._close_file()

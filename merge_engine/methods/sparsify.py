@@ -1,0 +1,114 @@
+"""Sparsifiers for task vectors: which entries of a delta survive, and how the survivors are rescaled.
+
+Magnitude pruning finds its threshold with a k-th value (selection, O(n)) instead of a full
+sort. Entries tied with the threshold magnitude are all kept, so the result is deterministic
+(mergekit's argsort keeps an arbitrary subset of such ties).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+RescaleMode = Literal["l1", "inverse_density"]
+
+
+def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
+    magnitude = tensor.abs().reshape(-1)
+    # CPU selection kernels are float32-only for half types; CUDA handles them natively.
+    return magnitude.float() if magnitude.device.type == "cpu" else magnitude
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry (k >= 1) of a flat tensor, by selection rather than sorting."""
+    return torch.kthvalue(values, values.numel() - k + 1).values
+
+
+def match_l1(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale ``masked`` so its L1 norm equals that of ``original`` (mergekit's ``rescale``)."""
+    before = original.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES pruning: keep the k = max(1, floor(density * n)) largest-magnitude entries."""
+    if density >= 1:
+        return tensor
+    if tensor.numel() == 0:
+        return tensor
+    k = max(1, int(density * tensor.numel()))
+    magnitudes = _magnitudes(tensor)
+    keep = (magnitudes >= kth_largest(magnitudes, k)).reshape(tensor.shape)
+    return tensor * keep.to(tensor.dtype)
+
+
+def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the top ``gamma`` fraction (outliers), then the smallest, keeping ``density``."""
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    if target == 0:
+        return torch.zeros_like(tensor)
+    magnitudes = _magnitudes(tensor)
+    # Keep ascending ranks [n_bottom, n_bottom + target): two selections bound the band.
+    low = torch.kthvalue(magnitudes, n_bottom + 1).values
+    high = torch.kthvalue(magnitudes, n_bottom + target).values
+    keep = ((magnitudes >= low) & (magnitudes <= high)).reshape(tensor.shape)
+    return tensor * keep.to(tensor.dtype)
+
+
+def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """Bernoulli sampling on the CPU is not implemented for float16: sample in float32 there."""
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor.dtype
+    return torch.float32
+
+
+def bernoulli(
+    tensor: torch.Tensor, density: float, rescale: RescaleMode | None, generator: torch.Generator
+) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density``."""
+    if density >= 1:
+        return tensor
+    work = tensor.to(_work_dtype(tensor))
+    mask = torch.empty_like(work).bernoulli_(density, generator=generator)
+    masked = work * mask
+    if rescale == "l1":
+        masked = match_l1(masked, work)
+    elif rescale == "inverse_density":
+        masked = masked / density
+    return masked.to(tensor.dtype)
+
+
+def della_magprune(
+    tensor: torch.Tensor,
+    density: float,
+    epsilon: float,
+    rescale: RescaleMode | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DELLA: per row, keep probabilities rise linearly with magnitude rank over [d - eps, d + eps]."""
+    if density >= 1:
+        return tensor
+    work_dtype = _work_dtype(tensor)
+    rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() >= 2 else tensor.unsqueeze(0)
+    order = torch.argsort(rows.abs(), dim=1)  # (rows, cols): ranks need the order itself
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
+    span = max(rows.shape[1] - 1, 1)
+    rank_norm = (ranks.to(work_dtype) / span).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator)
+    work = rows.to(work_dtype)
+    masked = work * mask
+    if rescale == "l1":
+        masked = match_l1(masked, work)
+    elif rescale == "inverse_density":
+        masked = torch.where(mask > 0, masked / probs, masked)
+    return masked.to(tensor.dtype).reshape(tensor.shape)

@@ -1,0 +1,416 @@
+"""Recipe + input metadata → one task per output tensor, with every parameter resolved.
+
+Building the plan is the pre-flight: it reads only what :mod:`merge_engine.sources` learned
+from configs and headers, and it raises every recipe or compatibility error before a single
+weight is read. The runner then only executes tasks.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from merge_engine import layers
+from merge_engine.errors import IncompatibleModelsError, RecipeError
+from merge_engine.methods import MergeMethod, get_method
+from merge_engine.parameters import Scope, resolve
+from merge_engine.recipe import ModelReference, Recipe
+from merge_engine.sources import LAYER_COUNT_KEYS, ModelSource
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    model: ModelReference
+    name: str
+
+
+@dataclass
+class TensorTask:
+    """How to compute one output tensor."""
+
+    output: str
+    shape: tuple[int, ...]
+    inputs: list[TensorInput]
+    """The merged inputs (the base excluded), in recipe order."""
+    base: TensorInput | None
+    shared: dict[str, Any]
+    per_model: list[dict[str, Any]]
+    """Per-model parameter values, aligned with ``inputs``."""
+    compute_dtype: torch.dtype
+    out_dtype: torch.dtype
+    copy_only: bool = False
+    """Integer buffers are copied from the base (else the first input), never averaged."""
+
+    def reads(self) -> list[TensorInput]:
+        return ([self.base] if self.base else []) + self.inputs
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MergeMethod
+    sources: dict[ModelReference, ModelSource]
+    tasks: list[TensorTask]
+    config: dict[str, Any]
+    seed: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.out_dtype.itemsize * _numel(t.shape) for t in self.tasks)
+
+    def tensor_seed(self, task: TensorTask) -> int:
+        """A seed per output tensor, so random methods give the same result in any order."""
+        digest = hashlib.sha256(f"{self.seed}:{task.output}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+# --- the recipe against the method ---------------------------------------------------------
+
+
+def _parameter_levels(recipe: Recipe) -> list[tuple[str, dict | None, str]]:
+    """Every parameters block in the recipe: (path, block, level) with level model|slice|global."""
+    levels = [("parameters", recipe.parameters, "global")]
+    for i, m in enumerate(recipe.models or []):
+        levels.append((f"models[{i}].parameters", m.parameters, "model"))
+    for i, s in enumerate(recipe.slices or []):
+        levels.append((f"slices[{i}].parameters", s.parameters, "slice"))
+        for j, src in enumerate(s.sources):
+            levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters, "model"))
+    return levels
+
+
+def check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
+    known = {p.name: p for p in method.params}
+    for path, block, level in _parameter_levels(recipe):
+        for name in block or {}:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                takes = ", ".join(known) or "no parameters"
+                hint = f"did you mean '{close[0]}'?" if close else f"{method.name} takes: {takes}"
+                raise RecipeError(f"'{name}' is not a parameter of {method.name}; {hint}", field=f"{path}.{name}")
+            if level == "model" and known[name].scope == "global":
+                raise RecipeError(
+                    f"'{name}' applies to the whole merge, not to one model; move it to the top-level or slice parameters",
+                    field=f"{path}.{name}",
+                )
+
+
+def _check_input_count(method: MergeMethod, count: int, where: str) -> None:
+    what = "models besides the base" if method.base != "unused" else "models"
+    if count < method.min_inputs:
+        raise RecipeError(f"{method.name} needs at least {method.min_inputs} {what}, got {count}", field=where)
+    if method.max_inputs is not None and count > method.max_inputs:
+        exact = "exactly" if method.max_inputs == method.min_inputs else "at most"
+        hint = "; stack layers from several models with 'slices' instead" if method.layer_stacking else ""
+        raise RecipeError(f"{method.name} takes {exact} {method.max_inputs} {what}, got {count}{hint}", field=where)
+
+
+# --- resolving one tensor's parameters --------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    """The inputs of one output tensor before parameters are resolved."""
+
+    inputs: list[tuple[ModelReference, str, Scope]]  # model, its tensor name, its parameters scope
+    base: tuple[ModelReference, str] | None
+    shared_scopes: list[Scope]
+    t: float
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, sources: dict[ModelReference, ModelSource]):
+        self.recipe = recipe
+        self.method = get_method(recipe.merge_method)
+        self.sources = sources
+        self.tasks: list[TensorTask] = []
+
+    # Which tensor of a model feeds an output name (tied heads read the input embedding).
+    def input_name(self, model: ModelReference, name: str, expected: tuple[int, ...], output: str) -> str:
+        tensors = self.sources[model].tensors
+        if name not in tensors:
+            tied = layers.tied_embedding(name, tensors)
+            if tied is None:
+                raise IncompatibleModelsError(
+                    f"model {model} has no tensor {name}, which the other models have; models must share one architecture"
+                )
+            name = tied
+        shape = tensors[name].shape
+        if shape != expected:
+            raise IncompatibleModelsError(self._shape_message(model, name, shape, expected, output))
+        return name
+
+    def _shape_message(self, model: ModelReference, name: str, shape: tuple, expected: tuple, output: str) -> str:
+        donor = self.recipe.donor()
+        if layers.is_before_layers(name) or layers.tied_embedding(output, {name}) or "lm_head" in name:
+            if shape[1:] == expected[1:]:
+                return (
+                    f"vocabulary sizes differ: {model} has {shape[0]} tokens in {name}, {donor} has {expected[0]}; "
+                    "resize the embeddings to one tokenizer before merging"
+                )
+        return f"tensor {name} of {model} has shape {list(shape)}, but {list(expected)} in {donor}; the models must share one architecture"
+
+    def resolve_task(self, output: str, shape: tuple[int, ...], group: _Group) -> None:
+        method = self.method
+        all_reads = [(m, n) for m, n, _ in group.inputs] + ([group.base] if group.base else [])
+        dtypes = [self.sources[m].tensors[n].dtype for m, n in all_reads]
+        if not all(d.is_floating_point for d in dtypes):
+            donor = group.base or all_reads[0]
+            copy_from = TensorInput(*donor)
+            dtype = self.sources[donor[0]].tensors[donor[1]].dtype
+            self.tasks.append(TensorTask(output, shape, [copy_from], None, {}, [{}], dtype, dtype, copy_only=True))
+            return
+        compute = DTYPES[self.recipe.dtype] if self.recipe.dtype else _promote(dtypes)
+        out = DTYPES.get(self.recipe.out_dtype or self.recipe.dtype or "", compute)
+
+        shared = {}
+        for param in method.global_params:
+            found = resolve(param.name, group.shared_scopes, output, group.t)
+            shared[param.name] = self._value(param, found, output, None)
+        per_model = []
+        for model, name, scope in group.inputs:
+            values = {}
+            for param in method.per_model_params:
+                found = resolve(param.name, [scope, *group.shared_scopes], name, group.t)
+                values[param.name] = self._value(param, found, output, model, scope[0])
+            per_model.append(values)
+        if method.check and (problem := method.check(shared, per_model)):
+            raise RecipeError(f"{problem} (tensor {output})", field="parameters")
+        base = TensorInput(*group.base) if group.base else None
+        inputs = [TensorInput(m, n) for m, n, _ in group.inputs]
+        self.tasks.append(TensorTask(output, shape, inputs, base, shared, per_model, compute, out))
+
+    def _value(self, param, found, output: str, model: ModelReference | None, model_path: str | None = None) -> Any:
+        if found is None:
+            if param.required:
+                where = f"{model_path}.{param.name}" if model_path else f"parameters.{param.name}"
+                whose = f" for model {model}" if model else ""
+                raise RecipeError(
+                    f"{self.method.name} needs '{param.name}'{whose} (tensor {output}); set it for that model or in the top-level parameters",
+                    field=where,
+                )
+            return param.default
+        value, path = found
+        try:
+            return param.coerce(value, path)
+        except RecipeError as error:
+            context = f" (model {model}, tensor {output})" if model else f" (tensor {output})"
+            raise RecipeError(str(error).removeprefix(f"{path}: ") + context, field=path) from None
+
+    # --- models: whole models merged tensor by tensor ------------------------------------
+
+    def plan_models(self) -> None:
+        recipe, method = self.recipe, self.method
+        models = [m.model for m in recipe.models]
+        for i, ref in enumerate(models):
+            if ref in models[:i]:
+                raise RecipeError(f"model {ref} is listed twice; list each model once", field=f"models[{i}].model")
+        base = recipe.base_model if method.base != "unused" else None
+        scopes = {m.model: (f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models)}
+        inputs = [ref for ref in models if ref != base]
+        _check_input_count(method, len(inputs), "models")
+        donor = self.sources[recipe.donor()]
+        self._check_same_layers([base, *inputs] if base else inputs)
+        names = sorted(donor.tensors, key=layers.sort_key)
+        self._check_no_extra_tensors(donor, [base, *inputs] if base else inputs)
+        counts = layers.layer_counts(names)
+        global_scope: Scope = ("parameters", recipe.parameters)
+        for name in names:
+            shape = donor.tensors[name].shape
+            layer = layers.split_layer(name)
+            t = _position(layer.index, counts[layer.prefix]) if layer else 0.0
+            group = _Group(
+                inputs=[(ref, self.input_name(ref, name, shape, name), scopes[ref]) for ref in inputs],
+                base=(base, self.input_name(base, name, shape, name)) if base else None,
+                shared_scopes=[global_scope],
+                t=t,
+            )
+            self.resolve_task(name, shape, group)
+
+    def _check_same_layers(self, models: list[ModelReference]) -> None:
+        counts = {ref: layers.layer_counts(self.sources[ref].tensors) for ref in models}
+        first = models[0]
+        for ref in models[1:]:
+            if counts[ref] != counts[first]:
+                raise IncompatibleModelsError(
+                    f"{ref} has {_describe_layers(counts[ref])} but {first} has {_describe_layers(counts[first])}; "
+                    "merge models of one architecture, or use 'slices' to pick layer ranges"
+                )
+
+    def _check_no_extra_tensors(self, donor: ModelSource, models: list[ModelReference]) -> None:
+        for ref in models:
+            extra = [
+                n for n in self.sources[ref].tensors
+                if n not in donor.tensors and not layers.tied_embedding(n, donor.tensors)
+            ]
+            if extra:
+                raise IncompatibleModelsError(
+                    f"model {ref} has {len(extra)} tensor(s) that {donor.ref} lacks (e.g. {sorted(extra)[0]}); "
+                    "the models must share one architecture"
+                )
+
+    # --- slices: layer ranges, stacked in order -------------------------------------------
+
+    def plan_slices(self) -> None:
+        recipe, method = self.recipe, self.method
+        out_layer = 0
+        layer_sources: list[tuple[ModelReference, int]] = []  # (model, input layer) per output layer
+        body: list[tuple[str, tuple[int, ...], _Group]] = []
+        for i, out_slice in enumerate(recipe.slices):
+            base_ref = (out_slice.base_model or recipe.base_model) if method.base != "unused" else None
+            sources = out_slice.sources
+            if base_ref and base_ref not in [s.model for s in sources]:
+                raise RecipeError(
+                    f"base model {base_ref} must be one of this slice's sources, with the layer_range to use as base",
+                    field=f"slices[{i}].sources",
+                )
+            inputs = [(j, s) for j, s in enumerate(sources) if s.model != base_ref]
+            base_src = next((s for s in sources if s.model == base_ref), None)
+            _check_input_count(method, len(inputs), f"slices[{i}].sources")
+            for j, src in enumerate(sources):
+                self._check_layer_range(src.model, src.layer_range, f"slices[{i}].sources[{j}].layer_range")
+            template = self.sources[sources[0].model]
+            prefix = self._single_stack(template)
+            length = sources[0].layer_range[1] - sources[0].layer_range[0]
+            shared_scopes: list[Scope] = [(f"slices[{i}].parameters", out_slice.parameters), ("parameters", recipe.parameters)]
+            for offset in range(length):
+                t = _position(offset, length)
+                source_layer = sources[0].layer_range[0] + offset
+                rests = sorted(
+                    (lay.rest, n) for n in template.tensors
+                    if (lay := layers.split_layer(n)) and lay.prefix == prefix and lay.index == source_layer
+                )
+                for rest, template_name in rests:
+                    output = f"{prefix}.{out_layer}.{rest}"
+                    shape = template.tensors[template_name].shape
+
+                    def name_in(src, rest=rest, offset=offset, shape=shape, output=output):
+                        return self.input_name(src.model, f"{prefix}.{src.layer_range[0] + offset}.{rest}", shape, output)
+
+                    group = _Group(
+                        inputs=[(s.model, name_in(s), (f"slices[{i}].sources[{j}].parameters", s.parameters)) for j, s in inputs],
+                        base=(base_src.model, name_in(base_src)) if base_src else None,
+                        shared_scopes=shared_scopes,
+                        t=t,
+                    )
+                    body.append((output, shape, group))
+                layer_sources.append((sources[0].model, source_layer))
+                out_layer += 1
+        self._plan_outside_layers(before=True)
+        for output, shape, group in body:
+            self.resolve_task(output, shape, group)
+        self._plan_outside_layers(before=False)
+        self.layer_sources = layer_sources
+
+    def _plan_outside_layers(self, before: bool) -> None:
+        """Embeddings come from the first slice's models, final norm and head from the last slice's."""
+        index = 0 if before else len(self.recipe.slices) - 1
+        out_slice = self.recipe.slices[index]
+        base_ref = (out_slice.base_model or self.recipe.base_model) if self.method.base != "unused" else None
+        template = self.sources[out_slice.sources[0].model]
+        names = [n for n in sorted(template.tensors, key=layers.sort_key) if not layers.split_layer(n) and layers.is_before_layers(n) == before]
+        scopes = [(f"slices[{index}].parameters", out_slice.parameters), ("parameters", self.recipe.parameters)]
+        for name in names:
+            shape = template.tensors[name].shape
+            group = _Group(
+                inputs=[
+                    (s.model, self.input_name(s.model, name, shape, name), (f"slices[{index}].sources[{j}].parameters", s.parameters))
+                    for j, s in enumerate(out_slice.sources) if s.model != base_ref
+                ],
+                base=(base_ref, self.input_name(base_ref, name, shape, name)) if base_ref else None,
+                shared_scopes=scopes,
+                t=0.0,
+            )
+            self.resolve_task(name, shape, group)
+
+    def _single_stack(self, source: ModelSource) -> str:
+        counts = layers.layer_counts(source.tensors)
+        if len(counts) != 1:
+            raise IncompatibleModelsError(
+                f"slices need a model with one stack of layers; {source.ref} has {_describe_layers(counts)}"
+            )
+        return next(iter(counts))
+
+    def _check_layer_range(self, ref: ModelReference, layer_range: tuple[int, int], where: str) -> None:
+        counts = layers.layer_counts(self.sources[ref].tensors)
+        total = max(counts.values(), default=0)
+        if layer_range[1] > total:
+            raise RecipeError(f"{ref} has {total} layers, so [{layer_range[0]}, {layer_range[1]}) does not fit; the end must be at most {total}", field=where)
+
+    # --- the output config -------------------------------------------------------------------
+
+    def output_config(self) -> dict[str, Any]:
+        donor = self.sources[self.recipe.donor()]
+        config = copy.deepcopy(donor.config)
+        if self.recipe.slices:
+            total = len(self.layer_sources)
+            old = donor.num_layers
+            for key in LAYER_COUNT_KEYS:
+                if key in config:
+                    config[key] = total
+            for key, value in donor.config.items():
+                if isinstance(value, list) and old is not None and len(value) == old and key not in LAYER_COUNT_KEYS:
+                    config[key] = [self._layer_config_value(key, ref, index) for ref, index in self.layer_sources]
+        out = next((t.out_dtype for t in self.tasks if not t.copy_only), None)
+        if out is not None:
+            name = next(k for k, v in DTYPES.items() if v == out)
+            config["torch_dtype" if "torch_dtype" in config or "dtype" not in config else "dtype"] = name
+        return config
+
+    def _layer_config_value(self, key: str, ref: ModelReference, index: int) -> Any:
+        values = self.sources[ref].config.get(key)
+        if not isinstance(values, list) or index >= len(values):
+            raise IncompatibleModelsError(f"config.json of {ref} has no per-layer '{key}' entry for layer {index}, which the output config needs")
+        return values[index]
+
+
+def _position(index: int, count: int) -> float:
+    """A layer's place in its slice, for gradients: 0 for the first layer, 1 for the last."""
+    return index / (count - 1) if count > 1 else 1.0
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    result = dtypes[0]
+    for dtype in dtypes[1:]:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
+def _describe_layers(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} layers under {p}" for p, n in counts.items()) or "no layers"
+
+
+def build_plan(recipe: Recipe, sources: dict[ModelReference, ModelSource], seed: int | None = None) -> MergePlan:
+    """Check the recipe against the models' metadata and resolve every output tensor."""
+    planner = _Planner(recipe, sources)
+    method = planner.method
+    check_parameter_names(recipe, method)
+    if method.base == "required" and not recipe.base_model and not any(s.base_model for s in recipe.slices or []):
+        raise RecipeError(f"{method.name} works on differences from a base model; name it in base_model", field="base_model")
+    notes = []
+    if recipe.base_model and method.base == "unused" and recipe.base_model not in recipe.input_models():
+        notes.append(f"{method.name} does not use a base model: {recipe.base_model} only donates config and tokenizer")
+    if recipe.models:
+        planner.plan_models()
+    else:
+        planner.plan_slices()
+    if method.random:
+        seed = recipe.random_seed if recipe.random_seed is not None else (seed if seed is not None else secrets.randbits(31))
+    return MergePlan(recipe, method, sources, planner.tasks, planner.output_config(), seed, notes)

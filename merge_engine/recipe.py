@@ -1,0 +1,261 @@
+"""The merge recipe: a pydantic schema that mirrors the mergekit YAML users already write.
+
+A recipe names a ``merge_method`` and either ``models`` (whole models, merged tensor by tensor)
+or ``slices`` (layer ranges, stacked in order: frankenmerging), plus ``parameters`` at three
+levels (global, per slice, per model). Parameter values are scalars, gradients (a list of
+numbers interpolated over the layers) or filter lists (``[{filter: mlp, value: 0.3}, ...]``).
+Whether a method exists and which parameters it takes is checked against the method registry
+by :mod:`merge_engine.plan`, not here: this module only knows the shape of the YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import core_schema
+
+from merge_engine.errors import RecipeError
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelReference:
+    """``org/name``, ``org/name@revision`` or a local folder; frozen, parses and prints back."""
+
+    __slots__ = ("path", "revision")
+
+    def __init__(self, path: str, revision: str | None = None):
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "revision", revision)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("ModelReference is immutable")
+
+    @classmethod
+    def parse(cls, value: str | dict | ModelReference) -> ModelReference:
+        if isinstance(value, ModelReference):
+            return value
+        if isinstance(value, dict):
+            if set(value) - {"path", "revision"} or "path" not in value:
+                raise ValueError("a model given as a mapping needs 'path' and optionally 'revision'")
+            return cls(str(value["path"]), value.get("revision"))
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("a model reference must be a non-empty string: a folder, org/name or org/name@revision")
+        value = value.strip()
+        if "+" in value:
+            raise ValueError(f"'{value}' applies a LoRA adapter ('+'), which mergebot does not support yet; merge the adapter into its model first")
+        if Path(value).expanduser().is_dir():
+            return cls(value)
+        path, _, revision = value.partition("@")
+        return cls(path, revision or None)
+
+    @property
+    def is_local(self) -> bool:
+        """A folder on this machine, as opposed to a Hub repository id."""
+        if self.revision is None and Path(self.path).expanduser().is_dir():
+            return True
+        return not _HUB_ID.match(self.path)
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
+    def __repr__(self) -> str:
+        return f"ModelReference({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModelReference) and (self.path, self.revision) == (other.path, other.revision)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.revision))
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls.parse, serialization=core_schema.plain_serializer_function_ser_schema(str)
+        )
+
+
+Scalar = Union[bool, int, float, str]
+
+
+class ConditionalParameter(BaseModel):
+    """One entry of a filter list: ``value`` applies to tensors whose name contains ``filter``."""
+
+    model_config = ConfigDict(extra="forbid")
+    value: Union[Scalar, list[Scalar]]
+    filter: str | None = None
+
+
+ParameterSetting = Union[Scalar, list[Scalar], ConditionalParameter, list[ConditionalParameter]]
+Parameters = dict[str, ParameterSetting]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class InputModel(_Strict):
+    model: ModelReference
+    parameters: Parameters | None = None
+
+
+class InputSlice(_Strict):
+    model: ModelReference
+    layer_range: tuple[int, int] = Field(description="half-open [start, end) range of layers")
+    parameters: Parameters | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start < 0 or end <= start:
+            raise ValueError(f"layer_range [{start}, {end}] is empty or negative; write [start, end) with 0 <= start < end")
+        return value
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice] = Field(min_length=1)
+    base_model: ModelReference | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> OutputSlice:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"{s.model}{list(s.layer_range)}" for s in self.sources)
+            raise ValueError(f"all sources of a slice must span the same number of layers, got {ranges}")
+        return self
+
+
+class Recipe(_Strict):
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: ModelReference | None = None
+    parameters: Parameters | None = None
+    dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
+    out_dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
+    tokenizer_source: ModelReference | Literal["base"] | None = None
+    random_seed: int | None = None
+
+    @field_validator("tokenizer_source", mode="before")
+    @classmethod
+    def _tokenizer_source(cls, value: Any) -> Any:
+        if value == "union":
+            raise ValueError("'union' (building a merged vocabulary) is not supported; use 'base' or one of the models")
+        return value
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> Recipe:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of 'models' (whole models) or 'slices' (layer ranges)")
+        return self
+
+    # --- what the rest of the engine asks of a recipe -------------------------------------
+
+    def input_models(self) -> list[ModelReference]:
+        """The models named as inputs, in recipe order, each once (the base is not added)."""
+        seen: dict[ModelReference, None] = {}
+        if self.models:
+            for m in self.models:
+                seen.setdefault(m.model, None)
+        for s in self.slices or []:
+            for src in s.sources:
+                seen.setdefault(src.model, None)
+        return list(seen)
+
+    def referenced_models(self) -> list[ModelReference]:
+        """Every model whose files the merge reads: the base first, then the inputs in order."""
+        refs = [self.base_model] if self.base_model else []
+        refs += [s.base_model for s in self.slices or [] if s.base_model]
+        tokenizer = self.tokenizer_source if isinstance(self.tokenizer_source, ModelReference) else None
+        refs += self.input_models() + ([tokenizer] if tokenizer else [])
+        return list(dict.fromkeys(refs))
+
+    def donor(self) -> ModelReference:
+        """Where config and tokenizer come from: the base model, else the first input model."""
+        return self.base_model or self.input_models()[0]
+
+    def tokenizer_donor(self) -> ModelReference:
+        if isinstance(self.tokenizer_source, ModelReference):
+            return self.tokenizer_source
+        return self.donor()
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+    def with_revisions(self, revisions: dict[ModelReference, str]) -> Recipe:
+        """The same recipe with each Hub reference pinned to the given commit."""
+
+        def pin(value: Any) -> Any:
+            if isinstance(value, ModelReference) and value in revisions:
+                return ModelReference(value.path, revisions[value])
+            if isinstance(value, BaseModel):
+                return value.model_copy(update={k: pin(getattr(value, k)) for k in type(value).model_fields})
+            if isinstance(value, list):
+                return [pin(v) for v in value]
+            return value
+
+        return pin(self)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        elif item in ("function-plain[parse()]", "function-after[_ordered()]") or "[" in str(item) and "(" in str(item):
+            continue  # pydantic's internal validator names are not fields
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _sentence(error: dict[str, Any]) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return "is not a recipe field; check its spelling or remove it"
+    if error["type"] == "missing":
+        return "is required"
+    if error["type"] == "literal_error" and "dtype" in str(error["loc"][-1]):
+        return f"must be one of {', '.join(DTYPES)}, got {error.get('input')!r}"
+    return message
+
+
+def parse_recipe(data: Any) -> Recipe:
+    """Validate a recipe given as a mapping; every error names the field and the fix."""
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a YAML mapping with at least 'merge_method' and 'models' or 'slices'")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # Unions report one error per alternative; the first error per field is the useful one.
+        first: dict[str, dict[str, Any]] = {}
+        for error in errors:
+            first.setdefault(_field_path(error["loc"]), error)
+        path, error = next(iter(first.items()))
+        raise RecipeError(_sentence(error), field=path or None) from None
+
+
+def load_recipe(path_or_text: str | Path) -> Recipe:
+    """Read a recipe from a YAML file path or YAML text (safe loader only)."""
+    text = str(path_or_text)
+    if isinstance(path_or_text, Path) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
+        path = Path(text)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist; check the path")
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"the recipe is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_recipe(data)

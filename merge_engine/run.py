@@ -1,0 +1,152 @@
+"""Executing a plan: one output tensor at a time, the next one's inputs loaded (and moved to the
+device) on a background thread while the current one computes; the result streamed to shards
+in a hidden staging folder that is renamed into place only when everything, card included, is
+written. A failure removes the staging folder, so no half-written model ever looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from merge_engine.errors import OutputExistsError
+from merge_engine.io import PlannedTensor, ShardedWriter
+from merge_engine.methods import kernel_argument
+from merge_engine.plan import MergePlan, TensorTask
+from merge_engine.sources import TOKENIZER_FILES
+from merge_engine.sources import download as download_source
+
+Progress = Callable[[int, int, str], None]
+"""Called after each output tensor with (done, total, tensor name)."""
+
+RECIPE_NAME = "mergebot_recipe.yaml"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from merge_engine.errors import MergeError
+
+        raise MergeError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(device)
+
+
+def compute_task(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Apply the plan's method to one task's loaded inputs (base first, if any)."""
+    if task.copy_only:
+        return tensors[0]
+    base = tensors[0] if task.base else None
+    inputs = tensors[1:] if task.base else tensors
+    kwargs = {kernel_argument(k): v for k, v in task.shared.items()}
+    for param in plan.method.per_model_params:
+        kwargs[param.name] = [values[param.name] for values in task.per_model]
+    if plan.method.random:
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(plan.tensor_seed(task))
+    with torch.no_grad():
+        result = plan.method.kernel(inputs, base, **kwargs)
+    return result.to(task.out_dtype)
+
+
+def iter_merged(plan: MergePlan, device: torch.device, progress: Progress | None = None) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+    """Yield (task, merged tensor) in plan order, prefetching the next task's inputs."""
+    stores = {ref: source.store() for ref, source in plan.sources.items() if ref in _read_models(plan)}
+
+    def load(task: TensorTask) -> list[torch.Tensor]:
+        dtype = None if task.copy_only else task.compute_dtype
+        return [stores[read.model].get(read.name).to(device=device, dtype=dtype) for read in task.reads()]
+
+    total = len(plan.tasks)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-prefetch") as pool:
+        pending: Future | None = pool.submit(load, plan.tasks[0]) if total else None
+        for index, task in enumerate(plan.tasks):
+            tensors = pending.result()
+            pending = pool.submit(load, plan.tasks[index + 1]) if index + 1 < total else None
+            result = compute_task(plan, task, tensors, device)
+            del tensors
+            yield task, result
+            if progress:
+                progress(index + 1, total, task.output)
+
+
+def _read_models(plan: MergePlan) -> set:
+    return {read.model for task in plan.tasks for read in task.reads()}
+
+
+def _check_output_dir(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise OutputExistsError(f"output folder {out_dir} already exists and is not empty; choose a new folder or delete it first")
+
+
+def _copy_side_files(plan: MergePlan, staging: Path) -> None:
+    tokenizer_ref = plan.recipe.tokenizer_donor()
+    tokenizer_folder = plan.sources[tokenizer_ref].folder
+    for name in TOKENIZER_FILES:
+        if tokenizer_folder and (tokenizer_folder / name).is_file():
+            shutil.copy(tokenizer_folder / name, staging / name)
+    donor_folder = plan.sources[plan.recipe.donor()].folder
+    if donor_folder and (donor_folder / "generation_config.json").is_file():
+        shutil.copy(donor_folder / "generation_config.json", staging / "generation_config.json")
+    (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+
+
+def write_merge(
+    plan: MergePlan,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    shard_size: int = 5 * 1024**3,
+    token: str | bool | None = None,
+    show_progress: bool = True,
+    progress: Progress | None = None,
+    card_command: str | None = None,
+) -> Path:
+    """Download what the plan reads, merge, and publish ``out_dir`` atomically."""
+    from merge_engine.card import build_card
+
+    out_dir = Path(out_dir)
+    _check_output_dir(out_dir)
+    torch_device = resolve_device(device)
+    for ref in _read_models(plan) | {plan.recipe.donor(), plan.recipe.tokenizer_donor()}:
+        download_source(plan.sources[ref], token, with_tokenizer=ref == plan.recipe.tokenizer_donor())
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    planned = [PlannedTensor(t.output, t.shape, t.out_dtype) for t in plan.tasks]
+    writer = ShardedWriter(staging, planned, shard_size)
+    bar = tqdm(total=len(plan.tasks), desc=f"{plan.method.name} merge", unit="tensor", disable=not show_progress)
+    try:
+        def report(done: int, total: int, name: str) -> None:
+            bar.update(1)
+            if progress:
+                progress(done, total, name)
+
+        for task, tensor in iter_merged(plan, torch_device, report):
+            writer.write(task.output, tensor)
+        writer.finish()
+        _copy_side_files(plan, staging)
+        (staging / RECIPE_NAME).write_text(plan.recipe.with_revisions(_revisions(plan)).to_yaml())
+        build_card(plan, command=card_command).save(staging / "README.md")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        staging.rename(out_dir)
+    except BaseException:
+        writer.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return out_dir
+
+
+def _revisions(plan: MergePlan) -> dict:
+    return {ref: source.revision for ref, source in plan.sources.items() if source.revision}
