@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny real transformers models saved as safetensors, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merge_engine.example import make_family
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A tiny Llama base (4 layers, untied head) and three fine-tuned copies."""
+    return make_family(tmp_path_factory.mktemp("llama"), "llama", finetunes=3)
+
+
+@pytest.fixture(scope="session")
+def gpt2_family(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A tiny GPT-2 base (3 layers, head tied to the input embedding) and two fine-tunes."""
+    return make_family(tmp_path_factory.mktemp("gpt2"), "gpt2", finetunes=2, seed=1)
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved model, from a single file or from shards."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def write_recipe(folder: Path, text: str) -> Path:
+    path = Path(folder) / "recipe.yaml"
+    path.write_text(text)
+    return path
