@@ -72,21 +72,33 @@ def main() -> None:
         for method, body in RECIPES.items():
             text = f"merge_method: {method}\n{body}\ndtype: float32\n"
             for key in ("BASE", "A", "B", "C"):
-                text = text.replace(f": {key}", f": {names[key]}").replace(f"model: {key}", f"model: {names[key]}")
+                text = text.replace(f": {key}", f": {names[key]}").replace(
+                    f"model: {key}", f"model: {names[key]}"
+                )
             recipe_path = work / f"{method}.yaml"
             recipe_path.write_text(text)
             ours, theirs = work / f"ours-{method}", work / f"theirs-{method}"
             merge(preflight(load_recipe(recipe_path)), ours, show_progress=False)
-            run = subprocess.run([args.mergekit, str(recipe_path), str(theirs), "--random-seed", "1", "--quiet"], capture_output=True, text=True)
+            run = subprocess.run(
+                [args.mergekit, str(recipe_path), str(theirs), "--random-seed", "1", "--quiet"],
+                capture_output=True,
+                text=True,
+            )
             if run.returncode:
-                print(f"{method:18} {'mergekit failed':>26}  {run.stderr.strip().splitlines()[-1][:100]}")
+                print(
+                    f"{method:18} {'mergekit failed':>26}  {run.stderr.strip().splitlines()[-1][:100]}"
+                )
                 continue
             x, y = weights(ours), weights(theirs)
             if set(x) != set(y):
-                print(f"{method:18} {'tensor names differ':>26}  only ours: {sorted(set(x) - set(y))[:2]} only theirs: {sorted(set(y) - set(x))[:2]}")
+                print(
+                    f"{method:18} {'tensor names differ':>26}  only ours: {sorted(set(x) - set(y))[:2]} only theirs: {sorted(set(y) - set(x))[:2]}"
+                )
                 continue
             if method in RANDOM:
-                print(f"{method:18} {'(random)':>26}  entries changed from base: mergebot {changed_fraction(x, base_weights):.3f}, mergekit {changed_fraction(y, base_weights):.3f}")
+                print(
+                    f"{method:18} {'(random)':>26}  entries changed from base: mergebot {changed_fraction(x, base_weights):.3f}, mergekit {changed_fraction(y, base_weights):.3f}"
+                )
                 continue
             diff = max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
             print(f"{method:18} {diff:26.3g}  {'identical' if diff == 0 else ''}")

@@ -20,7 +20,9 @@ from merge_engine.run import write_merge
 from merge_engine.sources import inspect_recipe_models
 
 
-def preflight(recipe: Recipe, *, token: str | bool | None = None, allow_pickle: bool = False) -> MergePlan:
+def preflight(
+    recipe: Recipe, *, token: str | bool | None = None, allow_pickle: bool = False
+) -> MergePlan:
     """Validate a recipe against the models' configs and safetensors headers; download no weight."""
     sources = inspect_recipe_models(recipe.referenced_models(), token, allow_pickle)
     return build_plan(recipe, sources)
@@ -29,11 +31,24 @@ def preflight(recipe: Recipe, *, token: str | bool | None = None, allow_pickle: 
 def merge(recipe_or_plan: Recipe | MergePlan, out_dir: str | Path, **options: Any) -> Path:
     """Run a merge end to end into ``out_dir`` (see :func:`merge_engine.run.write_merge` for options)."""
     token = options.get("token")
-    plan = recipe_or_plan if isinstance(recipe_or_plan, MergePlan) else preflight(recipe_or_plan, token=token)
+    plan = (
+        recipe_or_plan
+        if isinstance(recipe_or_plan, MergePlan)
+        else preflight(recipe_or_plan, token=token)
+    )
     return write_merge(plan, out_dir, **options)
 
 
 __all__ = [
-    "MergeError", "MergePlan", "ModelReference", "Recipe", "build_plan", "load_recipe", "merge",
-    "merge_into", "merge_models", "parse_recipe", "preflight",
+    "MergeError",
+    "MergePlan",
+    "ModelReference",
+    "Recipe",
+    "build_plan",
+    "load_recipe",
+    "merge",
+    "merge_into",
+    "merge_models",
+    "parse_recipe",
+    "preflight",
 ]

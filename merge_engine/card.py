@@ -32,14 +32,28 @@ def parameter_rows(plan: MergePlan) -> list[dict[str, str]]:
     rows = []
     for param in plan.method.global_params:
         values = [t.shared[param.name] for t in tasks]
-        rows.append({"name": param.name, "scope": "global", "value": _summary(values), "default": _default(param)})
+        rows.append(
+            {
+                "name": param.name,
+                "scope": "global",
+                "value": _summary(values),
+                "default": _default(param),
+            }
+        )
     for param in plan.method.per_model_params:
         by_model: dict[ModelReference, list[Any]] = {}
         for task in tasks:
             for read, values in zip(task.inputs, task.per_model, strict=True):
                 by_model.setdefault(read.model, []).append(values[param.name])
         for model, values in by_model.items():
-            rows.append({"name": param.name, "scope": f"{model}", "value": _summary(values), "default": _default(param)})
+            rows.append(
+                {
+                    "name": param.name,
+                    "scope": f"{model}",
+                    "value": _summary(values),
+                    "default": _default(param),
+                }
+            )
     return rows
 
 
@@ -48,7 +62,11 @@ def _default(param) -> str:
 
 
 def _hub_link(ref: ModelReference, is_local: bool) -> str:
-    return f"`{ref.path}` (local folder)" if is_local else f"[{ref.path}](https://huggingface.co/{ref.path})"
+    return (
+        f"`{ref.path}` (local folder)"
+        if is_local
+        else f"[{ref.path}](https://huggingface.co/{ref.path})"
+    )
 
 
 def build_card(plan: MergePlan, name: str | None = None, command: str | None = None) -> ModelCard:
@@ -68,7 +86,9 @@ def build_card(plan: MergePlan, name: str | None = None, command: str | None = N
         role = "base" if ref == base else ("input" if ref in inputs else "tokenizer")
         revision = f"`{source.revision}`" if source.revision else "local"
         models.append({"link": _hub_link(ref, ref.is_local), "role": role, "revision": revision})
-    pinned = recipe.with_revisions({ref: s.revision for ref, s in plan.sources.items() if s.revision})
+    pinned = recipe.with_revisions(
+        {ref: s.revision for ref, s in plan.sources.items() if s.revision}
+    )
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),

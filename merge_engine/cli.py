@@ -17,7 +17,18 @@ from pathlib import Path
 from merge_engine.errors import MergeError
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -33,15 +44,28 @@ def cmd_methods(args: argparse.Namespace) -> None:
     from merge_engine.methods import all_methods
 
     for method in all_methods():
-        base = {"required": "needs base", "optional": "base optional", "unused": "no base"}[method.base]
-        flags = ", ".join(filter(None, [base, "random" if method.random else "", "needs data" if method.needs_data else ""]))
+        base = {"required": "needs base", "optional": "base optional", "unused": "no base"}[
+            method.base
+        ]
+        flags = ", ".join(
+            filter(
+                None,
+                [
+                    base,
+                    "random" if method.random else "",
+                    "needs data" if method.needs_data else "",
+                ],
+            )
+        )
         print(f"{method.name}  ({method.pretty_name}; {flags})")
         print(f"    {method.doc}" + (f"  [{method.paper}]" if method.paper else ""))
         for p in method.params:
             default = "required" if p.required else f"default {p.default}"
             bounds = f", range {p.bounds_text()}" if p.bounds_text() else ""
             choices = f", one of {'|'.join(p.choices)}" if p.choices else ""
-            print(f"    - {p.name} ({p.scope}, {p.type.__name__}, {default}{bounds}{choices}): {p.doc}")
+            print(
+                f"    - {p.name} ({p.scope}, {p.type.__name__}, {default}{bounds}{choices}): {p.doc}"
+            )
         print()
 
 
@@ -50,9 +74,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
     plan = preflight(load_recipe(Path(args.recipe)), allow_pickle=args.allow_pickle)
     layers = plan.config.get("num_hidden_layers", plan.config.get("n_layer"))
-    print(f"ok: {plan.method.name} over {len(plan.recipe.input_models())} model(s), {len(plan.tasks)} output tensors"
-          + (f", {layers} layers" if layers is not None else "")
-          + f", {plan.output_bytes / 1e6:.1f} MB of weights")
+    print(
+        f"ok: {plan.method.name} over {len(plan.recipe.input_models())} model(s), {len(plan.tasks)} output tensors"
+        + (f", {layers} layers" if layers is not None else "")
+        + f", {plan.output_bytes / 1e6:.1f} MB of weights"
+    )
     for ref, source in plan.sources.items():
         print(f"  {ref}: {source.revision or 'local folder'}")
     for note in plan.notes:
@@ -66,8 +92,17 @@ def cmd_merge(args: argparse.Namespace) -> None:
     if args.dtype:
         recipe = recipe.model_copy(update={"out_dtype": args.dtype})
     plan = preflight(recipe, allow_pickle=args.allow_pickle)
-    command = "mergebot merge mergebot_recipe.yaml ./merged" + (f" --shard-size {args.shard_size}" if args.shard_size != 5 * 10**9 else "")
-    out = merge(plan, args.out_dir, device=args.device, shard_size=args.shard_size, show_progress=not args.quiet, card_command=command)
+    command = "mergebot merge mergebot_recipe.yaml ./merged" + (
+        f" --shard-size {args.shard_size}" if args.shard_size != 5 * 10**9 else ""
+    )
+    out = merge(
+        plan,
+        args.out_dir,
+        device=args.device,
+        shard_size=args.shard_size,
+        show_progress=not args.quiet,
+        card_command=command,
+    )
     for note in plan.notes:
         print(f"note: {note}")
     print(f"merged {len(plan.tasks)} tensors into {out}")
@@ -84,36 +119,69 @@ def cmd_example(args: argparse.Namespace) -> None:
     base, (a, b) = make_family(work / "models")
     recipe_text = EXAMPLE_RECIPE.format(base=base, a=a, b=b)
     (work / "recipe.yaml").write_text(recipe_text)
-    print(f"made a tiny Llama base and two fine-tunes under {work / 'models'}; recipe: {work / 'recipe.yaml'}")
+    print(
+        f"made a tiny Llama base and two fine-tunes under {work / 'models'}; recipe: {work / 'recipe.yaml'}"
+    )
     import yaml
 
     plan = preflight(parse_recipe(yaml.safe_load(recipe_text)))
-    out = merge(plan, work / "merged", device=args.device, show_progress=True,
-                card_command=f"mergebot merge {shlex.quote(str(work / 'recipe.yaml'))} ./merged")
+    out = merge(
+        plan,
+        work / "merged",
+        device=args.device,
+        show_progress=True,
+        card_command=f"mergebot merge {shlex.quote(str(work / 'recipe.yaml'))} ./merged",
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
-    print(f"merged model in {out}: loads with transformers, logits finite: {bool(torch.isfinite(logits).all())}")
+    print(
+        f"merged model in {out}: loads with transformers, logits finite: {bool(torch.isfinite(logits).all())}"
+    )
     print(f"model card: {out / 'README.md'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergebot", description="Merge fine-tuned models with mergekit-style YAML recipes.")
+    parser = argparse.ArgumentParser(
+        prog="mergebot", description="Merge fine-tuned models with mergekit-style YAML recipes."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("methods", help="list the merge methods and their parameters").set_defaults(func=cmd_methods)
+    sub.add_parser("methods", help="list the merge methods and their parameters").set_defaults(
+        func=cmd_methods
+    )
 
-    validate = sub.add_parser("validate", help="check a recipe from configs and safetensors headers, downloading no weights")
+    validate = sub.add_parser(
+        "validate",
+        help="check a recipe from configs and safetensors headers, downloading no weights",
+    )
     validate.add_argument("recipe")
-    validate.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin with torch.load(weights_only=True)")
+    validate.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pytorch_model.bin with torch.load(weights_only=True)",
+    )
     validate.set_defaults(func=cmd_validate)
 
     merge = sub.add_parser("merge", help="merge the models of a recipe into OUT_DIR")
     merge.add_argument("recipe")
     merge.add_argument("out_dir")
     merge.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
-    merge.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="largest output shard, e.g. 1GB (default 5GB)")
-    merge.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="output dtype (overrides out_dtype)")
-    merge.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin with torch.load(weights_only=True)")
+    merge.add_argument(
+        "--shard-size",
+        type=parse_size,
+        default=5 * 10**9,
+        help="largest output shard, e.g. 1GB (default 5GB)",
+    )
+    merge.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="output dtype (overrides out_dtype)",
+    )
+    merge.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pytorch_model.bin with torch.load(weights_only=True)",
+    )
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
 

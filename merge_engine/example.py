@@ -11,8 +11,14 @@ from pathlib import Path
 import torch
 
 TINY_LLAMA = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
 )
 TINY_GPT2 = dict(vocab_size=96, n_embd=32, n_layer=3, n_head=4, n_positions=64)
 
@@ -32,7 +38,14 @@ def save_model(model, folder: Path) -> Path:
     return folder
 
 
-def make_family(folder: Path, arch: str = "llama", finetunes: int = 2, seed: int = 0, scale: float = 0.02, **config) -> tuple[Path, list[Path]]:
+def make_family(
+    folder: Path,
+    arch: str = "llama",
+    finetunes: int = 2,
+    seed: int = 0,
+    scale: float = 0.02,
+    **config,
+) -> tuple[Path, list[Path]]:
     """Save a random base model and ``finetunes`` perturbed copies under ``folder``."""
     from transformers import AutoModelForCausalLM
 

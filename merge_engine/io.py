@@ -26,8 +26,15 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -50,7 +57,9 @@ def parse_header(raw: bytes, origin: str) -> dict[str, dict]:
     try:
         header = json.loads(raw)
     except ValueError:
-        raise SourceError(f"{origin} is not a valid safetensors file (its header is not JSON); re-download or re-save it") from None
+        raise SourceError(
+            f"{origin} is not a valid safetensors file (its header is not JSON); re-download or re-save it"
+        ) from None
     header.pop("__metadata__", None)
     return header
 
@@ -60,10 +69,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise SourceError(f"{path} is not a valid safetensors file (it is {len(prefix)} bytes long); re-download or re-save it")
+            raise SourceError(
+                f"{path} is not a valid safetensors file (it is {len(prefix)} bytes long); re-download or re-save it"
+            )
         (length,) = struct.unpack("<Q", prefix)
         if length > MAX_HEADER_BYTES:
-            raise SourceError(f"{path} declares a {length}-byte header, more than any real checkpoint; the file is corrupt")
+            raise SourceError(
+                f"{path} declares a {length}-byte header, more than any real checkpoint; the file is corrupt"
+            )
         header = parse_header(f.read(length), str(path))
     return tensor_infos(header, path.name, str(path))
 
@@ -73,7 +86,9 @@ def tensor_infos(header: Mapping[str, dict], file: str, origin: str) -> dict[str
     for name, entry in header.items():
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype", ""))
         if dtype is None:
-            raise SourceError(f"tensor {name} in {origin} has dtype {entry.get('dtype')!r}, which mergebot cannot merge")
+            raise SourceError(
+                f"tensor {name} in {origin} has dtype {entry.get('dtype')!r}, which mergebot cannot merge"
+            )
         infos[name] = TensorInfo(tuple(entry["shape"]), dtype, file)
     return infos
 
@@ -135,7 +150,11 @@ def _header_bytes(shard: list[PlannedTensor]) -> bytes:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for tensor in shard:
-        header[tensor.name] = {"dtype": DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        header[tensor.name] = {
+            "dtype": DTYPE_CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
         offset += tensor.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
@@ -149,19 +168,31 @@ class ShardedWriter:
         self.folder = folder
         self.shards = assign_shards(tensors, shard_size)
         count = len(self.shards)
-        self.file_names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        self._queue = [(shard_index, t) for shard_index, shard in enumerate(self.shards) for t in shard]
+        self.file_names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self._queue = [
+            (shard_index, t) for shard_index, shard in enumerate(self.shards) for t in shard
+        ]
         self._position = 0
         self._file: BinaryIO | None = None
         self._open_shard = -1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard_index, planned = self._queue[self._position]
-        if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
-            raise RuntimeError(f"internal error: wrote {name} {tuple(tensor.shape)} {tensor.dtype}, planned {planned}")
+        if (
+            name != planned.name
+            or tuple(tensor.shape) != planned.shape
+            or tensor.dtype != planned.dtype
+        ):
+            raise RuntimeError(
+                f"internal error: wrote {name} {tuple(tensor.shape)} {tensor.dtype}, planned {planned}"
+            )
         if shard_index != self._open_shard:
             self._close_file()
-            self._file = open(self.folder / self.file_names[shard_index], "wb")
+            self._file = open(self.folder / self.file_names[shard_index], "wb")  # noqa: SIM115 (spans write calls; closed in finish/close)
             self._file.write(_header_bytes(self.shards[shard_index]))
             self._open_shard = shard_index
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
@@ -180,7 +211,11 @@ class ShardedWriter:
             missing = self._queue[self._position][1].name
             raise RuntimeError(f"internal error: the merge stopped before writing {missing}")
         if len(self.shards) > 1:
-            weight_map = {t.name: file for file, shard in zip(self.file_names, self.shards, strict=True) for t in shard}
+            weight_map = {
+                t.name: file
+                for file, shard in zip(self.file_names, self.shards, strict=True)
+                for t in shard
+            }
             total = sum(t.nbytes for shard in self.shards for t in shard)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -11,8 +11,12 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-_LAYER = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
-_BEFORE_LAYERS = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)")
+_LAYER = re.compile(
+    r"^(?P<prefix>(?:.+?\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$"
+)
+_BEFORE_LAYERS = re.compile(
+    r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)"
+)
 _TIED_HEAD = re.compile(r"(^|\.)lm_head\.weight$")
 _INPUT_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings)\.weight$")
 
@@ -50,7 +54,9 @@ def tied_embedding(name: str, names: set[str] | dict) -> str | None:
     """For an output head missing from a model that ties it to the input embedding: that embedding."""
     if not _TIED_HEAD.search(name):
         return None
-    return next((n for n in sorted(names) if _INPUT_EMBEDDING.search(n) and not split_layer(n)), None)
+    return next(
+        (n for n in sorted(names) if _INPUT_EMBEDDING.search(n) and not split_layer(n)), None
+    )
 
 
 def sort_key(name: str) -> tuple[int, str, int, str]:

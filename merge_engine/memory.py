@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from merge_engine.recipe import ModelReference, parse_recipe
 from merge_engine.run import iter_merged, resolve_device
 from merge_engine.sources import ModelSource, download, inspect_model
 
-ModelLike = Union[nn.Module, Mapping[str, torch.Tensor], str, Path]
+ModelLike = nn.Module | Mapping[str, torch.Tensor] | str | Path
 
 
 def _source(model: ModelLike, index: int, token: str | bool | None) -> ModelSource:
@@ -30,7 +30,11 @@ def _source(model: ModelLike, index: int, token: str | bool | None) -> ModelSour
         download(source, token)
         return source
     state = model.state_dict() if isinstance(model, nn.Module) else model
-    config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    config = (
+        model.config.to_dict()
+        if hasattr(model, "config") and hasattr(model.config, "to_dict")
+        else {}
+    )
     infos = {name: TensorInfo(tuple(t.shape), t.dtype, "memory") for name, t in state.items()}
     return ModelSource(ModelReference(f"<model {index}>"), config, infos, memory=state)
 
@@ -55,20 +59,26 @@ def merge_models(
     sources = [_source(m, i, token) for i, m in enumerate(models)]
     base_source = _source(base, len(models), token) if base is not None else None
     per_model = list(model_parameters or [None] * len(models))
-    recipe = parse_recipe({
-        "merge_method": method,
-        "models": [{"model": s.ref, "parameters": p} for s, p in zip(sources, per_model, strict=True)],
-        "base_model": base_source.ref if base_source else None,
-        "parameters": dict(parameters) if parameters else None,
-        "dtype": dtype,
-        "random_seed": seed,
-    })
+    recipe = parse_recipe(
+        {
+            "merge_method": method,
+            "models": [
+                {"model": s.ref, "parameters": p} for s, p in zip(sources, per_model, strict=True)
+            ],
+            "base_model": base_source.ref if base_source else None,
+            "parameters": dict(parameters) if parameters else None,
+            "dtype": dtype,
+            "random_seed": seed,
+        }
+    )
     by_ref = {s.ref: s for s in [*sources, *([base_source] if base_source else [])]}
     plan = build_plan(recipe, by_ref)
     return {task.output: tensor.cpu() for task, tensor in iter_merged(plan, resolve_device(device))}
 
 
-def merge_into(module: nn.Module, models: Sequence[ModelLike], method: str, **options: Any) -> nn.Module:
+def merge_into(
+    module: nn.Module, models: Sequence[ModelLike], method: str, **options: Any
+) -> nn.Module:
     """Merge ``models`` and load the result into ``module`` (which may be one of them)."""
     module.load_state_dict(merge_models(models, method, **options))
     return module

@@ -78,7 +78,12 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 # --- the recipe against the method ---------------------------------------------------------
@@ -104,7 +109,9 @@ def check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
                 close = difflib.get_close_matches(name, known, n=1)
                 takes = ", ".join(known) or "no parameters"
                 hint = f"did you mean '{close[0]}'?" if close else f"{method.name} takes: {takes}"
-                raise RecipeError(f"'{name}' is not a parameter of {method.name}; {hint}", field=f"{path}.{name}")
+                raise RecipeError(
+                    f"'{name}' is not a parameter of {method.name}; {hint}", field=f"{path}.{name}"
+                )
             if level == "model" and known[name].scope == "global":
                 raise RecipeError(
                     f"'{name}' applies to the whole merge, not to one model; move it to the top-level or slice parameters",
@@ -115,11 +122,20 @@ def check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
 def _check_input_count(method: MergeMethod, count: int, where: str) -> None:
     what = "models besides the base" if method.base != "unused" else "models"
     if count < method.min_inputs:
-        raise RecipeError(f"{method.name} needs at least {method.min_inputs} {what}, got {count}", field=where)
+        raise RecipeError(
+            f"{method.name} needs at least {method.min_inputs} {what}, got {count}", field=where
+        )
     if method.max_inputs is not None and count > method.max_inputs:
         exact = "exactly" if method.max_inputs == method.min_inputs else "at most"
-        hint = "; stack layers from several models with 'slices' instead" if method.layer_stacking else ""
-        raise RecipeError(f"{method.name} takes {exact} {method.max_inputs} {what}, got {count}{hint}", field=where)
+        hint = (
+            "; stack layers from several models with 'slices' instead"
+            if method.layer_stacking
+            else ""
+        )
+        raise RecipeError(
+            f"{method.name} takes {exact} {method.max_inputs} {what}, got {count}{hint}",
+            field=where,
+        )
 
 
 # --- resolving one tensor's parameters --------------------------------------------------------
@@ -143,7 +159,9 @@ class _Planner:
         self.tasks: list[TensorTask] = []
 
     # Which tensor of a model feeds an output name (tied heads read the input embedding).
-    def input_name(self, model: ModelReference, name: str, expected: tuple[int, ...], output: str) -> str:
+    def input_name(
+        self, model: ModelReference, name: str, expected: tuple[int, ...], output: str
+    ) -> str:
         tensors = self.sources[model].tensors
         if name not in tensors:
             tied = layers.tied_embedding(name, tensors)
@@ -157,14 +175,20 @@ class _Planner:
             raise IncompatibleModelsError(self._shape_message(model, name, shape, expected, output))
         return name
 
-    def _shape_message(self, model: ModelReference, name: str, shape: tuple, expected: tuple, output: str) -> str:
+    def _shape_message(
+        self, model: ModelReference, name: str, shape: tuple, expected: tuple, output: str
+    ) -> str:
         donor = self.recipe.donor()
-        if layers.is_before_layers(name) or layers.tied_embedding(output, {name}) or "lm_head" in name:
-            if shape[1:] == expected[1:]:
-                return (
-                    f"vocabulary sizes differ: {model} has {shape[0]} tokens in {name}, {donor} has {expected[0]}; "
-                    "resize the embeddings to one tokenizer before merging"
-                )
+        vocab_tensor = (
+            layers.is_before_layers(name)
+            or layers.tied_embedding(output, {name})
+            or "lm_head" in name
+        )
+        if vocab_tensor and shape[1:] == expected[1:]:
+            return (
+                f"vocabulary sizes differ: {model} has {shape[0]} tokens in {name}, {donor} has {expected[0]}; "
+                "resize the embeddings to one tokenizer before merging"
+            )
         return f"tensor {name} of {model} has shape {list(shape)}, but {list(expected)} in {donor}; the models must share one architecture"
 
     def resolve_task(self, output: str, shape: tuple[int, ...], group: _Group) -> None:
@@ -175,7 +199,9 @@ class _Planner:
             donor = group.base or all_reads[0]
             copy_from = TensorInput(*donor)
             dtype = self.sources[donor[0]].tensors[donor[1]].dtype
-            self.tasks.append(TensorTask(output, shape, [copy_from], None, {}, [{}], dtype, dtype, copy_only=True))
+            self.tasks.append(
+                TensorTask(output, shape, [copy_from], None, {}, [{}], dtype, dtype, copy_only=True)
+            )
             return
         compute = DTYPES[self.recipe.dtype] if self.recipe.dtype else _promote(dtypes)
         out = DTYPES.get(self.recipe.out_dtype or self.recipe.dtype or "", compute)
@@ -197,7 +223,9 @@ class _Planner:
         inputs = [TensorInput(m, n) for m, n, _ in group.inputs]
         self.tasks.append(TensorTask(output, shape, inputs, base, shared, per_model, compute, out))
 
-    def _value(self, param, found, output: str, model: ModelReference | None, model_path: str | None = None) -> Any:
+    def _value(
+        self, param, found, output: str, model: ModelReference | None, model_path: str | None = None
+    ) -> Any:
         if found is None:
             if param.required:
                 where = f"{model_path}.{param.name}" if model_path else f"parameters.{param.name}"
@@ -221,9 +249,13 @@ class _Planner:
         models = [m.model for m in recipe.models]
         for i, ref in enumerate(models):
             if ref in models[:i]:
-                raise RecipeError(f"model {ref} is listed twice; list each model once", field=f"models[{i}].model")
+                raise RecipeError(
+                    f"model {ref} is listed twice; list each model once", field=f"models[{i}].model"
+                )
         base = recipe.base_model if method.base != "unused" else None
-        scopes = {m.model: (f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models)}
+        scopes = {
+            m.model: (f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models)
+        }
         inputs = [ref for ref in models if ref != base]
         _check_input_count(method, len(inputs), "models")
         donor = self.sources[recipe.donor()]
@@ -237,7 +269,9 @@ class _Planner:
             layer = layers.split_layer(name)
             t = _position(layer.index, counts[layer.prefix]) if layer else 0.0
             group = _Group(
-                inputs=[(ref, self.input_name(ref, name, shape, name), scopes[ref]) for ref in inputs],
+                inputs=[
+                    (ref, self.input_name(ref, name, shape, name), scopes[ref]) for ref in inputs
+                ],
                 base=(base, self.input_name(base, name, shape, name)) if base else None,
                 shared_scopes=[global_scope],
                 t=t,
@@ -257,7 +291,8 @@ class _Planner:
     def _check_no_extra_tensors(self, donor: ModelSource, models: list[ModelReference]) -> None:
         for ref in models:
             extra = [
-                n for n in self.sources[ref].tensors
+                n
+                for n in self.sources[ref].tensors
                 if n not in donor.tensors and not layers.tied_embedding(n, donor.tensors)
             ]
             if extra:
@@ -271,10 +306,14 @@ class _Planner:
     def plan_slices(self) -> None:
         recipe, method = self.recipe, self.method
         out_layer = 0
-        layer_sources: list[tuple[ModelReference, int]] = []  # (model, input layer) per output layer
+        layer_sources: list[
+            tuple[ModelReference, int]
+        ] = []  # (model, input layer) per output layer
         body: list[tuple[str, tuple[int, ...], _Group]] = []
         for i, out_slice in enumerate(recipe.slices):
-            base_ref = (out_slice.base_model or recipe.base_model) if method.base != "unused" else None
+            base_ref = (
+                (out_slice.base_model or recipe.base_model) if method.base != "unused" else None
+            )
             sources = out_slice.sources
             if base_ref and base_ref not in [s.model for s in sources]:
                 raise RecipeError(
@@ -285,27 +324,49 @@ class _Planner:
             base_src = next((s for s in sources if s.model == base_ref), None)
             _check_input_count(method, len(inputs), f"slices[{i}].sources")
             for j, src in enumerate(sources):
-                self._check_layer_range(src.model, src.layer_range, f"slices[{i}].sources[{j}].layer_range")
+                self._check_layer_range(
+                    src.model, src.layer_range, f"slices[{i}].sources[{j}].layer_range"
+                )
             template = self.sources[sources[0].model]
             prefix = self._single_stack(template)
             length = sources[0].layer_range[1] - sources[0].layer_range[0]
-            shared_scopes: list[Scope] = [(f"slices[{i}].parameters", out_slice.parameters), ("parameters", recipe.parameters)]
+            shared_scopes: list[Scope] = [
+                (f"slices[{i}].parameters", out_slice.parameters),
+                ("parameters", recipe.parameters),
+            ]
             for offset in range(length):
                 t = _position(offset, length)
                 source_layer = sources[0].layer_range[0] + offset
                 rests = sorted(
-                    (lay.rest, n) for n in template.tensors
-                    if (lay := layers.split_layer(n)) and lay.prefix == prefix and lay.index == source_layer
+                    (lay.rest, n)
+                    for n in template.tensors
+                    if (lay := layers.split_layer(n))
+                    and lay.prefix == prefix
+                    and lay.index == source_layer
                 )
                 for rest, template_name in rests:
                     output = f"{prefix}.{out_layer}.{rest}"
                     shape = template.tensors[template_name].shape
 
-                    def name_in(src, rest=rest, offset=offset, shape=shape, output=output):
-                        return self.input_name(src.model, f"{prefix}.{src.layer_range[0] + offset}.{rest}", shape, output)
+                    def name_in(
+                        src, rest=rest, offset=offset, shape=shape, output=output, prefix=prefix
+                    ):
+                        return self.input_name(
+                            src.model,
+                            f"{prefix}.{src.layer_range[0] + offset}.{rest}",
+                            shape,
+                            output,
+                        )
 
                     group = _Group(
-                        inputs=[(s.model, name_in(s), (f"slices[{i}].sources[{j}].parameters", s.parameters)) for j, s in inputs],
+                        inputs=[
+                            (
+                                s.model,
+                                name_in(s),
+                                (f"slices[{i}].sources[{j}].parameters", s.parameters),
+                            )
+                            for j, s in inputs
+                        ],
                         base=(base_src.model, name_in(base_src)) if base_src else None,
                         shared_scopes=shared_scopes,
                         t=t,
@@ -323,16 +384,32 @@ class _Planner:
         """Embeddings come from the first slice's models, final norm and head from the last slice's."""
         index = 0 if before else len(self.recipe.slices) - 1
         out_slice = self.recipe.slices[index]
-        base_ref = (out_slice.base_model or self.recipe.base_model) if self.method.base != "unused" else None
+        base_ref = (
+            (out_slice.base_model or self.recipe.base_model)
+            if self.method.base != "unused"
+            else None
+        )
         template = self.sources[out_slice.sources[0].model]
-        names = [n for n in sorted(template.tensors, key=layers.sort_key) if not layers.split_layer(n) and layers.is_before_layers(n) == before]
-        scopes = [(f"slices[{index}].parameters", out_slice.parameters), ("parameters", self.recipe.parameters)]
+        names = [
+            n
+            for n in sorted(template.tensors, key=layers.sort_key)
+            if not layers.split_layer(n) and layers.is_before_layers(n) == before
+        ]
+        scopes = [
+            (f"slices[{index}].parameters", out_slice.parameters),
+            ("parameters", self.recipe.parameters),
+        ]
         for name in names:
             shape = template.tensors[name].shape
             group = _Group(
                 inputs=[
-                    (s.model, self.input_name(s.model, name, shape, name), (f"slices[{index}].sources[{j}].parameters", s.parameters))
-                    for j, s in enumerate(out_slice.sources) if s.model != base_ref
+                    (
+                        s.model,
+                        self.input_name(s.model, name, shape, name),
+                        (f"slices[{index}].sources[{j}].parameters", s.parameters),
+                    )
+                    for j, s in enumerate(out_slice.sources)
+                    if s.model != base_ref
                 ],
                 base=(base_ref, self.input_name(base_ref, name, shape, name)) if base_ref else None,
                 shared_scopes=scopes,
@@ -348,11 +425,16 @@ class _Planner:
             )
         return next(iter(counts))
 
-    def _check_layer_range(self, ref: ModelReference, layer_range: tuple[int, int], where: str) -> None:
+    def _check_layer_range(
+        self, ref: ModelReference, layer_range: tuple[int, int], where: str
+    ) -> None:
         counts = layers.layer_counts(self.sources[ref].tensors)
         total = max(counts.values(), default=0)
         if layer_range[1] > total:
-            raise RecipeError(f"{ref} has {total} layers, so [{layer_range[0]}, {layer_range[1]}) does not fit; the end must be at most {total}", field=where)
+            raise RecipeError(
+                f"{ref} has {total} layers, so [{layer_range[0]}, {layer_range[1]}) does not fit; the end must be at most {total}",
+                field=where,
+            )
 
     # --- the output config -------------------------------------------------------------------
 
@@ -366,18 +448,30 @@ class _Planner:
                 if key in config:
                     config[key] = total
             for key, value in donor.config.items():
-                if isinstance(value, list) and old is not None and len(value) == old and key not in LAYER_COUNT_KEYS:
-                    config[key] = [self._layer_config_value(key, ref, index) for ref, index in self.layer_sources]
+                if (
+                    isinstance(value, list)
+                    and old is not None
+                    and len(value) == old
+                    and key not in LAYER_COUNT_KEYS
+                ):
+                    config[key] = [
+                        self._layer_config_value(key, ref, index)
+                        for ref, index in self.layer_sources
+                    ]
         out = next((t.out_dtype for t in self.tasks if not t.copy_only), None)
         if out is not None:
             name = next(k for k, v in DTYPES.items() if v == out)
-            config["torch_dtype" if "torch_dtype" in config or "dtype" not in config else "dtype"] = name
+            config[
+                "torch_dtype" if "torch_dtype" in config or "dtype" not in config else "dtype"
+            ] = name
         return config
 
     def _layer_config_value(self, key: str, ref: ModelReference, index: int) -> Any:
         values = self.sources[ref].config.get(key)
         if not isinstance(values, list) or index >= len(values):
-            raise IncompatibleModelsError(f"config.json of {ref} has no per-layer '{key}' entry for layer {index}, which the output config needs")
+            raise IncompatibleModelsError(
+                f"config.json of {ref} has no per-layer '{key}' entry for layer {index}, which the output config needs"
+            )
         return values[index]
 
 
@@ -397,20 +491,39 @@ def _describe_layers(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} layers under {p}" for p, n in counts.items()) or "no layers"
 
 
-def build_plan(recipe: Recipe, sources: dict[ModelReference, ModelSource], seed: int | None = None) -> MergePlan:
+def build_plan(
+    recipe: Recipe, sources: dict[ModelReference, ModelSource], seed: int | None = None
+) -> MergePlan:
     """Check the recipe against the models' metadata and resolve every output tensor."""
     planner = _Planner(recipe, sources)
     method = planner.method
     check_parameter_names(recipe, method)
-    if method.base == "required" and not recipe.base_model and not any(s.base_model for s in recipe.slices or []):
-        raise RecipeError(f"{method.name} works on differences from a base model; name it in base_model", field="base_model")
+    if (
+        method.base == "required"
+        and not recipe.base_model
+        and not any(s.base_model for s in recipe.slices or [])
+    ):
+        raise RecipeError(
+            f"{method.name} works on differences from a base model; name it in base_model",
+            field="base_model",
+        )
     notes = []
-    if recipe.base_model and method.base == "unused" and recipe.base_model not in recipe.input_models():
-        notes.append(f"{method.name} does not use a base model: {recipe.base_model} only donates config and tokenizer")
+    if (
+        recipe.base_model
+        and method.base == "unused"
+        and recipe.base_model not in recipe.input_models()
+    ):
+        notes.append(
+            f"{method.name} does not use a base model: {recipe.base_model} only donates config and tokenizer"
+        )
     if recipe.models:
         planner.plan_models()
     else:
         planner.plan_slices()
     if method.random:
-        seed = recipe.random_seed if recipe.random_seed is not None else (seed if seed is not None else secrets.randbits(31))
+        seed = (
+            recipe.random_seed
+            if recipe.random_seed is not None
+            else (seed if seed is not None else secrets.randbits(31))
+        )
     return MergePlan(recipe, method, sources, planner.tasks, planner.output_config(), seed, notes)

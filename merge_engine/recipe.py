@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -42,13 +42,19 @@ class ModelReference:
             return value
         if isinstance(value, dict):
             if set(value) - {"path", "revision"} or "path" not in value:
-                raise ValueError("a model given as a mapping needs 'path' and optionally 'revision'")
+                raise ValueError(
+                    "a model given as a mapping needs 'path' and optionally 'revision'"
+                )
             return cls(str(value["path"]), value.get("revision"))
         if not isinstance(value, str) or not value.strip():
-            raise ValueError("a model reference must be a non-empty string: a folder, org/name or org/name@revision")
+            raise ValueError(
+                "a model reference must be a non-empty string: a folder, org/name or org/name@revision"
+            )
         value = value.strip()
         if "+" in value:
-            raise ValueError(f"'{value}' applies a LoRA adapter ('+'), which mergebot does not support yet; merge the adapter into its model first")
+            raise ValueError(
+                f"'{value}' applies a LoRA adapter ('+'), which mergebot does not support yet; merge the adapter into its model first"
+            )
         if Path(value).expanduser().is_dir():
             return cls(value)
         path, _, revision = value.partition("@")
@@ -68,7 +74,10 @@ class ModelReference:
         return f"ModelReference({str(self)!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ModelReference) and (self.path, self.revision) == (other.path, other.revision)
+        return isinstance(other, ModelReference) and (self.path, self.revision) == (
+            other.path,
+            other.revision,
+        )
 
     def __hash__(self) -> int:
         return hash((self.path, self.revision))
@@ -80,18 +89,18 @@ class ModelReference:
         )
 
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class ConditionalParameter(BaseModel):
     """One entry of a filter list: ``value`` applies to tensors whose name contains ``filter``."""
 
     model_config = ConfigDict(extra="forbid")
-    value: Union[Scalar, list[Scalar]]
+    value: Scalar | list[Scalar]
     filter: str | None = None
 
 
-ParameterSetting = Union[Scalar, list[Scalar], ConditionalParameter, list[ConditionalParameter]]
+ParameterSetting = Scalar | list[Scalar] | ConditionalParameter | list[ConditionalParameter]
 Parameters = dict[str, ParameterSetting]
 
 
@@ -114,7 +123,9 @@ class InputSlice(_Strict):
     def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
         start, end = value
         if start < 0 or end <= start:
-            raise ValueError(f"layer_range [{start}, {end}] is empty or negative; write [start, end) with 0 <= start < end")
+            raise ValueError(
+                f"layer_range [{start}, {end}] is empty or negative; write [start, end) with 0 <= start < end"
+            )
         return value
 
 
@@ -128,7 +139,9 @@ class OutputSlice(_Strict):
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
             ranges = ", ".join(f"{s.model}{list(s.layer_range)}" for s in self.sources)
-            raise ValueError(f"all sources of a slice must span the same number of layers, got {ranges}")
+            raise ValueError(
+                f"all sources of a slice must span the same number of layers, got {ranges}"
+            )
         return self
 
 
@@ -147,13 +160,17 @@ class Recipe(_Strict):
     @classmethod
     def _tokenizer_source(cls, value: Any) -> Any:
         if value == "union":
-            raise ValueError("'union' (building a merged vocabulary) is not supported; use 'base' or one of the models")
+            raise ValueError(
+                "'union' (building a merged vocabulary) is not supported; use 'base' or one of the models"
+            )
         return value
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
         if bool(self.models) == bool(self.slices):
-            raise ValueError("give exactly one of 'models' (whole models) or 'slices' (layer ranges)")
+            raise ValueError(
+                "give exactly one of 'models' (whole models) or 'slices' (layer ranges)"
+            )
         return self
 
     # --- what the rest of the engine asks of a recipe -------------------------------------
@@ -173,7 +190,9 @@ class Recipe(_Strict):
         """Every model whose files the merge reads: the base first, then the inputs in order."""
         refs = [self.base_model] if self.base_model else []
         refs += [s.base_model for s in self.slices or [] if s.base_model]
-        tokenizer = self.tokenizer_source if isinstance(self.tokenizer_source, ModelReference) else None
+        tokenizer = (
+            self.tokenizer_source if isinstance(self.tokenizer_source, ModelReference) else None
+        )
         refs += self.input_models() + ([tokenizer] if tokenizer else [])
         return list(dict.fromkeys(refs))
 
@@ -197,7 +216,9 @@ class Recipe(_Strict):
             if isinstance(value, ModelReference) and value in revisions:
                 return ModelReference(value.path, revisions[value])
             if isinstance(value, BaseModel):
-                return value.model_copy(update={k: pin(getattr(value, k)) for k in type(value).model_fields})
+                return value.model_copy(
+                    update={k: pin(getattr(value, k)) for k in type(value).model_fields}
+                )
             if isinstance(value, list):
                 return [pin(v) for v in value]
             return value
@@ -210,7 +231,11 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        elif item in ("function-plain[parse()]", "function-after[_ordered()]") or "[" in str(item) and "(" in str(item):
+        elif (
+            item in ("function-plain[parse()]", "function-after[_ordered()]")
+            or "[" in str(item)
+            and "(" in str(item)
+        ):
             continue  # pydantic's internal validator names are not fields
         else:
             parts.append(str(item))
@@ -231,7 +256,9 @@ def _sentence(error: dict[str, Any]) -> str:
 def parse_recipe(data: Any) -> Recipe:
     """Validate a recipe given as a mapping; every error names the field and the fix."""
     if not isinstance(data, dict):
-        raise RecipeError("a recipe must be a YAML mapping with at least 'merge_method' and 'models' or 'slices'")
+        raise RecipeError(
+            "a recipe must be a YAML mapping with at least 'merge_method' and 'models' or 'slices'"
+        )
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -257,5 +284,7 @@ def load_recipe(path_or_text: str | Path) -> Recipe:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"the recipe is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise RecipeError(
+            f"the recipe is not valid YAML{where}: {getattr(exc, 'problem', exc)}"
+        ) from None
     return parse_recipe(data)

@@ -35,11 +35,15 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         from merge_engine.errors import MergeError
 
-        raise MergeError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+        raise MergeError(
+            "--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto"
+        )
     return torch.device(device)
 
 
-def compute_task(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def compute_task(
+    plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], device: torch.device
+) -> torch.Tensor:
     """Apply the plan's method to one task's loaded inputs (base first, if any)."""
     if task.copy_only:
         return tensors[0]
@@ -55,13 +59,20 @@ def compute_task(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor],
     return result.to(task.out_dtype)
 
 
-def iter_merged(plan: MergePlan, device: torch.device, progress: Progress | None = None) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+def iter_merged(
+    plan: MergePlan, device: torch.device, progress: Progress | None = None
+) -> Iterator[tuple[TensorTask, torch.Tensor]]:
     """Yield (task, merged tensor) in plan order, prefetching the next task's inputs."""
-    stores = {ref: source.store() for ref, source in plan.sources.items() if ref in _read_models(plan)}
+    stores = {
+        ref: source.store() for ref, source in plan.sources.items() if ref in _read_models(plan)
+    }
 
     def load(task: TensorTask) -> list[torch.Tensor]:
         dtype = None if task.copy_only else task.compute_dtype
-        return [stores[read.model].get(read.name).to(device=device, dtype=dtype) for read in task.reads()]
+        return [
+            stores[read.model].get(read.name).to(device=device, dtype=dtype)
+            for read in task.reads()
+        ]
 
     total = len(plan.tasks)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-prefetch") as pool:
@@ -82,7 +93,9 @@ def _read_models(plan: MergePlan) -> set:
 
 def _check_output_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise OutputExistsError(f"output folder {out_dir} already exists and is not empty; choose a new folder or delete it first")
+        raise OutputExistsError(
+            f"output folder {out_dir} already exists and is not empty; choose a new folder or delete it first"
+        )
 
 
 def _copy_side_files(plan: MergePlan, staging: Path) -> None:
@@ -115,7 +128,9 @@ def write_merge(
     _check_output_dir(out_dir)
     torch_device = resolve_device(device)
     for ref in _read_models(plan) | {plan.recipe.donor(), plan.recipe.tokenizer_donor()}:
-        download_source(plan.sources[ref], token, with_tokenizer=ref == plan.recipe.tokenizer_donor())
+        download_source(
+            plan.sources[ref], token, with_tokenizer=ref == plan.recipe.tokenizer_donor()
+        )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -123,8 +138,14 @@ def write_merge(
     staging.mkdir()
     planned = [PlannedTensor(t.output, t.shape, t.out_dtype) for t in plan.tasks]
     writer = ShardedWriter(staging, planned, shard_size)
-    bar = tqdm(total=len(plan.tasks), desc=f"{plan.method.name} merge", unit="tensor", disable=not show_progress)
+    bar = tqdm(
+        total=len(plan.tasks),
+        desc=f"{plan.method.name} merge",
+        unit="tensor",
+        disable=not show_progress,
+    )
     try:
+
         def report(done: int, total: int, name: str) -> None:
             bar.update(1)
             if progress:
@@ -135,7 +156,7 @@ def write_merge(
         writer.finish()
         _copy_side_files(plan, staging)
         (staging / RECIPE_NAME).write_text(plan.recipe.with_revisions(_revisions(plan)).to_yaml())
-        build_card(plan, command=card_command).save(staging / "README.md")
+        build_card(plan, name=out_dir.name, command=card_command).save(staging / "README.md")
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         staging.rename(out_dir)

@@ -16,15 +16,32 @@ from typing import Any
 import torch
 
 from merge_engine.errors import SourceError, UnsafeCheckpointError
-from merge_engine.io import INDEX_NAME, MemoryStore, SafetensorsStore, TensorInfo, TensorStore, read_header, tensor_infos
+from merge_engine.io import (
+    INDEX_NAME,
+    MemoryStore,
+    SafetensorsStore,
+    TensorInfo,
+    TensorStore,
+    read_header,
+    tensor_infos,
+)
 from merge_engine.recipe import ModelReference
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
-    "chat_template.jinja", "chat_template.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 TOKENIZER_FILES = SIDE_FILES[2:]
 
@@ -59,11 +76,15 @@ class ModelSource:
 
 def _read_config(path: Path, origin: str) -> dict[str, Any]:
     if not path.is_file():
-        raise SourceError(f"{origin} has no config.json; mergebot merges transformers models, which ship one")
+        raise SourceError(
+            f"{origin} has no config.json; mergebot merges transformers models, which ship one"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
-        raise SourceError(f"config.json of {origin} is not valid JSON; fix or re-download it") from None
+        raise SourceError(
+            f"config.json of {origin} is not valid JSON; fix or re-download it"
+        ) from None
 
 
 def _local_safetensors(folder: Path, origin: str) -> dict[str, TensorInfo]:
@@ -75,7 +96,9 @@ def _local_safetensors(folder: Path, origin: str) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for name in files:
         if not (folder / name).is_file():
-            raise SourceError(f"{origin} lists shard {name} in its index, but the file is missing; re-download the model")
+            raise SourceError(
+                f"{origin} lists shard {name} in its index, but the file is missing; re-download the model"
+            )
         tensors.update(read_header(folder / name))
     return tensors
 
@@ -83,7 +106,11 @@ def _local_safetensors(folder: Path, origin: str) -> dict[str, TensorInfo]:
 def _load_pickles(folder: Path) -> dict[str, torch.Tensor]:
     """Pickle weights, loaded with ``weights_only=True`` (no code runs) and memory-mapped."""
     index = folder / "pytorch_model.bin.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["pytorch_model.bin"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["pytorch_model.bin"]
+    )
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         tensors.update(torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True))
@@ -93,20 +120,26 @@ def _load_pickles(folder: Path) -> dict[str, torch.Tensor]:
 def inspect_local(ref: ModelReference, allow_pickle: bool = False) -> ModelSource:
     folder = Path(ref.path).expanduser()
     if not folder.is_dir():
-        raise SourceError(f"model folder {ref.path} does not exist; check the path, or write org/name for a Hub model")
+        raise SourceError(
+            f"model folder {ref.path} does not exist; check the path, or write org/name for a Hub model"
+        )
     config = _read_config(folder / "config.json", ref.path)
     tensors = _local_safetensors(folder, ref.path)
     if tensors:
         return ModelSource(ref, config, tensors, folder=folder)
     if not any((folder / name).exists() for name in PICKLE_NAMES):
-        raise SourceError(f"{ref.path} holds no *.safetensors weights; save the model with save_pretrained(safe_serialization=True)")
+        raise SourceError(
+            f"{ref.path} holds no *.safetensors weights; save the model with save_pretrained(safe_serialization=True)"
+        )
     if not allow_pickle:
         raise UnsafeCheckpointError(
             f"{ref.path} has only pickle weights (pytorch_model.bin); convert them to safetensors, "
             "or pass --allow-pickle to load them with torch.load(weights_only=True)"
         )
     memory = _load_pickles(folder)
-    infos = {name: TensorInfo(tuple(t.shape), t.dtype, "pytorch_model.bin") for name, t in memory.items()}
+    infos = {
+        name: TensorInfo(tuple(t.shape), t.dtype, "pytorch_model.bin") for name, t in memory.items()
+    }
     return ModelSource(ref, config, infos, folder=folder, memory=memory)
 
 
@@ -127,36 +160,59 @@ def inspect_hub(ref: ModelReference, token: str | bool | None = None) -> ModelSo
         metadata = api.get_safetensors_metadata(ref.path, revision=sha)
         config_path = hf_hub_download(ref.path, "config.json", revision=sha, token=token)
     except GatedRepoError:
-        raise SourceError(f"{ref.path} is gated; accept its terms on the Hub and log in (huggingface-cli login)") from None
+        raise SourceError(
+            f"{ref.path} is gated; accept its terms on the Hub and log in (huggingface-cli login)"
+        ) from None
     except RepositoryNotFoundError:
-        raise SourceError(f"model repo {ref.path} does not exist on the Hub or is private; check the name, or log in with a token that can read it") from None
+        raise SourceError(
+            f"model repo {ref.path} does not exist on the Hub or is private; check the name, or log in with a token that can read it"
+        ) from None
     except RevisionNotFoundError:
-        raise SourceError(f"{ref.path} has no revision {ref.revision!r}; use a branch, tag or commit that exists") from None
+        raise SourceError(
+            f"{ref.path} has no revision {ref.revision!r}; use a branch, tag or commit that exists"
+        ) from None
     except NotASafetensorsRepoError:
-        raise UnsafeCheckpointError(f"{ref.path} has no safetensors weights; mergebot reads safetensors only (pickle weights can run code)") from None
+        raise UnsafeCheckpointError(
+            f"{ref.path} has no safetensors weights; mergebot reads safetensors only (pickle weights can run code)"
+        ) from None
     except EntryNotFoundError:
-        raise SourceError(f"{ref.path} has no config.json; mergebot merges transformers models, which ship one") from None
+        raise SourceError(
+            f"{ref.path} has no config.json; mergebot merges transformers models, which ship one"
+        ) from None
     tensors: dict[str, TensorInfo] = {}
     for file, file_meta in metadata.files_metadata.items():
-        header = {name: {"dtype": info.dtype, "shape": info.shape} for name, info in file_meta.tensors.items()}
+        header = {
+            name: {"dtype": info.dtype, "shape": info.shape}
+            for name, info in file_meta.tensors.items()
+        }
         tensors.update(tensor_infos(header, file, f"{ref.path}@{sha}/{file}"))
     return ModelSource(ref, _read_config(Path(config_path), ref.path), tensors, revision=sha)
 
 
-def inspect_model(ref: ModelReference, token: str | bool | None = None, allow_pickle: bool = False) -> ModelSource:
+def inspect_model(
+    ref: ModelReference, token: str | bool | None = None, allow_pickle: bool = False
+) -> ModelSource:
     return inspect_local(ref, allow_pickle) if ref.is_local else inspect_hub(ref, token)
 
 
-def download(source: ModelSource, token: str | bool | None = None, with_tokenizer: bool = False) -> None:
+def download(
+    source: ModelSource, token: str | bool | None = None, with_tokenizer: bool = False
+) -> None:
     """Fetch, pinned to the resolved commit, only the weights and the small side files."""
     if source.folder is not None:
         return
     from huggingface_hub import snapshot_download
 
-    patterns = sorted({info.file for info in source.tensors.values()}) + [INDEX_NAME, "config.json", "generation_config.json"]
+    patterns = sorted({info.file for info in source.tensors.values()}) + [
+        INDEX_NAME,
+        "config.json",
+        "generation_config.json",
+    ]
     if with_tokenizer:
         patterns += list(TOKENIZER_FILES)
-    folder = snapshot_download(source.ref.path, revision=source.revision, allow_patterns=patterns, token=token)
+    folder = snapshot_download(
+        source.ref.path, revision=source.revision, allow_patterns=patterns, token=token
+    )
     source.folder = Path(folder)
 
 

@@ -19,7 +19,10 @@ def states(count: int, seed: int = 0, scale: float = 0.1) -> tuple[dict, list[di
     """A base state dict and ``count`` fine-tunes = base + a random task vector."""
     g = torch.Generator().manual_seed(seed)
     base = {"w": torch.randn(SHAPE, generator=g), "b": torch.randn(SHAPE[1], generator=g)}
-    tuned = [{k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(count)]
+    tuned = [
+        {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        for _ in range(count)
+    ]
     return base, tuned
 
 
@@ -40,29 +43,53 @@ def top_k_mask(x: np.ndarray, density: float) -> np.ndarray:
 
 
 def ties_reference(base, tuned, weights, densities, normalize=True):
-    deltas = [w * (np_(t) - np_(base)) * top_k_mask(np_(t) - np_(base), d) for t, w, d in zip(tuned, weights, densities)]
+    deltas = [
+        w * (np_(t) - np_(base)) * top_k_mask(np_(t) - np_(base), d)
+        for t, w, d in zip(tuned, weights, densities, strict=False)
+    ]
     elected = np.where(sum(deltas) >= 0, 1.0, -1.0)
     agree = [np.sign(d) == elected for d in deltas]
-    mixed = sum(d * a for d, a in zip(deltas, agree))
-    divisor = sum(w * a for w, a in zip(weights, agree))
+    mixed = sum(d * a for d, a in zip(deltas, agree, strict=False))
+    divisor = sum(w * a for w, a in zip(weights, agree, strict=False))
     divisor = np.where(divisor == 0, 1.0, divisor)
     return np_(base) + (mixed / divisor if normalize else mixed)
 
 
 def test_registry_lists_every_mergekit_method():
     expected = {
-        "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-        "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl", "model_stock",
-        "nearswap", "arcee_fusion", "passthrough",
+        "linear",
+        "slerp",
+        "nuslerp",
+        "multislerp",
+        "karcher",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "sce",
+        "ram",
+        "ramplus_tl",
+        "model_stock",
+        "nearswap",
+        "arcee_fusion",
+        "passthrough",
     }
     assert {m.name for m in all_methods()} == expected
 
 
 def test_linear_is_the_normalised_weighted_average():
     _, tuned = states(3)
-    out = merge_models(tuned, "linear", model_parameters=[{"weight": 1.0}, {"weight": 2.0}, {"weight": 0.5}])
+    out = merge_models(
+        tuned, "linear", model_parameters=[{"weight": 1.0}, {"weight": 2.0}, {"weight": 0.5}]
+    )
     for key in ("w", "b"):
-        close(out[key], (np_(tuned[0][key]) + 2 * np_(tuned[1][key]) + 0.5 * np_(tuned[2][key])) / 3.5)
+        close(
+            out[key], (np_(tuned[0][key]) + 2 * np_(tuned[1][key]) + 0.5 * np_(tuned[2][key])) / 3.5
+        )
 
 
 def test_linear_without_normalize_is_the_weighted_sum():
@@ -102,13 +129,20 @@ def test_slerp_gradient_over_layers_interpolates_t():
 
 def test_task_arithmetic_adds_and_negates_task_vectors():
     base, (a, b) = states(2)
-    out = merge_models([a, b], "task_arithmetic", base=base, model_parameters=[{"weight": 1.0}, {"weight": -0.5}])
-    close(out["w"], np_(base["w"]) + (np_(a["w"]) - np_(base["w"])) - 0.5 * (np_(b["w"]) - np_(base["w"])))
+    out = merge_models(
+        [a, b], "task_arithmetic", base=base, model_parameters=[{"weight": 1.0}, {"weight": -0.5}]
+    )
+    close(
+        out["w"],
+        np_(base["w"]) + (np_(a["w"]) - np_(base["w"])) - 0.5 * (np_(b["w"]) - np_(base["w"])),
+    )
 
 
 def test_task_arithmetic_lambda_scales_the_sum():
     base, (a,) = states(1)
-    out = merge_models([a], "task_arithmetic", base=base, parameters={"weight": 1.0, "lambda": 0.25})
+    out = merge_models(
+        [a], "task_arithmetic", base=base, parameters={"weight": 1.0, "lambda": 0.25}
+    )
     close(out["w"], np_(base["w"]) + 0.25 * (np_(a["w"]) - np_(base["w"])))
 
 
@@ -116,15 +150,27 @@ def test_task_arithmetic_lambda_scales_the_sum():
 def test_ties_trims_elects_and_averages_agreeing_deltas(densities):
     base, tuned = states(3, seed=4)
     weights = [1.0, 0.6, 0.3]
-    out = merge_models(tuned, "ties", base=base, model_parameters=[{"weight": w, "density": d} for w, d in zip(weights, densities)])
+    out = merge_models(
+        tuned,
+        "ties",
+        base=base,
+        model_parameters=[
+            {"weight": w, "density": d} for w, d in zip(weights, densities, strict=False)
+        ],
+    )
     for key in ("w", "b"):
         close(out[key], ties_reference(base[key], [t[key] for t in tuned], weights, densities))
 
 
 def test_ties_without_normalize_sums_the_agreeing_deltas():
     base, tuned = states(2, seed=5)
-    out = merge_models(tuned, "ties", base=base, parameters={"weight": 1.0, "density": 0.4, "normalize": False})
-    close(out["w"], ties_reference(base["w"], [t["w"] for t in tuned], [1.0, 1.0], [0.4, 0.4], normalize=False))
+    out = merge_models(
+        tuned, "ties", base=base, parameters={"weight": 1.0, "density": 0.4, "normalize": False}
+    )
+    close(
+        out["w"],
+        ties_reference(base["w"], [t["w"] for t in tuned], [1.0, 1.0], [0.4, 0.4], normalize=False),
+    )
 
 
 def breadcrumbs_mask(x: np.ndarray, density: float, gamma: float) -> np.ndarray:
@@ -133,13 +179,15 @@ def breadcrumbs_mask(x: np.ndarray, density: float, gamma: float) -> np.ndarray:
     bottom = max(0, n - target - top)
     order = np.argsort(np.abs(x).ravel(), kind="stable")
     mask = np.zeros(n, bool)
-    mask[order[bottom:bottom + target]] = True
+    mask[order[bottom : bottom + target]] = True
     return mask.reshape(x.shape)
 
 
 def test_breadcrumbs_drops_outliers_and_small_entries():
     base, tuned = states(2, seed=6)
-    out = merge_models(tuned, "breadcrumbs", base=base, parameters={"weight": 0.5, "density": 0.6, "gamma": 0.1})
+    out = merge_models(
+        tuned, "breadcrumbs", base=base, parameters={"weight": 0.5, "density": 0.6, "gamma": 0.1}
+    )
     deltas = [np_(t["w"]) - np_(base["w"]) for t in tuned]
     expected = np_(base["w"]) + sum(0.5 * d * breadcrumbs_mask(d, 0.6, 0.1) for d in deltas)
     close(out["w"], expected)
@@ -147,11 +195,18 @@ def test_breadcrumbs_drops_outliers_and_small_entries():
 
 def test_breadcrumbs_ties_applies_sign_consensus():
     base, tuned = states(2, seed=7)
-    out = merge_models(tuned, "breadcrumbs_ties", base=base, parameters={"weight": 1.0, "density": 0.5, "gamma": 0.05})
+    out = merge_models(
+        tuned,
+        "breadcrumbs_ties",
+        base=base,
+        parameters={"weight": 1.0, "density": 0.5, "gamma": 0.05},
+    )
     deltas = [(np_(t["w"]) - np_(base["w"])) for t in tuned]
     kept = [d * breadcrumbs_mask(d, 0.5, 0.05) for d in deltas]
     elected = np.where(sum(kept) >= 0, 1.0, -1.0)
-    expected = np_(base["w"]) + sum(k * (np.sign(k) == elected) for k in kept)  # normalize defaults to false
+    expected = np_(base["w"]) + sum(
+        k * (np.sign(k) == elected) for k in kept
+    )  # normalize defaults to false
     close(out["w"], expected)
 
 
@@ -159,7 +214,9 @@ def test_dare_linear_keeps_about_density_and_matches_the_l1_norm():
     g = torch.Generator().manual_seed(8)
     base = {"w": torch.zeros(200, 200)}
     tuned = {"w": torch.randn(200, 200, generator=g)}
-    out = merge_models([tuned], "dare_linear", base=base, parameters={"weight": 1.0, "density": 0.3}, seed=1)
+    out = merge_models(
+        [tuned], "dare_linear", base=base, parameters={"weight": 1.0, "density": 0.3}, seed=1
+    )
     result, delta = np_(out["w"]), np_(tuned["w"])
     kept = result != 0
     assert abs(kept.mean() - 0.3) < 0.01  # 40,000 Bernoulli draws: 5 sigma is 0.0115
@@ -171,7 +228,13 @@ def test_dare_rescale_mode_inverse_density_divides_by_the_keep_probability():
     g = torch.Generator().manual_seed(9)
     base = {"w": torch.zeros(100, 100)}
     tuned = {"w": torch.randn(100, 100, generator=g)}
-    out = merge_models([tuned], "dare_linear", base=base, parameters={"weight": 1.0, "density": 0.25, "rescale_mode": "inverse_density"}, seed=2)
+    out = merge_models(
+        [tuned],
+        "dare_linear",
+        base=base,
+        parameters={"weight": 1.0, "density": 0.25, "rescale_mode": "inverse_density"},
+        seed=2,
+    )
     result, delta = np_(out["w"]), np_(tuned["w"])
     kept = result != 0
     np.testing.assert_allclose(result[kept], delta[kept] / 0.25, rtol=1e-5)
@@ -179,7 +242,12 @@ def test_dare_rescale_mode_inverse_density_divides_by_the_keep_probability():
 
 def test_dare_ties_is_reproducible_under_a_seed_and_differs_across_seeds():
     base, tuned = states(2, seed=10)
-    run = lambda seed: merge_models(tuned, "dare_ties", base=base, parameters={"weight": 1.0, "density": 0.5}, seed=seed)["w"]  # noqa: E731
+
+    def run(seed):
+        return merge_models(
+            tuned, "dare_ties", base=base, parameters={"weight": 1.0, "density": 0.5}, seed=seed
+        )["w"]
+
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
 
@@ -188,10 +256,18 @@ def test_della_keeps_large_entries_more_often():
     g = torch.Generator().manual_seed(11)
     base = {"w": torch.zeros(64, 400)}
     tuned = {"w": torch.randn(64, 400, generator=g)}
-    out = merge_models([tuned], "della_linear", base=base, parameters={"weight": 1.0, "density": 0.5, "epsilon": 0.4, "rescale": False}, seed=3)
+    out = merge_models(
+        [tuned],
+        "della_linear",
+        base=base,
+        parameters={"weight": 1.0, "density": 0.5, "epsilon": 0.4, "rescale": False},
+        seed=3,
+    )
     result, delta = np_(out["w"]), np_(tuned["w"])
     kept = result != 0
-    np.testing.assert_allclose(result[kept], delta[kept], rtol=1e-6)  # no rescale: kept entries unchanged
+    np.testing.assert_allclose(
+        result[kept], delta[kept], rtol=1e-6
+    )  # no rescale: kept entries unchanged
     ranks = np.argsort(np.argsort(np.abs(delta), axis=1), axis=1) / 399
     # keep probability is 0.1 + 0.8 * rank: the smallest fifth ~0.18, the largest fifth ~0.82
     assert abs(kept[ranks < 0.2].mean() - 0.18) < 0.03
@@ -204,7 +280,13 @@ def test_model_stock_interpolates_by_the_offsets_angle():
     out = merge_models(tuned, "model_stock", base=base)
     w0 = np_(base["w"]).ravel()
     offsets = [np_(t["w"]).ravel() - w0 for t in tuned]
-    cos = np.mean([np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) for i, a in enumerate(offsets) for b in offsets[i + 1:]])
+    cos = np.mean(
+        [
+            np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
+            for i, a in enumerate(offsets)
+            for b in offsets[i + 1 :]
+        ]
+    )
     t = 3 * cos / (1 + 2 * cos)
     expected = t * np.mean([np_(x["w"]) for x in tuned], axis=0) + (1 - t) * np_(base["w"])
     close(out["w"], expected)
@@ -222,7 +304,12 @@ def test_arcee_fusion_keeps_only_important_changes():
     base, (other,) = states(1, seed=13)
     out = merge_models([other], "arcee_fusion", base=base)
     a, b = np_(base["w"]), np_(other["w"])
-    softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)  # noqa: E731
+
+    def softmax(x):
+        return np.exp(x - x.max(-1, keepdims=True)) / np.exp(x - x.max(-1, keepdims=True)).sum(
+            -1, keepdims=True
+        )
+
     p, q = softmax(b) + 1e-8, softmax(a) + 1e-8
     importance = np.abs(b - a) * (p * np.log(p / q)).sum(-1, keepdims=True)
     s = np.sort(importance.ravel())
@@ -258,7 +345,7 @@ def test_sce_weights_by_energy_after_selection_and_sign_erasure():
     mask = np.zeros(var.size, bool)
     mask[np.argsort(-var.ravel(), kind="stable")[:k]] = True
     tv = tv * mask.reshape(var.shape)
-    energy = (tv ** 2).reshape(3, -1).mean(1)
+    energy = (tv**2).reshape(3, -1).mean(1)
     weights = energy / energy.sum()
     elected = np.where(tv.sum(0) >= 0, 1.0, -1.0)
     agree = np.sign(tv) == elected
@@ -269,11 +356,15 @@ def test_sce_weights_by_energy_after_selection_and_sign_erasure():
 
 def test_nuslerp_with_a_base_slerps_the_task_vectors():
     base, (a, b) = states(2, seed=15)
-    out = merge_models([a, b], "nuslerp", base=base, model_parameters=[{"weight": 1.0}, {"weight": 3.0}])
+    out = merge_models(
+        [a, b], "nuslerp", base=base, model_parameters=[{"weight": 1.0}, {"weight": 3.0}]
+    )
     t = 0.75
     u, v = (np_(a["w"]) - np_(base["w"])).ravel(), (np_(b["w"]) - np_(base["w"])).ravel()
     omega = math.acos(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
-    expected = np_(base["w"]).ravel() + (math.sin((1 - t) * omega) * u + math.sin(t * omega) * v) / math.sin(omega)
+    expected = np_(base["w"]).ravel() + (
+        math.sin((1 - t) * omega) * u + math.sin(t * omega) * v
+    ) / math.sin(omega)
     close(out["w"], expected.reshape(SHAPE))
 
 

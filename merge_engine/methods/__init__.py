@@ -12,6 +12,13 @@ from merge_engine.methods import (  # noqa: F401  (imported to register)
     spherical,
     task_arithmetic,
 )
-from merge_engine.methods.registry import REQUIRED, MergeMethod, Param, all_methods, get_method, kernel_argument
+from merge_engine.methods.registry import (
+    REQUIRED,
+    MergeMethod,
+    Param,
+    all_methods,
+    get_method,
+    kernel_argument,
+)
 
 __all__ = ["REQUIRED", "MergeMethod", "Param", "all_methods", "get_method", "kernel_argument"]

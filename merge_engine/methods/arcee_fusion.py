@@ -27,7 +27,15 @@ def arcee_fusion(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tenso
     return base + (other - base) * mask
 
 
-register(MergeMethod(
-    name="arcee_fusion", pretty_name="Arcee Fusion", doc="keep only the most important changes of one model over the base",
-    paper="https://arcee.ai", kernel=arcee_fusion, base="required", min_inputs=1, max_inputs=1,
-))
+register(
+    MergeMethod(
+        name="arcee_fusion",
+        pretty_name="Arcee Fusion",
+        doc="keep only the most important changes of one model over the base",
+        paper="https://arcee.ai",
+        kernel=arcee_fusion,
+        base="required",
+        min_inputs=1,
+        max_inputs=1,
+    )
+)

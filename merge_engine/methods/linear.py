@@ -13,7 +13,9 @@ def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def linear(tensors: list[torch.Tensor], base: None, *, weight: list[float], normalize: bool) -> torch.Tensor:
+def linear(
+    tensors: list[torch.Tensor], base: None, *, weight: list[float], normalize: bool
+) -> torch.Tensor:
     """Σ wᵢθᵢ (/ Σ wᵢ when ``normalize``), accumulated in float32 (float64 for float64 inputs)."""
     dtype = accumulation_dtype(tensors[0])
     coefficients = torch.tensor(weight, dtype=dtype, device=tensors[0].device)

@@ -8,7 +8,9 @@ import torch
 from merge_engine.methods.registry import MergeMethod, Param, register
 
 
-def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
+def model_stock(
+    tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool
+) -> torch.Tensor:
     shape = base.shape
     if filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base
@@ -26,14 +28,29 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise:
     n = len(ws)
     denominator = 1 + (n - 1) * cos_theta
     singular = denominator.abs() < 1e-6  # no finite estimate: keep the base there
-    t = torch.where(singular, torch.zeros_like(cos_theta), n * cos_theta / torch.where(singular, 1, denominator))
+    t = torch.where(
+        singular, torch.zeros_like(cos_theta), n * cos_theta / torch.where(singular, 1, denominator)
+    )
     average = sum(ws) / n
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
-register(MergeMethod(
-    name="model_stock", pretty_name="Model Stock",
-    doc="interpolate base and average by the geometry of the fine-tuned offsets (needs two or more models)",
-    paper="https://arxiv.org/abs/2403.19522", kernel=model_stock, base="required", min_inputs=2,
-    params=(Param("filter_wise", bool, False, doc="one interpolation factor per row instead of per tensor"),),
-))
+register(
+    MergeMethod(
+        name="model_stock",
+        pretty_name="Model Stock",
+        doc="interpolate base and average by the geometry of the fine-tuned offsets (needs two or more models)",
+        paper="https://arxiv.org/abs/2403.19522",
+        kernel=model_stock,
+        base="required",
+        min_inputs=2,
+        params=(
+            Param(
+                "filter_wise",
+                bool,
+                False,
+                doc="one interpolation factor per row instead of per tensor",
+            ),
+        ),
+    )
+)

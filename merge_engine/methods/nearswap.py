@@ -13,9 +13,25 @@ def nearswap(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float) -> to
     return weight * other + (1 - weight) * base
 
 
-register(MergeMethod(
-    name="nearswap", pretty_name="NearSwap", doc="interpolate towards the other model where the two are within t of each other",
-    paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", kernel=nearswap, base="required",
-    min_inputs=1, max_inputs=1,
-    params=(Param("t", float, REQUIRED, doc="distance below which the other model's value is taken", low=0, low_open=True),),
-))
+register(
+    MergeMethod(
+        name="nearswap",
+        pretty_name="NearSwap",
+        doc="interpolate towards the other model where the two are within t of each other",
+        paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        kernel=nearswap,
+        base="required",
+        min_inputs=1,
+        max_inputs=1,
+        params=(
+            Param(
+                "t",
+                float,
+                REQUIRED,
+                doc="distance below which the other model's value is taken",
+                low=0,
+                low_open=True,
+            ),
+        ),
+    )
+)

@@ -60,7 +60,9 @@ class Param:
         """Convert a resolved value to the declared type and check its bounds."""
         if self.choices:
             if value not in self.choices:
-                raise RecipeError(f"must be one of {', '.join(self.choices)}, got {value!r}", field=where)
+                raise RecipeError(
+                    f"must be one of {', '.join(self.choices)}, got {value!r}", field=where
+                )
             return value
         if self.type is bool:
             if isinstance(value, bool):
@@ -76,10 +78,17 @@ class Param:
             raise RecipeError(f"must be a number, got {value!r}", field=where) from None
         if isinstance(number, float) and not math.isfinite(number):
             raise RecipeError(f"must be a finite number, got {value!r}", field=where)
-        too_low = self.low is not None and (number <= self.low if self.low_open else number < self.low)
-        too_high = self.high is not None and (number >= self.high if self.high_open else number > self.high)
+        too_low = self.low is not None and (
+            number <= self.low if self.low_open else number < self.low
+        )
+        too_high = self.high is not None and (
+            number >= self.high if self.high_open else number > self.high
+        )
         if too_low or too_high:
-            raise RecipeError(f"{number:g} is out of range; {self.name} must lie in {self.bounds_text()}", field=where)
+            raise RecipeError(
+                f"{number:g} is out of range; {self.name} must lie in {self.bounds_text()}",
+                field=where,
+            )
         return number
 
 
@@ -97,7 +106,9 @@ class MergeMethod:
     random: bool = False
     needs_data: bool = False
     layer_stacking: bool = False
-    check: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = field(default=None, repr=False)
+    check: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = field(
+        default=None, repr=False
+    )
     """Cross-parameter rule on one tensor's resolved values; returns the error sentence or None."""
 
     def param(self, name: str) -> Param:
@@ -123,11 +134,17 @@ def kernel_argument(name: str) -> str:
 def register(method: MergeMethod) -> MergeMethod:
     if method.name in _METHODS:
         raise ValueError(f"merge method {method.name!r} is registered twice")
-    declared = {kernel_argument(p.name) for p in method.params} | ({"generator"} if method.random else set())
+    declared = {kernel_argument(p.name) for p in method.params} | (
+        {"generator"} if method.random else set()
+    )
     signature = inspect.signature(method.kernel).parameters
     accepted = set(signature) - {"tensors", "base"}
     without_default = {n for n in accepted if signature[n].default is inspect.Parameter.empty}
-    if list(signature)[:2] != ["tensors", "base"] or not declared <= accepted or not without_default <= declared:
+    if (
+        list(signature)[:2] != ["tensors", "base"]
+        or not declared <= accepted
+        or not without_default <= declared
+    ):
         raise TypeError(
             f"kernel of {method.name} must take (tensors, base, *, ...) accepting {sorted(declared)}; "
             f"it takes {list(signature)}"

@@ -100,7 +100,9 @@ def della_magprune(
     work_dtype = _work_dtype(tensor)
     rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() >= 2 else tensor.unsqueeze(0)
     order = torch.argsort(rows.abs(), dim=1)  # (rows, cols): ranks need the order itself
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order)
+    )
     span = max(rows.shape[1] - 1, 1)
     rank_norm = (ranks.to(work_dtype) / span).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon

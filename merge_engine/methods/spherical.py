@@ -8,7 +8,14 @@ from merge_engine.methods.linear import accumulation_dtype
 from merge_engine.methods.registry import REQUIRED, MergeMethod, Param, register
 
 
-def slerp(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+def slerp(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    t: float,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """Spherical interpolation from the base (t=0) to the other model (t=1), on whole flattened
     tensors; nearly collinear pairs (|cos| > 0.9995) fall back to linear interpolation."""
     dtype = accumulation_dtype(base)
@@ -29,7 +36,9 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float, dot_thre
     return (coef_a * a + coef_b * b).reshape(base.shape).to(base.dtype)
 
 
-def nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> torch.Tensor:
+def nuslerp_pair(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8
+) -> torch.Tensor:
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
@@ -50,16 +59,32 @@ def nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, f
     return result.reshape(shape)
 
 
-def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], nuslerp_flatten: bool, nuslerp_row_wise: bool) -> torch.Tensor:
+def nuslerp(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    nuslerp_flatten: bool,
+    nuslerp_row_wise: bool,
+) -> torch.Tensor:
     """SLERP between two models with weights; with a base, between their task vectors."""
     total = sum(weight)
     t = 0.5 if abs(total) < 1e-6 else weight[1] / total
     if base is None:
         return nuslerp_pair(t, tensors[0], tensors[1], nuslerp_row_wise, nuslerp_flatten)
-    return base + nuslerp_pair(t, tensors[0] - base, tensors[1] - base, nuslerp_row_wise, nuslerp_flatten)
+    return base + nuslerp_pair(
+        t, tensors[0] - base, tensors[1] - base, nuslerp_row_wise, nuslerp_flatten
+    )
 
 
-def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize_weights: bool, eps: float) -> torch.Tensor:
+def multislerp(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    normalize_weights: bool,
+    eps: float,
+) -> torch.Tensor:
     """Barycentric interpolation on the hypersphere through the tangent space at the weighted mean."""
     if len(tensors) == 1:
         return tensors[0]
@@ -78,7 +103,9 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight
         if len(tensors) == 2:
             result = (stacked[0] * w[0] + stacked[1] * w[1]).reshape(stacked.shape[1:])
             return result if base is None else result + base
-        raise ValueError("the weighted sum of the input directions is zero (antipodal inputs with balancing weights); change the weights")
+        raise ValueError(
+            "the weighted sum of the input directions is zero (antipodal inputs with balancing weights); change the weights"
+        )
     mean = mean / mean_norm
     dots = (units * mean).sum(-1, keepdim=True)
     tangent = ((units - dots * mean) * w.view(-1, 1)).sum(0)
@@ -95,7 +122,10 @@ def karcher(tensors: list[torch.Tensor], base: None, *, max_iter: int, tol: floa
     alphas = [1.0 / len(tensors)] * len(tensors)
     dtype = accumulation_dtype(tensors[0])
     norms = [torch.linalg.vector_norm(t.to(dtype)) for t in tensors]
-    units = [torch.zeros_like(t) if n.item() == 0 else (t / n).to(t.dtype) for t, n in zip(tensors, norms, strict=True)]
+    units = [
+        torch.zeros_like(t) if n.item() == 0 else (t / n).to(t.dtype)
+        for t, n in zip(tensors, norms, strict=True)
+    ]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
@@ -119,7 +149,9 @@ def karcher(tensors: list[torch.Tensor], base: None, *, max_iter: int, tol: floa
         tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
         if tangent_norm.item() < tol:
             break
-        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        mean = (
+            torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        ).to(mean.dtype)
         unit_norm = torch.linalg.vector_norm(mean.to(dtype))
         if unit_norm.item() > tol:
             mean = (mean / unit_norm).to(mean.dtype)
@@ -127,34 +159,82 @@ def karcher(tensors: list[torch.Tensor], base: None, *, max_iter: int, tol: floa
     return scale * mean
 
 
-register(MergeMethod(
-    name="slerp", pretty_name="SLERP", doc="spherical interpolation between the base and one other model",
-    paper="https://en.wikipedia.org/wiki/Slerp", kernel=slerp, base="required", min_inputs=1, max_inputs=1,
-    params=(Param("t", float, REQUIRED, doc="0 gives the base model, 1 the other model", low=0, high=1),),
-))
-register(MergeMethod(
-    name="nuslerp", pretty_name="NuSLERP", doc="SLERP of two models (or of their task vectors, with a base) by weights",
-    paper=None, kernel=nuslerp, base="optional", min_inputs=2, max_inputs=2,
-    params=(
-        Param("weight", float, REQUIRED, "per_model", "relative weight; t = w₂ / (w₁ + w₂)"),
-        Param("nuslerp_flatten", bool, True, doc="interpolate whole tensors (false: row or column vectors)"),
-        Param("nuslerp_row_wise", bool, False, doc="with nuslerp_flatten false: interpolate rows instead of columns"),
-    ),
-))
-register(MergeMethod(
-    name="multislerp", pretty_name="Multi-SLERP", doc="barycentric interpolation of any number of models on the hypersphere",
-    paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", kernel=multislerp, base="optional",
-    params=(
-        Param("weight", float, REQUIRED, "per_model", "this model's weight"),
-        Param("normalize_weights", bool, True, doc="scale the weights to sum to 1"),
-        Param("eps", float, 1e-8, doc="numerical floor for norms", low=0, low_open=True),
-    ),
-))
-register(MergeMethod(
-    name="karcher", pretty_name="Karcher Mean", doc="Riemannian mean of the models' directions, scaled by their mean norm",
-    paper="https://arxiv.org/abs/2603.04972", kernel=karcher,
-    params=(
-        Param("max_iter", int, 10, doc="iterations of the fixed-point solver", low=1),
-        Param("tol", float, 1e-5, doc="stop when the tangent step is this small", low=0, low_open=True),
-    ),
-))
+register(
+    MergeMethod(
+        name="slerp",
+        pretty_name="SLERP",
+        doc="spherical interpolation between the base and one other model",
+        paper="https://en.wikipedia.org/wiki/Slerp",
+        kernel=slerp,
+        base="required",
+        min_inputs=1,
+        max_inputs=1,
+        params=(
+            Param(
+                "t", float, REQUIRED, doc="0 gives the base model, 1 the other model", low=0, high=1
+            ),
+        ),
+    )
+)
+register(
+    MergeMethod(
+        name="nuslerp",
+        pretty_name="NuSLERP",
+        doc="SLERP of two models (or of their task vectors, with a base) by weights",
+        paper=None,
+        kernel=nuslerp,
+        base="optional",
+        min_inputs=2,
+        max_inputs=2,
+        params=(
+            Param("weight", float, REQUIRED, "per_model", "relative weight; t = w₂ / (w₁ + w₂)"),
+            Param(
+                "nuslerp_flatten",
+                bool,
+                True,
+                doc="interpolate whole tensors (false: row or column vectors)",
+            ),
+            Param(
+                "nuslerp_row_wise",
+                bool,
+                False,
+                doc="with nuslerp_flatten false: interpolate rows instead of columns",
+            ),
+        ),
+    )
+)
+register(
+    MergeMethod(
+        name="multislerp",
+        pretty_name="Multi-SLERP",
+        doc="barycentric interpolation of any number of models on the hypersphere",
+        paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        kernel=multislerp,
+        base="optional",
+        params=(
+            Param("weight", float, REQUIRED, "per_model", "this model's weight"),
+            Param("normalize_weights", bool, True, doc="scale the weights to sum to 1"),
+            Param("eps", float, 1e-8, doc="numerical floor for norms", low=0, low_open=True),
+        ),
+    )
+)
+register(
+    MergeMethod(
+        name="karcher",
+        pretty_name="Karcher Mean",
+        doc="Riemannian mean of the models' directions, scaled by their mean norm",
+        paper="https://arxiv.org/abs/2603.04972",
+        kernel=karcher,
+        params=(
+            Param("max_iter", int, 10, doc="iterations of the fixed-point solver", low=1),
+            Param(
+                "tol",
+                float,
+                1e-5,
+                doc="stop when the tangent step is this small",
+                low=0,
+                low_open=True,
+            ),
+        ),
+    )
+)

@@ -18,16 +18,25 @@ from merge_engine.methods import sparsify
 from merge_engine.methods.registry import REQUIRED, MergeMethod, Param, register
 
 
-def weighted_deltas(tensors: list[torch.Tensor], base: torch.Tensor, sparsified: Callable[[int, torch.Tensor], torch.Tensor], weight: list[float]) -> list[torch.Tensor]:
+def weighted_deltas(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    sparsified: Callable[[int, torch.Tensor], torch.Tensor],
+    weight: list[float],
+) -> list[torch.Tensor]:
     """Dᵢ = wᵢ · sparsify(θᵢ − θ₀), one tensor per input, weights in the working dtype."""
     deltas = []
     for index, tensor in enumerate(tensors):
         delta = sparsified(index, tensor - base)
-        deltas.append(delta.mul_(torch.tensor(weight[index], dtype=delta.dtype, device=delta.device)))
+        deltas.append(
+            delta.mul_(torch.tensor(weight[index], dtype=delta.dtype, device=delta.device))
+        )
     return deltas
 
 
-def sign_consensus_sum(deltas: list[torch.Tensor], weight: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def sign_consensus_sum(
+    deltas: list[torch.Tensor], weight: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES' elect + disjoint merge: Σ of the Dᵢ agreeing with sign(ΣDᵢ) (≥0 counts as +),
     and the sum of the agreeing inputs' weights (0 → 1), accumulated one input at a time."""
     total = deltas[0].clone()
@@ -57,19 +66,79 @@ class TaskArithmeticVariant:
 
     def params(self) -> tuple[Param, ...]:
         params = [
-            Param("weight", float, REQUIRED, "per_model", "scale of this model's task vector; negative subtracts it (negation)"),
-            Param("density", float, 1.0, "per_model", "fraction of the task vector kept", low=0, high=1, low_open=True),
-            Param("normalize", bool, self.default_normalize, doc="divide by the sum of the weights that took part"),
-            Param("rescale", bool, self.default_rescale, doc="rescale kept entries so the task vector keeps its L1 norm"),
+            Param(
+                "weight",
+                float,
+                REQUIRED,
+                "per_model",
+                "scale of this model's task vector; negative subtracts it (negation)",
+            ),
+            Param(
+                "density",
+                float,
+                1.0,
+                "per_model",
+                "fraction of the task vector kept",
+                low=0,
+                high=1,
+                low_open=True,
+            ),
+            Param(
+                "normalize",
+                bool,
+                self.default_normalize,
+                doc="divide by the sum of the weights that took part",
+            ),
+            Param(
+                "rescale",
+                bool,
+                self.default_rescale,
+                doc="rescale kept entries so the task vector keeps its L1 norm",
+            ),
             Param("lambda", float, 1.0, doc="scale of the merged task vector"),
-            Param("int8_mask", bool, False, doc="accepted for mergekit compatibility; masks are always compact here"),
+            Param(
+                "int8_mask",
+                bool,
+                False,
+                doc="accepted for mergekit compatibility; masks are always compact here",
+            ),
         ]
         if self.sparsifier == "magnitude_outliers":
-            params.append(Param("gamma", float, 0.01, "per_model", "fraction of the largest entries dropped as outliers", low=0, high=1, high_open=True))
+            params.append(
+                Param(
+                    "gamma",
+                    float,
+                    0.01,
+                    "per_model",
+                    "fraction of the largest entries dropped as outliers",
+                    low=0,
+                    high=1,
+                    high_open=True,
+                )
+            )
         if self.sparsifier == "della_magprune":
-            params.append(Param("epsilon", float, 0.15, "per_model", "half-width of the keep-probability band around density", low=0, high=1, high_open=True))
+            params.append(
+                Param(
+                    "epsilon",
+                    float,
+                    0.15,
+                    "per_model",
+                    "half-width of the keep-probability band around density",
+                    low=0,
+                    high=1,
+                    high_open=True,
+                )
+            )
         if self.sparsifier in ("random", "della_magprune"):
-            params.append(Param("rescale_mode", str, "l1", doc="l1: match the L1 norm (mergekit); inverse_density: divide by the keep probability (the paper)", choices=("l1", "inverse_density")))
+            params.append(
+                Param(
+                    "rescale_mode",
+                    str,
+                    "l1",
+                    doc="l1: match the L1 norm (mergekit); inverse_density: divide by the keep probability (the paper)",
+                    choices=("l1", "inverse_density"),
+                )
+            )
         return tuple(params)
 
 
@@ -127,28 +196,92 @@ def make_kernel(variant: TaskArithmeticVariant) -> Callable[..., torch.Tensor]:
 def _density_epsilon_check(p: dict[str, Any], per_model: list[dict[str, Any]]) -> str | None:
     for values in per_model:
         d, eps = values["density"], values["epsilon"]
-        if d < 1 and not (0 < d - eps and d + eps < 1):
+        if d < 1 and not (d - eps > 0 and d + eps < 1):
             return f"density {d:g} ± epsilon {eps:g} must stay inside (0, 1); lower epsilon or move density away from the edge"
     return None
 
 
 VARIANTS = (
-    TaskArithmeticVariant("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
-                          "add weighted task vectors to the base; negative weights subtract (negation)", None, False, False, False),
-    TaskArithmeticVariant("ties", "TIES", "https://arxiv.org/abs/2306.01708",
-                          "trim to top-k magnitude, elect a sign per entry, average the agreeing task vectors", "magnitude", True, True, False),
-    TaskArithmeticVariant("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099",
-                          "drop task-vector entries at random and rescale, then TIES sign consensus", "random", True, False, True),
-    TaskArithmeticVariant("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
-                          "drop task-vector entries at random and rescale, then add them up", "random", False, False, True),
-    TaskArithmeticVariant("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
-                          "drop the largest outliers and the smallest entries of each task vector, then add", "magnitude_outliers", False, False, False),
-    TaskArithmeticVariant("breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795",
-                          "breadcrumbs pruning followed by TIES sign consensus", "magnitude_outliers", True, False, False),
-    TaskArithmeticVariant("della", "DELLA", "https://arxiv.org/abs/2406.11617",
-                          "magnitude-ranked random pruning (MagPrune), rescale, then TIES sign consensus", "della_magprune", True, True, True),
-    TaskArithmeticVariant("della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617",
-                          "magnitude-ranked random pruning (MagPrune), rescale, then add", "della_magprune", False, False, True),
+    TaskArithmeticVariant(
+        "task_arithmetic",
+        "Task Arithmetic",
+        "https://arxiv.org/abs/2212.04089",
+        "add weighted task vectors to the base; negative weights subtract (negation)",
+        None,
+        False,
+        False,
+        False,
+    ),
+    TaskArithmeticVariant(
+        "ties",
+        "TIES",
+        "https://arxiv.org/abs/2306.01708",
+        "trim to top-k magnitude, elect a sign per entry, average the agreeing task vectors",
+        "magnitude",
+        True,
+        True,
+        False,
+    ),
+    TaskArithmeticVariant(
+        "dare_ties",
+        "DARE TIES",
+        "https://arxiv.org/abs/2311.03099",
+        "drop task-vector entries at random and rescale, then TIES sign consensus",
+        "random",
+        True,
+        False,
+        True,
+    ),
+    TaskArithmeticVariant(
+        "dare_linear",
+        "Linear DARE",
+        "https://arxiv.org/abs/2311.03099",
+        "drop task-vector entries at random and rescale, then add them up",
+        "random",
+        False,
+        False,
+        True,
+    ),
+    TaskArithmeticVariant(
+        "breadcrumbs",
+        "Model Breadcrumbs",
+        "https://arxiv.org/abs/2312.06795",
+        "drop the largest outliers and the smallest entries of each task vector, then add",
+        "magnitude_outliers",
+        False,
+        False,
+        False,
+    ),
+    TaskArithmeticVariant(
+        "breadcrumbs_ties",
+        "Model Breadcrumbs with TIES",
+        "https://arxiv.org/abs/2312.06795",
+        "breadcrumbs pruning followed by TIES sign consensus",
+        "magnitude_outliers",
+        True,
+        False,
+        False,
+    ),
+    TaskArithmeticVariant(
+        "della",
+        "DELLA",
+        "https://arxiv.org/abs/2406.11617",
+        "magnitude-ranked random pruning (MagPrune), rescale, then TIES sign consensus",
+        "della_magprune",
+        True,
+        True,
+        True,
+    ),
+    TaskArithmeticVariant(
+        "della_linear",
+        "Linear DELLA",
+        "https://arxiv.org/abs/2406.11617",
+        "magnitude-ranked random pruning (MagPrune), rescale, then add",
+        "della_magprune",
+        False,
+        False,
+        True,
+    ),
 )
 
 for _variant in VARIANTS:

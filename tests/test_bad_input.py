@@ -1,0 +1,267 @@
+"""Every bad input gets one clear sentence naming the thing and the fix, before any heavy work,
+and leaves no output folder behind. A table of (recipe, error class, sentence)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import write_recipe
+from safetensors.torch import save_file
+
+from merge_engine import load_recipe, merge, preflight
+from merge_engine.errors import (
+    IncompatibleModelsError,
+    OutputExistsError,
+    RecipeError,
+    SourceError,
+    UnsafeCheckpointError,
+)
+
+TWO_TIES = "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1, density: 0.5}}}}, {{model: {b}, parameters: {{weight: 1, density: 0.5}}}}]\n"
+
+CASES = [
+    (
+        "unknown method",
+        "merge_method: tie\nbase_model: {base}\nmodels: [{{model: {a}}}]\n",
+        RecipeError,
+        "merge_method: unknown merge method 'tie'; did you mean 'ties'?",
+    ),
+    (
+        "unknown parameter",
+        "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1, densty: 0.5}}}}]\n",
+        RecipeError,
+        "models[0].parameters.densty: 'densty' is not a parameter of ties; did you mean 'density'?",
+    ),
+    (
+        "missing required parameter",
+        "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{density: 0.5}}}}]\n",
+        RecipeError,
+        "models[0].parameters.weight: ties needs 'weight' for model {a} (tensor model.embed_tokens.weight); set it for that model or in the top-level parameters",
+    ),
+    (
+        "density above one",
+        "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1, density: 1.5}}}}]\n",
+        RecipeError,
+        "models[0].parameters.density: 1.5 is out of range; density must lie in (0, 1] (model {a}, tensor model.embed_tokens.weight)",
+    ),
+    (
+        "density zero in a gradient",
+        "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\nparameters: {{density: [0.5, 0]}}\n",
+        RecipeError,
+        "parameters.density: 0 is out of range; density must lie in (0, 1] (model {a}, tensor model.layers.3.",
+    ),
+    (
+        "weights cancel under normalize",
+        "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}, {{model: {b}, parameters: {{weight: -1}}}}]\n",
+        RecipeError,
+        "parameters: the weights sum to zero, so normalize would divide by zero; change a weight or set normalize: false",
+    ),
+    (
+        "global parameter on a model",
+        "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1, normalize: false}}}}]\n",
+        RecipeError,
+        "models[0].parameters.normalize: 'normalize' applies to the whole merge, not to one model; move it to the top-level or slice parameters",
+    ),
+    (
+        "base missing",
+        "merge_method: ties\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\n",
+        RecipeError,
+        "base_model: ties works on differences from a base model; name it in base_model",
+    ),
+    (
+        "too many models for slerp",
+        "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{t: 0.5}}\n",
+        RecipeError,
+        "models: slerp takes exactly 1 models besides the base, got 2",
+    ),
+    (
+        "models and slices",
+        "merge_method: linear\nmodels: [{{model: {a}}}]\nslices: [{{sources: [{{model: {a}, layer_range: [0, 2]}}]}}]\n",
+        RecipeError,
+        "give exactly one of 'models' (whole models) or 'slices' (layer ranges)",
+    ),
+    (
+        "misspelt field",
+        "merge_method: linear\nmodel: [{{model: {a}}}]\n",
+        RecipeError,
+        "model: is not a recipe field; check its spelling or remove it",
+    ),
+    (
+        "bad dtype",
+        "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\ndtype: fp8\n",
+        RecipeError,
+        "dtype: must be one of float32, float16, bfloat16, float64, got 'fp8'",
+    ),
+    (
+        "layer range outside the model",
+        "merge_method: passthrough\nslices: [{{sources: [{{model: {a}, layer_range: [2, 9]}}]}}]\n",
+        RecipeError,
+        "slices[0].sources[0].layer_range: {a} has 4 layers, so [2, 9) does not fit; the end must be at most 4",
+    ),
+    (
+        "empty layer range",
+        "merge_method: passthrough\nslices: [{{sources: [{{model: {a}, layer_range: [3, 3]}}]}}]\n",
+        RecipeError,
+        "slices[0].sources[0].layer_range: layer_range [3, 3] is empty or negative",
+    ),
+    (
+        "missing folder",
+        "merge_method: linear\nmodels: [{{model: {a}-typo, parameters: {{weight: 1}}}}]\n",
+        SourceError,
+        "model folder {a}-typo does not exist; check the path, or write org/name for a Hub model",
+    ),
+    (
+        "union tokenizer",
+        "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\ntokenizer_source: union\n",
+        RecipeError,
+        "tokenizer_source: 'union' (building a merged vocabulary) is not supported; use 'base' or one of the models",
+    ),
+    (
+        "invalid yaml",
+        "merge_method: linear\nmodels: [{{model: {a}\n",
+        RecipeError,
+        "the recipe is not valid YAML at line",
+    ),
+]
+
+
+@pytest.mark.parametrize(("label", "text", "error", "sentence"), CASES, ids=[c[0] for c in CASES])
+def test_bad_recipe_gets_one_clear_sentence(llama_family, tmp_path, label, text, error, sentence):
+    base, (a, b, _) = llama_family
+    names = {"base": base, "a": a, "b": b}
+    recipe = write_recipe(tmp_path, text.format(**names))
+    with pytest.raises(error) as caught:
+        merge(preflight(load_recipe(recipe)), tmp_path / "out", show_progress=False)
+    assert str(caught.value).startswith(sentence.format(**names))
+    assert not (tmp_path / "out").exists()
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_weights(folder, edit):
+    path = folder / "model.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = edit(load_file(path))
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_different_shapes_name_the_tensor_and_both_models(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    odd = _copy(b, tmp_path / "odd")
+    _edit_weights(odd, lambda t: {**t, "model.layers.1.mlp.up_proj.weight": torch.zeros(65, 32)})
+    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=odd))
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"tensor model.layers.1.mlp.up_proj.weight of .*odd has shape \[65, 32\], but \[64, 32\] in",
+    ):
+        preflight(load_recipe(recipe))
+
+
+def test_vocab_mismatch_says_so(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    odd = _copy(b, tmp_path / "odd")
+    _edit_weights(odd, lambda t: {**t, "model.embed_tokens.weight": torch.zeros(100, 32)})
+    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=odd))
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"vocabulary sizes differ: .*odd has 100 tokens in model.embed_tokens.weight, .* has 96",
+    ):
+        preflight(load_recipe(recipe))
+
+
+def test_missing_tensor_names_it(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    odd = _copy(b, tmp_path / "odd")
+    _edit_weights(
+        odd, lambda t: {k: v for k, v in t.items() if k != "model.layers.2.self_attn.k_proj.weight"}
+    )
+    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=odd))
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"has no tensor model.layers.2.self_attn.k_proj.weight, which the other models have",
+    ):
+        preflight(load_recipe(recipe))
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    pickled = _copy(b, tmp_path / "pickled")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=pickled))
+    with pytest.raises(
+        UnsafeCheckpointError, match="has only pickle weights .*pass --allow-pickle"
+    ):
+        preflight(load_recipe(recipe))
+    plan = preflight(load_recipe(recipe), allow_pickle=True)
+    assert len(plan.tasks) == 39
+
+
+def test_output_folder_holding_a_model_is_refused_before_any_work(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    out = _copy(a, tmp_path / "existing")
+    before = (out / "model.safetensors").read_bytes()
+    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=b))
+    with pytest.raises(
+        OutputExistsError,
+        match="already exists and is not empty; choose a new folder or delete it first",
+    ):
+        merge(preflight(load_recipe(recipe)), out, show_progress=False)
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_a_failure_mid_merge_leaves_no_output_folder(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    broken = _copy(b, tmp_path / "broken")
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(
+        data[: len(data) // 2]
+    )  # header intact, weights cut short
+    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=broken))
+    plan = preflight(load_recipe(recipe))  # headers alone look fine
+    with pytest.raises(Exception):  # noqa: B017  (safetensors' own error for a truncated file)
+        merge(plan, tmp_path / "out", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "recipe.yaml"]
+
+
+def test_a_base_model_outside_models_is_not_averaged_in(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: linear\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{weight: 1}}\n",
+    )
+    plan = preflight(load_recipe(recipe))
+    assert all(base not in [r.model for r in task.reads()] for task in plan.tasks)
+    assert plan.notes == [
+        f"linear does not use a base model: {base} only donates config and tokenizer"
+    ]
+
+
+def test_config_donor_is_the_base_else_the_first_model(llama_family, tmp_path):
+    base, a, b = (
+        _copy(folder, tmp_path / name)
+        for folder, name in zip((llama_family[0], *llama_family[1][:2]), "xab", strict=False)
+    )
+    for folder, marker in ((base, "from-base"), (a, "from-a"), (b, "from-b")):
+        config = json.loads((folder / "config.json").read_text())
+        config["mergebot_test_marker"] = marker
+        (folder / "config.json").write_text(json.dumps(config))
+    with_base = write_recipe(
+        tmp_path,
+        f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {b}}}, {{model: {a}}}]\nparameters: {{weight: 1}}\n",
+    )
+    assert preflight(load_recipe(with_base)).config["mergebot_test_marker"] == "from-base"
+    without = write_recipe(
+        tmp_path,
+        f"merge_method: linear\nmodels: [{{model: {b}}}, {{model: {a}}}]\nparameters: {{weight: 1}}\n",
+    )
+    assert preflight(load_recipe(without)).config["mergebot_test_marker"] == "from-b"

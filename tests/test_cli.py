@@ -1,0 +1,243 @@
+"""``mergebot`` end to end on tiny real models: merge, load with transformers, run a forward pass."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import load_weights, write_recipe
+from transformers import AutoModelForCausalLM
+
+from merge_engine.cli import main
+from merge_engine.io import read_header
+
+
+def forward_is_finite(folder) -> bool:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 2]])).logits
+    return bool(torch.isfinite(logits).all())
+
+
+def test_ties_merge_loads_in_transformers_and_matches_the_in_memory_api(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+merge_method: ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.5, density: 0.5}}
+""",
+    )
+    out = tmp_path / "merged"
+    assert main(["merge", str(recipe), str(out), "--quiet"]) == 0
+    assert forward_is_finite(out)
+    from merge_engine import merge_models
+
+    expected = merge_models(
+        [a, b],
+        "ties",
+        base=base,
+        model_parameters=[{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}],
+    )
+    merged = load_weights(out)
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in merged)
+    assert (out / "mergebot_recipe.yaml").is_file() and (out / "README.md").is_file()
+
+
+def test_gpt2_with_tied_head_merges_and_loads(gpt2_family, tmp_path):
+    base, (a, b) = gpt2_family
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+merge_method: slerp
+base_model: {a}
+models: [{{model: {a}}}, {{model: {b}}}]
+parameters:
+  t: [{{filter: attn, value: [0, 1]}}, {{value: 0.5}}]
+""",
+    )
+    out = tmp_path / "merged"
+    assert main(["merge", str(recipe), str(out), "--quiet"]) == 0
+    assert "lm_head.weight" not in load_weights(out)
+    assert forward_is_finite(out)
+
+
+def test_frankenmerge_stacks_layers_renumbers_and_rewrites_the_config(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {a}, layer_range: [0, 3]}}]
+  - sources: [{{model: {b}, layer_range: [1, 4]}}]
+""",
+    )
+    out = tmp_path / "franken"
+    assert main(["merge", str(recipe), str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    merged, wa, wb = load_weights(out), load_weights(a), load_weights(b)
+    name = "self_attn.q_proj.weight"
+    for out_layer, (source, layer) in enumerate(
+        [(wa, 0), (wa, 1), (wa, 2), (wb, 1), (wb, 2), (wb, 3)]
+    ):
+        assert torch.equal(
+            merged[f"model.layers.{out_layer}.{name}"], source[f"model.layers.{layer}.{name}"]
+        )
+    assert torch.equal(merged["model.embed_tokens.weight"], wa["model.embed_tokens.weight"])
+    assert torch.equal(merged["lm_head.weight"], wb["lm_head.weight"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 6
+    assert forward_is_finite(out)
+
+
+def test_frankenmerge_rewrites_per_layer_config_lists(tmp_path):
+    from merge_engine.example import make_family
+
+    base, (a,) = make_family(
+        tmp_path / "m", "llama", finetunes=1, layer_types=["full_attention"] * 4
+    )
+    config = json.loads((a / "config.json").read_text())
+    assert (
+        config.get("layer_types") == ["full_attention"] * 4
+    )  # the fixture really has a per-layer list
+    config["layer_types"] = [
+        "full_attention",
+        "full_attention",
+        "full_attention",
+        "sliding_attention",
+    ]
+    (a / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {a}, layer_range: [2, 4]}}]
+  - sources: [{{model: {a}, layer_range: [3, 4]}}]
+""",
+    )
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 0
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 3
+    assert written["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+
+
+def test_random_merges_repeat_under_random_seed(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    text = f"""
+merge_method: dare_ties
+base_model: {base}
+models: [{{model: {a}, parameters: {{weight: 1.0, density: 0.5}}}}, {{model: {b}, parameters: {{weight: 1.0, density: 0.5}}}}]
+random_seed: 42
+"""
+    recipe = write_recipe(tmp_path, text)
+    for name in ("one", "two"):
+        assert main(["merge", str(recipe), str(tmp_path / name), "--quiet"]) == 0
+    one, two = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    card = (tmp_path / "one" / "README.md").read_text()
+    assert "Random seed: `42`" in card
+
+
+def test_unseeded_random_merge_records_the_seed_it_drew(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+merge_method: dare_linear
+base_model: {base}
+models: [{{model: {a}, parameters: {{weight: 1.0, density: 0.5}}}}]
+""",
+    )
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    seed = int(card.split("Random seed: `")[1].split("`")[0])
+    again = write_recipe(
+        tmp_path, (tmp_path / "recipe.yaml").read_text() + f"random_seed: {seed}\n"
+    )
+    assert main(["merge", str(again), str(tmp_path / "again"), "--quiet"]) == 0
+    first, second = load_weights(tmp_path / "out"), load_weights(tmp_path / "again")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_shard_size_splits_the_output_and_writes_an_index(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}, {{model: {b}, parameters: {{weight: 1}}}}]\n",
+    )
+    out = tmp_path / "sharded"
+    assert main(["merge", str(recipe), str(out), "--shard-size", "20KB", "--quiet"]) == 0
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert set(index["weight_map"]) == set(load_weights(a))
+    for (
+        shard
+    ) in shards:  # each shard holds at most 20 kB of data, unless one tensor alone is larger
+        sizes = [info.nbytes for info in read_header(shard).values()]
+        assert sum(sizes) <= 20_000 or len(sizes) == 1
+    assert forward_is_finite(out)
+
+
+def test_dtype_option_sets_the_output_dtype_and_config(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}, {{model: {b}, parameters: {{weight: 1}}}}]\n",
+    )
+    out = tmp_path / "bf16"
+    assert main(["merge", str(recipe), str(out), "--dtype", "bfloat16", "--quiet"]) == 0
+    assert {t.dtype for t in load_weights(out).values()} == {torch.bfloat16}
+    config = json.loads((out / "config.json").read_text())
+    assert "bfloat16" in (config.get("torch_dtype"), config.get("dtype"))
+
+
+def test_validate_reports_without_writing_anything(llama_family, tmp_path, capsys):
+    base, (a, b, _) = llama_family
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1, density: 0.5}}}}]\n",
+    )
+    assert main(["validate", str(recipe)]) == 0
+    assert "ok: ties over 1 model(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_methods_lists_every_method_with_its_parameters(capsys):
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert "della_linear" in listing and "epsilon (per_model, float, default 0.15" in listing
+
+
+@pytest.mark.slow
+def test_console_script_runs_the_example_end_to_end(tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "merge_engine.cli",
+            "example",
+            str(tmp_path / "ex"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "logits finite: True" in run.stdout
+    assert (tmp_path / "ex" / "merged" / "model.safetensors").is_file()
