@@ -96,6 +96,9 @@ def tensor_infos(header: Mapping[str, dict], file: str, origin: str) -> dict[str
 class TensorStore(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
 
+    def release(self, file: str) -> None:
+        """Unmap a file no later tensor needs, so its pages leave the process's memory."""
+
 
 class SafetensorsStore:
     """Lazy, memory-mapped access to the tensors of a folder of safetensors shards."""
@@ -111,6 +114,9 @@ class SafetensorsStore:
             self._handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
         return self._handles[file].get_tensor(name)
 
+    def release(self, file: str) -> None:
+        self._handles.pop(file, None)
+
 
 class MemoryStore:
     """A state dict seen as a store (the in-memory API)."""
@@ -120,6 +126,9 @@ class MemoryStore:
 
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[name]
+
+    def release(self, file: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)

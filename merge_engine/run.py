@@ -59,20 +59,40 @@ def compute_task(
     return result.to(task.out_dtype)
 
 
-def iter_merged(
-    plan: MergePlan, device: torch.device, progress: Progress | None = None
-) -> Iterator[tuple[TensorTask, torch.Tensor]]:
-    """Yield (task, merged tensor) in plan order, prefetching the next task's inputs."""
-    stores = {
-        ref: source.store() for ref, source in plan.sources.items() if ref in _read_models(plan)
-    }
+PAGE = 4096
+
+
+def _materialize(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Bring a tensor to the device and dtype on the prefetch thread. A memory-mapped CPU
+    tensor that needs no conversion gets one read per page instead, so the page faults of
+    reading it overlap with the previous tensor's computation rather than stall this one's."""
+    moved = tensor.to(device=device, dtype=dtype)
+    if moved.data_ptr() == tensor.data_ptr() and tensor.numel():
+        tensor.reshape(-1)[:: max(1, PAGE // tensor.element_size())].sum()
+    return moved
+
+
+def _last_readers(plan: MergePlan) -> dict[int, list[tuple]]:
+    """For each task index, the (model, file) pairs that no later task reads."""
+    last: dict[tuple, int] = {}
+    for index, task in enumerate(plan.tasks):
+        for read in task.reads():
+            last[(read.model, plan.sources[read.model].tensors[read.name].file)] = index
+    by_task: dict[int, list[tuple]] = {}
+    for key, index in last.items():
+        by_task.setdefault(index, []).append(key)
+    return by_task
+
+
+def iter_merged(plan: MergePlan, device: torch.device, progress: Progress | None = None) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+    """Yield (task, merged tensor) in plan order, prefetching the next task's inputs and
+    unmapping each input file after its last reader."""
+    stores = {ref: source.store() for ref, source in plan.sources.items() if ref in _read_models(plan)}
+    finished_files = _last_readers(plan)
 
     def load(task: TensorTask) -> list[torch.Tensor]:
         dtype = None if task.copy_only else task.compute_dtype
-        return [
-            stores[read.model].get(read.name).to(device=device, dtype=dtype)
-            for read in task.reads()
-        ]
+        return [_materialize(stores[read.model].get(read.name), device, dtype) for read in task.reads()]
 
     total = len(plan.tasks)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-prefetch") as pool:
@@ -83,6 +103,9 @@ def iter_merged(
             result = compute_task(plan, task, tensors, device)
             del tensors
             yield task, result
+            del result
+            for model, file in finished_files.get(index, []):
+                stores[model].release(file)
             if progress:
                 progress(index + 1, total, task.output)
 

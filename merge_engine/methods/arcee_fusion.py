@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from merge_engine.methods.registry import MergeMethod, register
+from merge_engine.methods.sparsify import kth_smallest
 
 
 def quantile_by_index(values: torch.Tensor, q: float) -> torch.Tensor:
     """sorted(values)[floor(q·(n−1))], found by selection; exact on every tensor size
     (mergekit sorts a random sample of a million entries on large tensors)."""
     flat = values.reshape(-1)
-    return torch.kthvalue(flat, int(q * (flat.numel() - 1)) + 1).values
+    return kth_smallest(flat, int(q * (flat.numel() - 1)) + 1)
 
 
 def arcee_fusion(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:

@@ -34,23 +34,41 @@ def weighted_deltas(
     return deltas
 
 
-def sign_consensus_sum(
-    deltas: list[torch.Tensor], weight: list[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES' elect + disjoint merge: Σ of the Dᵢ agreeing with sign(ΣDᵢ) (≥0 counts as +),
-    and the sum of the agreeing inputs' weights (0 → 1), accumulated one input at a time."""
-    total = deltas[0].clone()
-    for delta in deltas[1:]:
-        total += delta
-    elected_positive = total >= 0
-    mixed = total.zero_()
-    divisor = torch.zeros_like(mixed)
-    for delta, w in zip(deltas, weight, strict=True):
-        agrees = torch.where(elected_positive, delta > 0, delta < 0)
-        mixed += delta * agrees
-        divisor += torch.tensor(w, dtype=mixed.dtype, device=mixed.device) * agrees
-    divisor[divisor == 0] = 1
-    return mixed, divisor
+CHUNK = 1 << 18
+"""Elements per block in the sign-consensus pass: bounds its scratch memory whatever the tensor size."""
+
+
+def sign_consensus_sum(deltas: list[torch.Tensor], weight: list[float], normalize: bool) -> torch.Tensor:
+    """TIES' elect + disjoint merge: per entry, the sum of the Dᵢ whose sign agrees with
+    sign(ΣDᵢ) (≥0 counts as +), divided (with ``normalize``) by the sum of the agreeing
+    inputs' weights (0 → 1).
+
+    Block by block with preallocated scratch: the positive parts and the negative parts are
+    summed separately, and the elected sign picks one of the two sums.
+    """
+    flat = [d.reshape(-1) for d in deltas]
+    out = torch.empty_like(flat[0])
+    size = min(CHUNK, out.numel())
+    positive, negative, scratch, divisor, sign = (torch.empty(size, dtype=out.dtype, device=out.device) for _ in range(5))
+    elected, agrees = (torch.empty(size, dtype=torch.bool, device=out.device) for _ in range(2))
+    for start in range(0, out.numel(), CHUNK):
+        parts = [f[start : start + CHUNK] for f in flat]
+        n = parts[0].numel()
+        pos, neg, tmp, elect, agree = positive[:n], negative[:n], scratch[:n], elected[:n], agrees[:n]
+        torch.clamp(parts[0], min=0, out=pos)
+        torch.clamp(parts[0], max=0, out=neg)
+        for part in parts[1:]:
+            pos.add_(torch.clamp(part, min=0, out=tmp))
+            neg.add_(torch.clamp(part, max=0, out=tmp))
+        torch.ge(torch.add(pos, neg, out=tmp), 0, out=elect)
+        merged = torch.where(elect, pos, neg, out=out[start : start + n])
+        if normalize:
+            total, elected_sign = divisor[:n].zero_(), sign[:n].copy_(elect).mul_(2).sub_(1)
+            for part, w in zip(parts, weight, strict=True):
+                torch.gt(torch.mul(part, elected_sign, out=tmp), 0, out=agree)  # agrees with the elected sign
+                total.add_(agree, alpha=w)
+            merged.div_(total.masked_fill_(total == 0, 1))
+    return out.reshape(deltas[0].shape)
 
 
 @dataclass(frozen=True)
@@ -175,17 +193,15 @@ def make_kernel(variant: TaskArithmeticVariant) -> Callable[..., torch.Tensor]:
 
         deltas = weighted_deltas(tensors, base, sparsified, weight)
         if variant.consensus:
-            mixed, divisor = sign_consensus_sum(deltas, weight)
+            mixed = sign_consensus_sum(deltas, weight, normalize)
         else:
             mixed = deltas[0]
             for delta in deltas[1:]:
                 mixed += delta
             divisor = torch.tensor(weight, dtype=mixed.dtype, device=mixed.device).sum()
-            if divisor.abs() < 1e-8:
-                divisor = torch.ones_like(divisor)
+            if normalize and divisor.abs() >= 1e-8:
+                mixed /= divisor
         del deltas
-        if normalize:
-            mixed /= divisor
         if lambda_ != 1:
             mixed *= lambda_
         return (base + mixed).to(base.dtype)
