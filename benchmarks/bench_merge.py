@@ -5,8 +5,9 @@ mergekit (not a project dependency) and the ratios are reported.
 
     python benchmarks/bench_merge.py --work /tmp/mergebot-bench [--mergekit .../mergekit-yaml]
 
-Each case runs in its own process; the parent samples its resident (total) and unique
-(private) memory every 50 ms. Inputs are float32: hidden 2048, intermediate 5632, 8 layers,
+Each case runs in its own process; the parent samples its memory every 50 ms from
+/proc/PID/status: total = VmRSS (includes the pages of memory-mapped input files, which the
+kernel can drop at any time), private = RssAnon (the process's own heap: tensors, buffers). Inputs are float32: hidden 2048, intermediate 5632, 8 layers,
 vocab 16000, a base and two perturbed copies, each in two input shards.
 """
 
@@ -61,18 +62,29 @@ def write_model(folder: Path, seed: int, base_seed: int | None) -> None:
     for index, part in enumerate(halves):
         tensors = {}
         for name in part:
-            g = torch.Generator().manual_seed(hash((base_seed if base_seed is not None else seed, name)) % 2**31)
+            g = torch.Generator().manual_seed(
+                hash((base_seed if base_seed is not None else seed, name)) % 2**31
+            )
             tensor = torch.randn(shapes[name], generator=g) * 0.02
             if base_seed is not None:
-                tensor += torch.randn(shapes[name], generator=torch.Generator().manual_seed(seed)) * 0.002
+                tensor += (
+                    torch.randn(shapes[name], generator=torch.Generator().manual_seed(seed)) * 0.002
+                )
             tensors[name] = tensor
         file = f"model-{index + 1:05d}-of-00002.safetensors"
         save_file(tensors, folder / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, file))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        tie_word_embeddings=False,
         architectures=["LlamaForCausalLM"],
     )
     config.save_pretrained(folder)
@@ -109,24 +121,32 @@ def child(case: str, work: Path, out: Path) -> None:
         return
     from merge_engine import load_recipe, merge, preflight
 
-    merge(preflight(load_recipe(work / f"{case}.yaml")), out, device="cpu", shard_size=SHARD, show_progress=False)
+    merge(
+        preflight(load_recipe(work / f"{case}.yaml")),
+        out,
+        device="cpu",
+        shard_size=SHARD,
+        show_progress=False,
+    )
 
 
 def measure(command: list[str]) -> dict[str, float]:
     start = time.perf_counter()
     process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak_rss = peak_uss = 0
+    peak_rss = peak_anon = 0
+    status = Path(f"/proc/{process.pid}/status")
     while process.poll() is None:
         try:
-            info = process.memory_full_info()
-            peak_rss, peak_uss = max(peak_rss, info.rss), max(peak_uss, info.uss)
-        except psutil.Error:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+            peak_rss = max(peak_rss, int(fields["VmRSS"].split()[0]) * 1024)
+            peak_anon = max(peak_anon, int(fields["RssAnon"].split()[0]) * 1024)
+        except (OSError, KeyError, ValueError):
             pass
         time.sleep(0.05)
     wall = time.perf_counter() - start
     if process.returncode:
         raise SystemExit(f"{command} failed: {process.stderr.read().decode()[-2000:]}")
-    return {"wall_s": wall, "peak_rss_gb": peak_rss / 1e9, "peak_private_gb": peak_uss / 1e9}
+    return {"wall_s": wall, "peak_rss_gb": peak_rss / 1e9, "peak_private_gb": peak_anon / 1e9}
 
 
 def main() -> None:
@@ -150,24 +170,53 @@ def main() -> None:
         (work / f"{case}.yaml").write_text(text.format(**models))
 
     results = {}
-    runs = [("floor", "floor")] + [(c, c) for c in CASES] + ([(f"mergekit {c}", c) for c in CASES] if args.mergekit else [])
+    runs = (
+        [("floor", "floor")]
+        + [(c, c) for c in CASES]
+        + ([(f"mergekit {c}", c) for c in CASES] if args.mergekit else [])
+    )
     for label, case in runs:
         out = work / f"out-{label.replace(' ', '-')}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         if label.startswith("mergekit"):
-            command = [args.mergekit, str(work / f"{case}.yaml"), str(out), "--out-shard-size", "1B", "--random-seed", "0", "--quiet"]
+            command = [
+                args.mergekit,
+                str(work / f"{case}.yaml"),
+                str(out),
+                "--out-shard-size",
+                "1B",
+                "--random-seed",
+                "0",
+                "--quiet",
+            ]
         else:
-            command = [sys.executable, __file__, "--work", str(work), "--child", case, "--out", str(out)]
+            command = [
+                sys.executable,
+                __file__,
+                "--work",
+                str(work),
+                "--child",
+                case,
+                "--out",
+                str(out),
+            ]
         results[label] = measure(command)
         subprocess.run(["rm", "-rf", str(out)], check=True)
         r = results[label]
-        print(f"{label:18} {r['wall_s']:7.1f} s  ({r['wall_s'] / results['floor']['wall_s']:.2f}x floor)  "
-              f"peak total {r['peak_rss_gb']:.2f} GB  peak private {r['peak_private_gb']:.2f} GB", flush=True)
+        print(
+            f"{label:18} {r['wall_s']:7.1f} s  ({r['wall_s'] / results['floor']['wall_s']:.2f}x floor)  "
+            f"peak total {r['peak_rss_gb']:.2f} GB  peak private {r['peak_private_gb']:.2f} GB",
+            flush=True,
+        )
     for case in CASES:
         if f"mergekit {case}" in results:
             ratio = results[f"mergekit {case}"]["wall_s"] / results[case]["wall_s"]
-            memory = results[f"mergekit {case}"]["peak_private_gb"] / results[case]["peak_private_gb"]
-            print(f"mergekit / mergebot, {case}: time {ratio:.2f}x, peak private memory {memory:.2f}x")
+            memory = (
+                results[f"mergekit {case}"]["peak_private_gb"] / results[case]["peak_private_gb"]
+            )
+            print(
+                f"mergekit / mergebot, {case}: time {ratio:.2f}x, peak private memory {memory:.2f}x"
+            )
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -62,13 +62,24 @@ def changed_fraction(merged: dict[str, torch.Tensor], base: dict[str, torch.Tens
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", required=True, help="path of the mergekit-yaml executable")
-    parser.add_argument("--hidden", type=int, default=32, help="hidden size (512 makes tensors large enough for the bracketed selection)")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=32,
+        help="hidden size (512 makes tensors large enough for the bracketed selection)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base, (a, b, c) = make_family(
-            work / "models", "llama", finetunes=3, scale=0.05, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-            num_attention_heads=4, num_key_value_heads=2,
+            work / "models",
+            "llama",
+            finetunes=3,
+            scale=0.05,
+            hidden_size=args.hidden,
+            intermediate_size=2 * args.hidden,
+            num_attention_heads=4,
+            num_key_value_heads=2,
         )
         names = {"BASE": base, "A": a, "B": b, "C": c}
         base_weights = weights(base)

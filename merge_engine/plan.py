@@ -120,10 +120,13 @@ def check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
 
 
 def _check_input_count(method: MergeMethod, count: int, where: str) -> None:
-    what = "models besides the base" if method.base != "unused" else "models"
+    def models(n: int) -> str:
+        besides = " besides the base" if method.base != "unused" else ""
+        return f"{n} model{'s' if n != 1 else ''}{besides}"
+
     if count < method.min_inputs:
         raise RecipeError(
-            f"{method.name} needs at least {method.min_inputs} {what}, got {count}", field=where
+            f"{method.name} needs at least {models(method.min_inputs)}, got {count}", field=where
         )
     if method.max_inputs is not None and count > method.max_inputs:
         exact = "exactly" if method.max_inputs == method.min_inputs else "at most"
@@ -133,7 +136,7 @@ def _check_input_count(method: MergeMethod, count: int, where: str) -> None:
             else ""
         )
         raise RecipeError(
-            f"{method.name} takes {exact} {method.max_inputs} {what}, got {count}{hint}",
+            f"{method.name} takes {exact} {models(method.max_inputs)}, got {count}{hint}",
             field=where,
         )
 

@@ -62,7 +62,9 @@ def compute_task(
 PAGE = 4096
 
 
-def _materialize(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+def _materialize(
+    tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None
+) -> torch.Tensor:
     """Bring a tensor to the device and dtype on the prefetch thread. A memory-mapped CPU
     tensor that needs no conversion gets one read per page instead, so the page faults of
     reading it overlap with the previous tensor's computation rather than stall this one's."""
@@ -84,15 +86,21 @@ def _last_readers(plan: MergePlan) -> dict[int, list[tuple]]:
     return by_task
 
 
-def iter_merged(plan: MergePlan, device: torch.device, progress: Progress | None = None) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+def iter_merged(
+    plan: MergePlan, device: torch.device, progress: Progress | None = None
+) -> Iterator[tuple[TensorTask, torch.Tensor]]:
     """Yield (task, merged tensor) in plan order, prefetching the next task's inputs and
     unmapping each input file after its last reader."""
-    stores = {ref: source.store() for ref, source in plan.sources.items() if ref in _read_models(plan)}
+    stores = {
+        ref: source.store() for ref, source in plan.sources.items() if ref in _read_models(plan)
+    }
     finished_files = _last_readers(plan)
 
     def load(task: TensorTask) -> list[torch.Tensor]:
         dtype = None if task.copy_only else task.compute_dtype
-        return [_materialize(stores[read.model].get(read.name), device, dtype) for read in task.reads()]
+        return [
+            _materialize(stores[read.model].get(read.name), device, dtype) for read in task.reads()
+        ]
 
     total = len(plan.tasks)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-prefetch") as pool:

@@ -75,7 +75,7 @@ CASES = [
         "too many models for slerp",
         "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{t: 0.5}}\n",
         RecipeError,
-        "models: slerp takes exactly 1 models besides the base, got 2",
+        "models: slerp takes exactly 1 model besides the base, got 2",
     ),
     (
         "models and slices",

@@ -38,7 +38,9 @@ CHUNK = 1 << 18
 """Elements per block in the sign-consensus pass: bounds its scratch memory whatever the tensor size."""
 
 
-def sign_consensus_sum(deltas: list[torch.Tensor], weight: list[float], normalize: bool) -> torch.Tensor:
+def sign_consensus_sum(
+    deltas: list[torch.Tensor], weight: list[float], normalize: bool
+) -> torch.Tensor:
     """TIES' elect + disjoint merge: per entry, the sum of the Dᵢ whose sign agrees with
     sign(ΣDᵢ) (≥0 counts as +), divided (with ``normalize``) by the sum of the agreeing
     inputs' weights (0 → 1).
@@ -49,12 +51,20 @@ def sign_consensus_sum(deltas: list[torch.Tensor], weight: list[float], normaliz
     flat = [d.reshape(-1) for d in deltas]
     out = torch.empty_like(flat[0])
     size = min(CHUNK, out.numel())
-    positive, negative, scratch, divisor, sign = (torch.empty(size, dtype=out.dtype, device=out.device) for _ in range(5))
+    positive, negative, scratch, divisor, sign = (
+        torch.empty(size, dtype=out.dtype, device=out.device) for _ in range(5)
+    )
     elected, agrees = (torch.empty(size, dtype=torch.bool, device=out.device) for _ in range(2))
     for start in range(0, out.numel(), CHUNK):
         parts = [f[start : start + CHUNK] for f in flat]
         n = parts[0].numel()
-        pos, neg, tmp, elect, agree = positive[:n], negative[:n], scratch[:n], elected[:n], agrees[:n]
+        pos, neg, tmp, elect, agree = (
+            positive[:n],
+            negative[:n],
+            scratch[:n],
+            elected[:n],
+            agrees[:n],
+        )
         torch.clamp(parts[0], min=0, out=pos)
         torch.clamp(parts[0], max=0, out=neg)
         for part in parts[1:]:
@@ -65,7 +75,9 @@ def sign_consensus_sum(deltas: list[torch.Tensor], weight: list[float], normaliz
         if normalize:
             total, elected_sign = divisor[:n].zero_(), sign[:n].copy_(elect).mul_(2).sub_(1)
             for part, w in zip(parts, weight, strict=True):
-                torch.gt(torch.mul(part, elected_sign, out=tmp), 0, out=agree)  # agrees with the elected sign
+                torch.gt(
+                    torch.mul(part, elected_sign, out=tmp), 0, out=agree
+                )  # agrees with the elected sign
                 total.add_(agree, alpha=w)
             merged.div_(total.masked_fill_(total == 0, 1))
     return out.reshape(deltas[0].shape)
