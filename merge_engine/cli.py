@@ -40,33 +40,61 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * UNITS[unit])
 
 
-def cmd_methods(args: argparse.Namespace) -> None:
+def methods_table() -> list[list[str]]:
+    """One row per method parameter (or per method without parameters), as printed by ``mergebot methods``."""
     from merge_engine.methods import all_methods
 
-    for method in all_methods():
-        base = {"required": "needs base", "optional": "base optional", "unused": "no base"}[
-            method.base
+    rows = [
+        [
+            "method",
+            "base",
+            "random",
+            "parameter",
+            "scope",
+            "type",
+            "default",
+            "range",
+            "what it does",
         ]
-        flags = ", ".join(
-            filter(
-                None,
-                [
-                    base,
-                    "random" if method.random else "",
-                    "needs data" if method.needs_data else "",
-                ],
-            )
+    ]
+    for method in sorted(all_methods(), key=lambda m: m.name):
+        rows.append(
+            [
+                method.name,
+                method.base,
+                "yes" if method.random else "no",
+                "",
+                "",
+                "",
+                "",
+                "",
+                method.doc,
+            ]
         )
-        print(f"{method.name}  ({method.pretty_name}; {flags})")
-        print(f"    {method.doc}" + (f"  [{method.paper}]" if method.paper else ""))
         for p in method.params:
-            default = "required" if p.required else f"default {p.default}"
-            bounds = f", range {p.bounds_text()}" if p.bounds_text() else ""
-            choices = f", one of {'|'.join(p.choices)}" if p.choices else ""
-            print(
-                f"    - {p.name} ({p.scope}, {p.type.__name__}, {default}{bounds}{choices}): {p.doc}"
-            )
-        print()
+            default = "required" if p.required else str(p.default)
+            allowed = "|".join(p.choices) if p.choices else p.bounds_text()
+            rows.append(["", "", "", p.name, p.scope, p.type.__name__, default, allowed, p.doc])
+    return rows
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    rows = methods_table()
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for index, row in enumerate(rows):
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        )
+        if index == 0:
+            print("  ".join("-" * w for w in widths) + "  " + "-" * 12)
+    from merge_engine.methods import all_methods
+
+    print(
+        "\npapers: "
+        + "; ".join(
+            f"{m.name} {m.paper}" for m in sorted(all_methods(), key=lambda m: m.name) if m.paper
+        )
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

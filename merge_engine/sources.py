@@ -149,7 +149,9 @@ def inspect_hub(ref: ModelReference, token: str | bool | None = None) -> ModelSo
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
+        HfHubHTTPError,
         NotASafetensorsRepoError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -178,6 +180,19 @@ def inspect_hub(ref: ModelReference, token: str | bool | None = None) -> ModelSo
     except EntryNotFoundError:
         raise SourceError(
             f"{ref.path} has no config.json; mergebot merges transformers models, which ship one"
+        ) from None
+    except OfflineModeIsEnabled:
+        raise SourceError(
+            f"{ref.path} is a Hub model but HF_HUB_OFFLINE is set; unset it, or point the recipe at a local folder"
+        ) from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "an error"
+        raise SourceError(
+            f"the Hub answered {status} while reading {ref.path}; try again later"
+        ) from None
+    except OSError as error:
+        raise SourceError(
+            f"could not reach the Hub to read {ref.path} ({type(error).__name__}); check the network or HF_ENDPOINT"
         ) from None
     tensors: dict[str, TensorInfo] = {}
     for file, file_meta in metadata.files_metadata.items():

@@ -4,7 +4,10 @@ and leaves no output folder behind. A table of (recipe, error class, sentence)."
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,6 +153,36 @@ def _edit_weights(folder, edit):
 
     tensors = edit(load_file(path))
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_hub_reference_while_offline_says_what_to_do(tmp_path):
+    recipe = write_recipe(
+        tmp_path,
+        "merge_method: linear\nmodels: [{model: some-org/some-model, parameters: {weight: 1}}]\n",
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "merge_engine.cli", "validate", str(recipe)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip() == (
+        "error: some-org/some-model is a Hub model but HF_HUB_OFFLINE is set; unset it, or point the recipe at a local folder"
+    )
+
+
+def test_extra_tensors_in_one_model_are_refused(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    odd = _copy(b, tmp_path / "odd")
+    _edit_weights(odd, lambda t: {**t, "model.layers.0.mlp.extra.weight": torch.zeros(2, 2)})
+    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=odd))
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"has 1 tensor\(s\) that .* lacks \(e.g. model.layers.0.mlp.extra.weight\)",
+    ):
+        preflight(load_recipe(recipe))
 
 
 def test_different_shapes_name_the_tensor_and_both_models(llama_family, tmp_path):

@@ -218,8 +218,14 @@ def test_validate_reports_without_writing_anything(llama_family, tmp_path, capsy
 
 def test_methods_lists_every_method_with_its_parameters(capsys):
     assert main(["methods"]) == 0
-    listing = capsys.readouterr().out
-    assert "della_linear" in listing and "epsilon (per_model, float, default 0.15" in listing
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["method", "base", "random", "parameter"]
+    della = next(i for i, line in enumerate(lines) if line.split()[:1] == ["della_linear"])
+    assert lines[della].split()[:3] == ["della_linear", "required", "yes"]
+    assert lines[della + 1].split()[:4] == ["weight", "per_model", "float", "required"]
+    assert any(
+        line.split()[:5] == ["epsilon", "per_model", "float", "0.15", "[0,"] for line in lines
+    )
 
 
 @pytest.mark.slow

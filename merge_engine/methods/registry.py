@@ -50,8 +50,8 @@ class Param:
     def bounds_text(self) -> str:
         if self.low is None and self.high is None:
             return ""
-        left = "(" if self.low_open else "["
-        right = ")" if self.high_open else "]"
+        left = "(" if self.low_open or self.low is None else "["
+        right = ")" if self.high_open or self.high is None else "]"
         low = "-inf" if self.low is None else f"{self.low:g}"
         high = "inf" if self.high is None else f"{self.high:g}"
         return f"{left}{low}, {high}{right}"

@@ -28,9 +28,9 @@ def weighted_deltas(
     deltas = []
     for index, tensor in enumerate(tensors):
         delta = sparsified(index, tensor - base)
-        deltas.append(
+        if weight[index] != 1:  # x * 1.0 == x: skip the pass
             delta.mul_(torch.tensor(weight[index], dtype=delta.dtype, device=delta.device))
-        )
+        deltas.append(delta)
     return deltas
 
 
@@ -216,7 +216,7 @@ def make_kernel(variant: TaskArithmeticVariant) -> Callable[..., torch.Tensor]:
         del deltas
         if lambda_ != 1:
             mixed *= lambda_
-        return (base + mixed).to(base.dtype)
+        return mixed.add_(base)  # mixed is scratch of the base's dtype; addition commutes exactly
 
     return kernel
 
