@@ -173,53 +173,39 @@ def test_hub_reference_while_offline_says_what_to_do(tmp_path):
     )
 
 
-def test_extra_tensors_in_one_model_are_refused(llama_family, tmp_path):
+ODD_MODELS = [
+    (
+        "extra tensor",
+        lambda t: {**t, "model.layers.0.mlp.extra.weight": torch.zeros(2, 2)},
+        r"has 1 tensor\(s\) that .* lacks \(e.g. model.layers.0.mlp.extra.weight\); the models must share one architecture",
+    ),
+    (
+        "missing tensor",
+        lambda t: {k: v for k, v in t.items() if k != "model.layers.2.self_attn.k_proj.weight"},
+        r"has no tensor model.layers.2.self_attn.k_proj.weight, which the other models have",
+    ),
+    (
+        "other shape",
+        lambda t: {**t, "model.layers.1.mlp.up_proj.weight": torch.zeros(65, 32)},
+        r"tensor model.layers.1.mlp.up_proj.weight of .*odd has shape \[65, 32\], but \[64, 32\] in",
+    ),
+    (
+        "other vocabulary",
+        lambda t: {**t, "model.embed_tokens.weight": torch.zeros(100, 32)},
+        r"vocabulary sizes differ: .*odd has 100 tokens in model.embed_tokens.weight, .* has 96",
+    ),
+]
+
+
+@pytest.mark.parametrize(("label", "edit", "message"), ODD_MODELS, ids=[c[0] for c in ODD_MODELS])
+def test_models_that_do_not_match_are_refused_with_the_tensor_named(
+    llama_family, tmp_path, label, edit, message
+):
     base, (a, b, _) = llama_family
     odd = _copy(b, tmp_path / "odd")
-    _edit_weights(odd, lambda t: {**t, "model.layers.0.mlp.extra.weight": torch.zeros(2, 2)})
+    _edit_weights(odd, edit)
     recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=odd))
-    with pytest.raises(
-        IncompatibleModelsError,
-        match=r"has 1 tensor\(s\) that .* lacks \(e.g. model.layers.0.mlp.extra.weight\)",
-    ):
-        preflight(load_recipe(recipe))
-
-
-def test_different_shapes_name_the_tensor_and_both_models(llama_family, tmp_path):
-    base, (a, b, _) = llama_family
-    odd = _copy(b, tmp_path / "odd")
-    _edit_weights(odd, lambda t: {**t, "model.layers.1.mlp.up_proj.weight": torch.zeros(65, 32)})
-    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=odd))
-    with pytest.raises(
-        IncompatibleModelsError,
-        match=r"tensor model.layers.1.mlp.up_proj.weight of .*odd has shape \[65, 32\], but \[64, 32\] in",
-    ):
-        preflight(load_recipe(recipe))
-
-
-def test_vocab_mismatch_says_so(llama_family, tmp_path):
-    base, (a, b, _) = llama_family
-    odd = _copy(b, tmp_path / "odd")
-    _edit_weights(odd, lambda t: {**t, "model.embed_tokens.weight": torch.zeros(100, 32)})
-    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=odd))
-    with pytest.raises(
-        IncompatibleModelsError,
-        match=r"vocabulary sizes differ: .*odd has 100 tokens in model.embed_tokens.weight, .* has 96",
-    ):
-        preflight(load_recipe(recipe))
-
-
-def test_missing_tensor_names_it(llama_family, tmp_path):
-    base, (a, b, _) = llama_family
-    odd = _copy(b, tmp_path / "odd")
-    _edit_weights(
-        odd, lambda t: {k: v for k, v in t.items() if k != "model.layers.2.self_attn.k_proj.weight"}
-    )
-    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=odd))
-    with pytest.raises(
-        IncompatibleModelsError,
-        match=r"has no tensor model.layers.2.self_attn.k_proj.weight, which the other models have",
-    ):
+    with pytest.raises(IncompatibleModelsError, match=message):
         preflight(load_recipe(recipe))
 
 

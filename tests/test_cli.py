@@ -22,6 +22,13 @@ def forward_is_finite(folder) -> bool:
     return bool(torch.isfinite(logits).all())
 
 
+def average_recipe(folder, a, b):
+    return write_recipe(
+        folder,
+        f"merge_method: linear\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{weight: 1}}\n",
+    )
+
+
 def test_ties_merge_loads_in_transformers_and_matches_the_in_memory_api(llama_family, tmp_path):
     base, (a, b, _) = llama_family
     recipe = write_recipe(
@@ -173,10 +180,7 @@ models: [{{model: {a}, parameters: {{weight: 1.0, density: 0.5}}}}]
 
 def test_shard_size_splits_the_output_and_writes_an_index(llama_family, tmp_path):
     base, (a, b, _) = llama_family
-    recipe = write_recipe(
-        tmp_path,
-        f"merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}, {{model: {b}, parameters: {{weight: 1}}}}]\n",
-    )
+    recipe = average_recipe(tmp_path, a, b)
     out = tmp_path / "sharded"
     assert main(["merge", str(recipe), str(out), "--shard-size", "20KB", "--quiet"]) == 0
     shards = sorted(out.glob("model-*.safetensors"))
@@ -184,9 +188,7 @@ def test_shard_size_splits_the_output_and_writes_an_index(llama_family, tmp_path
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {s.name for s in shards}
     assert set(index["weight_map"]) == set(load_weights(a))
-    for (
-        shard
-    ) in shards:  # each shard holds at most 20 kB of data, unless one tensor alone is larger
+    for shard in shards:  # at most 20 kB of data each, unless one tensor alone is larger
         sizes = [info.nbytes for info in read_header(shard).values()]
         assert sum(sizes) <= 20_000 or len(sizes) == 1
     assert forward_is_finite(out)
@@ -194,10 +196,7 @@ def test_shard_size_splits_the_output_and_writes_an_index(llama_family, tmp_path
 
 def test_dtype_option_sets_the_output_dtype_and_config(llama_family, tmp_path):
     base, (a, b, _) = llama_family
-    recipe = write_recipe(
-        tmp_path,
-        f"merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}, {{model: {b}, parameters: {{weight: 1}}}}]\n",
-    )
+    recipe = average_recipe(tmp_path, a, b)
     out = tmp_path / "bf16"
     assert main(["merge", str(recipe), str(out), "--dtype", "bfloat16", "--quiet"]) == 0
     assert {t.dtype for t in load_weights(out).values()} == {torch.bfloat16}
