@@ -226,29 +226,31 @@ class Recipe(_Strict):
         return pin(self)
 
 
+_UNION_TAGS = {"bool", "int", "float", "str", "ConditionalParameter"}
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
+    """('models', 1, 'parameters', 'density', 'float') -> 'models[1].parameters.density'."""
     parts: list[str] = []
     for item in loc:
-        if isinstance(item, int):
-            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        elif (
-            item in ("function-plain[parse()]", "function-after[_ordered()]")
-            or "[" in str(item)
-            and "(" in str(item)
-        ):
-            continue  # pydantic's internal validator names are not fields
-        else:
-            parts.append(str(item))
+        if isinstance(item, int) and parts:
+            parts[-1] += f"[{item}]"
+        elif isinstance(item, str) and item not in _UNION_TAGS and "[" not in item:
+            parts.append(item)  # pydantic names union members ('float', 'list[...]'): not fields
+        if len(parts) >= 2 and parts[-2].endswith("parameters"):
+            break
     return ".".join(parts)
 
 
-def _sentence(error: dict[str, Any]) -> str:
+def _sentence(error: dict[str, Any], path: str) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return "is not a recipe field; check its spelling or remove it"
     if error["type"] == "missing":
         return "is required"
-    if error["type"] == "literal_error" and "dtype" in str(error["loc"][-1]):
+    if path.split(".")[-2:-1] and path.split(".")[-2].endswith("parameters"):
+        return "must be a number, true/false, a list of numbers (a gradient) or a list of {filter, value} entries"
+    if error["type"] == "literal_error" and "dtype" in path:
         return f"must be one of {', '.join(DTYPES)}, got {error.get('input')!r}"
     return message
 
@@ -268,7 +270,7 @@ def parse_recipe(data: Any) -> Recipe:
         for error in errors:
             first.setdefault(_field_path(error["loc"]), error)
         path, error = next(iter(first.items()))
-        raise RecipeError(_sentence(error), field=path or None) from None
+        raise RecipeError(_sentence(error, path), field=path or None) from None
 
 
 def load_recipe(path_or_text: str | Path) -> Recipe:

@@ -123,6 +123,18 @@ CASES = [
         "tokenizer_source: 'union' (building a merged vocabulary) is not supported; use 'base' or one of the models",
     ),
     (
+        "parameter of the wrong shape",
+        "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: {{filter: mlp}}}}}}]\n",
+        RecipeError,
+        "models[0].parameters.weight: must be a number, true/false, a list of numbers (a gradient) or a list of {{filter, value}} entries",
+    ),
+    (
+        "LoRA reference",
+        "merge_method: linear\nmodels: [{{model: {a}+org/adapter}}]\n",
+        RecipeError,
+        "models[0].model: '{a}+org/adapter' applies a LoRA adapter ('+'), which mergebot does not support yet",
+    ),
+    (
         "invalid yaml",
         "merge_method: linear\nmodels: [{{model: {a}\n",
         RecipeError,

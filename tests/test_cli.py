@@ -246,3 +246,33 @@ def test_console_script_runs_the_example_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "logits finite: True" in run.stdout
     assert (tmp_path / "ex" / "merged" / "model.safetensors").is_file()
+
+
+def save_tokenizer(folder, marker: str) -> None:
+    """A real (word-level) tokenizer whose vocabulary contains ``marker``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "hello": 1, marker: 2}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+
+
+def test_tokenizer_comes_from_the_donor_or_tokenizer_source(llama_family, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base, a, b = (
+        shutil.copytree(f, tmp_path / n)
+        for f, n in zip((llama_family[0], *llama_family[1][:2]), ("base", "a", "b"), strict=True)
+    )
+    for folder in (base, a, b):
+        save_tokenizer(folder, f"from-{folder.name}")
+    text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{weight: 1}}\n"
+    assert main(["merge", str(write_recipe(tmp_path, text)), str(tmp_path / "one"), "--quiet"]) == 0
+    assert "from-base" in AutoTokenizer.from_pretrained(tmp_path / "one").get_vocab()
+    text += f"tokenizer_source: {b}\n"
+    assert main(["merge", str(write_recipe(tmp_path, text)), str(tmp_path / "two"), "--quiet"]) == 0
+    assert "from-b" in AutoTokenizer.from_pretrained(tmp_path / "two").get_vocab()
