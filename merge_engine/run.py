@@ -6,6 +6,7 @@ written. A failure removes the staging folder, so no half-written model ever loo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from merge_engine.errors import OutputExistsError
+from merge_engine.errors import MergeError, OutputExistsError
 from merge_engine.io import PlannedTensor, ShardedWriter
 from merge_engine.methods import kernel_argument
 from merge_engine.plan import MergePlan, TensorTask
@@ -33,8 +34,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from merge_engine.errors import MergeError
-
         raise MergeError(
             "--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto"
         )
@@ -122,6 +121,15 @@ def _read_models(plan: MergePlan) -> set:
     return {read.model for task in plan.tasks for read in task.reads()}
 
 
+def _check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise MergeError(
+            f"the disk holding {folder} has {free / 1e6:.1f} MB free but the merged weights need "
+            f"{needed / 1e6:.1f} MB; free some space or choose an output folder on another disk"
+        )
+
+
 def _check_output_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise OutputExistsError(
@@ -157,13 +165,14 @@ def write_merge(
 
     out_dir = Path(out_dir)
     _check_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_free_space(out_dir.parent, plan.output_bytes)
     torch_device = resolve_device(device)
     for ref in _read_models(plan) | {plan.recipe.donor(), plan.recipe.tokenizer_donor()}:
         download_source(
             plan.sources[ref], token, with_tokenizer=ref == plan.recipe.tokenizer_donor()
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -191,9 +200,13 @@ def write_merge(
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         staging.rename(out_dir)
-    except BaseException:
+    except BaseException as error:
         writer.close()
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise MergeError(
+                f"the disk holding {out_dir.parent} filled up during the merge; free some space and run it again"
+            ) from None
         raise
     finally:
         bar.close()

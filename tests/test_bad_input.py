@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from merge_engine import load_recipe, merge, preflight
 from merge_engine.errors import (
     IncompatibleModelsError,
+    MergeError,
     OutputExistsError,
     RecipeError,
     SourceError,
@@ -296,3 +297,26 @@ def test_config_donor_is_the_base_else_the_first_model(llama_family, tmp_path):
         f"merge_method: linear\nmodels: [{{model: {b}}}, {{model: {a}}}]\nparameters: {{weight: 1}}\n",
     )
     assert preflight(load_recipe(without)).config["mergebot_test_marker"] == "from-b"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 64 kB filesystem (tmpfs), too small for any merged model."""
+    mount_point = tmp_path / "tiny-disk"
+    mount_point.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True
+    ).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_disk_too_small_is_refused_before_any_work(llama_family, tiny_disk, tmp_path):
+    base, (a, b, _) = llama_family
+    recipe = write_recipe(tmp_path, TWO_TIES.format(base=base, a=a, b=b))
+    with pytest.raises(
+        MergeError, match=r"has 0.1 MB free but the merged weights need 0.\d MB; free some space"
+    ):
+        merge(preflight(load_recipe(recipe)), tiny_disk / "out", show_progress=False)
+    assert list(tiny_disk.iterdir()) == []
