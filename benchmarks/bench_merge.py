@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -114,7 +113,6 @@ def floor(models: list[Path], out: Path) -> None:
 
 
 def child(case: str, work: Path, out: Path) -> None:
-    torch.set_num_threads(psutil.cpu_count())
     models = [work / "base", work / "a", work / "b"]
     if case == "floor":
         floor(models, out)
@@ -132,7 +130,7 @@ def child(case: str, work: Path, out: Path) -> None:
 
 def measure(command: list[str]) -> dict[str, float]:
     start = time.perf_counter()
-    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak_rss = peak_anon = 0
     status = Path(f"/proc/{process.pid}/status")
     while process.poll() is None:
