@@ -116,6 +116,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from merge_engine import load_recipe, merge, preflight
 
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     recipe = load_recipe(Path(args.recipe))
     if args.dtype:
         recipe = recipe.model_copy(update={"out_dtype": args.dtype})
