@@ -12,6 +12,7 @@ import re
 import shlex
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from merge_engine.errors import MergeError
@@ -173,7 +174,11 @@ def cmd_example(args: argparse.Namespace) -> None:
     print(f"model card: {out / 'README.md'}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    extend: Callable[[argparse._SubParsersAction], None] | None = None,
+) -> argparse.ArgumentParser:
+    """The engine's commands; ``extend`` adds more (the service adds its own this way,
+    so the engine never imports the service)."""
     parser = argparse.ArgumentParser(
         prog="mergebot", description="Merge fine-tuned models with mergekit-style YAML recipes."
     )
@@ -221,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("work_dir", nargs="?", default="mergebot-example")
     example.add_argument("--device", default="auto")
     example.set_defaults(func=cmd_example)
+    if extend:
+        extend(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     try:
         args.func(args)
     except MergeError as error:

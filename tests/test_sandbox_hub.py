@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -79,3 +81,38 @@ def test_validate_yaml_rejects_a_local_base_model(server):
 
     assert validate("---\nbase_model: org/model\n---\n# card") == 200
     assert validate("---\nbase_model: /home/me/model\n---\n# card") == 400
+
+
+def test_the_sandbox_hub_command_serves_seeded_example_models(tmp_path):
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "sandbox-hub",
+            "--port",
+            "0",
+            "--seed",
+            "--token",
+            "tok-demo",
+            "--data",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = process.stdout.readline().split()[3].rstrip(";")
+        assert (
+            process.stdout.readline().strip() == "example models: demo/base, demo/math, demo/code"
+        )
+        api = HfApi(endpoint=url, token="tok-demo")
+        assert {s.rfilename for s in api.model_info("demo/math").siblings} >= {
+            "config.json",
+            "model.safetensors",
+        }
+        assert api.whoami()["name"] == "demo"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert HubStore(tmp_path).get("model", "demo/code") is not None  # kept in the data folder
