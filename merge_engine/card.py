@@ -69,36 +69,48 @@ def _hub_link(ref: ModelReference, is_local: bool) -> str:
     )
 
 
+def _role(plan: MergePlan, ref: ModelReference, read: set[ModelReference]) -> str:
+    bases = {plan.recipe.base_model, *(s.base_model for s in plan.recipe.slices or [])}
+    if ref in bases and plan.method.base != "unused":
+        return "base"
+    if ref in read:
+        return "input"
+    return "config donor" if ref == plan.recipe.donor() else "tokenizer"
+
+
 def build_card(plan: MergePlan, name: str | None = None, command: str | None = None) -> ModelCard:
     recipe = plan.recipe
-    hub_sources = [ref for ref in recipe.referenced_models() if not plan.sources[ref].ref.is_local]
-    base = recipe.base_model
-    inputs = recipe.input_models()
+    read = {r.model for task in plan.tasks for r in task.reads()}
+    merged_from = [
+        ref.path for ref in recipe.referenced_models() if ref in read and not ref.is_local
+    ]
     data = ModelCardData(
-        base_model=[ref.path for ref in hub_sources if ref in inputs or ref == base] or None,
-        base_model_relation="merge" if hub_sources else None,
+        base_model=merged_from or None,
+        base_model_relation="merge" if merged_from else None,
         library_name="transformers",
         tags=["merge", "mergebot", plan.method.name],
     )
     models = []
     for ref in recipe.referenced_models():
         source = plan.sources[ref]
-        role = "base" if ref == base else ("input" if ref in inputs else "tokenizer")
         revision = f"`{source.revision}`" if source.revision else "local"
-        models.append({"link": _hub_link(ref, ref.is_local), "role": role, "revision": revision})
-    pinned = recipe.with_revisions(
-        {ref: s.revision for ref, s in plan.sources.items() if s.revision}
-    )
+        models.append(
+            {
+                "link": _hub_link(ref, ref.is_local),
+                "role": _role(plan, ref, read),
+                "revision": revision,
+            }
+        )
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
         name=name or "Merged model",
         method=plan.method,
-        base=base,
+        base=recipe.base_model if plan.method.base != "unused" else None,
         seed=plan.seed,
         parameters=parameter_rows(plan),
         notes=plan.notes,
         models=models,
-        recipe=pinned.to_yaml().rstrip(),
+        recipe=plan.reproducible_recipe().to_yaml().rstrip(),
         command=command or "mergebot merge mergebot_recipe.yaml ./merged",
     )

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from merge_engine.errors import MergeError
+from merge_engine.run import DEFAULT_SHARD_SIZE
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 UNITS = {
@@ -126,7 +127,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
         recipe = recipe.model_copy(update={"out_dtype": args.dtype})
     plan = preflight(recipe, allow_pickle=args.allow_pickle)
     command = "mergebot merge mergebot_recipe.yaml ./merged" + (
-        f" --shard-size {args.shard_size}" if args.shard_size != 5 * 10**9 else ""
+        f" --shard-size {args.shard_size}" if args.shard_size != DEFAULT_SHARD_SIZE else ""
     )
     out = merge(
         plan,
@@ -206,7 +207,7 @@ def build_parser(
     merge.add_argument(
         "--shard-size",
         type=parse_size,
-        default=5 * 10**9,
+        default=DEFAULT_SHARD_SIZE,
         help="largest output shard, e.g. 1GB (default 5GB)",
     )
     merge.add_argument(

@@ -15,10 +15,10 @@ _LAYER = re.compile(
     r"^(?P<prefix>(?:.+?\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$"
 )
 _BEFORE_LAYERS = re.compile(
-    r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)"
+    r"(^|\.)(embed_tokens|embed_in|embed_positions|wte|wpe|embeddings|word_embeddings|word_embeddings_layernorm)\."
 )
-_TIED_HEAD = re.compile(r"(^|\.)lm_head\.weight$")
-_INPUT_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings)\.weight$")
+_TIED_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
+_INPUT_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|word_embeddings)\.weight$")
 
 
 class LayerName(NamedTuple):
@@ -50,13 +50,19 @@ def layer_counts(names: list[str] | set[str]) -> dict[str, int]:
     return counts
 
 
+def is_input_embedding(name: str) -> bool:
+    return bool(_INPUT_EMBEDDING.search(name)) and not split_layer(name)
+
+
+def is_output_head(name: str) -> bool:
+    return bool(_TIED_HEAD.search(name))
+
+
 def tied_embedding(name: str, names: set[str] | dict) -> str | None:
     """For an output head missing from a model that ties it to the input embedding: that embedding."""
-    if not _TIED_HEAD.search(name):
+    if not is_output_head(name):
         return None
-    return next(
-        (n for n in sorted(names) if _INPUT_EMBEDDING.search(n) and not split_layer(n)), None
-    )
+    return next((n for n in sorted(names) if is_input_embedding(n)), None)
 
 
 def sort_key(name: str) -> tuple[int, str, int, str]:

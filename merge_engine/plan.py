@@ -20,7 +20,7 @@ from merge_engine import layers
 from merge_engine.errors import IncompatibleModelsError, RecipeError
 from merge_engine.methods import MergeMethod, get_method
 from merge_engine.parameters import Scope, resolve
-from merge_engine.recipe import ModelReference, Recipe
+from merge_engine.recipe import InputSlice, ModelReference, Recipe
 from merge_engine.sources import LAYER_COUNT_KEYS, ModelSource
 
 
@@ -64,6 +64,17 @@ class MergePlan:
     @property
     def output_bytes(self) -> int:
         return sum(t.out_dtype.itemsize * _numel(t.shape) for t in self.tasks)
+
+    def reproducible_recipe(self) -> Recipe:
+        """The recipe with every Hub source pinned to its commit and the seed actually used."""
+        pinned = self.recipe.with_revisions(
+            {ref: s.revision for ref, s in self.sources.items() if s.revision}
+        )
+        return (
+            pinned.model_copy(update={"random_seed": self.seed})
+            if self.seed is not None
+            else pinned
+        )
 
     def tensor_seed(self, task: TensorTask) -> int:
         """A seed per output tensor, so random methods give the same result in any order."""
@@ -144,12 +155,23 @@ def _check_input_count(method: MergeMethod, count: int, where: str) -> None:
 # --- resolving one tensor's parameters --------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Input:
+    """One model's tensor for an output: ``name`` is what filters match (the model's own
+    name for it, as mergekit does), ``read`` what is loaded (a tied head reads the embedding)."""
+
+    model: ModelReference
+    name: str
+    read: str
+    scope: Scope | None = None
+
+
 @dataclass
 class _Group:
     """The inputs of one output tensor before parameters are resolved."""
 
-    inputs: list[tuple[ModelReference, str, Scope]]  # model, its tensor name, its parameters scope
-    base: tuple[ModelReference, str] | None
+    inputs: list[_Input]
+    base: _Input | None
     shared_scopes: list[Scope]
     t: float
 
@@ -161,32 +183,42 @@ class _Planner:
         self.sources = sources
         self.tasks: list[TensorTask] = []
 
-    # Which tensor of a model feeds an output name (tied heads read the input embedding).
-    def input_name(
-        self, model: ModelReference, name: str, expected: tuple[int, ...], output: str
-    ) -> str:
+    def member(
+        self,
+        model: ModelReference,
+        name: str,
+        expected: tuple[int, ...],
+        output: str,
+        reference: ModelReference,
+        scope: Scope | None = None,
+    ) -> _Input:
+        """Model ``model``'s tensor ``name`` as an input of ``output``, checked against the
+        shape ``expected`` from ``reference`` (tied heads read the input embedding)."""
         tensors = self.sources[model].tensors
+        read = name
         if name not in tensors:
-            tied = layers.tied_embedding(name, tensors)
-            if tied is None:
+            read = layers.tied_embedding(name, tensors)
+            if read is None:
                 raise IncompatibleModelsError(
                     f"model {model} has no tensor {name}, which the other models have; models must share one architecture"
                 )
-            name = tied
-        shape = tensors[name].shape
+        shape = tensors[read].shape
         if shape != expected:
-            raise IncompatibleModelsError(self._shape_message(model, name, shape, expected, output))
-        return name
+            raise IncompatibleModelsError(
+                self._shape_message(model, read, shape, expected, output, reference)
+            )
+        return _Input(model, name, read, scope)
 
     def _shape_message(
-        self, model: ModelReference, name: str, shape: tuple, expected: tuple, output: str
+        self,
+        model: ModelReference,
+        name: str,
+        shape: tuple,
+        expected: tuple,
+        output: str,
+        donor: ModelReference,
     ) -> str:
-        donor = self.recipe.donor()
-        vocab_tensor = (
-            layers.is_before_layers(name)
-            or layers.tied_embedding(output, {name})
-            or "lm_head" in name
-        )
+        vocab_tensor = layers.is_input_embedding(name) or layers.is_output_head(name)
         if vocab_tensor and shape[1:] == expected[1:]:
             return (
                 f"vocabulary sizes differ: {model} has {shape[0]} tokens in {name}, {donor} has {expected[0]}; "
@@ -196,12 +228,12 @@ class _Planner:
 
     def resolve_task(self, output: str, shape: tuple[int, ...], group: _Group) -> None:
         method = self.method
-        all_reads = [(m, n) for m, n, _ in group.inputs] + ([group.base] if group.base else [])
-        dtypes = [self.sources[m].tensors[n].dtype for m, n in all_reads]
+        all_reads = [*group.inputs, *([group.base] if group.base else [])]
+        dtypes = [self.sources[i.model].tensors[i.read].dtype for i in all_reads]
         if not all(d.is_floating_point for d in dtypes):
             donor = group.base or all_reads[0]
-            copy_from = TensorInput(*donor)
-            dtype = self.sources[donor[0]].tensors[donor[1]].dtype
+            copy_from = TensorInput(donor.model, donor.read)
+            dtype = dtypes[all_reads.index(donor)]
             self.tasks.append(
                 TensorTask(output, shape, [copy_from], None, {}, [{}], dtype, dtype, copy_only=True)
             )
@@ -214,16 +246,20 @@ class _Planner:
             found = resolve(param.name, group.shared_scopes, output, group.t)
             shared[param.name] = self._value(param, found, output, None)
         per_model = []
-        for model, name, scope in group.inputs:
+        for member in group.inputs:
             values = {}
             for param in method.per_model_params:
-                found = resolve(param.name, [scope, *group.shared_scopes], name, group.t)
-                values[param.name] = self._value(param, found, output, model, scope[0])
+                found = resolve(
+                    param.name, [member.scope, *group.shared_scopes], member.name, group.t
+                )
+                values[param.name] = self._value(
+                    param, found, output, member.model, member.scope[0]
+                )
             per_model.append(values)
         if method.check and (problem := method.check(shared, per_model)):
             raise RecipeError(f"{problem} (tensor {output})", field="parameters")
-        base = TensorInput(*group.base) if group.base else None
-        inputs = [TensorInput(m, n) for m, n, _ in group.inputs]
+        base = TensorInput(group.base.model, group.base.read) if group.base else None
+        inputs = [TensorInput(i.model, i.read) for i in group.inputs]
         self.tasks.append(TensorTask(output, shape, inputs, base, shared, per_model, compute, out))
 
     def _value(
@@ -273,9 +309,9 @@ class _Planner:
             t = _position(layer.index, counts[layer.prefix]) if layer else 0.0
             group = _Group(
                 inputs=[
-                    (ref, self.input_name(ref, name, shape, name), scopes[ref]) for ref in inputs
+                    self.member(ref, name, shape, name, donor.ref, scopes[ref]) for ref in inputs
                 ],
-                base=(base, self.input_name(base, name, shape, name)) if base else None,
+                base=self.member(base, name, shape, name, donor.ref) if base else None,
                 shared_scopes=[global_scope],
                 t=t,
             )
@@ -323,6 +359,12 @@ class _Planner:
                     f"base model {base_ref} must be one of this slice's sources, with the layer_range to use as base",
                     field=f"slices[{i}].sources",
                 )
+            if method.base == "required" and base_ref is None:
+                raise RecipeError(
+                    f"{method.name} works on differences from a base model, and this slice names none; "
+                    "set base_model here or at the top level",
+                    field=f"slices[{i}].base_model",
+                )
             inputs = [(j, s) for j, s in enumerate(sources) if s.model != base_ref]
             base_src = next((s for s in sources if s.model == base_ref), None)
             _check_input_count(method, len(inputs), f"slices[{i}].sources")
@@ -351,26 +393,29 @@ class _Planner:
                     output = f"{prefix}.{out_layer}.{rest}"
                     shape = template.tensors[template_name].shape
 
-                    def name_in(
-                        src, rest=rest, offset=offset, shape=shape, output=output, prefix=prefix
-                    ):
-                        return self.input_name(
-                            src.model,
-                            f"{prefix}.{src.layer_range[0] + offset}.{rest}",
-                            shape,
-                            output,
-                        )
+                    def at(
+                        src: InputSlice,
+                        offset: int = offset,
+                        rest: str = rest,
+                        prefix: str = prefix,
+                    ) -> str:
+                        return f"{prefix}.{src.layer_range[0] + offset}.{rest}"
 
                     group = _Group(
                         inputs=[
-                            (
+                            self.member(
                                 s.model,
-                                name_in(s),
+                                at(s),
+                                shape,
+                                output,
+                                template.ref,
                                 (f"slices[{i}].sources[{j}].parameters", s.parameters),
                             )
                             for j, s in inputs
                         ],
-                        base=(base_src.model, name_in(base_src)) if base_src else None,
+                        base=self.member(base_src.model, at(base_src), shape, output, template.ref)
+                        if base_src
+                        else None,
                         shared_scopes=shared_scopes,
                         t=t,
                     )
@@ -406,15 +451,18 @@ class _Planner:
             shape = template.tensors[name].shape
             group = _Group(
                 inputs=[
-                    (
+                    self.member(
                         s.model,
-                        self.input_name(s.model, name, shape, name),
+                        name,
+                        shape,
+                        name,
+                        template.ref,
                         (f"slices[{index}].sources[{j}].parameters", s.parameters),
                     )
                     for j, s in enumerate(out_slice.sources)
                     if s.model != base_ref
                 ],
-                base=(base_ref, self.input_name(base_ref, name, shape, name)) if base_ref else None,
+                base=self.member(base_ref, name, shape, name, template.ref) if base_ref else None,
                 shared_scopes=scopes,
                 t=0.0,
             )
@@ -494,6 +542,22 @@ def _describe_layers(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} layers under {p}" for p, n in counts.items()) or "no layers"
 
 
+def _check_tokenizer_vocabulary(
+    recipe: Recipe, sources: dict[ModelReference, ModelSource], tasks: list[TensorTask]
+) -> None:
+    """mergebot copies the tokenizer; it does not remap embeddings, so the vocabularies must agree."""
+    if not isinstance(recipe.tokenizer_source, ModelReference):
+        return
+    tokens = sources[recipe.tokenizer_source].config.get("vocab_size")
+    rows = next((t.shape[0] for t in tasks if layers.is_input_embedding(t.output)), None)
+    if isinstance(tokens, int) and rows is not None and tokens != rows:
+        raise RecipeError(
+            f"{recipe.tokenizer_source} has a vocabulary of {tokens} tokens but the merged embeddings have {rows} rows; "
+            "mergebot copies the tokenizer without remapping embeddings, so pick a tokenizer_source with the same vocabulary",
+            field="tokenizer_source",
+        )
+
+
 def build_plan(
     recipe: Recipe, sources: dict[ModelReference, ModelSource], seed: int | None = None
 ) -> MergePlan:
@@ -523,6 +587,7 @@ def build_plan(
         planner.plan_models()
     else:
         planner.plan_slices()
+    _check_tokenizer_vocabulary(recipe, sources, planner.tasks)
     if method.random:
         seed = (
             recipe.random_seed

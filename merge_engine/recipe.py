@@ -153,7 +153,9 @@ class Recipe(_Strict):
     parameters: Parameters | None = None
     dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
     out_dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
-    tokenizer_source: ModelReference | Literal["base"] | None = None
+    tokenizer_source: Literal["base"] | ModelReference | None = Field(
+        default=None, union_mode="left_to_right"
+    )
     random_seed: int | None = None
 
     @field_validator("tokenizer_source", mode="before")

@@ -30,14 +30,26 @@ Progress = Callable[[int, int, str], None]
 RECIPE_NAME = "mergebot_recipe.yaml"
 
 
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+
 def resolve_device(device: str) -> torch.device:
+    """``auto`` (the GPU when torch sees one), ``cpu``, ``cuda`` or ``cuda:N``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError(
-            "--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto"
-        )
-    return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device[5:]) if ":" in device else 0
+        if index >= count:
+            raise MergeError(
+                f"--device {device} was asked for, but torch sees {count} CUDA GPU(s); use --device cpu or auto"
+            )
+        return torch.device(device)
+    raise MergeError(
+        f"--device {device} is not a device mergebot knows; use auto, cpu, cuda or cuda:N"
+    )
 
 
 def compute_task(
@@ -46,6 +58,8 @@ def compute_task(
     """Apply the plan's method to one task's loaded inputs (base first, if any)."""
     if task.copy_only:
         return tensors[0]
+    if not tensors[0].numel():  # nothing to merge in an empty tensor
+        return torch.empty(task.shape, dtype=task.out_dtype, device=device)
     base = tensors[0] if task.base else None
     inputs = tensors[1:] if task.base else tensors
     kwargs = {kernel_argument(k): v for k, v in task.shared.items()}
@@ -154,7 +168,7 @@ def write_merge(
     out_dir: str | Path,
     *,
     device: str = "auto",
-    shard_size: int = 5 * 1024**3,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     token: str | bool | None = None,
     show_progress: bool = True,
     progress: Progress | None = None,
@@ -168,9 +182,11 @@ def write_merge(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_free_space(out_dir.parent, plan.output_bytes)
     torch_device = resolve_device(device)
-    for ref in _read_models(plan) | {plan.recipe.donor(), plan.recipe.tokenizer_donor()}:
+    read = _read_models(plan)
+    tokenizer_donor = plan.recipe.tokenizer_donor()
+    for ref in read | {plan.recipe.donor(), tokenizer_donor}:
         download_source(
-            plan.sources[ref], token, with_tokenizer=ref == plan.recipe.tokenizer_donor()
+            plan.sources[ref], token, weights=ref in read, tokenizer=ref == tokenizer_donor
         )
 
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -195,7 +211,7 @@ def write_merge(
             writer.write(task.output, tensor)
         writer.finish()
         _copy_side_files(plan, staging)
-        (staging / RECIPE_NAME).write_text(plan.recipe.with_revisions(_revisions(plan)).to_yaml())
+        (staging / RECIPE_NAME).write_text(plan.reproducible_recipe().to_yaml())
         build_card(plan, name=out_dir.name, command=card_command).save(staging / "README.md")
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
@@ -211,7 +227,3 @@ def write_merge(
     finally:
         bar.close()
     return out_dir
-
-
-def _revisions(plan: MergePlan) -> dict:
-    return {ref: source.revision for ref, source in plan.sources.items() if source.revision}

@@ -190,7 +190,7 @@ def inspect_hub(ref: ModelReference, token: str | bool | None = None) -> ModelSo
         raise SourceError(
             f"the Hub answered {status} while reading {ref.path}; try again later"
         ) from None
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001  (the client's transport errors differ between versions)
         raise SourceError(
             f"could not reach the Hub to read {ref.path} ({type(error).__name__}); check the network or HF_ENDPOINT"
         ) from None
@@ -211,23 +211,29 @@ def inspect_model(
 
 
 def download(
-    source: ModelSource, token: str | bool | None = None, with_tokenizer: bool = False
+    source: ModelSource,
+    token: str | bool | None = None,
+    *,
+    weights: bool = True,
+    tokenizer: bool = False,
 ) -> None:
-    """Fetch, pinned to the resolved commit, only the weights and the small side files."""
+    """Fetch, pinned to the resolved commit, only what is needed: the weight files when the
+    plan reads this model's tensors, the config, and the tokenizer for the tokenizer donor."""
     if source.folder is not None:
         return
     from huggingface_hub import snapshot_download
 
-    patterns = sorted({info.file for info in source.tensors.values()}) + [
-        INDEX_NAME,
-        "config.json",
-        "generation_config.json",
-    ]
-    if with_tokenizer:
-        patterns += list(TOKENIZER_FILES)
-    folder = snapshot_download(
-        source.ref.path, revision=source.revision, allow_patterns=patterns, token=token
-    )
+    patterns = [INDEX_NAME, "config.json", "generation_config.json"]
+    patterns += sorted({info.file for info in source.tensors.values()}) if weights else []
+    patterns += list(TOKENIZER_FILES) if tokenizer else []
+    try:
+        folder = snapshot_download(
+            source.ref.path, revision=source.revision, allow_patterns=patterns, token=token
+        )
+    except Exception as error:  # noqa: BLE001  (network and Hub errors of any client version)
+        raise SourceError(
+            f"downloading {source.ref.path}@{source.revision} failed ({type(error).__name__}); check the network and try again"
+        ) from None
     source.folder = Path(folder)
 
 

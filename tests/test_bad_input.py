@@ -136,6 +136,24 @@ CASES = [
         "models[0].model: '{a}+org/adapter' applies a LoRA adapter ('+'), which mergebot does not support yet",
     ),
     (
+        "slice without a base for a method that needs one",
+        "merge_method: task_arithmetic\nslices:\n  - sources: [{{model: {base}, layer_range: [0, 2]}}, {{model: {a}, layer_range: [0, 2]}}]\n    base_model: {base}\n  - sources: [{{model: {a}, layer_range: [2, 4]}}]\nparameters: {{weight: 1}}\n",
+        RecipeError,
+        "slices[1].base_model: task_arithmetic works on differences from a base model, and this slice names none",
+    ),
+    (
+        "tokenizer with another vocabulary",
+        "merge_method: linear\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{weight: 1}}\ntokenizer_source: {other_vocab}\n",
+        RecipeError,
+        "tokenizer_source: {other_vocab} has a vocabulary of 128 tokens but the merged embeddings have 96 rows",
+    ),
+    (
+        "unknown device",
+        "merge_method: linear\nmodels: [{{model: {a}}}]\nparameters: {{weight: 1}}\n",
+        MergeError,
+        "--device gpu is not a device mergebot knows; use auto, cpu, cuda or cuda:N",
+    ),
+    (
         "invalid yaml",
         "merge_method: linear\nmodels: [{{model: {a}\n",
         RecipeError,
@@ -144,13 +162,25 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def other_vocabulary(tmp_path_factory):
+    """A model whose config declares 128 tokens where the others have 96."""
+    from merge_engine.example import make_family
+
+    base, _ = make_family(tmp_path_factory.mktemp("vocab"), "llama", finetunes=0, vocab_size=128)
+    return base
+
+
 @pytest.mark.parametrize(("label", "text", "error", "sentence"), CASES, ids=[c[0] for c in CASES])
-def test_bad_recipe_gets_one_clear_sentence(llama_family, tmp_path, label, text, error, sentence):
+def test_bad_recipe_gets_one_clear_sentence(
+    llama_family, other_vocabulary, tmp_path, label, text, error, sentence
+):
     base, (a, b, _) = llama_family
-    names = {"base": base, "a": a, "b": b}
+    names = {"base": base, "a": a, "b": b, "other_vocab": other_vocabulary}
     recipe = write_recipe(tmp_path, text.format(**names))
+    device = "gpu" if label == "unknown device" else "cpu"
     with pytest.raises(error) as caught:
-        merge(preflight(load_recipe(recipe)), tmp_path / "out", show_progress=False)
+        merge(preflight(load_recipe(recipe)), tmp_path / "out", show_progress=False, device=device)
     assert str(caught.value).startswith(sentence.format(**names))
     assert not (tmp_path / "out").exists()
 

@@ -170,10 +170,11 @@ models: [{{model: {a}, parameters: {{weight: 1.0, density: 0.5}}}}]
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
     seed = int(card.split("Random seed: `")[1].split("`")[0])
-    again = write_recipe(
-        tmp_path, (tmp_path / "recipe.yaml").read_text() + f"random_seed: {seed}\n"
-    )
-    assert main(["merge", str(again), str(tmp_path / "again"), "--quiet"]) == 0
+    written = tmp_path / "out" / "mergebot_recipe.yaml"
+    assert f"random_seed: {seed}" in written.read_text()
+    assert (
+        main(["merge", str(written), str(tmp_path / "again"), "--quiet"]) == 0
+    )  # the card's command
     first, second = load_weights(tmp_path / "out"), load_weights(tmp_path / "again")
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -276,3 +277,49 @@ def test_tokenizer_comes_from_the_donor_or_tokenizer_source(llama_family, tmp_pa
     text += f"tokenizer_source: {b}\n"
     assert main(["merge", str(write_recipe(tmp_path, text)), str(tmp_path / "two"), "--quiet"]) == 0
     assert "from-b" in AutoTokenizer.from_pretrained(tmp_path / "two").get_vocab()
+
+
+def test_filters_on_a_tied_head_match_the_head_name(llama_family, tmp_path):
+    """mergekit matches a filter against the head's own name even when the model ties it."""
+    from merge_engine.example import make_family
+
+    _, (untied, *_) = llama_family
+    _, (tied,) = make_family(
+        tmp_path / "tied", "llama", finetunes=1, seed=5, tie_word_embeddings=True
+    )
+    assert "lm_head.weight" not in load_weights(tied)
+    text = f"merge_method: linear\nmodels:\n  - model: {untied}\n    parameters: {{weight: 1}}\n  - model: {tied}\n    parameters: {{weight: [{{filter: lm_head, value: 0}}, {{value: 1}}]}}\n"
+    assert main(["merge", str(write_recipe(tmp_path, text)), str(tmp_path / "out"), "--quiet"]) == 0
+    merged, a, b = load_weights(tmp_path / "out"), load_weights(untied), load_weights(tied)
+    assert torch.equal(merged["lm_head.weight"], a["lm_head.weight"])
+    assert torch.allclose(
+        merged["model.embed_tokens.weight"],
+        (a["model.embed_tokens.weight"] + b["model.embed_tokens.weight"]) / 2,
+    )
+
+
+def test_gpt_neox_frankenmerge_takes_its_output_head_from_the_last_slice(tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = GPTNeoXConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        )
+        GPTNeoXForCausalLM(config).save_pretrained(tmp_path / f"neox-{seed}")
+        folders.append(tmp_path / f"neox-{seed}")
+    text = f"merge_method: passthrough\nslices:\n  - sources: [{{model: {folders[0]}, layer_range: [0, 2]}}]\n  - sources: [{{model: {folders[1]}, layer_range: [2, 4]}}]\n"
+    assert main(["merge", str(write_recipe(tmp_path, text)), str(tmp_path / "out"), "--quiet"]) == 0
+    merged, first, last = (
+        load_weights(tmp_path / "out"),
+        load_weights(folders[0]),
+        load_weights(folders[1]),
+    )
+    assert torch.equal(merged["embed_out.weight"], last["embed_out.weight"])
+    assert torch.equal(merged["gpt_neox.embed_in.weight"], first["gpt_neox.embed_in.weight"])
+    assert forward_is_finite(tmp_path / "out")

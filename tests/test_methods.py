@@ -409,3 +409,34 @@ def test_bfloat16_inputs_merge_in_bfloat16_unless_dtype_says_otherwise():
     out = merge_models(tuned16, "linear", parameters={"weight": 1.0}, dtype="float32")
     assert out["w"].dtype == torch.float32
     close(out["w"], (np_(tuned16[0]["w"]) + np_(tuned16[1]["w"])) / 2)
+
+
+def test_slerp_extrapolates_outside_zero_one():
+    base, (other,) = states(1, seed=18, scale=1.0)
+    out = merge_models([other], "slerp", base=base, parameters={"t": 1.5})
+    a, b = np_(base["w"]).ravel(), np_(other["w"]).ravel()
+    omega = math.acos(np.dot(a / np.linalg.norm(a), b / np.linalg.norm(b)))
+    expected = (math.sin(-0.5 * omega) * a + math.sin(1.5 * omega) * b) / math.sin(omega)
+    close(out["w"], expected.reshape(SHAPE))
+
+
+def test_nearswap_with_t_zero_keeps_the_base_and_bools_accept_zero_one():
+    base, (other,) = states(1)
+    assert torch.equal(
+        merge_models([other], "nearswap", base=base, parameters={"t": 0})["w"], base["w"]
+    )
+    _, tuned = states(2)
+    summed = merge_models(tuned, "linear", parameters={"weight": 1.0, "normalize": 0})
+    close(summed["w"], np_(tuned[0]["w"]) + np_(tuned[1]["w"]))
+
+
+@pytest.mark.parametrize(
+    "method", ["della", "della_linear", "dare_ties", "ties", "arcee_fusion", "sce"]
+)
+def test_scalar_and_empty_tensors_merge_without_error(method):
+    base = {"scalar": torch.tensor(0.5), "empty": torch.zeros(0, 4), "w": torch.zeros(3, 4)}
+    tuned = {"scalar": torch.tensor(0.7), "empty": torch.zeros(0, 4), "w": torch.ones(3, 4)}
+    parameters = {"weight": 1.0, "density": 0.5} if method not in ("arcee_fusion", "sce") else {}
+    out = merge_models([tuned], method, base=base, parameters=parameters, seed=0)
+    assert out["empty"].shape == (0, 4)
+    assert out["scalar"].shape == ()

@@ -73,3 +73,15 @@ def test_model_parameters_take_precedence_over_slice_and_global():
     assert resolve("density", scopes, "x", 0) == (0.2, "models[0].parameters.density")
     assert resolve("weight", scopes, "x", 0) == (1, "parameters.weight")
     assert resolve("gamma", scopes, "x", 0) is None
+
+
+def test_tokenizer_source_base_is_the_keyword_not_a_folder_named_base(tmp_path, monkeypatch):
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)  # a folder called "base" must not capture the keyword
+    recipe = parse_recipe(
+        {"merge_method": "linear", "models": [{"model": "org/a"}], "tokenizer_source": "base"}
+    )
+    assert recipe.tokenizer_source == "base"
+    assert parse_recipe(
+        {"merge_method": "linear", "models": [{"model": "org/a"}], "tokenizer_source": "org/tok"}
+    ).tokenizer_source == ModelReference("org/tok")

@@ -175,3 +175,24 @@ def test_unknown_revision_names_it(hub, tmp_path):
         run.stderr.strip()
         == "error: alice/math has no revision 'no-such-branch'; use a branch, tag or commit that exists"
     )
+
+
+def test_a_config_only_base_has_its_config_read_but_not_its_weights(hub, tmp_path):
+    recipe = write_recipe(
+        tmp_path,
+        "merge_method: linear\nbase_model: alice/base\nmodels: [{model: alice/math}, {model: alice/code}]\nparameters: {weight: 1}\n",
+    )
+    before = len(hub.hub.requests)
+    run = mergebot(hub, tmp_path, "merge", str(recipe), str(tmp_path / "out"), "--quiet")
+    assert run.returncode == 0, run.stderr
+    base_weights = [
+        r
+        for r in hub.hub.requests[before:]
+        if r.path.startswith("/alice/base/")
+        and r.path.endswith(".safetensors")
+        and r.method == "GET"
+    ]
+    assert all(r.range for r in base_weights)  # header reads only, no download
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| config donor |" in card and "- alice/base" not in card.split("---")[1]

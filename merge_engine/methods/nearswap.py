@@ -30,7 +30,6 @@ register(
                 REQUIRED,
                 doc="distance below which the other model's value is taken",
                 low=0,
-                low_open=True,
             ),
         ),
     )

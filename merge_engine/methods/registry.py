@@ -69,6 +69,8 @@ class Param:
                 return value
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 return value.lower() == "true"
+            if isinstance(value, int) and value in (0, 1):  # YAML 0/1, as pydantic accepts
+                return bool(value)
             raise RecipeError(f"must be true or false, got {value!r}", field=where)
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise RecipeError(f"must be a number, got {value!r}", field=where)

@@ -51,7 +51,6 @@ register(
                 doc="fraction of entries (by variance across models) kept",
                 low=0,
                 high=1,
-                low_open=True,
             ),
             Param(
                 "int8_mask",

@@ -123,7 +123,7 @@ def della_magprune(
     if density >= 1:
         return tensor
     work_dtype = _work_dtype(tensor)
-    rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() >= 2 else tensor.unsqueeze(0)
+    rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() >= 2 else tensor.reshape(1, -1)
     order = torch.argsort(rows.abs(), dim=1)  # (rows, cols): ranks need the order itself
     ranks = torch.empty_like(order).scatter_(
         1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order)

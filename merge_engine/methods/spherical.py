@@ -171,7 +171,10 @@ register(
         max_inputs=1,
         params=(
             Param(
-                "t", float, REQUIRED, doc="0 gives the base model, 1 the other model", low=0, high=1
+                "t",
+                float,
+                REQUIRED,
+                doc="0 gives the base model, 1 the other model; outside [0, 1] extrapolates",
             ),
         ),
     )
