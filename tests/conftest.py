@@ -35,3 +35,13 @@ def write_recipe(folder: Path, text: str) -> Path:
     path = Path(folder) / "recipe.yaml"
     path.write_text(text)
     return path
+
+
+TIES_WEIGHTS = [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}]
+
+
+def two_model_ties(base: Path, a: Path, b: Path) -> dict[str, torch.Tensor]:
+    """The in-memory TIES merge that the file-based tests compare their outputs with."""
+    from merge_engine import merge_models
+
+    return merge_models([a, b], "ties", base=base, model_parameters=TIES_WEIGHTS)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import load_weights, write_recipe
+from conftest import load_weights, two_model_ties, write_recipe
 from transformers import AutoModelForCausalLM
 
 from merge_engine.cli import main
@@ -46,14 +46,7 @@ models:
     out = tmp_path / "merged"
     assert main(["merge", str(recipe), str(out), "--quiet"]) == 0
     assert forward_is_finite(out)
-    from merge_engine import merge_models
-
-    expected = merge_models(
-        [a, b],
-        "ties",
-        base=base,
-        model_parameters=[{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}],
-    )
+    expected = two_model_ties(base, a, b)
     merged = load_weights(out)
     assert merged.keys() == expected.keys()
     assert all(torch.equal(merged[k], expected[k]) for k in merged)

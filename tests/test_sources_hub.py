@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_weights, write_recipe
+from conftest import load_weights, two_model_ties, write_recipe
 from huggingface_hub import HfApi
 
-from merge_engine import merge_models
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 
 pytestmark = pytest.mark.slow  # each test starts mergebot in a subprocess
@@ -101,12 +100,7 @@ def test_merge_from_the_hub_equals_the_local_merge_and_pins_every_source(
     )
     assert run.returncode == 0, run.stderr
     base, (a, b, _) = llama_family
-    expected = merge_models(
-        [a, b],
-        "ties",
-        base=base,
-        model_parameters=[{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}],
-    )
+    expected = two_model_ties(base, a, b)
     merged = load_weights(out)
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
 
@@ -142,12 +136,7 @@ def test_a_pinned_revision_is_read_even_after_the_repo_moves_on(hub, llama_famil
         recipe = write_recipe(tmp_path, RECIPE.format(pin=pin))
         assert mergebot(hub, tmp_path, "merge", str(recipe), str(folder), "--quiet").returncode == 0
     base, (a, b, _) = llama_family
-    expected = merge_models(
-        [a, b],
-        "ties",
-        base=base,
-        model_parameters=[{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}],
-    )
+    expected = two_model_ties(base, a, b)
     assert torch.equal(load_weights(pinned)["lm_head.weight"], expected["lm_head.weight"])
     assert not torch.equal(load_weights(latest)["lm_head.weight"], expected["lm_head.weight"])
     assert f"alice/math@{old}" in (pinned / "mergebot_recipe.yaml").read_text()

@@ -154,12 +154,16 @@ class SandboxHub:
             )
         return repo
 
-    def _commit_at(self, repo: Repo, request: Request) -> Commit | Response:
+    def _repo_at(self, request: Request) -> tuple[Repo, Commit] | Response:
+        """The readable repo and the commit its revision names, or the error to answer."""
+        repo = self._repo(request)
+        if isinstance(repo, Response):
+            return repo
         revision = request.params.get("rev") or "main"
         commit = repo.resolve(revision)
         if commit is None:
             return Response.error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        return commit
+        return repo, commit
 
     # --- routes -----------------------------------------------------------------------------
 
@@ -220,12 +224,10 @@ class SandboxHub:
         return Response.of({"errors": [], "warnings": []})
 
     def repo_info(self, request: Request) -> Response:
-        repo = self._repo(request)
-        if isinstance(repo, Response):
-            return repo
-        commit = self._commit_at(repo, request)
-        if isinstance(commit, Response):
-            return commit
+        found = self._repo_at(request)
+        if isinstance(found, Response):
+            return found
+        repo, commit = found
         return Response.of(
             {
                 "id": repo.repo_id,
@@ -276,12 +278,10 @@ class SandboxHub:
         )
 
     def tree(self, request: Request) -> Response:
-        repo = self._repo(request)
-        if isinstance(repo, Response):
-            return repo
-        commit = self._commit_at(repo, request)
-        if isinstance(commit, Response):
-            return commit
+        found = self._repo_at(request)
+        if isinstance(found, Response):
+            return found
+        repo, commit = found
         prefix = request.params.get("path", "").strip("/")
         recursive = request.query.get("recursive", ["false"])[0].lower() == "true"
         entries, folders = [], set()
@@ -302,12 +302,10 @@ class SandboxHub:
         return Response.of(entries)
 
     def resolve(self, request: Request) -> Response:
-        repo = self._repo(request)
-        if isinstance(repo, Response):
-            return repo
-        commit = self._commit_at(repo, request)
-        if isinstance(commit, Response):
-            return commit
+        found = self._repo_at(request)
+        if isinstance(found, Response):
+            return found
+        repo, commit = found
         oid = commit.files.get(request.params["path"])
         headers = {"X-Repo-Commit": commit.oid}
         if oid is None:
