@@ -78,6 +78,7 @@ class SandboxHub:
         self.store = store or HubStore()
         self.users = users or {}
         self.requests: list[RecordedRequest] = []
+        self.faults: list[list] = []  # [method, path regex, status, times left]
         self.routes: list[tuple[str, re.Pattern[str], Callable[[Request], Response]]] = [
             ("GET", r"/api/whoami-v2", self.whoami),
             ("POST", r"/api/repos/create", self.create_repo),
@@ -124,12 +125,20 @@ class SandboxHub:
 
     # --- dispatch -------------------------------------------------------------------------
 
+    def fail(self, method: str, path: str, status: int, times: int = 1) -> None:
+        """Answer the next ``times`` requests matching ``method`` and the ``path`` regex with ``status``."""
+        self.faults.append([method, re.compile(path), status, times])
+
     def handle(self, request: Request) -> Response:
         self.requests.append(
             RecordedRequest(
                 request.method, request.path, request.token, request.headers.get("range")
             )
         )
+        for fault in self.faults:
+            if fault[3] > 0 and fault[0] == request.method and fault[1].search(request.path):
+                fault[3] -= 1
+                return Response.error(fault[2], None, "injected fault")
         for method, pattern, handler in self.routes:
             match = pattern.match(request.path)
             if match and method == request.method:
