@@ -1,0 +1,89 @@
+"""A merge request, as every origin (form, discussion, schedule, API) hands it in, and the
+checks the service adds to the engine's: a request may name only Hub repos, within size
+limits, and its job id is a hash of what it will produce, so a repeat finds the same job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from merge_engine.errors import RecipeError
+from merge_engine.plan import MergePlan
+from merge_engine.recipe import ModelReference, Recipe
+
+Origin = Literal["form", "discussion", "schedule", "api"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_REVISION = re.compile(r"^[\w.-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    recipe: Recipe
+    target: str
+    """The repo to push to, ``namespace/name``."""
+    requester: str | None
+    origin: Origin
+    private: bool = False
+    follow_sources: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_models: int = 8
+    max_source_bytes: int = 100 * 10**9
+
+
+def check_hub_only(recipe: Recipe) -> None:
+    """Refuse any reference that is not ``org/name`` or ``org/name@revision``: a request must
+    never make the server read its own files (a path, ``..``, a URL)."""
+    for ref in recipe.referenced_models():
+        if not _is_hub_reference(ref):
+            raise RecipeError(
+                f"'{ref}' is not a Hub model; requests to the bot may name only Hub repos as org/name or org/name@revision",
+                field="models",
+            )
+
+
+def _is_hub_reference(ref: ModelReference) -> bool:
+    valid_revision = ref.revision is None or bool(_REVISION.match(ref.revision))
+    return bool(_REPO_ID.match(ref.path)) and ".." not in ref.path and valid_revision
+
+
+def check_target(target: str) -> None:
+    if not _REPO_ID.match(target) or ".." in target:
+        raise RecipeError(
+            f"target '{target}' is not a repo name; write namespace/name", field="target"
+        )
+
+
+def check_limits(plan: MergePlan, limits: Limits) -> None:
+    """Size limits from the pre-flight (headers only), before any download."""
+    count = len(plan.sources)
+    if count > limits.max_models:
+        raise RecipeError(
+            f"the recipe reads {count} models, more than the {limits.max_models} this bot merges per request",
+            field="models",
+        )
+    size = sum(info.nbytes for source in plan.sources.values() for info in source.tensors.values())
+    if size > limits.max_source_bytes:
+        raise RecipeError(
+            f"the source models hold {size / 1e9:.1f} GB of weights, more than the {limits.max_source_bytes / 1e9:.0f} GB limit of this bot",
+            field="models",
+        )
+
+
+def job_id(plan: MergePlan, target: str) -> str:
+    """Hash of the normalised recipe with every source pinned, and the target: the same
+    request at the same source revisions is the same job."""
+    recipe = plan.recipe.with_revisions(
+        {ref: s.revision for ref, s in plan.sources.items() if s.revision}
+    )
+    normalised = json.dumps(
+        {"recipe": recipe.model_dump(mode="json", exclude_none=True), "target": target},
+        sort_keys=True,
+    )
+    return "job-" + hashlib.sha256(normalised.encode()).hexdigest()[:24]
