@@ -35,13 +35,17 @@ class RetryPolicy:
             after = response.headers.get("Retry-After", "")
             if after.isdigit():
                 return min(float(after), self.max_delay)
-        elif (
-            not isinstance(error, (ConnectionError, TimeoutError))
-            and "Timeout" not in type(error).__name__
-            and "Connect" not in type(error).__name__
-        ):
+        elif not _is_transport_error(error):
             return None
         return min(self.first_delay * 2 ** (attempt - 1), self.max_delay)
+
+
+def _is_transport_error(error: BaseException) -> bool:
+    """A connection or timeout failure, whichever HTTP library the client version uses."""
+    name = type(error).__name__
+    return (
+        isinstance(error, (ConnectionError, TimeoutError)) or "Timeout" in name or "Connect" in name
+    )
 
 
 def with_retries(
