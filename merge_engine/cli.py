@@ -126,9 +126,9 @@ def cmd_merge(args: argparse.Namespace) -> None:
     if args.dtype:
         recipe = recipe.model_copy(update={"out_dtype": args.dtype})
     plan = preflight(recipe, allow_pickle=args.allow_pickle)
-    command = "mergebot merge mergebot_recipe.yaml ./merged" + (
-        f" --shard-size {args.shard_size}" if args.shard_size != DEFAULT_SHARD_SIZE else ""
-    )
+    command = "mergebot merge mergebot_recipe.yaml ./merged"
+    command += f" --shard-size {args.shard_size}" if args.shard_size != DEFAULT_SHARD_SIZE else ""
+    command += " --allow-pickle" if args.allow_pickle else ""
     out = merge(
         plan,
         args.out_dir,

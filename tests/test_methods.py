@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from merge_engine import merge_models
+from merge_engine import build_plan, merge_models, parse_recipe
+from merge_engine.io import TensorInfo
 from merge_engine.methods import all_methods
+from merge_engine.sources import ModelSource
 
 SHAPE = (24, 40)
 
@@ -440,3 +442,29 @@ def test_scalar_and_empty_tensors_merge_without_error(method):
     out = merge_models([tuned], method, base=base, parameters=parameters, seed=0)
     assert out["empty"].shape == (0, 4)
     assert out["scalar"].shape == ()
+
+
+def test_integer_parameters_round_an_interpolated_gradient():
+    _, (a, b) = states(2, seed=19, scale=1.0)
+    layered = [{f"model.layers.{i}.w": t["w"] for i in range(3)} for t in (a, b)]
+    sources = {}
+    for i, state in enumerate(layered):
+        ref = (
+            parse_recipe({"merge_method": "karcher", "models": [{"model": f"org/m{i}"}]})
+            .models[0]
+            .model
+        )
+        infos = {n: TensorInfo(tuple(v.shape), v.dtype, "m") for n, v in state.items()}
+        sources[ref] = ModelSource(ref, {}, infos, memory=state)
+    recipe = parse_recipe(
+        {
+            "merge_method": "karcher",
+            "models": [{"model": "org/m0"}, {"model": "org/m1"}],
+            "parameters": {"max_iter": [4, 7]},
+        }
+    )
+    assert [task.shared["max_iter"] for task in build_plan(recipe, sources).tasks] == [
+        4,
+        round(5.5),
+        7,
+    ]

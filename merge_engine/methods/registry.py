@@ -75,7 +75,9 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise RecipeError(f"must be a number, got {value!r}", field=where)
         try:
-            number = self.type(float(value)) if self.type is int else self.type(value)
+            number = (
+                round(float(value)) if self.type is int else self.type(value)
+            )  # gradients interpolate
         except ValueError:
             raise RecipeError(f"must be a number, got {value!r}", field=where) from None
         if isinstance(number, float) and not math.isfinite(number):
