@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -150,6 +151,9 @@ def cmd_example(args: argparse.Namespace) -> None:
     from merge_engine.example import EXAMPLE_RECIPE, make_family
 
     work = Path(args.work_dir)
+    shutil.rmtree(
+        work / "merged", ignore_errors=True
+    )  # the example's own output: rerunning replaces it
     base, (a, b) = make_family(work / "models")
     recipe_text = EXAMPLE_RECIPE.format(base=base, a=a, b=b)
     (work / "recipe.yaml").write_text(recipe_text)

@@ -240,6 +240,9 @@ def test_console_script_runs_the_example_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "logits finite: True" in run.stdout
     assert (tmp_path / "ex" / "merged" / "model.safetensors").is_file()
+    assert (
+        main(["example", str(tmp_path / "ex"), "--device", "cpu"]) == 0
+    )  # the main job can run again
 
 
 def save_tokenizer(folder, marker: str) -> None:
