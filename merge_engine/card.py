@@ -80,7 +80,7 @@ def _role(plan: MergePlan, ref: ModelReference, read: set[ModelReference]) -> st
 
 def build_card(plan: MergePlan, name: str | None = None, command: str | None = None) -> ModelCard:
     recipe = plan.recipe
-    read = {r.model for task in plan.tasks for r in task.reads()}
+    read = plan.read_models
     merged_from = [
         ref.path for ref in recipe.referenced_models() if ref in read and not ref.is_local
     ]

@@ -65,11 +65,20 @@ class MergePlan:
     def output_bytes(self) -> int:
         return sum(t.out_dtype.itemsize * _numel(t.shape) for t in self.tasks)
 
-    def reproducible_recipe(self) -> Recipe:
-        """The recipe with every Hub source pinned to its commit and the seed actually used."""
-        pinned = self.recipe.with_revisions(
+    @property
+    def read_models(self) -> set[ModelReference]:
+        """The models whose tensors the merge reads (a config-only donor is not among them)."""
+        return {read.model for task in self.tasks for read in task.reads()}
+
+    def pinned_recipe(self) -> Recipe:
+        """The recipe with every Hub source pinned to its resolved commit."""
+        return self.recipe.with_revisions(
             {ref: s.revision for ref, s in self.sources.items() if s.revision}
         )
+
+    def reproducible_recipe(self) -> Recipe:
+        """The pinned recipe with the seed actually used."""
+        pinned = self.pinned_recipe()
         return (
             pinned.model_copy(update={"random_seed": self.seed})
             if self.seed is not None

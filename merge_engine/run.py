@@ -104,9 +104,7 @@ def iter_merged(
 ) -> Iterator[tuple[TensorTask, torch.Tensor]]:
     """Yield (task, merged tensor) in plan order, prefetching the next task's inputs and
     unmapping each input file after its last reader."""
-    stores = {
-        ref: source.store() for ref, source in plan.sources.items() if ref in _read_models(plan)
-    }
+    stores = {ref: plan.sources[ref].store() for ref in plan.read_models}
     finished_files = _last_readers(plan)
 
     def load(task: TensorTask) -> list[torch.Tensor]:
@@ -129,10 +127,6 @@ def iter_merged(
                 stores[model].release(file)
             if progress:
                 progress(index + 1, total, task.output)
-
-
-def _read_models(plan: MergePlan) -> set:
-    return {read.model for task in plan.tasks for read in task.reads()}
 
 
 def _check_free_space(folder: Path, needed: int) -> None:
@@ -182,7 +176,7 @@ def write_merge(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_free_space(out_dir.parent, plan.output_bytes)
     torch_device = resolve_device(device)
-    read = _read_models(plan)
+    read = plan.read_models
     tokenizer_donor = plan.recipe.tokenizer_donor()
     for ref in read | {plan.recipe.donor(), tokenizer_donor}:
         download_source(

@@ -79,9 +79,7 @@ def check_limits(plan: MergePlan, limits: Limits) -> None:
 def job_id(plan: MergePlan, target: str) -> str:
     """Hash of the normalised recipe with every source pinned, and the target: the same
     request at the same source revisions is the same job."""
-    recipe = plan.recipe.with_revisions(
-        {ref: s.revision for ref, s in plan.sources.items() if s.revision}
-    )
+    recipe = plan.pinned_recipe()
     normalised = json.dumps(
         {"recipe": recipe.model_dump(mode="json", exclude_none=True), "target": target},
         sort_keys=True,
