@@ -78,7 +78,13 @@ def _role(plan: MergePlan, ref: ModelReference, read: set[ModelReference]) -> st
     return "config donor" if ref == plan.recipe.donor() else "tokenizer"
 
 
-def build_card(plan: MergePlan, name: str | None = None, command: str | None = None) -> ModelCard:
+def build_card(
+    plan: MergePlan,
+    name: str | None = None,
+    command: str | None = None,
+    job_id: str | None = None,
+) -> ModelCard:
+    """The card of a merge; ``job_id`` names the service job that produced it, if any."""
     recipe = plan.recipe
     read = plan.read_models
     merged_from = [
@@ -113,4 +119,5 @@ def build_card(plan: MergePlan, name: str | None = None, command: str | None = N
         models=models,
         recipe=plan.reproducible_recipe().to_yaml().rstrip(),
         command=command or "mergebot merge mergebot_recipe.yaml ./merged",
+        job_id=job_id,
     )

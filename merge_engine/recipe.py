@@ -283,6 +283,11 @@ def load_recipe(path_or_text: str | Path) -> Recipe:
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist; check the path")
         text = path.read_text(encoding="utf-8")
+    return recipe_from_text(text)
+
+
+def recipe_from_text(text: str) -> Recipe:
+    """Read a recipe from YAML text, never from a path (what the service gets from people)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

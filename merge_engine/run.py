@@ -157,6 +157,23 @@ def _copy_side_files(plan: MergePlan, staging: Path) -> None:
     (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
 
 
+def download_plan(
+    plan: MergePlan, token: str | bool | None = None, cache_dir: Path | None = None
+) -> None:
+    """Fetch the files the plan needs from the Hub: weights of the models it reads, the config
+    donor's config, the tokenizer donor's tokenizer. Local sources need nothing."""
+    read = plan.read_models
+    tokenizer_donor = plan.recipe.tokenizer_donor()
+    for ref in read | {plan.recipe.donor(), tokenizer_donor}:
+        download_source(
+            plan.sources[ref],
+            token,
+            weights=ref in read,
+            tokenizer=ref == tokenizer_donor,
+            cache_dir=cache_dir,
+        )
+
+
 def write_merge(
     plan: MergePlan,
     out_dir: str | Path,
@@ -167,8 +184,10 @@ def write_merge(
     show_progress: bool = True,
     progress: Progress | None = None,
     card_command: str | None = None,
+    cache_dir: Path | None = None,
 ) -> Path:
-    """Download what the plan reads, merge, and publish ``out_dir`` atomically."""
+    """Download what the plan reads (into ``cache_dir`` when given), merge, and publish
+    ``out_dir`` atomically."""
     from merge_engine.card import build_card
 
     out_dir = Path(out_dir)
@@ -176,12 +195,7 @@ def write_merge(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_free_space(out_dir.parent, plan.output_bytes)
     torch_device = resolve_device(device)
-    read = plan.read_models
-    tokenizer_donor = plan.recipe.tokenizer_donor()
-    for ref in read | {plan.recipe.donor(), tokenizer_donor}:
-        download_source(
-            plan.sources[ref], token, weights=ref in read, tokenizer=ref == tokenizer_donor
-        )
+    download_plan(plan, token, cache_dir)
 
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

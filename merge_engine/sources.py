@@ -216,9 +216,11 @@ def download(
     *,
     weights: bool = True,
     tokenizer: bool = False,
+    cache_dir: Path | None = None,
 ) -> None:
     """Fetch, pinned to the resolved commit, only what is needed: the weight files when the
-    plan reads this model's tensors, the config, and the tokenizer for the tokenizer donor."""
+    plan reads this model's tensors, the config, and the tokenizer for the tokenizer donor.
+    ``cache_dir`` replaces the shared Hugging Face cache (the service gives each job its own)."""
     if source.folder is not None:
         return
     from huggingface_hub import snapshot_download
@@ -228,7 +230,11 @@ def download(
     patterns += list(TOKENIZER_FILES) if tokenizer else []
     try:
         folder = snapshot_download(
-            source.ref.path, revision=source.revision, allow_patterns=patterns, token=token
+            source.ref.path,
+            revision=source.revision,
+            allow_patterns=patterns,
+            token=token,
+            cache_dir=cache_dir,
         )
     except Exception as error:  # noqa: BLE001  (network and Hub errors of any client version)
         raise SourceError(

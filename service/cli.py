@@ -1,11 +1,20 @@
-"""The ``mergebot`` command: the engine's commands plus the service's (``sandbox-hub`` so far)."""
+"""The ``mergebot`` command: the engine's commands plus the service's: ``serve`` (API, worker
+and clock in one process), ``worker``, ``submit``, ``jobs``, ``sandbox-hub``."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import secrets
+import signal
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 from merge_engine.cli import build_parser
@@ -30,7 +39,178 @@ def cmd_sandbox_hub(args: argparse.Namespace) -> None:
             server.thread.join()
 
 
+def _quiet_libraries() -> None:
+    """Workers report progress in the job table; the libraries' own bars would flood logs."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from service.settings import Settings
+
+    settings = Settings.from_env()
+    if settings.bot_token is None:
+        # The offline demo. HF_ENDPOINT is read when huggingface_hub is first imported: set it now.
+        if "huggingface_hub" in sys.modules:
+            raise RuntimeError("huggingface_hub was imported before the sandbox hub was chosen")
+        url = f"http://127.0.0.1:{args.hub_port}"
+        os.environ["HF_ENDPOINT"] = url
+        from service.sandbox_hub.demo import BOT_USER, DEMO_USER, TOKENS_FILE, start_demo_hub
+
+        hub_folder = settings.work_dir / "sandbox-hub"
+        _, tokens = start_demo_hub(hub_folder, args.hub_port)
+        settings = replace(
+            settings, endpoint=url, bot_token=tokens[BOT_USER], bot_namespace=BOT_USER
+        )
+        print(
+            f"no HF_TOKEN: using the sandbox hub on {url} with example models {DEMO_USER}/base, "
+            f"{DEMO_USER}/math, {DEMO_USER}/code; the {DEMO_USER} user's token is in {hub_folder / TOKENS_FILE}",
+            flush=True,
+        )
+    import uvicorn
+
+    from service.api import create_app
+    from service.clock import start_clock
+    from service.jobs import JobService
+    from service.worker import start_dbos
+
+    _quiet_libraries()
+    service = JobService(settings.for_role("serve"))
+    start_dbos(service, run_jobs=not args.no_worker)
+    start_clock(service)
+    print(
+        f"mergebot serving on http://{args.host}:{args.port} (jobs in {settings.database_url.split('://')[0]}), worker {service.settings.worker_id}",
+        flush=True,
+    )
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from service.jobs import JobService
+    from service.settings import Settings
+    from service.worker import start_dbos, stop_dbos
+
+    _quiet_libraries()
+    settings = Settings.from_env()
+    settings = replace(settings, worker_id=args.id or settings.worker_id).for_role("worker")
+    start_dbos(JobService(settings))
+    print(f"mergebot worker {settings.worker_id} waiting for jobs", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    stop_dbos()
+
+
+def _call_api(server: str, method: str, path: str, body: dict | None = None) -> dict | list:
+    """One JSON call to a running ``mergebot serve``, signed with the caller's Hub token."""
+    from huggingface_hub import get_token
+
+    request = urllib.request.Request(
+        server.rstrip("/") + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+    )
+    token = get_token()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        detail = json.loads(error.read() or b"{}").get("error", error.reason)
+        raise SystemExit(f"error: {detail}") from None
+    except urllib.error.URLError as error:
+        raise SystemExit(
+            f"error: no mergebot server answers at {server} ({error.reason}); start one with `mergebot serve` or pass --server"
+        ) from None
+
+
+def _follow(server: str, job: dict) -> dict:
+    """Show a job's progress until it ends."""
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc=job["stage"], unit="%") as bar:
+        while job["status"] in ("queued", "running"):
+            time.sleep(0.5)
+            job = _call_api(server, "GET", f"/api/jobs/{job['id']}")
+            bar.set_description(job["stage"])
+            bar.update(round(job["progress"] * 100) - bar.n)
+    return job
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    body = {
+        "recipe": Path(args.recipe).read_text(encoding="utf-8"),
+        "target": args.to,
+        "private": args.private,
+        "follow_sources": args.follow,
+    }
+    job = _call_api(args.server, "POST", "/api/jobs", body)
+    print(f"{job['id']}: {job['status']} ({job['target']})")
+    if args.wait:
+        job = _follow(args.server, job)
+        print(f"{job['id']}: {job['status']}" + (f" {job['url']}" if job["url"] else ""))
+        if job["error"]:
+            raise SystemExit(f"error: {job['error']}")
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    if args.id:
+        job = _call_api(args.server, "GET", f"/api/jobs/{args.id}")
+        for key in ("id", "status", "stage", "fraction", "requester", "target", "url", "error"):
+            print(f"{key:>10}: {job[key]}")
+        print("       log:\n" + "\n".join(f"  {line}" for line in job["log"]))
+        return
+    for job in _call_api(args.server, "GET", "/api/jobs"):
+        print(
+            f"{job['id']}  {job['status']:<9}  {job['stage']:<10}  {job['fraction']:>4.0%}  {job['target']}"
+        )
+
+
 def add_service_commands(sub: argparse._SubParsersAction) -> None:
+    default_server = os.environ.get("MERGEBOT_SERVER", "http://127.0.0.1:7860")
+    serve = sub.add_parser(
+        "serve",
+        help="run the bot: JSON API, a worker and the clock (without HF_TOKEN, on the sandbox hub)",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument(
+        "--hub-port", type=int, default=7861, help="the sandbox hub's port, without HF_TOKEN"
+    )
+    serve.add_argument("--no-worker", action="store_true", help="queue jobs for other workers only")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run a standalone worker (another machine, another GPU)")
+    worker.add_argument(
+        "--id", help="this worker's stable id (default: MERGEBOT_WORKER_ID or <host>-worker0)"
+    )
+    worker.set_defaults(func=cmd_worker)
+
+    submit = sub.add_parser("submit", help="send a recipe to a running mergebot server")
+    submit.add_argument("recipe", help="the recipe YAML file")
+    submit.add_argument("--to", required=True, help="the repo to push the merge to: namespace/name")
+    submit.add_argument("--private", action="store_true")
+    submit.add_argument(
+        "--follow", action="store_true", help="merge again when a source model changes"
+    )
+    submit.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    submit.add_argument(
+        "--server", default=default_server, help="default: MERGEBOT_SERVER or %(default)s"
+    )
+    submit.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list the recent jobs of a mergebot server, or show one")
+    jobs.add_argument("id", nargs="?")
+    jobs.add_argument("--server", default=default_server)
+    jobs.set_defaults(func=cmd_jobs)
+
     hub = sub.add_parser(
         "sandbox-hub", help="run a Hub-compatible server on 127.0.0.1 (tests and the offline demo)"
     )

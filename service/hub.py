@@ -8,12 +8,37 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
+from merge_engine.errors import MergeError
+from service.intake import Identity
 from service.retry import RetryPolicy, with_retries
 
 JOB_TRAILER = "mergebot-job: {job_id}"
 DEFAULT_POLICY = RetryPolicy()
+
+
+def hub_api(endpoint: str, token: str | None) -> HfApi:
+    """A client that sends exactly ``token``, or nothing: never a token found in the environment
+    or a login file (in the service that would be the bot's own)."""
+    return HfApi(endpoint=endpoint, token=token or False)
+
+
+def identify(endpoint: str, token: str | None) -> Identity:
+    """The Hub user a token belongs to, with their organisations; anonymous without a token."""
+    if not token:
+        return Identity()
+    try:
+        info = hub_api(endpoint, token).whoami()
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise MergeError(
+                "the Hub does not accept this token; sign in again or create a new token"
+            ) from None
+        raise
+    orgs = tuple(org["name"] for org in info.get("orgs", []) if "name" in org)
+    return Identity(name=info["name"], token=token, orgs=orgs)
 
 
 def find_job_commit(api: HfApi, repo_id: str, job_id: str) -> str | None:
@@ -36,19 +61,26 @@ def publish(
     title: str,
     policy: RetryPolicy = DEFAULT_POLICY,
 ) -> str:
-    """Push ``folder`` to ``repo_id`` as one commit for ``job_id``; return that commit's id."""
+    """Push ``folder`` to ``repo_id`` as one commit for ``job_id``; return that commit's id.
+    A repo this call created is deleted again if the commit fails."""
 
     def push() -> str:
         existing = find_job_commit(api, repo_id, job_id)
         if existing:
             return existing
+        existed = api.repo_exists(repo_id)
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=title,
-            commit_description=JOB_TRAILER.format(job_id=job_id),
-        )
+        try:
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=title,
+                commit_description=JOB_TRAILER.format(job_id=job_id),
+            )
+        except Exception:
+            if not existed:  # an empty repo would be a half-published result
+                api.delete_repo(repo_id, missing_ok=True)
+            raise
         return commit.oid
 
     return with_retries(push, policy)

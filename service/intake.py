@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from merge_engine.errors import RecipeError
@@ -29,6 +29,20 @@ class MergeRequest:
     origin: Origin
     private: bool = False
     follow_sources: bool = False
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who asks: a Hub user proven by their token, or someone known only by name (a discussion
+    author, a scheduled re-merge) or not at all, who has no token the bot may use."""
+
+    name: str | None = None
+    token: str | None = field(default=None, repr=False)
+    orgs: tuple[str, ...] = ()
+
+    @property
+    def requester(self) -> str:
+        return self.name or "anonymous"
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,30 @@ def check_target(target: str) -> None:
     if not _REPO_ID.match(target) or ".." in target:
         raise RecipeError(
             f"target '{target}' is not a repo name; write namespace/name", field="target"
+        )
+
+
+def check_push_rights(target: str, identity: Identity, bot_namespace: str | None) -> None:
+    """A requester's token pushes to the requester's namespaces; the bot's token only to the
+    bot's namespace, for requests that come without a token."""
+    namespace = target.split("/")[0]
+    if identity.token:
+        allowed = (identity.name, *identity.orgs)
+        if namespace not in allowed:
+            raise RecipeError(
+                f"you can push to {' or '.join(f'{n}/...' for n in allowed)}, not to {namespace}/; change the target",
+                field="target",
+            )
+        return
+    if bot_namespace is None:
+        raise RecipeError(
+            "this bot has no namespace of its own; sign in with a Hugging Face token to push to your namespace",
+            field="target",
+        )
+    if namespace != bot_namespace:
+        raise RecipeError(
+            f"without a token the bot pushes only to {bot_namespace}/...; sign in to push to {namespace}/, or change the target",
+            field="target",
         )
 
 

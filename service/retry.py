@@ -14,6 +14,8 @@ from typing import TypeVar
 
 from huggingface_hub.errors import HfHubHTTPError
 
+from merge_engine.errors import MergeError
+
 T = TypeVar("T")
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -28,6 +30,8 @@ class RetryPolicy:
         """Seconds to wait before attempt ``attempt + 1``, or None to give up now."""
         if attempt >= self.attempts:
             return None
+        if isinstance(error, MergeError) and error.__context__ is not None:
+            error = error.__context__  # the engine's one-sentence error wraps the Hub's
         if isinstance(error, HfHubHTTPError):
             response = error.response
             if response is None or response.status_code not in TRANSIENT_STATUS:

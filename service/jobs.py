@@ -1,0 +1,122 @@
+"""The one submit path of every origin (form, discussion, schedule, API), and what can be asked
+of a job afterwards: its state, the recent ones, cancel.
+
+Submit runs the engine's pre-flight against the Hub (headers only) with the requester's token
+or none, and answers at once with a clear error or a job. The job id is a hash of the pinned
+recipe and the target, so a double click or a repeated schedule finds the existing job; a job
+that failed or was cancelled runs again as a new attempt under the same id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import replace
+
+from merge_engine import preflight
+from merge_engine.errors import MergeError
+from merge_engine.plan import MergePlan
+from service.hub import identify
+from service.intake import (
+    Identity,
+    MergeRequest,
+    check_hub_only,
+    check_limits,
+    check_push_rights,
+    check_target,
+    job_id,
+)
+from service.job_store import ACTIVE, Job, JobStore, make_engine
+from service.settings import Settings
+from service.token_vault import TokenVault, load_key
+
+
+class QueueLimitError(MergeError):
+    """The requester already has as many jobs waiting as the bot allows."""
+
+
+class JobService:
+    def __init__(self, settings: Settings):
+        if settings.bot_token and not settings.bot_namespace:
+            settings = replace(
+                settings, bot_namespace=identify(settings.endpoint, settings.bot_token).name
+            )
+        self.settings = settings
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.database_url)
+        self.store = JobStore(engine)
+        self.vault = TokenVault(
+            engine, load_key(settings.secret_key, settings.work_dir, not settings.uses_sqlite)
+        )
+
+    def submit(self, request: MergeRequest, identity: Identity) -> Job:
+        """Validate ``request`` and queue it, or return the job that already does the same."""
+        check_target(request.target)
+        check_hub_only(request.recipe)
+        check_push_rights(request.target, identity, self.settings.bot_namespace)
+        plan = preflight(request.recipe, token=identity.token or False)
+        check_limits(plan, self.settings.limits)
+        new_id = job_id(plan, request.target)
+        existing = self.store.get(new_id)
+        if existing and (existing.status in ACTIVE or existing.status == "succeeded"):
+            return existing
+        if self.store.count_active(identity.requester) >= self.settings.max_queued_per_requester:
+            raise QueueLimitError(
+                f"{identity.requester} already has {self.settings.max_queued_per_requester} jobs waiting or running; wait for one to finish or cancel one"
+            )
+        job = Job(
+            id=new_id,
+            attempt=existing.attempt + 1 if existing else 1,
+            requester=identity.requester,
+            origin=request.origin,
+            target=request.target,
+            private=request.private,
+            follow_sources=request.follow_sources,
+            recipe=_job_recipe(plan, new_id),
+            sources={ref.path: s.revision for ref, s in plan.sources.items() if s.revision},
+            log=[f"queued: {plan.method.name} of {len(plan.sources)} models into {request.target}"],
+        )
+        self.store.add(job)
+        if identity.token:
+            self.vault.put(job.id, identity.token)
+        from service.pipeline import enqueue
+
+        enqueue(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self.store.get(job_id)
+
+    def list(self, requester: str | None = None, limit: int = 50) -> list[Job]:
+        return self.store.list(requester, limit)
+
+    def cancel(self, job_id: str, identity: Identity) -> Job:
+        """Ask a queued or running job to stop; the worker stops at its next checkpoint (a
+        tensor, in the merge). Only the requester — or the bot's own token — may cancel."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise MergeError(f"there is no job {job_id}; check the id with `mergebot jobs`")
+        owner = identity.token is not None and identity.name == job.requester
+        operator = bool(identity.token) and identity.token == self.settings.bot_token
+        if not (owner or operator):
+            raise MergeError(f"only {job.requester} can cancel {job_id}; sign in as them")
+        if job.status in ACTIVE:
+            self.store.update(job_id, cancel_requested=True, log="cancel requested")
+            if job.status == "queued":
+                self.vault.erase(job_id)  # it never needs the token now
+        return self.store.get(job_id) or job
+
+    def finish(self, job_id: str) -> None:
+        """What ends with every job, however it ends: its token and its work directory."""
+        self.vault.erase(job_id)
+        shutil.rmtree(self.settings.job_dir(job_id), ignore_errors=True)
+
+
+def _job_recipe(plan: MergePlan, job_id: str) -> str:
+    """The pinned recipe the worker merges. A random method gets a seed derived from the job
+    id, so a job resumed after a crash draws the same tensors as its first run."""
+    recipe = plan.pinned_recipe()
+    if plan.method.random and recipe.random_seed is None:
+        seed = int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+        recipe = recipe.model_copy(update={"random_seed": seed})
+    return recipe.to_yaml()

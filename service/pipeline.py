@@ -1,0 +1,241 @@
+"""The durable merge workflow: pre-flight → download → merge → verify → card → push.
+
+Each stage is a DBOS step, checkpointed in the database when it ends; a worker killed in the
+middle resumes, under the same worker id, at the first stage that had not finished. Every step
+is safe to run twice: downloads land in the job's own folder, the merged folder appears only
+complete (the engine renames it into place), and the push first looks for a commit carrying
+the job id. Steps pass nothing but the job id between them, so no token ever becomes a
+checkpointed input or output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dbos import DBOS, SetWorkflowID
+from huggingface_hub.errors import HfHubHTTPError
+
+from merge_engine import preflight
+from merge_engine.card import build_card
+from merge_engine.errors import MergeError
+from merge_engine.plan import MergePlan
+from merge_engine.recipe import recipe_from_text
+from merge_engine.run import download_plan, resolve_device, write_merge
+from service.hub import hub_api, publish
+from service.job_store import ACTIVE, STAGES, Job
+from service.jobs import JobService
+from service.retry import RetryPolicy, with_retries
+from service.verify import verify_output
+
+QUEUE = "merges"
+WORKFLOW = "mergebot.merge_job"
+PROGRESS_EVERY = 0.5  # seconds between progress writes (and cancel checks) during a merge
+HUB_RETRIES = RetryPolicy()
+log = logging.getLogger("mergebot.jobs")
+
+_service: JobService | None = None
+
+
+class JobCancelled(Exception):
+    """The requester cancelled the job; it stops at the next checkpoint."""
+
+
+def configure(service: JobService) -> None:
+    """Give the workflow this process's job service (before DBOS launches and recovers)."""
+    global _service
+    _service = service
+
+
+def _jobs() -> JobService:
+    if _service is None:
+        raise RuntimeError("service.pipeline.configure() was not called in this process")
+    return _service
+
+
+def enqueue(job: Job) -> None:
+    with SetWorkflowID(job.workflow_id):
+        DBOS.enqueue_workflow(QUEUE, merge_job, job.id)
+
+
+# --- what every step needs -----------------------------------------------------------------
+
+
+def _job(job_id: str) -> Job:
+    job = _jobs().store.get(job_id)
+    if job is None:
+        raise MergeError(f"job {job_id} is no longer in the job table; submit it again")
+    return job
+
+
+def _read_token(job: Job) -> str | bool:
+    """Sources are read with the requester's token or anonymously, never with the bot's."""
+    return _jobs().vault.get(job.id) or False
+
+
+def _plan(job: Job) -> MergePlan:
+    return preflight(recipe_from_text(job.recipe), token=_read_token(job))
+
+
+def _merged_dir(job: Job) -> Path:
+    return _jobs().settings.job_dir(job.id) / "merged"
+
+
+def _progress(job_id: str) -> Callable[[int, int, str], None]:
+    """Write the merge's progress at most every PROGRESS_EVERY seconds and stop on cancel."""
+    store = _jobs().store
+    last = 0.0
+
+    def report(done: int, total: int, name: str) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < PROGRESS_EVERY and done < total:
+            return
+        last = now
+        store.update(job_id, fraction=done / total)
+        if store.cancel_requested(job_id):
+            raise JobCancelled()
+
+    return report
+
+
+# --- the steps -----------------------------------------------------------------------------
+
+
+@DBOS.step(name="mergebot.preflight")
+def preflight_step(job_id: str) -> None:
+    """The pinned sources are still there and still readable by this requester."""
+    _plan(_job(job_id))
+
+
+@DBOS.step(name="mergebot.download")
+def download_step(job_id: str) -> None:
+    job = _job(job_id)
+    plan = _plan(job)
+    cache = _jobs().settings.job_dir(job_id) / "hub"
+    with_retries(lambda: download_plan(plan, _read_token(job), cache), HUB_RETRIES)
+
+
+@DBOS.step(name="mergebot.merge")
+def merge_step(job_id: str) -> None:
+    jobs = _jobs()
+    job = _job(job_id)
+    jobs.store.count_merge_run(job_id, jobs.settings.worker_id)
+    out = _merged_dir(job)
+    if out.exists():  # finished before a crash: the engine renames it into place complete
+        return
+    write_merge(
+        _plan(job),
+        out,
+        device=jobs.settings.device,
+        token=_read_token(job),
+        show_progress=False,
+        progress=_progress(job_id),
+        cache_dir=jobs.settings.job_dir(job_id) / "hub",
+    )
+
+
+@DBOS.step(name="mergebot.verify")
+def verify_step(job_id: str) -> None:
+    verify_output(_merged_dir(_job(job_id)), resolve_device(_jobs().settings.device))
+
+
+@DBOS.step(name="mergebot.card")
+def card_step(job_id: str) -> None:
+    job = _job(job_id)
+    card = build_card(
+        _plan(job),
+        name=job.target.split("/")[1],
+        command=f"mergebot merge mergebot_recipe.yaml ./{job.target.split('/')[1]}",
+        job_id=job.id,
+    )
+    card.save(_merged_dir(job) / "README.md")
+
+
+@DBOS.step(name="mergebot.push")
+def push_step(job_id: str) -> None:
+    jobs = _jobs()
+    job = _job(job_id)
+    token = jobs.vault.get(job_id) or _bot_token_for(job)
+    api = hub_api(jobs.settings.endpoint, token)
+    method = recipe_from_text(job.recipe).merge_method
+    commit = publish(
+        api,
+        _merged_dir(job),
+        job.target,
+        job.id,
+        private=job.private,
+        title=f"Merge with mergebot ({method})",
+        policy=HUB_RETRIES,
+    )
+    jobs.store.update(job_id, commit=commit, url=f"{jobs.settings.endpoint}/{job.target}")
+
+
+def _bot_token_for(job: Job) -> str:
+    """The bot's token, which writes only to the bot's namespace."""
+    settings = _jobs().settings
+    if not settings.bot_token or job.target.split("/")[0] != settings.bot_namespace:
+        raise MergeError(
+            f"no token may push to {job.target}: the requester's token is gone and the bot writes only to {settings.bot_namespace}/...; submit the job again while signed in"
+        )
+    return settings.bot_token
+
+
+STEPS: list[tuple[str, Callable[[str], None]]] = list(
+    zip(
+        STAGES,
+        [preflight_step, download_step, merge_step, verify_step, card_step, push_step],
+        strict=True,
+    )
+)
+
+
+# --- the workflow --------------------------------------------------------------------------
+
+
+@DBOS.workflow(name=WORKFLOW)
+def merge_job(job_id: str) -> str:
+    """Run every stage of ``job_id``; record how it ended. Returns the final status."""
+    jobs = _jobs()
+    store = jobs.store
+    job = store.get(job_id)
+    if job is None or job.status not in ACTIVE:
+        return job.status if job else "missing"
+    store.update(job_id, status="running", worker=jobs.settings.worker_id)
+    stage = "pre-flight"
+    try:
+        for stage, step in STEPS:
+            if store.cancel_requested(job_id):
+                raise JobCancelled()
+            store.update(job_id, stage=stage, fraction=0.0, log=f"{stage}")
+            log.info("job %s: %s", job_id, stage)
+            step(job_id)
+        url = _job(job_id).url
+        store.update(job_id, status="succeeded", stage="done", fraction=1.0, log=f"published {url}")
+        return "succeeded"
+    except JobCancelled:
+        store.update(job_id, status="cancelled", stage="cancelled", log="cancelled")
+        return "cancelled"
+    except Exception as error:  # noqa: BLE001  (every failure ends the job with a sentence)
+        message = describe_failure(error, stage, job.target)
+        log.warning("job %s failed at %s: %s", job_id, stage, message)
+        store.update(job_id, status="failed", error=message, log=f"failed: {message}")
+        return "failed"
+    finally:
+        jobs.finish(job_id)
+
+
+def describe_failure(error: BaseException, stage: str, target: str) -> str:
+    """One sentence naming what went wrong and what to do."""
+    if isinstance(error, MergeError):
+        return str(error)
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else None
+        if stage == "push" and status == 401:
+            return f"the Hub did not accept the token that pushes to {target} (401 Unauthorized); sign in again and submit the job again"
+        if stage == "push" and status in (403, 404):
+            return f"the Hub refused to let this job create or write {target} ({status}); push to a namespace you can write to"
+        return f"the Hub kept answering {status} during {stage}; submit the job again later"
+    return f"the job stopped at {stage} on an unexpected {type(error).__name__} ({error}); submit it again, and report it if it repeats"

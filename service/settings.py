@@ -1,0 +1,75 @@
+"""Everything the service is configured with, read once from environment variables.
+
+| variable | meaning | default |
+|---|---|---|
+| `HF_TOKEN` | the bot's own token; it writes only to the bot's namespace | none: `serve` runs the sandbox hub |
+| `HF_ENDPOINT` | the Hub to talk to | `https://huggingface.co` |
+| `MERGEBOT_NAMESPACE` | where requests without a token of their own are pushed | the bot token's user |
+| `MERGEBOT_WORK_DIR` | jobs' downloads and outputs, the SQLite file, the key file | `./mergebot-data` |
+| `MERGEBOT_DATABASE_URL` | `sqlite:///…` or `postgresql://…` (several workers, several machines) | a SQLite file in the work dir |
+| `MERGEBOT_SECRET_KEY` | Fernet key that encrypts requesters' tokens at rest | a key file in the work dir (SQLite only) |
+| `MERGEBOT_WORKER_ID` | this worker's stable id: a restart under the same id resumes its jobs | `<host>-worker0` |
+| `MERGEBOT_DEVICE` | `auto`, `cpu` or `cuda` | `auto` |
+| `MERGEBOT_MAX_MODELS`, `MERGEBOT_MAX_SOURCE_GB`, `MERGEBOT_MAX_QUEUED` | limits per request and queued jobs per requester | 8, 100, 3 |
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from service.intake import Limits
+
+PUBLIC_HUB = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class Settings:
+    work_dir: Path
+    database_url: str
+    endpoint: str = PUBLIC_HUB
+    bot_token: str | None = field(default=None, repr=False)
+    bot_namespace: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    worker_id: str | None = None
+    """Set by the command when not given: ``<host>-serve`` or ``<host>-worker0``."""
+    device: str = "auto"
+    limits: Limits = Limits()
+    max_queued_per_requester: int = 3
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        work_dir = Path(env.get("MERGEBOT_WORK_DIR", "mergebot-data")).resolve()
+        return cls(
+            work_dir=work_dir,
+            database_url=env.get("MERGEBOT_DATABASE_URL")
+            or f"sqlite:///{work_dir / 'mergebot.sqlite'}",
+            endpoint=env.get("HF_ENDPOINT", PUBLIC_HUB).rstrip("/"),
+            bot_token=env.get("HF_TOKEN") or None,
+            bot_namespace=env.get("MERGEBOT_NAMESPACE") or None,
+            secret_key=env.get("MERGEBOT_SECRET_KEY") or None,
+            worker_id=env.get("MERGEBOT_WORKER_ID") or None,
+            device=env.get("MERGEBOT_DEVICE", "auto"),
+            limits=Limits(
+                max_models=int(env.get("MERGEBOT_MAX_MODELS", Limits.max_models)),
+                max_source_bytes=int(
+                    float(env.get("MERGEBOT_MAX_SOURCE_GB", Limits.max_source_bytes / 1e9)) * 1e9
+                ),
+            ),
+            max_queued_per_requester=int(env.get("MERGEBOT_MAX_QUEUED", 3)),
+        )
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def for_role(self, role: str) -> Settings:
+        """These settings with the worker id defaulted for ``serve`` or ``worker``."""
+        suffix = "serve" if role == "serve" else "worker0"
+        return replace(self, worker_id=self.worker_id or f"{socket.gethostname()}-{suffix}")
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.work_dir / "jobs" / job_id

@@ -1,0 +1,50 @@
+"""Starting DBOS in a process: the queue it serves, the worker id it recovers under.
+
+A worker id must be stable (restart a crashed worker under the same id and it resumes the jobs
+it owned) and unique among live processes (two live processes with one id would both run that
+id's jobs). ``mergebot serve`` defaults to ``<host>-serve``, ``mergebot worker`` to
+``<host>-worker0``; set ``MERGEBOT_WORKER_ID`` (or ``--id``) for every further worker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from service.jobs import JobService
+
+APP_VERSION = "mergebot-jobs-1"
+"""The workflow's version: recovery only resumes workflows of the same version, so bump it
+when the steps change and keep it equal across a fleet."""
+MERGES_AT_ONCE = 1  # per worker: one merge holds the machine's memory bandwidth (and GPU)
+
+
+def start_dbos(service: JobService, run_jobs: bool = True) -> None:
+    """Launch DBOS on the service's database; with ``run_jobs`` this process also merges."""
+    from dbos import DBOS, DBOSPortableJSONSerializer
+
+    from service import pipeline
+
+    settings = service.settings
+    pipeline.configure(service)
+    DBOS(
+        config={
+            "name": "mergebot",
+            "system_database_url": settings.database_url,
+            "executor_id": settings.worker_id,
+            "application_version": APP_VERSION,
+            "serializer": DBOSPortableJSONSerializer(),  # JSON in the database, never pickle
+            "log_level": "WARNING",
+        }
+    )
+    DBOS.listen_queues([pipeline.QUEUE] if run_jobs else [])
+    DBOS.launch()
+    DBOS.register_queue(pipeline.QUEUE, worker_concurrency=MERGES_AT_ONCE)
+    logging.getLogger("mergebot.jobs").info(
+        "worker %s %s", settings.worker_id, "merging" if run_jobs else "submitting only"
+    )
+
+
+def stop_dbos() -> None:
+    from dbos import DBOS
+
+    DBOS.destroy()
