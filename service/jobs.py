@@ -100,10 +100,13 @@ class JobService:
         operator = bool(identity.token) and identity.token == self.settings.bot_token
         if not (owner or operator):
             raise MergeError(f"only {job.requester} can cancel {job_id}; sign in as them")
-        if job.status in ACTIVE:
+        if job.status == "queued":  # nothing started: it ends now, and needs no token
+            self.store.update(
+                job_id, cancel_requested=True, status="cancelled", stage="cancelled", log="cancelled"
+            )
+            self.vault.erase(job_id)
+        elif job.status == "running":
             self.store.update(job_id, cancel_requested=True, log="cancel requested")
-            if job.status == "queued":
-                self.vault.erase(job_id)  # it never needs the token now
         return self.store.get(job_id) or job
 
     def finish(self, job_id: str) -> None:

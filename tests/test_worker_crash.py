@@ -1,0 +1,75 @@
+"""A worker killed with SIGKILL in the middle of a merge, started again under the same id:
+the job finishes, with the right tensors, and the target repo gets exactly one commit."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TIES_WEIGHTS, load_weights
+from huggingface_hub import HfApi
+from service_env import (
+    MergebotProcess,
+    service_env,
+    start_sandbox,
+    start_serve,
+    ties_recipe,
+    wait_until,
+)
+
+from merge_engine import merge_models
+from merge_engine.example import make_family
+from service.hub import JOB_TRAILER
+
+pytestmark = pytest.mark.slow
+
+ALICE = "tok-alice"
+# Big enough (3 x 120 MB) that the merge takes a couple of seconds on two cores: time to kill it.
+SIZE = dict(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=4096,
+)
+
+
+def test_a_killed_worker_resumes_its_merge_and_pushes_once(tmp_path):
+    family = make_family(tmp_path / "models", "llama", finetunes=3, **SIZE)
+    sandbox = start_sandbox({"alice": family})
+    work = tmp_path / "work"
+    serve, api = start_serve(sandbox.url, work, "--no-worker")
+
+    def start_worker() -> MergebotProcess:
+        env = service_env(sandbox.url, work)
+        return MergebotProcess(["worker", "--id", "crash-worker"], env, tmp_path / "worker.log")
+
+    worker = start_worker()
+    try:
+        _, job = api.submit(ties_recipe("alice"), "alice/survivor", ALICE)
+        merging = wait_until(
+            lambda: (j := api.job(job["id"]))["stage"] == "merge" and 0 < j["fraction"] < 1 and j,
+            "the merge to be under way",
+        )
+        worker.kill()
+        assert api.job(job["id"])["status"] == "running"
+        assert not HfApi(endpoint=sandbox.url, token=ALICE).repo_exists("alice/survivor")
+
+        worker = start_worker()
+        done = api.wait_done(job["id"])
+        assert done["status"] == "succeeded", (done, worker.log)
+        assert merging["merge_runs"] == 1 and done["merge_runs"] == 2
+
+        hub = HfApi(endpoint=sandbox.url, token=ALICE)
+        trailer = JOB_TRAILER.format(job_id=job["id"])
+        commits = [c for c in hub.list_repo_commits("alice/survivor") if trailer in c.message]
+        assert len(commits) == 1
+        hub.snapshot_download("alice/survivor", local_dir=tmp_path / "result")
+        base, (a, b, _) = family
+        expected = merge_models([a, b], "ties", base=base, model_parameters=TIES_WEIGHTS)
+        got = load_weights(tmp_path / "result")
+        assert all(got[name].equal(tensor) for name, tensor in expected.items())
+        assert not (work / "jobs" / job["id"]).exists()
+    finally:
+        worker.stop()
+        serve.stop()
+        sandbox.__exit__()
