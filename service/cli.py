@@ -59,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise RuntimeError("huggingface_hub was imported before the sandbox hub was chosen")
         url = f"http://127.0.0.1:{args.hub_port}"
         os.environ["HF_ENDPOINT"] = url
+        _quiet_libraries()
         from service.sandbox_hub.demo import BOT_USER, DEMO_USER, TOKENS_FILE, start_demo_hub
 
         hub_folder = settings.work_dir / "sandbox-hub"
@@ -67,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             settings, endpoint=url, bot_token=tokens[BOT_USER], bot_namespace=BOT_USER
         )
         print(
-            f"no HF_TOKEN: using the sandbox hub on {url} with example models {DEMO_USER}/base, "
+            f"no HF_TOKEN: sandbox hub on {url} with example models {DEMO_USER}/base, "
             f"{DEMO_USER}/math, {DEMO_USER}/code; the {DEMO_USER} user's token is in {hub_folder / TOKENS_FILE}",
             flush=True,
         )
@@ -78,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from service.jobs import JobService
     from service.worker import start_dbos
 
-    _quiet_libraries()
+    _quiet_libraries()  # again, harmless: with HF_TOKEN set, the first call is this one
     service = JobService(settings.for_role("serve"))
     start_dbos(service, run_jobs=not args.no_worker)
     start_clock(service)

@@ -102,7 +102,11 @@ class JobService:
             raise MergeError(f"only {job.requester} can cancel {job_id}; sign in as them")
         if job.status == "queued":  # nothing started: it ends now, and needs no token
             self.store.update(
-                job_id, cancel_requested=True, status="cancelled", stage="cancelled", log="cancelled"
+                job_id,
+                cancel_requested=True,
+                status="cancelled",
+                stage="cancelled",
+                log="cancelled",
             )
             self.vault.erase(job_id)
         elif job.status == "running":

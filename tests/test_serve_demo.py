@@ -1,0 +1,77 @@
+"""The main job as the README runs it: ``mergebot serve`` without ``HF_TOKEN`` starts the sandbox
+hub with example models, and ``mergebot submit`` / ``mergebot jobs`` drive it; the demo's
+repos and jobs survive a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from service_env import Api, MergebotProcess, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """merge_method: slerp
+base_model: demo/math
+models:
+  - model: demo/math
+  - model: demo/code
+parameters: {t: 0.3}
+"""
+
+
+def test_serve_without_a_token_runs_the_offline_demo(tmp_path):
+    work = tmp_path / "work"
+    port, hub_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MERGEBOT_"))}
+    env.update(MERGEBOT_WORK_DIR=str(work), HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
+    args = ["serve", "--port", str(port), "--hub-port", str(hub_port)]
+    api = Api(port)
+
+    def start() -> MergebotProcess:
+        process = MergebotProcess(args, env, tmp_path / "serve.log")
+        wait_until(lambda: api.ready() or process.process.poll() is not None, "mergebot serve")
+        assert api.ready(), process.log
+        return process
+
+    serve = start()
+    try:
+        assert f"sandbox hub on http://127.0.0.1:{hub_port}" in serve.log
+        demo_token = json.loads((work / "sandbox-hub" / "tokens.json").read_text())["demo"]
+        (tmp_path / "recipe.yaml").write_text(RECIPE)
+        client = {
+            **env,
+            "HF_TOKEN": demo_token,
+            "HF_ENDPOINT": f"http://127.0.0.1:{hub_port}",
+            "MERGEBOT_SERVER": api.url,
+        }
+
+        def mergebot(*command: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "service.cli", *command],
+                env=client,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            return done.stdout
+
+        out = mergebot("submit", str(tmp_path / "recipe.yaml"), "--to", "demo/slerp", "--wait")
+        assert f"succeeded http://127.0.0.1:{hub_port}/demo/slerp" in out, out
+        job_id = out.split(":")[0]
+        assert demo_token not in serve.log
+
+        serve.stop()
+        serve = start()
+        assert job_id in mergebot("jobs")
+        details = mergebot("jobs", job_id)
+        assert "succeeded" in details and "published" in details
+        from huggingface_hub import HfApi
+
+        hub = HfApi(endpoint=f"http://127.0.0.1:{hub_port}", token=demo_token)
+        assert "model.safetensors" in hub.list_repo_files("demo/slerp")
+    finally:
+        serve.stop()

@@ -1,0 +1,146 @@
+"""The service's pure parts, in-process: who may push where, the token vault, the clock's
+sweep, progress, and the sentences a failed job ends with."""
+
+from __future__ import annotations
+
+import stat
+
+import httpx2 as httpx
+import pytest
+from cryptography.fernet import Fernet
+from huggingface_hub.errors import HfHubHTTPError
+
+from merge_engine.errors import MergeError, RecipeError, SourceError
+from service.clock import sweep
+from service.intake import Identity, check_push_rights
+from service.job_store import Job
+from service.jobs import JobService
+from service.pipeline import describe_failure
+from service.retry import RetryPolicy
+from service.settings import Settings
+from service.token_vault import TokenVault, load_key
+
+
+@pytest.mark.parametrize(
+    ("target", "identity", "allowed"),
+    [
+        ("alice/m", Identity("alice", "t"), True),
+        ("team/m", Identity("alice", "t", ("team",)), True),
+        ("bob/m", Identity("alice", "t"), False),
+        ("bot/m", Identity("alice", "t"), False),  # a signed-in user never borrows the bot's token
+        ("bot/m", Identity(), True),
+        ("bot/m", Identity("someone-in-a-discussion"), True),
+        ("alice/m", Identity("alice"), False),  # a name without a token proves nothing
+    ],
+)
+def test_push_rights(target, identity, allowed):
+    if allowed:
+        check_push_rights(target, identity, "bot")
+    else:
+        with pytest.raises(RecipeError) as error:
+            check_push_rights(target, identity, "bot")
+        assert error.value.field == "target"
+
+
+def test_without_a_bot_namespace_anonymous_requests_are_refused():
+    with pytest.raises(RecipeError, match="sign in"):
+        check_push_rights("bot/m", Identity(), None)
+
+
+def service(tmp_path, **values) -> JobService:
+    return JobService(
+        Settings(work_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/db.sqlite", **values)
+    )
+
+
+def test_tokens_are_encrypted_at_rest_and_erased(tmp_path):
+    jobs = service(tmp_path)
+    jobs.vault.put("job-1", "hf_secret_token")
+    jobs.vault.put("job-2", "hf_other_token")
+    assert jobs.vault.get("job-1") == "hf_secret_token"
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("db.sqlite*"))
+    assert b"hf_secret_token" not in stored and b"hf_other_token" not in stored
+    jobs.vault.keep_only({"job-2"})
+    assert jobs.vault.get("job-1") is None and jobs.vault.get("job-2") == "hf_other_token"
+    jobs.vault.erase("job-2")
+    assert jobs.vault.get("job-2") is None
+
+
+def test_a_token_stored_under_another_key_is_a_clear_error(tmp_path):
+    jobs = service(tmp_path)
+    jobs.vault.put("job-1", "hf_secret_token")
+    other = TokenVault(jobs.vault.engine, Fernet.generate_key())
+    with pytest.raises(MergeError, match="MERGEBOT_SECRET_KEY"):
+        other.get("job-1")
+
+
+def test_the_key_file_is_made_once_and_readable_only_by_its_owner(tmp_path):
+    key = load_key(None, tmp_path, shared_database=False)
+    assert load_key(None, tmp_path, shared_database=False) == key
+    assert stat.S_IMODE((tmp_path / "secret.key").stat().st_mode) == 0o600
+    with pytest.raises(MergeError, match="MERGEBOT_SECRET_KEY"):
+        load_key(None, tmp_path / "pg", shared_database=True)
+
+
+def job(job_id: str, status: str, stage: str = "queued", fraction: float = 0.0) -> Job:
+    return Job(
+        job_id,
+        1,
+        "alice",
+        "api",
+        "alice/m",
+        False,
+        False,
+        "recipe",
+        {},
+        status=status,
+        stage=stage,
+        fraction=fraction,
+    )
+
+
+def test_the_sweep_removes_what_ended_jobs_left_and_nothing_else(tmp_path):
+    jobs = service(tmp_path)
+    for job_id, status in (
+        ("job-done", "succeeded"),
+        ("job-failed", "failed"),
+        ("job-live", "running"),
+    ):
+        jobs.store.add(job(job_id, status))
+        jobs.vault.put(job_id, "hf_token")
+        (jobs.settings.job_dir(job_id) / "merged").mkdir(parents=True)
+    (jobs.settings.job_dir("job-unknown")).mkdir()
+    assert sweep(jobs) == 3
+    assert [p.name for p in (tmp_path / "jobs").iterdir()] == ["job-live"]
+    assert jobs.vault.get("job-live") == "hf_token" and jobs.vault.get("job-done") is None
+
+
+def test_progress_counts_every_stage():
+    assert job("j", "queued").progress == 0.0
+    assert job("j", "running", "merge", 0.5).progress == pytest.approx(2.5 / 6)
+    assert job("j", "succeeded", "done", 1.0).progress == 1.0
+
+
+def http_error(status: int) -> HfHubHTTPError:
+    response = httpx.Response(status, request=httpx.Request("POST", "http://hub/api/x"))
+    return HfHubHTTPError(f"{status}", response=response)
+
+
+def test_failure_sentences_name_the_target_and_the_status():
+    assert "alice/m" in describe_failure(http_error(401), "push", "alice/m")
+    assert "401" in describe_failure(http_error(401), "push", "alice/m")
+    assert "403" in describe_failure(http_error(403), "push", "alice/m")
+    assert describe_failure(RecipeError("bad density"), "pre-flight", "alice/m") == "bad density"
+    assert "KeyError" in describe_failure(KeyError("x"), "merge", "alice/m")
+
+
+def test_a_download_error_is_retried_when_the_hub_error_under_it_is_transient():
+    policy = RetryPolicy(first_delay=1.0)
+    for status, retried in ((503, True), (404, False)):
+        try:
+            try:
+                raise http_error(status)
+            except HfHubHTTPError:
+                raise SourceError("downloading org/m failed") from None
+        except SourceError as error:
+            assert (policy.delay(error, 1) is not None) == retried
