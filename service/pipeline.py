@@ -213,18 +213,16 @@ def merge_job(job_id: str) -> str:
             log.info("job %s: %s", job_id, stage)
             step(job_id)
         url = _job(job_id).url
-        store.update(job_id, status="succeeded", stage="done", fraction=1.0, log=f"published {url}")
-        return "succeeded"
+        outcome = dict(status="succeeded", stage="done", fraction=1.0, log=f"published {url}")
     except JobCancelled:
-        store.update(job_id, status="cancelled", stage="cancelled", log="cancelled")
-        return "cancelled"
+        outcome = dict(status="cancelled", stage="cancelled", log="cancelled")
     except Exception as error:  # noqa: BLE001  (every failure ends the job with a sentence)
         message = describe_failure(error, stage, job.target)
         log.warning("job %s failed at %s: %s", job_id, stage, message)
-        store.update(job_id, status="failed", error=message, log=f"failed: {message}")
-        return "failed"
-    finally:
-        jobs.finish(job_id)
+        outcome = dict(status="failed", error=message, log=f"failed: {message}")
+    jobs.finish(job_id)  # before the status: whoever sees the job ended sees it cleaned up
+    store.update(job_id, **outcome)
+    return outcome["status"]
 
 
 def describe_failure(error: BaseException, stage: str, target: str) -> str:
