@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from service_env import wait_until
 
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 
@@ -19,7 +22,10 @@ from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 @pytest.fixture
 def server(tmp_path):
     with SandboxServer(
-        SandboxHub(HubStore(tmp_path / "hub-data"), users={"tok": "alice", "tok-bob": "bob"})
+        SandboxHub(
+            HubStore(tmp_path / "hub-data"),
+            users={"tok": "alice", "tok-bob": "bob", "tok-carol": "carol"},
+        )
     ) as server:
         yield server
 
@@ -116,3 +122,95 @@ def test_the_sandbox_hub_command_serves_seeded_example_models(tmp_path):
         process.terminate()
         process.wait(timeout=30)
     assert HubStore(tmp_path).get("model", "demo/code") is not None  # kept in the data folder
+
+
+def test_discussions_through_the_client_and_kept_across_a_restart(server, tmp_path):
+    alice, bob = (
+        HfApi(endpoint=server.url, token="tok"),
+        HfApi(endpoint=server.url, token="tok-bob"),
+    )
+    alice.create_repo("alice/model")
+    opened = bob.create_discussion(
+        "alice/model", "Merge request", description="```yaml\nmerge_method: linear\n```"
+    )
+    assert opened.num == 1 and opened.author == "bob" and opened.status == "open"
+    assert opened.events[0].content.startswith("```yaml")
+    reply = alice.comment_discussion("alice/model", 1, "Queued as job-1")
+    assert reply.content == "Queued as job-1" and reply.author == "alice"
+    assert (
+        alice.rename_discussion("alice/model", 1, "Merge request: done").new_title
+        == "Merge request: done"
+    )
+    assert (
+        bob.change_discussion_status("alice/model", 1, "closed", comment="thanks").new_status
+        == "closed"
+    )
+    with pytest.raises(HfHubHTTPError):  # only the owner or the author may close a discussion
+        HfApi(endpoint=server.url, token="tok-carol").change_discussion_status(
+            "alice/model", 1, "open"
+        )
+
+    listed = list(alice.get_repo_discussions("alice/model"))
+    assert [(d.num, d.title, d.status) for d in listed] == [(1, "Merge request: done", "closed")]
+    assert list(alice.get_repo_discussions("alice/model", discussion_status="open")) == []
+    with SandboxServer(
+        SandboxHub(HubStore(tmp_path / "hub-data"), users={"tok": "alice"})
+    ) as again:
+        details = HfApi(endpoint=again.url, token="tok").get_discussion_details("alice/model", 1)
+    assert [e.type for e in details.events] == [
+        "comment",
+        "comment",
+        "title-change",
+        "comment",
+        "status-change",
+    ]
+
+
+def test_webhooks_report_new_commits_and_discussion_comments(server):
+    from huggingface_hub import WebhookPayload
+
+    received: list[tuple[str | None, dict]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.headers.get("X-Webhook-Secret"), json.loads(body)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        api = HfApi(endpoint=server.url, token="tok")
+        api.create_repo("alice/watched")
+        api.create_repo("alice/ignored")
+        hook = api.create_webhook(
+            url=f"http://127.0.0.1:{receiver.server_address[1]}/hook",
+            watched=[{"type": "model", "name": "alice/watched"}],
+            domains=["repo", "discussion"],
+            secret="s3cret",
+        )
+        assert hook.secret == "s3cret" and not hook.disabled
+        old = api.model_info("alice/watched").sha
+        new = api.upload_file(
+            repo_id="alice/watched", path_or_fileobj=b"v2", path_in_repo="w.txt"
+        ).oid
+        api.upload_file(repo_id="alice/ignored", path_or_fileobj=b"x", path_in_repo="x.txt")
+        HfApi(endpoint=server.url, token="tok-bob").create_discussion(
+            "alice/watched", "Please merge"
+        )
+        deliveries = server.hub.community.deliveries
+        wait_until(lambda: len(deliveries) >= 2, "two webhook deliveries", deadline=10)
+        assert all(d.status == 204 for d in deliveries)
+        payloads = [WebhookPayload.model_validate(p) for _, p in received]
+        assert {secret for secret, _ in received} == {"s3cret"}
+        assert all(p.repo.name == "alice/watched" for p in payloads)
+        update = next(p for p in payloads if p.event.scope == "repo.content")
+        assert (update.updatedRefs[0].oldSha, update.updatedRefs[0].newSha) == (old, new)
+        opened = next(p for p in payloads if p.event.scope == "discussion")
+        assert opened.discussion.title == "Please merge" and opened.discussion.num == 1
+    finally:
+        receiver.shutdown()

@@ -1,8 +1,9 @@
 """A Hub-compatible HTTP server on 127.0.0.1 that the unmodified ``huggingface_hub`` client
 and ``transformers`` talk to through ``HF_ENDPOINT`` (see shared/docs/hub-contract.md).
 
-Covered so far: whoami, repo create/delete, repo info, refs, commits, tree, resolve (HEAD and
-GET, with ``Range``), preupload and commit (so ``upload_folder`` works), validate-yaml.
+Covered: whoami, repo create/delete, repo info, refs, commits, tree, resolve (HEAD and GET,
+with ``Range``), preupload and commit (so ``upload_folder`` works), validate-yaml, and in
+``community``: discussions (list, open, details, comment, status, title) and webhooks.
 Every request's path and token are recorded in ``SandboxHub.requests`` so tests can check
 which files were read and with which token.
 """
@@ -24,6 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from service.sandbox_hub.community import Community
 from service.sandbox_hub.store import Commit, ConflictError, HubStore, Repo
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -121,6 +123,9 @@ class SandboxHub:
                 self.resolve,
             ),
         ]
+        self.community = Community(self)
+        self.store.listeners.append(self.community.notify)
+        self.routes += self.community.routes()
         self.routes = [(m, re.compile(p + r"/?$"), h) for m, p, h in self.routes]
 
     # --- dispatch -------------------------------------------------------------------------
@@ -483,6 +488,7 @@ class SandboxServer:
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, name="sandbox-hub", daemon=True
         )
+        self.hub.community.base_url = self.url
 
     @property
     def url(self) -> str:

@@ -11,8 +11,10 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def blob_id(data: bytes) -> str:
@@ -40,6 +42,8 @@ class Repo:
     private: bool
     branches: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
+    discussions: list[dict[str, Any]] = field(default_factory=list)
+    """Each as the Hub's discussion details answer it: summary fields plus ``events``."""
 
     def resolve(self, revision: str) -> Commit | None:
         """A branch name or a full commit id → that commit."""
@@ -59,10 +63,15 @@ class ConflictError(Exception):
     """The commit's parent is not the branch head any more."""
 
 
+Listener = Callable[[str, str, "Repo", dict[str, Any]], None]
+"""Called with (scope, action, repo, details) after every change, as a webhook would report it."""
+
+
 class HubStore:
     def __init__(self, folder: Path | None = None):
         self.folder = folder
         self.repos: dict[tuple[str, str], Repo] = {}
+        self.listeners: list[Listener] = []
         self._blobs: dict[str, bytes] = {}
         self._lock = threading.RLock()
         if folder is not None:
@@ -114,6 +123,7 @@ class HubStore:
             repo = Repo(repo_type, repo_id, owner, private)
             self.repos[(repo_type, repo_id)] = repo
             self._commit(repo, "main", None, {}, [], "initial commit", "", owner)
+            self._notify("repo", "create", repo, {})
             return repo, True
 
     def delete(self, repo_type: str, repo_id: str) -> bool:
@@ -157,4 +167,66 @@ class HubStore:
         repo.commits[oid] = commit
         repo.branches[branch] = oid
         self._save()
+        ref = {"ref": f"refs/heads/{branch}", "oldSha": head, "newSha": oid}
+        self._notify("repo.content", "update", repo, {"updatedRefs": [ref]})
         return commit
+
+    # --- discussions ------------------------------------------------------------------------
+
+    def open_discussion(self, repo: Repo, title: str, description: str, author: str) -> dict:
+        with self._lock:
+            discussion = {
+                "num": len(repo.discussions) + 1,
+                "title": title,
+                "status": "open",
+                "author": {"name": author},
+                "createdAt": _now(),
+                "isPullRequest": False,
+                "repo": {"name": repo.repo_id, "type": repo.repo_type},
+                "events": [],
+            }
+            repo.discussions.append(discussion)
+            self._event(repo, discussion, "comment", author, comment_data(description))
+            self._notify("discussion", "create", repo, {"discussion": discussion})
+            return discussion
+
+    def discussion_event(
+        self, repo: Repo, num: int, kind: str, author: str, data: dict[str, Any]
+    ) -> dict:
+        """Add a ``comment``, ``status-change`` or ``title-change`` event to discussion ``num``."""
+        with self._lock:
+            discussion = repo.discussions[num - 1]
+            if kind == "status-change":
+                discussion["status"] = data["status"]
+            elif kind == "title-change":
+                discussion["title"] = data["to"]
+            event = self._event(repo, discussion, kind, author, data)
+            scope = "discussion.comment" if kind == "comment" else "discussion"
+            details = {"discussion": discussion, "comment": event if kind == "comment" else None}
+            self._notify(scope, "create" if kind == "comment" else "update", repo, details)
+            return event
+
+    def _event(self, repo: Repo, discussion: dict, kind: str, author: str, data: dict) -> dict:
+        number = sum(len(d["events"]) for d in repo.discussions) + 1
+        event = {
+            "id": f"{repo.repo_id}#{discussion['num']}/{number}",
+            "type": kind,
+            "createdAt": _now(),
+            "author": {"name": author},
+            "data": data,
+        }
+        discussion["events"].append(event)
+        self._save()
+        return event
+
+    def _notify(self, scope: str, action: str, repo: Repo, details: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            listener(scope, action, repo, details)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+
+
+def comment_data(text: str) -> dict[str, Any]:
+    return {"edited": False, "hidden": False, "latest": {"raw": text, "html": text}}
