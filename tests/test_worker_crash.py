@@ -1,5 +1,6 @@
-"""A worker killed with SIGKILL in the middle of a merge, started again under the same id:
-the job finishes, with the right tensors, and the target repo gets exactly one commit."""
+"""Merges long enough to interrupt: a worker killed with SIGKILL in the middle of one, started
+again under the same id, finishes the job with the right tensors and exactly one commit; a
+merge cancelled while it runs stops at the next tensor and publishes nothing."""
 
 from __future__ import annotations
 
@@ -33,9 +34,23 @@ SIZE = dict(
 )
 
 
-def test_a_killed_worker_resumes_its_merge_and_pushes_once(tmp_path):
-    family = make_family(tmp_path / "models", "llama", finetunes=3, **SIZE)
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    family = make_family(tmp_path_factory.mktemp("big"), "llama", finetunes=3, **SIZE)
     sandbox = start_sandbox({"alice": family})
+    yield family, sandbox
+    sandbox.__exit__()
+
+
+def merge_under_way(api, job_id: str) -> dict:
+    return wait_until(
+        lambda: (j := api.job(job_id))["stage"] == "merge" and 0 < j["fraction"] < 1 and j,
+        "the merge to be under way",
+    )
+
+
+def test_a_killed_worker_resumes_its_merge_and_pushes_once(big, tmp_path):
+    family, sandbox = big
     work = tmp_path / "work"
     serve, api = start_serve(sandbox.url, work, "--no-worker")
 
@@ -46,10 +61,7 @@ def test_a_killed_worker_resumes_its_merge_and_pushes_once(tmp_path):
     worker = start_worker()
     try:
         _, job = api.submit(ties_recipe("alice"), "alice/survivor", ALICE)
-        merging = wait_until(
-            lambda: (j := api.job(job["id"]))["stage"] == "merge" and 0 < j["fraction"] < 1 and j,
-            "the merge to be under way",
-        )
+        merging = merge_under_way(api, job["id"])
         worker.kill()
         assert api.job(job["id"])["status"] == "running"
         assert not HfApi(endpoint=sandbox.url, token=ALICE).repo_exists("alice/survivor")
@@ -72,4 +84,19 @@ def test_a_killed_worker_resumes_its_merge_and_pushes_once(tmp_path):
     finally:
         worker.stop()
         serve.stop()
-        sandbox.__exit__()
+
+
+def test_a_running_merge_stops_when_cancelled_and_publishes_nothing(big, tmp_path):
+    _, sandbox = big
+    serve, api = start_serve(sandbox.url, tmp_path / "work")
+    try:
+        _, job = api.submit(ties_recipe("alice"), "alice/cancelled", ALICE)
+        merge_under_way(api, job["id"])
+        status, _ = api.call("POST", f"/api/jobs/{job['id']}/cancel", {}, ALICE)
+        assert status == 200
+        done = api.wait_done(job["id"])
+        assert done["status"] == "cancelled" and done["fraction"] < 1, done
+        assert not HfApi(endpoint=sandbox.url, token=ALICE).repo_exists("alice/cancelled")
+        assert not (tmp_path / "work" / "jobs" / job["id"]).exists()
+    finally:
+        serve.stop()
