@@ -1,6 +1,7 @@
-"""mergebot's bot: intake, durable jobs, Hub I/O and the Space, built on :mod:`merge_engine`.
+"""mergebot's bot: intake, durable jobs, Hub I/O and (next) the Space, built on :mod:`merge_engine`.
 
-So far: ``sandbox_hub`` (a Hub-compatible server for tests and the offline demo), ``intake``
-(the service's checks on a request and its job id), ``hub`` (publishing a merge as one commit
-per job), ``retry`` (which Hub failures to retry) and ``cli`` (the ``mergebot`` command).
+A request (``intake``) goes through the one submit path (``jobs``) into the job table
+(``job_store``) and a durable workflow (``pipeline``, started by ``worker``) that merges, checks
+(``verify``) and publishes (``hub``); ``api`` serves it as JSON, ``clock`` tidies up, and
+``sandbox_hub`` stands in for the Hub in tests and in the offline demo.
 """

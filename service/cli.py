@@ -16,9 +16,13 @@ import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merge_engine.cli import build_parser
 from merge_engine.cli import main as engine_main
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 def cmd_sandbox_hub(args: argparse.Namespace) -> None:
@@ -49,29 +53,34 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _start_demo_hub(settings: Settings, port: int) -> Settings:
+    """The offline demo: the sandbox hub with example models, and the bot's user on it."""
+    # HF_ENDPOINT is read when huggingface_hub is first imported: it must be set before that.
+    if "huggingface_hub" in sys.modules:
+        raise RuntimeError("huggingface_hub was imported before the sandbox hub was chosen")
+    url = f"http://127.0.0.1:{port}"
+    os.environ["HF_ENDPOINT"] = url
+    _quiet_libraries()
+    from service.sandbox_hub.demo import BOT_USER, DEMO_USER, TOKENS_FILE, start_demo_hub
+
+    hub_folder = settings.work_dir / "sandbox-hub"
+    _, tokens = start_demo_hub(hub_folder, port)
+    print(
+        f"no HF_TOKEN: sandbox hub on {url} with example models {DEMO_USER}/base, "
+        f"{DEMO_USER}/math, {DEMO_USER}/code; the {DEMO_USER} user's token is in {hub_folder / TOKENS_FILE}",
+        flush=True,
+    )
+    return replace(settings, endpoint=url, bot_token=tokens[BOT_USER], bot_namespace=BOT_USER)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from service.settings import Settings
 
     settings = Settings.from_env()
     if settings.bot_token is None:
-        # The offline demo. HF_ENDPOINT is read when huggingface_hub is first imported: set it now.
-        if "huggingface_hub" in sys.modules:
-            raise RuntimeError("huggingface_hub was imported before the sandbox hub was chosen")
-        url = f"http://127.0.0.1:{args.hub_port}"
-        os.environ["HF_ENDPOINT"] = url
+        settings = _start_demo_hub(settings, args.hub_port)
+    else:
         _quiet_libraries()
-        from service.sandbox_hub.demo import BOT_USER, DEMO_USER, TOKENS_FILE, start_demo_hub
-
-        hub_folder = settings.work_dir / "sandbox-hub"
-        _, tokens = start_demo_hub(hub_folder, args.hub_port)
-        settings = replace(
-            settings, endpoint=url, bot_token=tokens[BOT_USER], bot_namespace=BOT_USER
-        )
-        print(
-            f"no HF_TOKEN: sandbox hub on {url} with example models {DEMO_USER}/base, "
-            f"{DEMO_USER}/math, {DEMO_USER}/code; the {DEMO_USER} user's token is in {hub_folder / TOKENS_FILE}",
-            flush=True,
-        )
     import uvicorn
 
     from service.api import create_app
@@ -79,7 +88,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from service.jobs import JobService
     from service.worker import start_dbos
 
-    _quiet_libraries()  # again, harmless: with HF_TOKEN set, the first call is this one
     service = JobService(settings.for_role("serve"))
     start_dbos(service, run_jobs=not args.no_worker)
     start_clock(service)

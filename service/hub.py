@@ -36,7 +36,13 @@ def identify(endpoint: str, token: str | None) -> Identity:
             raise MergeError(
                 "the Hub does not accept this token; sign in again or create a new token"
             ) from None
-        raise
+        raise MergeError(
+            f"the Hub answered {status} when checking the token; try again later"
+        ) from None
+    except Exception as error:  # noqa: BLE001  (transport errors differ between client versions)
+        raise MergeError(
+            f"could not reach the Hub at {endpoint} to check the token ({type(error).__name__}); try again later"
+        ) from None
     orgs = tuple(org["name"] for org in info.get("orgs", []) if "name" in org)
     return Identity(name=info["name"], token=token, orgs=orgs)
 
