@@ -209,9 +209,11 @@ def merge_job(job_id: str) -> str:
         for stage, step in STEPS:
             if store.cancel_requested(job_id):
                 raise JobCancelled()
-            store.update(job_id, stage=stage, fraction=0.0, log=f"{stage}")
+            store.update(job_id, stage=stage, fraction=0.0, log=stage)
             log.info("job %s: %s", job_id, stage)
+            started = time.monotonic()
             step(job_id)
+            store.update(job_id, log=f"{stage}: done in {time.monotonic() - started:.1f} s")
         url = _job(job_id).url
         outcome = dict(status="succeeded", stage="done", fraction=1.0, log=f"published {url}")
     except JobCancelled:
