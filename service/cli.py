@@ -16,13 +16,9 @@ import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from merge_engine.cli import build_parser
 from merge_engine.cli import main as engine_main
-
-if TYPE_CHECKING:
-    from service.settings import Settings
 
 
 def cmd_sandbox_hub(args: argparse.Namespace) -> None:
@@ -43,67 +39,22 @@ def cmd_sandbox_hub(args: argparse.Namespace) -> None:
             server.thread.join()
 
 
-def _quiet_libraries() -> None:
-    """Workers report progress in the job table; the libraries' own bars would flood logs."""
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    disable_progress_bars()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-
-
-def _start_demo_hub(settings: Settings, port: int) -> Settings:
-    """The offline demo: the sandbox hub with example models, and the bot's user on it."""
-    # HF_ENDPOINT is read when huggingface_hub is first imported: it must be set before that.
-    if "huggingface_hub" in sys.modules:
-        raise RuntimeError("huggingface_hub was imported before the sandbox hub was chosen")
-    url = f"http://127.0.0.1:{port}"
-    os.environ["HF_ENDPOINT"] = url
-    _quiet_libraries()
-    from service.sandbox_hub.demo import BOT_USER, DEMO_USER, TOKENS_FILE, start_demo_hub
-
-    hub_folder = settings.work_dir / "sandbox-hub"
-    _, tokens = start_demo_hub(hub_folder, port)
-    print(
-        f"no HF_TOKEN: sandbox hub on {url} with example models {DEMO_USER}/base, "
-        f"{DEMO_USER}/math, {DEMO_USER}/code; the {DEMO_USER} user's token is in {hub_folder / TOKENS_FILE}",
-        flush=True,
-    )
-    return replace(settings, endpoint=url, bot_token=tokens[BOT_USER], bot_namespace=BOT_USER)
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
-    from service.settings import Settings
+    from service.server import run_web, start_bot
 
-    settings = Settings.from_env()
-    if settings.bot_token is None:
-        settings = _start_demo_hub(settings, args.hub_port)
-    else:
-        _quiet_libraries()
-    import uvicorn
+    service = start_bot(args.hub_port, run_jobs=not args.no_worker)
+    from service.ui import build_blocks  # after start_bot: it may set HF_ENDPOINT for the demo
 
-    from service.api import create_app
-    from service.clock import start_clock
-    from service.jobs import JobService
-    from service.worker import start_dbos
-
-    service = JobService(settings.for_role("serve"))
-    start_dbos(service, run_jobs=not args.no_worker)
-    start_clock(service)
-    print(
-        f"mergebot serving on http://{args.host}:{args.port} (jobs in {settings.database_url.split('://')[0]}), worker {service.settings.worker_id}",
-        flush=True,
-    )
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    run_web(service, build_blocks, args.host, args.port)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
     from service.jobs import JobService
+    from service.server import quiet_libraries
     from service.settings import Settings
     from service.worker import start_dbos, stop_dbos
 
-    _quiet_libraries()
+    quiet_libraries()
     settings = Settings.from_env()
     settings = replace(settings, worker_id=args.id or settings.worker_id).for_role("worker")
     start_dbos(JobService(settings))
@@ -186,7 +137,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     default_server = os.environ.get("MERGEBOT_SERVER", "http://127.0.0.1:7860")
     serve = sub.add_parser(
         "serve",
-        help="run the bot: JSON API, a worker and the clock (without HF_TOKEN, on the sandbox hub)",
+        help="run the bot: the Space's UI, the JSON API, a worker and the clock (without HF_TOKEN, on the sandbox hub)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7860)

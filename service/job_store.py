@@ -37,6 +37,7 @@ jobs_table = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("commit", sa.String(64)),
     sa.Column("url", sa.String(500)),
+    sa.Column("card", sa.Text),
     sa.Column("worker", sa.String(200)),
     sa.Column("merge_runs", sa.Integer, nullable=False),
     sa.Column("cancel_requested", sa.Boolean, nullable=False),
@@ -65,6 +66,8 @@ class Job:
     error: str | None = None
     commit: str | None = None
     url: str | None = None
+    card: str | None = None
+    """The model card (Markdown), once the card stage has written it."""
     worker: str | None = None
     merge_runs: int = 0
     cancel_requested: bool = False

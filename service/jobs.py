@@ -49,20 +49,31 @@ class JobService:
             engine, load_key(settings.secret_key, settings.work_dir, not settings.uses_sqlite)
         )
 
-    def submit(self, request: MergeRequest, identity: Identity) -> Job:
-        """Validate ``request`` and queue it, or return the job that already does the same."""
+    def check(self, request: MergeRequest, identity: Identity) -> tuple[MergePlan, str]:
+        """Everything submit checks, queueing nothing: the plan and the job id it would get."""
         check_target(request.target)
         check_hub_only(request.recipe)
         check_push_rights(request.target, identity, self.settings.bot_namespace)
         plan = preflight(request.recipe, token=identity.token or False)
         check_limits(plan, self.settings.limits)
-        new_id = job_id(plan, request.target)
+        return plan, job_id(plan, request.target)
+
+    def submit(self, request: MergeRequest, identity: Identity) -> Job:
+        """Validate ``request`` and queue it, or return the job that already does the same."""
+        plan, new_id = self.check(request, identity)
         existing = self.store.get(new_id)
         if existing and (existing.status in ACTIVE or existing.status == "succeeded"):
             return existing
-        if self.store.count_active(identity.requester) >= self.settings.max_queued_per_requester:
+        limit = (
+            self.settings.max_queued_per_requester
+            if identity.token
+            else self.settings.max_queued_anonymous
+        )
+        if self.store.count_active(identity.requester) >= limit:
             raise QueueLimitError(
-                f"{identity.requester} already has {self.settings.max_queued_per_requester} jobs waiting or running; wait for one to finish or cancel one"
+                f"{identity.requester} already has {limit} jobs waiting or running; wait for one to finish or cancel one"
+                if identity.token
+                else f"requests without sign-in already have {limit} jobs waiting or running; sign in, or wait for one to finish"
             )
         job = Job(
             id=new_id,

@@ -152,6 +152,7 @@ def card_step(job_id: str) -> None:
         job_id=job.id,
     )
     card.save(_merged_dir(job) / "README.md")
+    _jobs().store.update(job_id, card=card.text)
 
 
 @DBOS.step(name="mergebot.push")

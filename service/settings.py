@@ -11,6 +11,8 @@
 | `MERGEBOT_WORKER_ID` | this worker's stable id: a restart under the same id resumes its jobs | `<host>-worker0` |
 | `MERGEBOT_DEVICE` | `auto`, `cpu` or `cuda` | `auto` |
 | `MERGEBOT_MAX_MODELS`, `MERGEBOT_MAX_SOURCE_GB`, `MERGEBOT_MAX_QUEUED` | limits per request and queued jobs per requester | 8, 100, 3 |
+| `MERGEBOT_LOCAL_LOGIN_TOKEN` | off Spaces, whom the UI's sign-in mock signs in as | the bot's token (the demo user in the demo) |
+| `MERGEBOT_MAX_QUEUED_ANONYMOUS` | queued jobs of all requests without sign-in together | 1 |
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class Settings:
     device: str = "auto"
     limits: Limits = Limits()
     max_queued_per_requester: int = 3
+    local_login_token: str | None = field(default=None, repr=False)
+    """Off Spaces, whom Gradio's sign-in mock signs in as (see ``service.server``)."""
+    max_queued_anonymous: int = 1
+    """Requests without sign-in share one, smaller, queue quota."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -60,6 +66,8 @@ class Settings:
                 ),
             ),
             max_queued_per_requester=int(env.get("MERGEBOT_MAX_QUEUED", 3)),
+            max_queued_anonymous=int(env.get("MERGEBOT_MAX_QUEUED_ANONYMOUS", 1)),
+            local_login_token=env.get("MERGEBOT_LOCAL_LOGIN_TOKEN") or None,
         )
 
     @property

@@ -2,7 +2,8 @@
 and ``transformers`` talk to through ``HF_ENDPOINT`` (see shared/docs/hub-contract.md).
 
 Covered: whoami, repo create/delete, repo info, refs, commits, tree, resolve (HEAD and GET,
-with ``Range``), preupload and commit (so ``upload_folder`` works), validate-yaml, and in
+with ``Range``), preupload and commit (so ``upload_folder`` works), validate-yaml, a model
+page (the card as Markdown), and in
 ``community``: discussions (list, open, details, comment, status, title) and webhooks.
 Every request's path and token are recorded in ``SandboxHub.requests`` so tests can check
 which files were read and with which token.
@@ -123,6 +124,7 @@ class SandboxHub:
                 self.resolve,
             ),
         ]
+        self.routes.append(("GET", r"/(?!api/)(?P<repo>[^/]+/[^/]+)", self.model_page))
         self.community = Community(self)
         self.store.listeners.append(self.community.notify)
         self.routes += self.community.routes()
@@ -349,6 +351,17 @@ class SandboxHub:
             response.headers["Content-Length"] = str(len(body))
             response.body = b""
         return response
+
+    def model_page(self, request: Request) -> Response:
+        """A model's page: its card as Markdown (where the Hub renders HTML), for links in
+        the Space and in discussion replies."""
+        found = self._repo_at(request)
+        if isinstance(found, Response):
+            return found
+        repo, commit = found
+        oid = commit.files.get("README.md")
+        card = self.store.blob(oid) if oid else f"# {repo.repo_id}\n\n(no model card)\n".encode()
+        return Response(200, card, {"Content-Type": "text/markdown; charset=utf-8"})
 
     def preupload(self, request: Request) -> Response:
         repo = self._repo(request, write=True)

@@ -1,0 +1,108 @@
+"""Starting the bot in one process: its Hub (the real one, or the demo's sandbox hub when there
+is no token), the job engine (DBOS, with or without an in-process worker), the clock, and one
+web server for the JSON API and the Space's UI. ``spaces_app.py`` and ``mergebot serve`` both
+start it this way."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+
+from service.settings import Settings
+
+MOCK_OAUTH_TOKEN = "mock-oauth-token-for-local-dev"
+"""The token Gradio's local OAuth mock hands to handlers off Spaces."""
+
+
+def quiet_libraries() -> None:
+    """Workers report progress in the job table; the libraries' own bars would flood logs."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def start_demo_hub(settings: Settings, port: int) -> Settings:
+    """The offline demo: the sandbox hub with example models, the bot's user on it, and the
+    local sign-in mapped to the demo user."""
+    # HF_ENDPOINT is read when huggingface_hub is first imported: it must be set before that.
+    if "huggingface_hub" in sys.modules:
+        raise RuntimeError("huggingface_hub was imported before the sandbox hub was chosen")
+    url = f"http://127.0.0.1:{port}"
+    os.environ["HF_ENDPOINT"] = url
+    quiet_libraries()
+    from service.sandbox_hub.demo import BOT_USER, DEMO_USER, TOKENS_FILE, start_demo_hub
+
+    hub_folder = settings.work_dir / "sandbox-hub"
+    server, tokens = start_demo_hub(hub_folder, port)
+    server.hub.users[MOCK_OAUTH_TOKEN] = DEMO_USER
+    print(
+        f"no HF_TOKEN: sandbox hub on {url} with example models {DEMO_USER}/base, "
+        f"{DEMO_USER}/math, {DEMO_USER}/code, {DEMO_USER}/chat; the {DEMO_USER} user's token is in {hub_folder / TOKENS_FILE}",
+        flush=True,
+    )
+    return replace(
+        settings,
+        endpoint=url,
+        bot_token=tokens[BOT_USER],
+        bot_namespace=BOT_USER,
+        local_login_token=tokens[DEMO_USER],
+    )
+
+
+def start_bot(hub_port: int, run_jobs: bool = True):
+    """Settings from the environment, the demo hub if needed, the job engine and the clock."""
+    settings = Settings.from_env()
+    if settings.bot_token is None:
+        settings = start_demo_hub(settings, hub_port)
+    else:
+        quiet_libraries()
+    from service.clock import start_clock
+    from service.jobs import JobService
+    from service.worker import start_dbos
+
+    service = JobService(settings.for_role("serve"))
+    start_dbos(service, run_jobs=run_jobs)
+    start_clock(service)
+    return service
+
+
+@contextlib.contextmanager
+def local_login_as(token: str | None) -> Iterator[None]:
+    """Off Spaces, Gradio's OAuth mock signs everyone in as the owner of ``HF_TOKEN`` — here the
+    bot. While the app is built, point it at the local user's token instead (the demo user,
+    or ``MERGEBOT_LOCAL_LOGIN_TOKEN``); on a Space real OAuth applies and nothing changes."""
+    if not token or os.environ.get("SPACE_ID"):
+        yield
+        return
+    saved = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = saved
+
+
+def run_web(service, build_blocks, host: str, port: int) -> None:
+    """Serve the JSON API and, at ``/``, the UI that ``build_blocks(service)`` makes, until stopped."""
+    import gradio as gr
+    import uvicorn
+
+    from service.api import create_app
+
+    with local_login_as(service.settings.local_login_token):
+        blocks = build_blocks(service)
+        app = gr.mount_gradio_app(create_app(service), blocks, path="", ssr_mode=False)
+    print(
+        f"mergebot serving on http://{host}:{port} (jobs in {service.settings.database_url.split('://')[0]}), worker {service.settings.worker_id}",
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning")
