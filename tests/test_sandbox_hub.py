@@ -110,7 +110,8 @@ def test_the_sandbox_hub_command_serves_seeded_example_models(tmp_path):
     try:
         url = process.stdout.readline().split()[3].rstrip(";")
         assert (
-            process.stdout.readline().strip() == "example models: demo/base, demo/math, demo/code, demo/chat"
+            process.stdout.readline().strip()
+            == "example models: demo/base, demo/math, demo/code, demo/chat"
         )
         api = HfApi(endpoint=url, token="tok-demo")
         assert {s.rfilename for s in api.model_info("demo/math").siblings} >= {
