@@ -57,17 +57,21 @@ def start_sandbox(families: dict[str, tuple[Path, list[Path]]]) -> SandboxServer
 
 
 class MergebotProcess:
-    """``mergebot serve`` or ``mergebot worker`` in a subprocess, its output in a log file."""
+    """``mergebot serve`` or ``mergebot worker`` (or ``command``) in a subprocess, its output in
+    a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path):
-        self.args, self.env, self.log_path = args, env, log
+    def __init__(
+        self, args: list[str], env: dict[str, str], log: Path, command: list[str] | None = None
+    ):
+        self.command = command or [sys.executable, "-m", "service.cli", *args]
+        self.env, self.log_path = env, log
         self.process: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *self.args],
+            self.command,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -21,3 +21,21 @@ def test_readme_and_ci_share_the_test_command():
     assert len(commands) == 2, "the README must show exactly two set-up commands"
     ci = (README.parent / ".ci" / "run").read_text()
     assert commands[1] in ci
+
+
+def test_readme_is_a_space_card():
+    import yaml
+
+    text = README.read_text()
+    assert text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["sdk"] == "gradio" and front["hf_oauth"] is True
+    assert (README.parent / front["app_file"]).is_file()
+    assert {"write-repos", "manage-repos"} <= set(front["hf_oauth_scopes"])
+    assert front["suggested_hardware"] and front["tags"]
+
+
+def test_the_docker_image_runs_the_server_as_user_1000_on_7860():
+    dockerfile = (README.parent / "Dockerfile").read_text()
+    assert "--uid 1000" in dockerfile and "USER user" in dockerfile
+    assert "EXPOSE 7860" in dockerfile and '"mergebot", "serve"' in dockerfile

@@ -1,6 +1,6 @@
-"""The main job as the README runs it: ``mergebot serve`` without ``HF_TOKEN`` starts the sandbox
-hub with example models, and ``mergebot submit`` / ``mergebot jobs`` drive it; the demo's
-repos and jobs survive a restart."""
+"""The main job as the README runs it: ``python spaces_app.py`` without ``HF_TOKEN`` starts the
+sandbox hub with example models beside the Space's server, and ``mergebot submit`` /
+``mergebot jobs`` drive it; the demo's repos and jobs survive a restart."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from service_env import Api, MergebotProcess, free_port, wait_until
@@ -23,16 +24,22 @@ parameters: {t: 0.3}
 """
 
 
-def test_serve_without_a_token_runs_the_offline_demo(tmp_path):
+def test_the_space_without_a_token_runs_the_offline_demo(tmp_path):
     work = tmp_path / "work"
     port, hub_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MERGEBOT_"))}
-    env.update(MERGEBOT_WORK_DIR=str(work), HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
-    args = ["serve", "--port", str(port), "--hub-port", str(hub_port)]
+    env.update(
+        MERGEBOT_WORK_DIR=str(work),
+        HF_HOME=str(tmp_path / "hf"),
+        PYTHONUNBUFFERED="1",
+        GRADIO_SERVER_PORT=str(port),
+        MERGEBOT_SANDBOX_PORT=str(hub_port),
+    )
+    app = [sys.executable, str(Path(__file__).resolve().parent.parent / "spaces_app.py")]
     api = Api(port)
 
     def start() -> MergebotProcess:
-        process = MergebotProcess(args, env, tmp_path / "serve.log")
+        process = MergebotProcess([], env, tmp_path / "serve.log", command=app)
         wait_until(lambda: api.ready() or process.process.poll() is not None, "mergebot serve")
         assert api.ready(), process.log
         return process
