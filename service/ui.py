@@ -350,8 +350,11 @@ def build_blocks(service: JobService) -> gr.Blocks:
         def poll(current: str, profile: gr.OAuthProfile | None) -> list[Any]:
             name = profile.username if profile else "anonymous"
             recent = service.list(limit=50)
+            shown = service.get(current.strip()) if current and current.strip() else None
+            if shown and shown.private and shown.requester != name:
+                shown = None  # a private job's card and log are its requester's only
             return [
-                *_job_panel(service.get(current.strip()) if current and current.strip() else None),
+                *_job_panel(shown),
                 _job_rows(service.list(requester=name, limit=20)),
                 _job_rows([j for j in recent if not j.private][:20]),
             ]
