@@ -83,8 +83,11 @@ def build_card(
     name: str | None = None,
     command: str | None = None,
     job_id: str | None = None,
+    credit: str | None = None,
+    changes: list[str] | None = None,
 ) -> ModelCard:
-    """The card of a merge; ``job_id`` names the service job that produced it, if any."""
+    """The card of a merge; ``job_id`` names the service job that produced it, ``credit`` who
+    asked for it, ``changes`` what moved since the last merge of a followed recipe."""
     recipe = plan.recipe
     read = plan.read_models
     merged_from = [
@@ -120,4 +123,6 @@ def build_card(
         recipe=plan.reproducible_recipe().to_yaml().rstrip(),
         command=command or "mergebot merge mergebot_recipe.yaml ./merged",
         job_id=job_id,
+        credit=credit,
+        changes=changes or [],
     )

@@ -7,6 +7,8 @@
 | `GET /api/jobs[?requester=NAME]` | recent jobs |
 | `GET /api/jobs/{id}` | one job: status, stage, fraction, log, error, result URL |
 | `POST /api/jobs/{id}/cancel` | the requester (or the bot's operator) stops a job |
+| `POST /api/follows/{ns}/{name}/stop` or `start` | the requester stops or restarts re-merges of a result |
+| `POST /api/webhooks/hub` | Hub webhooks (`X-Webhook-Secret` = `MERGEBOT_WEBHOOK_SECRET`): discussions and source updates |
 
 A request is signed with the requester's Hub token (`Authorization: Bearer hf_…`); without one
 the merge goes to the bot's namespace, if the bot has one.
@@ -14,12 +16,16 @@ the merge goes to the bot's namespace, if the bot has one.
 
 from __future__ import annotations
 
+import hmac
+
 from fastapi import FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.recipe import recipe_from_text
+from service.discussions import DiscussionWatcher
 from service.hub import identify
 from service.intake import Identity, MergeRequest
 from service.jobs import JobService, QueueLimitError
@@ -78,5 +84,34 @@ def create_app(service: JobService) -> FastAPI:
     @app.post("/api/jobs/{job_id}/cancel")
     def cancel(job_id: str, authorization: str | None = Header(default=None)) -> dict:
         return service.cancel(job_id, _identity(service, authorization)).to_json()
+
+    @app.post("/api/follows/{namespace}/{name}/{action}")
+    def follow(
+        namespace: str, name: str, action: str, authorization: str | None = Header(default=None)
+    ) -> dict:
+        if action not in ("stop", "start"):
+            raise RecipeError("the action is stop or start", field="action")
+        identity = _identity(service, authorization)
+        return {
+            "message": service.set_following(f"{namespace}/{name}", identity, action == "start")
+        }
+
+    @app.post("/api/webhooks/hub")
+    async def hub_webhook(
+        request: Request, x_webhook_secret: str | None = Header(default=None)
+    ) -> JSONResponse:
+        """Hub webhooks: a discussion event polls that repo's discussions now, a repo update
+        checks the follows that read it. Both are idempotent, so a poll seeing the same event
+        later does nothing more."""
+        secret = service.settings.webhook_secret
+        if not secret or not hmac.compare_digest(x_webhook_secret or "", secret):
+            return JSONResponse({"error": "wrong or missing X-Webhook-Secret"}, status_code=401)
+        payload = await request.json()
+        scope, repo = payload["event"]["scope"], payload["repo"]["name"]
+        if scope.startswith("discussion"):
+            await run_in_threadpool(DiscussionWatcher(service).poll, repo)
+        elif scope == "repo.content":
+            await run_in_threadpool(service.follows.check_all, repo)
+        return JSONResponse({"ok": True})
 
     return app

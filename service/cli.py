@@ -66,6 +66,22 @@ def cmd_worker(args: argparse.Namespace) -> None:
     stop_dbos()
 
 
+def cmd_tick(args: argparse.Namespace) -> None:
+    from service.clock import tick
+    from service.jobs import JobService
+    from service.server import quiet_libraries
+    from service.settings import Settings
+    from service.worker import start_dbos, stop_dbos
+
+    quiet_libraries()
+    settings = Settings.from_env()
+    settings = replace(settings, worker_id=args.id or settings.worker_id).for_role("tick")
+    service = JobService(settings)
+    start_dbos(service, run_jobs=False)
+    tick(service)
+    stop_dbos()
+
+
 def _call_api(server: str, method: str, path: str, body: dict | None = None) -> dict | list:
     """One JSON call to a running ``mergebot serve``, signed with the caller's Hub token."""
     from huggingface_hub import get_token
@@ -152,6 +168,12 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         "--id", help="this worker's stable id (default: MERGEBOT_WORKER_ID or <host>-worker0)"
     )
     worker.set_defaults(func=cmd_worker)
+
+    clock = sub.add_parser(
+        "tick", help="run the clock once: poll discussions, check followed sources, sweep"
+    )
+    clock.add_argument("--id", help="this process's id (default: <host>-tick)")
+    clock.set_defaults(func=cmd_tick)
 
     submit = sub.add_parser("submit", help="send a recipe to a running mergebot server")
     submit.add_argument("recipe", help="the recipe YAML file")

@@ -1,8 +1,7 @@
 """The clock: periodic work that only enqueues or tidies idempotently, so running it in more
-than one process is harmless (APScheduler's own job store is never shared).
-
-For now it sweeps what a crash can leave behind: the work folder and the stored token of a
-job that has ended (a worker killed after the job's last step but before its clean-up).
+than one process is harmless (APScheduler's own job store is never shared): poll the watched
+repos' discussions, check whether followed sources moved, and sweep what a crash can leave
+behind (the work folder and stored token of a job that has ended).
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ SWEEP_MINUTES = 10
 
 
 def sweep(service: JobService) -> int:
-    """Remove the leftovers of ended jobs; return how many job folders went."""
+    """Remove the leftovers of ended jobs (folders, tokens; a follow's token stays while it
+    follows); return how many job folders went."""
     jobs_dir = service.settings.work_dir / "jobs"
     removed = 0
     for folder in sorted(jobs_dir.iterdir()) if jobs_dir.is_dir() else []:
@@ -26,12 +26,41 @@ def sweep(service: JobService) -> int:
         if job is None or job.status not in ACTIVE:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
-    service.vault.keep_only(service.store.active_ids())
+    following = {follow.token_key for follow in service.follows.active()}
+    service.vault.keep_only(service.store.active_ids() | following)
     return removed
 
 
+def tick(service: JobService) -> None:
+    """One round of everything the clock does (``mergebot tick`` runs it once)."""
+    from service.discussions import DiscussionWatcher
+
+    DiscussionWatcher(service).poll()
+    service.follows.check_all()
+    sweep(service)
+
+
 def start_clock(service: JobService) -> BackgroundScheduler:
+    from service.discussions import DiscussionWatcher
+
+    settings = service.settings
     clock = BackgroundScheduler(daemon=True)
     clock.add_job(sweep, "interval", args=[service], minutes=SWEEP_MINUTES, id="sweep")
+    if settings.watch_repos and settings.bot_token:
+        watcher = DiscussionWatcher(service)
+        clock.add_job(
+            watcher.poll,
+            "interval",
+            seconds=settings.discussion_poll_seconds,
+            id="discussions",
+            max_instances=1,
+        )
+    clock.add_job(
+        service.follows.check_all,
+        "interval",
+        seconds=settings.follow_check_seconds,
+        id="follows",
+        max_instances=1,
+    )
     clock.start()
     return clock

@@ -29,6 +29,10 @@ class MergeRequest:
     origin: Origin
     private: bool = False
     follow_sources: bool = False
+    discussion: str | None = None
+    """``type/namespace/name#num`` when a Hub discussion asked for it."""
+    changes: tuple[str, ...] = ()
+    """For a re-merge: the sources that moved."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ jobs_table = sa.Table(
     sa.Column("commit", sa.String(64)),
     sa.Column("url", sa.String(500)),
     sa.Column("card", sa.Text),
+    sa.Column("request_recipe", sa.Text),
+    sa.Column("discussion", sa.String(300)),
+    sa.Column("changes", sa.Text),
     sa.Column("worker", sa.String(200)),
     sa.Column("merge_runs", sa.Integer, nullable=False),
     sa.Column("cancel_requested", sa.Boolean, nullable=False),
@@ -68,6 +71,12 @@ class Job:
     url: str | None = None
     card: str | None = None
     """The model card (Markdown), once the card stage has written it."""
+    request_recipe: str | None = None
+    """The recipe as asked (references unpinned): what a re-merge merges again."""
+    discussion: str | None = None
+    """``type/namespace/name#num`` of the discussion that asked for this job, if any."""
+    changes: list[str] = field(default_factory=list)
+    """For a re-merge: which sources moved, ``repo: old → new``."""
     worker: str | None = None
     merge_runs: int = 0
     cancel_requested: bool = False
@@ -144,6 +153,31 @@ class JobStore:
         with self.engine.connect() as db:
             return db.execute(query).scalar_one()
 
+    def count_since(self, requester: str, origin: str, since: float) -> int:
+        query = (
+            sa.select(sa.func.count())
+            .select_from(jobs_table)
+            .where(
+                jobs_table.c.requester == requester,
+                jobs_table.c.origin == origin,
+                jobs_table.c.created_at >= since,
+            )
+        )
+        with self.engine.connect() as db:
+            return db.execute(query).scalar_one()
+
+    def of_discussion(self, discussion: str) -> Job | None:
+        """The latest job a discussion asked for."""
+        query = (
+            jobs_table.select()
+            .where(jobs_table.c.discussion == discussion)
+            .order_by(jobs_table.c.created_at.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as db:
+            row = db.execute(query).first()
+        return _from_row(row) if row else None
+
     def active_ids(self) -> set[str]:
         query = sa.select(jobs_table.c.id).where(jobs_table.c.status.in_(ACTIVE))
         with self.engine.connect() as db:
@@ -182,6 +216,7 @@ def _to_row(job: Job) -> dict[str, Any]:
     row = asdict(job)
     row["sources"] = json.dumps(job.sources, sort_keys=True)
     row["log"] = json.dumps(job.log)
+    row["changes"] = json.dumps(job.changes)
     return row
 
 
@@ -189,4 +224,5 @@ def _from_row(row: sa.Row) -> Job:
     values = dict(row._mapping)
     values["sources"] = json.loads(values["sources"])
     values["log"] = json.loads(values["log"])
+    values["changes"] = json.loads(values["changes"] or "[]")
     return Job(**values)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from merge_engine import preflight
 from merge_engine.errors import MergeError
 from merge_engine.plan import MergePlan
+from service.follows import Follows
 from service.hub import identify
 from service.intake import (
     Identity,
@@ -27,6 +28,7 @@ from service.intake import (
     job_id,
 )
 from service.job_store import ACTIVE, Job, JobStore, make_engine
+from service.once import create_tables as create_event_tables
 from service.settings import Settings
 from service.token_vault import TokenVault, load_key
 
@@ -48,6 +50,8 @@ class JobService:
         self.vault = TokenVault(
             engine, load_key(settings.secret_key, settings.work_dir, not settings.uses_sqlite)
         )
+        create_event_tables(engine)
+        self.follows = Follows(self)
 
     def check(self, request: MergeRequest, identity: Identity) -> tuple[MergePlan, str]:
         """Everything submit checks, queueing nothing: the plan and the job id it would get."""
@@ -86,6 +90,9 @@ class JobService:
             recipe=_job_recipe(plan, new_id),
             sources={ref.path: s.revision for ref, s in plan.sources.items() if s.revision},
             log=[f"queued: {plan.method.name} of {len(plan.sources)} models into {request.target}"],
+            request_recipe=request.recipe.to_yaml(),
+            discussion=request.discussion,
+            changes=list(request.changes),
         )
         self.store.add(job)
         if identity.token:
@@ -111,6 +118,30 @@ class JobService:
         operator = bool(identity.token) and identity.token == self.settings.bot_token
         if not (owner or operator):
             raise MergeError(f"only {job.requester} can cancel {job_id}; sign in as them")
+        return self.request_cancel(job)
+
+    def set_following(self, target: str, identity: Identity, on: bool) -> str:
+        """Stop or restart the following of ``target`` (its requester, or the bot's operator)."""
+        follow = self.follows.get(target)
+        if follow is None:
+            raise MergeError(
+                f"{target} does not follow its sources; merge it with 'follow source updates'"
+            )
+        owner = identity.token is not None and identity.name == follow.requester
+        operator = bool(identity.token) and identity.token == self.settings.bot_token
+        if not (owner or operator):
+            raise MergeError(
+                f"only {follow.requester} can change the following of {target}; sign in as them"
+            )
+        if on:
+            self.follows.restart(target, identity.token if owner else None)
+            return f"{target} follows its sources again"
+        self.follows.stop(target, f"stopped by {identity.name}")
+        return f"{target} no longer follows its sources"
+
+    def request_cancel(self, job: Job) -> Job:
+        """Stop ``job`` (whoever asks was checked by the caller)."""
+        job_id = job.id
         if job.status == "queued":  # nothing started: it ends now, and needs no token
             self.store.update(
                 job_id,

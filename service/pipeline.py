@@ -150,9 +150,21 @@ def card_step(job_id: str) -> None:
         name=job.target.split("/")[1],
         command=f"mergebot merge mergebot_recipe.yaml ./{job.target.split('/')[1]}",
         job_id=job.id,
+        credit=_credit(job),
+        changes=job.changes,
     )
     card.save(_merged_dir(job) / "README.md")
     _jobs().store.update(job_id, card=card.text)
+
+
+def _credit(job: Job) -> str:
+    if job.discussion is None:
+        return f"Requested by {job.requester}."
+    repo_key, _, num = job.discussion.partition("#")
+    repo_type, _, repo_id = repo_key.partition("/")
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
+    url = f"{_jobs().settings.endpoint}/{prefix}{repo_id}/discussions/{num}"
+    return f"Requested by @{job.requester} in [discussion #{num}]({url})."
 
 
 @DBOS.step(name="mergebot.push")
@@ -223,9 +235,22 @@ def merge_job(job_id: str) -> str:
         message = describe_failure(error, stage, job.target)
         log.warning("job %s failed at %s: %s", job_id, stage, message)
         outcome = dict(status="failed", error=message, log=f"failed: {message}")
+    if outcome["status"] == "succeeded" and job.follow_sources:
+        jobs.follows.record(_job(job_id), jobs.vault.get(job_id))
     jobs.finish(job_id)  # before the status: whoever sees the job ended sees it cleaned up
     store.update(job_id, **outcome)
+    if job.discussion:
+        _report_to_discussion(job_id)
     return outcome["status"]
+
+
+def _report_to_discussion(job_id: str) -> None:
+    from service.discussions import DiscussionWatcher
+
+    try:
+        DiscussionWatcher(_jobs()).report(_job(job_id))
+    except Exception as error:  # noqa: BLE001  (the merge is done; a lost reply must not undo it)
+        log.warning("job %s: could not reply to its discussion (%s)", job_id, type(error).__name__)
 
 
 def describe_failure(error: BaseException, stage: str, target: str) -> str:

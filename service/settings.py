@@ -12,6 +12,11 @@
 | `MERGEBOT_DEVICE` | `auto`, `cpu` or `cuda` | `auto` |
 | `MERGEBOT_MAX_MODELS`, `MERGEBOT_MAX_SOURCE_GB`, `MERGEBOT_MAX_QUEUED` | limits per request and queued jobs per requester | 8, 100, 3 |
 | `MERGEBOT_LOCAL_LOGIN_TOKEN` | off Spaces, whom the UI's sign-in mock signs in as | the bot's token (the demo user in the demo) |
+| `MERGEBOT_WATCH_REPOS` | repos whose discussions are merge requests (`org/name`, `spaces/org/name`) | the Space itself (`SPACE_ID`) |
+| `MERGEBOT_DISCUSSION_POLL_SECONDS`, `MERGEBOT_FOLLOW_CHECK_SECONDS` | how often the clock polls discussions and checks followed sources | 60, 3600 |
+| `MERGEBOT_WEBHOOK_SECRET` | the secret Hub webhooks must carry to `/api/webhooks/hub` | none: the endpoint is off |
+| `MERGEBOT_DISCUSSION_DAILY` | merge requests per discussion author per day | 5 |
+| `MERGEBOT_ALLOW_NAMESPACES`, `MERGEBOT_DENY_NAMESPACES` | comma lists: namespaces a discussion request may (not) read from | any / none |
 | `MERGEBOT_MAX_QUEUED_ANONYMOUS` | queued jobs of all requests without sign-in together | 1 |
 """
 
@@ -41,6 +46,14 @@ class Settings:
     device: str = "auto"
     limits: Limits = Limits()
     max_queued_per_requester: int = 3
+    watch_repos: tuple[str, ...] = ()
+    """``type/namespace/name`` of each repo whose discussions are merge requests."""
+    discussion_poll_seconds: float = 60.0
+    follow_check_seconds: float = 3600.0
+    webhook_secret: str | None = field(default=None, repr=False)
+    discussion_daily: int = 5
+    allow_namespaces: tuple[str, ...] = ()
+    deny_namespaces: tuple[str, ...] = ()
     local_login_token: str | None = field(default=None, repr=False)
     """Off Spaces, whom Gradio's sign-in mock signs in as (see ``service.server``)."""
     max_queued_anonymous: int = 1
@@ -68,6 +81,17 @@ class Settings:
             max_queued_per_requester=int(env.get("MERGEBOT_MAX_QUEUED", 3)),
             max_queued_anonymous=int(env.get("MERGEBOT_MAX_QUEUED_ANONYMOUS", 1)),
             local_login_token=env.get("MERGEBOT_LOCAL_LOGIN_TOKEN") or None,
+            watch_repos=tuple(
+                _repo_key(name)
+                for name in _names(env.get("MERGEBOT_WATCH_REPOS"))
+                or ([f"spaces/{env['SPACE_ID']}"] if env.get("SPACE_ID") else [])
+            ),
+            discussion_poll_seconds=float(env.get("MERGEBOT_DISCUSSION_POLL_SECONDS", 60)),
+            follow_check_seconds=float(env.get("MERGEBOT_FOLLOW_CHECK_SECONDS", 3600)),
+            webhook_secret=env.get("MERGEBOT_WEBHOOK_SECRET") or None,
+            discussion_daily=int(env.get("MERGEBOT_DISCUSSION_DAILY", 5)),
+            allow_namespaces=tuple(_names(env.get("MERGEBOT_ALLOW_NAMESPACES"))),
+            deny_namespaces=tuple(_names(env.get("MERGEBOT_DENY_NAMESPACES"))),
         )
 
     @property
@@ -76,8 +100,19 @@ class Settings:
 
     def for_role(self, role: str) -> Settings:
         """These settings with the worker id defaulted for ``serve`` or ``worker``."""
-        suffix = "serve" if role == "serve" else "worker0"
+        suffix = {"serve": "serve", "tick": "tick"}.get(role, "worker0")
         return replace(self, worker_id=self.worker_id or f"{socket.gethostname()}-{suffix}")
 
     def job_dir(self, job_id: str) -> Path:
         return self.work_dir / "jobs" / job_id
+
+
+def _names(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def _repo_key(name: str) -> str:
+    """``org/name`` → ``model/org/name``; ``spaces/org/name`` → ``space/org/name``."""
+    kind, _, rest = name.partition("/")
+    plural = {"spaces": "space", "datasets": "dataset", "models": "model"}
+    return f"{plural[kind]}/{rest}" if kind in plural and rest.count("/") == 1 else f"model/{name}"

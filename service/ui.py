@@ -225,7 +225,9 @@ def build_blocks(service: JobService) -> gr.Blocks:
             job_status = gr.Markdown(elem_id="job-status")
             job_link = gr.Markdown(elem_id="job-link")
             job_log = gr.Textbox(label="Log", lines=8, elem_id="job-log")
-            cancel = gr.Button("Cancel job", elem_id="cancel")
+            with gr.Row():
+                cancel = gr.Button("Cancel job", elem_id="cancel")
+                following = gr.Button("Stop / restart following the sources", elem_id="following")
             with gr.Accordion("Model card", open=False):
                 job_card = gr.Markdown(elem_id="job-card")
         with gr.Tab("Jobs"):
@@ -371,6 +373,20 @@ def build_blocks(service: JobService) -> gr.Blocks:
             return f"Job {job.id}: {'cancel requested' if job.status in ACTIVE else job.status}."
 
         cancel.click(cancel_job, job_id, outcome)
+
+        def toggle_following(current: str, token: gr.OAuthToken | None) -> str:
+            job = service.get(current.strip()) if current else None
+            follow = service.follows.get(job.target) if job else None
+            if follow is None:
+                return "⚠ this job's result does not follow its sources."
+            try:
+                return service.set_following(
+                    follow.target, _identity(service, token), not follow.active
+                )
+            except MergeError as error:
+                return f"⚠ {error}"
+
+        following.click(toggle_following, job_id, outcome)
 
         def pick(event: gr.SelectData) -> str:
             return event.row_value[0] if event.row_value else gr.skip()

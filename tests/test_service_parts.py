@@ -144,3 +144,16 @@ def test_a_download_error_is_retried_when_the_hub_error_under_it_is_transient():
                 raise SourceError("downloading org/m failed") from None
         except SourceError as error:
             assert (policy.delay(error, 1) is not None) == retried
+
+
+def test_the_sweep_keeps_the_token_of_a_merge_that_follows_its_sources(tmp_path):
+    jobs = service(tmp_path)
+    done = job("job-followed", "succeeded")
+    done.follow_sources, done.sources = True, {"alice/a": "0" * 40}
+    jobs.store.add(done)
+    jobs.follows.record(done, "hf_follow_token")
+    sweep(jobs)
+    assert jobs.vault.get("follow:alice/m") == "hf_follow_token"
+    jobs.follows.stop("alice/m", "stopped by alice")
+    assert jobs.vault.get("follow:alice/m") is None
+    assert jobs.follows.get("alice/m").reason == "stopped by alice"

@@ -1,0 +1,202 @@
+"""Merge requests by Hub discussion.
+
+A discussion (on a watched repo) whose description or a later comment holds a fenced ``yaml``
+recipe asks for a merge; an optional ``target: name`` line names the result, which always goes
+to the bot's namespace (the bot holds no token of the author) and is read from anonymously. The
+bot replies at once (queued, or the error and how to fix it), again when the job ends (the link
+and a summary, then it closes the discussion; on failure, the reason, and it stays open).
+``@mergebot retry``, ``@mergebot cancel`` and ``@mergebot unfollow`` from the author act on the
+discussion's latest job. Every event is handled once (``service.once``), whether the clock's
+poll, a webhook, or two processes see it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from huggingface_hub import HfApi
+
+from merge_engine.errors import MergeError, RecipeError
+from merge_engine.recipe import recipe_from_text
+from service.hub import hub_api
+from service.intake import Identity, MergeRequest
+from service.job_store import ACTIVE, Job
+from service.once import claim
+
+log = logging.getLogger("mergebot.discussions")
+RECIPE = re.compile(r"```ya?ml\s*\n(.*?)```", re.DOTALL)
+TARGET = re.compile(r"^\s*target:\s*([\w.-]+)\s*$", re.MULTILINE)
+COMMAND = re.compile(r"@mergebot\s+(retry|cancel|unfollow)\b")
+DAY = 24 * 3600
+
+
+def discussion_key(repo_key: str, num: int) -> str:
+    return f"{repo_key}#{num}"
+
+
+def _split(key: str) -> tuple[str, str, int]:
+    """``type/ns/name#num`` → (repo type, ``ns/name``, num)."""
+    repo_key, _, num = key.partition("#")
+    repo_type, _, repo_id = repo_key.partition("/")
+    return repo_type, repo_id, int(num)
+
+
+class DiscussionWatcher:
+    def __init__(self, service):
+        self.service = service
+        self.settings = service.settings
+
+    @property
+    def api(self) -> HfApi:
+        return hub_api(self.settings.endpoint, self.settings.bot_token)
+
+    def poll(self, only_repo: str | None = None) -> None:
+        """Handle every new event of every open discussion on the watched repos."""
+        for repo_key in self.settings.watch_repos:
+            repo_type, repo_id = repo_key.split("/", 1)
+            if only_repo and repo_id != only_repo:
+                continue
+            try:
+                discussions = list(
+                    self.api.get_repo_discussions(
+                        repo_id, repo_type=repo_type, discussion_status="open"
+                    )
+                )
+            except Exception as error:  # noqa: BLE001  (the next poll tries again)
+                log.warning("cannot list the discussions of %s: %s", repo_id, type(error).__name__)
+                continue
+            for discussion in discussions:
+                if not discussion.is_pull_request:
+                    self._handle(repo_key, discussion.num)
+
+    def _handle(self, repo_key: str, num: int) -> None:
+        repo_type, repo_id = repo_key.split("/", 1)
+        details = self.api.get_discussion_details(repo_id, num, repo_type=repo_type)
+        key = discussion_key(repo_key, num)
+        for event in details.events:
+            if event.type != "comment" or event.author in (None, "deleted", self._bot_name):
+                continue
+            if not claim(self.service.store.engine, f"discussion-event:{key}:{event.id}"):
+                continue
+            self._act(key, details.author, event.author, event.content or "")
+
+    @property
+    def _bot_name(self) -> str | None:
+        return self.settings.bot_namespace
+
+    def _act(self, key: str, opener: str, author: str, text: str) -> None:
+        command = COMMAND.search(text)
+        if command and author == opener:
+            self._command(key, author, command[1])
+            return
+        found = RECIPE.search(text)
+        if found is None or author != opener:
+            return  # conversation, or someone else's recipe: not a request
+        target = TARGET.search(RECIPE.sub("", text))
+        _, repo_id, num = _split(key)
+        name = target[1] if target else f"{repo_id.split('/')[1]}-discussion-{num}"
+        self._submit(key, author, found[1], f"{self.settings.bot_namespace}/{name}")
+
+    def _submit(self, key: str, author: str, recipe_text: str, target: str) -> None:
+        try:
+            self._check_author(author)
+            recipe = recipe_from_text(recipe_text)
+            self._check_namespaces(recipe)
+            request = MergeRequest(
+                recipe, target, author, "discussion", discussion=key, follow_sources=False
+            )
+            job = self.service.submit(request, Identity(name=author))
+        except MergeError as error:
+            field = (
+                f" (field `{error.field}`)"
+                if isinstance(error, RecipeError) and error.field
+                else ""
+            )
+            self.reply(
+                key,
+                f"⚠ I could not queue this merge{field}: {error}\n\nFix the recipe and comment with the corrected ```yaml block.",
+            )
+            return
+        sources = ", ".join(f"`{repo}@{sha[:8]}`" for repo, sha in sorted(job.sources.items()))
+        self.reply(
+            key,
+            f"Queued as job `{job.id}`: merging {sources} into `{target}`. I will reply here when it is done.",
+        )
+
+    def _check_author(self, author: str) -> None:
+        since = time.time() - DAY
+        count = self.service.store.count_since(author, "discussion", since)
+        if count >= self.settings.discussion_daily:
+            raise MergeError(
+                f"{author} already asked for {count} merges today, the most this bot takes per author per day; try again tomorrow"
+            )
+
+    def _check_namespaces(self, recipe) -> None:
+        for ref in recipe.referenced_models():
+            namespace = ref.path.split("/")[0]
+            denied = namespace in self.settings.deny_namespaces
+            if denied or (
+                self.settings.allow_namespaces and namespace not in self.settings.allow_namespaces
+            ):
+                raise RecipeError(
+                    f"this bot does not merge models of {namespace}/; use models of other namespaces",
+                    field="models",
+                )
+
+    def _command(self, key: str, author: str, command: str) -> None:
+        job = self.service.store.of_discussion(key)
+        if job is None:
+            self.reply(
+                key, "There is no merge of this discussion yet: post a recipe in a ```yaml block."
+            )
+            return
+        if command == "cancel":
+            if job.status in ACTIVE:
+                self.service.request_cancel(job)
+                self.reply(key, f"Cancelling job `{job.id}`.")
+            else:
+                self.reply(key, f"Job `{job.id}` has already ended ({job.status}).")
+        elif command == "retry":
+            self._submit(key, author, job.request_recipe or job.recipe, job.target)
+        else:
+            self.service.follows.stop(job.target, f"unfollowed by {author}")
+            self.reply(key, f"`{job.target}` no longer follows its sources.")
+
+    # --- replies ---------------------------------------------------------------------------
+
+    def reply(self, key: str, text: str, close: bool = False) -> None:
+        repo_type, repo_id, num = _split(key)
+        self.api.comment_discussion(repo_id, num, text, repo_type=repo_type)
+        if close:
+            self.api.change_discussion_status(repo_id, num, "closed", repo_type=repo_type)
+
+    def report(self, job: Job) -> None:
+        """The job of a discussion ended: say how, and close the discussion if it worked."""
+        if job.discussion is None or not claim(
+            self.service.store.engine, f"report:{job.workflow_id}"
+        ):
+            return
+        if job.status == "succeeded":
+            summary = _card_summary(job.card or "")
+            self.reply(
+                job.discussion,
+                f"Done: [{job.target}]({job.url}) (commit `{(job.commit or '')[:10]}`).\n\n{summary}",
+                close=True,
+            )
+        elif job.status == "failed":
+            self.reply(
+                job.discussion,
+                f"⚠ Job `{job.id}` failed: {job.error}\n\nComment `@mergebot retry` to try again, or post a corrected recipe.",
+            )
+        elif job.status == "cancelled":
+            self.reply(job.discussion, f"Job `{job.id}` was cancelled.")
+
+
+def _card_summary(card: str) -> str:
+    """The card's method line and its source table, for a reply."""
+    lines = card.splitlines()
+    method = next((line for line in lines if line.startswith("**")), "")
+    table = [line for line in lines if line.startswith("|") and ("`" in line or "model" in line)]
+    return "\n".join([method, "", *table]).strip()
