@@ -176,3 +176,15 @@ def test_a_followed_merge_is_merged_again_once_when_a_source_moves(bot):
         if j["target"] == "alice/followed" and j["origin"] == "schedule"
     ]
     assert len(schedule_jobs) == 2
+
+
+def test_only_the_requester_stops_the_following(bot):
+    status, answer = bot.call("POST", "/api/follows/alice/followed/stop", {}, BOB)
+    assert status == 400 and "only alice" in answer["error"]
+    status, answer = bot.call("POST", "/api/follows/alice/followed/stop", {}, ALICE)
+    assert status == 200 and "no longer follows" in answer["message"]
+    HfApi(endpoint=bot.sandbox.url, token=ALICE).upload_file(
+        repo_id="alice/math", path_or_fileobj=b"v3", path_in_repo="notes.txt"
+    )
+    assert tick(bot, "tick-4").process.wait(timeout=120) == 0
+    assert len(job_commits(bot, "alice/followed")) == 3
