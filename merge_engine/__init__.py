@@ -21,10 +21,15 @@ from merge_engine.sources import inspect_recipe_models
 
 
 def preflight(
-    recipe: Recipe, *, token: str | bool | None = None, allow_pickle: bool = False
+    recipe: Recipe,
+    *,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    hub_only: bool = False,
 ) -> MergePlan:
-    """Validate a recipe against the models' configs and safetensors headers; download no weight."""
-    sources = inspect_recipe_models(recipe.referenced_models(), token, allow_pickle)
+    """Validate a recipe against the models' configs and safetensors headers; download no
+    weight. ``hub_only`` reads every reference from the Hub, never a local folder."""
+    sources = inspect_recipe_models(recipe.referenced_models(), token, allow_pickle, hub_only)
     return build_plan(recipe, sources)
 
 

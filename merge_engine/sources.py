@@ -205,9 +205,16 @@ def inspect_hub(ref: ModelReference, token: str | bool | None = None) -> ModelSo
 
 
 def inspect_model(
-    ref: ModelReference, token: str | bool | None = None, allow_pickle: bool = False
+    ref: ModelReference,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    hub_only: bool = False,
 ) -> ModelSource:
-    return inspect_local(ref, allow_pickle) if ref.is_local else inspect_hub(ref, token)
+    """A local folder or a Hub repo; with ``hub_only`` always the Hub, whatever folders exist
+    here (the service: a request must never read the server's own files)."""
+    if ref.is_local and not hub_only:
+        return inspect_local(ref, allow_pickle)
+    return inspect_hub(ref, token)
 
 
 def download(
@@ -244,7 +251,10 @@ def download(
 
 
 def inspect_recipe_models(
-    refs: list[ModelReference], token: str | bool | None = None, allow_pickle: bool = False
+    refs: list[ModelReference],
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    hub_only: bool = False,
 ) -> dict[ModelReference, ModelSource]:
     """Metadata of every model a recipe reads, each fetched once."""
-    return {ref: inspect_model(ref, token, allow_pickle) for ref in refs}
+    return {ref: inspect_model(ref, token, allow_pickle, hub_only) for ref in refs}

@@ -4,7 +4,7 @@
 |---|---|
 | `GET /api/health` | the server is up, and which Hub it uses |
 | `POST /api/jobs` `{recipe, target, private?, follow_sources?}` | validate and queue; 202 with the job, 400 `{error, field}`, 429 when the requester's queue is full |
-| `GET /api/jobs[?requester=NAME]` | recent jobs |
+| `GET /api/jobs[?requester=NAME]` | recent jobs (private ones only to their requester) |
 | `GET /api/jobs/{id}` | one job: status, stage, fraction, log, error, result URL |
 | `POST /api/jobs/{id}/cancel` | the requester (or the bot's operator) stops a job |
 | `POST /api/follows/{ns}/{name}/stop` or `start` | the requester stops or restarts re-merges of a result |
@@ -70,14 +70,27 @@ def create_app(service: JobService) -> FastAPI:
         )
         return service.submit(request, identity).to_json()
 
+    def visible(job, identity: Identity) -> bool:
+        """A private job is its requester's (signed in) and the operator's only."""
+        if not job.private:
+            return True
+        operator = bool(identity.token) and identity.token == service.settings.bot_token
+        return operator or (identity.token is not None and identity.name == job.requester)
+
     @app.get("/api/jobs")
-    def jobs(requester: str | None = None, limit: int = 50) -> list[dict]:
-        return [job.to_json() for job in service.list(requester, min(limit, 200))]
+    def jobs(
+        requester: str | None = None,
+        limit: int = 50,
+        authorization: str | None = Header(default=None),
+    ) -> list[dict]:
+        identity = _identity(service, authorization)
+        found = service.list(requester, min(limit, 200))
+        return [job.to_json() for job in found if visible(job, identity)]
 
     @app.get("/api/jobs/{job_id}")
-    def job(job_id: str) -> JSONResponse:
+    def job(job_id: str, authorization: str | None = Header(default=None)) -> JSONResponse:
         found = service.get(job_id)
-        if found is None:
+        if found is None or not visible(found, _identity(service, authorization)):
             return JSONResponse({"error": f"there is no job {job_id}"}, status_code=404)
         return JSONResponse(found.to_json())
 

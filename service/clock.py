@@ -17,8 +17,8 @@ SWEEP_MINUTES = 10
 
 
 def sweep(service: JobService) -> int:
-    """Remove the leftovers of ended jobs (folders, tokens; a follow's token stays while it
-    follows); return how many job folders went."""
+    """Remove the leftovers of ended jobs (folders, tokens; a follow's token is not a job's,
+    and stays while it follows); return how many job folders went."""
     jobs_dir = service.settings.work_dir / "jobs"
     removed = 0
     for folder in sorted(jobs_dir.iterdir()) if jobs_dir.is_dir() else []:
@@ -26,8 +26,7 @@ def sweep(service: JobService) -> int:
         if job is None or job.status not in ACTIVE:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
-    following = {follow.token_key for follow in service.follows.active()}
-    service.vault.keep_only(service.store.active_ids() | following)
+    service.vault.erase_many(service.store.ended_ids())  # never a job just submitted
     return removed
 
 

@@ -68,8 +68,14 @@ class DiscussionWatcher:
                 log.warning("cannot list the discussions of %s: %s", repo_id, type(error).__name__)
                 continue
             for discussion in discussions:
-                if not discussion.is_pull_request:
+                if discussion.is_pull_request:
+                    continue
+                try:
                     self._handle(repo_key, discussion.num)
+                except Exception as error:  # noqa: BLE001  (one bad discussion must not stop the rest)
+                    log.warning(
+                        "discussion %s#%d: %s", repo_id, discussion.num, type(error).__name__
+                    )
 
     def _handle(self, repo_key: str, num: int) -> None:
         repo_type, repo_id = repo_key.split("/", 1)

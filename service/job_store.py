@@ -178,6 +178,32 @@ class JobStore:
             row = db.execute(query).first()
         return _from_row(row) if row else None
 
+    def has_target(self, target: str, requester: str) -> bool:
+        """Whether ``requester`` already had a job pushing to ``target``."""
+        query = (
+            sa.select(sa.func.count())
+            .select_from(jobs_table)
+            .where(jobs_table.c.target == target, jobs_table.c.requester == requester)
+        )
+        with self.engine.connect() as db:
+            return db.execute(query).scalar_one() > 0
+
+    def ended_ids(self) -> set[str]:
+        query = sa.select(jobs_table.c.id).where(jobs_table.c.status.not_in(ACTIVE))
+        with self.engine.connect() as db:
+            return set(db.execute(query).scalars())
+
+    def update_if(self, job_id: str, while_status: Status, **values: Any) -> bool:
+        """Set columns only while the job is still ``while_status``; whether it was."""
+        values["updated_at"] = time.time()
+        with self.engine.begin() as db:
+            done = db.execute(
+                jobs_table.update()
+                .where(jobs_table.c.id == job_id, jobs_table.c.status == while_status)
+                .values(**values)
+            )
+        return done.rowcount == 1
+
     def active_ids(self) -> set[str]:
         query = sa.select(jobs_table.c.id).where(jobs_table.c.status.in_(ACTIVE))
         with self.engine.connect() as db:

@@ -14,10 +14,10 @@ import shutil
 from dataclasses import replace
 
 from merge_engine import preflight
-from merge_engine.errors import MergeError
+from merge_engine.errors import MergeError, RecipeError
 from merge_engine.plan import MergePlan
 from service.follows import Follows
-from service.hub import identify
+from service.hub import hub_api, identify
 from service.intake import (
     Identity,
     MergeRequest,
@@ -58,9 +58,22 @@ class JobService:
         check_target(request.target)
         check_hub_only(request.recipe)
         check_push_rights(request.target, identity, self.settings.bot_namespace)
-        plan = preflight(request.recipe, token=identity.token or False)
+        if not identity.token:
+            self._check_bot_target(request.target, identity.requester)
+        plan = preflight(request.recipe, token=identity.token or False, hub_only=True)
         check_limits(plan, self.settings.limits)
         return plan, job_id(plan, request.target)
+
+    def _check_bot_target(self, target: str, requester: str) -> None:
+        """In the bot's namespace a request may create a repo, or update one its requester's
+        earlier job made — never another repo of the bot's."""
+        if self.store.has_target(target, requester):
+            return
+        if hub_api(self.settings.endpoint, self.settings.bot_token).repo_exists(target):
+            raise RecipeError(
+                f"{target} already exists and was not made for {requester}; choose another name",
+                field="target",
+            )
 
     def submit(self, request: MergeRequest, identity: Identity) -> Job:
         """Validate ``request`` and queue it, or return the job that already does the same."""
@@ -99,7 +112,14 @@ class JobService:
             self.vault.put(job.id, identity.token)
         from service.pipeline import enqueue
 
-        enqueue(job)
+        try:
+            enqueue(job)
+        except Exception:
+            self.store.update(
+                job.id, status="failed", error="the job could not be queued; submit it again"
+            )
+            self.vault.erase(job.id)
+            raise
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -142,17 +162,14 @@ class JobService:
     def request_cancel(self, job: Job) -> Job:
         """Stop ``job`` (whoever asks was checked by the caller)."""
         job_id = job.id
-        if job.status == "queued":  # nothing started: it ends now, and needs no token
-            self.store.update(
-                job_id,
-                cancel_requested=True,
-                status="cancelled",
-                stage="cancelled",
-                log="cancelled",
-            )
-            self.vault.erase(job_id)
-        elif job.status == "running":
-            self.store.update(job_id, cancel_requested=True, log="cancel requested")
+        # compare-and-set: a worker may start the job between our read and this write
+        if self.store.update_if(
+            job_id, "queued", cancel_requested=True, status="cancelled", stage="cancelled"
+        ):
+            self.store.update(job_id, log="cancelled")
+            self.vault.erase(job_id)  # nothing started: it needs no token
+        elif self.store.update_if(job_id, "running", cancel_requested=True):
+            self.store.update(job_id, log="cancel requested")
         return self.store.get(job_id) or job
 
     def finish(self, job_id: str) -> None:

@@ -76,7 +76,7 @@ def _read_token(job: Job) -> str | bool:
 
 
 def _plan(job: Job) -> MergePlan:
-    return preflight(recipe_from_text(job.recipe), token=_read_token(job))
+    return preflight(recipe_from_text(job.recipe), token=_read_token(job), hub_only=True)
 
 
 def _merged_dir(job: Job) -> Path:
@@ -216,6 +216,8 @@ def merge_job(job_id: str) -> str:
     job = store.get(job_id)
     if job is None or job.status not in ACTIVE:
         return job.status if job else "missing"
+    if job.workflow_id != DBOS.workflow_id:
+        return "superseded"  # a later attempt of the same job owns the row now
     store.update(job_id, status="running", worker=jobs.settings.worker_id)
     stage = "pre-flight"
     try:
@@ -227,16 +229,16 @@ def merge_job(job_id: str) -> str:
             started = time.monotonic()
             step(job_id)
             store.update(job_id, log=f"{stage}: done in {time.monotonic() - started:.1f} s")
-        url = _job(job_id).url
-        outcome = dict(status="succeeded", stage="done", fraction=1.0, log=f"published {url}")
+        done = _job(job_id)
+        if done.follow_sources:
+            jobs.follows.record(done, jobs.vault.get(job_id))
+        outcome = dict(status="succeeded", stage="done", fraction=1.0, log=f"published {done.url}")
     except JobCancelled:
         outcome = dict(status="cancelled", stage="cancelled", log="cancelled")
     except Exception as error:  # noqa: BLE001  (every failure ends the job with a sentence)
         message = describe_failure(error, stage, job.target)
         log.warning("job %s failed at %s: %s", job_id, stage, message)
         outcome = dict(status="failed", error=message, log=f"failed: {message}")
-    if outcome["status"] == "succeeded" and job.follow_sources:
-        jobs.follows.record(_job(job_id), jobs.vault.get(job_id))
     jobs.finish(job_id)  # before the status: whoever sees the job ended sees it cleaned up
     store.update(job_id, **outcome)
     if job.discussion:

@@ -17,7 +17,8 @@ from service.job_store import metadata
 tokens_table = sa.Table(
     "mergebot_tokens",
     metadata,
-    sa.Column("job_id", sa.String(64), primary_key=True),
+    # a job id, or ``follow:<target>`` for a merge that follows its sources
+    sa.Column("job_id", sa.String(300), primary_key=True),
     sa.Column("ciphertext", sa.Text, nullable=False),
 )
 KEY_FILE = "secret.key"
@@ -72,9 +73,7 @@ class TokenVault:
         with self.engine.begin() as db:
             db.execute(tokens_table.delete().where(tokens_table.c.job_id == job_id))
 
-    def keep_only(self, job_ids: set[str]) -> None:
-        """Erase every token but those of ``job_ids`` (the jobs still queued or running)."""
+    def erase_many(self, keys: set[str]) -> None:
         with self.engine.begin() as db:
-            for (job_id,) in db.execute(sa.select(tokens_table.c.job_id)).all():
-                if job_id not in job_ids:
-                    db.execute(tokens_table.delete().where(tokens_table.c.job_id == job_id))
+            for key in keys:
+                db.execute(tokens_table.delete().where(tokens_table.c.job_id == key))

@@ -350,14 +350,15 @@ def build_blocks(service: JobService) -> gr.Blocks:
         merge.click(submit, fields, [*errors, outcome, job_id])
 
         def poll(current: str, profile: gr.OAuthProfile | None) -> list[Any]:
-            name = profile.username if profile else "anonymous"
+            name = profile.username if profile else None
             recent = service.list(limit=50)
             shown = service.get(current.strip()) if current and current.strip() else None
-            if shown and shown.private and shown.requester != name:
-                shown = None  # a private job's card and log are its requester's only
+            if shown and shown.private and (name is None or shown.requester != name):
+                shown = None  # a private job's card and log are its signed-in requester's only
+            own = service.list(requester=name, limit=20) if name else []
             return [
                 *_job_panel(shown),
-                _job_rows(service.list(requester=name, limit=20)),
+                _job_rows(own),
                 _job_rows([j for j in recent if not j.private][:20]),
             ]
 

@@ -150,7 +150,8 @@ class Api:
         )
 
     def job(self, job_id: str) -> dict:
-        return self.call("GET", f"/api/jobs/{job_id}")[1]
+        """Any job, seen with the bot's own token (the operator sees private ones too)."""
+        return self.call("GET", f"/api/jobs/{job_id}", token=BOT_TOKEN)[1]
 
     def wait_done(self, job_id: str, deadline: float = DEADLINE) -> dict:
         def ended() -> dict | None:

@@ -72,6 +72,10 @@ def test_a_request_becomes_a_merged_model_with_its_card(bot, sandbox, llama_fami
     status, job = bot.submit(ties_recipe("alice"), "alice/merged", ALICE, private=True)
     assert status == 202, job
     assert bot.submit(ties_recipe("alice"), "alice/merged", ALICE)[1]["id"] == job["id"]
+    # a private job is its requester's: others do not see it
+    assert bot.call("GET", f"/api/jobs/{job['id']}")[0] == 404
+    assert bot.call("GET", f"/api/jobs/{job['id']}", token=BOB)[0] == 404
+    assert job["id"] not in [j["id"] for j in bot.call("GET", "/api/jobs")[1]]
     done = bot.wait_done(job["id"])
     assert done["status"] == "succeeded", done
     assert done["url"].endswith("/alice/merged") and done["progress"] == 1.0
@@ -129,6 +133,10 @@ def test_without_a_token_the_bot_pushes_only_to_its_namespace(bot, sandbox):
     used = [r.path for r in sandbox.hub.requests[before:] if r.token == BOT_TOKEN]
     assert "/api/models/mergebot/anonymous/commit/main" in used
     assert not [path for path in used if "alice/" in path], used
+    # a repo of the bot's that this requester did not make is not theirs to overwrite
+    HfApi(endpoint=sandbox.url, token=BOT_TOKEN).create_repo("mergebot/not-yours")
+    status, error = bot.submit(ties_recipe("alice"), "mergebot/not-yours")
+    assert status == 400 and error["field"] == "target" and "already exists" in error["error"]
 
 
 def test_a_private_source_is_never_read_with_the_bots_token(bot, sandbox):
@@ -164,6 +172,12 @@ def test_a_private_source_is_never_read_with_the_bots_token(bot, sandbox):
             "alice/x",
             "models",
             "Hub repos",
+        ),
+        (  # folders that exist where the server runs: looked up on the Hub, never read
+            "merge_method: linear\nmodels: [{model: service/sandbox_hub}, {model: merge_engine/methods}]",
+            "alice/x",
+            None,
+            "does not exist on the Hub",
         ),
         (ties_recipe("alice"), "not a repo", "target", "namespace/name"),
         (ties_recipe("alice"), "bob/x", "target", "alice/"),
