@@ -83,6 +83,16 @@ def _merged_dir(job: Job) -> Path:
     return _jobs().settings.job_dir(job.id) / "merged"
 
 
+def _merged_output(job: Job) -> Path:
+    """The merge step's output, which later steps need on this machine's disk."""
+    folder = _merged_dir(job)
+    if not folder.is_dir():
+        raise MergeError(
+            f"the merged files of job {job.id} are gone from this worker's disk (restarted on another machine?); submit the job again"
+        )
+    return folder
+
+
 def _progress(job_id: str) -> Callable[[int, int, str], None]:
     """Write the merge's progress at most every PROGRESS_EVERY seconds and stop on cancel."""
     store = _jobs().store
@@ -139,7 +149,7 @@ def merge_step(job_id: str) -> None:
 
 @DBOS.step(name="mergebot.verify")
 def verify_step(job_id: str) -> None:
-    verify_output(_merged_dir(_job(job_id)), resolve_device(_jobs().settings.device))
+    verify_output(_merged_output(_job(job_id)), resolve_device(_jobs().settings.device))
 
 
 @DBOS.step(name="mergebot.card")
@@ -153,7 +163,7 @@ def card_step(job_id: str) -> None:
         credit=_credit(job),
         changes=job.changes,
     )
-    card.save(_merged_dir(job) / "README.md")
+    card.save(_merged_output(job) / "README.md")
     _jobs().store.update(job_id, card=card.text)
 
 
@@ -176,7 +186,7 @@ def push_step(job_id: str) -> None:
     method = recipe_from_text(job.recipe).merge_method
     commit = publish(
         api,
-        _merged_dir(job),
+        _merged_output(job),
         job.target,
         job.id,
         private=job.private,

@@ -157,3 +157,15 @@ def test_the_sweep_keeps_the_token_of_a_merge_that_follows_its_sources(tmp_path)
     jobs.follows.stop("alice/m", "stopped by alice")
     assert jobs.vault.get("follow:alice/m") is None
     assert jobs.follows.get("alice/m").reason == "stopped by alice"
+
+
+def test_a_job_whose_merged_files_are_gone_fails_with_a_sentence(tmp_path):
+    from service import pipeline
+
+    jobs = service(tmp_path)
+    pipeline.configure(jobs)
+    missing = job("job-elsewhere", "running", "verify")
+    with pytest.raises(MergeError, match="gone from this worker's disk"):
+        pipeline._merged_output(missing)
+    (jobs.settings.job_dir("job-elsewhere") / "merged").mkdir(parents=True)
+    assert pipeline._merged_output(missing).is_dir()
