@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from merge_engine.errors import IncompatibleModelsError, RecipeError
+from merge_engine.methods.linear import linear
 from merge_engine.methods.with_data import fisher_average, regmean_linear
 from merge_engine.stats import FisherMode, fisher_diagonal, gram_matrices
 
@@ -41,9 +42,10 @@ def _states(models: Sequence[nn.Module], batches: Sequence[Any]) -> list[dict[st
 
 
 def _average(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The plain average (the ``linear`` method); an integer buffer is taken from model 1."""
     if not tensors[0].is_floating_point():
         return tensors[0].clone()
-    return torch.stack([t.double() for t in tensors]).mean(0).to(tensors[0].dtype)
+    return linear(tensors, None, weight=[1.0] * len(tensors), normalize=True)
 
 
 def regmean_merge(

@@ -72,10 +72,7 @@ def create_app(service: JobService) -> FastAPI:
 
     def visible(job, identity: Identity) -> bool:
         """A private job is its requester's (signed in) and the operator's only."""
-        if not job.private:
-            return True
-        operator = bool(identity.token) and identity.token == service.settings.bot_token
-        return operator or (identity.token is not None and identity.name == job.requester)
+        return not job.private or service.may_act_for(identity, job.requester)
 
     @app.get("/api/jobs")
     def jobs(

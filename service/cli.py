@@ -48,17 +48,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_web(service, build_blocks, args.host, args.port)
 
 
-def cmd_worker(args: argparse.Namespace) -> None:
+def _start_jobs(role: str, worker_id: str | None, run_jobs: bool):
+    """The job service of a ``worker`` or ``tick`` process, with DBOS launched."""
     from service.jobs import JobService
     from service.server import quiet_libraries
     from service.settings import Settings
-    from service.worker import start_dbos, stop_dbos
+    from service.worker import start_dbos
 
     quiet_libraries()
     settings = Settings.from_env()
-    settings = replace(settings, worker_id=args.id or settings.worker_id).for_role("worker")
-    start_dbos(JobService(settings))
-    print(f"mergebot worker {settings.worker_id} waiting for jobs", flush=True)
+    settings = replace(settings, worker_id=worker_id or settings.worker_id).for_role(role)
+    service = JobService(settings)
+    start_dbos(service, run_jobs=run_jobs)
+    return service
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from service.worker import stop_dbos
+
+    service = _start_jobs("worker", args.id, run_jobs=True)
+    print(f"mergebot worker {service.settings.worker_id} waiting for jobs", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
@@ -68,17 +77,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def cmd_tick(args: argparse.Namespace) -> None:
     from service.clock import tick
-    from service.jobs import JobService
-    from service.server import quiet_libraries
-    from service.settings import Settings
-    from service.worker import start_dbos, stop_dbos
+    from service.worker import stop_dbos
 
-    quiet_libraries()
-    settings = Settings.from_env()
-    settings = replace(settings, worker_id=args.id or settings.worker_id).for_role("tick")
-    service = JobService(settings)
-    start_dbos(service, run_jobs=False)
-    tick(service)
+    tick(_start_jobs("tick", args.id, run_jobs=False))
     stop_dbos()
 
 

@@ -10,6 +10,7 @@ import shutil
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from service.discussions import DiscussionWatcher
 from service.job_store import ACTIVE
 from service.jobs import JobService
 
@@ -26,22 +27,18 @@ def sweep(service: JobService) -> int:
         if job is None or job.status not in ACTIVE:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
-    service.vault.erase_many(service.store.ended_ids())  # never a job just submitted
+    service.vault.erase_of_ended_jobs()
     return removed
 
 
 def tick(service: JobService) -> None:
     """One round of everything the clock does (``mergebot tick`` runs it once)."""
-    from service.discussions import DiscussionWatcher
-
     DiscussionWatcher(service).poll()
     service.follows.check_all()
     sweep(service)
 
 
 def start_clock(service: JobService) -> BackgroundScheduler:
-    from service.discussions import DiscussionWatcher
-
     settings = service.settings
     clock = BackgroundScheduler(daemon=True)
     clock.add_job(sweep, "interval", args=[service], minutes=SWEEP_MINUTES, id="sweep")

@@ -36,11 +36,17 @@ def discussion_key(repo_key: str, num: int) -> str:
     return f"{repo_key}#{num}"
 
 
-def _split(key: str) -> tuple[str, str, int]:
+def parse_discussion_key(key: str) -> tuple[str, str, int]:
     """``type/ns/name#num`` → (repo type, ``ns/name``, num)."""
     repo_key, _, num = key.partition("#")
     repo_type, _, repo_id = repo_key.partition("/")
     return repo_type, repo_id, int(num)
+
+
+def discussion_url(endpoint: str, key: str) -> str:
+    repo_type, repo_id, num = parse_discussion_key(key)
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
+    return f"{endpoint}/{prefix}{repo_id}/discussions/{num}"
 
 
 class DiscussionWatcher:
@@ -101,7 +107,7 @@ class DiscussionWatcher:
         if found is None or author != opener:
             return  # conversation, or someone else's recipe: not a request
         target = TARGET.search(RECIPE.sub("", text))
-        _, repo_id, num = _split(key)
+        _, repo_id, num = parse_discussion_key(key)
         name = target[1] if target else f"{repo_id.split('/')[1]}-discussion-{num}"
         self._submit(key, author, found[1], f"{self.settings.bot_namespace}/{name}")
 
@@ -173,7 +179,7 @@ class DiscussionWatcher:
     # --- replies ---------------------------------------------------------------------------
 
     def reply(self, key: str, text: str, close: bool = False) -> None:
-        repo_type, repo_id, num = _split(key)
+        repo_type, repo_id, num = parse_discussion_key(key)
         self.api.comment_discussion(repo_id, num, text, repo_type=repo_type)
         if close:
             self.api.change_discussion_status(repo_id, num, "closed", repo_type=repo_type)

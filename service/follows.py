@@ -41,6 +41,11 @@ follows_table = sa.Table(
 )
 
 
+def token_key(target: str) -> str:
+    """Where the vault keeps the token that pushes ``target``'s re-merges."""
+    return f"follow:{target}"
+
+
 @dataclass
 class Follow:
     target: str
@@ -55,7 +60,7 @@ class Follow:
 
     @property
     def token_key(self) -> str:
-        return f"follow:{self.target}"
+        return token_key(self.target)
 
 
 class Follows:
@@ -81,7 +86,7 @@ class Follows:
             db.execute(follows_table.delete().where(follows_table.c.target == job.target))
             db.execute(follows_table.insert().values(**row))
         if token:
-            self.service.vault.put(f"follow:{job.target}", token)
+            self.service.vault.put(token_key(job.target), token)
 
     def get(self, target: str) -> Follow | None:
         with self.engine.connect() as db:
@@ -95,12 +100,12 @@ class Follows:
 
     def stop(self, target: str, reason: str) -> None:
         self._set(target, active=False, reason=reason)
-        self.service.vault.erase(f"follow:{target}")
+        self.service.vault.erase(token_key(target))
 
     def restart(self, target: str, token: str | None) -> None:
         self._set(target, active=True, reason=None)
         if token:
-            self.service.vault.put(f"follow:{target}", token)
+            self.service.vault.put(token_key(target), token)
 
     def _set(self, target: str, **values) -> None:
         with self.engine.begin() as db:

@@ -144,27 +144,20 @@ class JobStore:
         with self.engine.connect() as db:
             return [_from_row(row) for row in db.execute(query)]
 
-    def count_active(self, requester: str) -> int:
-        query = (
-            sa.select(sa.func.count())
-            .select_from(jobs_table)
-            .where(jobs_table.c.requester == requester, jobs_table.c.status.in_(ACTIVE))
-        )
+    def _count(self, *where: Any) -> int:
+        query = sa.select(sa.func.count()).select_from(jobs_table).where(*where)
         with self.engine.connect() as db:
             return db.execute(query).scalar_one()
 
+    def count_active(self, requester: str) -> int:
+        return self._count(jobs_table.c.requester == requester, jobs_table.c.status.in_(ACTIVE))
+
     def count_since(self, requester: str, origin: str, since: float) -> int:
-        query = (
-            sa.select(sa.func.count())
-            .select_from(jobs_table)
-            .where(
-                jobs_table.c.requester == requester,
-                jobs_table.c.origin == origin,
-                jobs_table.c.created_at >= since,
-            )
+        return self._count(
+            jobs_table.c.requester == requester,
+            jobs_table.c.origin == origin,
+            jobs_table.c.created_at >= since,
         )
-        with self.engine.connect() as db:
-            return db.execute(query).scalar_one()
 
     def of_discussion(self, discussion: str) -> Job | None:
         """The latest job a discussion asked for."""
@@ -180,18 +173,7 @@ class JobStore:
 
     def has_target(self, target: str, requester: str) -> bool:
         """Whether ``requester`` already had a job pushing to ``target``."""
-        query = (
-            sa.select(sa.func.count())
-            .select_from(jobs_table)
-            .where(jobs_table.c.target == target, jobs_table.c.requester == requester)
-        )
-        with self.engine.connect() as db:
-            return db.execute(query).scalar_one() > 0
-
-    def ended_ids(self) -> set[str]:
-        query = sa.select(jobs_table.c.id).where(jobs_table.c.status.not_in(ACTIVE))
-        with self.engine.connect() as db:
-            return set(db.execute(query).scalars())
+        return self._count(jobs_table.c.target == target, jobs_table.c.requester == requester) > 0
 
     def update_if(self, job_id: str, while_status: Status, **values: Any) -> bool:
         """Set columns only while the job is still ``while_status``; whether it was."""
@@ -203,11 +185,6 @@ class JobStore:
                 .values(**values)
             )
         return done.rowcount == 1
-
-    def active_ids(self) -> set[str]:
-        query = sa.select(jobs_table.c.id).where(jobs_table.c.status.in_(ACTIVE))
-        with self.engine.connect() as db:
-            return set(db.execute(query).scalars())
 
     def update(self, job_id: str, log: str | None = None, **values: Any) -> None:
         """Set columns of ``job_id``; ``log`` appends a line to its recent log."""

@@ -128,15 +128,22 @@ class JobService:
     def list(self, requester: str | None = None, limit: int = 50) -> list[Job]:
         return self.store.list(requester, limit)
 
+    def is_operator(self, identity: Identity) -> bool:
+        return bool(identity.token) and identity.token == self.settings.bot_token
+
+    def may_act_for(self, identity: Identity, requester: str) -> bool:
+        """Whether ``identity`` speaks for ``requester``: signed in as them (a name without a
+        token proves nothing), or the bot's operator."""
+        owner = identity.token is not None and identity.name == requester
+        return owner or self.is_operator(identity)
+
     def cancel(self, job_id: str, identity: Identity) -> Job:
         """Ask a queued or running job to stop; the worker stops at its next checkpoint (a
         tensor, in the merge). Only the requester — or the bot's own token — may cancel."""
         job = self.store.get(job_id)
         if job is None:
             raise MergeError(f"there is no job {job_id}; check the id with `mergebot jobs`")
-        owner = identity.token is not None and identity.name == job.requester
-        operator = bool(identity.token) and identity.token == self.settings.bot_token
-        if not (owner or operator):
+        if not self.may_act_for(identity, job.requester):
             raise MergeError(f"only {job.requester} can cancel {job_id}; sign in as them")
         return self.request_cancel(job)
 
@@ -147,14 +154,13 @@ class JobService:
             raise MergeError(
                 f"{target} does not follow its sources; merge it with 'follow source updates'"
             )
-        owner = identity.token is not None and identity.name == follow.requester
-        operator = bool(identity.token) and identity.token == self.settings.bot_token
-        if not (owner or operator):
+        if not self.may_act_for(identity, follow.requester):
             raise MergeError(
                 f"only {follow.requester} can change the following of {target}; sign in as them"
             )
-        if on:
-            self.follows.restart(target, identity.token if owner else None)
+        if on:  # the re-merges push with the requester's own token, when they gave it
+            own = identity.token if identity.name == follow.requester else None
+            self.follows.restart(target, own)
             return f"{target} follows its sources again"
         self.follows.stop(target, f"stopped by {identity.name}")
         return f"{target} no longer follows its sources"

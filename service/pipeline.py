@@ -24,6 +24,7 @@ from merge_engine.errors import MergeError
 from merge_engine.plan import MergePlan
 from merge_engine.recipe import recipe_from_text
 from merge_engine.run import download_plan, resolve_device, write_merge
+from service.discussions import DiscussionWatcher, discussion_url, parse_discussion_key
 from service.hub import hub_api, publish
 from service.job_store import ACTIVE, STAGES, Job
 from service.jobs import JobService
@@ -75,8 +76,17 @@ def _read_token(job: Job) -> str | bool:
     return _jobs().vault.get(job.id) or False
 
 
+_plans: dict[str, MergePlan] = {}
+"""Each running attempt's plan, built once in this process by its first step that needs it
+(a workflow resumed in a new process builds it again); it also remembers the downloads."""
+
+
 def _plan(job: Job) -> MergePlan:
-    return preflight(recipe_from_text(job.recipe), token=_read_token(job), hub_only=True)
+    plan = _plans.get(job.workflow_id)
+    if plan is None:
+        plan = preflight(recipe_from_text(job.recipe), token=_read_token(job), hub_only=True)
+        _plans[job.workflow_id] = plan
+    return plan
 
 
 def _merged_dir(job: Job) -> Path:
@@ -170,10 +180,8 @@ def card_step(job_id: str) -> None:
 def _credit(job: Job) -> str:
     if job.discussion is None:
         return f"Requested by {job.requester}."
-    repo_key, _, num = job.discussion.partition("#")
-    repo_type, _, repo_id = repo_key.partition("/")
-    prefix = "" if repo_type == "model" else f"{repo_type}s/"
-    url = f"{_jobs().settings.endpoint}/{prefix}{repo_id}/discussions/{num}"
+    url = discussion_url(_jobs().settings.endpoint, job.discussion)
+    _, _, num = parse_discussion_key(job.discussion)
     return f"Requested by @{job.requester} in [discussion #{num}]({url})."
 
 
@@ -249,6 +257,7 @@ def merge_job(job_id: str) -> str:
         message = describe_failure(error, stage, job.target)
         log.warning("job %s failed at %s: %s", job_id, stage, message)
         outcome = dict(status="failed", error=message, log=f"failed: {message}")
+    _plans.pop(job.workflow_id, None)
     jobs.finish(job_id)  # before the status: whoever sees the job ended sees it cleaned up
     store.update(job_id, **outcome)
     if job.discussion:
@@ -257,8 +266,6 @@ def merge_job(job_id: str) -> str:
 
 
 def _report_to_discussion(job_id: str) -> None:
-    from service.discussions import DiscussionWatcher
-
     try:
         DiscussionWatcher(_jobs()).report(_job(job_id))
     except Exception as error:  # noqa: BLE001  (the merge is done; a lost reply must not undo it)

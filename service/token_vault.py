@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 
 from merge_engine.errors import MergeError
-from service.job_store import metadata
+from service.job_store import ACTIVE, jobs_table, metadata
 
 tokens_table = sa.Table(
     "mergebot_tokens",
@@ -73,7 +73,9 @@ class TokenVault:
         with self.engine.begin() as db:
             db.execute(tokens_table.delete().where(tokens_table.c.job_id == job_id))
 
-    def erase_many(self, keys: set[str]) -> None:
+    def erase_of_ended_jobs(self) -> None:
+        """Erase the tokens of every job that has ended, in one statement: a job submitted
+        meanwhile is queued, so its token stays; follow tokens belong to no job and stay."""
+        ended = sa.select(jobs_table.c.id).where(jobs_table.c.status.not_in(ACTIVE))
         with self.engine.begin() as db:
-            for key in keys:
-                db.execute(tokens_table.delete().where(tokens_table.c.job_id == key))
+            db.execute(tokens_table.delete().where(tokens_table.c.job_id.in_(ended)))

@@ -19,12 +19,20 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
+from service.hub import JOB_TRAILER
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 
 USERS = {"tok-alice": "alice", "tok-bob": "bob", "tok-carol": "carol", "tok-bot": "mergebot"}
 BOT_TOKEN = "tok-bot"
 SECRET_KEY = "zJAe3y1fJ6D0bqkAqR1oVu1PZXQ0Yzy3u5b8Q7mO5lE="  # a Fernet key for tests only
 DEADLINE = 180.0  # seconds a job may take in these tests before they fail
+
+
+def job_commits(hub_url: str, repo_id: str, token: str, job_id: str | None = None) -> list[str]:
+    """The commits of ``repo_id`` that published a job (only ``job_id``'s, when given)."""
+    marker = JOB_TRAILER.format(job_id=job_id) if job_id else JOB_TRAILER.split("{")[0]
+    commits = HfApi(endpoint=hub_url, token=token).list_repo_commits(repo_id)
+    return [c.commit_id for c in commits if marker in (c.message or "")]
 
 
 def free_port() -> int:

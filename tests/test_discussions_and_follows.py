@@ -11,6 +11,7 @@ from huggingface_hub import HfApi
 from service_env import (
     BOT_TOKEN,
     MergebotProcess,
+    job_commits,
     service_env,
     start_sandbox,
     start_serve,
@@ -125,9 +126,8 @@ def tick(bot, name: str) -> MergebotProcess:
     return MergebotProcess(["tick", "--id", name], env, bot.work.parent / f"{name}.log")
 
 
-def job_commits(bot, repo: str) -> list[str]:
-    commits = HfApi(endpoint=bot.sandbox.url, token=ALICE).list_repo_commits(repo)
-    return [c.message for c in commits if "mergebot-job:" in c.message]
+def followed_commits(bot) -> list[str]:
+    return job_commits(bot.sandbox.url, "alice/followed", ALICE)
 
 
 def test_a_followed_merge_is_merged_again_once_when_a_source_moves(bot):
@@ -138,7 +138,7 @@ def test_a_followed_merge_is_merged_again_once_when_a_source_moves(bot):
     # nothing moved: a tick queues nothing
     quiet = tick(bot, "tick-0")
     quiet.process.wait(timeout=120)
-    assert len(job_commits(bot, "alice/followed")) == 1
+    assert len(followed_commits(bot)) == 1
 
     moved = alice.upload_file(
         repo_id="alice/math", path_or_fileobj=b"v2", path_in_repo="notes.txt"
@@ -154,7 +154,7 @@ def test_a_followed_merge_is_merged_again_once_when_a_source_moves(bot):
     assert len(remerges) == 1
     done = bot.wait_done(remerges[0]["id"])
     assert done["status"] == "succeeded" and done["sources"]["alice/math"] == moved
-    assert len(job_commits(bot, "alice/followed")) == 2
+    assert len(followed_commits(bot)) == 2
     card = alice.hf_hub_download("alice/followed", "README.md", cache_dir=bot.work.parent / "c2")
     text = Path(card).read_text()
     assert moved in text and "Changes since the last merge" in text and f"→ {moved[:10]}" in text
@@ -166,10 +166,10 @@ def test_a_followed_merge_is_merged_again_once_when_a_source_moves(bot):
         secret=SECRET,
     )
     alice.upload_file(repo_id="alice/code", path_or_fileobj=b"v2", path_in_repo="notes.txt")
-    wait_until(lambda: len(job_commits(bot, "alice/followed")) == 3, "the webhook's re-merge")
+    wait_until(lambda: len(followed_commits(bot)) == 3, "the webhook's re-merge")
     late = tick(bot, "tick-3")
     assert late.process.wait(timeout=120) == 0
-    assert len(job_commits(bot, "alice/followed")) == 3
+    assert len(followed_commits(bot)) == 3
     schedule_jobs = [
         j
         for j in bot.call("GET", "/api/jobs")[1]
@@ -187,4 +187,4 @@ def test_only_the_requester_stops_the_following(bot):
         repo_id="alice/math", path_or_fileobj=b"v3", path_in_repo="notes.txt"
     )
     assert tick(bot, "tick-4").process.wait(timeout=120) == 0
-    assert len(job_commits(bot, "alice/followed")) == 3
+    assert len(followed_commits(bot)) == 3

@@ -4,11 +4,15 @@ exactly once, the load shared between them."""
 from __future__ import annotations
 
 import pytest
-from huggingface_hub import HfApi
 from postgres_server import postgres_url
-from service_env import MergebotProcess, service_env, start_sandbox, start_serve, ties_recipe
-
-from service.hub import JOB_TRAILER
+from service_env import (
+    MergebotProcess,
+    job_commits,
+    service_env,
+    start_sandbox,
+    start_serve,
+    ties_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +43,8 @@ def test_two_workers_share_ten_jobs_each_merged_once(llama_family, tmp_path):
             workers = [job["worker"] for job in done]
             assert set(workers) == {"pg-worker-1", "pg-worker-2"}, workers
 
-            hub = HfApi(endpoint=sandbox.url, token=ALICE)
             for job in done:
-                trailer = JOB_TRAILER.format(job_id=job["id"])
-                commits = hub.list_repo_commits(job["target"])
-                assert len([c for c in commits if trailer in c.message]) == 1
+                assert len(job_commits(sandbox.url, job["target"], ALICE, job["id"])) == 1
         finally:
             for process in processes:
                 process.stop()

@@ -18,12 +18,11 @@ from conftest import load_weights, two_model_ties
 from huggingface_hub import HfApi
 from service_env import (
     BOT_TOKEN,
+    job_commits,
     start_sandbox,
     start_serve,
     ties_recipe,
 )
-
-from service.hub import JOB_TRAILER
 
 pytestmark = pytest.mark.slow  # real processes: a server, a worker, the sandbox hub
 
@@ -45,12 +44,6 @@ def bot(sandbox, tmp_path_factory):
     api.process, api.work = process, work
     yield api
     process.stop()
-
-
-def job_commits(sandbox, repo_id: str, job_id: str, token: str = BOT_TOKEN) -> list[str]:
-    commits = HfApi(endpoint=sandbox.url, token=token).list_repo_commits(repo_id)
-    trailer = JOB_TRAILER.format(job_id=job_id)
-    return [c.commit_id for c in commits if trailer in (c.message or "")]
 
 
 def sandbox_api(sandbox, method: str, path: str, body: dict) -> dict:
@@ -100,7 +93,7 @@ def test_a_request_becomes_a_merged_model_with_its_card(bot, sandbox, llama_fami
 
     api = HfApi(endpoint=sandbox.url, token=ALICE)
     assert api.model_info("alice/merged").private
-    assert len(job_commits(sandbox, "alice/merged", job["id"], ALICE)) == 1
+    assert len(job_commits(sandbox.url, "alice/merged", ALICE, job["id"])) == 1
     text = Path(
         api.hf_hub_download("alice/merged", "README.md", local_dir=tmp_path / "card")
     ).read_text()
@@ -128,7 +121,7 @@ def test_without_a_token_the_bot_pushes_only_to_its_namespace(bot, sandbox):
     status, job = bot.submit(ties_recipe("alice"), "mergebot/anonymous")
     assert status == 202, job
     assert bot.wait_done(job["id"])["status"] == "succeeded"
-    assert len(job_commits(sandbox, "mergebot/anonymous", job["id"])) == 1
+    assert len(job_commits(sandbox.url, "mergebot/anonymous", BOT_TOKEN, job["id"])) == 1
     # the bot's token went only to its own repo: the sources were read anonymously
     used = [r.path for r in sandbox.hub.requests[before:] if r.token == BOT_TOKEN]
     assert "/api/models/mergebot/anonymous/commit/main" in used
@@ -203,7 +196,7 @@ def test_a_push_that_meets_500s_is_retried_and_lands_once(bot, sandbox):
     status, job = bot.submit(ties_recipe("alice"), "alice/flaky", ALICE)
     done = bot.wait_done(job["id"])
     assert done["status"] == "succeeded", done
-    assert len(job_commits(sandbox, "alice/flaky", job["id"])) == 1
+    assert len(job_commits(sandbox.url, "alice/flaky", BOT_TOKEN, job["id"])) == 1
     commits = [
         r for r in sandbox.hub.requests if r.method == "POST" and "alice/flaky/commit" in r.path
     ]

@@ -60,7 +60,7 @@ def test_tokens_are_encrypted_at_rest_and_erased(tmp_path):
     assert jobs.vault.get("job-1") == "hf_secret_token"
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("db.sqlite*"))
     assert b"hf_secret_token" not in stored and b"hf_other_token" not in stored
-    jobs.vault.erase_many({"job-1"})
+    jobs.vault.erase("job-1")
     assert jobs.vault.get("job-1") is None and jobs.vault.get("job-2") == "hf_other_token"
     jobs.vault.erase("job-2")
     assert jobs.vault.get("job-2") is None

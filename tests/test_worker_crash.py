@@ -9,6 +9,7 @@ from conftest import TIES_WEIGHTS, load_weights
 from huggingface_hub import HfApi
 from service_env import (
     MergebotProcess,
+    job_commits,
     service_env,
     start_sandbox,
     start_serve,
@@ -18,7 +19,6 @@ from service_env import (
 
 from merge_engine import merge_models
 from merge_engine.example import make_family
-from service.hub import JOB_TRAILER
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +71,8 @@ def test_a_killed_worker_resumes_its_merge_and_pushes_once(big, tmp_path):
         assert done["status"] == "succeeded", (done, worker.log)
         assert merging["merge_runs"] == 1 and done["merge_runs"] == 2
 
+        assert len(job_commits(sandbox.url, "alice/survivor", ALICE, job["id"])) == 1
         hub = HfApi(endpoint=sandbox.url, token=ALICE)
-        trailer = JOB_TRAILER.format(job_id=job["id"])
-        commits = [c for c in hub.list_repo_commits("alice/survivor") if trailer in c.message]
-        assert len(commits) == 1
         hub.snapshot_download("alice/survivor", local_dir=tmp_path / "result")
         base, (a, b, _) = family
         expected = merge_models([a, b], "ties", base=base, model_parameters=TIES_WEIGHTS)

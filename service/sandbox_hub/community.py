@@ -11,10 +11,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from service.sandbox_hub.exchange import Request, Response
 from service.sandbox_hub.store import Repo, comment_data
 
 if TYPE_CHECKING:
-    from service.sandbox_hub.server import Request, Response, SandboxHub
+    from service.sandbox_hub.server import SandboxHub
 
 _REPO = r"/api/(?P<t>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)/discussions"
 
@@ -66,9 +67,7 @@ class Community:
     # --- discussions ------------------------------------------------------------------------
 
     def list_discussions(self, request: Request) -> Response:
-        from service.sandbox_hub.server import Response
-
-        repo = self.hub._repo(request)
+        repo = self.hub.find_repo(request)
         if isinstance(repo, Response):
             return repo
         wanted = (request.query.get("status") or ["all"])[0]
@@ -81,12 +80,10 @@ class Community:
         return Response.of({"discussions": found, "count": len(found), "start": 0})
 
     def create_discussion(self, request: Request) -> Response:
-        from service.sandbox_hub.server import Response
-
         user = self.hub.user(request)
         if user is None:
             return Response.error(401, None, "Invalid credentials in Authorization header")
-        repo = self.hub._repo(request)
+        repo = self.hub.find_repo(request)
         if isinstance(repo, Response):
             return repo
         body = request.json()
@@ -98,16 +95,12 @@ class Community:
         return Response.of({"num": discussion["num"]})
 
     def discussion_details(self, request: Request) -> Response:
-        from service.sandbox_hub.server import Response
-
         found = self._discussion(request)
         if isinstance(found, Response):
             return found
         return Response.of({**found[1], "diff": None})
 
     def change(self, request: Request) -> Response:
-        from service.sandbox_hub.server import Response
-
         user = self.hub.user(request)
         if user is None:
             return Response.error(401, None, "Invalid credentials in Authorization header")
@@ -139,9 +132,7 @@ class Community:
         return Response.of({"newTitle": event})
 
     def _discussion(self, request: Request) -> tuple[Repo, dict] | Response:
-        from service.sandbox_hub.server import Response
-
-        repo = self.hub._repo(request)
+        repo = self.hub.find_repo(request)
         if isinstance(repo, Response):
             return repo
         num = int(request.params["num"])
@@ -152,8 +143,6 @@ class Community:
     # --- webhooks ---------------------------------------------------------------------------
 
     def create_webhook(self, request: Request) -> Response:
-        from service.sandbox_hub.server import Response
-
         if self.hub.user(request) is None:
             return Response.error(401, None, "Invalid credentials in Authorization header")
         body = request.json()

@@ -17,7 +17,7 @@ import json
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,43 +27,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 from service.sandbox_hub.community import Community
+from service.sandbox_hub.exchange import Request, Response
 from service.sandbox_hub.store import Commit, ConflictError, HubStore, Repo
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: bytes
-    token: str | None
-    params: dict[str, str] = field(default_factory=dict)
-
-    def json(self) -> Any:
-        return json.loads(self.body or b"{}")
-
-
-@dataclass
-class Response:
-    status: int = 200
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, data: Any, status: int = 200, **headers: str) -> Response:
-        return cls(
-            status, json.dumps(data).encode(), {"Content-Type": "application/json", **headers}
-        )
-
-    @classmethod
-    def error(cls, status: int, code: str | None, message: str, **headers: str) -> Response:
-        extra = {"X-Error-Code": code} if code else {}
-        return cls.of(
-            {"error": message}, status, **extra, **headers, **{"X-Error-Message": message}
-        )
 
 
 @dataclass
@@ -158,7 +125,9 @@ class SandboxHub:
     def user(self, request: Request) -> str | None:
         return self.users.get(request.token) if request.token else None
 
-    def _repo(self, request: Request, write: bool = False) -> Repo | Response:
+    def find_repo(self, request: Request, write: bool = False) -> Repo | Response:
+        """The repo the request names if its user may read it (or, with ``write``, write to
+        it); otherwise the error to answer, a 404 for a private repo as the Hub does."""
         repo_type = REPO_TYPES[request.params.get("t") or "models"]
         repo = self.store.get(repo_type, request.params["repo"])
         user = self.user(request)
@@ -172,7 +141,7 @@ class SandboxHub:
 
     def _repo_at(self, request: Request) -> tuple[Repo, Commit] | Response:
         """The readable repo and the commit its revision names, or the error to answer."""
-        repo = self._repo(request)
+        repo = self.find_repo(request)
         if isinstance(repo, Response):
             return repo
         revision = request.params.get("rev") or "main"
@@ -263,7 +232,7 @@ class SandboxHub:
         )
 
     def refs(self, request: Request) -> Response:
-        repo = self._repo(request)
+        repo = self.find_repo(request)
         if isinstance(repo, Response):
             return repo
         branches = [
@@ -273,7 +242,7 @@ class SandboxHub:
         return Response.of({"branches": branches, "converts": [], "tags": []})
 
     def commits(self, request: Request) -> Response:
-        repo = self._repo(request)
+        repo = self.find_repo(request)
         if isinstance(repo, Response):
             return repo
         if repo.resolve(request.params["rev"]) is None:
@@ -364,7 +333,7 @@ class SandboxHub:
         return Response(200, card, {"Content-Type": "text/markdown; charset=utf-8"})
 
     def preupload(self, request: Request) -> Response:
-        repo = self._repo(request, write=True)
+        repo = self.find_repo(request, write=True)
         if isinstance(repo, Response):
             return repo
         head = repo.resolve(request.params["rev"])
@@ -381,7 +350,7 @@ class SandboxHub:
         return Response.of({"files": files})
 
     def commit(self, request: Request) -> Response:
-        repo = self._repo(request, write=True)
+        repo = self.find_repo(request, write=True)
         if isinstance(repo, Response):
             return repo
         header: dict[str, Any] = {}
