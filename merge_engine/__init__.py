@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from merge_engine.calibration import resolve_recipe as resolve_calibration
 from merge_engine.errors import MergeError
 from merge_engine.memory import merge_into, merge_models
+from merge_engine.methods import get_method
 from merge_engine.plan import MergePlan, build_plan
 from merge_engine.recipe import ModelReference, Recipe, load_recipe, parse_recipe
 from merge_engine.run import write_merge
@@ -28,9 +30,15 @@ def preflight(
     hub_only: bool = False,
 ) -> MergePlan:
     """Validate a recipe against the models' configs and safetensors headers; download no
-    weight. ``hub_only`` reads every reference from the Hub, never a local folder."""
+    weight (a Hub calibration dataset is pinned, not downloaded). ``hub_only`` reads every
+    reference from the Hub, never a local folder or file."""
     sources = inspect_recipe_models(recipe.referenced_models(), token, allow_pickle, hub_only)
-    return build_plan(recipe, sources)
+    calibration = (
+        resolve_calibration(recipe, token, hub_only)
+        if get_method(recipe.merge_method).needs_data
+        else {}
+    )
+    return build_plan(recipe, sources, calibration=calibration)
 
 
 def merge(recipe_or_plan: Recipe | MergePlan, out_dir: str | Path, **options: Any) -> Path:

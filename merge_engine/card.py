@@ -93,8 +93,10 @@ def build_card(
     merged_from = [
         ref.path for ref in recipe.referenced_models() if ref in read and not ref.is_local
     ]
+    datasets = [d.path for d in recipe.datasets()] if plan.calibration else []
     data = ModelCardData(
         base_model=merged_from or None,
+        datasets=datasets or None,
         base_model_relation="merge" if merged_from else None,
         library_name="transformers",
         tags=["merge", "mergebot", plan.method.name],
@@ -125,4 +127,24 @@ def build_card(
         job_id=job_id,
         credit=credit,
         changes=changes or [],
+        calibration=calibration_rows(plan),
     )
+
+
+def calibration_rows(plan: MergePlan) -> list[dict[str, str]]:
+    """Per input model: its calibration data, how many examples ran, the statistic."""
+    statistic = plan.method.statistic
+    tasks = [t for t in plan.tasks if not t.copy_only]
+    kinds = sorted({statistic(t.shared) for t in tasks}) if statistic else []
+    rows = []
+    for ref, data in plan.calibration.items():
+        used = data.samples_used.get(ref)
+        rows.append(
+            {
+                "model": _hub_link(ref, ref.is_local),
+                "data": data.describe(),
+                "samples": "not run yet" if used is None else str(used),
+                "statistic": ", ".join(f"`{k}`" for k in kinds),
+            }
+        )
+    return rows

@@ -112,6 +112,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
     )
     for ref, source in plan.sources.items():
         print(f"  {ref}: {source.revision or 'local folder'}")
+    for ref, data in plan.calibration.items():
+        print(f"  calibration of {ref}: {data.describe()}")
     for note in plan.notes:
         print(f"  note: {note}")
 
@@ -137,6 +139,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
         shard_size=args.shard_size,
         show_progress=not args.quiet,
         card_command=command,
+        stats_dir=args.stats_dir,
     )
     for note in plan.notes:
         print(f"note: {note}")
@@ -223,6 +226,12 @@ def build_parser(
         "--allow-pickle",
         action="store_true",
         help="read pytorch_model.bin with torch.load(weights_only=True)",
+    )
+    merge.add_argument(
+        "--stats-dir",
+        type=Path,
+        help="where fisher and regmean keep the statistics of calibration runs, reused by later merges "
+        "(default ~/.cache/mergebot/statistics)",
     )
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)

@@ -16,9 +16,14 @@ import torch
 from torch import nn
 
 from merge_engine.errors import IncompatibleModelsError, RecipeError
-from merge_engine.methods.linear import linear
-from merge_engine.methods.with_data import fisher_average, regmean_linear
-from merge_engine.stats import FisherMode, fisher_diagonal, gram_matrices
+from merge_engine.methods.with_data import fisher, regmean
+from merge_engine.stats import (
+    FisherMode,
+    Statistic,
+    fisher_diagonal,
+    gram_matrices,
+    transposed_weights,
+)
 
 
 def _states(models: Sequence[nn.Module], batches: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
@@ -41,13 +46,6 @@ def _states(models: Sequence[nn.Module], batches: Sequence[Any]) -> list[dict[st
     return states
 
 
-def _average(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The plain average (the ``linear`` method); an integer buffer is taken from model 1."""
-    if not tensors[0].is_floating_point():
-        return tensors[0].clone()
-    return linear(tensors, None, weight=[1.0] * len(tensors), normalize=True)
-
-
 def regmean_merge(
     models: Sequence[nn.Module],
     batches: Sequence[Iterable[Any]],
@@ -63,14 +61,25 @@ def regmean_merge(
     if not 0 <= alpha <= 1:
         raise RecipeError(f"alpha must lie in [0, 1], got {alpha}", field="parameters.alpha")
     states = _states(models, batches)
+    transposed = transposed_weights(models[0])
     grams = [gram_matrices(m, b, device, progress) for m, b in zip(models, batches, strict=True)]
     merged = {}
     for name in states[0]:
-        tensors = [state[name] for state in states]
-        if name in grams[0] and not any(part in name for part in exclude):
-            merged[name] = regmean_linear(tensors, [g[name] for g in grams], alpha, ridge)
-        else:
-            merged[name] = _average(tensors)
+        stats = [g.get(name) for g in grams]
+        merged[name] = _merge_one(
+            [state[name] for state in states],
+            lambda tensors, stats=stats, name=name: regmean(
+                tensors,
+                None,
+                alpha=alpha,
+                ridge=ridge,
+                use_data=not any(part in name for part in exclude),
+                stats=[
+                    None if s is None else Statistic(s, transposed=name in transposed)
+                    for s in stats
+                ],
+            ),
+        )
     return merged
 
 
@@ -93,16 +102,32 @@ def fisher_merge(
         fisher_diagonal(m, b, mode, device, progress=progress)
         for m, b in zip(models, batches, strict=True)
     ]
-    if normalize:
-        for fisher in fishers:
-            mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp_min(1e-30)
-            for name in fisher:
-                fisher[name] = fisher[name] / mean
+    means = [float(torch.cat([f.flatten() for f in fs.values()]).double().mean()) for fs in fishers]
     merged = {}
-    for name, tensor in states[0].items():
-        tensors = [state[name] for state in states]
-        if name in fishers[0] and tensor.is_floating_point():
-            merged[name] = fisher_average(tensors, [f[name] for f in fishers], weights, floor)
-        else:
-            merged[name] = _average(tensors)
+    for name in states[0]:
+        stats = [
+            None if name not in fs else Statistic(fs[name], model_mean=mean)
+            for fs, mean in zip(fishers, means, strict=True)
+        ]
+        merged[name] = _merge_one(
+            [state[name] for state in states],
+            lambda tensors, stats=stats: fisher(
+                tensors,
+                None,
+                weight=weights,
+                floor=floor,
+                normalize=normalize,
+                fisher=mode,
+                use_data=True,
+                stats=stats,
+            ),
+        )
     return merged
+
+
+def _merge_one(tensors: list[torch.Tensor], kernel: Any) -> torch.Tensor:
+    """An integer buffer is taken from model 1; everything else goes through the kernel."""
+    if not tensors[0].is_floating_point():
+        return tensors[0].clone()
+    with torch.no_grad():
+        return kernel(tensors)

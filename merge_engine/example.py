@@ -38,6 +38,27 @@ def save_model(model, folder: Path) -> Path:
     return folder
 
 
+TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?'\"()[]{}<>+-*/=_#%&|"
+
+
+def save_tiny_tokenizer(folder: Path) -> Path:
+    """A character-level tokenizer over :data:`TINY_ALPHABET` (ids below 72, so it fits the
+    tiny models' 96-token vocabulary), saved as ``tokenizer.json`` with its config."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + list(TINY_ALPHABET))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
+    )
+    fast.save_pretrained(folder)
+    return folder
+
+
 def make_family(
     folder: Path,
     arch: str = "llama",

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from merge_engine import layers
+from merge_engine.calibration import CalibrationSource
 from merge_engine.errors import IncompatibleModelsError, RecipeError
 from merge_engine.methods import MergeMethod, get_method
 from merge_engine.parameters import Scope, resolve
@@ -60,6 +61,8 @@ class MergePlan:
     config: dict[str, Any]
     seed: int | None = None
     notes: list[str] = field(default_factory=list)
+    calibration: dict[ModelReference, CalibrationSource] = field(default_factory=dict)
+    """Each input model's calibration data, for the methods that need data."""
 
     @property
     def output_bytes(self) -> int:
@@ -72,9 +75,13 @@ class MergePlan:
 
     def pinned_recipe(self) -> Recipe:
         """The recipe with every Hub source pinned to its resolved commit."""
-        return self.recipe.with_revisions(
-            {ref: s.revision for ref, s in self.sources.items() if s.revision}
-        )
+        revisions: dict[ModelReference, str] = {
+            ref: s.revision for ref, s in self.sources.items() if s.revision
+        }
+        for data in self.calibration.values():
+            if data.spec.dataset is not None and data.revision:
+                revisions[data.spec.dataset] = data.revision
+        return self.recipe.with_revisions(revisions)
 
     def reproducible_recipe(self) -> Recipe:
         """The pinned recipe with the seed actually used."""
@@ -567,13 +574,71 @@ def _check_tokenizer_vocabulary(
         )
 
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def model_task(config: dict[str, Any]) -> str | None:
+    """``causal_lm`` or ``classification`` from a config's architectures; None otherwise."""
+    architecture = (config.get("architectures") or [""])[0]
+    if architecture.endswith(CAUSAL_LM_SUFFIXES):
+        return "causal_lm"
+    if architecture.endswith(CLASSIFIER_SUFFIX):
+        return "classification"
+    return None
+
+
+def _check_calibration(
+    recipe: Recipe,
+    method: MergeMethod,
+    sources: dict[ModelReference, ModelSource],
+    calibration: dict[ModelReference, CalibrationSource],
+) -> list[str]:
+    """A method that needs data gets it for every model it can run; returns notes."""
+    given = recipe.calibration or any(m.calibration for m in recipe.models or [])
+    if not method.needs_data:
+        return [f"{method.name} uses no data: the calibration block is ignored"] if given else []
+    if not recipe.models:
+        raise RecipeError(
+            f"{method.name} merges whole models with their calibration data; list them under 'models', not 'slices'",
+            field="slices",
+        )
+    for i, entry in enumerate(recipe.models):
+        where = f"models[{i}]"
+        if entry.model not in calibration:
+            raise RecipeError(
+                f"{method.name} needs calibration data for {entry.model}: add a calibration block to it, or a shared one at the top level",
+                field=f"{where}.calibration",
+            )
+        config = sources[entry.model].config
+        task = model_task(config)
+        if task is None:
+            found = (config.get("architectures") or ["no architecture"])[0]
+            raise IncompatibleModelsError(
+                f"{method.name} runs each model on its calibration data, which mergebot does for causal LMs and "
+                f"sequence classifiers; {entry.model} is {found}"
+            )
+        if task == "causal_lm" and calibration[entry.model].spec.label_field:
+            raise RecipeError(
+                f"{entry.model} is a causal LM, which learns from the text itself; remove label_field",
+                field=f"{calibration[entry.model].where}.label_field",
+            )
+    return []
+
+
 def build_plan(
-    recipe: Recipe, sources: dict[ModelReference, ModelSource], seed: int | None = None
+    recipe: Recipe,
+    sources: dict[ModelReference, ModelSource],
+    seed: int | None = None,
+    calibration: dict[ModelReference, CalibrationSource] | None = None,
 ) -> MergePlan:
-    """Check the recipe against the models' metadata and resolve every output tensor."""
+    """Check the recipe against the models' metadata and resolve every output tensor.
+    ``calibration`` holds each input model's resolved calibration data (methods that need data)."""
     planner = _Planner(recipe, sources)
     method = planner.method
     check_parameter_names(recipe, method)
+    calibration = calibration or {}
+    notes = _check_calibration(recipe, method, sources, calibration)
     if (
         method.base == "required"
         and not recipe.base_model
@@ -583,7 +648,6 @@ def build_plan(
             f"{method.name} works on differences from a base model; name it in base_model",
             field="base_model",
         )
-    notes = []
     if (
         recipe.base_model
         and method.base == "unused"
@@ -603,4 +667,6 @@ def build_plan(
             if recipe.random_seed is not None
             else (seed if seed is not None else secrets.randbits(31))
         )
-    return MergePlan(recipe, method, sources, planner.tasks, planner.output_config(), seed, notes)
+    return MergePlan(
+        recipe, method, sources, planner.tasks, planner.output_config(), seed, notes, calibration
+    )

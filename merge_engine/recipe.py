@@ -36,6 +36,12 @@ class ModelReference:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("ModelReference is immutable")
 
+    def __copy__(self) -> ModelReference:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> ModelReference:
+        return self
+
     @classmethod
     def parse(cls, value: str | dict | ModelReference) -> ModelReference:
         if isinstance(value, ModelReference):
@@ -71,7 +77,7 @@ class ModelReference:
         return f"{self.path}@{self.revision}" if self.revision else self.path
 
     def __repr__(self) -> str:
-        return f"ModelReference({str(self)!r})"
+        return f"{type(self).__name__}({str(self)!r})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ModelReference) and (self.path, self.revision) == (
@@ -87,6 +93,37 @@ class ModelReference:
         return core_schema.no_info_plain_validator_function(
             cls.parse, serialization=core_schema.plain_serializer_function_ser_schema(str)
         )
+
+
+class DatasetReference(ModelReference):
+    """``org/name`` or ``org/name@revision`` of a Hub dataset repo (never a local path: local
+    files are the calibration block's ``path``). Distinct from a model of the same name."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, value: str | dict | ModelReference) -> DatasetReference:
+        if isinstance(value, DatasetReference):
+            return value
+        if not isinstance(value, str) or not _HUB_ID.match(value.partition("@")[0].strip()):
+            raise ValueError(
+                f"dataset must be a Hub dataset repo as org/name or org/name@revision, got {value!r}; a local file goes in 'path'"
+            )
+        path, _, revision = value.strip().partition("@")
+        return cls(path, revision or None)
+
+    @property
+    def is_local(self) -> bool:
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is DatasetReference and (self.path, self.revision) == (
+            other.path,
+            other.revision,
+        )
+
+    def __hash__(self) -> int:
+        return hash(("dataset", self.path, self.revision))
 
 
 Scalar = bool | int | float | str
@@ -108,9 +145,47 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+CALIBRATION_SUFFIXES = (".txt", ".jsonl", ".csv")
+
+
+class Calibration(_Strict):
+    """Data for the methods that need it (``fisher``, ``regmean``): exactly one of a local
+    ``path`` (.txt: one example per line, .jsonl, .csv), a Hub ``dataset`` (``file`` names
+    the file in it when it holds several) or inline ``examples``; then how to read it."""
+
+    path: str | None = None
+    dataset: DatasetReference | None = None
+    file: str | None = None
+    examples: list[str | dict[str, Any]] | None = None
+    text_field: str = "text"
+    label_field: str | None = None
+    samples: int = Field(default=128, gt=0)
+    max_length: int = Field(default=256, gt=1)
+    batch_size: int = Field(default=8, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Calibration:
+        given = [k for k in ("path", "dataset", "examples") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'path' (a local .txt, .jsonl or .csv file), 'dataset' (a Hub dataset repo) or 'examples' (a list)"
+            )
+        if self.path is not None and not self.path.endswith(CALIBRATION_SUFFIXES):
+            raise ValueError(
+                f"calibration file {self.path} must end in {', '.join(CALIBRATION_SUFFIXES)}"
+            )
+        if self.file is not None and self.dataset is None:
+            raise ValueError("'file' names a file inside 'dataset'; give the dataset too")
+        if self.examples is not None and not self.examples:
+            raise ValueError("'examples' is empty; give at least one example")
+        return self
+
+
 class InputModel(_Strict):
     model: ModelReference
     parameters: Parameters | None = None
+    calibration: Calibration | None = None
 
 
 class InputSlice(_Strict):
@@ -157,6 +232,8 @@ class Recipe(_Strict):
         default=None, union_mode="left_to_right"
     )
     random_seed: int | None = None
+    calibration: Calibration | None = None
+    """Shared calibration data, for every model without a block of its own."""
 
     @field_validator("tokenizer_source", mode="before")
     @classmethod
@@ -198,6 +275,16 @@ class Recipe(_Strict):
         refs += self.input_models() + ([tokenizer] if tokenizer else [])
         return list(dict.fromkeys(refs))
 
+    def calibration_for(self, index: int) -> Calibration | None:
+        """The calibration data of ``models[index]``: its own block, else the shared one."""
+        own = self.models[index].calibration if self.models else None
+        return own or self.calibration
+
+    def datasets(self) -> list[DatasetReference]:
+        """Every Hub dataset the calibration blocks read, each once."""
+        blocks = [self.calibration] + [m.calibration for m in self.models or []]
+        return list(dict.fromkeys(b.dataset for b in blocks if b and b.dataset))
+
     def donor(self) -> ModelReference:
         """Where config and tokenizer come from: the base model, else the first input model."""
         return self.base_model or self.input_models()[0]
@@ -216,7 +303,7 @@ class Recipe(_Strict):
 
         def pin(value: Any) -> Any:
             if isinstance(value, ModelReference) and value in revisions:
-                return ModelReference(value.path, revisions[value])
+                return type(value)(value.path, revisions[value])
             if isinstance(value, BaseModel):
                 return value.model_copy(
                     update={k: pin(getattr(value, k)) for k in type(value).model_fields}

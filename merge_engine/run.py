@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from merge_engine.calibration import fetch as fetch_calibration
 from merge_engine.errors import MergeError, OutputExistsError
 from merge_engine.io import PlannedTensor, ShardedWriter
 from merge_engine.methods import kernel_argument
 from merge_engine.plan import MergePlan, TensorTask
 from merge_engine.sources import TOKENIZER_FILES
 from merge_engine.sources import download as download_source
+from merge_engine.stats import Statistic
+from merge_engine.stats_pass import StatsFiles, collect_statistics, default_stats_dir
 
 Progress = Callable[[int, int, str], None]
 """Called after each output tensor with (done, total, tensor name)."""
@@ -53,9 +56,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def compute_task(
-    plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], device: torch.device
+    plan: MergePlan,
+    task: TensorTask,
+    tensors: list[torch.Tensor],
+    device: torch.device,
+    stats: list[Statistic | None] | None = None,
 ) -> torch.Tensor:
-    """Apply the plan's method to one task's loaded inputs (base first, if any)."""
+    """Apply the plan's method to one task's loaded inputs (base first, if any) and, for a
+    method that needs data, their statistics."""
     if task.copy_only:
         return tensors[0]
     if not tensors[0].numel():  # nothing to merge in an empty tensor
@@ -65,6 +73,8 @@ def compute_task(
     kwargs = {kernel_argument(k): v for k, v in task.shared.items()}
     for param in plan.method.per_model_params:
         kwargs[param.name] = [values[param.name] for values in task.per_model]
+    if plan.method.needs_data:
+        kwargs["stats"] = stats
     if plan.method.random:
         kwargs["generator"] = torch.Generator(device=device).manual_seed(plan.tensor_seed(task))
     with torch.no_grad():
@@ -100,33 +110,56 @@ def _last_readers(plan: MergePlan) -> dict[int, list[tuple]]:
 
 
 def iter_merged(
-    plan: MergePlan, device: torch.device, progress: Progress | None = None
+    plan: MergePlan,
+    device: torch.device,
+    progress: Progress | None = None,
+    stats_files: StatsFiles | None = None,
 ) -> Iterator[tuple[TensorTask, torch.Tensor]]:
-    """Yield (task, merged tensor) in plan order, prefetching the next task's inputs and
-    unmapping each input file after its last reader."""
+    """Yield (task, merged tensor) in plan order, prefetching the next task's inputs (and
+    their statistics) and unmapping each input file after its last reader."""
     stores = {ref: plan.sources[ref].store() for ref in plan.read_models}
     finished_files = _last_readers(plan)
 
-    def load(task: TensorTask) -> list[torch.Tensor]:
+    def load(task: TensorTask) -> tuple[list[torch.Tensor], list[Statistic | None] | None]:
         dtype = None if task.copy_only else task.compute_dtype
-        return [
+        tensors = [
             _materialize(stores[read.model].get(read.name), device, dtype) for read in task.reads()
         ]
+        return tensors, _task_statistics(plan, task, stats_files, device)
 
     total = len(plan.tasks)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-prefetch") as pool:
         pending: Future | None = pool.submit(load, plan.tasks[0]) if total else None
         for index, task in enumerate(plan.tasks):
-            tensors = pending.result()
+            tensors, stats = pending.result()
             pending = pool.submit(load, plan.tasks[index + 1]) if index + 1 < total else None
-            result = compute_task(plan, task, tensors, device)
-            del tensors
+            result = compute_task(plan, task, tensors, device, stats)
+            del tensors, stats
             yield task, result
             del result
             for model, file in finished_files.get(index, []):
                 stores[model].release(file)
             if progress:
                 progress(index + 1, total, task.output)
+
+
+def _task_statistics(
+    plan: MergePlan, task: TensorTask, stats_files: StatsFiles | None, device: torch.device
+) -> list[Statistic | None] | None:
+    """Each input's statistic for this tensor, on the device; None where the method reads none."""
+    statistic = plan.method.statistic
+    if statistic is None or task.copy_only or task.shared.get("use_data") is False:
+        return None
+    if stats_files is None:
+        raise MergeError(
+            f"{plan.method.name} needs the statistics pass first; run it with write_merge or collect_statistics"
+        )
+    kind = statistic(task.shared)
+    found = [stats_files[(read.model, kind)].get(read.name) for read in task.inputs]
+    return [
+        None if s is None else Statistic(s.value.to(device), s.model_mean, s.transposed)
+        for s in found
+    ]
 
 
 def _check_free_space(folder: Path, needed: int) -> None:
@@ -161,17 +194,21 @@ def download_plan(
     plan: MergePlan, token: str | bool | None = None, cache_dir: Path | None = None
 ) -> None:
     """Fetch the files the plan needs from the Hub: weights of the models it reads, the config
-    donor's config, the tokenizer donor's tokenizer. Local sources need nothing."""
+    donor's config, the tokenizer donor's tokenizer; for a merge with data, every model's
+    tokenizer and the pinned calibration files. Local sources need nothing."""
     read = plan.read_models
     tokenizer_donor = plan.recipe.tokenizer_donor()
+    runs_models = set(plan.calibration)  # the statistics pass tokenizes with each model's own
     for ref in read | {plan.recipe.donor(), tokenizer_donor}:
         download_source(
             plan.sources[ref],
             token,
             weights=ref in read,
-            tokenizer=ref == tokenizer_donor,
+            tokenizer=ref == tokenizer_donor or ref in runs_models,
             cache_dir=cache_dir,
         )
+    for data in {id(c): c for c in plan.calibration.values()}.values():
+        fetch_calibration(data, token, cache_dir)
 
 
 def write_merge(
@@ -185,9 +222,11 @@ def write_merge(
     progress: Progress | None = None,
     card_command: str | None = None,
     cache_dir: Path | None = None,
+    stats_dir: Path | None = None,
 ) -> Path:
-    """Download what the plan reads (into ``cache_dir`` when given), merge, and publish
-    ``out_dir`` atomically."""
+    """Download what the plan reads (into ``cache_dir`` when given), run the statistics pass
+    of a method that needs data (kept in ``stats_dir``), merge, and publish ``out_dir``
+    atomically. ``progress`` counts calibration batches, then output tensors."""
     from merge_engine.card import build_card
 
     out_dir = Path(out_dir)
@@ -196,6 +235,18 @@ def write_merge(
     _check_free_space(out_dir.parent, plan.output_bytes)
     torch_device = resolve_device(device)
     download_plan(plan, token, cache_dir)
+    stats_files, stats_units = None, 0
+    if plan.method.needs_data:
+
+        def report_stats(done: int, total: int, what: str) -> None:
+            nonlocal stats_units
+            stats_units = total
+            if progress:
+                progress(done, total + len(plan.tasks), what)
+
+        stats_files = collect_statistics(
+            plan, stats_dir or default_stats_dir(), torch_device, show_progress, report_stats
+        )
 
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -213,9 +264,9 @@ def write_merge(
         def report(done: int, total: int, name: str) -> None:
             bar.update(1)
             if progress:
-                progress(done, total, name)
+                progress(stats_units + done, stats_units + total, name)
 
-        for task, tensor in iter_merged(plan, torch_device, report):
+        for task, tensor in iter_merged(plan, torch_device, report, stats_files):
             writer.write(task.output, tensor)
         writer.finish()
         _copy_side_files(plan, staging)

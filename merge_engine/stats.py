@@ -13,11 +13,14 @@ a dict of keyword arguments for a transformers model (``labels`` for classificat
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -27,8 +30,42 @@ from merge_engine.errors import MergeError
 FisherMode = Literal["empirical", "exact"]
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+@dataclass(frozen=True)
+class Statistic:
+    """One tensor's statistic from one model, as a merge kernel receives it."""
+
+    value: torch.Tensor
+    model_mean: float = 1.0
+    """The mean of this statistic over the whole model (Fisher merging's normalisation)."""
+    transposed: bool = False
+    """The weight is stored [in, out] (GPT-2's ``Conv1D``), not [out, in]."""
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer that multiplies its input by a weight matrix: ``nn.Linear`` (weight
+    [out, in]) and transformers' ``Conv1D`` of GPT-2 (weight [in, out])."""
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)
+    }
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def transposed_weights(model: nn.Module) -> set[str]:
+    """The linear weights stored [in, out] (``Conv1D``), which RegMean transposes."""
+    return {_weight_name(n) for n, m in linear_layers(model).items() if _is_conv1d(m)}
+
+
+def _weight_name(module_name: str) -> str:
+    return f"{module_name}.weight" if module_name else "weight"
+
+
+def _of(model: nn.Module) -> str:
+    """`` of <checkpoint>`` for a transformers model loaded from a folder, for progress bars."""
+    path = getattr(getattr(model, "config", None), "name_or_path", "")
+    return f" of {path}" if path else ""
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -52,34 +89,60 @@ def _forward(model: nn.Module, batch: Any) -> Any:
 def gram_matrices(
     model: nn.Module, batches: Iterable[Any], device: str = "cpu", progress: bool = False
 ) -> dict[str, torch.Tensor]:
-    """``{"<linear>.weight": XᵀX}`` over every input row each linear layer sees."""
+    """``{"<linear>.weight": XᵀX}`` over every input row each linear layer sees, padding
+    excluded (a dict batch's ``attention_mask``). Each batch's product is taken in the input's
+    precision (float32 at least) and summed in float64. Layers fed the same input (q, k, v;
+    gate, up) share one tensor, so the statistics take memory once per distinct input."""
     model = model.to(device).eval()
     grams: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    state: dict[str, Any] = {"mask": None, "last": None, "first_batch": True}
 
     def hook(name: str):
         def collect(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            gram = x.T @ x
+            x = inputs[0].detach()
+            last = state["last"]
+            state["last"] = (x, name)
+            if name in aliases:
+                return
+            if state["first_batch"] and last is not None and last[0] is x:
+                aliases[name] = aliases.get(last[1], last[1])
+                return
+            rows = x.reshape(-1, x.shape[-1])
+            mask = state["mask"]
+            if mask is not None and mask.numel() == rows.shape[0]:
+                rows = rows[mask]
+            if rows.dtype not in (torch.float32, torch.float64):
+                rows = rows.float()
+            gram = (rows.T @ rows).double()
             grams[name] = grams[name] + gram if name in grams else gram
 
         return collect
 
     handles = [
-        m.register_forward_hook(hook(f"{n}.weight" if n else "weight"))
-        for n, m in linear_layers(model).items()
+        m.register_forward_hook(hook(_weight_name(n))) for n, m in linear_layers(model).items()
     ]
     seen = 0
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="Gram matrices", unit="batch", disable=not progress):
-                _forward(model, _to(batch, torch.device(device)))
+            for batch in tqdm(
+                batches, desc=f"Gram matrices{_of(model)}", unit="batch", disable=not progress
+            ):
+                batch = _to(batch, torch.device(device))
+                mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+                state["mask"] = mask.reshape(-1).bool() if mask is not None else None
+                _forward(model, batch)
+                state["last"], state["first_batch"] = None, False
                 seen += 1
     finally:
         for handle in handles:
             handle.remove()
     if seen == 0:
         raise MergeError("the calibration data is empty: give each model at least one batch")
-    return {name: gram.cpu() for name, gram in grams.items()}
+    result = {name: gram.cpu() for name, gram in grams.items()}
+    for name, target in aliases.items():
+        result[name] = result[target]
+    return result
 
 
 def _examples(batch: Any) -> list[Any]:
@@ -136,7 +199,7 @@ def fisher_diagonal(
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     generator = torch.Generator(device=device).manual_seed(seed) if mode == "exact" else None
     count = 0
-    for batch in tqdm(batches, desc="Fisher", unit="batch", disable=not progress):
+    for batch in tqdm(batches, desc=f"Fisher{_of(model)}", unit="batch", disable=not progress):
         for example in _examples(_to(batch, torch.device(device))):
             model.zero_grad(set_to_none=True)
             _log_likelihood(model, example, mode, generator).backward()
@@ -150,12 +213,65 @@ def fisher_diagonal(
     return {name: (f / count).cpu() for name, f in fisher.items()}
 
 
-def save_stats(stats: dict[str, torch.Tensor], path: str | Path) -> Path:
+def save_stats(
+    stats: dict[str, torch.Tensor],
+    path: str | Path,
+    transposed: set[str] | None = None,
+    samples: int | None = None,
+) -> Path:
+    """Write statistics as safetensors; a tensor shared by several names is stored once and
+    the other names recorded as aliases; ``transposed`` lists the [in, out] weights,
+    ``samples`` how many calibration examples they come from."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in stats.items()}, str(path))
+    stored: dict[int, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in stats.items():
+        if id(tensor) in stored:
+            aliases[name] = stored[id(tensor)]
+        else:
+            stored[id(tensor)] = name
+            tensors[name] = tensor.contiguous()
+    total = sum(float(t.double().sum()) for t in tensors.values())
+    count = sum(t.numel() for t in tensors.values())
+    metadata = {
+        "aliases": json.dumps(aliases),
+        "transposed": json.dumps(sorted(transposed or [])),
+        "mean": repr(total / max(count, 1)),
+        "samples": str(samples if samples is not None else ""),
+    }
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(path)  # a killed pass leaves no file that looks complete
     return path
 
 
+class StatsFile:
+    """A statistics file opened lazily: one tensor read (memory-mapped) per request."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = safe_open(str(self.path), framework="pt")
+        metadata = self._file.metadata() or {}
+        self.aliases: dict[str, str] = json.loads(metadata.get("aliases", "{}"))
+        self.transposed: set[str] = set(json.loads(metadata.get("transposed", "[]")))
+        self.mean = float(metadata.get("mean", 1.0))
+        self.samples = int(metadata["samples"]) if metadata.get("samples") else None
+        self._names = set(self._file.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return self.aliases.get(name, name) in self._names
+
+    def get(self, name: str) -> Statistic | None:
+        stored = self.aliases.get(name, name)
+        if stored not in self._names:
+            return None
+        return Statistic(self._file.get_tensor(stored), self.mean, name in self.transposed)
+
+
 def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """Every statistic of a file, aliases resolved."""
+    file = StatsFile(path)
+    tensors = load_file(str(path))
+    return tensors | {name: tensors[target] for name, target in file.aliases.items()}

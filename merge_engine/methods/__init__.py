@@ -11,6 +11,7 @@ from merge_engine.methods import (  # noqa: F401  (imported to register)
     sce,
     spherical,
     task_arithmetic,
+    with_data,
 )
 from merge_engine.methods.registry import (
     REQUIRED,

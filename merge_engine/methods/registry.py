@@ -5,8 +5,8 @@ A method is a pure tensor function plus the facts about it declared here. The ke
 called as ``kernel(tensors, base, **parameters)`` where ``tensors`` are the inputs (the base
 excluded), ``base`` is the base tensor or ``None``, per-model parameters arrive as lists
 aligned with ``tensors`` and global parameters as scalars; a random method also receives
-``generator``. Registration checks the kernel's signature against the declared parameters,
-so a mismatch fails at import, not mid-merge.
+``generator``, a method that needs data ``stats``. Registration checks the kernel's signature
+against the declared parameters, so a mismatch fails at import, not mid-merge.
 """
 
 from __future__ import annotations
@@ -108,12 +108,19 @@ class MergeMethod:
     min_inputs: int = 1
     max_inputs: int | None = None
     random: bool = False
-    needs_data: bool = False
+    statistic: Callable[[dict[str, Any]], str] | None = field(default=None, repr=False)
+    """For methods that need data: which statistic a tensor reads (``gram``,
+    ``fisher_empirical``, ``fisher_exact``), from its global parameter values. The kernel then
+    receives ``stats``: one :class:`~merge_engine.stats.Statistic` per input, or None."""
     layer_stacking: bool = False
     check: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = field(
         default=None, repr=False
     )
     """Cross-parameter rule on one tensor's resolved values; returns the error sentence or None."""
+
+    @property
+    def needs_data(self) -> bool:
+        return self.statistic is not None
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
@@ -138,8 +145,10 @@ def kernel_argument(name: str) -> str:
 def register(method: MergeMethod) -> MergeMethod:
     if method.name in _METHODS:
         raise ValueError(f"merge method {method.name!r} is registered twice")
-    declared = {kernel_argument(p.name) for p in method.params} | (
-        {"generator"} if method.random else set()
+    declared = (
+        {kernel_argument(p.name) for p in method.params}
+        | ({"generator"} if method.random else set())
+        | ({"stats"} if method.needs_data else set())
     )
     signature = inspect.signature(method.kernel).parameters
     accepted = set(signature) - {"tensors", "base"}

@@ -1,0 +1,184 @@
+"""The statistics pass of a merge that needs data: each input model loaded alone (on the
+merge's device), run on its calibration batches, its statistics saved as safetensors under a
+key of model revision + calibration data + statistic, so that a second merge of the same
+models with other coefficients reads them instead of running the models again.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge_engine import calibration
+from merge_engine.errors import SourceError
+from merge_engine.plan import MergePlan, model_task
+from merge_engine.recipe import ModelReference
+from merge_engine.sources import TOKENIZER_FILES, ModelSource
+from merge_engine.stats import (
+    StatsFile,
+    fisher_diagonal,
+    gram_matrices,
+    save_stats,
+    transposed_weights,
+)
+
+STATS_FORMAT = 1
+"""Part of every key: raise it when the statistics' definition changes."""
+
+StatsFiles = dict[tuple[ModelReference, str], StatsFile]
+Progress = Callable[[int, int, str], None]
+
+
+def statistic_kinds(plan: MergePlan) -> list[str]:
+    """The statistics the plan's tensors read (both Fisher kinds when filters mix them)."""
+    statistic = plan.method.statistic
+    if statistic is None:
+        return []
+    return sorted({statistic(task.shared) for task in plan.tasks if not task.copy_only})
+
+
+def _model_identity(source: ModelSource) -> str:
+    if source.revision:
+        return f"{source.ref.path}@{source.revision}"
+    assert source.folder is not None
+    files = sorted(source.folder.glob("*.safetensors")) + sorted(source.folder.glob("*.bin"))
+    stamps = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return json.dumps([str(source.folder.resolve()), stamps])
+
+
+def stats_path(plan: MergePlan, ref: ModelReference, kind: str, stats_dir: Path) -> Path:
+    key = json.dumps(
+        [
+            STATS_FORMAT,
+            kind,
+            _model_identity(plan.sources[ref]),
+            plan.calibration[ref].fingerprint(),
+        ]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return stats_dir / f"{kind}-{digest}.safetensors"
+
+
+def _tokenizer(plan: MergePlan, ref: ModelReference) -> Any:
+    from transformers import AutoTokenizer
+
+    folders = [plan.sources[ref].folder, plan.sources[plan.recipe.tokenizer_donor()].folder]
+    for folder in folders:
+        if folder and any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    raise SourceError(
+        f"{ref} has no tokenizer files, and calibration text has to be tokenized; add them to the model or set tokenizer_source"
+    )
+
+
+def _load_model(source: ModelSource, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    loader = (
+        AutoModelForSequenceClassification
+        if model_task(source.config) == "classification"
+        else AutoModelForCausalLM
+    )
+    model = loader.from_pretrained(source.folder, dtype=torch.float32, trust_remote_code=False)
+    return model.to(device).eval()
+
+
+def collect_statistics(
+    plan: MergePlan,
+    stats_dir: Path,
+    device: torch.device,
+    show_progress: bool = True,
+    progress: Progress | None = None,
+) -> StatsFiles:
+    """Compute what is missing under ``stats_dir``, then open every statistic the plan reads.
+    ``progress`` is called with (batches done, batches to do, what)."""
+    kinds = statistic_kinds(plan)
+    models = [m.model for m in plan.recipe.models or []]
+    missing = {
+        ref: [k for k in kinds if not stats_path(plan, ref, k, stats_dir).is_file()]
+        for ref in models
+    }
+    prepared = {
+        ref: _batches(plan, ref) for ref, todo in missing.items() if todo
+    }  # every data error before the first model runs
+    counter = _Counter(
+        sum(len(prepared[ref]) * len(todo) for ref, todo in missing.items() if todo), progress
+    )
+    for ref, todo in missing.items():
+        if not todo:
+            continue
+        model = _load_model(plan.sources[ref], device)
+        for kind in todo:
+            batches = counter.count(prepared[ref], f"{kind} of {ref}")
+            if kind == "gram":
+                stats = gram_matrices(model, batches, str(device), show_progress)
+            else:
+                mode = kind.removeprefix("fisher_")
+                seed = plan.calibration[ref].spec.seed
+                stats = fisher_diagonal(model, batches, mode, str(device), seed, show_progress)  # type: ignore[arg-type]
+            samples = sum(len(b["input_ids"]) for b in prepared[ref])
+            path = stats_path(plan, ref, kind, stats_dir)
+            save_stats(stats, path, transposed_weights(model), samples)
+            del stats
+        del model
+        gc.collect()
+    files = {
+        (ref, kind): StatsFile(stats_path(plan, ref, kind, stats_dir))
+        for ref in models
+        for kind in kinds
+    }
+    for (ref, _), file in files.items():
+        plan.calibration[ref].samples_used[ref] = file.samples
+    return files
+
+
+class _Counter:
+    """Counts batches across every model and statistic, for one progress figure."""
+
+    def __init__(self, total: int, progress: Progress | None):
+        self.total, self.done, self.progress = total, 0, progress
+
+    def count(self, batches: list[Any], what: str) -> _Counted:
+        return _Counted(self, batches, what)
+
+
+class _Counted:
+    """One model's batches, reporting to the counter as they are consumed; sized, so the
+    progress bar knows its total."""
+
+    def __init__(self, counter: _Counter, batches: list[Any], what: str):
+        self.counter, self.batches, self.what = counter, batches, what
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        counter = self.counter
+        for batch in self.batches:
+            yield batch
+            counter.done += 1
+            if counter.progress:
+                counter.progress(counter.done, counter.total, self.what)
+
+
+def default_stats_dir() -> Path:
+    """Where ``mergebot merge`` keeps statistics: ``$XDG_CACHE_HOME/mergebot/statistics``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "mergebot" / "statistics"
+
+
+def _batches(plan: MergePlan, ref: ModelReference) -> list[dict[str, torch.Tensor]]:
+    config = plan.sources[ref].config
+    label_ids = None
+    if model_task(config) == "classification":
+        id2label = config.get("id2label") or {}
+        count = config.get("num_labels") or len(id2label) or 2
+        label_ids = {str(id2label.get(str(i), i)): i for i in range(count)}
+    return calibration.batches(plan.calibration[ref], _tokenizer(plan, ref), label_ids)
