@@ -154,6 +154,7 @@ def merge_step(job_id: str) -> None:
         show_progress=False,
         progress=_progress(job_id),
         cache_dir=jobs.settings.job_dir(job_id) / "hub",
+        stats_dir=jobs.settings.job_dir(job_id) / "statistics",
     )
 
 

@@ -126,8 +126,35 @@ def to_recipe(form: MergeForm) -> dict[str, Any]:
     return recipe
 
 
-def to_yaml(form: MergeForm) -> str:
-    return yaml.safe_dump(to_recipe(form), sort_keys=False, default_flow_style=None)
+FORM_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype"}
+
+
+def carry_over(recipe: dict[str, Any], previous: Any) -> dict[str, Any]:
+    """Keep what the previous recipe held beyond the form (calibration data, a tokenizer
+    source, a seed ...): its other top-level keys, and each model's calibration block, matched
+    by model reference."""
+    if not isinstance(previous, dict):
+        return recipe
+    kept = {k: v for k, v in previous.items() if k not in FORM_KEYS}
+    blocks = {
+        entry.get("model"): entry["calibration"]
+        for entry in previous.get("models") or []
+        if isinstance(entry, dict) and "calibration" in entry
+    }
+    for entry in recipe.get("models") or []:
+        if entry["model"] in blocks:
+            entry["calibration"] = blocks[entry["model"]]
+    return {**recipe, **kept}
+
+
+def to_yaml(form: MergeForm, previous_text: str = "") -> str:
+    """The form's recipe as YAML, keeping what ``previous_text`` held beyond the form."""
+    try:
+        previous = yaml.safe_load(previous_text) if previous_text else None
+    except yaml.YAMLError:
+        previous = None
+    recipe = carry_over(to_recipe(form), previous)
+    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
 
 
 def from_recipe(data: Any) -> MergeForm:
@@ -157,6 +184,7 @@ def from_recipe(data: Any) -> MergeForm:
     else:
         for index, entry in enumerate(data.get("models") or []):
             form.models.append(_row(entry, hidden, f"models[{index}]"))
+    hidden += [k for k in data if k not in FORM_KEYS]
     if len(form.models) > MAX_MODELS:
         hidden.append(f"models beyond the first {MAX_MODELS}")
         form.models = form.models[:MAX_MODELS]
@@ -173,6 +201,8 @@ def _row(entry: Any, hidden: list[str], where: str) -> ModelRow:
         return ModelRow()
     repo, _, revision = entry["model"].partition("@")
     row = ModelRow(repo=repo, revision=revision)
+    if "calibration" in entry:
+        hidden.append(f"{where}.calibration")
     for name, value in (entry.get("parameters") or {}).items():
         if isinstance(value, (int, float, bool)):
             row.params[name] = value

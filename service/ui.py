@@ -245,7 +245,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
         # --- the form and the YAML, each writing the other --------------------------------
 
         def form_to_yaml(*values: Any) -> str:
-            return to_yaml(form.read(values))
+            return to_yaml(form.read(values[:-1]), values[-1])
 
         def yaml_to_form(text: str) -> list[Any]:
             try:
@@ -257,33 +257,33 @@ def build_blocks(service: JobService) -> gr.Blocks:
             return [*form.write(from_recipe(data)), ""]
 
         def method_changed(*values: Any) -> list[Any]:
-            current = form.read(values)
-            return [*form.write(current), to_yaml(current)]
+            current = form.read(values[:-1])
+            return [*form.write(current), to_yaml(current, values[-1])]
 
         def show_example(name: str | None) -> list[Any]:
             chosen = EXAMPLES.get(name or "", MergeForm())
             return [*form.write(chosen), to_yaml(chosen)]
 
         def add_model(*values: Any) -> list[Any]:
-            current = form.read(values)
+            current = form.read(values[:-1])
             current.models.append(ModelRow())
-            return [*form.write(current), to_yaml(current)]
+            return [*form.write(current), to_yaml(current, values[-1])]
 
         for widget in form.inputs:
             if widget is not form.method and not isinstance(widget, gr.State):
-                widget.input(form_to_yaml, form.inputs, recipe)
-        form.method.input(method_changed, form.inputs, [*form.outputs, recipe])
+                widget.input(form_to_yaml, [*form.inputs, recipe], recipe)
+        form.method.input(method_changed, [*form.inputs, recipe], [*form.outputs, recipe])
         recipe.input(yaml_to_form, recipe, [*form.outputs, form.errors["recipe"]])
         load_example.click(show_example, example, [*form.outputs, recipe])
-        form.add.click(add_model, form.inputs, [*form.outputs, recipe])
+        form.add.click(add_model, [*form.inputs, recipe], [*form.outputs, recipe])
         for index, row in enumerate(form.rows):
 
             def remove(*values: Any, index: int = index) -> list[Any]:
-                current = form.read(values)
+                current = form.read(values[:-1])
                 del current.models[index : index + 1]
-                return [*form.write(current), to_yaml(current)]
+                return [*form.write(current), to_yaml(current, values[-1])]
 
-            row.remove.click(remove, form.inputs, [*form.outputs, recipe])
+            row.remove.click(remove, [*form.inputs, recipe], [*form.outputs, recipe])
 
         # --- validate, merge, follow the job -----------------------------------------------
 

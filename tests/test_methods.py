@@ -80,7 +80,9 @@ def test_registry_lists_every_mergekit_method():
         "arcee_fusion",
         "passthrough",
     }
-    assert {m.name for m in all_methods()} == expected
+    with_data = {"fisher", "regmean"}
+    assert {m.name for m in all_methods()} == expected | with_data
+    assert {m.name for m in all_methods() if m.needs_data} == with_data
 
 
 def test_linear_is_the_normalised_weighted_average():

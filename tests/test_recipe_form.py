@@ -4,6 +4,7 @@ back is what it wrote, and what it cannot show is named."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from merge_engine import parse_recipe
 from service.recipe_form import (
@@ -70,6 +71,25 @@ def test_what_the_form_cannot_show_is_named():
     )
     assert "parameters.t" in form.notice and "slices[0] (several sources)" in form.notice
     assert from_recipe("just text").notice
+
+
+def test_calibration_data_stays_in_the_yaml_when_the_form_changes():
+    previous = """merge_method: regmean
+models:
+  - model: org/math
+    calibration: {dataset: org/math-data, file: train.jsonl}
+  - model: org/code
+calibration: {examples: [def f(x), return x]}
+"""
+    form = from_recipe(yaml.safe_load(previous))
+    assert "models[0].calibration" in form.notice and "calibration" in form.notice
+    form.params["alpha"] = 0.5  # the person changes a field of the form
+    form.models.append(ModelRow("org/chat"))
+    recipe = parse_recipe(yaml.safe_load(to_yaml(form, previous)))
+    assert recipe.models[0].calibration.dataset.path == "org/math-data"
+    assert recipe.models[1].calibration is None and recipe.models[2].model.path == "org/chat"
+    assert recipe.calibration.examples == ["def f(x)", "return x"]
+    assert recipe.parameters == {"alpha": 0.5}
 
 
 @pytest.mark.parametrize(

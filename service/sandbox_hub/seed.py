@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from merge_engine.example import make_family
+from merge_engine.example import make_family, save_tiny_tokenizer
 from service.sandbox_hub.store import HubStore
 
 EXAMPLE_REPOS = ("base", "math", "code", "chat")
@@ -20,6 +20,8 @@ def seed_examples(store: HubStore, owner: str = "demo") -> list[str]:
         return repo_ids
     with tempfile.TemporaryDirectory() as tmp:
         base, tuned = make_family(Path(tmp), "llama", finetunes=3)
+        for folder in (base, *tuned):  # so merges with calibration data can tokenize
+            save_tiny_tokenizer(folder)
         for repo_id, folder in zip(repo_ids, [base, *tuned], strict=True):
             repo, _ = store.create("model", repo_id, owner, private=False)
             files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
