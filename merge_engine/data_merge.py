@@ -88,14 +88,14 @@ def fisher_merge(
     batches: Sequence[Iterable[Any]],
     weights: Sequence[float] | None = None,
     floor: float = 1e-6,
-    normalize: bool = False,
+    normalize: bool = True,
     mode: FisherMode = "empirical",
     device: str = "cpu",
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Fisher merging: θ* = Σ λᵢ Fᵢ θᵢ / Σ λᵢ Fᵢ per entry. ``normalize`` divides each model's
-    Fisher by its mean over the whole model, so a model whose data gives larger gradients does
-    not outweigh the others."""
+    """Fisher merging: θ* = Σ λᵢ Fᵢ θᵢ / Σ λᵢ Fᵢ per entry. ``normalize`` (the default) divides
+    each model's Fisher by its mean over the whole model, so a model whose data gives larger
+    gradients does not outweigh the others (``False`` is the paper's plain form)."""
     states = _states(models, batches)
     weights = list(weights) if weights is not None else [1.0] * len(models)
     fishers = [

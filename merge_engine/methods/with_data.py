@@ -160,7 +160,7 @@ register(
             Param(
                 "normalize",
                 bool,
-                False,
+                True,
                 doc="divide each model's Fisher by its mean, so no model outweighs the others by the scale of its gradients",
             ),
             Param(
