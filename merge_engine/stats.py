@@ -218,10 +218,12 @@ def save_stats(
     path: str | Path,
     transposed: set[str] | None = None,
     samples: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write statistics as safetensors; a tensor shared by several names is stored once and
     the other names recorded as aliases; ``transposed`` lists the [in, out] weights,
-    ``samples`` how many calibration examples they come from."""
+    ``samples`` how many calibration examples they come from; ``dtype`` converts what is
+    stored (Gram matrices are summed in float64 and kept in float32: half the disk)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stored: dict[int, str] = {}
@@ -232,8 +234,8 @@ def save_stats(
             aliases[name] = stored[id(tensor)]
         else:
             stored[id(tensor)] = name
-            tensors[name] = tensor.contiguous()
-    total = sum(float(t.double().sum()) for t in tensors.values())
+            tensors[name] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
+    total = sum(float(t.sum(dtype=torch.float64)) for t in tensors.values())
     count = sum(t.numel() for t in tensors.values())
     metadata = {
         "aliases": json.dumps(aliases),

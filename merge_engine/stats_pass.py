@@ -125,7 +125,8 @@ def collect_statistics(
                 stats = fisher_diagonal(model, batches, mode, str(device), seed, show_progress)  # type: ignore[arg-type]
             samples = sum(len(b["input_ids"]) for b in prepared[ref])
             path = stats_path(plan, ref, kind, stats_dir)
-            save_stats(stats, path, transposed_weights(model), samples)
+            dtype = torch.float32 if kind == "gram" else None
+            save_stats(stats, path, transposed_weights(model), samples, dtype)
             del stats
         del model
         gc.collect()

@@ -34,21 +34,28 @@ def regmean_linear(
     weights: list[torch.Tensor], grams: list[torch.Tensor], alpha: float = 0.9, ridge: float = 1e-6
 ) -> torch.Tensor:
     """W* = (Σ Wᵢ G̃ᵢ)(Σ G̃ᵢ)⁻¹ for ``nn.Linear`` weights ([out, in]; y = x Wᵀ), with
-    G̃ᵢ = α Gᵢ + (1 − α) diag(Gᵢ). Solved in float64 with a ridge relative to the mean diagonal;
-    an input feature no data ever activated (a zero row of Σ G) keeps the plain average."""
+    G̃ᵢ = α Gᵢ + (1 − α) diag(Gᵢ). The products Wᵢ G̃ᵢ (the bulk of the work) are taken in the
+    weights' precision, float32 at least; the system is solved in float64, by Cholesky (Σ G̃ᵢ
+    plus a ridge relative to its mean diagonal is positive definite), by LU if rounding made it
+    not. An input feature no data ever activated (a zero row of Σ G) keeps the plain average."""
+    dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
     total = torch.zeros_like(grams[0], dtype=torch.float64)
     numerator = torch.zeros_like(weights[0], dtype=torch.float64)
     for weight, gram in zip(weights, grams, strict=True):
-        gram = gram.double()
-        shrunk = alpha * gram + (1 - alpha) * torch.diag(torch.diag(gram))
+        shrunk = gram.to(torch.float64) * alpha  # off-diagonal scaled by α,
+        shrunk.diagonal().copy_(gram.diagonal())  # the diagonal kept whole
         total += shrunk
-        numerator += weight.double() @ shrunk
-    diagonal = torch.diag(total)
+        numerator += (weight.to(dtype) @ shrunk.to(dtype)).to(torch.float64)
+    diagonal = total.diagonal()
     dead = diagonal <= 0
     scale = diagonal[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=torch.float64)
-    total += ridge * scale * torch.eye(total.shape[0], dtype=total.dtype, device=total.device)
-    total[dead, dead] += 1.0  # keep the system solvable; those columns are replaced below
-    merged = torch.linalg.solve(total, numerator.T).T
+    diagonal += ridge * scale
+    diagonal[dead] += 1.0  # keep the system solvable; those columns are replaced below
+    factor, info = torch.linalg.cholesky_ex(total)
+    if int(info) == 0:
+        merged = torch.cholesky_solve(numerator.T, factor).T
+    else:
+        merged = torch.linalg.solve(total, numerator.T).T
     if dead.any():
         merged[:, dead] = torch.stack([w.double()[:, dead] for w in weights]).mean(0)
     return merged.to(weights[0].dtype)
