@@ -68,17 +68,20 @@ def _of(model: nn.Module) -> str:
     return f" of {path}" if path else ""
 
 
-def _to(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, tuple/list or dict of them) moved to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 
-def _forward(model: nn.Module, batch: Any) -> Any:
+def run_model(model: nn.Module, batch: Any) -> Any:
+    """The model's output on a batch: keyword arguments for a dict (labels left out), the
+    inputs of an ``(inputs, labels)`` pair, or the tensor itself."""
     if isinstance(batch, dict):
         return model(**{k: v for k, v in batch.items() if k != "labels"})
     if isinstance(batch, (tuple, list)):
@@ -128,10 +131,10 @@ def gram_matrices(
             for batch in tqdm(
                 batches, desc=f"Gram matrices{_of(model)}", unit="batch", disable=not progress
             ):
-                batch = _to(batch, torch.device(device))
+                batch = to_device(batch, torch.device(device))
                 mask = batch.get("attention_mask") if isinstance(batch, dict) else None
                 state["mask"] = mask.reshape(-1).bool() if mask is not None else None
-                _forward(model, batch)
+                run_model(model, batch)
                 state["last"], state["first_batch"] = None, False
                 seen += 1
     finally:
@@ -159,7 +162,7 @@ def _examples(batch: Any) -> list[Any]:
 def _log_likelihood(
     model: nn.Module, example: Any, mode: FisherMode, generator: torch.Generator | None
 ) -> torch.Tensor:
-    output = _forward(model, example)
+    output = run_model(model, example)
     logits = output.logits if hasattr(output, "logits") else output
     if logits.dim() == 3:  # a causal LM: every next token is a prediction
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -200,7 +203,7 @@ def fisher_diagonal(
     generator = torch.Generator(device=device).manual_seed(seed) if mode == "exact" else None
     count = 0
     for batch in tqdm(batches, desc=f"Fisher{_of(model)}", unit="batch", disable=not progress):
-        for example in _examples(_to(batch, torch.device(device))):
+        for example in _examples(to_device(batch, torch.device(device))):
             model.zero_grad(set_to_none=True)
             _log_likelihood(model, example, mode, generator).backward()
             for name, p in params.items():
