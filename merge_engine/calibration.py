@@ -20,6 +20,7 @@ import torch
 
 from merge_engine.errors import RecipeError, SourceError
 from merge_engine.recipe import CALIBRATION_SUFFIXES, Calibration, ModelReference, Recipe
+from merge_engine.sources import TOKENIZER_FILES, ModelSource, model_task
 
 
 @dataclass
@@ -286,3 +287,30 @@ def resolve_recipe(
             resolved[id(spec)] = resolve(spec, where, token, hub_only)
         by_model[entry.model] = resolved[id(spec)]
     return by_model
+
+
+def load_tokenizer(folders: list[Path | None], ref: ModelReference) -> Any:
+    """The first tokenizer found among ``folders`` (the model's own, then the recipe's
+    tokenizer donor)."""
+    from transformers import AutoTokenizer
+
+    for folder in folders:
+        if folder and any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    raise SourceError(
+        f"{ref} has no tokenizer files, and calibration text has to be tokenized; add them to the model or set tokenizer_source"
+    )
+
+
+def load_model(source: ModelSource) -> torch.nn.Module:
+    """A checkpoint loaded with transformers (float32, no remote code) to run on calibration
+    data: a sequence classifier when its config says so, else a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    loader = (
+        AutoModelForSequenceClassification
+        if model_task(source.config) == "classification"
+        else AutoModelForCausalLM
+    )
+    model = loader.from_pretrained(source.folder, dtype=torch.float32, trust_remote_code=False)
+    return model.eval()

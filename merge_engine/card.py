@@ -128,7 +128,32 @@ def build_card(
         credit=credit,
         changes=changes or [],
         calibration=calibration_rows(plan),
+        alignment=alignment_rows(plan),
+        align=plan.alignment,
     )
+
+
+def alignment_rows(plan: MergePlan) -> list[dict[str, str]]:
+    """Per aligned model: how the search went and where its permutations are."""
+    alignment = plan.alignment
+    if alignment is None:
+        return []
+    rows = []
+    for ref in alignment.models:
+        report = alignment.reports.get(ref)
+        if report is None:
+            rows.append({"model": _hub_link(ref, ref.is_local), "result": "not run yet"})
+            continue
+        before, after = report.objective[0], report.objective[-1]
+        state = "converged" if report.converged else "stopped at max_iter"
+        rows.append(
+            {
+                "model": _hub_link(ref, ref.is_local),
+                "result": f"score {before:.4g} → {after:.4g}; {report.iterations} pass(es), {state}; {report.seconds:.1f} s",
+                "file": f"`{alignment.files.get(ref, '')}`",
+            }
+        )
+    return rows
 
 
 def calibration_rows(plan: MergePlan) -> list[dict[str, str]]:

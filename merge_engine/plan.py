@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from merge_engine import layers
+from merge_engine.align_pass import AlignmentPlan, plan_alignment
 from merge_engine.calibration import CalibrationSource
 from merge_engine.errors import IncompatibleModelsError, RecipeError
 from merge_engine.methods import MergeMethod, get_method
 from merge_engine.parameters import Scope, resolve
 from merge_engine.recipe import InputSlice, ModelReference, Recipe
-from merge_engine.sources import LAYER_COUNT_KEYS, ModelSource
+from merge_engine.sources import LAYER_COUNT_KEYS, ModelSource, model_task
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class MergePlan:
     seed: int | None = None
     notes: list[str] = field(default_factory=list)
     calibration: dict[ModelReference, CalibrationSource] = field(default_factory=dict)
-    """Each input model's calibration data, for the methods that need data."""
+    """Each input model's calibration data, for the methods (and alignment) that need data."""
+    alignment: AlignmentPlan | None = None
+    """The recipe's align step: which models are permuted to match which."""
 
     @property
     def output_bytes(self) -> int:
@@ -574,20 +577,6 @@ def _check_tokenizer_vocabulary(
         )
 
 
-CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-CLASSIFIER_SUFFIX = "ForSequenceClassification"
-
-
-def model_task(config: dict[str, Any]) -> str | None:
-    """``causal_lm`` or ``classification`` from a config's architectures; None otherwise."""
-    architecture = (config.get("architectures") or [""])[0]
-    if architecture.endswith(CAUSAL_LM_SUFFIXES):
-        return "causal_lm"
-    if architecture.endswith(CLASSIFIER_SUFFIX):
-        return "classification"
-    return None
-
-
 def _check_calibration(
     recipe: Recipe,
     method: MergeMethod,
@@ -597,7 +586,10 @@ def _check_calibration(
     """A method that needs data gets it for every model it can run; returns notes."""
     given = recipe.calibration or any(m.calibration for m in recipe.models or [])
     if not method.needs_data:
-        return [f"{method.name} uses no data: the calibration block is ignored"] if given else []
+        aligns_on_data = recipe.align and recipe.align.method == "activation_matching"
+        if given and not aligns_on_data:
+            return [f"{method.name} uses no data: the calibration block is ignored"]
+        return []
     if not recipe.models:
         raise RecipeError(
             f"{method.name} merges whole models with their calibration data; list them under 'models', not 'slices'",
@@ -667,6 +659,9 @@ def build_plan(
             if recipe.random_seed is not None
             else (seed if seed is not None else secrets.randbits(31))
         )
-    return MergePlan(
+    plan = MergePlan(
         recipe, method, sources, planner.tasks, planner.output_config(), seed, notes, calibration
     )
+    read = [ref for ref in recipe.referenced_models() if ref in plan.read_models]
+    plan.alignment = plan_alignment(recipe, sources, read, calibration, method.needs_data)
+    return plan

@@ -182,6 +182,19 @@ class Calibration(_Strict):
         return self
 
 
+class Align(_Strict):
+    """Before merging, permute every model's hidden units to match ``reference`` (default: the
+    base model, else the first model): for models trained from different initialisations.
+    ``weight_matching`` needs no data; ``activation_matching`` runs the reference's
+    calibration data through both models."""
+
+    method: Literal["weight_matching", "activation_matching"] = "weight_matching"
+    reference: ModelReference | None = None
+    repair: bool = False
+    max_iter: int = Field(default=100, gt=0)
+    seed: int = 0
+
+
 class InputModel(_Strict):
     model: ModelReference
     parameters: Parameters | None = None
@@ -234,6 +247,7 @@ class Recipe(_Strict):
     random_seed: int | None = None
     calibration: Calibration | None = None
     """Shared calibration data, for every model without a block of its own."""
+    align: Align | None = None
 
     @field_validator("tokenizer_source", mode="before")
     @classmethod
@@ -341,6 +355,12 @@ def _sentence(error: dict[str, Any], path: str) -> str:
         return "must be a number, true/false, a list of numbers (a gradient) or a list of {filter, value} entries"
     if error["type"] == "literal_error" and "dtype" in path:
         return f"must be one of {', '.join(DTYPES)}, got {error.get('input')!r}"
+    if error["type"] == "literal_error":
+        return f"must be {error['ctx']['expected']}, got {error.get('input')!r}"
+    if error["type"] in ("greater_than", "greater_than_equal"):
+        bound = "greater than" if error["type"] == "greater_than" else "at least"
+        limit = error["ctx"].get("gt", error["ctx"].get("ge"))
+        return f"must be {bound} {limit}, got {error.get('input')!r}"
     return message
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from merge_engine.align_pass import PermutedStore, run_alignment
 from merge_engine.calibration import fetch as fetch_calibration
 from merge_engine.errors import MergeError, OutputExistsError
-from merge_engine.io import PlannedTensor, ShardedWriter
+from merge_engine.io import PlannedTensor, ShardedWriter, TensorStore
 from merge_engine.methods import kernel_argument
 from merge_engine.plan import MergePlan, TensorTask
+from merge_engine.recipe import ModelReference
 from merge_engine.sources import TOKENIZER_FILES
 from merge_engine.sources import download as download_source
 from merge_engine.stats import Statistic
@@ -109,6 +111,21 @@ def _last_readers(plan: MergePlan) -> dict[int, list[tuple]]:
     return by_task
 
 
+def _stores(plan: MergePlan) -> dict[ModelReference, TensorStore]:
+    """Each read model's tensors; an aligned model's permuted as they are read."""
+    stores = {ref: plan.sources[ref].store() for ref in plan.read_models}
+    alignment = plan.alignment
+    if alignment is None:
+        return stores
+    if set(alignment.perms) != set(alignment.models):
+        raise MergeError(
+            "the recipe aligns its models first; merge it with write_merge (mergebot merge), which runs the align step"
+        )
+    for ref, perms in alignment.perms.items():
+        stores[ref] = PermutedStore(stores[ref], alignment.spec, perms)
+    return stores
+
+
 def iter_merged(
     plan: MergePlan,
     device: torch.device,
@@ -117,7 +134,7 @@ def iter_merged(
 ) -> Iterator[tuple[TensorTask, torch.Tensor]]:
     """Yield (task, merged tensor) in plan order, prefetching the next task's inputs (and
     their statistics) and unmapping each input file after its last reader."""
-    stores = {ref: plan.sources[ref].store() for ref in plan.read_models}
+    stores = _stores(plan)
     finished_files = _last_readers(plan)
 
     def load(task: TensorTask) -> tuple[list[torch.Tensor], list[Statistic | None] | None]:
@@ -260,6 +277,16 @@ def write_merge(
         disable=not show_progress,
     )
     try:
+        if plan.alignment is not None:
+            run_alignment(
+                plan.alignment,
+                plan.sources,
+                plan.calibration,
+                staging,
+                torch_device,
+                show_progress,
+                progress,
+            )
 
         def report(done: int, total: int, name: str) -> None:
             bar.update(1)

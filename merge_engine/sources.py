@@ -46,6 +46,20 @@ SIDE_FILES = (
 TOKENIZER_FILES = SIDE_FILES[2:]
 
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def model_task(config: dict[str, Any]) -> str | None:
+    """``causal_lm`` or ``classification`` from a config's architectures; None otherwise."""
+    architecture = (config.get("architectures") or [""])[0]
+    if architecture.endswith(CAUSAL_LM_SUFFIXES):
+        return "causal_lm"
+    if architecture.endswith(CLASSIFIER_SUFFIX):
+        return "classification"
+    return None
+
+
 @dataclass
 class ModelSource:
     """One input model as the planner sees it: metadata only, plus a way to open its tensors."""

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from merge_engine import calibration
-from merge_engine.errors import SourceError
-from merge_engine.plan import MergePlan, model_task
+from merge_engine.calibration import load_model
+from merge_engine.plan import MergePlan
 from merge_engine.recipe import ModelReference
-from merge_engine.sources import TOKENIZER_FILES, ModelSource
+from merge_engine.sources import ModelSource, model_task
 from merge_engine.stats import (
     StatsFile,
     fisher_diagonal,
@@ -66,30 +66,6 @@ def stats_path(plan: MergePlan, ref: ModelReference, kind: str, stats_dir: Path)
     return stats_dir / f"{kind}-{digest}.safetensors"
 
 
-def _tokenizer(plan: MergePlan, ref: ModelReference) -> Any:
-    from transformers import AutoTokenizer
-
-    folders = [plan.sources[ref].folder, plan.sources[plan.recipe.tokenizer_donor()].folder]
-    for folder in folders:
-        if folder and any((folder / name).is_file() for name in TOKENIZER_FILES):
-            return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    raise SourceError(
-        f"{ref} has no tokenizer files, and calibration text has to be tokenized; add them to the model or set tokenizer_source"
-    )
-
-
-def _load_model(source: ModelSource, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    loader = (
-        AutoModelForSequenceClassification
-        if model_task(source.config) == "classification"
-        else AutoModelForCausalLM
-    )
-    model = loader.from_pretrained(source.folder, dtype=torch.float32, trust_remote_code=False)
-    return model.to(device).eval()
-
-
 def collect_statistics(
     plan: MergePlan,
     stats_dir: Path,
@@ -114,7 +90,7 @@ def collect_statistics(
     for ref, todo in missing.items():
         if not todo:
             continue
-        model = _load_model(plan.sources[ref], device)
+        model = load_model(plan.sources[ref]).to(device)
         for kind in todo:
             batches = counter.count(prepared[ref], f"{kind} of {ref}")
             if kind == "gram":
@@ -182,4 +158,6 @@ def _batches(plan: MergePlan, ref: ModelReference) -> list[dict[str, torch.Tenso
         id2label = config.get("id2label") or {}
         count = config.get("num_labels") or len(id2label) or 2
         label_ids = {str(id2label.get(str(i), i)): i for i in range(count)}
-    return calibration.batches(plan.calibration[ref], _tokenizer(plan, ref), label_ids)
+    folders = [plan.sources[ref].folder, plan.sources[plan.recipe.tokenizer_donor()].folder]
+    tokenizer = calibration.load_tokenizer(folders, ref)
+    return calibration.batches(plan.calibration[ref], tokenizer, label_ids)
