@@ -134,7 +134,8 @@ def run_alignment(
     anchor = None
     for ref in tqdm(alignment.models, desc="Aligning", unit="model", disable=not show_progress):
         if alignment.method == "weight_matching":
-            anchor = anchor or _full_state(reference.store(), names)
+            if anchor is None:
+                anchor = _full_state(reference.store(), names)
             found = weight_matching(
                 anchor,
                 _full_state(sources[ref].store(), names),

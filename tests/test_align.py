@@ -21,6 +21,7 @@ from merge_engine.align import (
     load_into,
     load_permutations,
     permute_model,
+    random_permutations,
     repair,
     reset_batchnorm,
     save_permutations,
@@ -30,20 +31,7 @@ from merge_engine.align import (
     weight_matching,
 )
 from merge_engine.align.repair import channel_stats
-from merge_engine.align.spec import PermutationSpec
 from merge_engine.errors import IncompatibleModelsError, RecipeError, SourceError
-
-
-def random_permutations(spec: PermutationSpec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random permutation of every group; grouped heads move as whole key/value blocks."""
-    g = torch.Generator().manual_seed(seed)
-    perms = {}
-    for name, group in spec.groups.items():
-        blocks = torch.randperm(group.size // group.share, generator=g)
-        perms[name] = torch.cat(
-            [b * group.share + torch.randperm(group.share, generator=g) for b in blocks]
-        )
-    return perms
 
 
 def jitter(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -15,21 +15,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from merge_engine import load_recipe, merge, preflight
-from merge_engine.align import apply_permutation, invert, load_permutations, transformer_spec
+from merge_engine.align import (
+    apply_permutation,
+    invert,
+    load_permutations,
+    random_permutations,
+    transformer_spec,
+)
 from merge_engine.errors import IncompatibleModelsError, RecipeError
 from merge_engine.example import save_tiny_tokenizer, tiny_config
 from tests.conftest import load_weights, write_recipe
-
-
-def random_permutations(spec, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    perms = {}
-    for name, group in spec.groups.items():
-        blocks = torch.randperm(group.size // group.share, generator=g)
-        perms[name] = torch.cat(
-            [b * group.share + torch.randperm(group.share, generator=g) for b in blocks]
-        )
-    return perms
 
 
 @pytest.fixture(scope="module")

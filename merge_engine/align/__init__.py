@@ -39,6 +39,7 @@ from merge_engine.align.spec import (
     Probe,
     apply_permutation,
     invert,
+    random_permutations,
     unapply_permutation,
 )
 from merge_engine.align.stack import sequential_spec
@@ -60,6 +61,7 @@ __all__ = [
     "load_into",
     "load_permutations",
     "permute_model",
+    "random_permutations",
     "repair",
     "reset_batchnorm",
     "save_permutations",

@@ -56,6 +56,12 @@ class Moments:
         return covariance / (torch.outer(std_a, std_b) + eps)
 
 
+def _unpadded(batch: Any) -> torch.Tensor | None:
+    """Which token positions of a tokenized batch are real (padding would add fake samples)."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return mask.reshape(-1).bool() if mask is not None else None
+
+
 def features(x: torch.Tensor, probe: Probe) -> torch.Tensor:
     """(examples, features): every position (token, pixel) of every example is one sample."""
     x = x.detach().movedim(probe.dim, -1)
@@ -120,8 +126,12 @@ def activation_matching(
                 batch = to_device(batch, torch.device(device))
                 run_model(models[0], batch)
                 run_model(models[1], batch)
+                keep = _unpadded(batch)
                 for group, m in moments.items():
-                    m.add(acts_a[group], acts_b[group])
+                    a, b = acts_a[group], acts_b[group]
+                    if keep is not None and a.shape[0] == keep.numel():
+                        a, b = a[keep], b[keep]
+                    m.add(a, b)
     finally:
         for handle in handles:
             handle.remove()

@@ -122,6 +122,19 @@ def identity(spec: PermutationSpec) -> Permutations:
     return {name: torch.arange(g.size) for name, g in spec.groups.items()}
 
 
+def random_permutations(spec: PermutationSpec, seed: int = 0) -> Permutations:
+    """A random permutation of every group (grouped heads moving as whole key/value blocks):
+    a permuted copy of a model is the simplest pair of models in different bases."""
+    g = torch.Generator().manual_seed(seed)
+    perms = {}
+    for name, group in spec.groups.items():
+        blocks = torch.randperm(group.size // group.share, generator=g)
+        perms[name] = torch.cat(
+            [b * group.share + torch.randperm(group.share, generator=g) for b in blocks]
+        )
+    return perms
+
+
 def invert(perms: Permutations) -> Permutations:
     return {name: torch.argsort(p) for name, p in perms.items()}
 
