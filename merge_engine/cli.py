@@ -52,6 +52,7 @@ def methods_table() -> list[list[str]]:
             "method",
             "base",
             "random",
+            "data",
             "parameter",
             "scope",
             "type",
@@ -66,6 +67,7 @@ def methods_table() -> list[list[str]]:
                 method.name,
                 method.base,
                 "yes" if method.random else "no",
+                "calibration" if method.needs_data else "no",
                 "",
                 "",
                 "",
@@ -77,7 +79,7 @@ def methods_table() -> list[list[str]]:
         for p in method.params:
             default = "required" if p.required else str(p.default)
             allowed = "|".join(p.choices) if p.choices else p.bounds_text()
-            rows.append(["", "", "", p.name, p.scope, p.type.__name__, default, allowed, p.doc])
+            rows.append(["", "", "", "", p.name, p.scope, p.type.__name__, default, allowed, p.doc])
     return rows
 
 

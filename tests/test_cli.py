@@ -212,9 +212,11 @@ def test_validate_reports_without_writing_anything(llama_family, tmp_path, capsy
 def test_methods_lists_every_method_with_its_parameters(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:4] == ["method", "base", "random", "parameter"]
+    assert lines[0].split()[:5] == ["method", "base", "random", "data", "parameter"]
     della = next(i for i, line in enumerate(lines) if line.split()[:1] == ["della_linear"])
-    assert lines[della].split()[:3] == ["della_linear", "required", "yes"]
+    assert lines[della].split()[:4] == ["della_linear", "required", "yes", "no"]
+    regmean = next(line for line in lines if line.split()[:1] == ["regmean"])
+    assert regmean.split()[:4] == ["regmean", "unused", "no", "calibration"]
     assert lines[della + 1].split()[:4] == ["weight", "per_model", "float", "required"]
     assert any(
         line.split()[:5] == ["epsilon", "per_model", "float", "0.15", "[0,"] for line in lines
