@@ -33,7 +33,8 @@ TEXT = "the quick brown fox jumps over the lazy dog 0123456789 () [] {} <> += -*
 
 def write_calibration(path: Path, samples: int, tokens: int) -> None:
     """``samples`` lines of ``tokens`` characters (the benchmark tokenizer is per character)."""
-    lines = [(TEXT * (tokens // len(TEXT) + 2))[i : i + tokens] for i in range(samples)]
+    long = TEXT * ((samples + tokens) // len(TEXT) + 2)
+    lines = [long[i : i + tokens] for i in range(samples)]
     path.write_text("\n".join(json.dumps({"text": line}) for line in lines) + "\n")
 
 

@@ -168,7 +168,13 @@ def _method_doc(name: str) -> str:
         "unused": "takes no base model",
     }[method.base]
     paper = f" — [{method.paper}]({method.paper})" if method.paper else ""
-    return f"**{method.pretty_name}**: {method.doc}; {base}{paper}"
+    data = (
+        "; needs calibration data: add a `calibration` block (a Hub `dataset` or inline "
+        "`examples`) in the YAML tab"
+        if method.needs_data
+        else ""
+    )
+    return f"**{method.pretty_name}**: {method.doc}; {base}{data}{paper}"
 
 
 def _identity(service: JobService, token: gr.OAuthToken | None) -> Identity:
