@@ -93,9 +93,10 @@ def gram_matrices(
     model: nn.Module, batches: Iterable[Any], device: str = "cpu", progress: bool = False
 ) -> dict[str, torch.Tensor]:
     """``{"<linear>.weight": XᵀX}`` over every input row each linear layer sees, padding
-    excluded (a dict batch's ``attention_mask``). Each batch's product is taken in the input's
-    precision (float32 at least) and summed in float64. Layers fed the same input (q, k, v;
-    gate, up) share one tensor, so the statistics take memory once per distinct input."""
+    excluded (a dict batch's ``attention_mask``). Products are accumulated in place in the
+    input's precision (float32 at least; float64 inputs stay float64); RegMean solves in float64.
+    Layers fed the same input (q, k, v; gate, up) share one tensor, so the statistics take
+    memory once per distinct input."""
     model = model.to(device).eval()
     grams: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -117,8 +118,10 @@ def gram_matrices(
                 rows = rows[mask]
             if rows.dtype not in (torch.float32, torch.float64):
                 rows = rows.float()
-            gram = (rows.T @ rows).double()
-            grams[name] = grams[name] + gram if name in grams else gram
+            if name in grams:
+                grams[name].addmm_(rows.T, rows)
+            else:
+                grams[name] = rows.T @ rows
 
         return collect
 
@@ -226,7 +229,7 @@ def save_stats(
     """Write statistics as safetensors; a tensor shared by several names is stored once and
     the other names recorded as aliases; ``transposed`` lists the [in, out] weights,
     ``samples`` how many calibration examples they come from; ``dtype`` converts what is
-    stored (Gram matrices are summed in float64 and kept in float32: half the disk)."""
+    stored (float32 Gram matrices of a float64 model, for instance)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stored: dict[int, str] = {}
