@@ -45,3 +45,13 @@ def two_model_ties(base: Path, a: Path, b: Path) -> dict[str, torch.Tensor]:
     from merge_engine import merge_models
 
     return merge_models([a, b], "ties", base=base, model_parameters=TIES_WEIGHTS)
+
+
+@pytest.fixture
+def one_thread():
+    """Small matrices gain nothing from a second thread, and two threads slow down tenfold
+    when another process holds the other core (the spinning threads wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

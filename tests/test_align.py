@@ -361,16 +361,6 @@ def _train(seed: int, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture
-def one_thread():
-    """Small matrices gain nothing from a second thread, and two threads slow down tenfold
-    when another process holds the other core (the spinning threads wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_on_digits_matching_and_repair_remove_the_loss_barrier(capsys, one_thread):
     x, y = _digits()

@@ -142,7 +142,7 @@ def _accuracy(model: nn.Module, x, y, classes) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_on_two_digit_tasks_regmean_and_fisher_beat_the_plain_average(seed, capsys):
+def test_on_two_digit_tasks_regmean_and_fisher_beat_the_plain_average(seed, capsys, one_thread):
     torch.manual_seed(seed)
     x, y, test_x, test_y = _digits()
 
