@@ -22,6 +22,7 @@ from merge_engine.stats import (
     Statistic,
     fisher_diagonal,
     gram_matrices,
+    mean_of,
     transposed_weights,
 )
 
@@ -65,20 +66,17 @@ def regmean_merge(
     grams = [gram_matrices(m, b, device, progress) for m, b in zip(models, batches, strict=True)]
     merged = {}
     for name in states[0]:
-        stats = [g.get(name) for g in grams]
-        merged[name] = _merge_one(
-            [state[name] for state in states],
-            lambda tensors, stats=stats, name=name: regmean(
-                tensors,
-                None,
-                alpha=alpha,
-                ridge=ridge,
-                use_data=not any(part in name for part in exclude),
-                stats=[
-                    None if s is None else Statistic(s, transposed=name in transposed)
-                    for s in stats
-                ],
-            ),
+        tensors = [state[name] for state in states]
+        if not tensors[0].is_floating_point():  # an integer buffer: model 1's
+            merged[name] = tensors[0].clone()
+            continue
+        stats = [
+            None if name not in g else Statistic(g[name], transposed=name in transposed)
+            for g in grams
+        ]
+        use_data = not any(part in name for part in exclude)
+        merged[name] = regmean(
+            tensors, None, alpha=alpha, ridge=ridge, use_data=use_data, stats=stats
         )
     return merged
 
@@ -102,32 +100,25 @@ def fisher_merge(
         fisher_diagonal(m, b, mode, device, progress=progress)
         for m, b in zip(models, batches, strict=True)
     ]
-    means = [float(torch.cat([f.flatten() for f in fs.values()]).double().mean()) for fs in fishers]
+    means = [mean_of(f.values()) for f in fishers]
     merged = {}
     for name in states[0]:
+        tensors = [state[name] for state in states]
+        if not tensors[0].is_floating_point():  # an integer buffer: model 1's
+            merged[name] = tensors[0].clone()
+            continue
         stats = [
-            None if name not in fs else Statistic(fs[name], model_mean=mean)
-            for fs, mean in zip(fishers, means, strict=True)
+            None if name not in f else Statistic(f[name], model_mean=mean)
+            for f, mean in zip(fishers, means, strict=True)
         ]
-        merged[name] = _merge_one(
-            [state[name] for state in states],
-            lambda tensors, stats=stats: fisher(
-                tensors,
-                None,
-                weight=weights,
-                floor=floor,
-                normalize=normalize,
-                fisher=mode,
-                use_data=True,
-                stats=stats,
-            ),
+        merged[name] = fisher(
+            tensors,
+            None,
+            weight=weights,
+            floor=floor,
+            normalize=normalize,
+            fisher=mode,
+            use_data=True,
+            stats=stats,
         )
     return merged
-
-
-def _merge_one(tensors: list[torch.Tensor], kernel: Any) -> torch.Tensor:
-    """An integer buffer is taken from model 1; everything else goes through the kernel."""
-    if not tensors[0].is_floating_point():
-        return tensors[0].clone()
-    with torch.no_grad():
-        return kernel(tensors)

@@ -241,18 +241,26 @@ def save_stats(
         else:
             stored[id(tensor)] = name
             tensors[name] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
-    total = sum(float(t.sum(dtype=torch.float64)) for t in tensors.values())
-    count = sum(t.numel() for t in tensors.values())
     metadata = {
         "aliases": json.dumps(aliases),
         "transposed": json.dumps(sorted(transposed or [])),
-        "mean": repr(total / max(count, 1)),
+        "mean": repr(mean_of(tensors.values())),
         "samples": str(samples if samples is not None else ""),
     }
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=metadata)
     partial.replace(path)  # a killed pass leaves no file that looks complete
     return path
+
+
+def mean_of(tensors: Iterable[torch.Tensor]) -> float:
+    """The mean of every entry of ``tensors`` together (Fisher merging's normalisation), summed
+    in float64 without concatenating them."""
+    total, count = 0.0, 0
+    for tensor in tensors:
+        total += float(tensor.sum(dtype=torch.float64))
+        count += tensor.numel()
+    return total / max(count, 1)
 
 
 class StatsFile:
