@@ -33,10 +33,9 @@ def preflight(
     weight (a Hub calibration dataset is pinned, not downloaded). ``hub_only`` reads every
     reference from the Hub, never a local folder or file."""
     sources = inspect_recipe_models(recipe.referenced_models(), token, allow_pickle, hub_only)
-    aligns_on_data = recipe.align is not None and recipe.align.method == "activation_matching"
     calibration = (
         resolve_calibration(recipe, token, hub_only)
-        if get_method(recipe.merge_method).needs_data or aligns_on_data
+        if get_method(recipe.merge_method).needs_data or recipe.aligns_on_data()
         else {}
     )
     return build_plan(recipe, sources, calibration=calibration)

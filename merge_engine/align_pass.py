@@ -95,7 +95,7 @@ def plan_alignment(
     for ref in others:
         shapes = {k: info.shape for k, info in sources[ref].tensors.items()}
         spec.check_shapes(shapes, str(ref))
-    if align.method == "activation_matching" and reference not in data:
+    if recipe.aligns_on_data() and reference not in data:
         raise RecipeError(
             "activation_matching compares the models' activations on calibration data; "
             "add a calibration block (shared, or on the reference model)",
@@ -129,23 +129,9 @@ def run_alignment(
 ) -> None:
     """Match every model to the reference and save each one's permutations under ``folder``;
     ``progress`` hears of each model aligned (a caller may raise from it to stop)."""
-    reference = sources[alignment.reference]
-    names = list(alignment.spec.axes)
-    anchor = None
+    match = _matcher(alignment, sources, data, device)
     for ref in tqdm(alignment.models, desc="Aligning", unit="model", disable=not show_progress):
-        if alignment.method == "weight_matching":
-            if anchor is None:
-                anchor = _full_state(reference.store(), names)
-            found = weight_matching(
-                anchor,
-                _full_state(sources[ref].store(), names),
-                alignment.spec,
-                max_iter=alignment.max_iter,
-                seed=alignment.seed,
-                device=str(device),
-            )
-        else:
-            found = _activation_matching(alignment, sources, data, ref, device)
+        found = match(sources[ref])
         alignment.perms[ref] = found.perms
         alignment.reports[ref] = found.report
         path = folder / ALIGNMENT_FOLDER / _file_name(ref)
@@ -155,20 +141,42 @@ def run_alignment(
             progress(0, 1, f"aligned {ref}")
 
 
-def _activation_matching(
+def _matcher(
     alignment: AlignmentPlan,
     sources: Mapping[ModelReference, ModelSource],
     data: Mapping[ModelReference, CalibrationSource],
-    ref: ModelReference,
     device: torch.device,
-) -> Alignment:
-    """Both models run on the reference's calibration data, tokenized by its tokenizer."""
-    reference = sources[alignment.reference]
+) -> Callable[[ModelSource], Alignment]:
+    """Matches one model to the reference; what the reference contributes (its weights, or
+    its model and tokenized calibration data) is loaded once for every model."""
+    reference, spec = sources[alignment.reference], alignment.spec
+    if alignment.method == "weight_matching":
+        names = list(spec.axes)
+        anchor = _full_state(reference.store(), names)
+
+        def by_weights(source: ModelSource) -> Alignment:
+            state = _full_state(source.store(), names)
+            return weight_matching(
+                anchor,
+                state,
+                spec,
+                max_iter=alignment.max_iter,
+                seed=alignment.seed,
+                device=str(device),
+            )
+
+        return by_weights
+    # activation matching: both models run on the reference's data, with its tokenizer
     tokenizer = calibration.load_tokenizer([reference.folder], alignment.reference)
     batches = calibration.batches(data[alignment.reference], tokenizer)
-    return activation_matching(
-        load_model(reference), load_model(sources[ref]), batches, alignment.spec, device=str(device)
-    )
+    reference_model = load_model(reference)
+
+    def by_activations(source: ModelSource) -> Alignment:
+        return activation_matching(
+            reference_model, load_model(source), batches, spec, device=str(device)
+        )
+
+    return by_activations
 
 
 class PermutedStore:

@@ -158,9 +158,7 @@ def alignment_rows(plan: MergePlan) -> list[dict[str, str]]:
 
 def calibration_rows(plan: MergePlan) -> list[dict[str, str]]:
     """Per input model: its calibration data, how many examples ran, the statistic."""
-    statistic = plan.method.statistic
-    tasks = [t for t in plan.tasks if not t.copy_only]
-    kinds = sorted({statistic(t.shared) for t in tasks}) if statistic else []
+    kinds = plan.statistic_kinds()
     rows = []
     for ref, data in plan.calibration.items():
         used = data.samples_used.get(ref)

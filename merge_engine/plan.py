@@ -86,6 +86,13 @@ class MergePlan:
                 revisions[data.spec.dataset] = data.revision
         return self.recipe.with_revisions(revisions)
 
+    def statistic_kinds(self) -> list[str]:
+        """The statistics the plan's tensors read (both Fisher kinds when filters mix them)."""
+        statistic = self.method.statistic
+        if statistic is None:
+            return []
+        return sorted({statistic(task.shared) for task in self.tasks if not task.copy_only})
+
     def reproducible_recipe(self) -> Recipe:
         """The pinned recipe with the seed actually used."""
         pinned = self.pinned_recipe()
@@ -586,8 +593,7 @@ def _check_calibration(
     """A method that needs data gets it for every model it can run; returns notes."""
     given = recipe.calibration or any(m.calibration for m in recipe.models or [])
     if not method.needs_data:
-        aligns_on_data = recipe.align and recipe.align.method == "activation_matching"
-        if given and not aligns_on_data:
+        if given and not recipe.aligns_on_data():
             return [f"{method.name} uses no data: the calibration block is ignored"]
         return []
     if not recipe.models:

@@ -294,6 +294,10 @@ class Recipe(_Strict):
         own = self.models[index].calibration if self.models else None
         return own or self.calibration
 
+    def aligns_on_data(self) -> bool:
+        """The align step reads calibration data (activation matching)."""
+        return self.align is not None and self.align.method == "activation_matching"
+
     def datasets(self) -> list[DatasetReference]:
         """Every Hub dataset the calibration blocks read, each once."""
         blocks = [self.calibration] + [m.calibration for m in self.models or []]

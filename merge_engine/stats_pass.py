@@ -36,14 +36,6 @@ StatsFiles = dict[tuple[ModelReference, str], StatsFile]
 Progress = Callable[[int, int, str], None]
 
 
-def statistic_kinds(plan: MergePlan) -> list[str]:
-    """The statistics the plan's tensors read (both Fisher kinds when filters mix them)."""
-    statistic = plan.method.statistic
-    if statistic is None:
-        return []
-    return sorted({statistic(task.shared) for task in plan.tasks if not task.copy_only})
-
-
 def _model_identity(source: ModelSource) -> str:
     if source.revision:
         return f"{source.ref.path}@{source.revision}"
@@ -75,7 +67,7 @@ def collect_statistics(
 ) -> StatsFiles:
     """Compute what is missing under ``stats_dir``, then open every statistic the plan reads.
     ``progress`` is called with (batches done, batches to do, what)."""
-    kinds = statistic_kinds(plan)
+    kinds = plan.statistic_kinds()
     models = [m.model for m in plan.recipe.models or []]
     missing = {
         ref: [k for k in kinds if not stats_path(plan, ref, k, stats_dir).is_file()]
@@ -91,6 +83,7 @@ def collect_statistics(
         if not todo:
             continue
         model = load_model(plan.sources[ref]).to(device)
+        samples = sum(len(b["input_ids"]) for b in prepared[ref])
         for kind in todo:
             batches = counter.count(prepared[ref], f"{kind} of {ref}")
             if kind == "gram":
@@ -99,7 +92,6 @@ def collect_statistics(
                 mode = kind.removeprefix("fisher_")
                 seed = plan.calibration[ref].spec.seed
                 stats = fisher_diagonal(model, batches, mode, str(device), seed, show_progress)  # type: ignore[arg-type]
-            samples = sum(len(b["input_ids"]) for b in prepared[ref])
             path = stats_path(plan, ref, kind, stats_dir)
             dtype = torch.float32 if kind == "gram" else None
             save_stats(stats, path, transposed_weights(model), samples, dtype)
