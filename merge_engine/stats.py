@@ -79,6 +79,13 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """Which positions of a tokenized batch are real tokens, flattened (padding would count as
+    data); None for a batch without an ``attention_mask``."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return mask.reshape(-1).bool() if mask is not None else None
+
+
 def run_model(model: nn.Module, batch: Any) -> Any:
     """The model's output on a batch: keyword arguments for a dict (labels left out), the
     inputs of an ``(inputs, labels)`` pair, or the tensor itself."""
@@ -135,8 +142,7 @@ def gram_matrices(
                 batches, desc=f"Gram matrices{_of(model)}", unit="batch", disable=not progress
             ):
                 batch = to_device(batch, torch.device(device))
-                mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-                state["mask"] = mask.reshape(-1).bool() if mask is not None else None
+                state["mask"] = token_mask(batch)
                 run_model(model, batch)
                 state["last"], state["first_batch"] = None, False
                 seen += 1

@@ -22,7 +22,7 @@ from merge_engine.align.models import check_compatible, resolve_spec, state_of
 from merge_engine.align.result import Alignment, MatchReport
 from merge_engine.align.spec import PermutationSpec, Probe
 from merge_engine.errors import MergeError, RecipeError
-from merge_engine.stats import run_model, to_device
+from merge_engine.stats import run_model, to_device, token_mask
 
 
 class Moments:
@@ -54,12 +54,6 @@ class Moments:
         )
         covariance = self.cross / self.count - torch.outer(mean_a, mean_b)
         return covariance / (torch.outer(std_a, std_b) + eps)
-
-
-def _unpadded(batch: Any) -> torch.Tensor | None:
-    """Which token positions of a tokenized batch are real (padding would add fake samples)."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    return mask.reshape(-1).bool() if mask is not None else None
 
 
 def features(x: torch.Tensor, probe: Probe) -> torch.Tensor:
@@ -126,7 +120,7 @@ def activation_matching(
                 batch = to_device(batch, torch.device(device))
                 run_model(models[0], batch)
                 run_model(models[1], batch)
-                keep = _unpadded(batch)
+                keep = token_mask(batch)
                 for group, m in moments.items():
                     a, b = acts_a[group], acts_b[group]
                     if keep is not None and a.shape[0] == keep.numel():
