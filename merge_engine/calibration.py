@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,11 @@ class CalibrationSource:
         label = f", labels `{spec.label_field}`" if spec.label_field else ""
         return f"{origin}; text `{spec.text_field}`{label}; up to {spec.samples} samples of at most {spec.max_length} tokens, seed {spec.seed}"
 
+    @cached_property
     def fingerprint(self) -> str:
         """What identifies these rows: the content of a local file, the pinned dataset file,
-        the inline examples; and every reading option."""
+        the inline examples; and every reading option. Hashed once per run, however many
+        models share the block."""
         spec = self.spec
         if spec.path is not None:
             data = hashlib.sha256(Path(spec.path).expanduser().read_bytes()).hexdigest()

@@ -51,7 +51,7 @@ def stats_path(plan: MergePlan, ref: ModelReference, kind: str, stats_dir: Path)
             STATS_FORMAT,
             kind,
             _model_identity(plan.sources[ref]),
-            plan.calibration[ref].fingerprint(),
+            plan.calibration[ref].fingerprint,
         ]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -69,10 +69,8 @@ def collect_statistics(
     ``progress`` is called with (batches done, batches to do, what)."""
     kinds = plan.statistic_kinds()
     models = [m.model for m in plan.recipe.models or []]
-    missing = {
-        ref: [k for k in kinds if not stats_path(plan, ref, k, stats_dir).is_file()]
-        for ref in models
-    }
+    paths = {(ref, k): stats_path(plan, ref, k, stats_dir) for ref in models for k in kinds}
+    missing = {ref: [k for k in kinds if not paths[ref, k].is_file()] for ref in models}
     prepared = {
         ref: _batches(plan, ref) for ref, todo in missing.items() if todo
     }  # every data error before the first model runs
@@ -92,17 +90,12 @@ def collect_statistics(
                 mode = kind.removeprefix("fisher_")
                 seed = plan.calibration[ref].spec.seed
                 stats = fisher_diagonal(model, batches, mode, str(device), seed, show_progress)  # type: ignore[arg-type]
-            path = stats_path(plan, ref, kind, stats_dir)
             dtype = torch.float32 if kind == "gram" else None
-            save_stats(stats, path, transposed_weights(model), samples, dtype)
+            save_stats(stats, paths[ref, kind], transposed_weights(model), samples, dtype)
             del stats
         del model
         gc.collect()
-    files = {
-        (ref, kind): StatsFile(stats_path(plan, ref, kind, stats_dir))
-        for ref in models
-        for kind in kinds
-    }
+    files = {key: StatsFile(path) for key, path in paths.items()}
     for (ref, _), file in files.items():
         plan.calibration[ref].samples_used[ref] = file.samples
     return files
