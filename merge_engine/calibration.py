@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from merge_engine.errors import RecipeError, SourceError
+from merge_engine.errors import RecipeError, SourceError, excerpt
 from merge_engine.recipe import CALIBRATION_SUFFIXES, Calibration, ModelReference, Recipe
 from merge_engine.sources import TOKENIZER_FILES, ModelSource, model_task
 
@@ -270,7 +270,7 @@ def _label(value: Any, label_ids: dict[str, int] | None, source: CalibrationSour
         return int(value)
     known = ", ".join(label_ids or {}) or "integer class ids"
     raise RecipeError(
-        f"label {value!r} is not one of the model's labels ({known}); fix the data or label_field",
+        f"label {excerpt(value)} is not one of the model's labels ({known}); fix the data or label_field",
         field=f"{source.where}.label_field",
     )
 

@@ -152,8 +152,9 @@ def cmd_example(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from merge_engine import merge, parse_recipe, preflight
+    from merge_engine import merge, preflight
     from merge_engine.example import EXAMPLE_RECIPE, make_family
+    from merge_engine.recipe import recipe_from_text
 
     work = Path(args.work_dir)
     shutil.rmtree(
@@ -165,9 +166,7 @@ def cmd_example(args: argparse.Namespace) -> None:
     print(
         f"made a tiny Llama base and two fine-tunes under {work / 'models'}; recipe: {work / 'recipe.yaml'}"
     )
-    import yaml
-
-    plan = preflight(parse_recipe(yaml.safe_load(recipe_text)))
+    plan = preflight(recipe_from_text(recipe_text))
     out = merge(
         plan,
         work / "merged",

@@ -14,6 +14,18 @@ The CLI prints ``str(error)`` and exits 1; the service will map the same classes
 from __future__ import annotations
 
 
+def excerpt(value: object, limit: int = 60) -> str:
+    """``repr(value)`` when a string of at most ``limit`` characters (or a repr that short),
+    else its start, "…" and the total length: how a message quotes what a user wrote, so that
+    a huge field never comes back whole in an error."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{repr(value[:limit])[:-1]}… ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
 class MergeError(Exception):
     """Base class: the message is a complete sentence meant for the person who ran the merge."""
 

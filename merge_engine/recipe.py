@@ -10,6 +10,7 @@ by :mod:`merge_engine.plan`, not here: this module only knows the shape of the Y
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -18,10 +19,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import core_schema
 
-from merge_engine.errors import RecipeError
+from merge_engine.errors import RecipeError, excerpt
+from merge_engine.hub_names import check_repo_id, check_revision
+from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, load_yaml
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PATH_EXCERPT = 200  # how much of a path or reference a message quotes: local paths run long
+
+
+def _is_folder(path: str) -> bool:
+    """An existing folder; False for what no file system holds (a name too long, a NUL)."""
+    try:
+        return Path(path).expanduser().is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 class ModelReference:
@@ -51,25 +63,30 @@ class ModelReference:
                 raise ValueError(
                     "a model given as a mapping needs 'path' and optionally 'revision'"
                 )
-            return cls(str(value["path"]), value.get("revision"))
-        if not isinstance(value, str) or not value.strip():
+            ref = cls(str(value["path"]), value.get("revision"))
+        elif not isinstance(value, str) or not value.strip():
             raise ValueError(
                 "a model reference must be a non-empty string: a folder, org/name or org/name@revision"
             )
-        value = value.strip()
-        if "+" in value:
+        elif "+" in value:
             raise ValueError(
-                f"'{value}' applies a LoRA adapter ('+'), which mergebot does not support yet; merge the adapter into its model first"
+                f"{excerpt(value.strip(), _PATH_EXCERPT)} applies a LoRA adapter ('+'), which mergebot does not support yet; merge the adapter into its model first"
             )
-        if Path(value).expanduser().is_dir():
-            return cls(value)
-        path, _, revision = value.partition("@")
-        return cls(path, revision or None)
+        elif _is_folder(value.strip()):
+            return cls(value.strip())
+        else:
+            path, _, revision = value.strip().partition("@")
+            ref = cls(path, revision or None)
+        if not ref.is_local:  # read from the Hub: its names, not "could not reach the Hub"
+            check_repo_id(ref.path, "model")
+            if ref.revision is not None:
+                check_revision(ref.revision)
+        return ref
 
     @property
     def is_local(self) -> bool:
         """A folder on this machine, as opposed to a Hub repository id."""
-        if self.revision is None and Path(self.path).expanduser().is_dir():
+        if self.revision is None and _is_folder(self.path):
             return True
         return not _HUB_ID.match(self.path)
 
@@ -107,9 +124,12 @@ class DatasetReference(ModelReference):
             return value
         if not isinstance(value, str) or not _HUB_ID.match(value.partition("@")[0].strip()):
             raise ValueError(
-                f"dataset must be a Hub dataset repo as org/name or org/name@revision, got {value!r}; a local file goes in 'path'"
+                f"dataset must be a Hub dataset repo as org/name or org/name@revision, got {excerpt(value, _PATH_EXCERPT)}; a local file goes in 'path'"
             )
         path, _, revision = value.strip().partition("@")
+        check_repo_id(path, "dataset")
+        if revision:
+            check_revision(revision)
         return cls(path, revision or None)
 
     @property
@@ -173,7 +193,7 @@ class Calibration(_Strict):
             )
         if self.path is not None and not self.path.endswith(CALIBRATION_SUFFIXES):
             raise ValueError(
-                f"calibration file {self.path} must end in {', '.join(CALIBRATION_SUFFIXES)}"
+                f"calibration file {excerpt(self.path, _PATH_EXCERPT)} must end in {', '.join(CALIBRATION_SUFFIXES)}"
             )
         if self.file is not None and self.dataset is None:
             raise ValueError("'file' names a file inside 'dataset'; give the dataset too")
@@ -226,7 +246,9 @@ class OutputSlice(_Strict):
     def _same_length(self) -> OutputSlice:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
-            ranges = ", ".join(f"{s.model}{list(s.layer_range)}" for s in self.sources)
+            ranges = ", ".join(
+                f"{excerpt(str(s.model), _PATH_EXCERPT)}{list(s.layer_range)}" for s in self.sources
+            )
             raise ValueError(
                 f"all sources of a slice must span the same number of layers, got {ranges}"
             )
@@ -343,7 +365,8 @@ def _field_path(loc: tuple[Any, ...]) -> str:
         if isinstance(item, int) and parts:
             parts[-1] += f"[{item}]"
         elif isinstance(item, str) and item not in _UNION_TAGS and "[" not in item:
-            parts.append(item)  # pydantic names union members ('float', 'list[...]'): not fields
+            # pydantic names union members ('float', 'list[...]'): not fields; a long key is cut
+            parts.append(item if len(item) <= 60 else excerpt(item))
         if len(parts) >= 2 and parts[-2].endswith("parameters"):
             break
     return ".".join(parts)
@@ -358,13 +381,13 @@ def _sentence(error: dict[str, Any], path: str) -> str:
     if path.split(".")[-2:-1] and path.split(".")[-2].endswith("parameters"):
         return "must be a number, true/false, a list of numbers (a gradient) or a list of {filter, value} entries"
     if error["type"] == "literal_error" and "dtype" in path:
-        return f"must be one of {', '.join(DTYPES)}, got {error.get('input')!r}"
+        return f"must be one of {', '.join(DTYPES)}, got {excerpt(error.get('input'))}"
     if error["type"] == "literal_error":
-        return f"must be {error['ctx']['expected']}, got {error.get('input')!r}"
+        return f"must be {error['ctx']['expected']}, got {excerpt(error.get('input'))}"
     if error["type"] in ("greater_than", "greater_than_equal"):
         bound = "greater than" if error["type"] == "greater_than" else "at least"
         limit = error["ctx"].get("gt", error["ctx"].get("ge"))
-        return f"must be {bound} {limit}, got {error.get('input')!r}"
+        return f"must be {bound} {limit}, got {excerpt(error.get('input'))}"
     return message
 
 
@@ -386,25 +409,72 @@ def parse_recipe(data: Any) -> Recipe:
         raise RecipeError(_sentence(error, path), field=path or None) from None
 
 
-def load_recipe(path_or_text: str | Path) -> Recipe:
-    """Read a recipe from a YAML file path or YAML text (safe loader only)."""
+def load_recipe(path_or_text: str | Path, limits: RecipeLimits = DEFAULT_LIMITS) -> Recipe:
+    """Read a recipe from a YAML file path or YAML text (safe loader only), within ``limits``."""
     text = str(path_or_text)
     if isinstance(path_or_text, Path) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
-        path = Path(text)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist; check the path")
-        text = path.read_text(encoding="utf-8")
-    return recipe_from_text(text)
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError(f"recipe file {text} is not UTF-8 text; save it as UTF-8") from None
+        except (OSError, ValueError):  # missing, a folder, unreadable, a name too long, a NUL
+            raise RecipeError(
+                f"recipe file {excerpt(text, _PATH_EXCERPT)} does not exist or cannot be read; check the path"
+            ) from None
+    return recipe_from_text(text, limits)
 
 
-def recipe_from_text(text: str) -> Recipe:
-    """Read a recipe from YAML text, never from a path (what the service gets from people)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+def recipe_from_text(text: str, limits: RecipeLimits = DEFAULT_LIMITS) -> Recipe:
+    """Read a recipe from YAML text, never from a path (what the service gets from people),
+    refusing anything beyond ``limits``."""
+    recipe = parse_recipe(load_yaml(text, limits))
+    _check_examples(recipe, limits)
+    _check_names(recipe, "", limits.max_name_chars)
+    return recipe
+
+
+def _check_examples(recipe: Recipe, limits: RecipeLimits) -> None:
+    blocks = [("calibration", recipe.calibration)]
+    blocks += [
+        (f"models[{i}].calibration", m.calibration) for i, m in enumerate(recipe.models or ())
+    ]
+    for where, block in blocks:
+        examples = block.examples if block else None
+        if not examples:
+            continue
+        if len(examples) > limits.max_examples:
+            raise RecipeError(
+                f"has {len(examples):,} inline examples, more than the {limits.max_examples:,} "
+                "allowed; put the data in a Hub dataset repo and name it in 'dataset'",
+                field=f"{where}.examples",
+            )
+        for index, example in enumerate(examples):
+            length = len(example if isinstance(example, str) else json.dumps(example, default=str))
+            if length > limits.max_example_chars:
+                raise RecipeError(
+                    f"is {length:,} characters long, more than the {limits.max_example_chars:,} "
+                    "allowed for one example; shorten it",
+                    field=f"{where}.examples[{index}]",
+                )
+
+
+def _check_names(value: Any, where: str, limit: int) -> None:
+    """Every reference, string and parameter name of the recipe (inline examples aside) is at
+    most ``limit`` characters."""
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            if name != "examples":
+                _check_names(getattr(value, name), f"{where}.{name}".lstrip("."), limit)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_names(item, f"{where}[{index}]", limit)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_names(key, f"{where}.{excerpt(key)}", limit)
+            _check_names(item, f"{where}.{key}", limit)
+    elif isinstance(value, str | ModelReference) and len(str(value)) > limit:
         raise RecipeError(
-            f"the recipe is not valid YAML{where}: {getattr(exc, 'problem', exc)}"
-        ) from None
-    return parse_recipe(data)
+            f"is {len(str(value)):,} characters long, more than the {limit} allowed for a name "
+            "or reference; shorten it",
+            field=where,
+        )

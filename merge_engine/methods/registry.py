@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from merge_engine.errors import RecipeError
+from merge_engine.errors import RecipeError, excerpt
 
 REQUIRED: Any = object()
 
@@ -61,7 +61,7 @@ class Param:
         if self.choices:
             if value not in self.choices:
                 raise RecipeError(
-                    f"must be one of {', '.join(self.choices)}, got {value!r}", field=where
+                    f"must be one of {', '.join(self.choices)}, got {excerpt(value)}", field=where
                 )
             return value
         if self.type is bool:
@@ -71,17 +71,17 @@ class Param:
                 return value.lower() == "true"
             if isinstance(value, int) and value in (0, 1):  # YAML 0/1, as pydantic accepts
                 return bool(value)
-            raise RecipeError(f"must be true or false, got {value!r}", field=where)
+            raise RecipeError(f"must be true or false, got {excerpt(value)}", field=where)
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise RecipeError(f"must be a number, got {value!r}", field=where)
+            raise RecipeError(f"must be a number, got {excerpt(value)}", field=where)
         try:
             number = (
                 round(float(value)) if self.type is int else self.type(value)
             )  # gradients interpolate
         except ValueError:
-            raise RecipeError(f"must be a number, got {value!r}", field=where) from None
+            raise RecipeError(f"must be a number, got {excerpt(value)}", field=where) from None
         if isinstance(number, float) and not math.isfinite(number):
-            raise RecipeError(f"must be a finite number, got {value!r}", field=where)
+            raise RecipeError(f"must be a finite number, got {excerpt(value)}", field=where)
         too_low = self.low is not None and (
             number <= self.low if self.low_open else number < self.low
         )
