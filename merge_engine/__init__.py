@@ -28,11 +28,15 @@ def preflight(
     token: str | bool | None = None,
     allow_pickle: bool = False,
     hub_only: bool = False,
+    cache_dir: Path | None = None,
 ) -> MergePlan:
     """Validate a recipe against the models' configs and safetensors headers; download no
     weight (a Hub calibration dataset is pinned, not downloaded). ``hub_only`` reads every
-    reference from the Hub, never a local folder or file."""
-    sources = inspect_recipe_models(recipe.referenced_models(), token, allow_pickle, hub_only)
+    reference from the Hub, never a local folder or file; ``cache_dir`` keeps what is read
+    (config.json) out of the shared Hugging Face cache."""
+    sources = inspect_recipe_models(
+        recipe.referenced_models(), token, allow_pickle, hub_only, cache_dir
+    )
     calibration = (
         resolve_calibration(recipe, token, hub_only)
         if get_method(recipe.merge_method).needs_data or recipe.aligns_on_data()

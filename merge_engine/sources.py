@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from merge_engine.errors import SourceError, UnsafeCheckpointError
+from merge_engine.hub_names import check_repo_id, check_revision
 from merge_engine.io import (
     INDEX_NAME,
     MemoryStore,
@@ -157,8 +158,14 @@ def inspect_local(ref: ModelReference, allow_pickle: bool = False) -> ModelSourc
     return ModelSource(ref, config, infos, folder=folder, memory=memory)
 
 
-def inspect_hub(ref: ModelReference, token: str | bool | None = None) -> ModelSource:
-    """Resolve the revision to a commit, then read config.json and the safetensors headers."""
+def inspect_hub(
+    ref: ModelReference, token: str | bool | None = None, cache_dir: Path | None = None
+) -> ModelSource:
+    """Resolve the revision to a commit, then read config.json and the safetensors headers;
+    ``cache_dir`` replaces the shared Hugging Face cache for config.json."""
+    check_repo_id(ref.path, "model")  # parsing checked Hub-like names; hub_only sends any here
+    if ref.revision is not None:
+        check_revision(ref.revision)
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -174,7 +181,9 @@ def inspect_hub(ref: ModelReference, token: str | bool | None = None) -> ModelSo
     try:
         sha = api.model_info(ref.path, revision=ref.revision).sha
         metadata = api.get_safetensors_metadata(ref.path, revision=sha)
-        config_path = hf_hub_download(ref.path, "config.json", revision=sha, token=token)
+        config_path = hf_hub_download(
+            ref.path, "config.json", revision=sha, token=token, cache_dir=cache_dir
+        )
     except GatedRepoError:
         raise SourceError(
             f"{ref.path} is gated; accept its terms on the Hub and log in (huggingface-cli login)"
@@ -223,12 +232,13 @@ def inspect_model(
     token: str | bool | None = None,
     allow_pickle: bool = False,
     hub_only: bool = False,
+    cache_dir: Path | None = None,
 ) -> ModelSource:
     """A local folder or a Hub repo; with ``hub_only`` always the Hub, whatever folders exist
     here (the service: a request must never read the server's own files)."""
     if ref.is_local and not hub_only:
         return inspect_local(ref, allow_pickle)
-    return inspect_hub(ref, token)
+    return inspect_hub(ref, token, cache_dir)
 
 
 def download(
@@ -269,6 +279,7 @@ def inspect_recipe_models(
     token: str | bool | None = None,
     allow_pickle: bool = False,
     hub_only: bool = False,
+    cache_dir: Path | None = None,
 ) -> dict[ModelReference, ModelSource]:
     """Metadata of every model a recipe reads, each fetched once."""
-    return {ref: inspect_model(ref, token, allow_pickle, hub_only) for ref in refs}
+    return {ref: inspect_model(ref, token, allow_pickle, hub_only, cache_dir) for ref in refs}
