@@ -3,35 +3,49 @@
 | call | does |
 |---|---|
 | `GET /api/health` | the server is up, and which Hub it uses |
-| `POST /api/jobs` `{recipe, target, private?, follow_sources?}` | validate and queue; 202 with the job, 400 `{error, field}`, 429 when the requester's queue is full |
-| `GET /api/jobs[?requester=NAME]` | recent jobs (private ones only to their requester) |
-| `GET /api/jobs/{id}` | one job: status, stage, fraction, log, error, result URL |
+| `POST /api/jobs` `{recipe, target, private?, follow_sources?}` | validate and queue; 202 with the job |
+| `GET /api/jobs[?requester=NAME&limit=N]` | recent jobs, in short (private ones only to their requester); `limit` 1–200 |
+| `GET /api/jobs/{id}` | one job: status, stage, fraction, log, error, result URL, card |
 | `POST /api/jobs/{id}/cancel` | the requester (or the bot's operator) stops a job |
 | `POST /api/follows/{ns}/{name}/stop` or `start` | the requester stops or restarts re-merges of a result |
 | `POST /api/webhooks/hub` | Hub webhooks (`X-Webhook-Secret` = `MERGEBOT_WEBHOOK_SECRET`): discussions and source updates |
 
 A request is signed with the requester's Hub token (`Authorization: Bearer hf_…`); without one
-the merge goes to the bot's namespace, if the bot has one.
+the merge goes to the bot's namespace, if the bot has one. The Hub is asked whose a token is
+once per token and few minutes, not on every request.
+
+Every refusal is `{"error": "<one sentence>", "field": "<the field it is about, or null>"}`
+with its status: 400 a bad request, 401 sign-in needed or the token refused, 403 not yours,
+404 no such job (or one you may not see), 413 a body over the size limit, 429 your queue is
+full, 503 the Hub cannot be reached. Anything unexpected is a 500 whose `error` carries an id
+that the server's log has with the details.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import uuid
+from typing import Any
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from merge_engine.errors import MergeError, RecipeError
-from merge_engine.recipe import recipe_from_text
+from merge_engine.errors import MergeError, excerpt
 from service.discussions import DiscussionWatcher
-from service.hub import identify
+from service.errors import NotFound, TooLarge
 from service.intake import Identity, MergeRequest
-from service.jobs import JobService, QueueLimitError
+from service.jobs import JobService
+
+log = logging.getLogger("mergebot.api")
 
 
 class SubmitBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     recipe: str
     """The recipe as YAML, as mergekit users write it."""
     target: str
@@ -39,29 +53,122 @@ class SubmitBody(BaseModel):
     follow_sources: bool = False
 
 
-def _identity(service: JobService, authorization: str | None) -> Identity:
-    token = authorization.removeprefix("Bearer ").strip() if authorization else None
-    return identify(service.settings.endpoint, token or None)
+class _Scope(BaseModel):
+    scope: str
+
+
+class _Repo(BaseModel):
+    name: str
+
+
+class WebhookPayload(BaseModel):
+    """The part of a Hub webhook's body the bot reads (the Hub sends more)."""
+
+    event: _Scope
+    repo: _Repo
+
+
+def _refusal(error: str, field: str | None, status: int) -> JSONResponse:
+    return JSONResponse({"error": error, "field": field}, status_code=status)
+
+
+def _validation_sentence(errors: list[Any]) -> tuple[str, str | None]:
+    """The first of pydantic's or FastAPI's validation errors as (sentence, field); the input
+    itself is never echoed."""
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    field = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON; send a JSON object", None
+    message = first.get("msg", "is not valid")
+    return (f"{field}: {message}" if field else message), field
+
+
+def _parse(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a JSON body with pydantic's parser (no NaN, bounded nesting): a bad body is a
+    400 naming the field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        sentence, field = _validation_sentence(error.errors(include_input=False))
+        raise _BadBody(sentence, field) from None
+
+
+class _BadBody(MergeError):
+    def __init__(self, message: str, field: str | None):
+        self.field = field
+        super().__init__(message)
+
+
+class BodyLimit:
+    """Refuse a request body over ``max_bytes`` with 413, from its Content-Length or, for a
+    body sent in chunks, as soon as it grows past the limit, before it is read whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        too_large = TooLarge(
+            f"the request body is over the {limit // 1024} KB limit of this bot; send a smaller recipe"
+        )
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await _refusal(str(too_large), None, too_large.status)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def create_app(service: JobService) -> FastAPI:
     app = FastAPI(title="mergebot", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
+
+    def identity_of(authorization: str | None) -> Identity:
+        """Who signed the request (a cached Hub answer); anonymous when nobody did."""
+        token = authorization.removeprefix("Bearer ").strip() if authorization else None
+        return service.identities.of(token or None)
 
     @app.exception_handler(MergeError)
     def merge_error(_request: Request, error: MergeError) -> JSONResponse:
-        status = 429 if isinstance(error, QueueLimitError) else 400
-        field = error.field if isinstance(error, RecipeError) else None
-        return JSONResponse({"error": str(error), "field": field}, status_code=status)
+        return _refusal(str(error), getattr(error, "field", None), getattr(error, "status", 400))
+
+    @app.exception_handler(RequestValidationError)
+    def bad_request(_request: Request, error: RequestValidationError) -> JSONResponse:
+        return _refusal(*_validation_sentence(list(error.errors())), 400)
+
+    @app.exception_handler(Exception)
+    def unexpected(_request: Request, error: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("error %s: %s", error_id, type(error).__name__, exc_info=error)
+        return _refusal(
+            f"something went wrong on the server (error {error_id}); try again, and report the id if it repeats",
+            None,
+            500,
+        )
 
     @app.get("/api/health")
-    def health() -> dict:
+    async def health() -> dict:
+        """Answered on the event loop itself: it never waits behind requests that wait for
+        the Hub."""
         return {"ok": True, "hub": service.settings.endpoint}
 
-    @app.post("/api/jobs", status_code=202)
-    def submit(body: SubmitBody, authorization: str | None = Header(default=None)) -> dict:
-        identity = _identity(service, authorization)
+    def submit_job(body: SubmitBody, authorization: str | None) -> dict:
+        identity = identity_of(authorization)
         request = MergeRequest(
-            recipe=recipe_from_text(body.recipe),
+            recipe=service.read_recipe(body.recipe),
             target=body.target,
             requester=identity.name,
             origin="api",
@@ -70,38 +177,49 @@ def create_app(service: JobService) -> FastAPI:
         )
         return service.submit(request, identity).to_json()
 
-    def visible(job, identity: Identity) -> bool:
-        """A private job is its requester's (signed in) and the operator's only."""
-        return not job.private or service.may_act_for(identity, job.requester)
+    @app.post(
+        "/api/jobs",
+        status_code=202,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": SubmitBody.model_json_schema()}},
+            }
+        },
+    )
+    async def submit(request: Request, authorization: str | None = Header(default=None)) -> dict:
+        body = _parse(SubmitBody, await request.body())
+        return await run_in_threadpool(submit_job, body, authorization)
 
     @app.get("/api/jobs")
     def jobs(
-        requester: str | None = None,
-        limit: int = 50,
+        requester: str | None = Query(default=None, max_length=200),
+        limit: int = Query(default=50, ge=1, le=200),
         authorization: str | None = Header(default=None),
     ) -> list[dict]:
-        identity = _identity(service, authorization)
-        found = service.list(requester, min(limit, 200))
-        return [job.to_json() for job in found if visible(job, identity)]
+        identity = identity_of(authorization)
+        found = service.list(requester, limit)
+        return [job.summary_json() for job in found if service.may_see(job, identity)]
 
     @app.get("/api/jobs/{job_id}")
-    def job(job_id: str, authorization: str | None = Header(default=None)) -> JSONResponse:
+    def job(job_id: str, authorization: str | None = Header(default=None)) -> dict:
+        identity = identity_of(authorization)
         found = service.get(job_id)
-        if found is None or not visible(found, _identity(service, authorization)):
-            return JSONResponse({"error": f"there is no job {job_id}"}, status_code=404)
-        return JSONResponse(found.to_json())
+        if found is None or not service.may_see(found, identity):
+            raise NotFound(f"there is no job {excerpt(job_id)}; check the id")
+        return found.to_json()
 
     @app.post("/api/jobs/{job_id}/cancel")
     def cancel(job_id: str, authorization: str | None = Header(default=None)) -> dict:
-        return service.cancel(job_id, _identity(service, authorization)).to_json()
+        return service.cancel(job_id, identity_of(authorization)).to_json()
 
     @app.post("/api/follows/{namespace}/{name}/{action}")
     def follow(
         namespace: str, name: str, action: str, authorization: str | None = Header(default=None)
     ) -> dict:
         if action not in ("stop", "start"):
-            raise RecipeError("the action is stop or start", field="action")
-        identity = _identity(service, authorization)
+            raise _BadBody("the action is stop or start", "action")
+        identity = identity_of(authorization)
         return {
             "message": service.set_following(f"{namespace}/{name}", identity, action == "start")
         }
@@ -115,9 +233,9 @@ def create_app(service: JobService) -> FastAPI:
         later does nothing more."""
         secret = service.settings.webhook_secret
         if not secret or not hmac.compare_digest(x_webhook_secret or "", secret):
-            return JSONResponse({"error": "wrong or missing X-Webhook-Secret"}, status_code=401)
-        payload = await request.json()
-        scope, repo = payload["event"]["scope"], payload["repo"]["name"]
+            return _refusal("wrong or missing X-Webhook-Secret", "X-Webhook-Secret", 401)
+        payload = _parse(WebhookPayload, await request.body())
+        scope, repo = payload.event.scope, payload.repo.name
         if scope.startswith("discussion"):
             await run_in_threadpool(DiscussionWatcher(service).poll, repo)
         elif scope == "repo.content":

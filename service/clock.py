@@ -1,7 +1,8 @@
 """The clock: periodic work that only enqueues or tidies idempotently, so running it in more
 than one process is harmless (APScheduler's own job store is never shared): poll the watched
-repos' discussions, check whether followed sources moved, and sweep what a crash can leave
-behind (the work folder and stored token of a job that has ended).
+repos' discussions, check whether followed sources moved, run once more the jobs a Hub outage
+failed when the Hub answers again, and sweep what a crash can leave behind (the work folder and
+stored token of a job that has ended).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def tick(service: JobService) -> None:
     """One round of everything the clock does (``mergebot tick`` runs it once)."""
     DiscussionWatcher(service).poll()
     service.follows.check_all()
+    service.retry_after_outage()
     sweep(service)
 
 
@@ -56,6 +58,13 @@ def start_clock(service: JobService) -> BackgroundScheduler:
         "interval",
         seconds=settings.follow_check_seconds,
         id="follows",
+        max_instances=1,
+    )
+    clock.add_job(
+        service.retry_after_outage,
+        "interval",
+        seconds=settings.outage_check_seconds,
+        id="outages",
         max_instances=1,
     )
     clock.start()

@@ -19,7 +19,6 @@ import time
 from huggingface_hub import HfApi
 
 from merge_engine.errors import MergeError, RecipeError
-from merge_engine.recipe import recipe_from_text
 from service.hub import hub_api
 from service.intake import Identity, MergeRequest
 from service.job_store import ACTIVE, Job
@@ -114,7 +113,7 @@ class DiscussionWatcher:
     def _submit(self, key: str, author: str, recipe_text: str, target: str) -> None:
         try:
             self._check_author(author)
-            recipe = recipe_from_text(recipe_text)
+            recipe = self.service.read_recipe(recipe_text)
             self._check_namespaces(recipe)
             request = MergeRequest(
                 recipe, target, author, "discussion", discussion=key, follow_sources=False

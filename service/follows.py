@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from merge_engine.errors import MergeError
 from merge_engine.recipe import recipe_from_text
-from service.hub import hub_api, identify
+from service.hub import hub_api
 from service.intake import Identity, MergeRequest
 from service.job_store import Job, metadata
 from service.once import claim
@@ -166,7 +166,7 @@ class Follows:
         )
         try:
             identity = (  # with the token's organisations, and proof it still works
-                identify(settings.endpoint, token) if token else Identity(name=follow.requester)
+                self.service.identities.of(token) if token else Identity(name=follow.requester)
             )
             return self.service.submit(request, identity)
         except MergeError as error:

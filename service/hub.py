@@ -5,13 +5,12 @@ the job id. A retried push first looks for that commit, so a job is never pushed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import RepositoryNotFoundError
 
-from merge_engine.errors import MergeError
-from service.intake import Identity
 from service.retry import RetryPolicy, with_retries
 
 JOB_TRAILER = "mergebot-job: {job_id}"
@@ -22,29 +21,6 @@ def hub_api(endpoint: str, token: str | None) -> HfApi:
     """A client that sends exactly ``token``, or nothing: never a token found in the environment
     or a login file (in the service that would be the bot's own)."""
     return HfApi(endpoint=endpoint, token=token or False)
-
-
-def identify(endpoint: str, token: str | None) -> Identity:
-    """The Hub user a token belongs to, with their organisations; anonymous without a token."""
-    if not token:
-        return Identity()
-    try:
-        info = hub_api(endpoint, token).whoami()
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status == 401:
-            raise MergeError(
-                "the Hub does not accept this token; sign in again or create a new token"
-            ) from None
-        raise MergeError(
-            f"the Hub answered {status} when checking the token; try again later"
-        ) from None
-    except Exception as error:  # noqa: BLE001  (transport errors differ between client versions)
-        raise MergeError(
-            f"could not reach the Hub at {endpoint} to check the token ({type(error).__name__}); try again later"
-        ) from None
-    orgs = tuple(org["name"] for org in info.get("orgs", []) if "name" in org)
-    return Identity(name=info["name"], token=token, orgs=orgs)
 
 
 def find_job_commit(api: HfApi, repo_id: str, job_id: str) -> str | None:
@@ -66,6 +42,7 @@ def publish(
     private: bool,
     title: str,
     policy: RetryPolicy = DEFAULT_POLICY,
+    on_retry: Callable[[str], None] | None = None,
 ) -> str:
     """Push ``folder`` to ``repo_id`` as one commit for ``job_id``; return that commit's id.
     A repo this call created is deleted again if the commit fails."""
@@ -89,4 +66,4 @@ def publish(
             raise
         return commit.oid
 
-    return with_retries(push, policy)
+    return with_retries(push, policy, on_retry=on_retry)

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from merge_engine.errors import RecipeError
+from merge_engine.errors import RecipeError, excerpt
+from merge_engine.hub_names import check_repo_id, check_revision
 from merge_engine.plan import MergePlan
-from merge_engine.recipe import ModelReference, Recipe
+from merge_engine.recipe import Recipe
 
 Origin = Literal["form", "discussion", "schedule", "api"]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-_REVISION = re.compile(r"^[\w.-]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +33,11 @@ class MergeRequest:
     """For a re-merge: the sources that moved."""
 
 
+ANONYMOUS = "(anonymous)"
+"""The requester of requests without sign-in: parentheses keep it apart from every Hub
+username, so no account can speak for anonymous jobs."""
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who asks: a Hub user proven by their token, or someone known only by name (a discussion
@@ -46,7 +49,7 @@ class Identity:
 
     @property
     def requester(self) -> str:
-        return self.name or "anonymous"
+        return self.name or ANONYMOUS
 
 
 @dataclass(frozen=True)
@@ -56,26 +59,32 @@ class Limits:
 
 
 def check_hub_only(recipe: Recipe) -> None:
-    """Refuse any reference that is not ``org/name`` or ``org/name@revision``: a request must
-    never make the server read its own files (a path, ``..``, a URL)."""
+    """Refuse any reference that is not ``org/name`` or ``org/name@revision`` by the Hub's own
+    rules: a request must never make the server read its own files (a path, ``..``, a URL),
+    and a name the Hub would refuse is one sentence now, not a failure later."""
     for ref in recipe.referenced_models():
-        if not _is_hub_reference(ref):
+        if not _looks_like_hub_repo(ref.path):
             raise RecipeError(
-                f"'{ref}' is not a Hub model; requests to the bot may name only Hub repos as org/name or org/name@revision",
+                f"{excerpt(str(ref))} is not a Hub model; requests to the bot may name only Hub repos as org/name or org/name@revision",
                 field="models",
             )
+        check_repo_id(ref.path, "model", field="models")
+        if ref.revision is not None:
+            check_revision(ref.revision, field="models")
+    for dataset in recipe.datasets():
+        check_repo_id(dataset.path, "dataset", field="calibration.dataset")
+        if dataset.revision is not None:
+            check_revision(dataset.revision, field="calibration.dataset")
 
 
-def _is_hub_reference(ref: ModelReference) -> bool:
-    valid_revision = ref.revision is None or bool(_REVISION.match(ref.revision))
-    return bool(_REPO_ID.match(ref.path)) and ".." not in ref.path and valid_revision
+def _looks_like_hub_repo(path: str) -> bool:
+    """One slash between two names, no path or URL syntax (what the name rules then check)."""
+    return path.count("/") == 1 and not path.startswith(("/", ".", "~")) and "://" not in path
 
 
 def check_target(target: str) -> None:
-    if not _REPO_ID.match(target) or ".." in target:
-        raise RecipeError(
-            f"target '{target}' is not a repo name; write namespace/name", field="target"
-        )
+    """The repo to push to: ``namespace/name`` as the Hub accepts it."""
+    check_repo_id(target, "target", field="target")
 
 
 def check_push_rights(target: str, identity: Identity, bot_namespace: str | None) -> None:
@@ -102,14 +111,18 @@ def check_push_rights(target: str, identity: Identity, bot_namespace: str | None
         )
 
 
-def check_limits(plan: MergePlan, limits: Limits) -> None:
-    """Size limits from the pre-flight (headers only), before any download."""
-    count = len(plan.sources)
+def check_model_count(recipe: Recipe, limits: Limits) -> None:
+    """The number of models, from the recipe alone: refused before any Hub call."""
+    count = len(recipe.referenced_models())
     if count > limits.max_models:
         raise RecipeError(
-            f"the recipe reads {count} models, more than the {limits.max_models} this bot merges per request",
+            f"the recipe reads {count} models, more than the {limits.max_models} this bot merges per request; merge fewer at a time",
             field="models",
         )
+
+
+def check_limits(plan: MergePlan, limits: Limits) -> None:
+    """Size limits from the pre-flight (headers only), before any download."""
     size = sum(info.nbytes for source in plan.sources.values() for info in source.tensors.values())
     if size > limits.max_source_bytes:
         raise RecipeError(
@@ -118,12 +131,18 @@ def check_limits(plan: MergePlan, limits: Limits) -> None:
         )
 
 
-def job_id(plan: MergePlan, target: str) -> str:
-    """Hash of the normalised recipe with every source pinned, and the target: the same
-    request at the same source revisions is the same job."""
+def job_id(plan: MergePlan, request: MergeRequest) -> str:
+    """Hash of the normalised recipe with every source pinned, the target and what else shapes
+    the result (private or public, followed or not): the same request at the same source
+    revisions is the same job, and asking for a private copy is not."""
     recipe = plan.pinned_recipe()
     normalised = json.dumps(
-        {"recipe": recipe.model_dump(mode="json", exclude_none=True), "target": target},
+        {
+            "recipe": recipe.model_dump(mode="json", exclude_none=True),
+            "target": request.target,
+            "private": request.private,
+            "follow_sources": request.follow_sources,
+        },
         sort_keys=True,
     )
     return "job-" + hashlib.sha256(normalised.encode()).hexdigest()[:24]

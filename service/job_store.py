@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: tuple[Status, ...] = ("queued", "running")
@@ -44,9 +45,28 @@ jobs_table = sa.Table(
     sa.Column("worker", sa.String(200)),
     sa.Column("merge_runs", sa.Integer, nullable=False),
     sa.Column("cancel_requested", sa.Boolean, nullable=False),
+    sa.Column("failure", sa.String(20)),
+    sa.Column("auto_retried", sa.Boolean),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
+
+requester_locks = sa.Table(
+    "mergebot_requester_locks",
+    metadata,
+    sa.Column("requester", sa.String(200), primary_key=True),
+    sa.Column("touched_at", sa.Float, nullable=False),
+)
+"""One row per requester, written first by every submit: concurrent submits of one requester
+(in any process, SQLite or PostgreSQL) queue behind it, so each counts the others' jobs."""
+
+OUTAGE_RETRY_HOURS = 24
+"""A job failed by a Hub outage runs again when the Hub answers within this many hours."""
+
+SUMMARY_FIELDS = (
+    "id", "attempt", "requester", "origin", "target", "private", "status", "stage",
+    "error", "url", "created_at", "updated_at",
+)  # fmt: skip
 
 
 @dataclass
@@ -80,6 +100,10 @@ class Job:
     worker: str | None = None
     merge_runs: int = 0
     cancel_requested: bool = False
+    failure: str | None = None
+    """``hub_outage`` when the job failed because the Hub could not be reached."""
+    auto_retried: bool = False
+    """This attempt is the automatic one after an outage (there is no second)."""
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -99,6 +123,10 @@ class Job:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "progress": self.progress}
+
+    def summary_json(self) -> dict[str, Any]:
+        """What a list of jobs shows of each: no recipe, log or card, so a list stays small."""
+        return {name: getattr(self, name) for name in SUMMARY_FIELDS} | {"progress": self.progress}
 
 
 def make_engine(database_url: str) -> sa.Engine:
@@ -120,16 +148,32 @@ def make_engine(database_url: str) -> sa.Engine:
 class JobStore:
     def __init__(self, engine: sa.Engine):
         self.engine = engine
-        metadata.create_all(engine, tables=[jobs_table])
+        metadata.create_all(engine, tables=[jobs_table, requester_locks])
+        _add_missing_columns(engine, jobs_table)
 
-    def add(self, job: Job) -> Job:
-        """Insert ``job``, or replace a finished attempt of the same id with this new one."""
+    def add_within_limit(self, job: Job, limit: int) -> Job | None:
+        """Insert ``job`` as a new attempt (replacing an ended attempt of the same id) unless
+        its requester already has ``limit`` jobs waiting or running; return the stored job,
+        the existing one when the same job is already active or succeeded, or None when the
+        limit is reached. One transaction that first writes the requester's lock row."""
         now = time.time()
-        job.created_at = job.updated_at = now
-        row = _to_row(job)
         with self.engine.begin() as db:
+            _lock_row(db, job.requester, now)
+            row = db.execute(jobs_table.select().where(jobs_table.c.id == job.id)).first()
+            existing = _from_row(row) if row else None
+            if existing and (existing.status in ACTIVE or existing.status == "succeeded"):
+                return existing
+            active = db.execute(
+                sa.select(sa.func.count())
+                .select_from(jobs_table)
+                .where(jobs_table.c.requester == job.requester, jobs_table.c.status.in_(ACTIVE))
+            ).scalar_one()
+            if active >= limit:
+                return None
+            job.attempt = existing.attempt + 1 if existing else 1
+            job.created_at = job.updated_at = now
             db.execute(jobs_table.delete().where(jobs_table.c.id == job.id))
-            db.execute(jobs_table.insert().values(**row))
+            db.execute(jobs_table.insert().values(**_to_row(job)))
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -148,9 +192,6 @@ class JobStore:
         query = sa.select(sa.func.count()).select_from(jobs_table).where(*where)
         with self.engine.connect() as db:
             return db.execute(query).scalar_one()
-
-    def count_active(self, requester: str) -> int:
-        return self._count(jobs_table.c.requester == requester, jobs_table.c.status.in_(ACTIVE))
 
     def count_since(self, requester: str, origin: str, since: float) -> int:
         return self._count(
@@ -171,9 +212,11 @@ class JobStore:
             row = db.execute(query).first()
         return _from_row(row) if row else None
 
-    def has_target(self, target: str, requester: str) -> bool:
-        """Whether ``requester`` already had a job pushing to ``target``."""
-        return self._count(jobs_table.c.target == target, jobs_table.c.requester == requester) > 0
+    def requesters_of(self, target: str) -> set[str]:
+        """Everyone who had a job pushing to ``target``."""
+        query = sa.select(jobs_table.c.requester).where(jobs_table.c.target == target).distinct()
+        with self.engine.connect() as db:
+            return set(db.execute(query).scalars())
 
     def update_if(self, job_id: str, while_status: Status, **values: Any) -> bool:
         """Set columns only while the job is still ``while_status``; whether it was."""
@@ -206,6 +249,36 @@ class JobStore:
                 .values(merge_runs=jobs_table.c.merge_runs + 1, worker=worker)
             )
 
+    def failed_by_outage(self) -> list[Job]:
+        """Jobs that failed because the Hub was unreachable and have not been run again."""
+        query = jobs_table.select().where(awaits_outage_retry(time.time()))
+        with self.engine.connect() as db:
+            return [_from_row(row) for row in db.execute(query)]
+
+    def requeue_after_outage(self, job_id: str) -> Job | None:
+        """Make ``job_id`` a new, queued attempt marked as the automatic retry, if it is still
+        failed by an outage and not retried (compare-and-set); the new attempt, or None."""
+        with self.engine.begin() as db:
+            done = db.execute(
+                jobs_table.update()
+                .where(jobs_table.c.id == job_id, awaits_outage_retry(time.time()))
+                .values(
+                    attempt=jobs_table.c.attempt + 1,
+                    status="queued",
+                    stage="queued",
+                    fraction=0.0,
+                    error=None,
+                    failure=None,
+                    auto_retried=True,
+                    cancel_requested=False,
+                    updated_at=time.time(),
+                )
+            )
+        if done.rowcount != 1:
+            return None
+        self.update(job_id, log="the Hub answers again: running the job once more")
+        return self.get(job_id)
+
     def cancel_requested(self, job_id: str) -> bool:
         with self.engine.connect() as db:
             return bool(
@@ -213,6 +286,35 @@ class JobStore:
                     sa.select(jobs_table.c.cancel_requested).where(jobs_table.c.id == job_id)
                 ).scalar_one_or_none()
             )
+
+
+def awaits_outage_retry(now: float) -> sa.ColumnElement[bool]:
+    """Jobs that failed by a Hub outage, recently, and have not run again since."""
+    c = jobs_table.c
+    return sa.and_(
+        c.status == "failed",
+        c.failure == "hub_outage",
+        sa.or_(c.auto_retried.is_(None), c.auto_retried.is_(False)),
+        c.updated_at > now - OUTAGE_RETRY_HOURS * 3600,
+    )
+
+
+def _add_missing_columns(engine: sa.Engine, table: sa.Table) -> None:
+    """Columns added to ``table`` since a database was made are added to it (nullable), so a
+    bot upgraded in place keeps its jobs."""
+    existing = {column["name"] for column in sa.inspect(engine).get_columns(table.name)}
+    with engine.begin() as db:
+        for column in table.columns:
+            if column.name not in existing:
+                kind = column.type.compile(dialect=engine.dialect)
+                db.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+
+def _lock_row(db: sa.Connection, requester: str, now: float) -> None:
+    """Write ``requester``'s lock row; it stays locked until the transaction ends."""
+    dialect = postgresql if db.dialect.name == "postgresql" else sqlite
+    upsert = dialect.insert(requester_locks).values(requester=requester, touched_at=now)
+    db.execute(upsert.on_conflict_do_update(index_elements=["requester"], set_={"touched_at": now}))
 
 
 def _to_row(job: Job) -> dict[str, Any]:
@@ -228,4 +330,5 @@ def _from_row(row: sa.Row) -> Job:
     values["sources"] = json.loads(values["sources"])
     values["log"] = json.loads(values["log"])
     values["changes"] = json.loads(values["changes"] or "[]")
+    values["auto_retried"] = bool(values["auto_retried"])
     return Job(**values)

@@ -11,38 +11,48 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 from merge_engine import preflight
-from merge_engine.errors import MergeError, RecipeError
+from merge_engine.errors import MergeError, RecipeError, excerpt
 from merge_engine.plan import MergePlan
+from merge_engine.recipe import Recipe, recipe_from_text
+from service.errors import (
+    HubUnavailable,
+    NotAllowed,
+    NotFound,
+    QueueLimitError,
+    SignInRequired,
+)
 from service.follows import Follows
-from service.hub import hub_api, identify
+from service.hub import hub_api
+from service.identities import Identities
 from service.intake import (
     Identity,
     MergeRequest,
     check_hub_only,
     check_limits,
+    check_model_count,
     check_push_rights,
     check_target,
     job_id,
 )
-from service.job_store import ACTIVE, Job, JobStore, make_engine
+from service.job_store import Job, JobStore, make_engine
 from service.once import create_tables as create_event_tables
+from service.retry import is_transient
 from service.settings import Settings
 from service.token_vault import TokenVault, load_key
 
 
-class QueueLimitError(MergeError):
-    """The requester already has as many jobs waiting as the bot allows."""
-
-
 class JobService:
     def __init__(self, settings: Settings):
+        self.identities = Identities(
+            settings.endpoint, settings.identity_ttl_seconds, settings.hub_timeout_seconds
+        )
         if settings.bot_token and not settings.bot_namespace:
-            settings = replace(
-                settings, bot_namespace=identify(settings.endpoint, settings.bot_token).name
-            )
+            settings = replace(settings, bot_namespace=self.identities.of(settings.bot_token).name)
         self.settings = settings
         settings.work_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.database_url)
@@ -53,48 +63,85 @@ class JobService:
         create_event_tables(engine)
         self.follows = Follows(self)
 
+    def read_recipe(self, text: str) -> Recipe:
+        """A recipe from a request's YAML, within this bot's size, depth and expansion limits."""
+        return recipe_from_text(text, self.settings.recipe_limits)
+
     def check(self, request: MergeRequest, identity: Identity) -> tuple[MergePlan, str]:
-        """Everything submit checks, queueing nothing: the plan and the job id it would get."""
+        """Everything submit checks, queueing nothing: the plan and the job id it would get.
+        What the request alone shows is checked before anything is asked of the Hub."""
+        limits = self.settings.limits
         check_target(request.target)
         check_hub_only(request.recipe)
+        check_model_count(request.recipe, limits)
         check_push_rights(request.target, identity, self.settings.bot_namespace)
-        if not identity.token:
-            self._check_bot_target(request.target, identity.requester)
-        plan = preflight(request.recipe, token=identity.token or False, hub_only=True)
-        check_limits(plan, self.settings.limits)
-        return plan, job_id(plan, request.target)
-
-    def _check_bot_target(self, target: str, requester: str) -> None:
-        """In the bot's namespace a request may create a repo, or update one its requester's
-        earlier job made — never another repo of the bot's."""
-        if self.store.has_target(target, requester):
-            return
-        if hub_api(self.settings.endpoint, self.settings.bot_token).repo_exists(target):
+        if request.private and identity.name is None:
             raise RecipeError(
-                f"{target} already exists and was not made for {requester}; choose another name",
+                "a private merge needs sign-in (nobody else could read it); sign in, or make it public",
+                field="private",
+            )
+        plan = self._preflight(request, identity)
+        check_limits(plan, limits)
+        new_id = job_id(plan, request)
+        if not identity.token:
+            self._check_bot_target(request.target, identity, new_id)
+        return plan, new_id
+
+    def _preflight(self, request: MergeRequest, identity: Identity) -> MergePlan:
+        """The engine's pre-flight, read with the requester's token into a folder of its own
+        that is gone afterwards: a private repo's files never enter a shared cache. A Hub that
+        cannot be reached is a 503, not the requester's mistake."""
+        scratch = self.settings.work_dir / "preflight"
+        scratch.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch) as cache:
+            try:
+                return preflight(
+                    request.recipe,
+                    token=identity.token or False,
+                    hub_only=True,
+                    cache_dir=Path(cache),
+                )
+            except MergeError as error:
+                if is_transient(error):
+                    raise HubUnavailable(
+                        f"{error} (the Hub at {self.settings.endpoint} is not answering; your request was not queued)"
+                    ) from None
+                raise
+
+    def _check_bot_target(self, target: str, identity: Identity, new_id: str) -> None:
+        """In the bot's namespace a request may create a repo, or update one that earlier jobs
+        of the same named requester made — never another request's result. Requests without
+        sign-in are nobody in particular: they only create (or repeat the very same job)."""
+        if self.store.get(new_id) is not None:
+            return
+        requesters = self.store.requesters_of(target)
+        if identity.name is not None and requesters == {identity.name}:
+            return
+        if requesters or self._bot_repo_exists(target):
+            raise RecipeError(
+                f"{target} already exists and was not made by this request; choose another name",
                 field="target",
             )
+
+    def _bot_repo_exists(self, target: str) -> bool:
+        try:
+            return hub_api(self.settings.endpoint, self.settings.bot_token).repo_exists(target)
+        except Exception as error:  # noqa: BLE001  (transport errors differ between versions)
+            raise HubUnavailable(
+                f"could not reach the Hub at {self.settings.endpoint} to check {target} ({type(error).__name__}); try again in a minute"
+            ) from None
 
     def submit(self, request: MergeRequest, identity: Identity) -> Job:
         """Validate ``request`` and queue it, or return the job that already does the same."""
         plan, new_id = self.check(request, identity)
-        existing = self.store.get(new_id)
-        if existing and (existing.status in ACTIVE or existing.status == "succeeded"):
-            return existing
         limit = (
             self.settings.max_queued_per_requester
             if identity.token
             else self.settings.max_queued_anonymous
         )
-        if self.store.count_active(identity.requester) >= limit:
-            raise QueueLimitError(
-                f"{identity.requester} already has {limit} jobs waiting or running; wait for one to finish or cancel one"
-                if identity.token
-                else f"requests without sign-in already have {limit} jobs waiting or running; sign in, or wait for one to finish"
-            )
         job = Job(
             id=new_id,
-            attempt=existing.attempt + 1 if existing else 1,
+            attempt=1,
             requester=identity.requester,
             origin=request.origin,
             target=request.target,
@@ -107,7 +154,15 @@ class JobService:
             discussion=request.discussion,
             changes=list(request.changes),
         )
-        self.store.add(job)
+        stored = self.store.add_within_limit(job, limit)
+        if stored is None:
+            raise QueueLimitError(
+                f"{identity.requester} already has {limit} jobs waiting or running; wait for one to finish or cancel one"
+                if identity.token
+                else f"requests without sign-in already have {limit} jobs waiting or running; sign in, or wait for one to finish"
+            )
+        if stored is not job:
+            return stored  # the same job, already queued, running or done
         if identity.token:
             self.vault.put(job.id, identity.token)
         from service.pipeline import enqueue
@@ -137,27 +192,43 @@ class JobService:
         owner = identity.token is not None and identity.name == requester
         return owner or self.is_operator(identity)
 
+    def may_see(self, job: Job, identity: Identity) -> bool:
+        """A private job is its requester's (signed in) and the operator's only."""
+        return not job.private or self.may_act_for(identity, job.requester)
+
+    def authorise(
+        self, identity: Identity, requester: str, private: bool, missing: str, action: str
+    ) -> None:
+        """Let ``identity`` ``action`` something of ``requester``'s, or refuse: a private thing
+        of someone else's answers exactly as if it did not exist (``missing``)."""
+        if self.may_act_for(identity, requester):
+            return
+        if private:
+            raise NotFound(missing)
+        if identity.token is None:
+            raise SignInRequired(f"sign in as {requester} to {action}")
+        raise NotAllowed(f"only {requester} can {action}; sign in as them")
+
     def cancel(self, job_id: str, identity: Identity) -> Job:
         """Ask a queued or running job to stop; the worker stops at its next checkpoint (a
         tensor, in the merge). Only the requester — or the bot's own token — may cancel."""
+        missing = f"there is no job {excerpt(job_id)}; check the id with `mergebot jobs`"
         job = self.store.get(job_id)
         if job is None:
-            raise MergeError(f"there is no job {job_id}; check the id with `mergebot jobs`")
-        if not self.may_act_for(identity, job.requester):
-            raise MergeError(f"only {job.requester} can cancel {job_id}; sign in as them")
+            raise NotFound(missing)
+        self.authorise(identity, job.requester, job.private, missing, f"cancel {job_id}")
         return self.request_cancel(job)
 
     def set_following(self, target: str, identity: Identity, on: bool) -> str:
         """Stop or restart the following of ``target`` (its requester, or the bot's operator)."""
+        missing = (
+            f"{excerpt(target)} does not follow its sources; merge it with 'follow source updates'"
+        )
         follow = self.follows.get(target)
         if follow is None:
-            raise MergeError(
-                f"{target} does not follow its sources; merge it with 'follow source updates'"
-            )
-        if not self.may_act_for(identity, follow.requester):
-            raise MergeError(
-                f"only {follow.requester} can change the following of {target}; sign in as them"
-            )
+            raise NotFound(missing)
+        action = f"change the following of {target}"
+        self.authorise(identity, follow.requester, follow.private, missing, action)
         if on:  # the re-merges push with the requester's own token, when they gave it
             own = identity.token if identity.name == follow.requester else None
             self.follows.restart(target, own)
@@ -178,10 +249,41 @@ class JobService:
             self.store.update(job_id, log="cancel requested")
         return self.store.get(job_id) or job
 
-    def finish(self, job_id: str) -> None:
-        """What ends with every job, however it ends: its token and its work directory."""
-        self.vault.erase(job_id)
+    def finish(self, job_id: str, keep_token: bool = False) -> None:
+        """What ends with every job, however it ends: its work directory and its token (kept
+        only for a job that runs again when the Hub is back)."""
+        if not keep_token:
+            self.vault.erase(job_id)
         shutil.rmtree(self.settings.job_dir(job_id), ignore_errors=True)
+
+    def retry_after_outage(self) -> list[Job]:
+        """Run again, once, every job that failed because the Hub was unreachable, if the Hub
+        answers now; return the jobs queued. Safe in several processes: each job is claimed
+        by a compare-and-set."""
+        waiting = self.store.failed_by_outage()
+        if not waiting or not self._hub_answers():
+            return []
+        from service.pipeline import enqueue
+
+        queued = []
+        for job in waiting:
+            again = self.store.requeue_after_outage(job.id)
+            if again is not None:
+                enqueue(again)
+                queued.append(again)
+        return queued
+
+    def _hub_answers(self) -> bool:
+        """Whether the Hub answers HTTP at all (any status below 500) within the timeout."""
+        from huggingface_hub.utils import get_session
+
+        try:
+            response = get_session().get(
+                f"{self.settings.endpoint}/api/whoami-v2", timeout=self.settings.hub_timeout_seconds
+            )
+        except Exception:  # noqa: BLE001  (down: connection refused, timeout, ...)
+            return False
+        return response.status_code < 500
 
 
 def _job_recipe(plan: MergePlan, job_id: str) -> str:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from dbos import DBOS, SetWorkflowID
 from huggingface_hub.errors import HfHubHTTPError
@@ -28,14 +29,14 @@ from service.discussions import DiscussionWatcher, discussion_url, parse_discuss
 from service.hub import hub_api, publish
 from service.job_store import ACTIVE, STAGES, Job
 from service.jobs import JobService
-from service.retry import RetryPolicy, with_retries
+from service.retry import HubOutage, RetryPolicy, is_transient, with_retries
 from service.verify import verify_output
 
 QUEUE = "merges"
 WORKFLOW = "mergebot.merge_job"
 PROGRESS_EVERY = 0.5  # seconds between progress writes (and cancel checks) during a merge
-HUB_RETRIES = RetryPolicy()
 log = logging.getLogger("mergebot.jobs")
+T = TypeVar("T")
 
 _service: JobService | None = None
 
@@ -84,9 +85,24 @@ _plans: dict[str, MergePlan] = {}
 def _plan(job: Job) -> MergePlan:
     plan = _plans.get(job.workflow_id)
     if plan is None:
-        plan = preflight(recipe_from_text(job.recipe), token=_read_token(job), hub_only=True)
+        plan = preflight(
+            recipe_from_text(job.recipe),
+            token=_read_token(job),
+            hub_only=True,
+            cache_dir=_jobs().settings.job_dir(job.id) / "hub",
+        )
         _plans[job.workflow_id] = plan
     return plan
+
+
+def _hub_policy() -> RetryPolicy:
+    return RetryPolicy(patience=_jobs().settings.hub_patience_seconds)
+
+
+def _with_hub(job_id: str, call: Callable[[], T]) -> T:
+    """Run a step's Hub calls, riding out an outage; each retry is a line in the job's log."""
+    store = _jobs().store
+    return with_retries(call, _hub_policy(), on_retry=lambda line: store.update(job_id, log=line))
 
 
 def _merged_dir(job: Job) -> Path:
@@ -127,7 +143,8 @@ def _progress(job_id: str) -> Callable[[int, int, str], None]:
 @DBOS.step(name="mergebot.preflight")
 def preflight_step(job_id: str) -> None:
     """The pinned sources are still there and still readable by this requester."""
-    _plan(_job(job_id))
+    job = _job(job_id)
+    _with_hub(job_id, lambda: _plan(job))
 
 
 @DBOS.step(name="mergebot.download")
@@ -135,7 +152,7 @@ def download_step(job_id: str) -> None:
     job = _job(job_id)
     plan = _plan(job)
     cache = _jobs().settings.job_dir(job_id) / "hub"
-    with_retries(lambda: download_plan(plan, _read_token(job), cache), HUB_RETRIES)
+    _with_hub(job_id, lambda: download_plan(plan, _read_token(job), cache))
 
 
 @DBOS.step(name="mergebot.merge")
@@ -200,7 +217,8 @@ def push_step(job_id: str) -> None:
         job.id,
         private=job.private,
         title=f"Merge with mergebot ({method})",
-        policy=HUB_RETRIES,
+        policy=_hub_policy(),
+        on_retry=lambda line: jobs.store.update(job_id, log=line),
     )
     jobs.store.update(job_id, commit=commit, url=f"{jobs.settings.endpoint}/{job.target}")
 
@@ -255,11 +273,17 @@ def merge_job(job_id: str) -> str:
     except JobCancelled:
         outcome = dict(status="cancelled", stage="cancelled", log="cancelled")
     except Exception as error:  # noqa: BLE001  (every failure ends the job with a sentence)
-        message = describe_failure(error, stage, job.target)
+        outage = is_transient(error)
+        retry_later = outage and not job.auto_retried
+        message = describe_failure(error, stage, job.target, retry_later)
         log.warning("job %s failed at %s: %s", job_id, stage, message)
         outcome = dict(status="failed", error=message, log=f"failed: {message}")
+        if outage:
+            outcome["failure"] = "hub_outage"
     _plans.pop(job.workflow_id, None)
-    jobs.finish(job_id)  # before the status: whoever sees the job ended sees it cleaned up
+    # before the status: whoever sees the job ended sees it cleaned up; a job that will run
+    # again when the Hub is back keeps its requester's token until then
+    jobs.finish(job_id, keep_token=outcome.get("failure") == "hub_outage" and not job.auto_retried)
     store.update(job_id, **outcome)
     if job.discussion:
         _report_to_discussion(job_id)
@@ -273,8 +297,18 @@ def _report_to_discussion(job_id: str) -> None:
         log.warning("job %s: could not reply to its discussion (%s)", job_id, type(error).__name__)
 
 
-def describe_failure(error: BaseException, stage: str, target: str) -> str:
+def describe_failure(
+    error: BaseException, stage: str, target: str, retry_later: bool = False
+) -> str:
     """One sentence naming what went wrong and what to do."""
+    if is_transient(error):
+        outage = error if isinstance(error, HubOutage) else HubOutage(0, error)
+        then = (
+            "the job runs again by itself once the Hub answers"
+            if retry_later
+            else "submit the job again when the Hub is back"
+        )
+        return f"{outage} during {stage}; {then}"
     if isinstance(error, MergeError):
         return str(error)
     if isinstance(error, HfHubHTTPError):
@@ -283,5 +317,5 @@ def describe_failure(error: BaseException, stage: str, target: str) -> str:
             return f"the Hub did not accept the token that pushes to {target} (401 Unauthorized); sign in again and submit the job again"
         if stage == "push" and status in (403, 404):
             return f"the Hub refused to let this job create or write {target} ({status}); push to a namespace you can write to"
-        return f"the Hub kept answering {status} during {stage}; submit the job again later"
+        return f"the Hub answered {status} during {stage}; submit the job again later"
     return f"the job stopped at {stage} on an unexpected {type(error).__name__} ({error}); submit it again, and report it if it repeats"

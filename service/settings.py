@@ -18,6 +18,14 @@
 | `MERGEBOT_DISCUSSION_DAILY` | merge requests per discussion author per day | 5 |
 | `MERGEBOT_ALLOW_NAMESPACES`, `MERGEBOT_DENY_NAMESPACES` | comma lists: namespaces a discussion request may (not) read from | any / none |
 | `MERGEBOT_MAX_QUEUED_ANONYMOUS` | queued jobs of all requests without sign-in together | 1 |
+| `MERGEBOT_MAX_BODY_KB` | size of one HTTP request body (413 above it) | 1024 |
+| `MERGEBOT_MAX_RECIPE_KB`, `MERGEBOT_MAX_RECIPE_DEPTH`, `MERGEBOT_MAX_RECIPE_NODES` | a recipe's size, nesting, and values once YAML aliases are expanded | 256, 32, 50000 |
+| `MERGEBOT_MAX_EXAMPLES`, `MERGEBOT_MAX_EXAMPLE_CHARS` | inline calibration examples per block, and characters per example | 1024, 8192 |
+| `MERGEBOT_MAX_NAME_CHARS` | characters of any name or string in a recipe | 256 |
+| `MERGEBOT_IDENTITY_TTL_SECONDS` | how long the Hub's answer to "whose token is this" is reused | 300 |
+| `MERGEBOT_HUB_TIMEOUT_SECONDS` | how long a request waits for the Hub to check a token (503 after) | 10 |
+| `MERGEBOT_HUB_PATIENCE_SECONDS` | how long a job's Hub step retries through an outage before the job fails | 600 |
+| `MERGEBOT_OUTAGE_CHECK_SECONDS` | how often the clock looks whether the Hub is back, to run jobs an outage failed once more | 60 |
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits
 from service.intake import Limits
 
 PUBLIC_HUB = "https://huggingface.co"
@@ -58,6 +67,13 @@ class Settings:
     """Off Spaces, whom Gradio's sign-in mock signs in as (see ``service.server``)."""
     max_queued_anonymous: int = 1
     """Requests without sign-in share one, smaller, queue quota."""
+    max_body_bytes: int = 1024 * 1024
+    recipe_limits: RecipeLimits = DEFAULT_LIMITS
+    """Checked on every recipe's text before anything else is done with it."""
+    identity_ttl_seconds: float = 300.0
+    hub_timeout_seconds: float = 10.0
+    hub_patience_seconds: float = 600.0
+    outage_check_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -80,6 +96,12 @@ class Settings:
             ),
             max_queued_per_requester=int(env.get("MERGEBOT_MAX_QUEUED", 3)),
             max_queued_anonymous=int(env.get("MERGEBOT_MAX_QUEUED_ANONYMOUS", 1)),
+            max_body_bytes=int(float(env.get("MERGEBOT_MAX_BODY_KB", 1024)) * 1024),
+            recipe_limits=_recipe_limits(env),
+            identity_ttl_seconds=float(env.get("MERGEBOT_IDENTITY_TTL_SECONDS", 300)),
+            hub_timeout_seconds=float(env.get("MERGEBOT_HUB_TIMEOUT_SECONDS", 10)),
+            hub_patience_seconds=float(env.get("MERGEBOT_HUB_PATIENCE_SECONDS", 600)),
+            outage_check_seconds=float(env.get("MERGEBOT_OUTAGE_CHECK_SECONDS", 60)),
             local_login_token=env.get("MERGEBOT_LOCAL_LOGIN_TOKEN") or None,
             watch_repos=tuple(
                 _repo_key(name)
@@ -105,6 +127,18 @@ class Settings:
 
     def job_dir(self, job_id: str) -> Path:
         return self.work_dir / "jobs" / job_id
+
+
+def _recipe_limits(env: Mapping[str, str]) -> RecipeLimits:
+    default = DEFAULT_LIMITS
+    return RecipeLimits(
+        max_bytes=int(float(env.get("MERGEBOT_MAX_RECIPE_KB", default.max_bytes / 1024)) * 1024),
+        max_depth=int(env.get("MERGEBOT_MAX_RECIPE_DEPTH", default.max_depth)),
+        max_nodes=int(env.get("MERGEBOT_MAX_RECIPE_NODES", default.max_nodes)),
+        max_examples=int(env.get("MERGEBOT_MAX_EXAMPLES", default.max_examples)),
+        max_example_chars=int(env.get("MERGEBOT_MAX_EXAMPLE_CHARS", default.max_example_chars)),
+        max_name_chars=int(env.get("MERGEBOT_MAX_NAME_CHARS", default.max_name_chars)),
+    )
 
 
 def _names(text: str | None) -> list[str]:

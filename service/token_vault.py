@@ -6,13 +6,14 @@ the workflow inputs ever holds a token.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 
 from merge_engine.errors import MergeError
-from service.job_store import ACTIVE, jobs_table, metadata
+from service.job_store import ACTIVE, awaits_outage_retry, jobs_table, metadata
 
 tokens_table = sa.Table(
     "mergebot_tokens",
@@ -75,7 +76,10 @@ class TokenVault:
 
     def erase_of_ended_jobs(self) -> None:
         """Erase the tokens of every job that has ended, in one statement: a job submitted
-        meanwhile is queued, so its token stays; follow tokens belong to no job and stay."""
-        ended = sa.select(jobs_table.c.id).where(jobs_table.c.status.not_in(ACTIVE))
+        meanwhile is queued, so its token stays; follow tokens belong to no job and stay; a job
+        that failed by a Hub outage keeps its token while it may still run again."""
+        ended = sa.select(jobs_table.c.id).where(
+            jobs_table.c.status.not_in(ACTIVE), sa.not_(awaits_outage_retry(time.time()))
+        )
         with self.engine.begin() as db:
             db.execute(tokens_table.delete().where(tokens_table.c.job_id.in_(ended)))

@@ -13,8 +13,6 @@ import yaml
 
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.methods import all_methods, get_method
-from merge_engine.recipe import recipe_from_text
-from service.hub import identify
 from service.intake import Identity, MergeRequest
 from service.job_store import ACTIVE, Job
 from service.jobs import JobService
@@ -178,7 +176,7 @@ def _method_doc(name: str) -> str:
 
 
 def _identity(service: JobService, token: gr.OAuthToken | None) -> Identity:
-    return identify(service.settings.endpoint, token.token) if token else Identity()
+    return service.identities.of(token.token if token else None)
 
 
 def _job_rows(jobs: list[Job]) -> list[list[Any]]:
@@ -297,7 +295,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
             text: str, target_name: str, is_private: bool, follows: bool, identity: Identity
         ) -> MergeRequest:
             return MergeRequest(
-                recipe_from_text(text),
+                service.read_recipe(text),
                 target_name.strip(),
                 identity.name,
                 "form",

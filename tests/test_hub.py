@@ -8,10 +8,10 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from service.hub import find_job_commit, publish
-from service.retry import RetryPolicy, with_retries
+from service.retry import HubOutage, RetryPolicy, with_retries
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 
-FAST = RetryPolicy(attempts=4, first_delay=0.0)
+FAST = RetryPolicy(patience=30.0, first_delay=0.0)
 
 
 @pytest.fixture
@@ -70,11 +70,25 @@ def test_permanent_errors_fail_at_once(hub, merged):
     assert len(calls) == 1
 
 
-def test_retry_policy_backs_off_and_honours_retry_after(hub):
-    policy = RetryPolicy(attempts=3, first_delay=1.0, max_delay=5.0)
+def test_retry_policy_backs_off_within_its_patience(hub):
+    policy = RetryPolicy(patience=10.0, first_delay=1.0, max_delay=5.0)
     hub.hub.fail("GET", r"/api/models/", 503, times=1)
     with pytest.raises(HfHubHTTPError) as unavailable:
         hub.api.model_info("alice/anything")
-    assert [policy.delay(unavailable.value, n) for n in (1, 2, 3)] == [1.0, 2.0, None]
+    error = unavailable.value
+    assert [policy.delay(error, n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
+    assert policy.delay(error, 4, waited=8.0) == 2.0  # never past the patience
+    assert policy.delay(error, 5, waited=10.0) is None
     assert policy.delay(ConnectionError("reset"), 1) == 1.0
     assert policy.delay(ValueError("bad recipe"), 1) is None
+
+
+def test_an_outage_longer_than_the_patience_fails_with_the_time_waited(hub):
+    hub.hub.fail("GET", r"/api/models/", 503, times=1000)
+    lines: list[str] = []
+    policy = RetryPolicy(patience=0.3, first_delay=0.1)
+    with pytest.raises(HubOutage, match=r"the Hub could not be reached \(it answered 503\)"):
+        with_retries(lambda: hub.api.model_info("alice/x"), policy, on_retry=lines.append)
+    assert lines and all(
+        line.startswith("Hub unreachable (it answered 503), retrying in") for line in lines
+    )

@@ -3,6 +3,8 @@ and a job id that is the same exactly when the merge would be the same."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -10,9 +12,17 @@ import yaml
 from merge_engine.errors import RecipeError
 from merge_engine.io import TensorInfo
 from merge_engine.plan import build_plan
-from merge_engine.recipe import ModelReference, parse_recipe
+from merge_engine.recipe import ModelReference, parse_recipe, recipe_from_text
 from merge_engine.sources import ModelSource
-from service.intake import Limits, check_hub_only, check_limits, check_target, job_id
+from service.intake import (
+    Limits,
+    MergeRequest,
+    check_hub_only,
+    check_limits,
+    check_model_count,
+    check_target,
+    job_id,
+)
 
 RECIPE = "merge_method: ties\nbase_model: org/base\nmodels: [{model: org/math, parameters: {weight: 1, density: 0.5}}]\n"
 
@@ -38,7 +48,6 @@ def plan(text: str = RECIPE, revisions: dict[str, str] | None = None):
         "./local",
         "https://evil.example/org/model",
         "org/../../etc",
-        "org/name@../x",
     ],
 )
 def test_a_request_may_name_only_hub_repos(reference):
@@ -53,24 +62,63 @@ def test_hub_references_pass():
     check_hub_only(parse_recipe(yaml.safe_load(RECIPE.replace("org/math", "org/math@v1.0"))))
 
 
-@pytest.mark.parametrize("target", ["alice", "alice/", "../alice/x", "alice/x/y"])
-def test_bad_targets_are_refused(target):
-    with pytest.raises(RecipeError, match="is not a repo name; write namespace/name"):
+@pytest.mark.parametrize(
+    "target",
+    ["alice", "alice/", "../alice/x", "alice/x/y", "alice/modèle", "alice/x.", "alice/a--b",
+     "alice/x.git", "alice/x\n", "alice/" + "m" * 97],
+)  # fmt: skip
+def test_targets_the_hub_would_refuse_are_refused_before_anything_runs(target):
+    with pytest.raises(RecipeError, match="is not a name the Hub accepts") as error:
         check_target(target)
+    assert error.value.field == "target"
+
+
+@pytest.mark.parametrize(
+    ("reference", "words"),
+    [
+        ("alice/a--b", "model 'alice/a--b' is not a name the Hub accepts"),
+        ("alice/modèle", "is not a name the Hub accepts"),
+        ("org/name@..", "revision '..' is not a branch, tag or commit name"),
+        ("org/name@../x", "is not a branch, tag or commit name"),
+    ],
+)
+def test_references_the_hub_would_refuse_get_one_sentence(reference, words):
+    text = f"merge_method: linear\nmodels: [{{model: {reference!r}}}]\n"
+    with pytest.raises(RecipeError, match=re.escape(words)):
+        check_hub_only(recipe_from_text(text))
+
+
+def test_datasets_the_hub_would_refuse_get_one_sentence():
+    text = (
+        "merge_method: regmean\nmodels: [{model: org/a}, {model: org/b}]\n"
+        "calibration: {dataset: 'org/a--b'}\n"
+    )
+    with pytest.raises(RecipeError, match="dataset 'org/a--b' is not a name the Hub accepts"):
+        check_hub_only(recipe_from_text(text))
+
+
+def test_the_model_count_is_checked_from_the_recipe_alone():
+    many = "merge_method: linear\nmodels:\n" + "".join(f"  - model: org/m{i}\n" for i in range(100))
+    with pytest.raises(RecipeError, match="the recipe reads 100 models, more than the 8"):
+        check_model_count(recipe_from_text(many), Limits())
+    check_model_count(recipe_from_text(RECIPE), Limits(max_models=2))
 
 
 def test_size_limits_are_checked_from_headers():
-    with pytest.raises(RecipeError, match="the recipe reads 2 models, more than the 1"):
-        check_limits(plan(), Limits(max_models=1))
     with pytest.raises(RecipeError, match="more than the 0 GB limit"):
         check_limits(plan(), Limits(max_source_bytes=100))
     check_limits(plan(), Limits())
 
 
-def test_job_id_is_stable_for_the_same_merge_and_changes_with_revision_or_target():
+def request(target: str = "alice/merged", **options) -> MergeRequest:
+    return MergeRequest(recipe_from_text(RECIPE), target, "alice", "api", **options)
+
+
+def test_job_id_is_stable_for_the_same_merge_and_changes_with_what_it_produces():
     same = "models: [{parameters: {density: 0.5, weight: 1}, model: org/math}]\nbase_model: org/base\nmerge_method: ties\n"
-    assert job_id(plan(), "alice/merged") == job_id(plan(same), "alice/merged")
-    assert job_id(plan(), "alice/merged") != job_id(plan(), "alice/other")
-    assert job_id(plan(), "alice/merged") != job_id(
-        plan(revisions={"org/math": "b" * 40}), "alice/merged"
-    )
+    assert job_id(plan(), request()) == job_id(plan(same), request())
+    assert job_id(plan(), request()) != job_id(plan(), request("alice/other"))
+    assert job_id(plan(), request()) != job_id(plan(revisions={"org/math": "b" * 40}), request())
+    # a private copy, or one that follows its sources, is another job
+    assert job_id(plan(), request()) != job_id(plan(), request(private=True))
+    assert job_id(plan(), request()) != job_id(plan(), request(follow_sources=True))

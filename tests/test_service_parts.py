@@ -106,7 +106,7 @@ def test_the_sweep_removes_what_ended_jobs_left_and_nothing_else(tmp_path):
         ("job-failed", "failed"),
         ("job-live", "running"),
     ):
-        jobs.store.add(job(job_id, status))
+        jobs.store.add_within_limit(job(job_id, status), 10)
         jobs.vault.put(job_id, "hf_token")
         (jobs.settings.job_dir(job_id) / "merged").mkdir(parents=True)
     (jobs.settings.job_dir("job-unknown")).mkdir()
@@ -150,7 +150,7 @@ def test_the_sweep_keeps_the_token_of_a_merge_that_follows_its_sources(tmp_path)
     jobs = service(tmp_path)
     done = job("job-followed", "succeeded")
     done.follow_sources, done.sources = True, {"alice/a": "0" * 40}
-    jobs.store.add(done)
+    jobs.store.add_within_limit(done, 10)
     jobs.follows.record(done, "hf_follow_token")
     sweep(jobs)
     assert jobs.vault.get("follow:alice/m") == "hf_follow_token"

@@ -31,7 +31,7 @@ def test_queued_jobs_limit_cancel_and_a_standalone_worker(llama_family, tmp_path
         assert status == 429 and "alice already has 2 jobs" in error["error"]
 
         status, error = api.call("POST", f"/api/jobs/{first['id']}/cancel", {}, BOB)
-        assert status == 400 and "only alice can cancel" in error["error"]
+        assert status == 403 and "only alice can cancel" in error["error"]
         status, cancelled = api.call("POST", f"/api/jobs/{first['id']}/cancel", {}, ALICE)
         assert status == 200 and cancelled["status"] == "cancelled"
         status, third = api.submit(ties_recipe("alice"), "alice/third", ALICE)
