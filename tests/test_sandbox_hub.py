@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import http.server
 import json
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -215,3 +217,65 @@ def test_webhooks_report_new_commits_and_discussion_comments(server):
         assert opened.discussion.title == "Please merge" and opened.discussion.num == 1
     finally:
         receiver.shutdown()
+
+
+def test_a_slow_hub_answers_the_matching_requests_after_the_delay(server):
+    server.hub.slow(1.0, "GET", r"/api/whoami-v2")
+    started = time.monotonic()
+    assert HfApi(endpoint=server.url, token="tok").whoami()["name"] == "alice"
+    assert time.monotonic() - started >= 1.0
+
+
+def _whoami_in_thread(server) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            outcome["answer"] = HfApi(endpoint=server.url, token="tok").whoami()
+        except Exception as error:  # noqa: BLE001  (the test asserts which)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    wait_until(
+        lambda: any(r.path == "/api/whoami-v2" for r in server.hub.requests),
+        "the whoami to reach the hub",
+        deadline=10,
+    )
+    return thread, outcome
+
+
+def test_a_hub_that_goes_down_refuses_connections_then_comes_back_on_the_same_url(server):
+    api = HfApi(endpoint=server.url, token="tok")
+    url = server.url
+    assert api.whoami()["name"] == "alice"  # leaves a kept-alive connection in the client
+
+    server.go_down()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+    with pytest.raises(Exception) as caught:  # the transport's error, whichever library it is
+        api.whoami()
+    causes, error = [], caught.value
+    while error is not None:
+        causes.append(error)
+        error = error.__cause__ or error.__context__
+    assert any(isinstance(cause, ConnectionRefusedError) for cause in causes), causes
+
+    server.come_back()
+    assert server.url == url
+    assert api.whoami()["name"] == "alice"
+    server.go_down()  # __exit__ works with the server down too
+
+
+def test_an_outage_cuts_a_slow_request_in_flight_and_the_hub_comes_back(server):
+    server.hub.slow(30.0, "GET", r"/api/whoami-v2", times=1)
+    slow_call, outcome = _whoami_in_thread(server)
+    # only that request waits: the next whoami is answered while the slow one is still pending
+    assert HfApi(endpoint=server.url, token="tok").whoami()["name"] == "alice"
+    assert slow_call.is_alive()
+
+    server.go_down()
+    slow_call.join(timeout=30)
+    assert not slow_call.is_alive() and "error" in outcome, outcome
+    server.come_back()
+    assert HfApi(endpoint=server.url, token="tok").whoami()["name"] == "alice"

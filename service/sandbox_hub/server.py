@@ -6,16 +6,22 @@ with ``Range``), preupload and commit (so ``upload_folder`` works), validate-yam
 page (the card as Markdown), and in
 ``community``: discussions (list, open, details, comment, status, title) and webhooks.
 Every request's path and token are recorded in ``SandboxHub.requests`` so tests can check
-which files were read and with which token.
+which files were read and with which token. For outage tests, ``SandboxHub.fail`` answers
+errors, ``SandboxHub.slow`` delays answers, and ``SandboxServer.go_down``/``come_back`` refuse
+connections for a while on the same port.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import re
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -49,6 +55,8 @@ class SandboxHub:
         self.users = users or {}
         self.requests: list[RecordedRequest] = []
         self.faults: list[list] = []  # [method, path regex, status, times left]
+        self.delays: list[list] = []  # [seconds, method or None, path regex or None, times left]
+        self.fault_lock = threading.Lock()
         self.routes: list[tuple[str, re.Pattern[str], Callable[[Request], Response]]] = [
             ("GET", r"/api/whoami-v2", self.whoami),
             ("POST", r"/api/repos/create", self.create_repo),
@@ -103,16 +111,44 @@ class SandboxHub:
         """Answer the next ``times`` requests matching ``method`` and the ``path`` regex with ``status``."""
         self.faults.append([method, re.compile(path), status, times])
 
+    def slow(
+        self,
+        seconds: float,
+        method: str | None = None,
+        path: str | None = None,
+        times: int | None = None,
+    ) -> None:
+        """Answer requests matching ``method`` and the ``path`` regex (any, when None) only after
+        ``seconds``: the next ``times`` of them, or all of them when ``times`` is None. Other
+        requests are answered meanwhile, each in its own thread."""
+        self.delays.append([seconds, method, re.compile(path) if path else None, times])
+
     def handle(self, request: Request) -> Response:
         self.requests.append(
             RecordedRequest(
                 request.method, request.path, request.token, request.headers.get("range")
             )
         )
-        for fault in self.faults:
-            if fault[3] > 0 and fault[0] == request.method and fault[1].search(request.path):
-                fault[3] -= 1
-                return Response.error(fault[2], None, "injected fault")
+        delay, fault = 0.0, None
+        with self.fault_lock:
+            for rule in self.delays:
+                seconds, method, path, times = rule
+                if (
+                    (times is None or times > 0)
+                    and method in (None, request.method)
+                    and (path is None or path.search(request.path))
+                ):
+                    delay += seconds
+                    rule[3] = None if times is None else times - 1
+            for rule in self.faults:
+                if rule[3] > 0 and rule[0] == request.method and rule[1].search(request.path):
+                    rule[3] -= 1
+                    fault = rule
+                    break
+        if delay:
+            time.sleep(delay)
+        if fault is not None:
+            return Response.error(fault[2], None, "injected fault")
         for method, pattern, handler in self.routes:
             match = pattern.match(request.path)
             if match and method == request.method:
@@ -424,6 +460,7 @@ def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
 
 def make_handler(hub: SandboxHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        disable_nagle_algorithm = True  # headers and body leave at once, not 40 ms apart
         protocol_version = "HTTP/1.1"
 
         def _serve(self) -> None:
@@ -461,26 +498,78 @@ def make_handler(hub: SandboxHub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    """Keeps its open connections, so that an outage can cut them, and is quiet about the
+    errors that a cut connection raises in a handler thread still answering on it."""
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]):
+        super().__init__(address, handler)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:  # in the serving thread, so a shutdown() sees every one
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def cut_connections(self) -> None:
+        with self.connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):  # already closed by its handler
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a cut connection is not a bug
+            super().handle_error(request, client_address)
+
+
 class SandboxServer:
     """The sandbox hub serving on 127.0.0.1 in a background thread; ``port=0`` picks a free port."""
 
     def __init__(self, hub: SandboxHub | None = None, port: int = 0, folder: Path | None = None):
         self.hub = hub or SandboxHub(HubStore(folder))
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), make_handler(self.hub))
+        self._listen(port)
+        self.port: int = self.httpd.server_address[1]
+        self.down = False
+        self.hub.community.base_url = self.url
+
+    def _listen(self, port: int) -> None:
+        self.httpd = _HTTPServer(("127.0.0.1", port), make_handler(self.hub))
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, name="sandbox-hub", daemon=True
         )
-        self.hub.community.base_url = self.url
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> SandboxServer:
         self.thread.start()
         return self
 
+    def go_down(self) -> None:
+        """An outage: the listening socket closes, so new connections are refused
+        (ECONNREFUSED), and open connections are cut; a handler still inside a request (a
+        ``slow`` one) finishes against its cut connection. ``come_back`` ends the outage."""
+        if not self.down:
+            self.down = True
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.thread.join()
+            self.httpd.cut_connections()
+
+    def come_back(self) -> None:
+        """Listen again on the same port, with the same hub and its state."""
+        if self.down:
+            self._listen(self.port)
+            self.down = False
+            self.thread.start()
+
     def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+        self.go_down()
