@@ -44,6 +44,10 @@ from service.jobs import JobService
 log = logging.getLogger("mergebot.api")
 
 
+def _token(authorization: str | None) -> str | None:
+    return (authorization.removeprefix("Bearer ").strip() or None) if authorization else None
+
+
 class SubmitBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     recipe: str
@@ -138,8 +142,14 @@ def create_app(service: JobService) -> FastAPI:
 
     def identity_of(authorization: str | None) -> Identity:
         """Who signed the request (a cached Hub answer); anonymous when nobody did."""
-        token = authorization.removeprefix("Bearer ").strip() if authorization else None
-        return service.identities.of(token or None)
+        return service.identities.of(_token(authorization))
+
+    async def identity_without_waiting(authorization: str | None) -> Identity:
+        """The same, on the event loop when the answer is cached; only a token the bot has not
+        seen lately takes a thread to ask the Hub."""
+        token = _token(authorization)
+        known = service.identities.known(token)
+        return known if known is not None else await run_in_threadpool(identity_of, token)
 
     @app.exception_handler(MergeError)
     def merge_error(_request: Request, error: MergeError) -> JSONResponse:
@@ -192,22 +202,24 @@ def create_app(service: JobService) -> FastAPI:
         return await run_in_threadpool(submit_job, body, authorization)
 
     @app.get("/api/jobs")
-    def jobs(
+    async def jobs(
         requester: str | None = Query(default=None, max_length=200),
         limit: int = Query(default=50, ge=1, le=200),
         authorization: str | None = Header(default=None),
-    ) -> list[dict]:
-        identity = identity_of(authorization)
-        found = service.list(requester, limit)
-        return [job.summary_json() for job in found if service.may_see(job, identity)]
+    ) -> JSONResponse:
+        identity = await identity_without_waiting(authorization)
+        found = await run_in_threadpool(service.list, requester, limit)
+        return JSONResponse([job.summary_json() for job in found if service.may_see(job, identity)])
 
     @app.get("/api/jobs/{job_id}")
-    def job(job_id: str, authorization: str | None = Header(default=None)) -> dict:
-        identity = identity_of(authorization)
-        found = service.get(job_id)
+    async def job(job_id: str, authorization: str | None = Header(default=None)) -> JSONResponse:
+        """Status reads are the most frequent call: no Hub call once the token is known, and
+        the row goes out as it is (no re-validation of the response)."""
+        identity = await identity_without_waiting(authorization)
+        found = await run_in_threadpool(service.get, job_id)
         if found is None or not service.may_see(found, identity):
             raise NotFound(f"there is no job {excerpt(job_id)}; check the id")
-        return found.to_json()
+        return JSONResponse(found.to_json())
 
     @app.post("/api/jobs/{job_id}/cancel")
     def cancel(job_id: str, authorization: str | None = Header(default=None)) -> dict:

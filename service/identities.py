@@ -21,6 +21,10 @@ REFUSED_TTL = 60.0
 """Seconds a token the Hub refused stays refused without asking again."""
 
 
+def _key(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class _Known:
     name: str
@@ -34,11 +38,23 @@ class Identities:
         self._known: OrderedDict[str, tuple[float, _Known | ServiceError]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def known(self, token: str | None) -> Identity | None:
+        """The identity ``token`` proves, if that is known without asking the Hub."""
+        if not token:
+            return Identity()
+        with self._lock:
+            expires, known = self._known.get(_key(token), (0.0, None))
+        if known is None or expires < time.monotonic():
+            return None
+        if isinstance(known, ServiceError):
+            raise known
+        return Identity(name=known.name, token=token, orgs=known.orgs)
+
     def of(self, token: str | None) -> Identity:
         """The identity ``token`` proves; anonymous without a token."""
         if not token:
             return Identity()
-        key = hashlib.sha256(token.encode()).hexdigest()
+        key = _key(token)
         with self._lock:
             expires, known = self._known.get(key, (0.0, None))
         if known is None or expires < time.monotonic():

@@ -64,8 +64,8 @@ OUTAGE_RETRY_HOURS = 24
 """A job failed by a Hub outage runs again when the Hub answers within this many hours."""
 
 SUMMARY_FIELDS = (
-    "id", "attempt", "requester", "origin", "target", "private", "status", "stage",
-    "error", "url", "created_at", "updated_at",
+    "id", "attempt", "requester", "origin", "target", "private", "follow_sources", "discussion",
+    "status", "stage", "fraction", "error", "url", "created_at", "updated_at",
 )  # fmt: skip
 
 
