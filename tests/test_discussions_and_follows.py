@@ -180,7 +180,7 @@ def test_a_followed_merge_is_merged_again_once_when_a_source_moves(bot):
 
 def test_only_the_requester_stops_the_following(bot):
     status, answer = bot.call("POST", "/api/follows/alice/followed/stop", {}, BOB)
-    assert status == 400 and "only alice" in answer["error"]
+    assert status == 403 and "only alice" in answer["error"]
     status, answer = bot.call("POST", "/api/follows/alice/followed/stop", {}, ALICE)
     assert status == 200 and "no longer follows" in answer["message"]
     HfApi(endpoint=bot.sandbox.url, token=ALICE).upload_file(
