@@ -26,12 +26,13 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,8 +41,10 @@ from service.discussions import DiscussionWatcher
 from service.errors import NotFound, TooLarge
 from service.intake import Identity, MergeRequest
 from service.jobs import JobService
+from service.recent_jobs import RecentJobs
 
 log = logging.getLogger("mergebot.api")
+T = TypeVar("T")
 
 
 def _token(authorization: str | None) -> str | None:
@@ -139,10 +142,19 @@ class BodyLimit:
 def create_app(service: JobService) -> FastAPI:
     app = FastAPI(title="mergebot", docs_url="/api/docs", openapi_url="/api/openapi.json")
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
+    recent = RecentJobs(service.get)
 
     def identity_of(authorization: str | None) -> Identity:
         """Who signed the request (a cached Hub answer); anonymous when nobody did."""
         return service.identities.of(_token(authorization))
+
+    async def read(call: Callable[..., T], *args: Any) -> T:
+        """A database read for a request: on the event loop with SQLite (a local file whose
+        readers never wait for writers, in WAL mode; a thread hop would cost more than the
+        read), in a thread with a database across the network."""
+        if service.settings.uses_sqlite:
+            return call(*args)
+        return await run_in_threadpool(call, *args)
 
     async def identity_without_waiting(authorization: str | None) -> Identity:
         """The same, on the event loop when the answer is cached; only a token the bot has not
@@ -185,7 +197,9 @@ def create_app(service: JobService) -> FastAPI:
             private=body.private,
             follow_sources=body.follow_sources,
         )
-        return service.submit(request, identity).to_json()
+        job = service.submit(request, identity)
+        recent.forget(job.id)
+        return job.to_json()
 
     @app.post(
         "/api/jobs",
@@ -208,22 +222,27 @@ def create_app(service: JobService) -> FastAPI:
         authorization: str | None = Header(default=None),
     ) -> JSONResponse:
         identity = await identity_without_waiting(authorization)
-        found = await run_in_threadpool(service.list, requester, limit)
+        found = await read(service.list, requester, limit)
         return JSONResponse([job.summary_json() for job in found if service.may_see(job, identity)])
 
     @app.get("/api/jobs/{job_id}")
-    async def job(job_id: str, authorization: str | None = Header(default=None)) -> JSONResponse:
-        """Status reads are the most frequent call: no Hub call once the token is known, and
-        the row goes out as it is (no re-validation of the response)."""
+    async def job(job_id: str, authorization: str | None = Header(default=None)) -> Response:
+        """Status reads are the most frequent call: no Hub call once the token is known, one
+        database read per job per moment however many poll it, and the JSON made once."""
         identity = await identity_without_waiting(authorization)
-        found = await run_in_threadpool(service.get, job_id)
-        if found is None or not service.may_see(found, identity):
+        hit, view = recent.cached(job_id)
+        if not hit:
+            view = await read(recent.load, job_id)
+        if view is None or not service.may_see(view.job, identity):
             raise NotFound(f"there is no job {excerpt(job_id)}; check the id")
-        return JSONResponse(found.to_json())
+        return Response(view.body, media_type="application/json")
 
     @app.post("/api/jobs/{job_id}/cancel")
     def cancel(job_id: str, authorization: str | None = Header(default=None)) -> dict:
-        return service.cancel(job_id, identity_of(authorization)).to_json()
+        try:
+            return service.cancel(job_id, identity_of(authorization)).to_json()
+        finally:
+            recent.forget(job_id)
 
     @app.post("/api/follows/{namespace}/{name}/{action}")
     def follow(

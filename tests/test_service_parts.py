@@ -3,6 +3,7 @@ sweep, progress, and the sentences a failed job ends with."""
 
 from __future__ import annotations
 
+import json
 import stat
 
 import httpx2 as httpx
@@ -16,6 +17,7 @@ from service.intake import Identity, check_push_rights
 from service.job_store import Job
 from service.jobs import JobService
 from service.pipeline import describe_failure
+from service.recent_jobs import RecentJobs
 from service.retry import RetryPolicy
 from service.settings import Settings
 from service.token_vault import TokenVault, load_key
@@ -169,3 +171,25 @@ def test_a_job_whose_merged_files_are_gone_fails_with_a_sentence(tmp_path):
         pipeline._merged_output(missing)
     (jobs.settings.job_dir("job-elsewhere") / "merged").mkdir(parents=True)
     assert pipeline._merged_output(missing).is_dir()
+
+
+def test_status_polls_of_one_job_read_the_database_once_per_moment():
+    reads: list[str] = []
+    state = {"status": "running"}
+
+    def read(job_id: str) -> Job:
+        reads.append(job_id)
+        return job(job_id, state["status"])
+
+    recent = RecentJobs(read, seconds=3600.0)
+    assert recent.cached("job-1") == (False, None)
+    assert recent.load("job-1").job.status == "running"
+    for _ in range(100):
+        hit, view = recent.cached("job-1")
+        assert hit and json.loads(view.body)["status"] == "running"
+    assert reads == ["job-1"]
+    state["status"] = "cancelled"  # changed by this process: forgotten, read fresh
+    recent.forget("job-1")
+    assert recent.cached("job-1") == (False, None)
+    assert recent.load("job-1").job.status == "cancelled"
+    assert RecentJobs(read, seconds=0.0).cached("job-1") == (False, None)
