@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -39,3 +44,58 @@ def test_the_docker_image_runs_the_server_as_user_1000_on_7860():
     dockerfile = (README.parent / "Dockerfile").read_text()
     assert "--uid 1000" in dockerfile and "USER user" in dockerfile
     assert "EXPOSE 7860" in dockerfile and '"mergebot", "serve"' in dockerfile
+
+
+def test_the_readme_points_only_at_files_in_the_project():
+    text = README.read_text()
+    assert "shared/" not in text, "the README must not point outside the project"
+    paths = re.findall(r"`((?:docs|benchmarks|service|merge_engine|tests)/[\w./-]+\.\w+)`", text)
+    assert "docs/methods.md" in paths and "docs/architecture.md" in paths
+    for path in paths:
+        assert (README.parent / path).is_file(), f"the README names {path}, which does not exist"
+
+
+@pytest.mark.slow
+def test_the_demo_runs_as_the_readme_says(tmp_path):
+    """The README's main job (`python spaces_app.py`, no token: the demo) and its demo lines, run
+    as written from another folder: a merge of the demo's models lands on the demo hub."""
+    from service_env import MergebotProcess, free_port, wait_until
+
+    demo_block = next(
+        block
+        for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL)
+        if "demo-recipe.yaml" in block
+    )
+    web, hub = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MERGEBOT_"))}
+    env.update(
+        MERGEBOT_WORK_DIR=str(tmp_path / "mergebot-data"),
+        HF_HOME=str(tmp_path / "hf-home"),
+        GRADIO_SERVER_PORT=str(web),
+        MERGEBOT_SANDBOX_PORT=str(hub),
+        PYTHONUNBUFFERED="1",
+    )
+    space = MergebotProcess(
+        [],
+        env,
+        tmp_path / "space.log",
+        command=[sys.executable, "spaces_app.py"],
+        cwd=README.parent,
+    )
+    try:
+        wait_until(lambda: "mergebot serving on" in space.log, "the demo to start")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        ran = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", demo_block],
+            cwd=elsewhere,
+            env={**env, "MERGEBOT_SERVER": f"http://127.0.0.1:{web}"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert f"succeeded http://127.0.0.1:{hub}/mergebot/demo-ties" in ran.stdout
+        assert "mergebot/demo-ties" in ran.stdout.splitlines()[-1]  # `mergebot jobs` lists it
+    finally:
+        space.stop()
