@@ -32,11 +32,12 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from merge_engine.errors import MergeError, excerpt
+from service import api_docs
 from service.discussions import DiscussionWatcher
 from service.errors import NotFound, TooLarge
 from service.intake import Identity, MergeRequest
@@ -140,7 +141,13 @@ class BodyLimit:
 
 
 def create_app(service: JobService) -> FastAPI:
-    app = FastAPI(title="mergebot", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    app = FastAPI(
+        title="mergebot",
+        description=__doc__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
     recent = RecentJobs(service.get)
 
@@ -181,6 +188,11 @@ def create_app(service: JobService) -> FastAPI:
             500,
         )
 
+    @app.get("/api/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """The API's reference, readable offline (no CDN)."""
+        return HTMLResponse(api_docs.render(app.openapi()))
+
     @app.get("/api/health")
     async def health() -> dict:
         """Answered on the event loop itself: it never waits behind requests that wait for
@@ -212,6 +224,8 @@ def create_app(service: JobService) -> FastAPI:
         },
     )
     async def submit(request: Request, authorization: str | None = Header(default=None)) -> dict:
+        """Validate a recipe against the Hub (headers only) and queue it: 202 with the job; the
+        same request again gives the same job."""
         body = _parse(SubmitBody, await request.body())
         return await run_in_threadpool(submit_job, body, authorization)
 
@@ -221,6 +235,7 @@ def create_app(service: JobService) -> FastAPI:
         limit: int = Query(default=50, ge=1, le=200),
         authorization: str | None = Header(default=None),
     ) -> JSONResponse:
+        """Recent jobs in short (no recipe, log or card); private ones only to their requester."""
         identity = await identity_without_waiting(authorization)
         found = await read(service.list, requester, limit)
         return JSONResponse([job.summary_json() for job in found if service.may_see(job, identity)])
@@ -239,6 +254,7 @@ def create_app(service: JobService) -> FastAPI:
 
     @app.post("/api/jobs/{job_id}/cancel")
     def cancel(job_id: str, authorization: str | None = Header(default=None)) -> dict:
+        """Stop a queued or running job (its requester, or the bot's operator)."""
         try:
             return service.cancel(job_id, identity_of(authorization)).to_json()
         finally:
@@ -248,6 +264,7 @@ def create_app(service: JobService) -> FastAPI:
     def follow(
         namespace: str, name: str, action: str, authorization: str | None = Header(default=None)
     ) -> dict:
+        """Stop or restart the re-merges of a result when its sources move (its requester)."""
         if action not in ("stop", "start"):
             raise _BadBody("the action is stop or start", "action")
         identity = identity_of(authorization)

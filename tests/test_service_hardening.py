@@ -6,6 +6,7 @@ anonymous requesters kept apart, and "not yours" indistinguishable from "not the
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -297,3 +298,14 @@ def test_an_outage_is_ridden_out_then_retried_once_when_the_hub_is_back(llama_fa
             worker.stop()
         serve.stop()
         sandbox.__exit__()
+
+
+def test_the_api_reference_reads_offline(bot):
+    with urllib.request.urlopen(bot.url + "/api/docs", timeout=60) as response:
+        page = response.read().decode()
+    for call in ("POST</span> /api/jobs", "/api/jobs/{job_id}/cancel", "/api/webhooks/hub"):
+        assert call in page
+    assert "Validate a recipe against the Hub" in page and "413 a body over the size limit" in page
+    assert not re.search(r"""(src|href)=["']?https?://""", page), (
+        "the page loads nothing from outside"
+    )
