@@ -186,7 +186,7 @@ def inspect_hub(
         )
     except GatedRepoError:
         raise SourceError(
-            f"{ref.path} is gated; accept its terms on the Hub and log in (huggingface-cli login)"
+            f"{ref.path} is gated; accept its terms on the Hub and log in (hf auth login)"
         ) from None
     except RepositoryNotFoundError:
         raise SourceError(

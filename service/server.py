@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -91,6 +92,17 @@ def local_login_as(token: str | None) -> Iterator[None]:
             os.environ["HF_TOKEN"] = saved
 
 
+def _local_login_name(service) -> str:
+    """Whom the local sign-in stand-in signs in as (the Hub is asked once, and may be down)."""
+    from merge_engine.errors import MergeError
+
+    settings = service.settings
+    try:
+        return service.identities.of(settings.local_login_token or settings.bot_token).name
+    except MergeError:
+        return "the owner of MERGEBOT_LOCAL_LOGIN_TOKEN, else of HF_TOKEN"
+
+
 def run_web(service, build_blocks, host: str, port: int) -> None:
     """Serve the JSON API and, at ``/``, the UI that ``build_blocks(service)`` makes, until stopped."""
     import gradio as gr
@@ -98,9 +110,17 @@ def run_web(service, build_blocks, host: str, port: int) -> None:
 
     from service.api import create_app
 
-    with local_login_as(service.settings.local_login_token):
+    with local_login_as(service.settings.local_login_token), warnings.catch_warnings():
+        # Gradio warns (twice) that OAuth is mocked off Spaces; one line below says what it does
+        warnings.filterwarnings("ignore", message="Gradio does not support OAuth features")
         blocks = build_blocks(service)
         app = gr.mount_gradio_app(create_app(service), blocks, path="", ssr_mode=False)
+    if not os.environ.get("SPACE_ID"):
+        print(
+            "off Spaces the page's 'Sign in' button is a local stand-in for the Hub's sign-in: "
+            f"it signs you in as {_local_login_name(service)}",
+            flush=True,
+        )
     print(
         f"mergebot serving on http://{host}:{port} (jobs in {service.settings.database_url.split('://')[0]}), worker {service.settings.worker_id}",
         flush=True,

@@ -69,10 +69,15 @@ class MergebotProcess:
     a log file."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str], log: Path, command: list[str] | None = None
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log: Path,
+        command: list[str] | None = None,
+        cwd: Path | None = None,
     ):
         self.command = command or [sys.executable, "-m", "service.cli", *args]
-        self.env, self.log_path = env, log
+        self.env, self.log_path, self.cwd = env, log, cwd
         self.process: subprocess.Popen | None = None
         self.start()
 
@@ -81,6 +86,7 @@ class MergebotProcess:
         self.process = subprocess.Popen(
             self.command,
             env=self.env,
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
