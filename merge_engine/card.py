@@ -3,19 +3,26 @@
 It documents the method and its paper, the parameter values actually used (summarised over
 tensors when gradients or filters make them vary), every source with its pinned revision,
 the recipe, and the command that reproduces the merge. ``base_model`` lists Hub ids only.
+Links to sources go to the Hub they came from (``endpoint``); the install command names where
+this very mergebot is published, never a package index name that someone else could claim.
 """
 
 from __future__ import annotations
 
+import os
+from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 from typing import Any
+from urllib.parse import urlsplit
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData, constants
 
 from merge_engine.plan import MergePlan
 from merge_engine.recipe import ModelReference
 
 TEMPLATE = files("merge_engine") / "templates" / "card.md"
+PUBLIC_HUB = "https://huggingface.co"
+"""Where Spaces run: a Space's git repository is there even when the bot talks to a local hub."""
 
 
 def _summary(values: list[Any]) -> str:
@@ -61,12 +68,58 @@ def _default(param) -> str:
     return "required" if param.required else f"`{param.default}`"
 
 
-def _hub_link(ref: ModelReference, is_local: bool) -> str:
-    return (
-        f"`{ref.path}` (local folder)"
-        if is_local
-        else f"[{ref.path}](https://huggingface.co/{ref.path})"
-    )
+def _hub_link(ref: ModelReference, is_local: bool, endpoint: str) -> str:
+    return f"`{ref.path}` (local folder)" if is_local else f"[{ref.path}]({endpoint}/{ref.path})"
+
+
+def mergebot_version() -> str:
+    try:
+        return version("mergebot")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(version unknown: not installed)"
+
+
+def install_instructions(endpoint: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """How a reader installs the mergebot that made the card: ``prose`` to read, and the
+    ``command`` to run (empty when no published location is known). mergebot is not on PyPI, so
+    ``pip install mergebot`` would install whatever someone registered under that name."""
+    env = os.environ if env is None else env
+    space = env.get("SPACE_ID")
+    made_by = f"mergebot {mergebot_version()}"
+    if space:
+        # The Space's repository is on the Hub that runs it; the sandbox hub of the offline
+        # demo (a loopback address) holds no Spaces.
+        host = urlsplit(endpoint).hostname or ""
+        hub = PUBLIC_HUB if host in ("127.0.0.1", "localhost", "::1") else endpoint
+        url = f"{hub}/spaces/{space}"
+        return {
+            "prose": f"This merge was made by {made_by}, running as the Space [{space}]({url}). "
+            "mergebot is not published on PyPI; install it from the Space's git repository "
+            "(for exactly this version, add `@<commit>` with the Space's commit that was live "
+            "when this card was written), then run the merge:",
+            "command": f'pip install "git+{url}"',
+        }
+    return {
+        "prose": f"This merge was made by {made_by}. mergebot is not published on PyPI (a "
+        "package of that name there is not this project): install this version from the "
+        "source you got mergebot from, then run the merge:",
+        "command": "",
+    }
+
+
+def tidy(markdown: str) -> str:
+    """At most one blank line in a row outside fenced code, and none at either end."""
+    lines: list[str] = []
+    fenced = False
+    for line in markdown.strip("\n").split("\n"):
+        if line.startswith("```"):
+            fenced = not fenced
+        if not fenced and not line.strip():
+            if lines and lines[-1] == "":
+                continue
+            line = ""
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _role(plan: MergePlan, ref: ModelReference, read: set[ModelReference]) -> str:
@@ -85,9 +138,12 @@ def build_card(
     job_id: str | None = None,
     credit: str | None = None,
     changes: list[str] | None = None,
+    endpoint: str | None = None,
 ) -> ModelCard:
     """The card of a merge; ``job_id`` names the service job that produced it, ``credit`` who
-    asked for it, ``changes`` what moved since the last merge of a followed recipe."""
+    asked for it, ``changes`` what moved since the last merge of a followed recipe,
+    ``endpoint`` the Hub the sources came from (``HF_ENDPOINT`` when not given)."""
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     recipe = plan.recipe
     read = plan.read_models
     merged_from = [
@@ -107,15 +163,18 @@ def build_card(
         revision = f"`{source.revision}`" if source.revision else "local"
         models.append(
             {
-                "link": _hub_link(ref, ref.is_local),
+                "link": _hub_link(ref, ref.is_local, endpoint),
                 "role": _role(plan, ref, read),
                 "revision": revision,
             }
         )
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
         name=name or "Merged model",
+        merged=plan.describe_models(),
+        version=mergebot_version(),
+        install=install_instructions(endpoint),
         method=plan.method,
         base=recipe.base_model if plan.method.base != "unused" else None,
         seed=plan.seed,
@@ -127,13 +186,14 @@ def build_card(
         job_id=job_id,
         credit=credit,
         changes=changes or [],
-        calibration=calibration_rows(plan),
-        alignment=alignment_rows(plan),
+        calibration=calibration_rows(plan, endpoint),
+        alignment=alignment_rows(plan, endpoint),
         align=plan.alignment,
     )
+    return ModelCard(tidy(card.content))
 
 
-def alignment_rows(plan: MergePlan) -> list[dict[str, str]]:
+def alignment_rows(plan: MergePlan, endpoint: str = PUBLIC_HUB) -> list[dict[str, str]]:
     """Per aligned model: how the search went and where its permutations are."""
     alignment = plan.alignment
     if alignment is None:
@@ -142,13 +202,13 @@ def alignment_rows(plan: MergePlan) -> list[dict[str, str]]:
     for ref in alignment.models:
         report = alignment.reports.get(ref)
         if report is None:
-            rows.append({"model": _hub_link(ref, ref.is_local), "result": "not run yet"})
+            rows.append({"model": _hub_link(ref, ref.is_local, endpoint), "result": "not run yet"})
             continue
         before, after = report.objective[0], report.objective[-1]
         state = "converged" if report.converged else "stopped at max_iter"
         rows.append(
             {
-                "model": _hub_link(ref, ref.is_local),
+                "model": _hub_link(ref, ref.is_local, endpoint),
                 "result": f"score {before:.4g} → {after:.4g}; {report.iterations} pass(es), {state}; {report.seconds:.1f} s",
                 "file": f"`{alignment.files.get(ref, '')}`",
             }
@@ -156,7 +216,7 @@ def alignment_rows(plan: MergePlan) -> list[dict[str, str]]:
     return rows
 
 
-def calibration_rows(plan: MergePlan) -> list[dict[str, str]]:
+def calibration_rows(plan: MergePlan, endpoint: str = PUBLIC_HUB) -> list[dict[str, str]]:
     """Per input model: its calibration data, how many examples ran, the statistic."""
     kinds = plan.statistic_kinds()
     rows = []
@@ -164,8 +224,9 @@ def calibration_rows(plan: MergePlan) -> list[dict[str, str]]:
         used = data.samples_used.get(ref)
         rows.append(
             {
-                "model": _hub_link(ref, ref.is_local),
-                "data": data.describe(),
+                "model": _hub_link(ref, ref.is_local, endpoint),
+                # describe() links a Hub dataset on huggingface.co; point it where it came from
+                "data": data.describe().replace(f"]({PUBLIC_HUB}/", f"]({endpoint}/"),
                 "samples": "not run yet" if used is None else str(used),
                 "statistic": ", ".join(f"`{k}`" for k in kinds),
             }

@@ -76,6 +76,20 @@ class MergePlan:
         """The models whose tensors the merge reads (a config-only donor is not among them)."""
         return {read.model for task in self.tasks for read in task.reads()}
 
+    def describe_models(self) -> str:
+        """How many models the merge combines, in the words the job log, ``mergebot validate``
+        and the card all use: "3 models (a base and 2 fine-tunes)", or "2 models" for a merge
+        without a base. A model that only donates its config or tokenizer is not counted."""
+        read = self.read_models
+        bases = {task.base.model for task in self.tasks if task.base} & read
+        total = f"{len(read)} model{'s' if len(read) != 1 else ''}"
+        if not bases:
+            return total
+        others = len(read - bases)
+        base = "a base" if len(bases) == 1 else f"{len(bases)} bases"
+        tuned = f"{others} fine-tune{'s' if others != 1 else ''}"
+        return f"{total} ({base} and {tuned})" if others else f"{total} ({base})"
+
     def pinned_recipe(self) -> Recipe:
         """The recipe with every Hub source pinned to its resolved commit."""
         revisions: dict[ModelReference, str] = {

@@ -149,7 +149,7 @@ class JobService:
             follow_sources=request.follow_sources,
             recipe=_job_recipe(plan, new_id),
             sources={ref.path: s.revision for ref, s in plan.sources.items() if s.revision},
-            log=[f"queued: {plan.method.name} of {len(plan.sources)} models into {request.target}"],
+            log=[f"queued: {plan.method.name} of {plan.describe_models()} into {request.target}"],
             request_recipe=request.recipe.to_yaml(),
             discussion=request.discussion,
             changes=list(request.changes),

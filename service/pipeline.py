@@ -190,6 +190,7 @@ def card_step(job_id: str) -> None:
         job_id=job.id,
         credit=_credit(job),
         changes=job.changes,
+        endpoint=_jobs().settings.endpoint,
     )
     card.save(_merged_output(job) / "README.md")
     _jobs().store.update(job_id, card=card.text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-from service_env import wait_until
+from service_env import start_sandbox, start_serve, ties_recipe, wait_until
 
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 
@@ -279,3 +281,112 @@ def test_an_outage_cuts_a_slow_request_in_flight_and_the_hub_comes_back(server):
     assert not slow_call.is_alive() and "error" in outcome, outcome
     server.come_back()
     assert HfApi(endpoint=server.url, token="tok").whoami()["name"] == "alice"
+
+
+def get_page(server, path: str, token: str | None = None) -> tuple[int, str, str]:
+    """(status, content type, text) of a page as a browser (or a token holder) opens it."""
+    request = urllib.request.Request(server.url + path)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+CARD = """---
+tags: [merge]
+---
+
+# my-merge
+
+A merge of **2 models** <script>alert('card')</script> [evil](javascript:alert(1)).
+
+| model | role |
+|---|---|
+| [alice/base](http://127.0.0.1/alice/base) | base |
+
+```yaml
+merge_method: <b>linear</b>
+```
+"""
+
+
+def test_a_model_page_shows_the_card_rendered_and_the_files_with_sizes(server):
+    api = HfApi(endpoint=server.url, token="tok")
+    api.create_repo("alice/merged")
+    api.create_commit(
+        "alice/merged",
+        [
+            CommitOperationAdd("README.md", CARD.encode()),
+            CommitOperationAdd("model.safetensors", b"\0" * 2_500_000),
+            CommitOperationAdd("config.json", b"{}"),
+        ],
+        commit_message="merge",
+    )
+    status, kind, page = get_page(server, "/alice/merged")
+    assert status == 200 and kind.startswith("text/html")
+    assert "<h1>my-merge</h1>" in page and "<strong>2 models</strong>" in page
+    assert '<td><a href="http://127.0.0.1/alice/base">alice/base</a></td>' in page  # a table
+    assert "tags: [merge]" not in page.split("<details>")[0]  # metadata is not card prose
+    # HTML in the card is shown as text, never run
+    assert "<script>" not in page and "&lt;script&gt;alert('card')" in page
+    assert 'href="javascript:' not in page
+    assert "merge_method: &lt;b&gt;linear&lt;/b&gt;" in page
+    assert 'model.safetensors</a></td><td class="size">2.5 MB</td>' in page
+    assert 'config.json</a></td><td class="size">2 Bytes</td>' in page
+    link = re.search(r'href="(/alice/merged/resolve/[^"]+/config\.json)"', page)[1]
+    assert get_page(server, link)[0] == 200
+
+    api.create_repo("alice/no-card")
+    status, _, page = get_page(server, "/alice/no-card")
+    assert status == 200 and "no model card" in page
+
+
+def test_the_root_page_lists_public_repos_and_private_ones_to_their_owner(server):
+    HfApi(endpoint=server.url, token="tok").create_repo("alice/public-merge")
+    HfApi(endpoint=server.url, token="tok").create_repo("alice/secret-merge", private=True)
+    HfApi(endpoint=server.url, token="tok-bob").create_repo("bob/data", repo_type="dataset")
+    status, kind, page = get_page(server, "/")
+    assert status == 200 and kind.startswith("text/html")
+    assert '<a href="/alice/public-merge">alice/public-merge</a>' in page
+    assert "bob/data" in page and "secret-merge" not in page
+    assert "secret-merge" not in get_page(server, "/", token="tok-bob")[2]
+    assert '<a href="/alice/secret-merge">' in get_page(server, "/", token="tok")[2]
+    assert get_page(server, "/alice/secret-merge")[0] == 404
+    assert get_page(server, "/alice/secret-merge", token="tok")[0] == 200
+
+
+@pytest.mark.slow
+def test_the_result_link_of_a_merge_opens_its_card_as_a_page(llama_family, tmp_path):
+    """The bot against the sandbox hub: the job log and the card say the same model count, the
+    card links the sources on the sandbox hub, and the result link opens a readable page."""
+    sandbox = start_sandbox({"alice": llama_family})
+    bot = None
+    try:
+        api = HfApi(endpoint=sandbox.url, token="tok-alice")
+        api.create_repo("alice/chat")
+        api.upload_folder(repo_id="alice/chat", folder_path=llama_family[1][2])
+        bot, client = start_serve(sandbox.url, tmp_path / "work")
+        recipe = ties_recipe("alice") + "tokenizer_source: alice/chat\n"
+        status, job = client.submit(recipe, "alice/merged", "tok-alice")
+        assert status == 202, job
+        done = client.wait_done(job["id"])
+        assert done["status"] == "succeeded", done
+        assert (
+            done["log"][0] == "queued: ties of 3 models (a base and 2 fine-tunes) into alice/merged"
+        )
+
+        status, kind, page = get_page(sandbox, urlsplit(done["url"]).path)
+        assert status == 200 and kind.startswith("text/html")
+        assert "This model is a merge of 3 models (a base and 2 fine-tunes)" in page
+        assert f'<a href="{sandbox.url}/alice/chat">alice/chat</a>' in page
+        assert "huggingface.co" not in page and "pip install mergebot" not in page
+        assert re.search(
+            r"model[\w.-]*\.safetensors</a></td><td class=\"size\">[\d.]+ [kM]B<", page
+        )
+    finally:
+        if bot:
+            bot.stop()
+        sandbox.__exit__()

@@ -2,8 +2,9 @@
 and ``transformers`` talk to through ``HF_ENDPOINT`` (see shared/docs/hub-contract.md).
 
 Covered: whoami, repo create/delete, repo info, refs, commits, tree, resolve (HEAD and GET,
-with ``Range``), preupload and commit (so ``upload_folder`` works), validate-yaml, a model
-page (the card as Markdown), and in
+with ``Range``), preupload and commit (so ``upload_folder`` works), validate-yaml, HTML pages
+for people (a model's page with its card rendered and its files, and ``/`` listing the repos;
+see ``pages``), and in
 ``community``: discussions (list, open, details, comment, status, title) and webhooks.
 Every request's path and token are recorded in ``SandboxHub.requests`` so tests can check
 which files were read and with which token. For outage tests, ``SandboxHub.fail`` answers
@@ -32,6 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from service.sandbox_hub import pages
 from service.sandbox_hub.community import Community
 from service.sandbox_hub.exchange import Request, Response
 from service.sandbox_hub.store import Commit, ConflictError, HubStore, Repo
@@ -100,6 +102,7 @@ class SandboxHub:
             ),
         ]
         self.routes.append(("GET", r"/(?!api/)(?P<repo>[^/]+/[^/]+)", self.model_page))
+        self.routes.append(("GET", r"", self.index_page))
         self.community = Community(self)
         self.store.listeners.append(self.community.notify)
         self.routes += self.community.routes()
@@ -358,15 +361,38 @@ class SandboxHub:
         return response
 
     def model_page(self, request: Request) -> Response:
-        """A model's page: its card as Markdown (where the Hub renders HTML), for links in
-        the Space and in discussion replies."""
+        """A model's page, as the links in the Space and in discussion replies open it: its
+        card rendered as HTML (safely: no HTML from the card is interpreted) and its files with
+        their sizes. A private repo is there for its owner's token only, as everywhere."""
         found = self._repo_at(request)
         if isinstance(found, Response):
             return found
         repo, commit = found
         oid = commit.files.get("README.md")
-        card = self.store.blob(oid) if oid else f"# {repo.repo_id}\n\n(no model card)\n".encode()
-        return Response(200, card, {"Content-Type": "text/markdown; charset=utf-8"})
+        card = self.store.blob(oid).decode("utf-8", errors="replace") if oid else None
+        files = [(p, len(self.store.blob(o))) for p, o in sorted(commit.files.items())]
+        body = pages.model_page(repo.repo_id, repo.private, commit.oid, card, files)
+        return Response(200, body, dict(pages.HEADERS))
+
+    def index_page(self, request: Request) -> Response:
+        """``/``: every public repo, and the private ones of the token's user, newest first."""
+        user = self.user(request)
+        repos = [
+            repo
+            for repo in list(self.store.repos.values())
+            if not repo.private or (user is not None and repo.owner == user)
+        ]
+
+        def updated(repo: Repo) -> float:
+            head = repo.resolve("main") or next(iter(repo.commits.values()), None)
+            return head.date if head else 0.0
+
+        repos.sort(key=lambda r: (-updated(r), r.repo_type, r.repo_id))
+        rows = [
+            (r.repo_type, r.repo_id, r.private, _iso(updated(r))[:19].replace("T", " "))
+            for r in repos
+        ]
+        return Response(200, pages.index_page(rows, user), dict(pages.HEADERS))
 
     def preupload(self, request: Request) -> Response:
         repo = self.find_repo(request, write=True)
