@@ -9,17 +9,37 @@ In memory: :func:`merge_models` and :func:`merge_into` (see :mod:`merge_engine.m
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from merge_engine.calibration import resolve_recipe as resolve_calibration
-from merge_engine.errors import MergeError
-from merge_engine.memory import merge_into, merge_models
-from merge_engine.methods import get_method
-from merge_engine.plan import MergePlan, build_plan
-from merge_engine.recipe import ModelReference, Recipe, load_recipe, parse_recipe
-from merge_engine.run import write_merge
-from merge_engine.sources import inspect_recipe_models
+if TYPE_CHECKING:
+    from merge_engine.errors import MergeError
+    from merge_engine.memory import merge_into, merge_models
+    from merge_engine.plan import MergePlan, build_plan
+    from merge_engine.recipe import ModelReference, Recipe, load_recipe, parse_recipe
+
+# Imported on first use (PEP 562), so that importing any submodule, the CLI's among them,
+# does not pay for torch, scipy and transformers until a name that needs them is used.
+_LAZY = {
+    "MergeError": "merge_engine.errors",
+    "MergePlan": "merge_engine.plan",
+    "ModelReference": "merge_engine.recipe",
+    "Recipe": "merge_engine.recipe",
+    "build_plan": "merge_engine.plan",
+    "load_recipe": "merge_engine.recipe",
+    "merge_into": "merge_engine.memory",
+    "merge_models": "merge_engine.memory",
+    "parse_recipe": "merge_engine.recipe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
 
 
 def preflight(
@@ -34,6 +54,11 @@ def preflight(
     weight (a Hub calibration dataset is pinned, not downloaded). ``hub_only`` reads every
     reference from the Hub, never a local folder or file; ``cache_dir`` keeps what is read
     (config.json) out of the shared Hugging Face cache."""
+    from merge_engine.calibration import resolve_recipe as resolve_calibration
+    from merge_engine.methods import get_method
+    from merge_engine.plan import build_plan
+    from merge_engine.sources import inspect_recipe_models
+
     sources = inspect_recipe_models(
         recipe.referenced_models(), token, allow_pickle, hub_only, cache_dir
     )
@@ -47,6 +72,9 @@ def preflight(
 
 def merge(recipe_or_plan: Recipe | MergePlan, out_dir: str | Path, **options: Any) -> Path:
     """Run a merge end to end into ``out_dir`` (see :func:`merge_engine.run.write_merge` for options)."""
+    from merge_engine.plan import MergePlan
+    from merge_engine.run import write_merge
+
     token = options.get("token")
     plan = (
         recipe_or_plan

@@ -12,12 +12,12 @@ import re
 import shlex
 import shutil
 import sys
+import textwrap
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from merge_engine.errors import MergeError
-from merge_engine.run import DEFAULT_SHARD_SIZE
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 UNITS = {
@@ -43,63 +43,77 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * UNITS[unit])
 
 
-def methods_table() -> list[list[str]]:
-    """One row per method parameter (or per method without parameters), as printed by ``mergebot methods``."""
+WIDTH = 100  # the terminal width ``mergebot methods`` fits
+GAP = "  "
+
+
+def table_lines(rows: list[list[str]], wrap: bool = True) -> list[str]:
+    """A header row, a rule and the rows, as left-aligned columns that fit ``WIDTH``: the last
+    column takes what is left, its text wrapped over indented lines or, without ``wrap``,
+    cut short at a word."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    indent = sum(w + len(GAP) for w in widths)
+    last = max(WIDTH - indent, 20)
+    rule = ["-" * w for w in widths] + ["-" * len(rows[0][-1])]
+    lines = []
+    for row in [rows[0], rule, *rows[1:]]:
+        start = GAP.join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + GAP
+        text = (
+            row[-1]
+            if wrap
+            else textwrap.shorten(row[-1], last, placeholder=" …", break_on_hyphens=False)
+        )
+        first, *more = textwrap.wrap(text, last, break_on_hyphens=False) or [""]
+        lines += [start + first, *(" " * indent + line for line in more)]
+    return [line.rstrip() for line in lines]
+
+
+def methods_overview() -> list[str]:
+    """``mergebot methods``: one line per method, its description cut to fit."""
     from merge_engine.methods import all_methods
 
-    rows = [
-        [
-            "method",
-            "base",
-            "random",
-            "data",
-            "parameter",
-            "scope",
-            "type",
-            "default",
-            "range",
-            "what it does",
-        ]
+    rows = [["method", "base", "data", "what it does"]]
+    rows += [
+        [m.name, m.base, "calibration" if m.needs_data else "no", m.doc]
+        for m in sorted(all_methods(), key=lambda m: m.name)
     ]
-    for method in sorted(all_methods(), key=lambda m: m.name):
-        rows.append(
-            [
-                method.name,
-                method.base,
-                "yes" if method.random else "no",
-                "calibration" if method.needs_data else "no",
-                "",
-                "",
-                "",
-                "",
-                "",
-                method.doc,
-            ]
+    return [
+        *table_lines(rows, wrap=False),
+        "",
+        "mergebot methods NAME: one method in full, with its parameters and paper",
+    ]
+
+
+def method_details(name: str) -> list[str]:
+    """``mergebot methods NAME``: the method's facts, then every parameter in full."""
+    from merge_engine.methods import all_methods
+
+    methods = {m.name: m for m in all_methods()}
+    if name not in methods:
+        raise MergeError(
+            f"unknown merge method '{name}'; the methods are {', '.join(sorted(methods))}."
         )
-        for p in method.params:
-            default = "required" if p.required else str(p.default)
-            allowed = "|".join(p.choices) if p.choices else p.bounds_text()
-            rows.append(["", "", "", "", p.name, p.scope, p.type.__name__, default, allowed, p.doc])
-    return rows
+    method = methods[name]
+    facts = [
+        f"base model: {method.base}",
+        f"calibration data: {'needed' if method.needs_data else 'none'}",
+        f"random: {'yes, seeded by random_seed' if method.random else 'no'}",
+    ]
+    lines = textwrap.wrap(f"{method.name} ({method.pretty_name}): {method.doc}", WIDTH)
+    lines += textwrap.wrap("; ".join(facts), WIDTH)
+    lines += [f"paper: {method.paper or 'none'}", ""]
+    if not method.params:
+        return [*lines, "no parameters"]
+    rows = [["parameter", "scope", "type", "default", "bounds", "what it does"]]
+    for p in method.params:
+        default = "required" if p.required else str(p.default)
+        bounds = "|".join(p.choices) if p.choices else p.bounds_text()
+        rows.append([p.name, p.scope, p.type.__name__, default, bounds, p.doc])
+    return lines + table_lines(rows)
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
-    rows = methods_table()
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for index, row in enumerate(rows):
-        print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
-        )
-        if index == 0:
-            print("  ".join("-" * w for w in widths) + "  " + "-" * 12)
-    from merge_engine.methods import all_methods
-
-    print(
-        "\npapers: "
-        + "; ".join(
-            f"{m.name} {m.paper}" for m in sorted(all_methods(), key=lambda m: m.name) if m.paper
-        )
-    )
+    print("\n".join(method_details(args.name) if args.name else methods_overview()))
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -108,7 +122,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
     plan = preflight(load_recipe(Path(args.recipe)), allow_pickle=args.allow_pickle)
     layers = plan.config.get("num_hidden_layers", plan.config.get("n_layer"))
     print(
-        f"ok: {plan.method.name} over {len(plan.recipe.input_models())} model(s), {len(plan.tasks)} output tensors"
+        f"ok: {plan.method.name} of {plan.describe_models()}, {len(plan.tasks)} output tensors"
         + (f", {layers} layers" if layers is not None else "")
         + f", {plan.output_bytes / 1e6:.1f} MB of weights"
     )
@@ -122,6 +136,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from merge_engine import load_recipe, merge, preflight
+    from merge_engine.run import DEFAULT_SHARD_SIZE
 
     if args.quiet:
         from huggingface_hub.utils import disable_progress_bars
@@ -132,13 +147,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
         recipe = recipe.model_copy(update={"out_dtype": args.dtype})
     plan = preflight(recipe, allow_pickle=args.allow_pickle)
     command = "mergebot merge mergebot_recipe.yaml ./merged"
-    command += f" --shard-size {args.shard_size}" if args.shard_size != DEFAULT_SHARD_SIZE else ""
+    shard_size = DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size
+    command += f" --shard-size {shard_size}" if shard_size != DEFAULT_SHARD_SIZE else ""
     command += " --allow-pickle" if args.allow_pickle else ""
     out = merge(
         plan,
         args.out_dir,
         device=args.device,
-        shard_size=args.shard_size,
+        shard_size=shard_size,
         show_progress=not args.quiet,
         card_command=command,
         stats_dir=args.stats_dir,
@@ -192,9 +208,13 @@ def build_parser(
         prog="mergebot", description="Merge fine-tuned models with mergekit-style YAML recipes."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("methods", help="list the merge methods and their parameters").set_defaults(
-        func=cmd_methods
+    methods = sub.add_parser(
+        "methods", help="list the merge methods, or show one method's parameters"
     )
+    methods.add_argument(
+        "name", nargs="?", help="a method: its parameters, defaults, bounds, paper"
+    )
+    methods.set_defaults(func=cmd_methods)
 
     validate = sub.add_parser(
         "validate",
@@ -215,7 +235,6 @@ def build_parser(
     merge.add_argument(
         "--shard-size",
         type=parse_size,
-        default=DEFAULT_SHARD_SIZE,
         help="largest output shard, e.g. 1GB (default 5GB)",
     )
     merge.add_argument(

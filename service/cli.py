@@ -122,8 +122,14 @@ def _follow(server: str, job: dict) -> dict:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
+    try:
+        recipe = Path(args.recipe).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(
+            f"error: cannot read the recipe file {args.recipe} ({type(error).__name__}); check the path"
+        ) from None
     body = {
-        "recipe": Path(args.recipe).read_text(encoding="utf-8"),
+        "recipe": recipe,
         "target": args.to,
         "private": args.private,
         "follow_sources": args.follow,
@@ -200,7 +206,10 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     hub.add_argument("--port", type=int, default=7861, help="0 picks a free port")
     hub.add_argument("--data", help="folder that keeps repos across restarts (default: in memory)")
     hub.add_argument(
-        "--seed", action="store_true", help="add a tiny example base model and two fine-tunes"
+        "--seed",
+        action="store_true",
+        help="add a tiny example base model, USER/base, and its three fine-tunes: USER/math, "
+        "USER/code and USER/chat",
     )
     hub.add_argument(
         "--user", default="demo", help="the user that owns the example models and the token"

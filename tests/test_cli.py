@@ -13,6 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from merge_engine.cli import main
 from merge_engine.io import read_header
+from merge_engine.methods import all_methods, get_method
+from service.cli import main as service_main
+
+METHOD_NAMES = sorted(m.name for m in all_methods())
 
 
 def forward_is_finite(folder) -> bool:
@@ -205,22 +209,119 @@ def test_validate_reports_without_writing_anything(llama_family, tmp_path, capsy
         f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1, density: 0.5}}}}]\n",
     )
     assert main(["validate", str(recipe)]) == 0
-    assert "ok: ties over 1 model(s)" in capsys.readouterr().out
+    assert "ok: ties of 2 models (a base and 1 fine-tune)," in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
-def test_methods_lists_every_method_with_its_parameters(capsys):
+def test_methods_lists_every_method_in_one_line_each(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:5] == ["method", "base", "random", "data", "parameter"]
-    della = next(i for i, line in enumerate(lines) if line.split()[:1] == ["della_linear"])
-    assert lines[della].split()[:4] == ["della_linear", "required", "yes", "no"]
-    regmean = next(line for line in lines if line.split()[:1] == ["regmean"])
-    assert regmean.split()[:4] == ["regmean", "unused", "no", "calibration"]
-    assert lines[della + 1].split()[:4] == ["weight", "per_model", "float", "required"]
-    assert any(
-        line.split()[:5] == ["epsilon", "per_model", "float", "0.15", "[0,"] for line in lines
+    assert lines[0].split() == ["method", "base", "data", "what", "it", "does"]
+    rows = {line.split()[0]: line.split()[1:3] for line in lines[2:] if line}
+    assert {m.name for m in all_methods()} <= rows.keys()
+    assert rows["della_linear"] == ["required", "no"]
+    assert rows["regmean"] == ["unused", "calibration"]
+
+
+@pytest.mark.parametrize(
+    "args", [[], *([name] for name in METHOD_NAMES)], ids=["all", *METHOD_NAMES]
+)
+def test_methods_fits_a_100_column_terminal(args, capsys):
+    assert main(["methods", *args]) == 0
+    assert max(len(line) for line in capsys.readouterr().out.splitlines()) <= 100
+
+
+def words(text: str) -> str:
+    """``text`` with every run of whitespace one space: wrapped lines read as one."""
+    return " ".join(text.split())
+
+
+def parameter_row(output: str, name: str) -> str:
+    """The row of parameter ``name`` in ``mergebot methods METHOD``, its wrapped doc joined."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [name])
+    end = next(
+        (i for i in range(start + 1, len(lines)) if not lines[i].startswith(" ")), len(lines)
     )
+    return words(" ".join(lines[start:end]))
+
+
+def test_methods_name_shows_each_parameter_in_full(capsys):
+    slerp = get_method("slerp")
+    assert main(["methods", "slerp"]) == 0
+    out = capsys.readouterr().out
+    assert slerp.doc in words(out) and slerp.paper in out
+    assert parameter_row(out, "t") == f"t global float required {slerp.param('t').doc}"
+    assert main(["methods", "della"]) == 0
+    assert parameter_row(capsys.readouterr().out, "epsilon").startswith(
+        "epsilon per_model float 0.15 [0, 1) half-width"
+    )
+
+
+@pytest.mark.parametrize("method", ["ties", "sce"])
+def test_methods_name_prints_the_registry_doc_of_int8_mask(method, capsys):
+    assert main(["methods", method]) == 0
+    doc = get_method(method).param("int8_mask").doc
+    assert parameter_row(capsys.readouterr().out, "int8_mask").endswith(doc)
+
+
+def test_methods_with_an_unknown_name_lists_the_names_in_one_sentence(capsys):
+    assert main(["methods", "slurp"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"error: unknown merge method 'slurp'; the methods are {', '.join(METHOD_NAMES)}.\n"
+    )
+
+
+def test_sandbox_hub_help_names_the_models_it_seeds(capsys, monkeypatch):
+    from service.sandbox_hub.seed import EXAMPLE_REPOS
+
+    monkeypatch.setenv("COLUMNS", "300")  # argparse wraps at the terminal's width, even at a hyphen
+    with pytest.raises(SystemExit):
+        service_main(["sandbox-hub", "--help"])
+    seed_help = next(
+        line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--seed")
+    )
+    assert "three fine-tunes" in seed_help and len(EXAMPLE_REPOS) == 4
+    assert all(f"USER/{name}" in seed_help for name in EXAMPLE_REPOS)
+
+
+HEAVY = {"torch", "transformers", "gradio", "dbos", "scipy"}
+NEWLY_IMPORTED = """
+import contextlib, io, json, sys
+before = set(sys.modules)
+from service.cli import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    main(sys.argv[1:])
+print(json.dumps(sorted({name.split(".")[0] for name in set(sys.modules) - before})))
+"""
+
+
+def heavy_imports(*args: str) -> set[str]:
+    """The heavy libraries that ``mergebot ARGS`` imports, run in a fresh interpreter; what
+    the interpreter had loaded before (a sitecustomize, say) does not count."""
+    run = subprocess.run(
+        [sys.executable, "-c", NEWLY_IMPORTED, *args], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    return HEAVY & set(json.loads(run.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["merge", "--help"], ["serve", "--help"]], ids=" ".join
+)
+def test_help_imports_no_heavy_library(args):
+    assert heavy_imports(*args) == set()
+
+
+def test_validate_of_a_local_recipe_imports_no_model_or_service_library(llama_family, tmp_path):
+    base, (a, b, _) = llama_family
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\n",
+    )
+    assert heavy_imports("validate", str(recipe)).isdisjoint({"transformers", "gradio", "dbos"})
 
 
 @pytest.mark.slow
@@ -321,3 +422,24 @@ def test_gpt_neox_frankenmerge_takes_its_output_head_from_the_last_slice(tmp_pat
     assert torch.equal(merged["embed_out.weight"], last["embed_out.weight"])
     assert torch.equal(merged["gpt_neox.embed_in.weight"], first["gpt_neox.embed_in.weight"])
     assert forward_is_finite(tmp_path / "out")
+
+
+def test_submit_of_a_missing_recipe_file_is_one_sentence(tmp_path):
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "submit",
+            str(tmp_path / "nothing.yaml"),
+            "--to",
+            "a/b",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert ran.returncode == 1
+    assert (
+        ran.stderr.strip()
+        == f"error: cannot read the recipe file {tmp_path / 'nothing.yaml'} (FileNotFoundError); check the path"
+    )
