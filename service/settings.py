@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from merge_engine.errors import MergeError, excerpt
 from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits
 from service.intake import Limits
 
@@ -89,29 +90,29 @@ class Settings:
             worker_id=env.get("MERGEBOT_WORKER_ID") or None,
             device=env.get("MERGEBOT_DEVICE", "auto"),
             limits=Limits(
-                max_models=int(env.get("MERGEBOT_MAX_MODELS", Limits.max_models)),
+                max_models=int(_number(env, "MERGEBOT_MAX_MODELS", Limits.max_models)),
                 max_source_bytes=int(
-                    float(env.get("MERGEBOT_MAX_SOURCE_GB", Limits.max_source_bytes / 1e9)) * 1e9
+                    _number(env, "MERGEBOT_MAX_SOURCE_GB", Limits.max_source_bytes / 1e9) * 1e9
                 ),
             ),
-            max_queued_per_requester=int(env.get("MERGEBOT_MAX_QUEUED", 3)),
-            max_queued_anonymous=int(env.get("MERGEBOT_MAX_QUEUED_ANONYMOUS", 1)),
-            max_body_bytes=int(float(env.get("MERGEBOT_MAX_BODY_KB", 1024)) * 1024),
+            max_queued_per_requester=int(_number(env, "MERGEBOT_MAX_QUEUED", 3)),
+            max_queued_anonymous=int(_number(env, "MERGEBOT_MAX_QUEUED_ANONYMOUS", 1)),
+            max_body_bytes=int(_number(env, "MERGEBOT_MAX_BODY_KB", 1024) * 1024),
             recipe_limits=_recipe_limits(env),
-            identity_ttl_seconds=float(env.get("MERGEBOT_IDENTITY_TTL_SECONDS", 300)),
-            hub_timeout_seconds=float(env.get("MERGEBOT_HUB_TIMEOUT_SECONDS", 10)),
-            hub_patience_seconds=float(env.get("MERGEBOT_HUB_PATIENCE_SECONDS", 600)),
-            outage_check_seconds=float(env.get("MERGEBOT_OUTAGE_CHECK_SECONDS", 60)),
+            identity_ttl_seconds=_number(env, "MERGEBOT_IDENTITY_TTL_SECONDS", 300),
+            hub_timeout_seconds=_number(env, "MERGEBOT_HUB_TIMEOUT_SECONDS", 10),
+            hub_patience_seconds=_number(env, "MERGEBOT_HUB_PATIENCE_SECONDS", 600),
+            outage_check_seconds=_number(env, "MERGEBOT_OUTAGE_CHECK_SECONDS", 60),
             local_login_token=env.get("MERGEBOT_LOCAL_LOGIN_TOKEN") or None,
             watch_repos=tuple(
                 _repo_key(name)
                 for name in _names(env.get("MERGEBOT_WATCH_REPOS"))
                 or ([f"spaces/{env['SPACE_ID']}"] if env.get("SPACE_ID") else [])
             ),
-            discussion_poll_seconds=float(env.get("MERGEBOT_DISCUSSION_POLL_SECONDS", 60)),
-            follow_check_seconds=float(env.get("MERGEBOT_FOLLOW_CHECK_SECONDS", 3600)),
+            discussion_poll_seconds=_number(env, "MERGEBOT_DISCUSSION_POLL_SECONDS", 60),
+            follow_check_seconds=_number(env, "MERGEBOT_FOLLOW_CHECK_SECONDS", 3600),
             webhook_secret=env.get("MERGEBOT_WEBHOOK_SECRET") or None,
-            discussion_daily=int(env.get("MERGEBOT_DISCUSSION_DAILY", 5)),
+            discussion_daily=int(_number(env, "MERGEBOT_DISCUSSION_DAILY", 5)),
             allow_namespaces=tuple(_names(env.get("MERGEBOT_ALLOW_NAMESPACES"))),
             deny_namespaces=tuple(_names(env.get("MERGEBOT_DENY_NAMESPACES"))),
         )
@@ -129,15 +130,30 @@ class Settings:
         return self.work_dir / "jobs" / job_id
 
 
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    """A numeric setting; a value that is not a number is one sentence naming the variable."""
+    text = env.get(name)
+    if text is None:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise MergeError(
+            f"{name}={excerpt(text)} is not a number; set it to a number or unset it for the default ({default:g})"
+        ) from None
+
+
 def _recipe_limits(env: Mapping[str, str]) -> RecipeLimits:
     default = DEFAULT_LIMITS
     return RecipeLimits(
-        max_bytes=int(float(env.get("MERGEBOT_MAX_RECIPE_KB", default.max_bytes / 1024)) * 1024),
-        max_depth=int(env.get("MERGEBOT_MAX_RECIPE_DEPTH", default.max_depth)),
-        max_nodes=int(env.get("MERGEBOT_MAX_RECIPE_NODES", default.max_nodes)),
-        max_examples=int(env.get("MERGEBOT_MAX_EXAMPLES", default.max_examples)),
-        max_example_chars=int(env.get("MERGEBOT_MAX_EXAMPLE_CHARS", default.max_example_chars)),
-        max_name_chars=int(env.get("MERGEBOT_MAX_NAME_CHARS", default.max_name_chars)),
+        max_bytes=int(_number(env, "MERGEBOT_MAX_RECIPE_KB", default.max_bytes / 1024) * 1024),
+        max_depth=int(_number(env, "MERGEBOT_MAX_RECIPE_DEPTH", default.max_depth)),
+        max_nodes=int(_number(env, "MERGEBOT_MAX_RECIPE_NODES", default.max_nodes)),
+        max_examples=int(_number(env, "MERGEBOT_MAX_EXAMPLES", default.max_examples)),
+        max_example_chars=int(
+            _number(env, "MERGEBOT_MAX_EXAMPLE_CHARS", default.max_example_chars)
+        ),
+        max_name_chars=int(_number(env, "MERGEBOT_MAX_NAME_CHARS", default.max_name_chars)),
     )
 
 

@@ -193,3 +193,9 @@ def test_status_polls_of_one_job_read_the_database_once_per_moment():
     assert recent.cached("job-1") == (False, None)
     assert recent.load("job-1").job.status == "cancelled"
     assert RecentJobs(read, seconds=0.0).cached("job-1") == (False, None)
+
+
+def test_a_setting_that_is_not_a_number_is_one_sentence():
+    with pytest.raises(MergeError, match=r"^MERGEBOT_MAX_QUEUED='three' is not a number; set it"):
+        Settings.from_env({"MERGEBOT_MAX_QUEUED": "three"})
+    assert Settings.from_env({"MERGEBOT_MAX_RECIPE_KB": "16"}).recipe_limits.max_bytes == 16384
