@@ -38,6 +38,7 @@ jobs_table = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("commit", sa.String(64)),
     sa.Column("url", sa.String(500)),
+    sa.Column("output_bytes", sa.BigInteger),
     sa.Column("card", sa.Text),
     sa.Column("request_recipe", sa.Text),
     sa.Column("discussion", sa.String(300)),
@@ -89,6 +90,8 @@ class Job:
     error: str | None = None
     commit: str | None = None
     url: str | None = None
+    output_bytes: int | None = None
+    """The size of the published weights."""
     card: str | None = None
     """The model card (Markdown), once the card stage has written it."""
     request_recipe: str | None = None

@@ -221,7 +221,10 @@ def push_step(job_id: str) -> None:
         policy=_hub_policy(),
         on_retry=lambda line: jobs.store.update(job_id, log=line),
     )
-    jobs.store.update(job_id, commit=commit, url=f"{jobs.settings.endpoint}/{job.target}")
+    weights = sum(f.stat().st_size for f in _merged_output(job).glob("*.safetensors"))
+    jobs.store.update(
+        job_id, commit=commit, url=f"{jobs.settings.endpoint}/{job.target}", output_bytes=weights
+    )
 
 
 def _bot_token_for(job: Job) -> str:

@@ -9,6 +9,7 @@ lists and multi-source slices stay in the YAML, and the form says so.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,10 @@ from merge_engine.methods.registry import Param
 
 MAX_MODELS = 6
 DTYPES = ["", "float32", "float16", "bfloat16"]
+LAYERS_LABEL = "layers [start-end)"
+LAYERS_HELP = (
+    "half-open, like Python's range: 0-3 takes layers 0, 1 and 2, not 3; empty takes them all"
+)
 
 
 def _union(scope: str) -> dict[str, Param]:
@@ -42,6 +47,29 @@ def method_params(method: str, scope: str) -> dict[str, Param]:
     except Exception:  # noqa: BLE001  (an unknown name: the pre-flight reports it)
         return {}
     return {p.name: p for p in declared if p.scope == scope}
+
+
+def param_help(param: Param) -> str:
+    """The help text of a parameter's field, all from the declaration of the method shown:
+    what it does, its bounds, its default (or that it is required)."""
+    parts = [param.doc] if param.doc else []
+    if param.bounds_text():
+        parts.append(f"in {param.bounds_text()}")
+    if param.choices:
+        parts.append("one of " + ", ".join(param.choices))
+    if param.required:
+        parts.append("required")
+    else:
+        default = param.default
+        shown = (
+            str(default).lower()
+            if isinstance(default, bool)
+            else f"{default:g}"
+            if isinstance(default, float)
+            else default
+        )
+        parts.append(f"default {shown}")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -157,6 +185,35 @@ def to_yaml(form: MergeForm, previous_text: str = "") -> str:
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
 
 
+def switch_method(form: MergeForm, previous: str) -> MergeForm:
+    """``form`` (already naming its new method) after a change of method from ``previous``:
+    a value the person set (not the previous method's default) stays where the new method
+    declares a parameter of that name; an untouched value becomes the new method's default,
+    since one name can mean different things (slerp's ``t`` is not nearswap's)."""
+
+    def kept(name: str, value: Any, old: dict[str, Param], new: dict[str, Param]) -> Any:
+        if name not in new:
+            return value
+        before = old.get(name)
+        if before is not None and _is_set(value) and (before.required or value != before.default):
+            return value
+        return None if new[name].required else new[name].default
+
+    old_global, new_global = method_params(previous, "global"), method_params(form.method, "global")
+    params = {name: kept(name, v, old_global, new_global) for name, v in form.params.items()}
+    old_row, new_row = method_params(previous, "per_model"), method_params(form.method, "per_model")
+    models = [
+        ModelRow(
+            row.repo,
+            row.revision,
+            row.layers,
+            {name: kept(name, v, old_row, new_row) for name, v in row.params.items()},
+        )
+        for row in form.models
+    ]
+    return MergeForm(form.method, params, models, form.base_model, form.dtype, form.notice)
+
+
 def from_recipe(data: Any) -> MergeForm:
     """Fill the form from a recipe mapping, as far as the form can show it."""
     if not isinstance(data, dict):
@@ -211,41 +268,100 @@ def _row(entry: Any, hidden: list[str], where: str) -> ModelRow:
     return row
 
 
-EXAMPLES: dict[str, MergeForm] = {
-    "SLERP of two models": MergeForm(
-        method="slerp",
-        params={"t": 0.5},
-        models=[ModelRow("demo/math"), ModelRow("demo/code")],
-        base_model="demo/math",
-    ),
-    "TIES of three": MergeForm(
-        method="ties",
-        models=[
-            ModelRow("demo/math", params={"weight": 1.0, "density": 0.5}),
-            ModelRow("demo/code", params={"weight": 0.7, "density": 0.5}),
-            ModelRow("demo/chat", params={"weight": 0.5, "density": 0.5}),
-        ],
-        base_model="demo/base",
-    ),
-    "Frankenmerge (layer stacking)": MergeForm(
-        method="passthrough",
-        models=[ModelRow("demo/math", layers="0-3"), ModelRow("demo/code", layers="1-4")],
-    ),
-}
+@dataclass(frozen=True)
+class ExampleModels:
+    """The repos the examples name: a base, three of its fine-tunes, and their layer count."""
+
+    base: str
+    fine_tunes: tuple[str, str, str]
+    layers: int
+
+
+DEMO_MODELS = ExampleModels("demo/base", ("demo/math", "demo/code", "demo/chat"), layers=4)
+"""The offline demo's tiny models, which exist only on its sandbox hub."""
+HUB_MODELS = ExampleModels(
+    "Qwen/Qwen2.5-0.5B",
+    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B"),
+    layers=24,
+)
+"""Small public models on the Hub: a base and three models trained from it."""
+FIRST_EXAMPLE = "TIES: a base and 3 fine-tunes"
+
+
+def examples(models: ExampleModels) -> dict[str, MergeForm]:
+    """The form's examples, naming ``models``; each name says what it merges."""
+    a, b, c = models.fine_tunes
+    quarter = models.layers // 4
+    return {
+        "SLERP of two models": MergeForm(
+            method="slerp", params={"t": 0.5}, models=[ModelRow(a), ModelRow(b)], base_model=a
+        ),
+        FIRST_EXAMPLE: MergeForm(
+            method="ties",
+            models=[
+                ModelRow(a, params={"weight": 1.0, "density": 0.5}),
+                ModelRow(b, params={"weight": 0.7, "density": 0.5}),
+                ModelRow(c, params={"weight": 0.5, "density": 0.5}),
+            ],
+            base_model=models.base,
+        ),
+        "Frankenmerge (layer stacking)": MergeForm(
+            method="passthrough",
+            models=[
+                ModelRow(a, layers=f"0-{models.layers - quarter}"),
+                ModelRow(b, layers=f"{quarter}-{models.layers}"),
+            ],
+        ),
+    }
 
 
 def error_place(field: str | None, message: str, repos: list[str]) -> str:
     """Which part of the form an error belongs next to: ``method``, ``parameters``,
-    ``base_model``, ``models``, ``dtype``, ``target`` or ``recipe`` (the YAML)."""
+    ``base_model``, ``model-<i>`` (the row of the model it names), ``models`` (the list as a
+    whole), ``dtype``, ``target`` or ``recipe`` (the YAML)."""
     if field:
-        head = field.split(".")[0].split("[")[0]
-        if head in ("slices", "models", "tokenizer_source"):
+        head = field.split(".")[0]
+        name = head.split("[")[0]
+        if name in ("slices", "models", "tokenizer_source"):
+            index = re.fullmatch(r"(?:models|slices)\[(\d+)\]", head)
+            if index and int(index.group(1)) < MAX_MODELS:
+                return f"model-{index.group(1)}"
             return "models"
-        if head in ("merge_method", "parameters", "base_model", "target"):
-            return "method" if head == "merge_method" else head
-        if head in ("dtype", "out_dtype"):
+        if name in ("merge_method", "parameters", "base_model", "target"):
+            return "method" if name == "merge_method" else name
+        if name in ("dtype", "out_dtype"):
             return "dtype"
         return "recipe"
-    if any(repo and repo in message for repo in repos):
-        return "models"
+    for index, repo in enumerate(repos[:MAX_MODELS]):
+        if repo and re.search(rf"(?<![\w./-]){re.escape(repo)}(?![\w/-])", message):
+            return f"model-{index}"
     return "recipe"
+
+
+def field_line(text: str, field: str | None) -> int | None:
+    """The line (1-based) of ``text``'s YAML that ``field`` (``models[1].parameters.density``)
+    names, or of the deepest part of it the text has; None when the text does not parse."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    if node is None:
+        return None
+    line = None
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", field or ""):
+        if part.startswith("[") and isinstance(node, yaml.SequenceNode):
+            index = int(part[1:-1])
+            if index >= len(node.value):
+                break
+            node = node.value[index]
+        elif isinstance(node, yaml.MappingNode):
+            pair = next((p for p in node.value if getattr(p[0], "value", None) == part), None)
+            if pair is None:
+                break
+            line = pair[0].start_mark.line + 1
+            node = pair[1]
+            continue
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line

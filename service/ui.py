@@ -5,40 +5,65 @@ the same path as every other origin; the job panel polls the job table with a ``
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import gradio as gr
 import yaml
 
-from merge_engine.errors import MergeError, RecipeError
+from merge_engine.errors import MergeError
 from merge_engine.methods import all_methods, get_method
 from service.intake import Identity, MergeRequest
-from service.job_store import ACTIVE, Job
+from service.job_store import ACTIVE, STAGES, Job
 from service.jobs import JobService
 from service.recipe_form import (
+    DEMO_MODELS,
     DTYPES,
-    EXAMPLES,
+    FIRST_EXAMPLE,
     GLOBAL_PARAMS,
+    HUB_MODELS,
+    LAYERS_HELP,
+    LAYERS_LABEL,
     MAX_MODELS,
     PER_MODEL_PARAMS,
     MergeForm,
     ModelRow,
     error_place,
+    examples,
+    field_line,
     from_recipe,
     method_params,
+    param_help,
+    switch_method,
     to_yaml,
 )
 
-PLACES = ("method", "parameters", "base_model", "models", "dtype", "target", "recipe")
+PLACES = (
+    "form",
+    "method",
+    "parameters",
+    "base_model",
+    *(f"model-{i}" for i in range(MAX_MODELS)),
+    "models",
+    "dtype",
+    "target",
+    "recipe",
+)
+"""Where an error can be shown: next to a field of the form, at the top of the form (``form``:
+what the form cannot show), under the target, or under the YAML (``recipe``)."""
 POLL_SECONDS = 1.0
 JOB_COLUMNS = ["job", "status", "stage", "progress", "target"]
 
 
 def _param_widget(param, elem: str) -> gr.components.Component:
-    """A field for a registry parameter: its type, help text and bounds; shown per method."""
+    """A field for a registry parameter name, of its type; shown, and given its help text
+    (what it does, bounds, default), per method by :meth:`MergeFormWidgets.write`, since
+    methods sharing a name each declare it their own way."""
     label = param.name
-    info = " ".join(filter(None, [param.doc, param.bounds_text()]))
+    info = param_help(param)
     if param.type is bool:
         return gr.Checkbox(label=label, info=info, elem_id=elem, visible=False)
     if param.choices:
@@ -65,6 +90,7 @@ class MergeFormWidgets:
         )
         self.method_doc = gr.Markdown()
         self.errors: dict[str, gr.Markdown] = {}
+        self.errors["form"] = gr.Markdown(elem_id="error-form")
         self.errors["method"] = gr.Markdown(elem_id="error-method")
         with gr.Row():
             self.params = {
@@ -78,24 +104,29 @@ class MergeFormWidgets:
         self.rows: list[Row] = []
         self.shown = gr.State(2)
         for i in range(MAX_MODELS):
-            with gr.Group(visible=i < 2) as box, gr.Row():
-                repo = gr.Textbox(
-                    label=f"Model {i + 1}",
-                    placeholder="org/name",
-                    elem_id=f"model-{i}-repo",
-                    scale=3,
-                )
-                revision = gr.Textbox(
-                    label="revision", placeholder="main", elem_id=f"model-{i}-revision"
-                )
-                layers = gr.Textbox(
-                    label="layers", placeholder="all, or 0-16", elem_id=f"model-{i}-layers"
-                )
-                params = {
-                    name: _param_widget(param, f"model-{i}-{name}")
-                    for name, param in PER_MODEL_PARAMS.items()
-                }
-                remove = gr.Button("Remove", size="sm", elem_id=f"model-{i}-remove")
+            with gr.Group(visible=i < 2) as box:
+                with gr.Row():
+                    repo = gr.Textbox(
+                        label=f"Model {i + 1}",
+                        placeholder="org/name",
+                        elem_id=f"model-{i}-repo",
+                        scale=3,
+                    )
+                    revision = gr.Textbox(
+                        label="revision", placeholder="main", elem_id=f"model-{i}-revision"
+                    )
+                    layers = gr.Textbox(
+                        label=LAYERS_LABEL,
+                        info=LAYERS_HELP,
+                        placeholder="all, or 0-16",
+                        elem_id=f"model-{i}-layers",
+                    )
+                    params = {
+                        name: _param_widget(param, f"model-{i}-{name}")
+                        for name, param in PER_MODEL_PARAMS.items()
+                    }
+                    remove = gr.Button("Remove", size="sm", elem_id=f"model-{i}-remove")
+                self.errors[f"model-{i}"] = gr.Markdown(elem_id=f"error-model-{i}")
             self.rows.append(Row(box, repo, revision, layers, params, remove))
         self.add = gr.Button("Add model", size="sm", elem_id="add-model")
         self.errors["models"] = gr.Markdown(elem_id="error-models")
@@ -143,16 +174,31 @@ class MergeFormWidgets:
             value = form.params.get(
                 name, None if param is None or param.required else param.default
             )
-            updates.append(gr.update(value=value, visible=param is not None))
+            updates.append(_shown(param, value))
         updates += [form.base_model, form.dtype, shown, form.notice]
         for i, _ in enumerate(self.rows):
             row = form.models[i] if i < len(form.models) else ModelRow()
             updates += [gr.update(visible=i < shown), row.repo, row.revision, row.layers]
             updates += [
-                gr.update(value=row.params.get(name), visible=name in per_model)
-                for name in PER_MODEL_PARAMS
+                _shown(per_model.get(name), row.params.get(name)) for name in PER_MODEL_PARAMS
             ]
         return updates
+
+
+def _shown(param, value: Any) -> Any:
+    """The update of a parameter's field: hidden when the method lacks it, else with the
+    method's own help text."""
+    if param is None:
+        return gr.update(value=value, visible=False)
+    return gr.update(value=value, visible=True, info=param_help(param))
+
+
+def _say(text: str) -> str:
+    """``text`` as Markdown that shows every character of it: no HTML tag (``<stream end>``)
+    or Markdown emphasis swallowed; line breaks kept."""
+    text = html.escape(text, quote=False)
+    text = re.sub(r"([\\`*_{}\[\]#|~!])", r"\\\1", text)
+    return "  \n".join(line.strip() for line in text.splitlines())
 
 
 def _method_doc(name: str) -> str:
@@ -183,19 +229,133 @@ def _job_rows(jobs: list[Job]) -> list[list[Any]]:
     return [[j.id, j.status, j.stage, f"{j.progress:.0%}", j.target] for j in jobs]
 
 
+def _job_sentence(job: Job) -> str:
+    """The line under the buttons about ``job``, kept up to date by the poll."""
+    verb = {
+        "queued": "is queued",
+        "running": "is running",
+        "succeeded": "succeeded",
+        "failed": "failed",
+        "cancelled": "was cancelled",
+    }.get(job.status, f"is {job.status}")
+    return f"Job {job.id} {verb}."
+
+
+STAGE_DONE = re.compile(r"^(?P<stage>[\w-]+): done in (?P<seconds>[\d.]+) s$")
+BAR_CSS = (
+    "<style>#job-status .bar{display:flex;gap:.6em;align-items:center;margin:.15em 0}"
+    "#job-status .bar span:first-child{width:7em}#job-status progress{flex:1;height:.9em}"
+    "#job-status .bar span:last-child{width:3.5em;text-align:right}"
+    "#job-status .overall{font-weight:bold}</style>"
+)
+
+
+def _bar(label: str, fraction: float, kind: str = "stage") -> str:
+    name = html.escape(label)
+    return (
+        f'<div class="bar {kind}" data-stage="{name}"><span>{name}</span>'
+        f'<progress value="{fraction:.3f}" max="1" aria-label="{name}"></progress>'
+        f"<span>{fraction:.0%}</span></div>"
+    )
+
+
+def _stage_times(job: Job) -> dict[str, float]:
+    """Seconds each finished stage took, from the job's log lines ``merge: done in 1.2 s``."""
+    times = {}
+    for line in job.log:
+        found = STAGE_DONE.match(line)
+        if found and found["stage"] in STAGES:
+            times[found["stage"]] = float(found["seconds"])
+    return times
+
+
+def _stage_fractions(job: Job) -> list[tuple[str, float]]:
+    times = _stage_times(job)
+    current = STAGES.index(job.stage) if job.stage in STAGES else -1
+    fractions = []
+    for index, stage in enumerate(STAGES):
+        if job.status == "succeeded" or stage in times or index < current:
+            fractions.append((stage, 1.0))
+        elif index == current:
+            fractions.append((stage, min(max(job.fraction, 0.0), 1.0)))
+        else:
+            fractions.append((stage, 0.0))
+    return fractions
+
+
+def _bytes(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1e3:.1f} kB"
+
+
+def _summary(job: Job) -> str:
+    """What a finished job made: method, the pinned sources, its size, the time of each
+    stage."""
+    try:
+        recipe = yaml.safe_load(job.recipe) or {}
+    except yaml.YAMLError:
+        recipe = {}
+    method = recipe.get("merge_method", "?") if isinstance(recipe, dict) else "?"
+    sources = ", ".join(f"{repo}@{commit[:8]}" for repo, commit in job.sources.items())
+    times = _stage_times(job)
+    timing = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in times.items())
+    items = [
+        f"<li>method: <b>{html.escape(str(method))}</b></li>",
+        f"<li>sources pinned: {html.escape(sources or 'none')}</li>",
+    ]
+    if job.output_bytes:
+        items.append(f"<li>size: {_bytes(job.output_bytes)} of weights</li>")
+    if times:
+        total = sum(times.values())
+        items.append(f"<li>time: {html.escape(timing)} (total {total:.1f} s)</li>")
+    return f'<ul class="summary">{"".join(items)}</ul>'
+
+
+def _job_status_html(job: Job) -> str:
+    head = (
+        f"<p><b>{html.escape(job.status)}</b> · stage <b>{html.escape(job.stage)}</b> · "
+        f"{job.progress:.0%}</p>"
+    )
+    bars = _bar("overall", job.progress, "overall") + "".join(
+        _bar(stage, fraction) for stage, fraction in _stage_fractions(job)
+    )
+    error = f'<p class="error">{html.escape(job.error)}</p>' if job.error else ""
+    summary = _summary(job) if job.status == "succeeded" else ""
+    return BAR_CSS + head + bars + error + summary
+
+
 def _job_panel(job: Job | None) -> tuple[str, str, str, str]:
     if job is None:
         return "", "", "", ""
-    bar = f"{job.progress:.0%}"
-    status = f"**{job.status}** · stage **{job.stage}** · {bar}"
-    if job.error:
-        status += f"\n\n{job.error}"
     link = f"[{job.target}]({job.url})" if job.url else ""
-    return status, "\n".join(job.log), link, job.card or ""
+    return _job_status_html(job), "\n".join(job.log), link, job.card or ""
+
+
+WHERE = {
+    "form": "at the top of the form",
+    "method": "by the method",
+    "parameters": "by the method's parameters",
+    "base_model": "by the base model",
+    "models": "under the models",
+    "dtype": "by the dtype",
+    "target": "under the target repo",
+    "recipe": "under the YAML",
+}
+
+
+def _where(box: str) -> str:
+    if box.startswith("model-"):
+        return f"under model {int(box.split('-')[1]) + 1}"
+    return WHERE[box]
 
 
 def build_blocks(service: JobService) -> gr.Blocks:
     settings = service.settings
+    # the offline demo's sandbox hub has its own tiny models; the Hub has real, small ones
+    on_sandbox = urlparse(settings.endpoint).hostname in ("127.0.0.1", "localhost", "::1")
+    example_forms = examples(DEMO_MODELS if on_sandbox else HUB_MODELS)
     with gr.Blocks(title="mergebot") as blocks:
         gr.Markdown(
             "# mergebot\nMerge fine-tuned models into one, without training data: pick a method, "
@@ -204,47 +364,63 @@ def build_blocks(service: JobService) -> gr.Blocks:
         with gr.Row():
             gr.LoginButton()
             who = gr.Markdown(elem_id="who")
-        with gr.Tab("New merge"):
-            with gr.Row():
-                example = gr.Dropdown(list(EXAMPLES), label="Examples", elem_id="example")
-                load_example = gr.Button("Load example", elem_id="load-example")
-            with gr.Tab("Form"):
-                form = MergeFormWidgets()
-            with gr.Tab("YAML", elem_id="yaml-tab"):
-                recipe = gr.Textbox(label="Recipe (YAML)", lines=18, elem_id="recipe-yaml")
-                form.errors["recipe"] = gr.Markdown(elem_id="error-recipe")
-            target = gr.Textbox(label="Target repo", placeholder="namespace/name", elem_id="target")
-            form.errors["target"] = gr.Markdown(elem_id="error-target")
-            with gr.Row():
-                private = gr.Checkbox(label="Private", elem_id="private")
-                follow = gr.Checkbox(
-                    label="Follow source updates (merge again when a source changes)",
-                    elem_id="follow",
+        last_job = gr.BrowserState("", storage_key="mergebot-last-job")
+        # which tab, Form or YAML, the person is on: set in the browser (no round trip), so
+        # a Validate right after switching tabs already knows it
+        tab = gr.Textbox("form", visible=False)
+        with gr.Tabs() as tabs:
+            with gr.Tab("New merge", id="new"):
+                with gr.Row():
+                    example = gr.Dropdown(list(example_forms), label="Examples", elem_id="example")
+                    load_example = gr.Button("Load example", elem_id="load-example")
+                with gr.Tab("Form") as form_tab:
+                    form = MergeFormWidgets()
+                with gr.Tab("YAML", elem_id="yaml-tab") as yaml_tab:
+                    recipe = gr.Textbox(label="Recipe (YAML)", lines=18, elem_id="recipe-yaml")
+                    form.errors["recipe"] = gr.Markdown(elem_id="error-recipe")
+                target = gr.Textbox(
+                    label="Target repo", placeholder="namespace/name", elem_id="target"
                 )
-            with gr.Row():
-                validate = gr.Button("Validate", elem_id="validate")
-                merge = gr.Button("Merge", variant="primary", elem_id="merge")
-            outcome = gr.Markdown(elem_id="outcome")
-            job_id = gr.Textbox(label="Job", elem_id="job-id")
-            job_status = gr.Markdown(elem_id="job-status")
-            job_link = gr.Markdown(elem_id="job-link")
-            job_log = gr.Textbox(label="Log", lines=8, elem_id="job-log")
-            with gr.Row():
-                cancel = gr.Button("Cancel job", elem_id="cancel")
-                following = gr.Button("Stop / restart following the sources", elem_id="following")
-            with gr.Accordion("Model card", open=False):
-                job_card = gr.Markdown(elem_id="job-card")
-        with gr.Tab("Jobs"):
-            mine = gr.Dataframe(
-                headers=JOB_COLUMNS, label="Your jobs", interactive=False, elem_id="my-jobs"
-            )
-            public = gr.Dataframe(
-                headers=JOB_COLUMNS,
-                label="Recent public jobs",
-                interactive=False,
-                elem_id="public-jobs",
-            )
+                form.errors["target"] = gr.Markdown(elem_id="error-target")
+                with gr.Row():
+                    private = gr.Checkbox(label="Private", elem_id="private")
+                    follow = gr.Checkbox(
+                        label="Follow source updates (merge again when a source changes)",
+                        elem_id="follow",
+                    )
+                with gr.Row():
+                    validate = gr.Button("Validate", elem_id="validate")
+                    merge = gr.Button("Merge", variant="primary", elem_id="merge")
+                outcome = gr.Markdown(elem_id="outcome")
+                job_id = gr.Textbox(label="Job", elem_id="job-id")
+                job_status = gr.HTML(elem_id="job-status")
+                job_link = gr.Markdown(elem_id="job-link")
+                job_log = gr.Textbox(label="Log", lines=8, elem_id="job-log")
+                with gr.Row():
+                    cancel = gr.Button("Cancel job", elem_id="cancel")
+                    following = gr.Button(
+                        "Stop / restart following the sources", elem_id="following"
+                    )
+                with gr.Accordion("Model card", open=False):
+                    job_card = gr.Markdown(elem_id="job-card")
+            with gr.Tab("Jobs", id="jobs"):
+                gr.Markdown(
+                    "Click a row to open that job (its progress, log and card) in the "
+                    "**New merge** tab.",
+                    elem_id="jobs-help",
+                )
+                mine = gr.Dataframe(
+                    headers=JOB_COLUMNS, label="Your jobs", interactive=False, elem_id="my-jobs"
+                )
+                public = gr.Dataframe(
+                    headers=JOB_COLUMNS,
+                    label="Recent public jobs",
+                    interactive=False,
+                    elem_id="public-jobs",
+                )
         errors = [form.errors[place] for place in PLACES]
+        form_tab.select(None, None, tab, js="() => 'form'")
+        yaml_tab.select(None, None, tab, js="() => 'yaml'")
 
         # --- the form and the YAML, each writing the other --------------------------------
 
@@ -255,18 +431,19 @@ def build_blocks(service: JobService) -> gr.Blocks:
             try:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as error:
-                return [gr.skip()] * len(form.outputs) + [
-                    f"⚠ not valid YAML: {error.__class__.__name__}"
-                ]
+                return [gr.skip()] * len(form.outputs) + [f"⚠ {_say(_yaml_problem(error))}"]
             return [*form.write(from_recipe(data)), ""]
 
         def method_changed(*values: Any) -> list[Any]:
-            current = form.read(values[:-1])
+            previous = _safe_load(values[-1])
+            before = previous.get("merge_method") if isinstance(previous, dict) else None
+            current = switch_method(form.read(values[:-1]), str(before or ""))
             return [*form.write(current), to_yaml(current, values[-1])]
 
         def show_example(name: str | None) -> list[Any]:
-            chosen = EXAMPLES.get(name or "", MergeForm())
-            return [*form.write(chosen), to_yaml(chosen)]
+            chosen = example_forms.get(name or "", MergeForm())
+            # a fresh start: no error, outcome or job of what was there before
+            return [*form.write(chosen), to_yaml(chosen), *([""] * len(PLACES)), "", ""]
 
         def add_model(*values: Any) -> list[Any]:
             current = form.read(values[:-1])
@@ -278,7 +455,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 widget.input(form_to_yaml, [*form.inputs, recipe], recipe)
         form.method.input(method_changed, [*form.inputs, recipe], [*form.outputs, recipe])
         recipe.input(yaml_to_form, recipe, [*form.outputs, form.errors["recipe"]])
-        load_example.click(show_example, example, [*form.outputs, recipe])
+        load_example.click(show_example, example, [*form.outputs, recipe, *errors, outcome, job_id])
         form.add.click(add_model, [*form.inputs, recipe], [*form.outputs, recipe])
         for index, row in enumerate(form.rows):
 
@@ -303,17 +480,29 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 follows,
             )
 
-        def errors_for(error: MergeError, text: str) -> list[str]:
-            field = error.field if isinstance(error, RecipeError) else None
+        def errors_for(error: MergeError, text: str, on: str) -> tuple[list[str], str]:
+            """The error boxes' texts (the error in one: next to the field it names, on the
+            tab the person is ``on``) and where to look, for the line under the buttons."""
+            field = getattr(error, "field", None)
             repos = [row.repo for row in from_recipe(_safe_load(text)).models]
             place = error_place(field, str(error), repos)
-            return [f"⚠ {error}" if p == place else "" for p in PLACES]
+            message = _say(str(error))
+            if place == "target":
+                box = "target"
+            elif on == "yaml":
+                box = "recipe"
+                line = field_line(text, field) if field else None
+                message = f"line {line}: {message}" if line else message
+            else:
+                box = "form" if place == "recipe" else place
+            return [f"⚠ {message}" if p == box else "" for p in PLACES], _where(box)
 
         def check(
             text: str,
             target_name: str,
             is_private: bool,
             follows: bool,
+            on: str,
             token: gr.OAuthToken | None,
         ) -> list[str]:
             try:
@@ -322,7 +511,8 @@ def build_blocks(service: JobService) -> gr.Blocks:
                     request_of(text, target_name, is_private, follows, identity), identity
                 )
             except MergeError as error:
-                return [*errors_for(error, text), "Not valid: fix the field marked ⚠."]
+                boxes, where = errors_for(error, text, on)
+                return [*boxes, f"Not valid: see the ⚠ {where}."]
             pinned = ", ".join(
                 f"{r.path}@{s.revision[:8]}" for r, s in plan.sources.items() if s.revision
             )
@@ -334,6 +524,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
             target_name: str,
             is_private: bool,
             follows: bool,
+            on: str,
             token: gr.OAuthToken | None,
         ) -> list[Any]:
             try:
@@ -342,39 +533,46 @@ def build_blocks(service: JobService) -> gr.Blocks:
                     request_of(text, target_name, is_private, follows, identity), identity
                 )
             except MergeError as error:
-                return [
-                    *errors_for(error, text),
-                    "Not submitted: fix the field marked ⚠.",
-                    gr.skip(),
-                ]
-            return [*([""] * len(PLACES)), f"Job {job.id} is {job.status}.", job.id]
+                boxes, where = errors_for(error, text, on)
+                return [*boxes, f"Not submitted: see the ⚠ {where}.", gr.skip()]
+            return [*([""] * len(PLACES)), _job_sentence(job), job.id]
 
-        fields = [recipe, target, private, follow]
+        fields = [recipe, target, private, follow, tab]
         validate.click(check, fields, [*errors, outcome])
         merge.click(submit, fields, [*errors, outcome, job_id])
 
-        def poll(current: str, profile: gr.OAuthProfile | None) -> list[Any]:
+        def poll(current: str, said: str, profile: gr.OAuthProfile | None) -> list[Any]:
             name = profile.username if profile else None
             recent = service.list(limit=50)
             shown = service.get(current.strip()) if current and current.strip() else None
             if shown and shown.private and (name is None or shown.requester != name):
                 shown = None  # a private job's card and log are its signed-in requester's only
             own = service.list(requester=name, limit=20) if name else []
+            sentence = gr.skip()
+            if (
+                shown
+                and re.match(rf"Job {re.escape(shown.id)}\b", said or "")
+                and said != _job_sentence(shown)
+            ):
+                sentence = _job_sentence(shown)  # the line under the buttons follows the job
             return [
                 *_job_panel(shown),
+                sentence,
                 _job_rows(own),
                 _job_rows([j for j in recent if not j.private][:20]),
             ]
 
         gr.Timer(POLL_SECONDS).tick(
-            poll, job_id, [job_status, job_log, job_link, job_card, mine, public]
+            poll,
+            [job_id, outcome],
+            [job_status, job_log, job_link, job_card, outcome, mine, public],
         )
 
         def cancel_job(current: str, token: gr.OAuthToken | None) -> str:
             try:
                 job = service.cancel(current.strip(), _identity(service, token))
             except MergeError as error:
-                return f"⚠ {error}"
+                return f"⚠ {_say(str(error))}"
             return f"Job {job.id}: {'cancel requested' if job.status in ACTIVE else job.status}."
 
         cancel.click(cancel_job, job_id, outcome)
@@ -389,18 +587,25 @@ def build_blocks(service: JobService) -> gr.Blocks:
                     follow.target, _identity(service, token), not follow.active
                 )
             except MergeError as error:
-                return f"⚠ {error}"
+                return f"⚠ {_say(str(error))}"
 
         following.click(toggle_following, job_id, outcome)
 
-        def pick(event: gr.SelectData) -> str:
-            return event.row_value[0] if event.row_value else gr.skip()
+        def pick(event: gr.SelectData) -> list[Any]:
+            if not event.row_value:
+                return [gr.skip(), gr.skip()]
+            return [event.row_value[0], gr.Tabs(selected="new")]
 
-        mine.select(pick, None, job_id)
-        public.select(pick, None, job_id)
+        mine.select(pick, None, [job_id, tabs])
+        public.select(pick, None, [job_id, tabs])
 
-        def on_load(profile: gr.OAuthProfile | None) -> list[Any]:
-            start = EXAMPLES["TIES of three"]
+        def remember(current: str) -> Any:
+            return current.strip() if current and current.strip() else gr.skip()
+
+        job_id.change(remember, job_id, last_job)
+
+        def on_load(last: str | None, profile: gr.OAuthProfile | None) -> list[Any]:
+            start = example_forms[FIRST_EXAMPLE]
             if profile:
                 namespace = profile.username
                 greeting = (
@@ -414,15 +619,30 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 greeting = (
                     "Sign in with Hugging Face to merge: this bot has no namespace of its own."
                 )
+            # the job this browser last followed, else the signed-in person's latest
+            latest = last or ""
+            if not latest and profile:
+                own = service.list(requester=profile.username, limit=1)
+                latest = own[0].id if own else ""
             return [
                 greeting,
                 f"{namespace}/merged-model" if namespace else "",
+                FIRST_EXAMPLE,
                 *form.write(start),
                 to_yaml(start),
+                latest,
             ]
 
-        blocks.load(on_load, None, [who, target, *form.outputs, recipe])
+        blocks.load(on_load, last_job, [who, target, example, *form.outputs, recipe, job_id])
     return blocks
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One sentence for a YAML error: where, and what (``but got '<stream end>'``)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"not valid YAML{where}: {problem}"
 
 
 def _safe_load(text: str) -> Any:

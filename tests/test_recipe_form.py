@@ -7,22 +7,45 @@ import pytest
 import yaml
 
 from merge_engine import parse_recipe
+from merge_engine.methods import get_method
 from service.recipe_form import (
-    EXAMPLES,
+    DEMO_MODELS,
+    HUB_MODELS,
+    LAYERS_HELP,
+    LAYERS_LABEL,
     MergeForm,
     ModelRow,
     error_place,
+    examples,
+    field_line,
     from_recipe,
+    method_params,
+    param_help,
+    switch_method,
     to_recipe,
     to_yaml,
 )
 
 
-@pytest.mark.parametrize("name", list(EXAMPLES))
-def test_every_example_is_a_valid_recipe_and_reads_back_the_same(name):
-    recipe = to_recipe(EXAMPLES[name])
-    parse_recipe(recipe)  # the engine's schema accepts it
-    assert from_recipe(recipe) == EXAMPLES[name]
+@pytest.mark.parametrize("models", [DEMO_MODELS, HUB_MODELS], ids=["demo", "hub"])
+def test_every_example_is_a_valid_recipe_and_reads_back_the_same(models):
+    for form in examples(models).values():
+        recipe = to_recipe(form)
+        parse_recipe(recipe)  # the engine's schema accepts it
+        assert from_recipe(recipe) == form
+
+
+def test_examples_name_the_demos_models_offline_and_real_ones_on_the_hub():
+    offline, hub = examples(DEMO_MODELS), examples(HUB_MODELS)
+    assert offline.keys() == hub.keys()
+    named = {row.repo for form in hub.values() for row in form.models}
+    assert named and all(repo.startswith("Qwen/Qwen2.5-") for repo in named)
+    assert not any("demo/" in yaml.safe_dump(to_recipe(form)) for form in hub.values())
+    # a name says what the example merges: "TIES: a base and 3 fine-tunes"
+    ties = offline["TIES: a base and 3 fine-tunes"]
+    assert ties.base_model and len(ties.models) == 3
+    # the frankenmerge takes three quarters of each model's layers, ranges half-open
+    assert [row.layers for row in hub["Frankenmerge (layer stacking)"].models] == ["0-18", "6-24"]
 
 
 def test_defaults_stay_out_and_per_model_values_stay_with_their_model():
@@ -92,17 +115,75 @@ calibration: {examples: [def f(x), return x]}
     assert recipe.parameters == {"alpha": 0.5}
 
 
+def test_a_shared_name_shows_each_method_its_own_help_bounds_and_default():
+    slerp_t = param_help(method_params("slerp", "global")["t"])
+    nearswap_t = param_help(method_params("nearswap", "global")["t"])
+    assert get_method("slerp").param("t").doc in slerp_t and "distance" not in slerp_t
+    assert "required" in slerp_t and "[0, inf)" not in slerp_t
+    assert get_method("nearswap").param("t").doc in nearswap_t and "in [0, inf)" in nearswap_t
+    assert "default true" in param_help(method_params("ties", "global")["normalize"])
+    assert "default false" in param_help(method_params("task_arithmetic", "global")["normalize"])
+    assert "default 0.9" in param_help(method_params("regmean", "global")["alpha"])
+    assert "in [0, 1]" in param_help(method_params("regmean", "global")["alpha"])
+
+
+def test_a_change_of_method_keeps_what_was_set_and_takes_the_new_defaults():
+    form = MergeForm(
+        method="task_arithmetic",  # the new method; the form still holds the TIES values
+        params={"normalize": True, "lambda": 0.8, "t": None},
+        models=[ModelRow("org/a", params={"weight": 0.7, "density": 1.0})],
+    )
+    switched = switch_method(form, "ties")
+    assert switched.params["normalize"] is False  # TIES's default: task arithmetic's instead
+    assert switched.params["lambda"] == 0.8  # set by the person: kept
+    assert switched.models[0].params == {"weight": 0.7, "density": 1.0}
+    to_slerp = switch_method(MergeForm("slerp", {"t": None, "normalize": True}), "ties")
+    assert to_slerp.params["t"] is None  # required, no default to show
+
+
+def test_the_layer_field_says_its_range_is_half_open():
+    assert "[start-end)" in LAYERS_LABEL
+    assert "half-open" in LAYERS_HELP and "0-3 takes layers 0, 1 and 2" in LAYERS_HELP
+    form = MergeForm(method="passthrough", models=[ModelRow("org/a", layers="0-3")])
+    assert to_recipe(form)["slices"][0]["sources"][0]["layer_range"] == [0, 3]
+
+
+def test_an_error_field_is_found_on_its_line_of_the_yaml():
+    text = """merge_method: ties
+models:
+  - model: org/a
+    parameters:
+      density: 1.5
+  - model: org/b
+    parameters: {density: 0.5}
+parameters:
+  lambda: 3
+"""
+    assert field_line(text, "models[0].parameters.density") == 5
+    assert field_line(text, "models[1].parameters.density") == 7
+    assert field_line(text, "parameters.lambda") == 9
+    assert field_line(text, "merge_method") == 1
+    assert field_line(text, "models[7]") == 2  # the deepest part the text has
+    assert field_line(text, "dtype") is None
+    assert field_line("models: [a", "models") is None
+
+
 @pytest.mark.parametrize(
     ("field", "message", "place"),
     [
-        ("models[1].parameters.density", "", "models"),
-        ("slices[0].sources[0].layer_range", "", "models"),
+        ("models[1].parameters.density", "", "model-1"),
+        ("slices[0].sources[0].layer_range", "", "model-0"),
+        ("models[9]", "", "models"),
+        ("models", "", "models"),
+        ("tokenizer_source", "", "models"),
         ("parameters.t", "", "parameters"),
         ("merge_method", "", "method"),
         ("base_model", "", "base_model"),
         ("target", "", "target"),
         ("out_dtype", "", "dtype"),
-        (None, "model org/b has no tensor x", "models"),
+        ("calibration.examples", "", "recipe"),
+        (None, "model org/b has no tensor x", "model-1"),
+        (None, "model org/bb has no tensor x", "recipe"),
         (None, "something else", "recipe"),
     ],
 )

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi
+from playwright.sync_api import expect
 from safetensors.torch import load, save
-from service_env import BOT_TOKEN, start_serve, wait_until
+from service_env import BOT_TOKEN, start_serve
 
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 from service.sandbox_hub.seed import seed_examples
@@ -130,6 +131,30 @@ def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
 
+def field(page, selector: str):
+    """The input (or textarea) of a Gradio field, for Playwright's waiting assertions."""
+    return page.locator(f"{selector} input, {selector} textarea").first
+
+
+def choose(page, selector: str, option: str) -> None:
+    """Pick ``option`` from a Gradio dropdown as a person does."""
+    page.locator(f"{selector} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def wait_for_yaml(page, pattern: str) -> None:
+    """Wait until a form edit has reached the YAML (its own event; Validate reads the YAML),
+    then come back to the form."""
+    open_tab(page, "YAML")
+    expect(field(page, "#recipe-yaml")).to_have_value(re.compile(pattern))
+    open_tab(page, "Form")
+
+
+def load_example(page, name: str) -> None:
+    choose(page, "#example", name)
+    page.locator("#load-example").click()
+
+
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
@@ -143,10 +168,8 @@ def test_sign_in_fill_validate_merge_and_find_the_card(page, space):
     page.get_by_role("button", name=re.compile("Sign in")).click()
     expect_text(page, "#who", r"Signed in as demo")
     page.wait_for_selector("#method input")
-    page.locator("#example input").click()
-    page.get_by_role("option", name="TIES of three").click()
-    page.locator("#load-example").click()
-    wait_until(lambda: value(page, "#model-2-repo") == "demo/chat", "the example in the form", 30)
+    load_example(page, "TIES: a base and 3 fine-tunes")
+    expect(field(page, "#model-2-repo")).to_have_value("demo/chat")
     assert value(page, "#base-model") == "demo/base" and value(page, "#model-1-density") == "0.5"
     set_value(page, "#target", "demo/ties-from-the-space")
     page.locator("#validate").click()
@@ -155,16 +178,46 @@ def test_sign_in_fill_validate_merge_and_find_the_card(page, space):
 
     page.locator("#merge").click()
     job_id = expect_text(page, "#outcome", r"Job job-\w+").split()[1]
-    wait_until(lambda: value(page, "#job-id") == job_id, "the job id in the panel", deadline=30)
+    expect(field(page, "#job-id")).to_have_value(job_id)
     expect_text(page, "#job-status", r"queued|running|succeeded")
     shot(page, "running-job")
     expect_text(page, "#job-status", r"succeeded", timeout=120_000)
+    # the line under the buttons follows the job instead of saying it is still queued
+    expect_text(page, "#outcome", rf"Job {job_id} succeeded\.")
     shot(page, "finished-job")
     assert "publish" in value(page, "#job-log")
+    # a bar per stage and one overall, all full; a summary of what was made
+    bars = page.locator("#job-status progress")
+    expect(bars).to_have_count(7)
+    assert bars.evaluate_all("bs => bs.map(b => b.value)") == [1.0] * 7
+    summary = page.locator("#job-status .summary").inner_text()
+    assert "method: ties" in summary and "demo/math@" in summary and "demo/base@" in summary
+    assert re.search(r"merge \d+\.\d s", summary) and "total" in summary
+    expect(page.locator("#job-status .summary")).to_contain_text(
+        re.compile(r"size: \d+\.\d [kMG]B of weights")
+    )
 
-    link = page.locator("#job-link a").get_attribute("href")
-    assert link == f"{space.sandbox.url}/demo/ties-from-the-space"
-    page.goto(link)
+    # after a reload the job comes back
+    page.reload()
+    expect(field(page, "#job-id")).to_have_value(job_id)
+    expect_text(page, "#job-status", r"succeeded")
+
+    # another example starts afresh: no previous job, log or message
+    load_example(page, "SLERP of two models")
+    expect(field(page, "#method")).to_have_value("slerp")
+    expect(field(page, "#job-id")).to_have_value("")
+    expect(field(page, "#job-log")).to_have_value("")
+    expect(page.locator("#outcome")).to_have_text("")
+
+    # the Jobs tab says that a row opens its job, and one does
+    open_tab(page, "Jobs")
+    assert "Click a row to open" in expect_text(page, "#jobs-help", "Click a row")
+    page.locator("#my-jobs").get_by_role("gridcell", name=job_id).click()
+    expect(field(page, "#job-id")).to_have_value(job_id)  # shown on the New merge tab
+    expect(page.locator("#job-id")).to_be_visible()
+    expect_text(page, "#job-status", r"succeeded")
+
+    page.goto(space.sandbox.url + "/demo/ties-from-the-space")
     card = page.locator("body").inner_text()
     assert job_id in card and "TIES" in card
     for repo in ("demo/base", "demo/math", "demo/code", "demo/chat"):
@@ -175,32 +228,97 @@ def test_yaml_fills_the_form_and_the_form_writes_the_yaml(page):
     open_tab(page, "YAML")
     set_value(page, "#recipe-yaml", SLERP)
     open_tab(page, "Form")
-    wait_until(lambda: value(page, "#method") == "slerp", "the form to follow the YAML", 30)
-    assert value(page, "#param-t") == "0.3"
-    assert (value(page, "#model-0-repo"), value(page, "#model-1-repo")) == (
-        "demo/math",
-        "demo/code",
-    )
-    assert value(page, "#base-model") == "demo/math"
-    assert not page.locator("#model-0-density").is_visible()  # slerp has no per-model density
+    expect(field(page, "#method")).to_have_value("slerp")
+    expect(field(page, "#param-t")).to_have_value("0.3")
+    expect(field(page, "#model-0-repo")).to_have_value("demo/math")
+    expect(field(page, "#model-1-repo")).to_have_value("demo/code")
+    expect(field(page, "#base-model")).to_have_value("demo/math")
+    expect(page.locator("#model-0-density")).to_be_hidden()  # slerp has no per-model density
 
     set_value(page, "#model-1-repo", "demo/chat")
     set_value(page, "#param-t", "0.7")
     open_tab(page, "YAML")
-    wait_until(
-        lambda: "demo/chat" in value(page, "#recipe-yaml"),
-        "the YAML to follow the form",
-        deadline=30,
-    )
-    recipe = value(page, "#recipe-yaml")
-    assert "t: 0.7" in recipe and "demo/code" not in recipe
+    # wait for both edits to reach the YAML (each is its own event), never for a time
+    yaml_field = field(page, "#recipe-yaml")
+    expect(yaml_field).to_have_value(re.compile(r"t: 0\.7"))
+    expect(yaml_field).to_have_value(re.compile(r"model: demo/chat"))
+    assert "demo/code" not in yaml_field.input_value()
+
+
+def test_the_first_example_shown_is_the_one_loaded(page):
+    expect(field(page, "#example")).to_have_value("TIES: a base and 3 fine-tunes")
+    expect(field(page, "#method")).to_have_value("ties")
+    expect(field(page, "#model-2-repo")).to_have_value("demo/chat")
+
+
+def test_a_field_shared_by_methods_shows_each_method_its_own_help_and_default(page):
+    choose(page, "#method", "slerp")
+    t = page.locator("#param-t")
+    expect(t).to_contain_text("0 gives the base model, 1 the other model")
+    expect(t).to_contain_text("required")
+    expect(t).not_to_contain_text("distance below which")
+    choose(page, "#method", "nearswap")
+    expect(t).to_contain_text("distance below which the other model's value is taken")
+    expect(t).to_contain_text("[0, inf)")
+    expect(t).not_to_contain_text("0 gives the base model")
+
+    choose(page, "#method", "ties")
+    expect(page.locator("#param-normalize")).to_contain_text("default true")
+    expect(page.locator("#param-normalize input")).to_be_checked()
+    choose(page, "#method", "task_arithmetic")  # the same name, another default
+    expect(page.locator("#param-normalize")).to_contain_text("default false")
+    expect(page.locator("#param-normalize input")).not_to_be_checked()
+    open_tab(page, "YAML")
+    expect(field(page, "#recipe-yaml")).to_have_value(re.compile("merge_method: task_arithmetic"))
+    assert "normalize" not in field(page, "#recipe-yaml").input_value()
+
+
+def test_the_layer_field_says_its_range_is_half_open(page):
+    layers = page.locator("#model-0-layers")
+    expect(layers).to_contain_text("[start-end)")
+    expect(layers).to_contain_text("0-3 takes layers 0, 1 and 2, not 3")
+
+
+def test_an_error_shows_on_the_yaml_tab_when_validated_from_there(page):
+    open_tab(page, "YAML")
+    text = value(page, "#recipe-yaml").replace("density: 0.5", "density: 1.5", 1)
+    set_value(page, "#recipe-yaml", text)
+    expect(field(page, "#model-0-density")).to_have_value("1.5")  # the form follows
+    page.locator("#validate").click()
+    line = 1 + next(i for i, t in enumerate(text.splitlines()) if "density: 1.5" in t)
+    error = expect_text(page, "#error-recipe", "⚠")
+    assert f"line {line}: models[0].parameters.density" in error and "out of range" in error
+    assert page.locator("#error-recipe").is_visible()
+    assert "under the YAML" in page.locator("#outcome").inner_text()
+    assert page.locator("#error-model-0").inner_text().strip() == ""
+
+
+def test_a_yaml_error_is_shown_whole(page):
+    open_tab(page, "YAML")
+    set_value(page, "#recipe-yaml", "merge_method: ties\nmodels: [demo/math, demo/code")
+    shown = expect_text(page, "#error-recipe", "not valid YAML")
+    assert "but got '<stream end>'" in shown  # typed: the live check
+    page.locator("#validate").click()
+    expect_text(page, "#outcome", "Not valid")
+    assert "line 2, column" in expect_text(page, "#error-recipe", "<stream end>")
+
+
+def test_loading_an_example_clears_the_previous_error(page):
+    set_value(page, "#model-0-density", "1.5")
+    wait_for_yaml(page, "density: 1.5")
+    page.locator("#validate").click()
+    expect_text(page, "#error-model-0", "⚠")
+    load_example(page, "Frankenmerge (layer stacking)")
+    expect(field(page, "#model-1-layers")).to_have_value("1-4")
+    expect(page.locator("#error-model-0")).to_have_text("")
+    expect(page.locator("#outcome")).to_have_text("")
 
 
 @pytest.mark.parametrize(
     ("field", "text", "error_at", "words"),
     [
-        ("#model-0-density", "1.5", "#error-models", "density"),
-        ("#model-1-repo", "demo/broken", "#error-models", "demo/broken"),
+        ("#model-0-density", "1.5", "#error-model-0", "density"),
+        ("#model-1-repo", "demo/broken", "#error-model-1", "demo/broken"),
     ],
 )
 def test_a_bad_recipe_shows_its_error_by_the_field_and_submits_nothing(
@@ -208,6 +326,7 @@ def test_a_bad_recipe_shows_its_error_by_the_field_and_submits_nothing(
 ):
     before = jobs_count(space)
     set_value(page, field, text)
+    wait_for_yaml(page, re.escape(text))
     set_value(page, "#target", "mergebot/never")  # not signed in: the bot's namespace
     page.locator("#validate").click()
     assert words in expect_text(page, error_at, "⚠")
