@@ -97,5 +97,9 @@ def test_the_demo_runs_as_the_readme_says(tmp_path):
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert f"succeeded http://127.0.0.1:{hub}/mergebot/demo-ties" in ran.stdout
         assert "mergebot/demo-ties" in ran.stdout.splitlines()[-1]  # `mergebot jobs` lists it
+        # one line says what the local sign-in does, instead of Gradio's warning twice
+        assert "Gradio does not support OAuth" not in space.log
+        assert space.log.count("'Sign in' button is a local stand-in") == 1
+        assert "signs you in as demo" in space.log
     finally:
         space.stop()
