@@ -93,7 +93,8 @@ def _call_api(server: str, method: str, path: str, body: dict | None = None) -> 
         data=json.dumps(body).encode() if body is not None else None,
         headers={"Content-Type": "application/json"},
     )
-    token = get_token()
+    # HF_TOKEN set but empty asks without a token, even when a login is saved
+    token = os.environ["HF_TOKEN"] if "HF_TOKEN" in os.environ else get_token()
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:

@@ -86,6 +86,9 @@ def test_the_demo_runs_as_the_readme_says(tmp_path):
         wait_until(lambda: "mergebot serving on" in space.log, "the demo to start")
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
+        # someone logged in to the real Hub: the demo line still asks without a token
+        (tmp_path / "hf-home").mkdir(exist_ok=True)
+        (tmp_path / "hf-home" / "token").write_text("hf_a_saved_login_the_sandbox_refuses")
         ran = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", demo_block],
             cwd=elsewhere,
