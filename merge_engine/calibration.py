@@ -40,11 +40,11 @@ class CalibrationSource:
     samples_used: dict[ModelReference, int | None] = field(default_factory=dict)
     """How many examples each model's statistics came from (after the statistics pass)."""
 
-    def describe(self) -> str:
-        """One line for the model card."""
+    def describe(self, endpoint: str = "https://huggingface.co") -> str:
+        """One line for the model card; a Hub dataset links to ``endpoint``, where it is."""
         spec = self.spec
         if spec.dataset is not None:
-            origin = f"dataset [{spec.dataset.path}](https://huggingface.co/datasets/{spec.dataset.path}) @ `{self.revision}`, file `{self.file}`"
+            origin = f"dataset [{spec.dataset.path}]({endpoint}/datasets/{spec.dataset.path}) @ `{self.revision}`, file `{self.file}`"
         elif spec.path is not None:
             origin = f"local file `{Path(spec.path).name}`"
         else:

@@ -225,8 +225,7 @@ def calibration_rows(plan: MergePlan, endpoint: str = PUBLIC_HUB) -> list[dict[s
         rows.append(
             {
                 "model": _hub_link(ref, ref.is_local, endpoint),
-                # describe() links a Hub dataset on huggingface.co; point it where it came from
-                "data": data.describe().replace(f"]({PUBLIC_HUB}/", f"]({endpoint}/"),
+                "data": data.describe(endpoint),
                 "samples": "not run yet" if used is None else str(used),
                 "statistic": ", ".join(f"`{k}`" for k in kinds),
             }

@@ -74,6 +74,9 @@ def test_a_regmean_request_reads_its_hub_dataset_pinned_and_documents_it(hub, tm
     card = (published / "README.md").read_text()
     assert f"@ `{sha}`, file `train.jsonl`" in card and "| 8 | `gram` |" in card
     assert "datasets:\n- alice/squares" in card
+    # the dataset and the sources link to the Hub they came from
+    assert f"[alice/squares]({hub.url}/datasets/alice/squares)" in card
+    assert "huggingface.co" not in card
     assert f"alice/squares@{sha}" in (published / "mergebot_recipe.yaml").read_text()
     # the same merge on this machine, from the local copies of the models and the data
     _, (math, code) = hub.family
