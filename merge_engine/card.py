@@ -13,10 +13,10 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 from typing import Any
-from urllib.parse import urlsplit
 
 from huggingface_hub import ModelCard, ModelCardData, constants
 
+from merge_engine.hub_names import is_loopback
 from merge_engine.plan import MergePlan
 from merge_engine.recipe import ModelReference
 
@@ -89,8 +89,7 @@ def install_instructions(endpoint: str, env: dict[str, str] | None = None) -> di
     if space:
         # The Space's repository is on the Hub that runs it; the sandbox hub of the offline
         # demo (a loopback address) holds no Spaces.
-        host = urlsplit(endpoint).hostname or ""
-        hub = PUBLIC_HUB if host in ("127.0.0.1", "localhost", "::1") else endpoint
+        hub = PUBLIC_HUB if is_loopback(endpoint) else endpoint
         url = f"{hub}/spaces/{space}"
         return {
             "prose": f"This merge was made by {made_by}, running as the Space [{space}]({url}). "

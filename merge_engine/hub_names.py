@@ -1,9 +1,11 @@
 """Repo ids and revisions checked by the Hub's own rules before any Hub call, so that a name
-the Hub would refuse gets one sentence naming it and the fix, not "could not reach the Hub"."""
+the Hub would refuse gets one sentence naming it and the fix, not "could not reach the Hub";
+and whether a Hub address is this machine (the offline demo's sandbox hub)."""
 
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 from merge_engine.errors import RecipeError, excerpt
 
@@ -56,3 +58,9 @@ def check_revision(revision: str, field: str | None = None) -> None:
             f"({REVISION_RULES}); fix the revision",
             field=field,
         )
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether the Hub at ``endpoint`` runs on this machine: the sandbox hub, which holds the
+    demo's models and no Spaces."""
+    return (urlsplit(endpoint).hostname or "") in ("127.0.0.1", "localhost", "::1")

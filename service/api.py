@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from merge_engine.errors import MergeError, excerpt
 from service import api_docs
 from service.discussions import DiscussionWatcher
-from service.errors import NotFound, TooLarge
+from service.errors import NotFound, ServiceError, TooLarge
 from service.intake import Identity, MergeRequest
 from service.jobs import JobService
 from service.recent_jobs import RecentJobs
@@ -99,13 +99,7 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
         return model.model_validate_json(body)
     except ValidationError as error:
         sentence, field = _validation_sentence(error.errors(include_input=False))
-        raise _BadBody(sentence, field) from None
-
-
-class _BadBody(MergeError):
-    def __init__(self, message: str, field: str | None):
-        self.field = field
-        super().__init__(message)
+        raise ServiceError(sentence, field) from None
 
 
 class BodyLimit:
@@ -266,7 +260,7 @@ def create_app(service: JobService) -> FastAPI:
     ) -> dict:
         """Stop or restart the re-merges of a result when its sources move (its requester)."""
         if action not in ("stop", "start"):
-            raise _BadBody("the action is stop or start", "action")
+            raise ServiceError("the action is stop or start", "action")
         identity = identity_of(authorization)
         return {
             "message": service.set_following(f"{namespace}/{name}", identity, action == "start")

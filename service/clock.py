@@ -44,28 +44,13 @@ def start_clock(service: JobService) -> BackgroundScheduler:
     settings = service.settings
     clock = BackgroundScheduler(daemon=True)
     clock.add_job(sweep, "interval", args=[service], minutes=SWEEP_MINUTES, id="sweep")
+    every = {
+        "follows": (service.follows.check_all, settings.follow_check_seconds),
+        "outages": (service.retry_after_outage, settings.outage_check_seconds),
+    }
     if settings.watch_repos and settings.bot_token:
-        watcher = DiscussionWatcher(service)
-        clock.add_job(
-            watcher.poll,
-            "interval",
-            seconds=settings.discussion_poll_seconds,
-            id="discussions",
-            max_instances=1,
-        )
-    clock.add_job(
-        service.follows.check_all,
-        "interval",
-        seconds=settings.follow_check_seconds,
-        id="follows",
-        max_instances=1,
-    )
-    clock.add_job(
-        service.retry_after_outage,
-        "interval",
-        seconds=settings.outage_check_seconds,
-        id="outages",
-        max_instances=1,
-    )
+        every["discussions"] = (DiscussionWatcher(service).poll, settings.discussion_poll_seconds)
+    for name, (work, seconds) in every.items():
+        clock.add_job(work, "interval", seconds=seconds, id=name, max_instances=1)
     clock.start()
     return clock

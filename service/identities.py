@@ -52,22 +52,20 @@ class Identities:
 
     def of(self, token: str | None) -> Identity:
         """The identity ``token`` proves; anonymous without a token."""
-        if not token:
-            return Identity()
+        found = self.known(token)
+        if found is not None:
+            return found
+        answer = self._ask(token)
+        ttl = min(self.ttl, REFUSED_TTL) if isinstance(answer, TokenRefused) else self.ttl
         key = _key(token)
         with self._lock:
-            expires, known = self._known.get(key, (0.0, None))
-        if known is None or expires < time.monotonic():
-            known = self._ask(token)
-            ttl = min(self.ttl, REFUSED_TTL) if isinstance(known, TokenRefused) else self.ttl
-            with self._lock:
-                self._known[key] = (time.monotonic() + ttl, known)
-                self._known.move_to_end(key)
-                while len(self._known) > self.max_entries:
-                    self._known.popitem(last=False)
-        if isinstance(known, ServiceError):
-            raise known
-        return Identity(name=known.name, token=token, orgs=known.orgs)
+            self._known[key] = (time.monotonic() + ttl, answer)
+            self._known.move_to_end(key)
+            while len(self._known) > self.max_entries:
+                self._known.popitem(last=False)
+        if isinstance(answer, TokenRefused):
+            raise answer
+        return Identity(name=answer.name, token=token, orgs=answer.orgs)
 
     def _ask(self, token: str) -> _Known | TokenRefused:
         """Ask the Hub; an outage raises (and is not remembered), a refusal is returned."""

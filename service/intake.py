@@ -68,13 +68,10 @@ def check_hub_only(recipe: Recipe) -> None:
                 f"{excerpt(str(ref))} is not a Hub model; requests to the bot may name only Hub repos as org/name or org/name@revision",
                 field="models",
             )
+        # what the engine took for a local folder was not checked when the recipe was read
         check_repo_id(ref.path, "model", field="models")
         if ref.revision is not None:
             check_revision(ref.revision, field="models")
-    for dataset in recipe.datasets():
-        check_repo_id(dataset.path, "dataset", field="calibration.dataset")
-        if dataset.revision is not None:
-            check_revision(dataset.revision, field="calibration.dataset")
 
 
 def _looks_like_hub_repo(path: str) -> bool:

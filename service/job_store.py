@@ -167,9 +167,7 @@ class JobStore:
             if existing and (existing.status in ACTIVE or existing.status == "succeeded"):
                 return existing
             active = db.execute(
-                sa.select(sa.func.count())
-                .select_from(jobs_table)
-                .where(jobs_table.c.requester == job.requester, jobs_table.c.status.in_(ACTIVE))
+                _count_of(jobs_table.c.requester == job.requester, jobs_table.c.status.in_(ACTIVE))
             ).scalar_one()
             if active >= limit:
                 return None
@@ -192,9 +190,8 @@ class JobStore:
             return [_from_row(row) for row in db.execute(query)]
 
     def _count(self, *where: Any) -> int:
-        query = sa.select(sa.func.count()).select_from(jobs_table).where(*where)
         with self.engine.connect() as db:
-            return db.execute(query).scalar_one()
+            return db.execute(_count_of(*where)).scalar_one()
 
     def count_since(self, requester: str, origin: str, since: float) -> int:
         return self._count(
@@ -289,6 +286,11 @@ class JobStore:
                     sa.select(jobs_table.c.cancel_requested).where(jobs_table.c.id == job_id)
                 ).scalar_one_or_none()
             )
+
+
+def _count_of(*where: Any) -> sa.Select:
+    """How many jobs match ``where``, as a query to run in any connection or transaction."""
+    return sa.select(sa.func.count()).select_from(jobs_table).where(*where)
 
 
 def awaits_outage_retry(now: float) -> sa.ColumnElement[bool]:

@@ -99,10 +99,15 @@ def _hub_policy() -> RetryPolicy:
     return RetryPolicy(patience=_jobs().settings.hub_patience_seconds)
 
 
+def _log_line(job_id: str) -> Callable[[str], None]:
+    """Where a Hub step's retries are told: a line each in the job's log."""
+    store = _jobs().store
+    return lambda line: store.update(job_id, log=line)
+
+
 def _with_hub(job_id: str, call: Callable[[], T]) -> T:
     """Run a step's Hub calls, riding out an outage; each retry is a line in the job's log."""
-    store = _jobs().store
-    return with_retries(call, _hub_policy(), on_retry=lambda line: store.update(job_id, log=line))
+    return with_retries(call, _hub_policy(), on_retry=_log_line(job_id))
 
 
 def _merged_dir(job: Job) -> Path:
@@ -219,7 +224,7 @@ def push_step(job_id: str) -> None:
         private=job.private,
         title=f"Merge with mergebot ({method})",
         policy=_hub_policy(),
-        on_retry=lambda line: jobs.store.update(job_id, log=line),
+        on_retry=_log_line(job_id),
     )
     weights = sum(f.stat().st_size for f in _merged_output(job).glob("*.safetensors"))
     jobs.store.update(
@@ -261,6 +266,7 @@ def merge_job(job_id: str) -> str:
         return "superseded"  # a later attempt of the same job owns the row now
     store.update(job_id, status="running", worker=jobs.settings.worker_id)
     stage = "pre-flight"
+    retry_later = False  # failed by a Hub outage, and to run again when the Hub is back
     try:
         for stage, step in STEPS:
             if store.cancel_requested(job_id):
@@ -287,7 +293,7 @@ def merge_job(job_id: str) -> str:
     _plans.pop(job.workflow_id, None)
     # before the status: whoever sees the job ended sees it cleaned up; a job that will run
     # again when the Hub is back keeps its requester's token until then
-    jobs.finish(job_id, keep_token=outcome.get("failure") == "hub_outage" and not job.auto_retried)
+    jobs.finish(job_id, keep_token=retry_later)
     store.update(job_id, **outcome)
     if job.discussion:
         _report_to_discussion(job_id)

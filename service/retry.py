@@ -18,6 +18,7 @@ from typing import TypeVar
 from huggingface_hub.errors import HfHubHTTPError
 
 from merge_engine.errors import MergeError
+from service.errors import HubUnavailable
 
 T = TypeVar("T")
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
@@ -61,8 +62,6 @@ def _cause(error: BaseException) -> BaseException:
 
 def is_transient(error: BaseException) -> bool:
     """Whether trying again later can help: the Hub was unreachable, slow, or answered 5xx/429."""
-    from service.errors import HubUnavailable
-
     if isinstance(error, (HubOutage, HubUnavailable)):
         return True
     error = _cause(error)

@@ -9,12 +9,12 @@ import html
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import gradio as gr
 import yaml
 
 from merge_engine.errors import MergeError
+from merge_engine.hub_names import is_loopback
 from merge_engine.methods import all_methods, get_method
 from service.intake import Identity, MergeRequest
 from service.job_store import ACTIVE, STAGES, Job
@@ -354,8 +354,7 @@ def _where(box: str) -> str:
 def build_blocks(service: JobService) -> gr.Blocks:
     settings = service.settings
     # the offline demo's sandbox hub has its own tiny models; the Hub has real, small ones
-    on_sandbox = urlparse(settings.endpoint).hostname in ("127.0.0.1", "localhost", "::1")
-    example_forms = examples(DEMO_MODELS if on_sandbox else HUB_MODELS)
+    example_forms = examples(DEMO_MODELS if is_loopback(settings.endpoint) else HUB_MODELS)
     with gr.Blocks(title="mergebot") as blocks:
         gr.Markdown(
             "# mergebot\nMerge fine-tuned models into one, without training data: pick a method, "
