@@ -138,10 +138,12 @@ def build_card(
     credit: str | None = None,
     changes: list[str] | None = None,
     endpoint: str | None = None,
+    section: str | None = None,
 ) -> ModelCard:
     """The card of a merge; ``job_id`` names the service job that produced it, ``credit`` who
     asked for it, ``changes`` what moved since the last merge of a followed recipe,
-    ``endpoint`` the Hub the sources came from (``HF_ENDPOINT`` when not given)."""
+    ``endpoint`` the Hub the sources came from (``HF_ENDPOINT`` when not given), ``section``
+    markdown of how the recipe was found (an evolutionary search), placed before the sources."""
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     recipe = plan.recipe
     read = plan.read_models
@@ -188,6 +190,7 @@ def build_card(
         calibration=calibration_rows(plan, endpoint),
         alignment=alignment_rows(plan, endpoint),
         align=plan.alignment,
+        section=section,
     )
     return ModelCard(tidy(card.content))
 

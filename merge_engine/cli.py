@@ -1,4 +1,4 @@
-"""The ``mergebot`` command: ``methods``, ``validate``, ``merge`` and ``example``.
+"""The ``mergebot`` command: ``methods``, ``validate``, ``merge``, ``evolve`` and ``example``.
 
 Every engine error is printed as one sentence and exits 1; set ``MERGEBOT_DEBUG=1`` for the
 traceback. Usage errors exit 2.
@@ -164,6 +164,38 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged {len(plan.tasks)} tensors into {out}")
 
 
+def cmd_evolve(args: argparse.Namespace) -> None:
+    from merge_engine.evolve.search import evolve
+    from merge_engine.evolve.spec import load_spec
+
+    spec = load_spec(Path(args.spec))
+    try:
+        result = evolve(
+            spec,
+            args.out_dir,
+            resume=args.resume,
+            storage=args.storage,
+            workers=args.workers,
+            device=args.device,
+            show_progress=not args.quiet,
+            join=args.join,
+            worker_index=args.worker_index,
+        )
+    except KeyboardInterrupt:
+        again = shlex.join(["mergebot", "evolve", args.spec, args.out_dir, "--resume"])
+        print(f"stopped; the finished trials are kept: continue with {again}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if result is None:
+        return
+    print(
+        f"best of {len(result.records)} trials: search fitness {result.search_fitness:.4g}, "
+        f"held-out {result.held_out_fitness:.4g}"
+    )
+    for baseline in result.baselines:
+        print(f"  {baseline.label}: search {baseline.search:.4g}, held-out {baseline.held_out:.4g}")
+    print(f"wrote the winner into {result.out} (recipe: {result.out / 'mergebot_recipe.yaml'})")
+
+
 def cmd_example(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -255,6 +287,38 @@ def build_parser(
     )
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
+
+    evolve = sub.add_parser(
+        "evolve",
+        help="search merge parameters and/or a layer path against a task metric; write the winner",
+    )
+    evolve.add_argument("spec", help="the search spec (YAML)")
+    evolve.add_argument(
+        "out_dir", help="the winning model; the search itself goes in OUT_DIR/evolve"
+    )
+    evolve.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped search in OUT_DIR from its finished trials",
+    )
+    evolve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes evaluating trials on this machine (each its own GPU)",
+    )
+    evolve.add_argument(
+        "--storage",
+        help="the study database, shared by every process of the search (default: sqlite in OUT_DIR/evolve), "
+        "e.g. postgresql://user@host/db",
+    )
+    evolve.add_argument(
+        "--device", default="auto", help="auto (GPU when there is one), cpu or cuda"
+    )
+    evolve.add_argument("--quiet", action="store_true", help="no progress bar")
+    evolve.add_argument("--join", action="store_true", help=argparse.SUPPRESS)
+    evolve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    evolve.set_defaults(func=cmd_evolve)
 
     example = sub.add_parser("example", help="make tiny models and run a TIES merge end to end")
     example.add_argument("work_dir", nargs="?", default="mergebot-example")

@@ -358,8 +358,10 @@ class Recipe(_Strict):
 _UNION_TAGS = {"bool", "int", "float", "str", "ConditionalParameter"}
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    """('models', 1, 'parameters', 'density', 'float') -> 'models[1].parameters.density'."""
+def _field_path(loc: tuple[Any, ...], blocks: tuple[str, ...] = ("parameters",)) -> str:
+    """('models', 1, 'parameters', 'density', 'float') -> 'models[1].parameters.density';
+    the path stops at the name inside a parameters block (a field whose name ends in one of
+    ``blocks``), whose value is a union of many shapes."""
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int) and parts:
@@ -367,18 +369,18 @@ def _field_path(loc: tuple[Any, ...]) -> str:
         elif isinstance(item, str) and item not in _UNION_TAGS and "[" not in item:
             # pydantic names union members ('float', 'list[...]'): not fields; a long key is cut
             parts.append(item if len(item) <= 60 else excerpt(item))
-        if len(parts) >= 2 and parts[-2].endswith("parameters"):
+        if len(parts) >= 2 and parts[-2].endswith(blocks):
             break
     return ".".join(parts)
 
 
-def _sentence(error: dict[str, Any], path: str) -> str:
+def _sentence(error: dict[str, Any], path: str, document: str, blocks: tuple[str, ...]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        return "is not a recipe field; check its spelling or remove it"
+        return f"is not a {document} field; check its spelling or remove it"
     if error["type"] == "missing":
         return "is required"
-    if path.split(".")[-2:-1] and path.split(".")[-2].endswith("parameters"):
+    if path.split(".")[-2:-1] and path.split(".")[-2].endswith(blocks):
         return "must be a number, true/false, a list of numbers (a gradient) or a list of {filter, value} entries"
     if error["type"] == "literal_error" and "dtype" in path:
         return f"must be one of {', '.join(DTYPES)}, got {excerpt(error.get('input'))}"
@@ -400,13 +402,21 @@ def parse_recipe(data: Any) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        # Unions report one error per alternative; the first error per field is the useful one.
-        first: dict[str, dict[str, Any]] = {}
-        for error in errors:
-            first.setdefault(_field_path(error["loc"]), error)
-        path, error = next(iter(first.items()))
-        raise RecipeError(_sentence(error, path), field=path or None) from None
+        raise first_error(exc, "recipe") from None
+
+
+def first_error(
+    exc: ValidationError, document: str, blocks: tuple[str, ...] = ("parameters",)
+) -> RecipeError:
+    """A pydantic error as one sentence about its first field; ``document`` names what was
+    read ("recipe", "search spec") in the sentence for an unknown field, ``blocks`` the
+    fields that hold merge parameters as a recipe writes them."""
+    # Unions report one error per alternative; the first error per field is the useful one.
+    first: dict[str, dict[str, Any]] = {}
+    for error in exc.errors():
+        first.setdefault(_field_path(error["loc"], blocks), error)
+    path, error = next(iter(first.items()))
+    return RecipeError(_sentence(error, path, document, blocks), field=path or None)
 
 
 def load_recipe(path_or_text: str | Path, limits: RecipeLimits = DEFAULT_LIMITS) -> Recipe:

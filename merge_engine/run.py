@@ -240,10 +240,12 @@ def write_merge(
     card_command: str | None = None,
     cache_dir: Path | None = None,
     stats_dir: Path | None = None,
+    card_section: str | None = None,
 ) -> Path:
     """Download what the plan reads (into ``cache_dir`` when given), run the statistics pass
     of a method that needs data (kept in ``stats_dir``), merge, and publish ``out_dir``
-    atomically. ``progress`` counts calibration batches, then output tensors."""
+    atomically. ``progress`` counts calibration batches, then output tensors; ``card_section``
+    is added to the card (how the recipe was found)."""
     from merge_engine.card import build_card
 
     out_dir = Path(out_dir)
@@ -298,7 +300,9 @@ def write_merge(
         writer.finish()
         _copy_side_files(plan, staging)
         (staging / RECIPE_NAME).write_text(plan.reproducible_recipe().to_yaml())
-        build_card(plan, name=out_dir.name, command=card_command).save(staging / "README.md")
+        build_card(plan, name=out_dir.name, command=card_command, section=card_section).save(
+            staging / "README.md"
+        )
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         staging.rename(out_dir)

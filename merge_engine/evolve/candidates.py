@@ -1,0 +1,230 @@
+"""Candidates evaluated in memory: no files per trial, memory flat across trials.
+
+The sources are loaded once, as transformers models on the device. A parameter-space
+candidate is merged by the same plan and kernels as ``mergebot merge`` (so the written recipe
+reproduces it bit for bit), straight into one preallocated model. A layer-path candidate runs
+its path over the loaded layers themselves, without copying a weight: a container of the
+first model's class whose layer list holds the chosen layers, each behind a wrapper that
+scales its input. The container runs without an attention cache (``use_cache=False``), so
+a layer that appears twice in a path never shares cache entries with itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from merge_engine.errors import IncompatibleModelsError
+from merge_engine.evolve.genome import LayerRef
+from merge_engine.plan import build_plan
+from merge_engine.recipe import ModelReference, Recipe, parse_recipe
+from merge_engine.run import iter_merged
+from merge_engine.sources import LAYER_COUNT_KEYS, ModelSource, download, inspect_model, model_task
+
+WRITES_TO_RESIDUAL = ("o_proj", "down_proj")
+"""The projections of a pre-norm decoder layer that write into the residual stream."""
+
+
+@dataclass
+class LoadedSource:
+    """One source model in memory: its metadata (tensors served from memory) and its module."""
+
+    source: ModelSource
+    module: nn.Module
+
+    @property
+    def ref(self) -> ModelReference:
+        return self.source.ref
+
+
+def model_class(config: dict):
+    """The transformers auto class that loads a checkpoint of this config."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if model_task(config) == "classification":
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
+
+
+def _stored_dtype(source: ModelSource) -> torch.dtype:
+    floating = [info.dtype for info in source.tensors.values() if info.dtype.is_floating_point]
+    return floating[0] if floating else torch.float32
+
+
+def load_source(
+    ref: ModelReference,
+    device: torch.device,
+    token: str | bool | None = None,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+) -> LoadedSource:
+    """Inspect, download (Hub) and load one model in the dtype it is stored in."""
+    source = inspect_model(ref, token, hub_only=hub_only, cache_dir=cache_dir)
+    download(source, token, weights=True, tokenizer=True, cache_dir=cache_dir)
+    module = model_class(source.config).from_pretrained(
+        source.folder, dtype=_stored_dtype(source), trust_remote_code=False
+    )
+    module.to(device).eval()
+    state = module.state_dict()
+    memory = {name: state[name] for name in source.tensors if name in state}
+    missing = sorted(set(source.tensors) - set(memory))
+    if missing:
+        raise IncompatibleModelsError(
+            f"{ref} stores {missing[0]}, which its transformers class does not have; check its config.json"
+        )
+    in_memory = ModelSource(
+        ref, source.config, source.tensors, source.revision, source.folder, memory
+    )
+    return LoadedSource(in_memory, module)
+
+
+class ParameterCandidate:
+    """Merges a recipe of the loaded sources into one preallocated model."""
+
+    def __init__(
+        self,
+        sources: dict[ModelReference, LoadedSource],
+        donor: ModelReference,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        from transformers import AutoConfig
+
+        self.sources = {ref: loaded.source for ref, loaded in sources.items()}
+        self.device = device
+        config = AutoConfig.for_model(**sources[donor].source.config)
+        self.model = model_class(sources[donor].source.config).from_config(config, dtype=dtype)
+        self.model.to(device).eval()
+        self.state = self.model.state_dict()
+
+    def build(self, recipe: Recipe) -> nn.Module:
+        """The model of ``recipe``, merged into the preallocated weights."""
+        plan = build_plan(recipe, self.sources)
+        with torch.no_grad():
+            for task, tensor in iter_merged(plan, self.device):
+                self.state[task.output].copy_(tensor)
+        return self.model
+
+
+def output_dtype(recipe: Recipe, sources: dict[ModelReference, LoadedSource]) -> torch.dtype:
+    """The dtype the merged weights of ``recipe`` have (what the preallocated model holds)."""
+    plan = build_plan(recipe, {ref: s.source for ref, s in sources.items()})
+    return next((t.out_dtype for t in plan.tasks if not t.copy_only), torch.float32)
+
+
+class ScaledLayer(nn.Module):
+    """A loaded decoder layer whose input is multiplied by ``scale``; the layer is shared, not
+    copied."""
+
+    def __init__(self, layer: nn.Module, scale: float):
+        super().__init__()
+        self.layer = layer
+        self.scale = scale
+        if hasattr(layer, "attention_type"):  # models with sliding layers pick masks by it
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.scale != 1.0:
+            hidden_states = hidden_states * self.scale
+        return self.layer(hidden_states, *args, **kwargs)
+
+
+def _decoder(module: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (``model.model`` in the Llama family)."""
+    return module.get_decoder()
+
+
+def per_layer_config_keys(config: dict) -> list[str]:
+    """Config entries holding one value per layer (``layer_types``, ...)."""
+    count = next((config[k] for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
+    return [
+        k
+        for k, v in config.items()
+        if isinstance(v, list) and count is not None and len(v) == count
+    ]
+
+
+class LayerCandidate:
+    """Runs a layer path over the loaded sources' layers."""
+
+    def __init__(self, sources: list[LoadedSource]):
+        self.sources = sources
+        self.layers = [list(_decoder(s.module).layers) for s in sources]
+
+    def build(self, path: list[tuple[LayerRef, float]]) -> nn.Module:
+        """A causal LM computing ``path``: embeddings of the first slot's model, final norm and
+        head of the last slot's (as a passthrough ``slices`` merge lays them out)."""
+        from transformers import AutoConfig
+
+        first = self.sources[path[0][0].model]
+        last = self.sources[path[-1][0].model]
+        data = copy.deepcopy(first.source.config)
+        for key in per_layer_config_keys(data):
+            data[key] = [self.sources[ref.model].source.config[key][ref.layer] for ref, _ in path]
+        for key in LAYER_COUNT_KEYS:
+            if key in data:
+                data[key] = len(path)
+        data["use_cache"] = False
+        config = AutoConfig.for_model(**data)
+        with torch.device("meta"):
+            container = model_class(data).from_config(config)
+        decoder, first_decoder, last_decoder = (
+            _decoder(container),
+            _decoder(first.module),
+            _decoder(last.module),
+        )
+        decoder.embed_tokens = first_decoder.embed_tokens
+        decoder.rotary_emb = first_decoder.rotary_emb
+        decoder.norm = last_decoder.norm
+        decoder.layers = nn.ModuleList(
+            ScaledLayer(self.layers[ref.model][ref.layer], scale) for ref, scale in path
+        )
+        # A tied head is the embedding that the written merge keeps: the first model's.
+        container.lm_head = (
+            first.module.lm_head if config.tie_word_embeddings else last.module.lm_head
+        )
+        left = [
+            n for n, t in [*container.named_parameters(), *container.named_buffers()] if t.is_meta
+        ]
+        if left:
+            raise IncompatibleModelsError(
+                f"a layer path over {first.ref} leaves {left[0]} unset; this model family cannot run a layer path"
+            )
+        return container.eval()
+
+
+def folded_recipe(path: list[tuple[LayerRef, float]], refs: list[ModelReference]) -> Recipe:
+    """The layer path as a passthrough ``slices`` recipe with its scales folded into weights.
+
+    In a pre-norm block every read of the residual stream goes through an RMSNorm, which
+    ignores the scale of its input, and the block writes to the stream only through
+    ``o_proj`` and ``down_proj``. Scaling the input of slot k by s_k therefore equals scaling
+    what slot k and every later slot write by 1/(s_1···s_k) and leaving the embeddings alone:
+    exact but for the norm's epsilon (x/sqrt(mean(x²)+eps) is scale-free only when eps ≪
+    mean(x²)). See docs/evolve.md.
+    """
+    slices, factor = [], 1.0
+    for k, (ref, scale) in enumerate(path):
+        if k:
+            factor /= scale
+        source = {"model": str(refs[ref.model]), "layer_range": [ref.layer, ref.layer + 1]}
+        if factor != 1.0:
+            source["parameters"] = {
+                "scale": [
+                    *({"filter": name, "value": factor} for name in WRITES_TO_RESIDUAL),
+                    {"value": 1.0},
+                ]
+            }
+        slices.append({"sources": [source]})
+    return parse_recipe({"merge_method": "passthrough", "slices": slices})
+
+
+def timed(build, *args) -> tuple[nn.Module, float]:
+    """``build(*args)`` and the seconds it took."""
+    start = time.perf_counter()
+    return build(*args), time.perf_counter() - start

@@ -1,0 +1,139 @@
+"""The spec against the method registry, the models' configs and headers and the task data:
+every refusal before a weight is read or a file written, one sentence naming the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from merge_engine.errors import IncompatibleModelsError, RecipeError
+from merge_engine.evolve.candidates import folded_recipe
+from merge_engine.evolve.fitness import TaskRows, read_tasks
+from merge_engine.evolve.genome import LayerGenes, LayerRef, ParameterGenes, default_search
+from merge_engine.evolve.spec import FOLDABLE_FAMILIES, SearchSpec
+from merge_engine.methods import MergeMethod, get_method
+from merge_engine.plan import build_plan
+from merge_engine.recipe import ModelReference
+from merge_engine.sources import ModelSource, inspect_recipe_models, model_task
+
+
+@dataclass
+class CheckedSpec:
+    spec: SearchSpec
+    sources: dict[ModelReference, ModelSource]
+    method: MergeMethod | None
+    layers_per_model: list[int]
+    tasks: list[TaskRows]
+
+
+def check_spec(
+    spec: SearchSpec,
+    *,
+    token: str | bool | None = None,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+    own_fitness: bool = False,
+) -> CheckedSpec:
+    """Everything that can be checked without weights; ``own_fitness``: the caller scores the
+    candidates itself, so the spec needs no tasks."""
+    sources = inspect_recipe_models(
+        spec.referenced_models(), token, hub_only=hub_only, cache_dir=cache_dir
+    )
+    refs = spec.sources()
+    layers = [sources[ref].num_layers or 0 for ref in refs]
+    method = (
+        _check_parameters(spec, sources, layers[0])
+        if spec.parameters and spec.space != "layers"
+        else None
+    )
+    if spec.space in ("layers", "both"):
+        _check_layer_path(spec, sources, layers)
+    if not spec.fitness and not own_fitness:
+        raise RecipeError("is required; list at least one task with its data", field="fitness")
+    _check_task_models(spec, sources)
+    tasks = (
+        []
+        if own_fitness and not spec.fitness
+        else read_tasks(spec.fitness, token, hub_only, cache_dir)
+    )
+    return CheckedSpec(spec, sources, method, layers, tasks)
+
+
+def _check_parameters(
+    spec: SearchSpec, sources: dict[ModelReference, ModelSource], num_layers: int
+) -> MergeMethod:
+    genome = spec.parameters
+    try:
+        method = get_method(genome.method)
+    except RecipeError as error:
+        raise RecipeError(
+            str(error).removeprefix("merge_method: "), field="parameters.method"
+        ) from None
+    if method.layer_stacking or method.needs_data:
+        raise RecipeError(
+            f"{method.name} cannot be searched here; choose a method that merges whole models without data, such as ties, dare_ties, task_arithmetic or linear",
+            field="parameters.method",
+        )
+    if method.base == "required" and spec.base_model is None:
+        raise RecipeError(
+            f"{method.name} works on differences from a base model; name it in base_model",
+            field="base_model",
+        )
+    per_model = {p.name: p for p in method.per_model_params if p.type is float}
+    for name, (low, high) in (genome.search or default_search(method)).items():
+        where = f"parameters.search.{name}"
+        if name not in per_model:
+            searchable = ", ".join(per_model) or "nothing"
+            raise RecipeError(
+                f"'{name}' is not a per-model number of {method.name}; it can search {searchable}",
+                field=where,
+            )
+        for bound in (low, high):
+            try:
+                per_model[name].coerce(bound, where)
+            except RecipeError:
+                raise RecipeError(
+                    f"bound {bound:g} is outside {name}'s range {per_model[name].bounds_text()}; keep both bounds inside it",
+                    field=where,
+                ) from None
+    genes = ParameterGenes(genome, method, spec.sources(), spec.base_model, num_layers, spec.seed)
+    build_plan(genes.recipe(genes.centre()), sources)  # shapes, layers, fixed parameters
+    return method
+
+
+def _check_layer_path(
+    spec: SearchSpec, sources: dict[ModelReference, ModelSource], layers: list[int]
+) -> None:
+    for i, ref in enumerate(spec.sources()):
+        family = sources[ref].config.get("model_type")
+        if family not in FOLDABLE_FAMILIES:
+            raise RecipeError(
+                f"{ref} is a {family or 'model without a model_type'} model; a layer path folds its scales into the weights "
+                f"only in pre-norm families whose RMSNorm ignores the scale of its input ({', '.join(FOLDABLE_FAMILIES)}); "
+                "search space: parameters instead",
+                field=f"models[{i}].model",
+            )
+        if model_task(sources[ref].config) != "causal_lm":
+            raise IncompatibleModelsError(f"a layer path runs causal LMs; {ref} is not one")
+    genes = LayerGenes(spec.layers, layers)
+    every_layer = [(ref, 1.0) for ref in genes.layers]
+    build_plan(folded_recipe(every_layer, spec.sources()), sources)  # one shape for all
+
+
+def _check_task_models(spec: SearchSpec, sources: dict[ModelReference, ModelSource]) -> None:
+    for i, task in enumerate(spec.fitness):
+        wanted = "classification" if task.kind == "classification" else "causal_lm"
+        for ref in spec.sources():
+            if model_task(sources[ref].config) != wanted:
+                kind = (
+                    "sequence classifiers"
+                    if wanted == "classification"
+                    else "causal language models"
+                )
+                raise RecipeError(
+                    f"a {task.kind} task scores {kind}, and {ref} is not one; choose another task kind",
+                    field=f"fitness[{i}].kind",
+                )
+
+
+__all__ = ["CheckedSpec", "LayerRef", "check_spec"]

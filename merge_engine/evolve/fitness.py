@@ -1,0 +1,461 @@
+"""The built-in evaluators: a task's examples in, one number per task out, higher is better.
+
+Reading (:func:`read_tasks`) happens once, before the search: each split's data is pinned,
+fetched and read the way calibration data is (:mod:`merge_engine.calibration`), every field
+the task reads is checked in every example, and the search data is split when the task gives
+no held-out data. Evaluating (:func:`evaluate`) scores one candidate on one split of every task.
+
+The model is anything called as ``model(input_ids=..., attention_mask=...)`` that returns an
+object with ``.logits``: a transformers model, or a layer path that has no ``generate``, so
+greedy decoding is written out here. Batches are right-padded, so a sequence's last real
+position is its length minus one and padding never changes the logits of real positions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge_engine import calibration
+from merge_engine.errors import RecipeError, excerpt
+from merge_engine.evolve.spec import FitnessTask, TaskData
+
+SPLITS = ("search", "held_out")
+METRICS = {
+    "multiple_choice": "accuracy",
+    "exact_match": "exact_match",
+    "nll": "nll",
+    "classification": "accuracy",
+}
+
+Row = dict[str, Any]
+
+
+@dataclass
+class TaskRows:
+    """A task's examples, read and checked: a multiple-choice answer given as the text of a
+    choice is stored as its index, an exact-match answer given as a number as text."""
+
+    task: FitnessTask
+    name: str  # task.name or task.kind
+    where: str  # "fitness[i]", the spec field, for error messages
+    search: list[Row]
+    held_out: list[Row]
+
+
+@dataclass(frozen=True)
+class Score:
+    task: str
+    metric: str  # "accuracy" | "exact_match" | "nll"
+    value: float  # the metric as people read it (nll: mean nats per token)
+    fitness: float  # higher is better: accuracy, exact match, -nll
+
+
+@dataclass(frozen=True)
+class Fitness:
+    total: float  # sum(weight_i * fitness_i) / sum(weight_i)
+    scores: tuple[Score, ...]
+
+
+# Reading
+
+
+def read_tasks(
+    tasks: list[FitnessTask],
+    token: str | bool | None = None,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+) -> list[TaskRows]:
+    """Every task's examples, read and checked; task i is named ``fitness[i]`` in errors."""
+    return [
+        read_task(task, f"fitness[{i}]", token, hub_only, cache_dir) for i, task in enumerate(tasks)
+    ]
+
+
+def read_task(
+    task: FitnessTask,
+    where: str,
+    token: str | bool | None = None,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+) -> TaskRows:
+    """One task's search and held-out examples (``held_out_fraction`` of ``data`` drawn with
+    the data's seed when the task gives no ``held_out``)."""
+    search = _read_split(task, task.data, where, "data", token, hub_only, cache_dir)
+    if task.held_out is not None:
+        held_out = _read_split(task, task.held_out, where, "held_out", token, hub_only, cache_dir)
+    else:
+        search, held_out = _split(search, task, where)
+    return TaskRows(task, task.name or task.kind, where, search, held_out)
+
+
+def _read_split(
+    task: FitnessTask,
+    data: TaskData,
+    where: str,
+    split: str,
+    token: str | bool | None,
+    hub_only: bool,
+    cache_dir: Path | None,
+) -> list[Row]:
+    """All the block's rows are read and checked, so that an error's example number is the
+    one in the data, then ``samples`` of them are drawn as :func:`calibration.rows` draws."""
+    block = f"{where}.{split}"
+    everything = data.as_calibration(task.fields()[0][1]).model_copy(update={"samples": 10**9})
+    source = calibration.resolve(everything, block, token, hub_only)
+    calibration.fetch(source, token, cache_dir)
+    try:
+        found = calibration.rows(source)
+    except RecipeError as error:
+        if error.field == f"{block}.text_field":
+            # rows() names its own option (text_field); name the task's instead.
+            _check_rows(calibration._read_rows(source), task, where, block)
+        raise
+    checked = _check_rows(found, task, where, block)
+    if data.samples is not None and len(checked) > data.samples:
+        picked = sorted(random.Random(data.seed).sample(range(len(checked)), data.samples))
+        checked = [checked[i] for i in picked]
+    return checked
+
+
+def _check_rows(found: list[Row], task: FitnessTask, where: str, block: str) -> list[Row]:
+    """Copies of the rows (inline examples are the spec's own dicts), checked and normalised."""
+    checked = []
+    for number, row in enumerate(found, start=1):
+        example = f"example {number} of {block}"
+        for option, name in task.fields():
+            if name not in row:
+                has = ", ".join(sorted(map(str, row))) or "no fields"
+                raise RecipeError(
+                    f"{example} has no field '{name}' (it has {has}); set {option} to the right field",
+                    field=f"{where}.{option}",
+                )
+        checked.append(_CHECKS[task.kind](dict(row), task, example, where))
+    return checked
+
+
+def _check_text(row: Row, task: FitnessTask, option: str, example: str, where: str) -> None:
+    value = row[getattr(task, option)]
+    if not isinstance(value, str) or not value:
+        raise RecipeError(
+            f"{example} has {getattr(task, option)} {excerpt(value)}, not a text; write it as a non-empty string",
+            field=f"{where}.{option}",
+        )
+
+
+def _check_multiple_choice(row: Row, task: FitnessTask, example: str, where: str) -> Row:
+    _check_text(row, task, "prompt_field", example, where)
+    choices = row[task.choices_field]
+    if not (
+        isinstance(choices, list)
+        and len(choices) >= 2
+        and all(isinstance(c, str) and c for c in choices)
+    ):
+        raise RecipeError(
+            f"{example} has choices {excerpt(choices)}, not a list of at least 2 non-empty strings; write the options as a list of texts",
+            field=f"{where}.choices_field",
+        )
+    answer = row[task.answer_field]
+    is_index = isinstance(answer, int) and not isinstance(answer, bool)
+    if isinstance(answer, str) and answer in choices:
+        row[task.answer_field] = choices.index(answer)
+    elif not (is_index and 0 <= answer < len(choices)):
+        raise RecipeError(
+            f"{example} has answer {excerpt(answer)}, neither an index of its {len(choices)} choices (from 0) nor one of them; write the right choice's index or text",
+            field=f"{where}.answer_field",
+        )
+    return row
+
+
+def _check_exact_match(row: Row, task: FitnessTask, example: str, where: str) -> Row:
+    _check_text(row, task, "prompt_field", example, where)
+    answer = row[task.answer_field]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        row[task.answer_field] = str(answer)
+    elif not isinstance(answer, str):
+        raise RecipeError(
+            f"{example} has answer {excerpt(answer)}, not a text or a number; write the expected output as a string",
+            field=f"{where}.answer_field",
+        )
+    return row
+
+
+def _check_nll(row: Row, task: FitnessTask, example: str, where: str) -> Row:
+    _check_text(row, task, "text_field", example, where)
+    return row
+
+
+def _check_classification(row: Row, task: FitnessTask, example: str, where: str) -> Row:
+    _check_text(row, task, "text_field", example, where)
+    label = row[task.label_field]
+    if isinstance(label, bool) or not isinstance(label, (int, str)) or label == "":
+        raise RecipeError(
+            f"{example} has label {excerpt(label)}, not a class id or name; write an integer class id or one of the model's label names",
+            field=f"{where}.label_field",
+        )
+    return row
+
+
+_CHECKS: dict[str, Callable[[Row, FitnessTask, str, str], Row]] = {
+    "multiple_choice": _check_multiple_choice,
+    "exact_match": _check_exact_match,
+    "nll": _check_nll,
+    "classification": _check_classification,
+}
+
+
+def _split(found: list[Row], task: FitnessTask, where: str) -> tuple[list[Row], list[Row]]:
+    """(search, held-out): a seeded shuffle holds out ``held_out_fraction`` of the rows, at
+    least one on each side; each side keeps the data's order."""
+    if len(found) < 2:
+        raise RecipeError(
+            f"{where}.data has {len(found)} example, too few to keep some for the held-out score; add examples or give held_out",
+            field=f"{where}.data",
+        )
+    order = list(range(len(found)))
+    random.Random(task.data.seed).shuffle(order)
+    count = min(max(round(len(found) * task.held_out_fraction), 1), len(found) - 1)
+    held = set(order[:count])
+    search = [row for i, row in enumerate(found) if i not in held]
+    return search, [row for i, row in enumerate(found) if i in held]
+
+
+# Evaluating
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: list[TaskRows],
+    split: str,
+    device: torch.device,
+) -> Fitness:
+    """Every task's score on ``split`` and their weighted mean."""
+    scores = tuple(evaluate_task(model, tokenizer, rows, split, device) for rows in tasks)
+    weights = [rows.task.weight for rows in tasks]
+    total = sum(w * s.fitness for w, s in zip(weights, scores, strict=True)) / sum(weights)
+    return Fitness(total, scores)
+
+
+def evaluate_task(
+    model: torch.nn.Module, tokenizer: Any, rows: TaskRows, split: str, device: torch.device
+) -> Score:
+    """One task's score on ``split`` ("search" or "held_out"); the model is already on
+    ``device``, and is left in the training mode it was in."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    examples = rows.search if split == "search" else rows.held_out
+    with torch.no_grad(), _evaluating(model):
+        value = _EVALUATORS[rows.task.kind](model, tokenizer, rows, examples, device)
+    metric = METRICS[rows.task.kind]
+    return Score(rows.name, metric, value, -value if metric == "nll" else value)
+
+
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def _multiple_choice(
+    model: torch.nn.Module, tokenizer: Any, rows: TaskRows, examples: list[Row], device: Any
+) -> float:
+    """Accuracy; a choice's score is the sum of its tokens' log-probabilities after the
+    prompt. Too long a pair loses the start of the prompt, never the choice."""
+    task = rows.task
+    pairs = []  # (example index, prompt + choice ids, number of choice tokens)
+    for i, row in enumerate(examples):
+        prompt = _ids(tokenizer, row[task.prompt_field], True, rows, "prompt_field")
+        for choice in row[task.choices_field]:
+            ids = _ids(tokenizer, choice, False, rows, "choices_field")[: task.max_length - 1]
+            pairs.append((i, prompt[-(task.max_length - len(ids)) :] + ids, len(ids)))
+    scores: list[list[float]] = [[] for _ in examples]
+    pad = _pad_id(tokenizer)
+    for chunk in _chunks(pairs, task.batch_size):
+        logprobs = _token_logprobs(model, [ids for _, ids, _ in chunk], pad, device)
+        for (i, _, count), logprob in zip(chunk, logprobs, strict=True):
+            scores[i].append(logprob[-count:].sum().item())
+    correct = sum(
+        max(range(len(s)), key=s.__getitem__) == row[task.answer_field]
+        for s, row in zip(scores, examples, strict=True)
+    )
+    return correct / len(examples)
+
+
+def _exact_match(
+    model: torch.nn.Module, tokenizer: Any, rows: TaskRows, examples: list[Row], device: Any
+) -> float:
+    """Share of greedy outputs equal to the answer (both stripped); a long prompt keeps its
+    end, where generation continues."""
+    task = rows.task
+    prompts = [
+        _ids(tokenizer, row[task.prompt_field], True, rows, "prompt_field")[-task.max_length :]
+        for row in examples
+    ]
+    pad = _pad_id(tokenizer)
+    outputs: list[list[int]] = []
+    for chunk in _chunks(prompts, task.batch_size):
+        outputs += _greedy(model, chunk, task.max_new_tokens, tokenizer.eos_token_id, pad, device)
+    correct = sum(
+        tokenizer.decode(new, skip_special_tokens=True).strip() == row[task.answer_field].strip()
+        for new, row in zip(outputs, examples, strict=True)
+    )
+    return correct / len(examples)
+
+
+def _nll(
+    model: torch.nn.Module, tokenizer: Any, rows: TaskRows, examples: list[Row], device: Any
+) -> float:
+    """Mean negative log-likelihood per predicted token, over all texts (the first
+    ``max_length`` tokens of each)."""
+    task = rows.task
+    texts = [
+        tokenizer(row[task.text_field], add_special_tokens=True)["input_ids"][: task.max_length]
+        for row in examples
+    ]
+    pad = _pad_id(tokenizer)
+    total, count = 0.0, 0
+    for chunk in _chunks(texts, task.batch_size):
+        for logprob in _token_logprobs(model, chunk, pad, device):
+            total -= logprob.sum().item()
+            count += logprob.numel()
+    if count == 0:
+        raise RecipeError(
+            f"the texts of {rows.where} have no token to predict; give texts of at least two tokens",
+            field=f"{rows.where}.text_field",
+        )
+    return total / count
+
+
+def _classification(
+    model: torch.nn.Module, tokenizer: Any, rows: TaskRows, examples: list[Row], device: Any
+) -> float:
+    """Accuracy of a sequence classifier's argmax; label names map through the model's
+    ``config.label2id``."""
+    task = rows.task
+    config = getattr(model, "config", None)
+    label2id = dict(getattr(config, "label2id", None) or {})
+    labels = [
+        _label_id(row[task.label_field], label2id, getattr(config, "num_labels", None), rows)
+        for row in examples
+    ]
+    texts = [
+        _ids(tokenizer, row[task.text_field], True, rows, "text_field")[: task.max_length]
+        for row in examples
+    ]
+    # A transformers classifier finds each sequence's last token by its config's pad id.
+    pad = getattr(config, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) and pad >= 0 else _pad_id(tokenizer)
+    predicted: list[int] = []
+    for chunk in _chunks(texts, task.batch_size):
+        ids, mask = _batch(chunk, pad, device)
+        predicted += model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
+    return sum(p == label for p, label in zip(predicted, labels, strict=True)) / len(examples)
+
+
+_EVALUATORS: dict[str, Callable[[torch.nn.Module, Any, TaskRows, list[Row], Any], float]] = {
+    "multiple_choice": _multiple_choice,
+    "exact_match": _exact_match,
+    "nll": _nll,
+    "classification": _classification,
+}
+
+
+def _label_id(value: Any, label2id: dict[str, int], num_labels: int | None, rows: TaskRows) -> int:
+    if isinstance(value, str) and value in label2id:
+        return label2id[value]
+    if isinstance(value, int) or value.strip().isdigit():
+        index = int(value)
+        if num_labels is None or 0 <= index < num_labels:
+            return index
+    names = ", ".join(label2id)
+    known = f"{names}, or ids 0 to {num_labels - 1}" if num_labels else names or "integer ids"
+    raise RecipeError(
+        f"label {excerpt(value)} in the examples of {rows.where} is not one of the model's labels ({known}); fix the data or label_field",
+        field=f"{rows.where}.label_field",
+    )
+
+
+# Running the model
+
+
+def _ids(tokenizer: Any, text: str, special: bool, rows: TaskRows, option: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+    if not ids:
+        raise RecipeError(
+            f"{excerpt(text)} in the examples of {rows.where} has no tokens; remove it or write a longer text",
+            field=f"{rows.where}.{option}",
+        )
+    return ids
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad, else its eos, else 0: a causal LM's real positions never see the
+    padding after them, so any id will do."""
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pad is not None:
+            return pad
+    return 0
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _batch(
+    sequences: Sequence[list[int]], pad: int, device: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask``, both (B, T)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
+    return ids, mask
+
+
+def _token_logprobs(
+    model: torch.nn.Module, sequences: list[list[int]], pad: int, device: Any
+) -> list[torch.Tensor]:
+    """Per sequence, log p(token t | tokens before t) for t = 1 … len - 1."""
+    ids, mask = _batch(sequences, pad, device)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
+    picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return [picked[b, : len(s) - 1] for b, s in enumerate(sequences)]
+
+
+def _greedy(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos: int | None,
+    pad: int,
+    device: Any,
+) -> list[list[int]]:
+    """Each prompt's new tokens, greedily, until eos or ``max_new_tokens``. One full forward
+    per step, without a cache: the model may be a layer path with no ``generate``."""
+    sequences = [list(p) for p in prompts]
+    new: list[list[int]] = [[] for _ in prompts]
+    running = list(range(len(prompts)))
+    for _ in range(max_new_tokens):
+        if not running:
+            break
+        ids, mask = _batch([sequences[i] for i in running], pad, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        last = mask.sum(-1) - 1  # each sequence's last real position
+        tokens = logits[torch.arange(len(running), device=logits.device), last].argmax(-1)
+        for i, token in zip(running, tokens.tolist(), strict=True):
+            sequences[i].append(token)
+            new[i].append(token)
+        running = [i for i in running if new[i][-1] != eos]
+    return new

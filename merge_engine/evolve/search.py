@@ -1,0 +1,458 @@
+"""The whole search: check the spec, load the sources once, run each stage's study to its
+budget (with any other processes sharing it), then score the winner, every source and the
+uniform merge on both splits and write the winner with ``mergebot merge``'s own writer.
+
+    OUT/                  the winning model, its card and mergebot_recipe.yaml
+    OUT/evolve/           spec.yaml, study.db (unless --storage), trials.jsonl, fitness.png,
+                          path.png (layer paths), parameters-merge/ (space: both)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from merge_engine.calibration import load_tokenizer
+from merge_engine.errors import MergeError, OutputExistsError
+from merge_engine.evolve import report
+from merge_engine.evolve.candidates import (
+    LayerCandidate,
+    LoadedSource,
+    ParameterCandidate,
+    folded_recipe,
+    load_source,
+    model_class,
+    output_dtype,
+    timed,
+)
+from merge_engine.evolve.checks import CheckedSpec, check_spec
+from merge_engine.evolve.fitness import evaluate
+from merge_engine.evolve.genome import LayerGenes, ParameterGenes, path_slots
+from merge_engine.evolve.spec import ParameterGenome, SearchSpec
+from merge_engine.evolve.study import (
+    Outcome,
+    Stage,
+    default_storage,
+    fail_running,
+    open_storage,
+    open_study,
+)
+from merge_engine.io import TensorInfo
+from merge_engine.methods import get_method
+from merge_engine.recipe import ModelReference, Recipe
+from merge_engine.run import resolve_device, write_merge
+from merge_engine.sources import ModelSource
+
+FitnessFunction = Callable[[nn.Module, str], float]
+"""A fitness of your own: called with a candidate model and the split ("search" while
+searching, "held_out" for the final table); higher is better."""
+Progress = Callable[[str, int, int, float], None]
+"""Called after each trial with (stage, trials done, budget, best fitness so far)."""
+SPEC_NAME = "spec.yaml"
+PROBE_SHAPE = (2, 16)
+
+
+@dataclass
+class SearchResult:
+    out: Path
+    recipe: Recipe
+    """The winning recipe as written (a layer path: passthrough slices, scales folded)."""
+    search_fitness: float
+    held_out_fitness: float
+    baselines: list[report.Baseline]
+    records: list[report.TrialRecord]
+    path: list[report.PathSlot] | None
+    logit_difference: float
+    """Largest |logit| difference between the written model and the evaluated candidate."""
+
+
+class _Scorer:
+    """A model's fitness on a split: the spec's tasks, or the caller's own function."""
+
+    def __init__(
+        self, checked: CheckedSpec, tokenizer, device: torch.device, own: FitnessFunction | None
+    ):
+        self.checked, self.tokenizer, self.device, self.own = checked, tokenizer, device, own
+
+    def __call__(self, model: nn.Module, split: str) -> tuple[float, dict[str, float]]:
+        if self.own is not None:
+            with torch.no_grad():
+                return float(self.own(model, split)), {}
+        result = evaluate(model, self.tokenizer, self.checked.tasks, split, self.device)
+        return result.total, {s.task: s.value for s in result.scores}
+
+
+def _prepare_folder(spec: SearchSpec, folder: Path, out: Path, resume: bool, joining: bool) -> None:
+    """A new search gets an empty output folder; a resumed one (or a joining worker) the
+    spec it started with."""
+    saved = folder / SPEC_NAME
+    if resume or joining:
+        if not saved.is_file():
+            raise MergeError(
+                f"{out} holds no search to continue; run mergebot evolve without --resume to start one"
+            )
+        if saved.read_text(encoding="utf-8") != spec.to_yaml():
+            raise MergeError(
+                f"the spec differs from the one the search in {out} started with ({saved}); resume with that spec or choose a new output folder"
+            )
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(
+            f"output folder {out} already exists and is not empty; choose a new folder, or continue its search with --resume"
+        )
+    folder.mkdir(parents=True)
+    saved.write_text(spec.to_yaml(), encoding="utf-8")
+
+
+def _worker_device(device: str, index: int) -> str:
+    """Worker ``index``'s device: its own GPU when there are several."""
+    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return f"cuda:{index % torch.cuda.device_count()}"
+    return device
+
+
+def _start_workers(
+    spec_path: Path, out: Path, storage: str, count: int, device: str
+) -> list[subprocess.Popen]:
+    """``count`` more processes evaluating trials of the same studies."""
+    threads = max(1, (os.cpu_count() or 1) // (count + 1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "merge_engine.cli",
+                "evolve",
+                str(spec_path),
+                str(out),
+                "--join",
+                "--storage",
+                storage,
+                "--worker-index",
+                str(index),
+                "--device",
+                _worker_device(device, index),
+                "--quiet",
+            ],
+            env=env,
+        )
+        for index in range(1, count + 1)
+    ]
+
+
+def _in_memory_source(ref: ModelReference, model: nn.Module, config: dict) -> LoadedSource:
+    """A merge held in memory, as a source of the next stage."""
+    state = model.state_dict()
+    infos = {name: TensorInfo(tuple(t.shape), t.dtype, "memory") for name, t in state.items()}
+    return LoadedSource(ModelSource(ref, config, infos, memory=state), model)
+
+
+def evolve(
+    spec: SearchSpec,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    storage: str | None = None,
+    workers: int = 1,
+    device: str = "auto",
+    token: str | bool | None = None,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+    show_progress: bool = True,
+    fitness: FitnessFunction | None = None,
+    progress: Progress | None = None,
+    join: bool = False,
+    worker_index: int = 0,
+) -> SearchResult | None:
+    """Run the search of ``spec`` and write its winner into ``out``. ``join``: only evaluate
+    trials of a search that another process started (returns None)."""
+    out = Path(out)
+    folder = out / "evolve"
+    if workers < 1:
+        raise MergeError(f"--workers {workers} is not a number of processes; use 1 or more")
+    checked = check_spec(
+        spec, token=token, hub_only=hub_only, cache_dir=cache_dir, own_fitness=fitness is not None
+    )
+    _prepare_folder(spec, folder, out, resume, join)
+    storage_url = storage or default_storage(folder)
+    store = open_storage(storage_url)
+    torch_device = resolve_device(device)
+    loaded = {
+        ref: load_source(ref, torch_device, token, hub_only, cache_dir)
+        for ref in spec.referenced_models()
+    }
+    sources = spec.sources()
+    tokenizer = None
+    if checked.tasks:
+        tokenizer = load_tokenizer([loaded[sources[0]].source.folder], sources[0])
+    score = _Scorer(checked, tokenizer, torch_device, fitness)
+    children = (
+        [] if join else _start_workers(folder / SPEC_NAME, out, storage_url, workers - 1, device)
+    )
+    deadline = time.monotonic() + spec.budget.wall_time if spec.budget.wall_time else None
+    stages: list[Stage] = []
+
+    def open_stage(name: str, genes) -> Stage:
+        study = open_study(
+            store,
+            f"evolve-{spec.fingerprint()}-{name}",
+            spec.seed,
+            spec.budget.population,
+            worker_index,
+        )
+        if resume and storage is None:
+            fail_running(study)  # the local study's last process is gone
+        stage = Stage(study, name, genes.genes, spec.budget.trials)
+        stages.append(stage)
+        return stage
+
+    def run(stage: Stage, build: Callable[[dict[str, float]], nn.Module]) -> None:
+        bar = tqdm(
+            total=stage.budget, desc=f"{stage.name} search", unit="trial", disable=not show_progress
+        )
+
+        def evaluate_trial(values: dict[str, float]) -> Outcome:
+            model, merge_seconds = timed(build, values)
+            total, scores = score(model, "search")
+            return Outcome(total, scores, merge_seconds)
+
+        def after_trial() -> None:
+            records = [r for s in stages for r in s.records()]
+            report.write_trials(folder / "trials.jsonl", records)
+            done = [r for r in records if r.stage == stage.name]
+            best = max(r.fitness for r in done)
+            bar.n = len(done)
+            bar.set_postfix(best=f"{best:.4g}", refresh=True)
+            if progress:
+                progress(stage.name, len(done), stage.budget, best)
+
+        try:
+            stage.run(evaluate_trial, deadline, after_trial)
+        finally:
+            bar.close()
+
+    try:
+        parameter_genes = parameter_candidate = path_genes = layer_sources = None
+        if spec.space in ("parameters", "both"):
+            parameter_genes = ParameterGenes(
+                spec.parameters,
+                checked.method,
+                sources,
+                spec.base_model,
+                checked.layers_per_model[0],
+                spec.seed,
+            )
+            centre = parameter_genes.recipe(parameter_genes.centre())
+            parameter_candidate = ParameterCandidate(
+                loaded, centre.donor(), output_dtype(centre, loaded), torch_device
+            )
+            stage = open_stage("parameters", parameter_genes)
+            run(stage, lambda values: parameter_candidate.build(parameter_genes.recipe(values)))
+        if spec.space in ("layers", "both"):
+            layer_sources = [loaded[ref] for ref in sources]
+            if parameter_genes is not None:
+                best = stages[0].best()
+                stage_one = ParameterCandidate(
+                    loaded, centre.donor(), output_dtype(centre, loaded), torch_device
+                )
+                merged = stage_one.build(parameter_genes.recipe(best.params))
+                config = {**loaded[sources[0]].source.config}
+                merge_ref = ModelReference(str((folder / "parameters-merge").resolve()))
+                layer_sources.insert(0, _in_memory_source(merge_ref, merged, config))
+            path_genes = LayerGenes(
+                spec.layers, [s.module.config.num_hidden_layers for s in layer_sources]
+            )
+            layer_candidate = LayerCandidate(layer_sources)
+            stage = open_stage("layers", path_genes)
+            run(stage, lambda values: layer_candidate.build(path_genes.path(values)))
+        if join:
+            return None
+        search = _Finished(
+            spec, out, folder, checked, loaded, stages, score, torch_device, token, cache_dir
+        )
+        if path_genes is None:
+            return search.write_parameters(parameter_genes, parameter_candidate)
+        return search.write_layers(path_genes, layer_candidate, layer_sources, parameter_genes)
+    finally:
+        for child in children:
+            child.wait()
+
+
+@dataclass
+class _Finished:
+    """A search whose budget is spent: the winner scored and written beside the baselines."""
+
+    spec: SearchSpec
+    out: Path
+    folder: Path
+    checked: CheckedSpec
+    loaded: dict[ModelReference, LoadedSource]
+    stages: list[Stage]
+    score: _Scorer
+    device: torch.device
+    token: str | bool | None
+    cache_dir: Path | None
+
+    def write_parameters(
+        self, genes: ParameterGenes, candidate: ParameterCandidate
+    ) -> SearchResult:
+        best = self.stages[-1].best()
+        recipe = genes.recipe(best.params)
+        winner = candidate.build(recipe)
+        return self._write(winner, best.value, recipe, [], None, candidate)
+
+    def write_layers(
+        self,
+        genes: LayerGenes,
+        candidate: LayerCandidate,
+        layer_sources: list[LoadedSource],
+        parameter_genes: ParameterGenes | None,
+    ) -> SearchResult:
+        best = self.stages[-1].best()
+        steps = genes.path(best.params)
+        refs = [s.ref for s in layer_sources]
+        winner = candidate.build(steps)
+        stage_recipes = []
+        if parameter_genes is not None:  # the first stage's merge is a source of the path
+            stage_one = parameter_genes.recipe(self.stages[0].best().params)
+            self._merge(stage_one, Path(str(refs[0])), None)
+            stage_recipes.append(("stage 1: parameters", stage_one.to_yaml()))
+        labels = [str(ref) for ref in refs]
+        path = path_slots(steps, labels)
+        counts = [s.module.config.num_hidden_layers for s in layer_sources]
+        report.plot_path(path, labels, counts, self.folder / "path.png")
+        return self._write(
+            winner, best.value, folded_recipe(steps, refs), stage_recipes, path, None
+        )
+
+    def _baselines(self, candidate: ParameterCandidate | None) -> list[report.Baseline]:
+        """Every source, and (with two or more) their uniform merge."""
+        baselines = []
+        for ref in self.spec.sources():
+            module = self.loaded[ref].module
+            baselines.append(self._baseline(f"source {ref}", module))
+        if len(self.spec.sources()) > 1:
+            genes = self._uniform_genes()
+            recipe = genes.uniform_recipe()
+            if candidate is None:
+                candidate = ParameterCandidate(
+                    self.loaded, recipe.donor(), output_dtype(recipe, self.loaded), self.device
+                )
+            baselines.append(
+                self._baseline(f"uniform {recipe.merge_method} merge", candidate.build(recipe))
+            )
+        return baselines
+
+    def _uniform_genes(self) -> ParameterGenes:
+        genome = self.spec.parameters or ParameterGenome(
+            method="ties" if self.spec.base_model else "linear"
+        )
+        method = self.checked.method or get_method(genome.method)
+        layers = self.checked.layers_per_model[0]
+        return ParameterGenes(
+            genome, method, self.spec.sources(), self.spec.base_model, layers, self.spec.seed
+        )
+
+    def _baseline(self, label: str, model: nn.Module) -> report.Baseline:
+        search, _ = self.score(model, "search")
+        held_out, scores = self.score(model, "held_out")
+        return report.Baseline(label, search, held_out, scores)
+
+    def _merge(self, recipe: Recipe, out: Path, section: str | None) -> Path:
+        from merge_engine import preflight
+
+        plan = preflight(recipe, token=self.token, cache_dir=self.cache_dir)
+        return write_merge(
+            plan,
+            out,
+            device=str(self.device),
+            token=self.token,
+            show_progress=False,
+            card_command="mergebot merge mergebot_recipe.yaml ./merged",
+            cache_dir=self.cache_dir,
+            card_section=section,
+        )
+
+    def _write(
+        self,
+        winner: nn.Module,
+        search_fitness: float,
+        recipe: Recipe,
+        stage_recipes: list[tuple[str, str]],
+        path: list[report.PathSlot] | None,
+        candidate: ParameterCandidate | None,
+    ) -> SearchResult:
+        held_out, scores = self.score(winner, "held_out")
+        probe = _probe(winner)
+        with torch.no_grad():
+            expected = winner(input_ids=probe).logits.float().cpu()
+        baselines = self._baselines(candidate)  # may reuse the winner's weights: after the probe
+        records = [r for s in self.stages for r in s.records()]
+        report.write_trials(self.folder / "trials.jsonl", records)
+        report.plot_fitness(records, baselines, self.folder / "fitness.png")
+        section = report.search_section(
+            spec_yaml=self.spec.to_yaml(),
+            space=self.spec.space,
+            trials_done={s.name: len(s.records()) for s in self.stages},
+            budget=self.spec.budget.trials,
+            wall_seconds=sum(r.seconds for r in records),
+            winner_search=search_fitness,
+            winner_held_out=held_out,
+            winner_scores=scores,
+            baselines=baselines,
+            task_metrics={t.name: t.task.kind for t in self.checked.tasks},
+            plot="evolve/fitness.png",
+            path_picture="evolve/path.png" if path else None,
+            path=path,
+            stage_recipes=[
+                *stage_recipes,
+                (f"stage {len(stage_recipes) + 1}: the winner", recipe.to_yaml()),
+            ],
+            command="mergebot evolve evolve/spec.yaml ./search",
+        )
+        staging = self.folder / ".winner"
+        shutil.rmtree(staging, ignore_errors=True)
+        self._merge(recipe, staging, section)
+        for item in staging.iterdir():
+            os.replace(item, self.out / item.name)
+        staging.rmdir()
+        written = _load_written(self.out)
+        with torch.no_grad():
+            actual = written(input_ids=probe.cpu()).logits.float()
+        return SearchResult(
+            self.out,
+            recipe,
+            search_fitness,
+            held_out,
+            baselines,
+            records,
+            path,
+            float((actual - expected).abs().max()),
+        )
+
+
+def _probe(model: nn.Module) -> torch.Tensor:
+    """Token ids to compare the written model with the evaluated one."""
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    return torch.randint(0, vocab, PROBE_SHAPE, generator=generator).to(device)
+
+
+def _load_written(folder: Path) -> nn.Module:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    loader = model_class(config.to_dict())
+    return loader.from_pretrained(folder, dtype="auto", trust_remote_code=False).eval()

@@ -1,0 +1,279 @@
+"""The search spec: which models, which space, which genome, which fitness, how much budget.
+
+A spec is YAML read with the recipe's bounded safe loader and validated with the recipe's
+one-sentence errors (the field and the fix). The shape of the YAML only; whether the method
+takes the searched parameters, whether the sources fit together and whether the data has the
+fields a task reads is checked against the registry and the models' headers by
+:mod:`merge_engine.evolve.checks`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merge_engine.errors import RecipeError, excerpt
+from merge_engine.recipe import (
+    CALIBRATION_SUFFIXES,
+    DTYPES,
+    Calibration,
+    DatasetReference,
+    ModelReference,
+    Parameters,
+    first_error,
+)
+from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, load_yaml
+
+SPACES = ("parameters", "layers", "both")
+TASK_KINDS = ("multiple_choice", "exact_match", "nll", "classification")
+FOLDABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""Model types whose layer-path scales fold exactly into the weights (see docs/evolve.md)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+Bounds = tuple[float, float]
+
+
+def _ordered(value: Bounds) -> Bounds:
+    low, high = value
+    if not low < high:
+        raise ValueError(f"bounds [{low:g}, {high:g}] are empty; write [low, high] with low < high")
+    return value
+
+
+class Source(_Strict):
+    model: ModelReference
+
+
+class ParameterGenome(_Strict):
+    """Parameter space: a ``method`` merge whose per-model parameters in ``search`` are searched
+    within their bounds, one value per group of ``layers_per_value`` layers, and one per
+    tensor-name ``filters`` entry (the rest share another); ``fixed`` are the method's other
+    parameters, as in a recipe's top-level ``parameters``."""
+
+    method: str = "ties"
+    search: dict[str, Bounds] | None = None
+    fixed: Parameters | None = None
+    layers_per_value: int = Field(default=1, gt=0)
+    filters: list[str] = Field(default_factory=list)
+    dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
+
+    @field_validator("search")
+    @classmethod
+    def _bounds(cls, value: dict[str, Bounds] | None) -> dict[str, Bounds] | None:
+        if value is not None and not value:
+            raise ValueError("'search' is empty; name at least one parameter with its bounds")
+        for bounds in (value or {}).values():
+            _ordered(bounds)
+        return value
+
+
+class LayerGenome(_Strict):
+    """Data-flow space: every layer of every model laid out in order and repeated ``repeats``
+    times; a slot's indicator includes its layer; with ``scaling``, the input of layer j is
+    scaled when the path arrives from layer i (within ``scale_bounds``)."""
+
+    repeats: int = Field(default=2, gt=0, le=8)
+    max_length: int | None = Field(default=None, gt=0)
+    scaling: bool = True
+    scale_bounds: Bounds = (0.5, 1.5)
+
+    @field_validator("scale_bounds")
+    @classmethod
+    def _positive(cls, value: Bounds) -> Bounds:
+        _ordered(value)
+        if value[0] <= 0:
+            raise ValueError(f"scales must be positive, got [{value[0]:g}, {value[1]:g}]")
+        return value
+
+
+class TaskData(_Strict):
+    """Examples of one split: exactly one of a local ``path`` (.jsonl, .csv, .txt), a Hub
+    ``dataset`` (``file`` names the file in it) or inline ``examples``; ``samples`` of them
+    are drawn with ``seed`` (all, in order, when not given)."""
+
+    path: str | None = None
+    dataset: DatasetReference | None = None
+    file: str | None = None
+    examples: list[str | dict[str, Any]] | None = None
+    samples: int | None = Field(default=None, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskData:
+        given = [k for k in ("path", "dataset", "examples") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'path' (a local .jsonl, .csv or .txt file), 'dataset' (a Hub dataset repo) or 'examples' (a list)"
+            )
+        if self.path is not None and not self.path.endswith(CALIBRATION_SUFFIXES):
+            raise ValueError(
+                f"data file {excerpt(self.path, 200)} must end in {', '.join(CALIBRATION_SUFFIXES)}"
+            )
+        if self.file is not None and self.dataset is None:
+            raise ValueError("'file' names a file inside 'dataset'; give the dataset too")
+        if self.examples is not None and not self.examples:
+            raise ValueError("'examples' is empty; give at least one example")
+        return self
+
+    def as_calibration(self, text_field: str) -> Calibration:
+        """The same data as a calibration block, to pin, fetch and read it the same way."""
+        return Calibration(
+            path=self.path,
+            dataset=self.dataset,
+            file=self.file,
+            examples=self.examples,
+            text_field=text_field,
+            samples=self.samples or 10**9,
+            seed=self.seed,
+        )
+
+
+class FitnessTask(_Strict):
+    """One task of the fitness: its kind, its weight in the total, its search data and its
+    held-out data (else ``held_out_fraction`` of the search data, drawn with the data's seed),
+    and the fields its examples hold."""
+
+    kind: Literal[TASK_KINDS]  # type: ignore[valid-type]
+    name: str | None = None
+    weight: float = Field(default=1.0, gt=0)
+    data: TaskData
+    held_out: TaskData | None = None
+    held_out_fraction: float = Field(default=0.25, gt=0, lt=1)
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    choices_field: str = "choices"
+    text_field: str = "text"
+    label_field: str = "label"
+    max_new_tokens: int = Field(default=16, gt=0, le=512)
+    max_length: int = Field(default=256, gt=1)
+    batch_size: int = Field(default=8, gt=0)
+
+    def fields(self) -> list[tuple[str, str]]:
+        """(option, field name) of each field the task reads from an example."""
+        options = {
+            "multiple_choice": ("prompt_field", "choices_field", "answer_field"),
+            "exact_match": ("prompt_field", "answer_field"),
+            "nll": ("text_field",),
+            "classification": ("text_field", "label_field"),
+        }[self.kind]
+        return [(option, getattr(self, option)) for option in options]
+
+
+class Budget(_Strict):
+    """How much search: ``trials`` evaluated candidates (per stage with ``space: both``), the
+    CMA-ES ``population`` (default: the library's 4 + 3 ln n) and a ``wall_time`` limit
+    (seconds, or 90s, 30m, 2h)."""
+
+    trials: int = Field(gt=0)
+    population: int | None = Field(default=None, ge=2)
+    wall_time: float | None = Field(default=None, gt=0)
+
+    @field_validator("wall_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", value)
+            if not match:
+                raise ValueError(
+                    f"{excerpt(value)} is not a duration; write e.g. 600, 90s, 30m or 2h"
+                )
+            return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+        return value
+
+
+class SearchSpec(_Strict):
+    space: Literal[SPACES]  # type: ignore[valid-type]
+    models: list[Source] = Field(min_length=1)
+    base_model: ModelReference | None = None
+    parameters: ParameterGenome | None = None
+    layers: LayerGenome | None = None
+    fitness: list[FitnessTask] = Field(default_factory=list)
+    """The tasks; empty only when the Python API is given a fitness function instead."""
+    budget: Budget
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _genomes(self) -> SearchSpec:
+        if self.space in ("parameters", "both") and self.parameters is None:
+            self.parameters = ParameterGenome()
+        if self.space in ("layers", "both") and self.layers is None:
+            self.layers = LayerGenome()
+        refs = [s.model for s in self.models]
+        for i, ref in enumerate(refs):
+            if ref in refs[:i]:
+                raise ValueError(f"model {ref} is listed twice; list each model once")
+        names = [task.name or task.kind for task in self.fitness]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(
+                    f"two fitness tasks are called {name!r}; give each a distinct 'name'"
+                )
+        return self
+
+    def sources(self) -> list[ModelReference]:
+        return [s.model for s in self.models]
+
+    def referenced_models(self) -> list[ModelReference]:
+        """Every model the search reads: the base first, then the sources."""
+        return list(
+            dict.fromkeys([*([self.base_model] if self.base_model else []), *self.sources()])
+        )
+
+    def task_names(self) -> list[str]:
+        return [task.name or task.kind for task in self.fitness]
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True)
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+    def fingerprint(self) -> str:
+        """What names the search's study: the same spec, the same study, wherever it runs."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
+
+
+def parse_spec(data: Any) -> SearchSpec:
+    """Validate a spec given as a mapping; every error names the field and the fix."""
+    if not isinstance(data, dict):
+        raise RecipeError(
+            "a search spec must be a YAML mapping with 'space', 'models', 'fitness' and 'budget'"
+        )
+    try:
+        return SearchSpec.model_validate(data)
+    except ValidationError as exc:
+        raise first_error(exc, "search spec", blocks=("fixed",)) from None
+
+
+def spec_from_text(text: str, limits: RecipeLimits = DEFAULT_LIMITS) -> SearchSpec:
+    """Read a spec from YAML text within ``limits`` (the recipe's)."""
+    spec = parse_spec(load_yaml(text, limits))
+    for i, task in enumerate(spec.fitness):
+        for split in ("data", "held_out"):
+            block = getattr(task, split)
+            if block is not None and block.examples and len(block.examples) > limits.max_examples:
+                raise RecipeError(
+                    f"has {len(block.examples):,} inline examples, more than the {limits.max_examples:,} allowed; put the data in a file or a Hub dataset",
+                    field=f"fitness[{i}].{split}.examples",
+                )
+    return spec
+
+
+def load_spec(path: str | Path, limits: RecipeLimits = DEFAULT_LIMITS) -> SearchSpec:
+    """Read a spec from a YAML file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"search spec {path} is not UTF-8 text; save it as UTF-8") from None
+    except (OSError, ValueError):
+        raise RecipeError(
+            f"search spec {excerpt(str(path), 200)} does not exist or cannot be read; check the path"
+        ) from None
+    return spec_from_text(text, limits)

@@ -1,0 +1,224 @@
+"""The study: Optuna's CMA-ES sampler over the genes, kept in a database so that a search
+survives a kill and several processes can share it.
+
+The budget counts completed trials. Every process runs trials until the completed ones plus
+the ones running elsewhere fill it; a trial asked for when it is already full is pruned
+before it evaluates anything. A process that dies mid-trial stops sending heartbeats, and the
+next process to ask for a trial fails it, so that its candidate's slot is run again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from merge_engine.errors import MergeError
+from merge_engine.evolve.genome import Gene
+from merge_engine.evolve.report import TrialRecord
+
+HEARTBEAT_SECONDS = 5
+GRACE_SECONDS = 20
+"""A running trial whose process has not been heard from for this long is failed."""
+WAIT_SECONDS = 0.5
+"""How often a process whose share of the budget is taken checks on the others' trials."""
+
+
+def default_storage(folder: Path) -> str:
+    """The SQLite file next to the output."""
+    return f"sqlite:///{(folder / 'study.db').resolve()}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The study database at ``url``, with heartbeats so that a dead process's trial is failed."""
+    sqlite = url.startswith("sqlite")
+    kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+            )
+        if sqlite:
+            _write_ahead(storage.engine)
+        return storage
+    except Exception as error:  # noqa: BLE001  (SQLAlchemy and driver errors of every kind)
+        raise MergeError(
+            f"cannot open the study storage {_without_password(url)} ({type(error).__name__}); "
+            "check the URL (sqlite:///path/study.db or postgresql://user@host/db) and that the database is up"
+        ) from None
+
+
+def _write_ahead(engine) -> None:
+    """SQLite in write-ahead mode without a sync per commit: Optuna commits once per gene of
+    every trial, and a sync each time costs more than evaluating a small model. A killed
+    process loses nothing (the operating system holds its writes); a power cut can lose the
+    last trials but never corrupts the study."""
+    from sqlalchemy import event
+
+    def pragmas(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # connections opened while Optuna made its tables reconnect with them
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        credentials, _, host = rest.rpartition("@")
+        rest = f"{credentials.split(':')[0]}:***@{host}" if ":" in credentials else rest
+    return f"{scheme}{sep}{rest}"
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def open_study(
+    storage: optuna.storages.RDBStorage, name: str, seed: int, population: int | None, worker: int
+) -> optuna.Study:
+    """The study ``name`` in ``storage``, created on first use. The CMA-ES sampler is seeded
+    with ``seed``: a serial search proposes the same candidates every time. Its first trial,
+    before any is complete, is drawn at random with a seed per worker, so that two workers
+    starting at once do not draw the same one."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.CmaEsSampler(
+            seed=seed,
+            popsize=population,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed + worker),
+            warn_independent_sampling=False,
+        )
+    return optuna.create_study(
+        storage=storage, study_name=name, sampler=sampler, direction="maximize", load_if_exists=True
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What evaluating one candidate gave."""
+
+    fitness: float
+    scores: dict[str, float]
+    merge_seconds: float
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def fail_running(study: optuna.Study) -> int:
+    """Fail every running trial (resuming a search that no process runs any more)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    return len(running)
+
+
+@dataclass
+class Stage:
+    """One study run to its budget by this process, alongside any others."""
+
+    study: optuna.Study
+    name: str
+    genes: list[Gene]
+    budget: int
+    worker: str = field(default_factory=worker_name)
+
+    def counts(self) -> tuple[int, int]:
+        trials = self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
+        )
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        return done, len(trials) - done
+
+    def run(
+        self,
+        evaluate: Callable[[dict[str, float]], Outcome],
+        deadline: float | None = None,
+        after_trial: Callable[[], None] | None = None,
+    ) -> None:
+        """Run trials until the budget is complete (waiting for other processes' last trials)
+        or ``deadline`` (``time.monotonic()``) passes."""
+
+        def objective(trial: optuna.Trial) -> float:
+            ahead = [
+                t
+                for t in self.study.get_trials(
+                    deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
+                )
+                if t.number < trial.number
+            ]
+            if len(ahead) >= self.budget:
+                raise optuna.TrialPruned("the budget is taken by other trials")
+            values = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.genes}
+            start = time.perf_counter()
+            outcome = evaluate(values)
+            trial.set_user_attr("scores", outcome.scores)
+            trial.set_user_attr("merge_seconds", outcome.merge_seconds)
+            trial.set_user_attr("seconds", time.perf_counter() - start)
+            trial.set_user_attr("worker", self.worker)
+            return outcome.fitness
+
+        def stop_when_full(study: optuna.Study, trial: FrozenTrial) -> None:
+            if after_trial and trial.state == TrialState.COMPLETE:
+                after_trial()
+            if sum(self.counts()) >= self.budget:
+                study.stop()
+
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
+            done, running = self.counts()
+            left = None if deadline is None else deadline - time.monotonic()
+            if done >= self.budget or (left is not None and left <= 0):
+                return
+            if done + running >= self.budget:
+                time.sleep(WAIT_SECONDS)  # other processes hold the last trials
+                continue
+            self.study.optimize(
+                objective, timeout=left, callbacks=[stop_when_full], gc_after_trial=False, catch=()
+            )
+            if left is not None and deadline - time.monotonic() <= 0:
+                return
+
+    def records(self) -> list[TrialRecord]:
+        return [
+            TrialRecord(
+                number=t.number,
+                stage=self.name,
+                params=dict(t.params),
+                fitness=float(t.value),
+                scores=dict(t.user_attrs.get("scores", {})),
+                seconds=float(t.user_attrs.get("seconds", 0.0)),
+                merge_seconds=float(t.user_attrs.get("merge_seconds", 0.0)),
+                worker=str(t.user_attrs.get("worker", "")),
+            )
+            for t in completed(self.study)
+        ]
+
+    def best(self) -> FrozenTrial:
+        """The completed trial with the highest fitness (the lowest number among ties), the
+        same whichever process asks."""
+        trials = completed(self.study)
+        if not trials:
+            raise MergeError(
+                f"the {self.name} search has no finished trial; raise budget.wall_time or run it again with --resume"
+            )
+        return max(trials, key=lambda t: (t.value, -t.number))
