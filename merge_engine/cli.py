@@ -179,7 +179,6 @@ def cmd_evolve(args: argparse.Namespace) -> None:
             device=args.device,
             show_progress=not args.quiet,
             join=args.join,
-            worker_index=args.worker_index,
         )
     except KeyboardInterrupt:
         again = shlex.join(["mergebot", "evolve", args.spec, args.out_dir, "--resume"])
@@ -317,7 +316,6 @@ def build_parser(
     )
     evolve.add_argument("--quiet", action="store_true", help="no progress bar")
     evolve.add_argument("--join", action="store_true", help=argparse.SUPPRESS)
-    evolve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     evolve.set_defaults(func=cmd_evolve)
 
     example = sub.add_parser("example", help="make tiny models and run a TIES merge end to end")

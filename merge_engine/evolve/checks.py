@@ -9,7 +9,7 @@ from pathlib import Path
 from merge_engine.errors import IncompatibleModelsError, RecipeError
 from merge_engine.evolve.candidates import folded_recipe
 from merge_engine.evolve.fitness import TaskRows, read_tasks
-from merge_engine.evolve.genome import LayerGenes, LayerRef, ParameterGenes, default_search
+from merge_engine.evolve.genome import LayerGenes, LayerRef, ParameterGenes, centre, default_search
 from merge_engine.evolve.spec import FOLDABLE_FAMILIES, SearchSpec
 from merge_engine.methods import MergeMethod, get_method
 from merge_engine.plan import build_plan
@@ -97,7 +97,7 @@ def _check_parameters(
                     field=where,
                 ) from None
     genes = ParameterGenes(genome, method, spec.sources(), spec.base_model, num_layers, spec.seed)
-    build_plan(genes.recipe(genes.centre()), sources)  # shapes, layers, fixed parameters
+    build_plan(genes.recipe(centre(genes.genes)), sources)  # shapes, layers, fixed parameters
     return method
 
 

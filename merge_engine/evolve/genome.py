@@ -32,6 +32,11 @@ class Gene:
     high: float
 
 
+def centre(genes: list[Gene]) -> dict[str, float]:
+    """The middle of every gene's bounds: where the search starts."""
+    return {g.name: (g.low + g.high) / 2 for g in genes}
+
+
 class ParameterGenes:
     """Per-model parameters of ``method``, one value per (model, parameter, filter, layer group)."""
 
@@ -62,9 +67,6 @@ class ParameterGenes:
         parts += [filter_name] if self.genome.filters else []
         parts += [f"g{group}"] if self.groups > 1 else []
         return ".".join(parts)
-
-    def centre(self) -> dict[str, float]:
-        return {g.name: (g.low + g.high) / 2 for g in self.genes}
 
     def _setting(self, values: dict[str, float], param: str, model: int) -> Any:
         def per_layer(filter_name: str) -> float | list[float]:

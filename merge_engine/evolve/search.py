@@ -37,7 +37,7 @@ from merge_engine.evolve.candidates import (
 )
 from merge_engine.evolve.checks import CheckedSpec, check_spec
 from merge_engine.evolve.fitness import evaluate
-from merge_engine.evolve.genome import LayerGenes, ParameterGenes, path_slots
+from merge_engine.evolve.genome import LayerGenes, ParameterGenes, centre, path_slots
 from merge_engine.evolve.spec import ParameterGenome, SearchSpec
 from merge_engine.evolve.study import (
     Outcome,
@@ -139,8 +139,6 @@ def _start_workers(
                 "--join",
                 "--storage",
                 storage,
-                "--worker-index",
-                str(index),
                 "--device",
                 _worker_device(device, index),
                 "--quiet",
@@ -173,7 +171,6 @@ def evolve(
     fitness: FitnessFunction | None = None,
     progress: Progress | None = None,
     join: bool = False,
-    worker_index: int = 0,
 ) -> SearchResult | None:
     """Run the search of ``spec`` and write its winner into ``out``. ``join``: only evaluate
     trials of a search that another process started (returns None)."""
@@ -209,7 +206,7 @@ def evolve(
             f"evolve-{spec.fingerprint()}-{name}",
             spec.seed,
             spec.budget.population,
-            worker_index,
+            centre(genes.genes),
         )
         if resume and storage is None:
             fail_running(study)  # the local study's last process is gone
@@ -253,9 +250,9 @@ def evolve(
                 checked.layers_per_model[0],
                 spec.seed,
             )
-            centre = parameter_genes.recipe(parameter_genes.centre())
+            start = parameter_genes.recipe(centre(parameter_genes.genes))
             parameter_candidate = ParameterCandidate(
-                loaded, centre.donor(), output_dtype(centre, loaded), torch_device
+                loaded, start.donor(), output_dtype(start, loaded), torch_device
             )
             stage = open_stage("parameters", parameter_genes)
             run(stage, lambda values: parameter_candidate.build(parameter_genes.recipe(values)))
@@ -264,7 +261,7 @@ def evolve(
             if parameter_genes is not None:
                 best = stages[0].best()
                 stage_one = ParameterCandidate(
-                    loaded, centre.donor(), output_dtype(centre, loaded), torch_device
+                    loaded, start.donor(), output_dtype(start, loaded), torch_device
                 )
                 merged = stage_one.build(parameter_genes.recipe(best.params))
                 config = {**loaded[sources[0]].source.config}

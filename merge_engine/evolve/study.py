@@ -39,16 +39,12 @@ def default_storage(folder: Path) -> str:
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The study database at ``url``, with heartbeats so that a dead process's trial is failed."""
     sqlite = url.startswith("sqlite")
+    for scheme in ("postgresql://", "postgres://"):  # the driver mergebot installs: psycopg 3
+        if url.startswith(scheme):
+            url = "postgresql+psycopg://" + url.removeprefix(scheme)
     kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=kwargs,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-            )
+        storage = _rdb_storage(url, kwargs)
         if sqlite:
             _write_ahead(storage.engine)
         return storage
@@ -57,6 +53,28 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             f"cannot open the study storage {_without_password(url)} ({type(error).__name__}); "
             "check the URL (sqlite:///path/study.db or postgresql://user@host/db) and that the database is up"
         ) from None
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, attempts: int = 3) -> optuna.storages.RDBStorage:
+    """Optuna's storage; processes starting at once race to create its tables, and the
+    loser of that race finds them made when it tries again."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=GRACE_SECONDS,
+                )
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(WAIT_SECONDS)
+    raise AssertionError("unreachable")
 
 
 def _write_ahead(engine) -> None:
@@ -89,24 +107,34 @@ def worker_name() -> str:
 
 
 def open_study(
-    storage: optuna.storages.RDBStorage, name: str, seed: int, population: int | None, worker: int
+    storage: optuna.storages.RDBStorage,
+    name: str,
+    seed: int,
+    population: int | None,
+    centre: dict[str, float],
 ) -> optuna.Study:
-    """The study ``name`` in ``storage``, created on first use. The CMA-ES sampler is seeded
-    with ``seed``: a serial search proposes the same candidates every time. Its first trial,
-    before any is complete, is drawn at random with a seed per worker, so that two workers
-    starting at once do not draw the same one."""
+    """The study ``name`` in ``storage``. The process that creates it queues the centre of
+    the space as its first trial; after that the CMA-ES sampler, seeded with ``seed``, proposes
+    every candidate, so a serial search proposes the same ones every time. A trial asked for
+    while no trial is complete yet (a second process starting at once) is drawn at random
+    with a seed of its own process, so that two processes never draw the same one."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.CmaEsSampler(
             seed=seed,
             popsize=population,
-            independent_sampler=optuna.samplers.RandomSampler(seed=seed + worker),
+            independent_sampler=optuna.samplers.RandomSampler(seed=os.getpid()),
             warn_independent_sampling=False,
         )
-    return optuna.create_study(
-        storage=storage, study_name=name, sampler=sampler, direction="maximize", load_if_exists=True
-    )
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=name, sampler=sampler, direction="maximize"
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    study.enqueue_trial(centre)
+    return study
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,333 @@
+"""``mergebot evolve``: the search finds what it should, writes a winner that ``mergebot merge``
+and plain transformers reproduce, survives a kill, shares a study between processes, and
+refuses bad specs in one sentence before writing anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_weights
+from postgres_server import postgres_url
+from service_env import wait_until
+from transformers import AutoModelForCausalLM
+
+from merge_engine import cli
+from merge_engine.evolve.search import evolve
+from merge_engine.evolve.spec import spec_from_text
+from merge_engine.evolve.study import open_storage
+from merge_engine.example import make_family
+
+TEXTS = ["abc def ghi", "the cat sat", "hello world", "one two three", "a b c d e", "xyz 123"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A tiny Llama base and two fine-tunes with a tokenizer, as a search reads them."""
+    from merge_engine.example import save_tiny_tokenizer
+
+    base, tuned = make_family(tmp_path_factory.mktemp("evolve"), scale=0.05)
+    for folder in (base, *tuned):
+        save_tiny_tokenizer(folder)
+    return base, tuned
+
+
+def nll_spec(base: Path, tuned: list[Path], trials: int, extra: str = "") -> str:
+    examples = json.dumps(TEXTS * 4)
+    return f"""
+space: parameters
+models: [{{model: {tuned[0]}}}, {{model: {tuned[1]}}}]
+base_model: {base}
+fitness:
+  - kind: nll
+    data: {{examples: {examples}}}
+budget: {{trials: {trials}, population: 4}}
+{extra}
+"""
+
+
+def read_trials(out: Path) -> list[dict]:
+    lines = (out / "evolve" / "trials.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+# --- the search finds a planted optimum ---------------------------------------------------
+
+TARGET = {0: [0.3, 0.8], 1: [0.6, 0.2]}
+"""Per model, the weight of its task vector in layers 0-1 and in layers 2-3."""
+
+
+def test_planted_optimum_is_found_and_reproduced_bit_for_bit(family, tmp_path, one_thread):
+    base, tuned = family
+    weights = {"base": load_weights(base), 0: load_weights(tuned[0]), 1: load_weights(tuned[1])}
+
+    def weight(model: int, name: str) -> float:
+        layer = re.search(r"layers\.(\d+)\.", name)
+        return TARGET[model][int(layer[1]) // 2 if layer else 0]
+
+    target = {
+        name: b + sum(weight(m, name) * (weights[m][name] - b) for m in (0, 1))
+        for name, b in weights["base"].items()
+    }
+
+    def closeness(model: torch.nn.Module, split: str) -> float:
+        state = model.state_dict()
+        return -sum(float(((state[n] - t) ** 2).sum()) for n, t in target.items())
+
+    spec = spec_from_text(
+        f"""
+space: parameters
+models: [{{model: {tuned[0]}}}, {{model: {tuned[1]}}}]
+base_model: {base}
+parameters: {{method: task_arithmetic, search: {{weight: [0, 1]}}, layers_per_value: 2}}
+budget: {{trials: 60, population: 8}}
+seed: 1
+"""
+    )
+    result = evolve(spec, tmp_path / "out", fitness=closeness, device="cpu", show_progress=False)
+
+    found = {m: result.recipe.models[m].parameters["weight"] for m in (0, 1)}  # one value per layer
+    for m in (0, 1):
+        assert found[m][:2] == [found[m][0]] * 2 and found[m][2:] == [found[m][2]] * 2
+        assert found[m][0] == pytest.approx(TARGET[m][0], abs=0.1)
+        assert found[m][2] == pytest.approx(TARGET[m][1], abs=0.1)
+    assert len(read_trials(tmp_path / "out")) == 60
+    assert result.search_fitness > max(b.search for b in result.baselines)
+
+    # The written model is what `mergebot merge` makes of the written recipe, bit for bit.
+    assert (
+        cli.main(
+            [
+                "merge",
+                str(tmp_path / "out" / "mergebot_recipe.yaml"),
+                str(tmp_path / "again"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    written, again = load_weights(tmp_path / "out"), load_weights(tmp_path / "again")
+    assert written.keys() == again.keys()
+    assert all(torch.equal(written[n], again[n]) for n in written)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Evolutionary search" in card and "evolve/fitness.png" in card
+    assert (tmp_path / "out" / "evolve" / "fitness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_serial_search_with_a_seed_proposes_the_same_candidates(family, tmp_path, one_thread):
+    base, tuned = family
+    spec = spec_from_text(nll_spec(base, tuned, trials=8))
+    for out in ("first", "second"):
+        evolve(spec, tmp_path / out, device="cpu", show_progress=False)
+    first, second = read_trials(tmp_path / "first"), read_trials(tmp_path / "second")
+    assert [t["params"] for t in first] == [t["params"] for t in second]
+    assert len({json.dumps(t["params"]) for t in first}) == 8
+
+
+# --- layer paths: the written model is the evaluated path ---------------------------------
+
+
+def path_logits(sources: dict[str, torch.nn.Module], path: list, ids: torch.Tensor) -> torch.Tensor:
+    """The path computed by hand: the first slot's embeddings, each layer on its scaled
+    input, the last slot's norm and head (no container model, no folding)."""
+    first, last = sources[path[0].model].model, sources[path[-1].model]
+    hidden = first.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    rotary = first.rotary_emb(hidden, positions)
+    for slot in path:
+        layer = sources[slot.model].model.layers[slot.layer]
+        hidden = layer(
+            hidden * slot.scale,
+            attention_mask=None,
+            position_embeddings=rotary,
+            position_ids=positions,
+        )
+    return last.lm_head(last.model.norm(hidden))
+
+
+@pytest.mark.parametrize("space", ["layers", "both"])
+def test_a_layer_path_is_written_as_slices_that_plain_transformers_load(
+    family, tmp_path, space, one_thread
+):
+    base, tuned = family
+    ids = torch.randint(3, 70, (3, 10), generator=torch.Generator().manual_seed(0))
+
+    def spread(model: torch.nn.Module, split: str) -> float:
+        return -float(model(input_ids=ids).logits.std())
+
+    spec = spec_from_text(
+        f"""
+space: {space}
+models: [{{model: {tuned[0]}}}, {{model: {tuned[1]}}}]
+base_model: {base}
+layers: {{repeats: 2, max_length: 6, scale_bounds: [0.5, 1.5]}}
+budget: {{trials: 10}}
+"""
+    )
+    out = tmp_path / "out"
+    result = evolve(spec, out, fitness=spread, device="cpu", show_progress=False)
+
+    assert result.recipe.merge_method == "passthrough" and result.recipe.slices
+    assert len(result.path) == len(result.recipe.slices) <= 6
+    written = AutoModelForCausalLM.from_pretrained(out)
+    assert written.config.num_hidden_layers == len(result.path)
+    models = {str(ref): AutoModelForCausalLM.from_pretrained(ref) for ref in tuned}
+    if space == "both":
+        merge = out / "evolve" / "parameters-merge"
+        assert result.path[0].model == str(merge.resolve())
+        models[str(merge.resolve())] = AutoModelForCausalLM.from_pretrained(merge)
+    with torch.no_grad():
+        expected = path_logits(models, result.path, ids)
+        assert torch.allclose(written(input_ids=ids).logits, expected, atol=1e-4)
+    assert result.logit_difference < 1e-4
+    assert (out / "evolve" / "path.png").is_file()
+
+
+# --- a killed search resumes; two processes share a study ---------------------------------
+
+
+def evolve_command(spec: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "merge_engine.cli",
+        "evolve",
+        str(spec),
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
+
+
+def completed_trials(storage: str, spec_text: str) -> list:
+    import optuna
+
+    name = f"evolve-{spec_from_text(spec_text).fingerprint()}-parameters"
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_without_evaluating_a_finished_trial_again(family, tmp_path):
+    base, tuned = family
+    text = nll_spec(base, tuned, trials=14)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(evolve_command(spec, out), env=env)
+    trials_file = out / "evolve" / "trials.jsonl"
+    wait_until(
+        lambda: trials_file.is_file() and len(trials_file.read_text().splitlines()) >= 4,
+        "four finished trials",
+    )
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = {t["number"]: t for t in read_trials(out)}
+    assert not (out / "model.safetensors").exists()
+
+    subprocess.run(evolve_command(spec, out, "--resume"), env=env, check=True, timeout=600)
+
+    after = read_trials(out)
+    assert len(after) == 14 and len({t["number"] for t in after}) == 14
+    for number, trial in before.items():  # still there, evaluated once, by the killed process
+        again = next(t for t in after if t["number"] == number)
+        assert again["worker"] == trial["worker"] and again["fitness"] == trial["fitness"]
+    assert {t["worker"] for t in after} - {t["worker"] for t in before.values()}  # the resumed run
+    trials = completed_trials(f"sqlite:///{out / 'evolve' / 'study.db'}", text)
+    assert len(trials) == 14
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_postgres_study(family, tmp_path):
+    base, tuned = family
+    text = nll_spec(base, tuned, trials=24)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with postgres_url() as database:
+        runs = [
+            subprocess.Popen(
+                evolve_command(spec, tmp_path / f"out{i}", "--storage", database),
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in (1, 2)
+        ]
+        outputs = [run.communicate(timeout=600)[0] for run in runs]
+        assert [run.returncode for run in runs] == [0, 0]
+        trials = completed_trials(database, text)
+    assert len(trials) == 24
+    assert len({t.number for t in trials}) == 24
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 24  # none twice
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2, "both processes evaluated trials"
+    best = [re.search(r"best of (\d+) trials: search fitness (\S+),", o).groups() for o in outputs]
+    assert best[0] == best[1] == ("24", best[0][1])
+    recipes = [(tmp_path / f"out{i}" / "mergebot_recipe.yaml").read_text() for i in (1, 2)]
+    assert recipes[0] == recipes[1]
+
+
+# --- bad input: one sentence, nothing written ---------------------------------------------
+
+
+def refused(tmp_path: Path, capsys, text: str) -> str:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    out = tmp_path / "out"
+    assert cli.main(["evolve", str(spec), str(out), "--device", "cpu", "--quiet"]) == 1
+    assert not out.exists(), "nothing is written for a refused spec"
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0
+    return message.removeprefix("error: ")
+
+
+def test_bad_specs_are_refused_in_one_sentence_before_anything_is_written(
+    family, gpt2_family, tmp_path, capsys
+):
+    base, tuned = family
+    wider = make_family(tmp_path / "wider", finetunes=1, hidden_size=48)[1][0]
+    capsys.readouterr()
+    good = nll_spec(base, tuned, trials=4)
+    cases = [
+        (
+            good.replace("kind: nll", "kind: bleu"),
+            "fitness[0].kind: must be 'multiple_choice', 'exact_match', 'nll' or 'classification', got 'bleu'",
+        ),
+        (
+            good.replace(json.dumps(TEXTS * 4), "[]"),
+            "fitness[0].data: 'examples' is empty; give at least one example",
+        ),
+        (good.replace("trials: 4", "trials: 0"), "budget.trials: must be greater than 0, got 0"),
+        (
+            good.replace("kind: nll", "kind: exact_match"),
+            "fitness[0].answer_field: example 1 of fitness[0].data has no field 'answer' (it has prompt)",
+        ),
+        (
+            good + "parameters: {method: ties, search: {density: [0.1, 1.5]}}\n",
+            "parameters.search.density: bound 1.5 is outside density's range (0, 1]",
+        ),
+        (
+            good.replace("space: parameters", "space: layers")
+            .replace(str(tuned[0]), str(gpt2_family[1][0]))
+            .replace(str(tuned[1]), str(gpt2_family[1][1])),
+            "models[0].model:",
+        ),
+        (
+            good.replace(str(tuned[1]), str(wider)),
+            "has shape [96, 48], but [96, 32]",
+        ),
+    ]
+    for text, expected in cases:
+        assert expected in refused(tmp_path, capsys, text)
