@@ -166,7 +166,8 @@ def fetch(
     source.local_file = Path(path)
 
 
-def _read_rows(source: CalibrationSource) -> list[dict[str, Any]]:
+def read_rows(source: CalibrationSource) -> list[dict[str, Any]]:
+    """Every row of the block, as dicts, unchecked and in order."""
     spec = source.spec
     if spec.examples is not None:
         return [e if isinstance(e, dict) else {spec.text_field: e} for e in spec.examples]
@@ -201,7 +202,7 @@ def rows(source: CalibrationSource) -> list[dict[str, Any]]:
     """The rows the statistics pass uses: checked for the text (and label) field, then
     ``samples`` of them drawn with ``seed`` (all of them, in order, when there are fewer)."""
     spec = source.spec
-    found = _read_rows(source)
+    found = read_rows(source)
     if not found:
         raise RecipeError(
             f"the calibration data of {source.where} is empty; give it at least one example",
@@ -217,10 +218,15 @@ def rows(source: CalibrationSource) -> list[dict[str, Any]]:
                 f"example {missing + 1} has no field '{field_name}' (it has {has}); set {option} to the right field",
                 field=f"{source.where}.{option}",
             )
-    if len(found) > spec.samples:
-        picked = sorted(random.Random(spec.seed).sample(range(len(found)), spec.samples))
-        found = [found[i] for i in picked]
-    return found
+    return draw(found, spec.samples, spec.seed)
+
+
+def draw(found: list, samples: int | None, seed: int) -> list:
+    """``samples`` of the rows drawn with ``seed``, in their order; all of them when fewer."""
+    if samples is None or len(found) <= samples:
+        return found
+    picked = sorted(random.Random(seed).sample(range(len(found)), samples))
+    return [found[i] for i in picked]
 
 
 def batches(

@@ -105,23 +105,16 @@ def _read_split(
     cache_dir: Path | None,
 ) -> list[Row]:
     """All the block's rows are read and checked, so that an error's example number is the
-    one in the data, then ``samples`` of them are drawn as :func:`calibration.rows` draws."""
+    one in the data, then ``samples`` of them are drawn as calibration data is drawn."""
     block = f"{where}.{split}"
-    everything = data.as_calibration(task.fields()[0][1]).model_copy(update={"samples": 10**9})
-    source = calibration.resolve(everything, block, token, hub_only)
+    source = calibration.resolve(data.as_calibration(task.fields()[0][1]), block, token, hub_only)
     calibration.fetch(source, token, cache_dir)
-    try:
-        found = calibration.rows(source)
-    except RecipeError as error:
-        if error.field == f"{block}.text_field":
-            # rows() names its own option (text_field); name the task's instead.
-            _check_rows(calibration._read_rows(source), task, where, block)
-        raise
-    checked = _check_rows(found, task, where, block)
-    if data.samples is not None and len(checked) > data.samples:
-        picked = sorted(random.Random(data.seed).sample(range(len(checked)), data.samples))
-        checked = [checked[i] for i in picked]
-    return checked
+    found = calibration.read_rows(source)
+    if not found:
+        raise RecipeError(
+            f"the data of {block} is empty; give it at least one example", field=block
+        )
+    return calibration.draw(_check_rows(found, task, where, block), data.samples, data.seed)
 
 
 def _check_rows(found: list[Row], task: FitnessTask, where: str, block: str) -> list[Row]:

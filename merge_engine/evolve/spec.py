@@ -132,8 +132,6 @@ class TaskData(_Strict):
             file=self.file,
             examples=self.examples,
             text_field=text_field,
-            samples=self.samples or 10**9,
-            seed=self.seed,
         )
 
 
