@@ -28,6 +28,7 @@ import torch
 from merge_engine.example import TINY_ALPHABET, save_model, save_tiny_tokenizer, tiny_config
 
 TASKS = ("copy", "reverse")
+SYMBOLS = {"copy": "0123456789", "reverse": "0123456789"}
 SPLITS = {"train": range(0, 6), "dev": range(6, 8), "test": range(8, 10)}
 """Which tenth of the digit strings (by CRC-32) each split draws from."""
 
@@ -70,7 +71,7 @@ def digit_rows(
     rng = random.Random(f"{task}/{split}/{seed}")
     rows = []
     while len(rows) < count:
-        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(*lengths)))
+        digits = "".join(rng.choice(SYMBOLS[task]) for _ in range(rng.randint(*lengths)))
         if _split_of(digits) != split:
             continue
         answer = digits if task == "copy" else digits[::-1]
@@ -109,13 +110,22 @@ def _loss(model, ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean
     )
 
 
-def train(model, rows: Sequence[Mapping[str, str]], steps: int, lr: float, seed: int):
-    """AdamW (no weight decay, constant lr after a short warm-up) on batches of BATCH rows."""
+def train(
+    model, rows: Sequence[Mapping[str, str]], steps: int, lr: float, seed: int, decay: bool = True
+):
+    """AdamW (no weight decay) on batches of BATCH rows: a short warm-up, then a linear decay
+    to zero (``decay``) or a constant rate."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+    def rate(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return (steps - step) / (steps - warmup) if decay else 1.0
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     model.train()
     for _ in range(steps):
         ids, labels = _batch(rng.sample(rows, BATCH) if len(rows) > BATCH else rows)
@@ -140,19 +150,20 @@ def train_digit_family(
     finetune: tuple[int, float] | Mapping[str, tuple[int, float]] = FINETUNE,
     base_lengths: tuple[int, int] = (3, 5),
     tune_lengths: tuple[int, int] = (3, 5),
+    decay: tuple[bool, bool] = (True, True),
     **config,
 ) -> dict[str, torch.nn.Module]:
     """The three models in memory: {"base", "copy", "reverse"}."""
     pool = 4096
     mix = [row for task in TASKS for row in digit_rows(task, pool, seed, lengths=base_lengths)]
-    base = train(new_model(seed, **config), mix, *pretrain, seed=seed * 1000 + 1)
+    base = train(new_model(seed, **config), mix, *pretrain, seed=seed * 1000 + 1, decay=decay[0])
     family = {"base": base}
     for i, task in enumerate(TASKS):
         steps, lr = finetune[task] if isinstance(finetune, Mapping) else finetune
         model = new_model(seed, **config)
         model.load_state_dict(base.state_dict())
         rows = digit_rows(task, pool, seed + 100, lengths=tune_lengths)
-        family[task] = train(model, rows, steps, lr, seed=seed * 1000 + 2 + i)
+        family[task] = train(model, rows, steps, lr, seed=seed * 1000 + 2 + i, decay=decay[1])
     return family
 
 

@@ -281,6 +281,23 @@ def test_two_processes_share_one_postgres_study(family, tmp_path):
     assert recipes[0] == recipes[1]
 
 
+@pytest.mark.slow
+def test_workers_on_one_machine_share_the_budget(family, tmp_path):
+    base, tuned = family
+    spec = tmp_path / "spec.yaml"
+    # Trials long enough (a few tenths of a second) that the second process, which first
+    # imports torch and loads the models, arrives before the first has used the budget.
+    longer = json.dumps([" ".join(TEXTS)] * 96)
+    spec.write_text(nll_spec(base, tuned, trials=40).replace(json.dumps(TEXTS * 4), longer))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(evolve_command(spec, out, "--workers", "2"), env=env, check=True, timeout=600)
+    trials = read_trials(out)
+    assert sorted(t["number"] for t in trials) == list(range(40))
+    assert len({t["worker"] for t in trials}) == 2, "both processes evaluated trials"
+    assert (out / "model.safetensors").is_file()
+
+
 # --- bad input: one sentence, nothing written ---------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ from merge_engine.evolve.candidates import (
 )
 from merge_engine.evolve.checks import CheckedSpec, check_spec
 from merge_engine.evolve.fitness import evaluate
-from merge_engine.evolve.genome import LayerGenes, ParameterGenes, centre, path_slots
+from merge_engine.evolve.genome import Gene, LayerGenes, ParameterGenes, centre, path_slots
 from merge_engine.evolve.spec import ParameterGenome, SearchSpec
 from merge_engine.evolve.study import (
     Outcome,
@@ -144,16 +145,10 @@ def _start_workers(
                 "--quiet",
             ],
             env=env,
+            stderr=open(f"/tmp/child{index}.log", "w"),
         )
         for index in range(1, count + 1)
     ]
-
-
-def _in_memory_source(ref: ModelReference, model: nn.Module, config: dict) -> LoadedSource:
-    """A merge held in memory, as a source of the next stage."""
-    state = model.state_dict()
-    infos = {name: TensorInfo(tuple(t.shape), t.dtype, "memory") for name, t in state.items()}
-    return LoadedSource(ModelSource(ref, config, infos, memory=state), model)
 
 
 def evolve(
@@ -184,65 +179,68 @@ def evolve(
     _prepare_folder(spec, folder, out, resume, join)
     storage_url = storage or default_storage(folder)
     store = open_storage(storage_url)
-    torch_device = resolve_device(device)
-    loaded = {
-        ref: load_source(ref, torch_device, token, hub_only, cache_dir)
-        for ref in spec.referenced_models()
-    }
-    sources = spec.sources()
-    tokenizer = None
-    if checked.tasks:
-        tokenizer = load_tokenizer([loaded[sources[0]].source.folder], sources[0])
-    score = _Scorer(checked, tokenizer, torch_device, fitness)
+    # The other processes start first: they import torch and load the models meanwhile.
     children = (
         [] if join else _start_workers(folder / SPEC_NAME, out, storage_url, workers - 1, device)
     )
-    deadline = time.monotonic() + spec.budget.wall_time if spec.budget.wall_time else None
-    stages: list[Stage] = []
-
-    def open_stage(name: str, genes) -> Stage:
-        study = open_study(
-            store,
-            f"evolve-{spec.fingerprint()}-{name}",
-            spec.seed,
-            spec.budget.population,
-            centre(genes.genes),
-        )
-        if resume and storage is None:
-            fail_running(study)  # the local study's last process is gone
-        stage = Stage(study, name, genes.genes, spec.budget.trials)
-        stages.append(stage)
-        return stage
-
-    def run(stage: Stage, build: Callable[[dict[str, float]], nn.Module]) -> None:
-        bar = tqdm(
-            total=stage.budget, desc=f"{stage.name} search", unit="trial", disable=not show_progress
-        )
-
-        def evaluate_trial(values: dict[str, float]) -> Outcome:
-            model, merge_seconds = timed(build, values)
-            total, scores = score(model, "search")
-            return Outcome(total, scores, merge_seconds)
-
-        def after_trial() -> None:
-            records = [r for s in stages for r in s.records()]
-            report.write_trials(folder / "trials.jsonl", records)
-            done = [r for r in records if r.stage == stage.name]
-            best = max(r.fitness for r in done)
-            bar.n = len(done)
-            bar.set_postfix(best=f"{best:.4g}", refresh=True)
-            if progress:
-                progress(stage.name, len(done), stage.budget, best)
-
-        try:
-            stage.run(evaluate_trial, deadline, after_trial)
-        finally:
-            bar.close()
-
     try:
-        parameter_genes = parameter_candidate = path_genes = layer_sources = None
+        search = _Search(checked, out, store, resolve_device(device), token, hub_only, cache_dir)
+        search.restart_stale = resume and storage is None  # the local study's last process is gone
+        search.show_progress, search.progress, search.score.own = show_progress, progress, fitness
+        search.run()
+        return None if join else search.finish()
+    except BaseException:
+        for child in children:
+            child.terminate()
+        raise
+    finally:
+        for child in children:
+            if child.wait() not in (0, -signal.SIGTERM):
+                raise MergeError(
+                    f"a worker process of the search ended with exit code {child.returncode}; its error is printed above"
+                )
+
+
+class _Search:
+    """This process's part of a search: the sources loaded once, each stage's study run to its
+    budget alongside any other processes."""
+
+    def __init__(
+        self,
+        checked: CheckedSpec,
+        out: Path,
+        store,
+        device: torch.device,
+        token: str | bool | None,
+        hub_only: bool,
+        cache_dir: Path | None,
+    ):
+        spec = checked.spec
+        self.spec, self.checked, self.out, self.folder = spec, checked, out, out / "evolve"
+        self.store, self.device, self.token, self.cache_dir = store, device, token, cache_dir
+        self.loaded = {
+            ref: load_source(ref, device, token, hub_only, cache_dir)
+            for ref in spec.referenced_models()
+        }
+        first = spec.sources()[0]
+        tokenizer = (
+            load_tokenizer([self.loaded[first].source.folder], first) if checked.tasks else None
+        )
+        self.score = _Scorer(checked, tokenizer, device, None)
+        self.stages: list[Stage] = []
+        self.restart_stale, self.show_progress, self.progress = False, True, None
+        wall = spec.budget.wall_time
+        self.deadline = time.monotonic() + wall if wall else None
+        self.parameter_genes: ParameterGenes | None = None
+        self.parameter_candidate: ParameterCandidate | None = None
+        self.path_genes: LayerGenes | None = None
+        self.layer_candidate: LayerCandidate | None = None
+        self.layer_sources: list[LoadedSource] = []
+
+    def run(self) -> None:
+        spec, checked, sources = self.spec, self.checked, self.spec.sources()
         if spec.space in ("parameters", "both"):
-            parameter_genes = ParameterGenes(
+            genes = ParameterGenes(
                 spec.parameters,
                 checked.method,
                 sources,
@@ -250,56 +248,97 @@ def evolve(
                 checked.layers_per_model[0],
                 spec.seed,
             )
-            start = parameter_genes.recipe(centre(parameter_genes.genes))
-            parameter_candidate = ParameterCandidate(
-                loaded, start.donor(), output_dtype(start, loaded), torch_device
+            self.parameter_genes = genes
+            self.parameter_candidate = self._parameter_candidate()
+            self._run_stage(
+                "parameters", genes.genes, lambda v: self.parameter_candidate.build(genes.recipe(v))
             )
-            stage = open_stage("parameters", parameter_genes)
-            run(stage, lambda values: parameter_candidate.build(parameter_genes.recipe(values)))
         if spec.space in ("layers", "both"):
-            layer_sources = [loaded[ref] for ref in sources]
-            if parameter_genes is not None:
-                best = stages[0].best()
-                stage_one = ParameterCandidate(
-                    loaded, start.donor(), output_dtype(start, loaded), torch_device
-                )
-                merged = stage_one.build(parameter_genes.recipe(best.params))
-                config = {**loaded[sources[0]].source.config}
-                merge_ref = ModelReference(str((folder / "parameters-merge").resolve()))
-                layer_sources.insert(0, _in_memory_source(merge_ref, merged, config))
-            path_genes = LayerGenes(
-                spec.layers, [s.module.config.num_hidden_layers for s in layer_sources]
+            self.layer_sources = [self.loaded[ref] for ref in sources]
+            if self.parameter_genes is not None:  # the first stage's winner joins the sources
+                self.layer_sources.insert(0, self._stage_one_merge())
+            counts = [s.module.config.num_hidden_layers for s in self.layer_sources]
+            genes = self.path_genes = LayerGenes(spec.layers, counts)
+            self.layer_candidate = LayerCandidate(self.layer_sources)
+            self._run_stage(
+                "layers", genes.genes, lambda v: self.layer_candidate.build(genes.path(v))
             )
-            layer_candidate = LayerCandidate(layer_sources)
-            stage = open_stage("layers", path_genes)
-            run(stage, lambda values: layer_candidate.build(path_genes.path(values)))
-        if join:
-            return None
-        search = _Finished(
-            spec, out, folder, checked, loaded, stages, score, torch_device, token, cache_dir
+
+    def _parameter_candidate(self) -> ParameterCandidate:
+        start = self.parameter_genes.recipe(centre(self.parameter_genes.genes))
+        dtype = output_dtype(start, self.loaded)
+        return ParameterCandidate(self.loaded, start.donor(), dtype, self.device)
+
+    def _stage_one_merge(self) -> LoadedSource:
+        """The parameter stage's winner in memory, under the folder it is written to."""
+        recipe = self.parameter_genes.recipe(self.stages[0].best().params)
+        merged = self._parameter_candidate().build(recipe)
+        ref = ModelReference(str((self.folder / "parameters-merge").resolve()))
+        config = dict(self.loaded[self.spec.sources()[0]].source.config)
+        state = merged.state_dict()
+        infos = {name: TensorInfo(tuple(t.shape), t.dtype, "memory") for name, t in state.items()}
+        return LoadedSource(ModelSource(ref, config, infos, memory=state), merged)
+
+    def _run_stage(
+        self, name: str, genes: list[Gene], build: Callable[[dict[str, float]], nn.Module]
+    ) -> None:
+        spec = self.spec
+        study = open_study(
+            self.store,
+            f"evolve-{spec.fingerprint()}-{name}",
+            spec.seed,
+            spec.budget.population,
+            centre(genes),
         )
-        if path_genes is None:
-            return search.write_parameters(parameter_genes, parameter_candidate)
-        return search.write_layers(path_genes, layer_candidate, layer_sources, parameter_genes)
-    finally:
-        for child in children:
-            child.wait()
+        if self.restart_stale:
+            fail_running(study)
+        stage = Stage(study, name, genes, spec.budget.trials)
+        self.stages.append(stage)
+        bar = tqdm(
+            total=stage.budget, desc=f"{name} search", unit="trial", disable=not self.show_progress
+        )
+
+        def evaluate_trial(values: dict[str, float]) -> Outcome:
+            model, merge_seconds = timed(build, values)
+            total, scores = self.score(model, "search")
+            return Outcome(total, scores, merge_seconds)
+
+        def after_trial() -> None:
+            records = [r for s in self.stages for r in s.records()]
+            report.write_trials(self.folder / "trials.jsonl", records)
+            done = [r for r in records if r.stage == name]
+            best = max(r.fitness for r in done)
+            bar.n = len(done)
+            bar.set_postfix(best=f"{best:.4g}", refresh=True)
+            if self.progress:
+                self.progress(name, len(done), stage.budget, best)
+
+        try:
+            stage.run(evaluate_trial, self.deadline, after_trial)
+        finally:
+            bar.close()
+
+    def finish(self) -> SearchResult:
+        finished = _Finished(self)
+        if self.path_genes is None:
+            return finished.write_parameters(self.parameter_genes, self.parameter_candidate)
+        return finished.write_layers(
+            self.path_genes, self.layer_candidate, self.layer_sources, self.parameter_genes
+        )
 
 
-@dataclass
 class _Finished:
     """A search whose budget is spent: the winner scored and written beside the baselines."""
 
-    spec: SearchSpec
-    out: Path
-    folder: Path
-    checked: CheckedSpec
-    loaded: dict[ModelReference, LoadedSource]
-    stages: list[Stage]
-    score: _Scorer
-    device: torch.device
-    token: str | bool | None
-    cache_dir: Path | None
+    def __init__(self, search: _Search):
+        self.spec, self.out, self.folder, self.checked = (
+            search.spec,
+            search.out,
+            search.folder,
+            search.checked,
+        )
+        self.loaded, self.stages, self.score = search.loaded, search.stages, search.score
+        self.device, self.token, self.cache_dir = search.device, search.token, search.cache_dir
 
     def write_parameters(
         self, genes: ParameterGenes, candidate: ParameterCandidate
