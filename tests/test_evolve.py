@@ -288,12 +288,12 @@ def test_workers_on_one_machine_share_the_budget(family, tmp_path):
     # Trials long enough (a few tenths of a second) that the second process, which first
     # imports torch and loads the models, arrives before the first has used the budget.
     longer = json.dumps([" ".join(TEXTS)] * 96)
-    spec.write_text(nll_spec(base, tuned, trials=40).replace(json.dumps(TEXTS * 4), longer))
+    spec.write_text(nll_spec(base, tuned, trials=60).replace(json.dumps(TEXTS * 4), longer))
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(evolve_command(spec, out, "--workers", "2"), env=env, check=True, timeout=600)
     trials = read_trials(out)
-    assert sorted(t["number"] for t in trials) == list(range(40))
+    assert sorted(t["number"] for t in trials) == list(range(60))
     assert len({t["worker"] for t in trials}) == 2, "both processes evaluated trials"
     assert (out / "model.safetensors").is_file()
 

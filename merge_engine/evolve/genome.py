@@ -20,6 +20,9 @@ from merge_engine.recipe import ModelReference, Recipe, parse_recipe
 
 REST = "rest"
 """The filter name of the tensors that match none of the genome's ``filters``."""
+DIGITS = 4
+"""Decimals a merge parameter keeps: the candidate evaluated and the recipe written both use
+the rounded value, and a recipe stays readable."""
 INCLUDE_BIAS = 0.5
 """Added to a slot's indicator gene for the first model's first pass, subtracted for every
 other slot: the centre of the space is then the first model unchanged."""
@@ -71,7 +74,8 @@ class ParameterGenes:
     def _setting(self, values: dict[str, float], param: str, model: int) -> Any:
         def per_layer(filter_name: str) -> float | list[float]:
             by_group = [
-                values[self.gene_name(param, model, filter_name, g)] for g in range(self.groups)
+                round(values[self.gene_name(param, model, filter_name, g)], DIGITS)
+                for g in range(self.groups)
             ]
             if self.groups == 1:
                 return by_group[0]

@@ -442,7 +442,7 @@ class _Finished:
             space=self.spec.space,
             trials_done={s.name: len(s.records()) for s in self.stages},
             budget=self.spec.budget.trials,
-            wall_seconds=sum(r.seconds for r in records),
+            wall_seconds=_wall_seconds(self.stages),
             winner_search=search_fitness,
             winner_held_out=held_out,
             winner_scores=scores,
@@ -476,6 +476,12 @@ class _Finished:
             path,
             float((actual - expected).abs().max()),
         )
+
+
+def _wall_seconds(stages: list[Stage]) -> float:
+    """From the first trial's start to the last one's end, all stages and processes."""
+    spans = [stage.span() for stage in stages]
+    return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
 def _probe(model: nn.Module) -> torch.Tensor:

@@ -241,6 +241,14 @@ class Stage:
             for t in completed(self.study)
         ]
 
+    def span(self) -> tuple[float, float]:
+        """When the first completed trial started and the last one ended (POSIX seconds)."""
+        trials = completed(self.study)
+        return (
+            min(t.datetime_start.timestamp() for t in trials),
+            max(t.datetime_complete.timestamp() for t in trials),
+        )
+
     def best(self) -> FrozenTrial:
         """The completed trial with the highest fitness (the lowest number among ties), the
         same whichever process asks."""
