@@ -168,24 +168,18 @@ class _Strict(BaseModel):
 CALIBRATION_SUFFIXES = (".txt", ".jsonl", ".csv")
 
 
-class Calibration(_Strict):
-    """Data for the methods that need it (``fisher``, ``regmean``): exactly one of a local
-    ``path`` (.txt: one example per line, .jsonl, .csv), a Hub ``dataset`` (``file`` names
-    the file in it when it holds several) or inline ``examples``; then how to read it."""
+class DataBlock(_Strict):
+    """Examples from exactly one of a local ``path`` (.txt: one example per line, .jsonl,
+    .csv), a Hub ``dataset`` (``file`` names the file in it when it holds several) or inline
+    ``examples``."""
 
     path: str | None = None
     dataset: DatasetReference | None = None
     file: str | None = None
     examples: list[str | dict[str, Any]] | None = None
-    text_field: str = "text"
-    label_field: str | None = None
-    samples: int = Field(default=128, gt=0)
-    max_length: int = Field(default=256, gt=1)
-    batch_size: int = Field(default=8, gt=0)
-    seed: int = 0
 
     @model_validator(mode="after")
-    def _one_source(self) -> Calibration:
+    def _one_source(self) -> DataBlock:
         given = [k for k in ("path", "dataset", "examples") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
@@ -193,13 +187,26 @@ class Calibration(_Strict):
             )
         if self.path is not None and not self.path.endswith(CALIBRATION_SUFFIXES):
             raise ValueError(
-                f"calibration file {excerpt(self.path, _PATH_EXCERPT)} must end in {', '.join(CALIBRATION_SUFFIXES)}"
+                f"data file {excerpt(self.path, _PATH_EXCERPT)} must end in {', '.join(CALIBRATION_SUFFIXES)}"
             )
         if self.file is not None and self.dataset is None:
             raise ValueError("'file' names a file inside 'dataset'; give the dataset too")
         if self.examples is not None and not self.examples:
             raise ValueError("'examples' is empty; give at least one example")
         return self
+
+
+class Calibration(DataBlock):
+    """Data for the methods that need it (``fisher``, ``regmean``): exactly one of a local
+    ``path`` (.txt: one example per line, .jsonl, .csv), a Hub ``dataset`` (``file`` names
+    the file in it when it holds several) or inline ``examples``; then how to read it."""
+
+    text_field: str = "text"
+    label_field: str | None = None
+    samples: int = Field(default=128, gt=0)
+    max_length: int = Field(default=256, gt=1)
+    batch_size: int = Field(default=8, gt=0)
+    seed: int = 0
 
 
 class Align(_Strict):

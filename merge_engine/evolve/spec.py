@@ -19,10 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merge_engine.errors import RecipeError, excerpt
 from merge_engine.recipe import (
-    CALIBRATION_SUFFIXES,
     DTYPES,
     Calibration,
-    DatasetReference,
+    DataBlock,
     ModelReference,
     Parameters,
     first_error,
@@ -95,34 +94,12 @@ class LayerGenome(_Strict):
         return value
 
 
-class TaskData(_Strict):
-    """Examples of one split: exactly one of a local ``path`` (.jsonl, .csv, .txt), a Hub
-    ``dataset`` (``file`` names the file in it) or inline ``examples``; ``samples`` of them
-    are drawn with ``seed`` (all, in order, when not given)."""
+class TaskData(DataBlock):
+    """Examples of one split, from a ``path``, a Hub ``dataset`` or inline ``examples``;
+    ``samples`` of them are drawn with ``seed`` (all, in order, when not given)."""
 
-    path: str | None = None
-    dataset: DatasetReference | None = None
-    file: str | None = None
-    examples: list[str | dict[str, Any]] | None = None
     samples: int | None = Field(default=None, gt=0)
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TaskData:
-        given = [k for k in ("path", "dataset", "examples") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one of 'path' (a local .jsonl, .csv or .txt file), 'dataset' (a Hub dataset repo) or 'examples' (a list)"
-            )
-        if self.path is not None and not self.path.endswith(CALIBRATION_SUFFIXES):
-            raise ValueError(
-                f"data file {excerpt(self.path, 200)} must end in {', '.join(CALIBRATION_SUFFIXES)}"
-            )
-        if self.file is not None and self.dataset is None:
-            raise ValueError("'file' names a file inside 'dataset'; give the dataset too")
-        if self.examples is not None and not self.examples:
-            raise ValueError("'examples' is empty; give at least one example")
-        return self
 
     def as_calibration(self, text_field: str) -> Calibration:
         """The same data as a calibration block, to pin, fetch and read it the same way."""
