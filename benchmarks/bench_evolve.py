@@ -219,6 +219,7 @@ class StageFigures:
     first_start: datetime
     last_end: datetime
     workers: dict[str, int]  # trials per process
+    genes: int
 
     @property
     def wall(self) -> float:
@@ -270,6 +271,7 @@ def stage_figures(out: Path) -> dict[str, StageFigures]:
             min(t.datetime_start for t in trials),
             max(t.datetime_complete for t in trials),
             workers,
+            len(trials[0].params),
         )
     return dict(sorted(figures.items(), key=lambda kv: kv[1].first_start))
 
@@ -378,7 +380,7 @@ def rows_of_search(search: Search) -> list[tuple[str, str, str]]:
             (
                 f"{label}: trials/h (stage wall)",
                 f"{stage.per_hour_wall:,.0f}",
-                f"{stage.wall / stage.trials:.2f} s/trial; sampler+db {stage.wall / stage.trials - stage.mean:+.2f} s/trial",
+                f"{stage.wall / stage.trials:.2f} s/trial; sampler, study db and trials.jsonl {stage.wall / stage.trials - stage.mean:+.2f} s/trial ({stage.genes} genes)",
             )
         )
     rows.append(
@@ -506,13 +508,20 @@ def main() -> None:
     )
 
     # 3. in memory vs mergebot merge
+    rec = memory["records"]
+    memory_merge = sum(r["merge_seconds"] for r in rec) / len(rec)
     print_table(
         "3. in-memory candidate vs mergebot merge of the winner (target >= 10x)",
         [
             (
-                "in-memory merge (mean of trials)",
+                "in-memory merge, parameters search",
                 f"{p.mean_merge:.2f} s",
-                "into the preallocated model",
+                f"mean of {p.trials} trials, into the preallocated model",
+            ),
+            (
+                f"in-memory merge, {len(rec)}-trial run",
+                f"{memory_merge:.2f} s",
+                "mean of the memory run's trials (item 4)",
             ),
             (
                 "merge(preflight(recipe), out)",
@@ -522,6 +531,7 @@ def main() -> None:
             (
                 "ratio",
                 f"{written['total'] / p.mean_merge:.1f}x",
+                f"{written['total'] / memory_merge:.1f}x against the {len(rec)}-trial run; "
                 f"{merge_run.wall / p.mean_merge:.1f}x with the process start ({merge_run.wall:.1f} s, as the CLI)",
             ),
         ],
@@ -554,14 +564,12 @@ def main() -> None:
             f"{memory['peak_rss'] / model_bytes:.1f} models",
         ),
     ]
-    rec = memory["records"]
     mean_s = sum(r["seconds"] for r in rec) / len(rec)
-    mean_m = sum(r["merge_seconds"] for r in rec) / len(rec)
     mem_rows.append(
         (
             "trial, cheap fitness",
             f"{mean_s:.2f} s",
-            f"merge {mean_m:.2f} s; whole run {memory_run.wall:.1f} s",
+            f"merge {memory_merge:.2f} s; whole run {memory_run.wall:.1f} s",
         )
     )
     print_table(f"4. memory across {last} parameters trials (target: flat)", mem_rows)

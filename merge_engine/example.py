@@ -43,8 +43,9 @@ TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?'\"()[]{}<>+-*/=_#%&
 
 def save_tiny_tokenizer(folder: Path) -> Path:
     """A character-level tokenizer over :data:`TINY_ALPHABET` (ids below 72, so it fits the
-    tiny models' 96-token vocabulary), saved as ``tokenizer.json`` with its config."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    tiny models' 96-token vocabulary), saved as ``tokenizer.json`` with its config; decoding
+    joins the characters back without spaces."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "</s>"]
@@ -52,6 +53,7 @@ def save_tiny_tokenizer(folder: Path) -> Path:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # "1284", not "1 2 8 4": generated text compares as written
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
     )

@@ -1,7 +1,7 @@
 """Two synthetic digit tasks and a tiny Llama family fine-tuned on them, for the evolve tests.
 
-A helper module (not a test file). ``make_digit_family`` trains, in about 20 s on two CPU
-cores:
+A helper module (not a test file). ``make_digit_family`` trains, in about 20 s on one CPU
+thread (500 steps of batch 64), bit for bit the same models whatever torch's thread setting:
 
 * ``base``: a tiny Llama pretrained on a mix of both tasks until it does both fairly well,
 * ``copy``: the base fine-tuned on ``"copy 4821="`` → ``"4821"`` rows only,
@@ -170,17 +170,6 @@ def train_digit_family(
     return family
 
 
-def save_digit_tokenizer(folder: Path) -> Path:
-    """:func:`save_tiny_tokenizer`, with a decoder that joins characters without spaces, so
-    that decoding the ids of "1284" gives "1284" (not "1 2 8 4") as exact-match scoring needs."""
-    save_tiny_tokenizer(folder)
-    path = Path(folder) / "tokenizer.json"
-    data = json.loads(path.read_text())
-    data["decoder"] = {"type": "Fuse"}
-    path.write_text(json.dumps(data, ensure_ascii=False))
-    return Path(folder)
-
-
 def make_digit_family(folder: Path, seed: int = 0, threads: int | None = 1) -> dict[str, Path]:
     """Train the family (see the module docstring) and save each model as safetensors, with
     the tokenizer, under ``folder``; returns the folders {"base", "copy", "reverse"}.
@@ -196,7 +185,7 @@ def make_digit_family(folder: Path, seed: int = 0, threads: int | None = 1) -> d
     finally:
         torch.set_num_threads(previous)
     return {
-        name: save_digit_tokenizer(save_model(model, Path(folder) / name))
+        name: save_tiny_tokenizer(save_model(model, Path(folder) / name))
         for name, model in family.items()
     }
 

@@ -220,9 +220,9 @@ class NextLetter(torch.nn.Module):
 
 def test_greedy_decoding_reads_the_last_real_position_and_stops_at_eos(tokenizer):
     examples = [
-        {"prompt": "a", "answer": "b c"},  # the char tokenizer decodes with spaces
+        {"prompt": "a", "answer": "bc"},
         {"prompt": "long prompt b", "answer": "c"},
-        {"prompt": "zz", "answer": "x x x x"},  # no eos: max_new_tokens
+        {"prompt": "zz", "answer": "xxxx"},  # no eos: max_new_tokens
     ]
     rows = rows_of(task("exact_match", examples, max_new_tokens=4, batch_size=3))
     model = NextLetter(tokenizer).train()

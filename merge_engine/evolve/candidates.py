@@ -4,9 +4,12 @@ The sources are loaded once, as transformers models on the device. A parameter-s
 candidate is merged by the same plan and kernels as ``mergebot merge`` (so the written recipe
 reproduces it bit for bit), straight into one preallocated model. A layer-path candidate runs
 its path over the loaded layers themselves, without copying a weight: a container of the
-first model's class whose layer list holds the chosen layers, each behind a wrapper that
-scales its input. The container runs without an attention cache (``use_cache=False``), so
-a layer that appears twice in a path never shares cache entries with itself.
+first model's class whose layer list holds the chosen layers. It runs in the folded form the
+written model has: instead of scaling a layer's input, what the layer writes to the residual
+stream is scaled (hooks on its writing projections), so the written weights compute what was
+evaluated, to the last rounding. The container runs without an attention cache
+(``use_cache=False``), so a layer that appears twice in a path never shares cache entries
+with itself.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -117,21 +121,39 @@ def output_dtype(recipe: Recipe, sources: dict[ModelReference, LoadedSource]) ->
     return next((t.out_dtype for t in plan.tasks if not t.copy_only), torch.float32)
 
 
-class ScaledLayer(nn.Module):
-    """A loaded decoder layer whose input is multiplied by ``scale``; the layer is shared, not
-    copied."""
+def write_scales(path: list[tuple[LayerRef, float]]) -> list[float]:
+    """What each slot's writes to the residual stream are multiplied by, so that the path
+    needs no scale on any layer's input: 1/(s_1···s_k) for slot k (see :func:`folded_recipe`)."""
+    factors, factor = [], 1.0
+    for k, (_, scale) in enumerate(path):
+        factor = factor / scale if k else factor
+        factors.append(factor)
+    return factors
 
-    def __init__(self, layer: nn.Module, scale: float):
+
+class FoldedLayer(nn.Module):
+    """A loaded decoder layer (shared, not copied) whose writes to the residual stream are
+    multiplied by ``factor`` while it runs in this slot: the hooks that :class:`LayerCandidate`
+    puts on its writing projections read the factor from the layer."""
+
+    def __init__(self, layer: nn.Module, factor: float):
         super().__init__()
         self.layer = layer
-        self.scale = scale
+        self.factor = factor
         if hasattr(layer, "attention_type"):  # models with sliding layers pick masks by it
             self.attention_type = layer.attention_type
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if self.scale != 1.0:
-            hidden_states = hidden_states * self.scale
-        return self.layer(hidden_states, *args, **kwargs)
+        self.layer.write_factor = self.factor
+        try:
+            return self.layer(hidden_states, *args, **kwargs)
+        finally:
+            self.layer.write_factor = 1.0  # the source model itself stays unchanged
+
+
+def _scale_write(module: nn.Module, inputs: tuple, output: torch.Tensor, layer: nn.Module):
+    factor = getattr(layer, "write_factor", 1.0)
+    return output if factor == 1.0 else output * factor
 
 
 def _decoder(module: nn.Module) -> nn.Module:
@@ -155,10 +177,16 @@ class LayerCandidate:
     def __init__(self, sources: list[LoadedSource]):
         self.sources = sources
         self.layers = [list(_decoder(s.module).layers) for s in sources]
+        for layers in self.layers:
+            for layer in layers:
+                for name, module in layer.named_modules():
+                    if name.endswith(WRITES_TO_RESIDUAL):
+                        module.register_forward_hook(partial(_scale_write, layer=layer))
 
     def build(self, path: list[tuple[LayerRef, float]]) -> nn.Module:
-        """A causal LM computing ``path``: embeddings of the first slot's model, final norm and
-        head of the last slot's (as a passthrough ``slices`` merge lays them out)."""
+        """A causal LM computing ``path`` in its folded form, as the written merge computes it:
+        embeddings of the first slot's model, each layer's writes scaled by its factor, final
+        norm and head of the last slot's (as a passthrough ``slices`` merge lays them out)."""
         from transformers import AutoConfig
 
         first = self.sources[path[0][0].model]
@@ -182,7 +210,8 @@ class LayerCandidate:
         decoder.rotary_emb = first_decoder.rotary_emb
         decoder.norm = last_decoder.norm
         decoder.layers = nn.ModuleList(
-            ScaledLayer(self.layers[ref.model][ref.layer], scale) for ref, scale in path
+            FoldedLayer(self.layers[ref.model][ref.layer], factor)
+            for (ref, _), factor in zip(path, write_scales(path), strict=True)
         )
         # A tied head is the embedding that the written merge keeps: the first model's.
         container.lm_head = (
@@ -208,10 +237,8 @@ def folded_recipe(path: list[tuple[LayerRef, float]], refs: list[ModelReference]
     exact but for the norm's epsilon (x/sqrt(mean(x²)+eps) is scale-free only when eps ≪
     mean(x²)). See docs/evolve.md.
     """
-    slices, factor = [], 1.0
-    for k, (ref, scale) in enumerate(path):
-        if k:
-            factor /= scale
+    slices = []
+    for (ref, _), factor in zip(path, write_scales(path), strict=True):
         source = {"model": str(refs[ref.model]), "layer_range": [ref.layer, ref.layer + 1]}
         if factor != 1.0:
             source["parameters"] = {

@@ -109,15 +109,16 @@ class ParameterGenes:
         )
 
     def uniform_recipe(self) -> Recipe:
-        """The baseline a search must beat: every model at weight 1 and, where the method has
-        one, density 0.5; the method's defaults otherwise (normalised where it normalises)."""
+        """The baseline a search must beat, the merge one would make without searching: every
+        model at weight 1 and, where the method has one, density 0.5; the method's defaults
+        for everything else (the spec's ``fixed`` values are part of the search, not of it)."""
         values = {}
         for gene in self.genes:
             param = gene.name.split(".")[0]
             values[gene.name] = {"weight": 1.0, "density": 0.5}.get(
                 param, (gene.low + gene.high) / 2
             )
-        return self.recipe(values)
+        return self.recipe(values).model_copy(update={"parameters": None})
 
 
 def default_search(method: MergeMethod) -> dict[str, tuple[float, float]]:

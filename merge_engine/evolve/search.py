@@ -309,7 +309,12 @@ class _Search:
             done = [r for r in records if r.stage == name]
             best = max(r.fitness for r in done)
             bar.n = len(done)
-            bar.set_postfix(best=f"{best:.4g}", refresh=True)
+            postfix = {"best": f"{best:.4g}"}
+            if self.deadline is not None:  # the bar's own estimate knows nothing of wall_time
+                postfix["wall time left"] = report.duration(
+                    max(0.0, self.deadline - time.monotonic())
+                )
+            bar.set_postfix(postfix, refresh=True)
             if self.progress:
                 self.progress(name, len(done), stage.budget, best)
 
