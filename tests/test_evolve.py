@@ -268,6 +268,27 @@ def test_a_killed_search_resumes_without_evaluating_a_finished_trial_again(famil
 
 
 @pytest.mark.slow
+def test_ctrl_c_leaves_a_study_that_resume_finishes(family, tmp_path):
+    base, tuned = family
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(nll_spec(base, tuned, trials=10))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(evolve_command(spec, out), env=env, stderr=subprocess.PIPE, text=True)
+    trials_file = out / "evolve" / "trials.jsonl"
+    wait_until(
+        lambda: trials_file.is_file() and trials_file.read_text().strip(), "a finished trial"
+    )
+    run.send_signal(signal.SIGINT)
+    stderr = run.communicate(timeout=120)[1]
+    assert run.returncode == 130
+    assert f"continue with mergebot evolve {spec} {out} --resume" in stderr
+    assert "Traceback" not in stderr
+    subprocess.run(evolve_command(spec, out, "--resume"), env=env, check=True, timeout=600)
+    assert sorted(t["number"] for t in read_trials(out)) == list(range(10))
+
+
+@pytest.mark.slow
 def test_two_processes_share_one_postgres_study(family, tmp_path):
     base, tuned = family
     text = nll_spec(base, tuned, trials=24)
