@@ -285,7 +285,8 @@ def test_ctrl_c_leaves_a_study_that_resume_finishes(family, tmp_path):
     assert f"continue with mergebot evolve {spec} {out} --resume" in stderr
     assert "Traceback" not in stderr
     subprocess.run(evolve_command(spec, out, "--resume"), env=env, check=True, timeout=600)
-    assert sorted(t["number"] for t in read_trials(out)) == list(range(10))
+    numbers = [t["number"] for t in read_trials(out)]  # the interrupted trial is not among them
+    assert len(numbers) == len(set(numbers)) == 10
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def open_study(
     every candidate, so a serial search proposes the same ones every time. A trial asked for
     while no trial is complete yet (a second process starting at once) is drawn at random
     with a seed of its own process, so that two processes never draw the same one."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is raised, not logged
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.CmaEsSampler(
