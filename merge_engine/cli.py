@@ -181,8 +181,16 @@ def cmd_evolve(args: argparse.Namespace) -> None:
             join=args.join,
         )
     except KeyboardInterrupt:
-        again = shlex.join(["mergebot", "evolve", args.spec, args.out_dir, "--resume"])
-        print(f"stopped; the finished trials are kept: continue with {again}", file=sys.stderr)
+        from merge_engine.evolve.study import without_password
+
+        again = ["mergebot", "evolve", args.spec, args.out_dir, "--resume"]
+        again += ["--workers", str(args.workers)] if args.workers != 1 else []
+        again += ["--device", args.device] if args.device != "auto" else []
+        again += ["--storage", without_password(args.storage)] if args.storage else []
+        print(
+            f"stopped; the finished trials are kept: continue with {shlex.join(again)}",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     if result is None:
         return

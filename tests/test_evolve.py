@@ -377,6 +377,10 @@ def test_bad_specs_are_refused_in_one_sentence_before_anything_is_written(
             "parameters.search.density: bound 1.5 is outside density's range (0, 1]",
         ),
         (
+            good + "parameters: {method: ties, filters: [mlp, nomatch]}\n",
+            "parameters.filters[1]: 'nomatch' matches no tensor",
+        ),
+        (
             good.replace("space: parameters", "space: layers")
             .replace(str(tuned[0]), str(gpt2_family[1][0]))
             .replace(str(tuned[1]), str(gpt2_family[1][1])),

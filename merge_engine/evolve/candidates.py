@@ -232,10 +232,10 @@ def folded_recipe(path: list[tuple[LayerRef, float]], refs: list[ModelReference]
 
     In a pre-norm block every read of the residual stream goes through an RMSNorm, which
     ignores the scale of its input, and the block writes to the stream only through
-    ``o_proj`` and ``down_proj``. Scaling the input of slot k by s_k therefore equals scaling
-    what slot k and every later slot write by 1/(s_1···s_k) and leaving the embeddings alone:
-    exact but for the norm's epsilon (x/sqrt(mean(x²)+eps) is scale-free only when eps ≪
-    mean(x²)). See docs/evolve.md.
+    ``o_proj`` and ``down_proj``. Scaling the input of every slot j by s_j therefore equals
+    scaling what each slot k writes by its own factor 1/(s_1···s_k) (:func:`write_scales`)
+    and leaving the embeddings alone: exact but for the norm's epsilon (x/sqrt(mean(x²)+eps)
+    is scale-free only when eps ≪ mean(x²)). See docs/evolve.md.
     """
     slices = []
     for (ref, _), factor in zip(path, write_scales(path), strict=True):

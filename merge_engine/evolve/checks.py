@@ -9,7 +9,7 @@ from pathlib import Path
 from merge_engine.errors import IncompatibleModelsError, RecipeError
 from merge_engine.evolve.candidates import folded_recipe
 from merge_engine.evolve.fitness import TaskRows, read_tasks
-from merge_engine.evolve.genome import LayerGenes, LayerRef, ParameterGenes, centre, default_search
+from merge_engine.evolve.genome import LayerGenes, ParameterGenes, centre, default_search
 from merge_engine.evolve.spec import FOLDABLE_FAMILIES, SearchSpec
 from merge_engine.methods import MergeMethod, get_method
 from merge_engine.plan import build_plan
@@ -50,6 +50,7 @@ def check_spec(
         _check_layer_path(spec, sources, layers)
     if not spec.fitness and not own_fitness:
         raise RecipeError("is required; list at least one task with its data", field="fitness")
+    _check_loadable(spec, sources)
     _check_task_models(spec, sources)
     tasks = (
         []
@@ -96,6 +97,13 @@ def _check_parameters(
                     f"bound {bound:g} is outside {name}'s range {per_model[name].bounds_text()}; keep both bounds inside it",
                     field=where,
                 ) from None
+    names = sources[spec.sources()[0]].tensors
+    for i, name in enumerate(genome.filters):
+        if not any(name in tensor for tensor in names):
+            raise RecipeError(
+                f"{name!r} matches no tensor of {spec.sources()[0]}; a filter is part of a tensor name, such as self_attn or mlp",
+                field=f"parameters.filters[{i}]",
+            )
     genes = ParameterGenes(genome, method, spec.sources(), spec.base_model, num_layers, spec.seed)
     build_plan(genes.recipe(centre(genes.genes)), sources)  # shapes, layers, fixed parameters
     return method
@@ -115,9 +123,37 @@ def _check_layer_path(
             )
         if model_task(sources[ref].config) != "causal_lm":
             raise IncompatibleModelsError(f"a layer path runs causal LMs; {ref} is not one")
+    tied = {bool(sources[ref].config.get("tie_word_embeddings", False)) for ref in spec.sources()}
+    if len(tied) > 1:
+        raise IncompatibleModelsError(
+            "some sources tie their output head to the input embedding and some do not; a layer path "
+            "takes the embeddings of its first model and the head of its last, so use sources that agree"
+        )
     genes = LayerGenes(spec.layers, layers)
     every_layer = [(ref, 1.0) for ref in genes.layers]
     build_plan(folded_recipe(every_layer, spec.sources()), sources)  # one shape for all
+
+
+def _check_loadable(spec: SearchSpec, sources: dict[ModelReference, ModelSource]) -> None:
+    """A search runs its models, so transformers must know their family (without remote code)
+    and they must be causal LMs or sequence classifiers."""
+    from transformers import CONFIG_MAPPING
+
+    for ref in spec.referenced_models():
+        config = sources[ref].config
+        family = config.get("model_type")
+        where = "base_model" if ref == spec.base_model and ref not in spec.sources() else None
+        where = where or f"models[{spec.sources().index(ref)}].model"
+        if family not in CONFIG_MAPPING:
+            raise IncompatibleModelsError(
+                f"{ref} is a {family or 'model without a model_type'} model, which this transformers cannot load without remote code; "
+                "a search runs its models, so use a family transformers knows (or upgrade transformers)"
+            )
+        if model_task(config) is None:
+            found = (config.get("architectures") or ["no architecture"])[0]
+            raise RecipeError(
+                f"{ref} is {found}; a search runs causal LMs and sequence classifiers", field=where
+            )
 
 
 def _check_task_models(spec: SearchSpec, sources: dict[ModelReference, ModelSource]) -> None:
@@ -136,4 +172,4 @@ def _check_task_models(spec: SearchSpec, sources: dict[ModelReference, ModelSour
                 )
 
 
-__all__ = ["CheckedSpec", "LayerRef", "check_spec"]
+__all__ = ["CheckedSpec", "check_spec"]

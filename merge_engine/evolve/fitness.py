@@ -346,13 +346,21 @@ def _classification(
         _ids(tokenizer, row[task.text_field], True, rows, "text_field")[: task.max_length]
         for row in examples
     ]
-    # A transformers classifier finds each sequence's last token by its config's pad id.
+    # A transformers classifier finds each sequence's last token by its config's pad id, and
+    # refuses a batch when it has none: lend it the tokenizer's while it runs.
     pad = getattr(config, "pad_token_id", None)
-    pad = pad if isinstance(pad, int) and pad >= 0 else _pad_id(tokenizer)
+    own_pad = isinstance(pad, int) and pad >= 0
+    pad = pad if own_pad else _pad_id(tokenizer)
     predicted: list[int] = []
-    for chunk in _chunks(texts, task.batch_size):
-        ids, mask = _batch(chunk, pad, device)
-        predicted += model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
+    try:
+        if config is not None and not own_pad:
+            config.pad_token_id = pad
+        for chunk in _chunks(texts, task.batch_size):
+            ids, mask = _batch(chunk, pad, device)
+            predicted += model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
+    finally:
+        if config is not None and not own_pad:
+            config.pad_token_id = None
     return sum(p == label for p, label in zip(predicted, labels, strict=True)) / len(examples)
 
 

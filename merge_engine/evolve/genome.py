@@ -110,8 +110,9 @@ class ParameterGenes:
 
     def uniform_recipe(self) -> Recipe:
         """The baseline a search must beat, the merge one would make without searching: every
-        model at weight 1 and, where the method has one, density 0.5; the method's defaults
-        for everything else (the spec's ``fixed`` values are part of the search, not of it)."""
+        model at weight 1 and, where the method has one, density 0.5; any other searched
+        parameter at the centre of its bounds, and the method's defaults for the rest (the
+        spec's ``fixed`` values are part of the search, not of the baseline)."""
         values = {}
         for gene in self.genes:
             param = gene.name.split(".")[0]
@@ -173,7 +174,8 @@ class LayerGenes:
         for k, t in enumerate(chosen):
             scale = 1.0
             if k and self.genome.scaling:
-                scale = values[f"scale.{index[self.slots[chosen[k - 1]]]}.{index[self.slots[t]]}"]
+                gene = f"scale.{index[self.slots[chosen[k - 1]]]}.{index[self.slots[t]]}"
+                scale = round(values[gene], DIGITS)
             path.append((self.slots[t], scale))
         return path
 

@@ -72,7 +72,8 @@ class PathSlot:
 
     model: str  # label of the model the layer comes from
     layer: int  # layer index in that model
-    scale: float  # scale applied to this layer's input (1.0 when scaling is off)
+    scale: float  # the path's scale on this layer's input (1.0 when scaling is off); the
+    # written model holds it folded into the weights (docs/evolve.md)
 
 
 def in_run_order(records: Iterable[TrialRecord]) -> list[TrialRecord]:
@@ -87,6 +88,7 @@ def write_trials(path: Path, records: list[TrialRecord]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.writelines(record.to_json() + "\n" for record in in_run_order(records))
+        os.chmod(temp, 0o644)  # as readable as every other output file, not mkstemp's 0600
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -295,7 +297,12 @@ def search_section(
         scaled = any(s.scale != 1 for s in path)
         parts.append(
             f"The merged model runs these {len(path)} layers in order"
-            + ("; each layer's input is multiplied by its scale." if scaled else ".")
+            + (
+                "; the search scaled each layer's input by its scale, which the weights hold "
+                "folded into the layer's o_proj and down_proj (the recipe's scale parameters)."
+                if scaled
+                else "."
+            )
         )
         rows = [_row(["slot", "model", "layer", "scale"]), _row(["---"] * 4)]
         rows += [

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -122,32 +121,30 @@ def _worker_device(device: str, index: int) -> str:
     return device
 
 
+STORAGE_VARIABLE = "MERGEBOT_EVOLVE_STORAGE"
+"""How a worker process gets the study's URL: not on its command line, where ``ps`` shows a
+password to everyone on the machine."""
+
+
 def _start_workers(
     spec_path: Path, out: Path, storage: str, count: int, device: str
 ) -> list[subprocess.Popen]:
-    """``count`` more processes evaluating trials of the same studies."""
+    """``count`` more processes evaluating trials of the same studies; their errors go to
+    this process's standard error."""
     threads = max(1, (os.cpu_count() or 1) // (count + 1))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), STORAGE_VARIABLE: storage}
+    command = [sys.executable, "-m", "merge_engine.cli", "evolve", str(spec_path), str(out)]
     return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "merge_engine.cli",
-                "evolve",
-                str(spec_path),
-                str(out),
-                "--join",
-                "--storage",
-                storage,
-                "--device",
-                _worker_device(device, index),
-                "--quiet",
-            ],
-            env=env,
-            stderr=open(f"/tmp/child{index}.log", "w"),
+            [*command, "--join", "--device", _worker_device(device, index), "--quiet"], env=env
         )
         for index in range(1, count + 1)
+    ]
+
+
+def _stage_names(spec: SearchSpec) -> list[str]:
+    return {"parameters": ["parameters"], "layers": ["layers"], "both": ["parameters", "layers"]}[
+        spec.space
     ]
 
 
@@ -168,37 +165,63 @@ def evolve(
     join: bool = False,
 ) -> SearchResult | None:
     """Run the search of ``spec`` and write its winner into ``out``. ``join``: only evaluate
-    trials of a search that another process started (returns None)."""
+    trials of a search that another process started (returns None). A search that fails
+    before its first trial leaves no output folder behind."""
     out = Path(out)
     folder = out / "evolve"
     if workers < 1:
         raise MergeError(f"--workers {workers} is not a number of processes; use 1 or more")
+    if fitness is not None and workers > 1:
+        raise MergeError(
+            "a fitness function of your own cannot reach worker processes; run with workers=1, or describe the fitness as tasks in the spec"
+        )
+    storage = storage or (os.environ.get(STORAGE_VARIABLE) if join else None)
     checked = check_spec(
         spec, token=token, hub_only=hub_only, cache_dir=cache_dir, own_fitness=fitness is not None
     )
+    torch_device = resolve_device(device)
+    store = open_storage(storage) if storage else None
+    starting = not (resume or join)
     _prepare_folder(spec, folder, out, resume, join)
-    storage_url = storage or default_storage(folder)
-    store = open_storage(storage_url)
-    # The other processes start first: they import torch and load the models meanwhile.
-    children = (
-        [] if join else _start_workers(folder / SPEC_NAME, out, storage_url, workers - 1, device)
-    )
+    children: list[subprocess.Popen] = []
     try:
-        search = _Search(checked, out, store, resolve_device(device), token, hub_only, cache_dir)
-        search.restart_stale = resume and storage is None  # the local study's last process is gone
-        search.show_progress, search.progress, search.score.own = show_progress, progress, fitness
+        store = store or open_storage(default_storage(folder))
+        if resume and storage is None:  # the local study's last process is gone
+            for name in _stage_names(spec):
+                fail_running(store, _study_name(spec, name))
+        # The other processes start first: they import torch and load the models meanwhile.
+        if not join:
+            url = storage or default_storage(folder)
+            children = _start_workers(folder / SPEC_NAME, out, url, workers - 1, device)
+        search = _Search(
+            checked,
+            out,
+            store,
+            torch_device,
+            token,
+            hub_only,
+            cache_dir,
+            fitness,
+            show_progress,
+            progress,
+        )
         search.run()
+        for child in children:
+            child.wait()  # a worker that died was replaced by the others: its error is above
         return None if join else search.finish()
     except BaseException:
         for child in children:
             child.terminate()
+        if starting and not (folder / "trials.jsonl").exists():
+            shutil.rmtree(out, ignore_errors=True)  # nothing of a search that never started
         raise
     finally:
         for child in children:
-            if child.wait() not in (0, -signal.SIGTERM):
-                raise MergeError(
-                    f"a worker process of the search ended with exit code {child.returncode}; its error is printed above"
-                )
+            child.wait()
+
+
+def _study_name(spec: SearchSpec, stage: str) -> str:
+    return f"evolve-{spec.fingerprint()}-{stage}"
 
 
 class _Search:
@@ -214,8 +237,12 @@ class _Search:
         token: str | bool | None,
         hub_only: bool,
         cache_dir: Path | None,
+        fitness: FitnessFunction | None,
+        show_progress: bool,
+        progress: Progress | None,
     ):
         spec = checked.spec
+        self.hub_only, self.show_progress, self.progress = hub_only, show_progress, progress
         self.spec, self.checked, self.out, self.folder = spec, checked, out, out / "evolve"
         self.store, self.device, self.token, self.cache_dir = store, device, token, cache_dir
         self.loaded = {
@@ -226,9 +253,8 @@ class _Search:
         tokenizer = (
             load_tokenizer([self.loaded[first].source.folder], first) if checked.tasks else None
         )
-        self.score = _Scorer(checked, tokenizer, device, None)
+        self.score = _Scorer(checked, tokenizer, device, fitness)
         self.stages: list[Stage] = []
-        self.restart_stale, self.show_progress, self.progress = False, True, None
         wall = spec.budget.wall_time
         self.deadline = time.monotonic() + wall if wall else None
         self.parameter_genes: ParameterGenes | None = None
@@ -272,7 +298,7 @@ class _Search:
     def _stage_one_merge(self) -> LoadedSource:
         """The parameter stage's winner in memory, under the folder it is written to."""
         recipe = self.parameter_genes.recipe(self.stages[0].best().params)
-        merged = self._parameter_candidate().build(recipe)
+        merged = self.parameter_candidate.build(recipe)  # no parameter trial follows
         ref = ModelReference(str((self.folder / "parameters-merge").resolve()))
         config = dict(self.loaded[self.spec.sources()[0]].source.config)
         state = merged.state_dict()
@@ -284,18 +310,19 @@ class _Search:
     ) -> None:
         spec = self.spec
         study = open_study(
-            self.store,
-            f"evolve-{spec.fingerprint()}-{name}",
-            spec.seed,
-            spec.budget.population,
-            centre(genes),
+            self.store, _study_name(spec, name), spec.seed, spec.budget.population, centre(genes)
         )
-        if self.restart_stale:
-            fail_running(study)
         stage = Stage(study, name, genes, spec.budget.trials)
         self.stages.append(stage)
+        deadline = self.deadline
+        if deadline is not None and spec.space == "both" and name == "parameters":
+            deadline -= (deadline - time.monotonic()) / 2  # the layer path gets the other half
         bar = tqdm(
-            total=stage.budget, desc=f"{name} search", unit="trial", disable=not self.show_progress
+            total=stage.budget,
+            initial=stage.counts()[0],
+            desc=f"{name} search",
+            unit="trial",
+            disable=not self.show_progress,
         )
 
         def evaluate_trial(values: dict[str, float]) -> Outcome:
@@ -310,16 +337,14 @@ class _Search:
             best = max(r.fitness for r in done)
             bar.n = len(done)
             postfix = {"best": f"{best:.4g}"}
-            if self.deadline is not None:  # the bar's own estimate knows nothing of wall_time
-                postfix["wall time left"] = report.duration(
-                    max(0.0, self.deadline - time.monotonic())
-                )
+            if deadline is not None:  # the bar's own estimate knows nothing of wall_time
+                postfix["wall time left"] = report.duration(max(0.0, deadline - time.monotonic()))
             bar.set_postfix(postfix, refresh=True)
             if self.progress:
                 self.progress(name, len(done), stage.budget, best)
 
         try:
-            stage.run(evaluate_trial, self.deadline, after_trial)
+            stage.run(evaluate_trial, deadline, after_trial)
         finally:
             bar.close()
 
@@ -344,6 +369,8 @@ class _Finished:
         )
         self.loaded, self.stages, self.score = search.loaded, search.stages, search.score
         self.device, self.token, self.cache_dir = search.device, search.token, search.cache_dir
+        self.hub_only = search.hub_only
+        self.parameter_candidate = search.parameter_candidate
 
     def write_parameters(
         self, genes: ParameterGenes, candidate: ParameterCandidate
@@ -351,7 +378,7 @@ class _Finished:
         best = self.stages[-1].best()
         recipe = genes.recipe(best.params)
         winner = candidate.build(recipe)
-        return self._write(winner, best.value, recipe, [], None, candidate)
+        return self._write(winner, best.value, recipe, [], None)
 
     def write_layers(
         self,
@@ -373,27 +400,26 @@ class _Finished:
         path = path_slots(steps, labels)
         counts = [s.module.config.num_hidden_layers for s in layer_sources]
         report.plot_path(path, labels, counts, self.folder / "path.png")
-        return self._write(
-            winner, best.value, folded_recipe(steps, refs), stage_recipes, path, None
-        )
+        return self._write(winner, best.value, folded_recipe(steps, refs), stage_recipes, path)
 
-    def _baselines(self, candidate: ParameterCandidate | None) -> list[report.Baseline]:
-        """Every source, and (with two or more) their uniform merge."""
+    def _baselines(self) -> list[report.Baseline]:
+        """Every source, and (with two or more) their uniform merge, built in the parameter
+        search's model when there was one (the winner is scored by then)."""
         baselines = []
         for ref in self.spec.sources():
             module = self.loaded[ref].module
             baselines.append(self._baseline(f"source {ref}", module))
-        if len(self.spec.sources()) > 1:
-            genes = self._uniform_genes()
-            recipe = genes.uniform_recipe()
-            if candidate is None:
-                candidate = ParameterCandidate(
-                    self.loaded, recipe.donor(), output_dtype(recipe, self.loaded), self.device
-                )
-            baselines.append(
-                self._baseline(f"uniform {recipe.merge_method} merge", candidate.build(recipe))
+        if len(self.spec.sources()) < 2:
+            return baselines
+        recipe = self._uniform_genes().uniform_recipe()
+        try:
+            candidate = self.parameter_candidate or ParameterCandidate(
+                self.loaded, recipe.donor(), output_dtype(recipe, self.loaded), self.device
             )
-        return baselines
+        except MergeError:  # a layer path's sources need not be mergeable (other depths)
+            return baselines
+        uniform = candidate.build(recipe)
+        return [*baselines, self._baseline(f"uniform {recipe.merge_method} merge", uniform)]
 
     def _uniform_genes(self) -> ParameterGenes:
         genome = self.spec.parameters or ParameterGenome(
@@ -413,7 +439,8 @@ class _Finished:
     def _merge(self, recipe: Recipe, out: Path, section: str | None) -> Path:
         from merge_engine import preflight
 
-        plan = preflight(recipe, token=self.token, cache_dir=self.cache_dir)
+        plan = preflight(recipe, token=self.token, hub_only=self.hub_only, cache_dir=self.cache_dir)
+        shutil.rmtree(out, ignore_errors=True)  # ours, from an earlier try of the same search
         return write_merge(
             plan,
             out,
@@ -432,13 +459,12 @@ class _Finished:
         recipe: Recipe,
         stage_recipes: list[tuple[str, str]],
         path: list[report.PathSlot] | None,
-        candidate: ParameterCandidate | None,
     ) -> SearchResult:
         held_out, scores = self.score(winner, "held_out")
         probe = _probe(winner)
         with torch.no_grad():
             expected = winner(input_ids=probe).logits.float().cpu()
-        baselines = self._baselines(candidate)  # may reuse the winner's weights: after the probe
+        baselines = self._baselines()  # may reuse the winner's weights: after the probe
         records = [r for s in self.stages for r in s.records()]
         report.write_trials(self.folder / "trials.jsonl", records)
         report.plot_fitness(records, baselines, self.folder / "fitness.png")
@@ -462,8 +488,7 @@ class _Finished:
             ],
             command="mergebot evolve evolve/spec.yaml ./search",
         )
-        staging = self.folder / ".winner"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = self.folder / self.out.resolve().name  # the card is named after its folder
         self._merge(recipe, staging, section)
         for item in staging.iterdir():
             os.replace(item, self.out / item.name)

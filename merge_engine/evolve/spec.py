@@ -149,7 +149,7 @@ class Budget(_Strict):
     (seconds, or 90s, 30m, 2h)."""
 
     trials: int = Field(gt=0)
-    population: int | None = Field(default=None, ge=2)
+    population: int | None = Field(default=None, ge=4)
     wall_time: float | None = Field(default=None, gt=0)
 
     @field_validator("wall_time", mode="before")

@@ -10,6 +10,7 @@ next process to ask for a trial fails it, so that its candidate's slot is run ag
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
 import warnings
@@ -50,7 +51,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         return storage
     except Exception as error:  # noqa: BLE001  (SQLAlchemy and driver errors of every kind)
         raise MergeError(
-            f"cannot open the study storage {_without_password(url)} ({type(error).__name__}); "
+            f"cannot open the study storage {without_password(url)} ({type(error).__name__}); "
             "check the URL (sqlite:///path/study.db or postgresql://user@host/db) and that the database is up"
         ) from None
 
@@ -94,12 +95,16 @@ def _write_ahead(engine) -> None:
     engine.dispose()  # connections opened while Optuna made its tables reconnect with them
 
 
-def _without_password(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        credentials, _, host = rest.rpartition("@")
-        rest = f"{credentials.split(':')[0]}:***@{host}" if ":" in credentials else rest
-    return f"{scheme}{sep}{rest}"
+def without_password(url: str) -> str:
+    """The URL as an error may quote it: any password, in the user part or the query, hidden."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001  (not even a URL: quote nothing of it)
+        return "(the URL given)"
+    query = {k: ("***" if "password" in k.lower() else v) for k, v in parsed.query.items()}
+    return parsed.set(query=query).render_as_string(hide_password=True)
 
 
 def worker_name() -> str:
@@ -117,14 +122,14 @@ def open_study(
     the space as its first trial; after that the CMA-ES sampler, seeded with ``seed``, proposes
     every candidate, so a serial search proposes the same ones every time. A trial asked for
     while no trial is complete yet (a second process starting at once) is drawn at random
-    with a seed of its own process, so that two processes never draw the same one."""
+    with a seed of its own, so that two processes do not draw the same one."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is raised, not logged
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.CmaEsSampler(
             seed=seed,
             popsize=population,
-            independent_sampler=optuna.samplers.RandomSampler(seed=os.getpid()),
+            independent_sampler=optuna.samplers.RandomSampler(seed=secrets.randbits(32)),
             warn_independent_sampling=False,
         )
     try:
@@ -150,11 +155,16 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def fail_running(study: optuna.Study) -> int:
-    """Fail every running trial (resuming a search that no process runs any more)."""
+def fail_running(storage: optuna.storages.BaseStorage, name: str) -> int:
+    """Fail every running trial of study ``name``, if it exists (resuming a search that no
+    process runs any more, before any other process starts)."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return 0
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in running:
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL)
     return len(running)
 
 
@@ -220,9 +230,19 @@ class Stage:
             if done + running >= self.budget:
                 time.sleep(WAIT_SECONDS)  # other processes hold the last trials
                 continue
-            self.study.optimize(
-                objective, timeout=left, callbacks=[stop_when_full], gc_after_trial=False, catch=()
-            )
+            try:
+                self.study.optimize(
+                    objective,
+                    timeout=left,
+                    callbacks=[stop_when_full],
+                    gc_after_trial=False,
+                    catch=(),
+                )
+            except ValueError as error:
+                # Another process failed this trial when its heartbeat came late (a stalled
+                # machine): its slot is run again; Optuna says so only in this message.
+                if not str(error).startswith("Cannot tell a FAIL trial"):
+                    raise
             if left is not None and deadline - time.monotonic() <= 0:
                 return
 
@@ -255,6 +275,6 @@ class Stage:
         trials = completed(self.study)
         if not trials:
             raise MergeError(
-                f"the {self.name} search has no finished trial; raise budget.wall_time or run it again with --resume"
+                f"the {self.name} search finished no trial within budget.wall_time; start a new search with more wall_time"
             )
         return max(trials, key=lambda t: (t.value, -t.number))
