@@ -271,7 +271,7 @@ def test_a_killed_search_resumes_without_evaluating_a_finished_trial_again(famil
 def test_ctrl_c_leaves_a_study_that_resume_finishes(family, tmp_path):
     base, tuned = family
     spec = tmp_path / "spec.yaml"
-    spec.write_text(nll_spec(base, tuned, trials=10))
+    spec.write_text(nll_spec(base, tuned, trials=60))  # still running when stopped
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.Popen(evolve_command(spec, out), env=env, stderr=subprocess.PIPE, text=True)
@@ -286,7 +286,7 @@ def test_ctrl_c_leaves_a_study_that_resume_finishes(family, tmp_path):
     assert "Traceback" not in stderr
     subprocess.run(evolve_command(spec, out, "--resume"), env=env, check=True, timeout=600)
     numbers = [t["number"] for t in read_trials(out)]  # the interrupted trial is not among them
-    assert len(numbers) == len(set(numbers)) == 10
+    assert len(numbers) == len(set(numbers)) == 60
 
 
 @pytest.mark.slow
