@@ -21,7 +21,7 @@ import torch
 
 from merge_engine.errors import RecipeError, SourceError, excerpt
 from merge_engine.recipe import CALIBRATION_SUFFIXES, Calibration, ModelReference, Recipe
-from merge_engine.sources import TOKENIZER_FILES, ModelSource, model_task
+from merge_engine.sources import TOKENIZER_FILES, ModelSource, model_class
 
 
 @dataclass
@@ -314,12 +314,6 @@ def load_tokenizer(folders: list[Path | None], ref: ModelReference) -> Any:
 def load_model(source: ModelSource) -> torch.nn.Module:
     """A checkpoint loaded with transformers (float32, no remote code) to run on calibration
     data: a sequence classifier when its config says so, else a causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    loader = (
-        AutoModelForSequenceClassification
-        if model_task(source.config) == "classification"
-        else AutoModelForCausalLM
-    )
+    loader = model_class(source.config)
     model = loader.from_pretrained(source.folder, dtype=torch.float32, trust_remote_code=False)
     return model.eval()

@@ -61,6 +61,16 @@ def model_task(config: dict[str, Any]) -> str | None:
     return None
 
 
+def model_class(config: dict[str, Any]) -> Any:
+    """The transformers auto class that loads a checkpoint of this config: a sequence
+    classifier when its architectures say so, else a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if model_task(config) == "classification":
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
+
+
 @dataclass
 class ModelSource:
     """One input model as the planner sees it: metadata only, plus a way to open its tensors."""

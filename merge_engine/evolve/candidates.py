@@ -28,7 +28,13 @@ from merge_engine.evolve.genome import LayerRef
 from merge_engine.plan import build_plan
 from merge_engine.recipe import ModelReference, Recipe, parse_recipe
 from merge_engine.run import iter_merged
-from merge_engine.sources import LAYER_COUNT_KEYS, ModelSource, download, inspect_model, model_task
+from merge_engine.sources import (
+    LAYER_COUNT_KEYS,
+    ModelSource,
+    download,
+    inspect_model,
+    model_class,
+)
 
 WRITES_TO_RESIDUAL = ("o_proj", "down_proj")
 """The projections of a pre-norm decoder layer that write into the residual stream."""
@@ -44,15 +50,6 @@ class LoadedSource:
     @property
     def ref(self) -> ModelReference:
         return self.source.ref
-
-
-def model_class(config: dict):
-    """The transformers auto class that loads a checkpoint of this config."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if model_task(config) == "classification":
-        return AutoModelForSequenceClassification
-    return AutoModelForCausalLM
 
 
 def _stored_dtype(source: ModelSource) -> torch.dtype:

@@ -31,7 +31,6 @@ from merge_engine.evolve.candidates import (
     ParameterCandidate,
     folded_recipe,
     load_source,
-    model_class,
     output_dtype,
     timed,
 )
@@ -51,7 +50,7 @@ from merge_engine.io import TensorInfo
 from merge_engine.methods import get_method
 from merge_engine.recipe import ModelReference, Recipe
 from merge_engine.run import resolve_device, write_merge
-from merge_engine.sources import ModelSource
+from merge_engine.sources import ModelSource, model_class
 
 FitnessFunction = Callable[[nn.Module, str], float]
 """A fitness of your own: called with a candidate model and the split ("search" while
