@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -347,19 +347,28 @@ class Recipe(_Strict):
 
     def with_revisions(self, revisions: dict[ModelReference, str]) -> Recipe:
         """The same recipe with each Hub reference pinned to the given commit."""
+        return with_revisions(self, revisions)
 
-        def pin(value: Any) -> Any:
-            if isinstance(value, ModelReference) and value in revisions:
-                return type(value)(value.path, revisions[value])
-            if isinstance(value, BaseModel):
-                return value.model_copy(
-                    update={k: pin(getattr(value, k)) for k in type(value).model_fields}
-                )
-            if isinstance(value, list):
-                return [pin(v) for v in value]
-            return value
 
-        return pin(self)
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def with_revisions(document: ModelT, revisions: dict[ModelReference, str]) -> ModelT:
+    """A copy of ``document`` (a recipe, a search spec) with each reference in ``revisions``
+    (a model's or a dataset's) pinned to the given commit."""
+
+    def pin(value: Any) -> Any:
+        if isinstance(value, ModelReference) and value in revisions:
+            return type(value)(value.path, revisions[value])
+        if isinstance(value, BaseModel):
+            return value.model_copy(
+                update={k: pin(getattr(value, k)) for k in type(value).model_fields}
+            )
+        if isinstance(value, list):
+            return [pin(v) for v in value]
+        return value
+
+    return pin(document)
 
 
 _UNION_TAGS = {"bool", "int", "float", "str", "ConditionalParameter"}

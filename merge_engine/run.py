@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -241,11 +242,13 @@ def write_merge(
     cache_dir: Path | None = None,
     stats_dir: Path | None = None,
     card_section: str | None = None,
+    card_details: dict[str, Any] | None = None,
 ) -> Path:
     """Download what the plan reads (into ``cache_dir`` when given), run the statistics pass
     of a method that needs data (kept in ``stats_dir``), merge, and publish ``out_dir``
     atomically. ``progress`` counts calibration batches, then output tensors; ``card_section``
-    is added to the card (how the recipe was found)."""
+    is added to the card (how the recipe was found), ``card_details`` are further arguments of
+    :func:`merge_engine.card.build_card`."""
     from merge_engine.card import build_card
 
     out_dir = Path(out_dir)
@@ -300,9 +303,14 @@ def write_merge(
         writer.finish()
         _copy_side_files(plan, staging)
         (staging / RECIPE_NAME).write_text(plan.reproducible_recipe().to_yaml())
-        build_card(plan, name=out_dir.name, command=card_command, section=card_section).save(
-            staging / "README.md"
+        card = build_card(
+            plan,
+            name=out_dir.name,
+            command=card_command,
+            section=card_section,
+            **(card_details or {}),
         )
+        card.save(staging / "README.md")
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         staging.rename(out_dir)

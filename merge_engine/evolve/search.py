@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ from merge_engine.evolve.study import (
     fail_running,
     open_storage,
     open_study,
+    worker_name,
 )
 from merge_engine.io import TensorInfo
 from merge_engine.methods import get_method
@@ -162,10 +164,21 @@ def evolve(
     fitness: FitnessFunction | None = None,
     progress: Progress | None = None,
     join: bool = False,
+    study_name: str | None = None,
+    worker: str | None = None,
+    started: float | None = None,
+    stop: Callable[[], bool] | None = None,
+    card_details: dict[str, Any] | None = None,
 ) -> SearchResult | None:
     """Run the search of ``spec`` and write its winner into ``out``. ``join``: only evaluate
     trials of a search that another process started (returns None). A search that fails
-    before its first trial leaves no output folder behind."""
+    before its first trial leaves no output folder behind.
+
+    For a service that runs searches as jobs: ``study_name`` names the studies (default: from
+    the spec's fingerprint), ``worker`` is recorded with each trial (default: host and process
+    id), ``wall_time`` counts from ``started`` (POSIX seconds; default: now), ``stop()`` is
+    asked after each trial whether to end the search there and write the best so far, and
+    ``card_details`` are further arguments of the card (see :func:`merge_engine.card.build_card`)."""
     out = Path(out)
     folder = out / "evolve"
     if workers < 1:
@@ -185,9 +198,10 @@ def evolve(
     children: list[subprocess.Popen] = []
     try:
         store = store or open_storage(default_storage(folder))
+        names = StudyNames(study_name or f"evolve-{spec.fingerprint()}")
         if resume and storage is None:  # the local study's last process is gone
             for name in _stage_names(spec):
-                fail_running(store, _study_name(spec, name))
+                fail_running(store, names.of(name))
         # The other processes start first: they import torch and load the models meanwhile.
         if not join:
             url = storage or default_storage(folder)
@@ -197,12 +211,10 @@ def evolve(
             out,
             store,
             torch_device,
-            token,
-            hub_only,
-            cache_dir,
+            _Loading(token, hub_only, cache_dir),
             fitness,
-            show_progress,
-            progress,
+            _Reporting(show_progress, progress, stop, card_details),
+            _Sharing(names, worker or worker_name(), started),
         )
         search.run()
         for child in children:
@@ -219,8 +231,42 @@ def evolve(
             child.wait()
 
 
-def _study_name(spec: SearchSpec, stage: str) -> str:
-    return f"evolve-{spec.fingerprint()}-{stage}"
+@dataclass(frozen=True)
+class StudyNames:
+    """The names of a search's studies, one per stage: ``<prefix>-parameters`` and so on."""
+
+    prefix: str
+
+    def of(self, stage: str) -> str:
+        return f"{self.prefix}-{stage}"
+
+
+@dataclass(frozen=True)
+class _Loading:
+    """How the sources are read."""
+
+    token: str | bool | None
+    hub_only: bool
+    cache_dir: Path | None
+
+
+@dataclass(frozen=True)
+class _Reporting:
+    """What this process shows and is asked while it searches."""
+
+    show_progress: bool
+    progress: Progress | None
+    stop: Callable[[], bool] | None
+    card_details: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class _Sharing:
+    """What every process of one search agrees on."""
+
+    names: StudyNames
+    worker: str
+    started: float | None
 
 
 class _Search:
@@ -233,19 +279,17 @@ class _Search:
         out: Path,
         store,
         device: torch.device,
-        token: str | bool | None,
-        hub_only: bool,
-        cache_dir: Path | None,
+        loading: _Loading,
         fitness: FitnessFunction | None,
-        show_progress: bool,
-        progress: Progress | None,
+        reporting: _Reporting,
+        sharing: _Sharing,
     ):
         spec = checked.spec
-        self.hub_only, self.show_progress, self.progress = hub_only, show_progress, progress
+        self.loading, self.reporting, self.sharing = loading, reporting, sharing
         self.spec, self.checked, self.out, self.folder = spec, checked, out, out / "evolve"
-        self.store, self.device, self.token, self.cache_dir = store, device, token, cache_dir
+        self.store, self.device = store, device
         self.loaded = {
-            ref: load_source(ref, device, token, hub_only, cache_dir)
+            ref: load_source(ref, device, loading.token, loading.hub_only, loading.cache_dir)
             for ref in spec.referenced_models()
         }
         first = spec.sources()[0]
@@ -255,7 +299,10 @@ class _Search:
         self.score = _Scorer(checked, tokenizer, device, fitness)
         self.stages: list[Stage] = []
         wall = spec.budget.wall_time
-        self.deadline = time.monotonic() + wall if wall else None
+        waited = time.time() - sharing.started if sharing.started else 0.0
+        self.started = time.monotonic() - waited
+        self.deadline = self.started + wall if wall else None
+        self.stopped = False
         self.parameter_genes: ParameterGenes | None = None
         self.parameter_candidate: ParameterCandidate | None = None
         self.path_genes: LayerGenes | None = None
@@ -278,7 +325,7 @@ class _Search:
             self._run_stage(
                 "parameters", genes.genes, lambda v: self.parameter_candidate.build(genes.recipe(v))
             )
-        if spec.space in ("layers", "both"):
+        if spec.space in ("layers", "both") and not self.stopped:
             self.layer_sources = [self.loaded[ref] for ref in sources]
             if self.parameter_genes is not None:  # the first stage's winner joins the sources
                 self.layer_sources.insert(0, self._stage_one_merge())
@@ -308,20 +355,21 @@ class _Search:
         self, name: str, genes: list[Gene], build: Callable[[dict[str, float]], nn.Module]
     ) -> None:
         spec = self.spec
+        sharing = self.sharing
         study = open_study(
-            self.store, _study_name(spec, name), spec.seed, spec.budget.population, centre(genes)
+            self.store, sharing.names.of(name), spec.seed, spec.budget.population, centre(genes)
         )
-        stage = Stage(study, name, genes, spec.budget.trials)
+        stage = Stage(study, name, genes, spec.budget.trials, sharing.worker)
         self.stages.append(stage)
         deadline = self.deadline
         if deadline is not None and spec.space == "both" and name == "parameters":
-            deadline -= (deadline - time.monotonic()) / 2  # the layer path gets the other half
+            deadline = self.started + spec.budget.wall_time / 2  # the layer path gets the rest
         bar = tqdm(
             total=stage.budget,
             initial=stage.counts()[0],
             desc=f"{name} search",
             unit="trial",
-            disable=not self.show_progress,
+            disable=not self.reporting.show_progress,
         )
 
         def evaluate_trial(values: dict[str, float]) -> Outcome:
@@ -339,11 +387,16 @@ class _Search:
             if deadline is not None:  # the bar's own estimate knows nothing of wall_time
                 postfix["wall time left"] = report.duration(max(0.0, deadline - time.monotonic()))
             bar.set_postfix(postfix, refresh=True)
-            if self.progress:
-                self.progress(name, len(done), stage.budget, best)
+            if self.reporting.progress:
+                self.reporting.progress(name, len(done), stage.budget, best)
+
+        def stop() -> bool:
+            asked = self.reporting.stop
+            self.stopped = self.stopped or bool(asked and asked())
+            return self.stopped
 
         try:
-            stage.run(evaluate_trial, deadline, after_trial)
+            stage.run(evaluate_trial, deadline, after_trial, stop)
         finally:
             bar.close()
 
@@ -367,8 +420,8 @@ class _Finished:
             search.checked,
         )
         self.loaded, self.stages, self.score = search.loaded, search.stages, search.score
-        self.device, self.token, self.cache_dir = search.device, search.token, search.cache_dir
-        self.hub_only = search.hub_only
+        self.device, self.loading = search.device, search.loading
+        self.card_details = search.reporting.card_details or {}
         self.parameter_candidate = search.parameter_candidate
 
     def write_parameters(
@@ -438,17 +491,21 @@ class _Finished:
     def _merge(self, recipe: Recipe, out: Path, section: str | None) -> Path:
         from merge_engine import preflight
 
-        plan = preflight(recipe, token=self.token, hub_only=self.hub_only, cache_dir=self.cache_dir)
+        loading = self.loading
+        plan = preflight(
+            recipe, token=loading.token, hub_only=loading.hub_only, cache_dir=loading.cache_dir
+        )
         shutil.rmtree(out, ignore_errors=True)  # ours, from an earlier try of the same search
         return write_merge(
             plan,
             out,
             device=str(self.device),
-            token=self.token,
+            token=loading.token,
             show_progress=False,
             card_command="mergebot merge mergebot_recipe.yaml ./merged",
-            cache_dir=self.cache_dir,
+            cache_dir=loading.cache_dir,
             card_section=section,
+            card_details=self.card_details,
         )
 
     def _write(

@@ -168,6 +168,34 @@ def fail_running(storage: optuna.storages.BaseStorage, name: str) -> int:
     return len(running)
 
 
+def records_of(study: optuna.Study, stage: str) -> list[TrialRecord]:
+    """The completed trials of ``study``, in the order they were asked for."""
+    return [
+        TrialRecord(
+            number=t.number,
+            stage=stage,
+            params=dict(t.params),
+            fitness=float(t.value),
+            scores=dict(t.user_attrs.get("scores", {})),
+            seconds=float(t.user_attrs.get("seconds", 0.0)),
+            merge_seconds=float(t.user_attrs.get("merge_seconds", 0.0)),
+            worker=str(t.user_attrs.get("worker", "")),
+        )
+        for t in completed(study)
+    ]
+
+
+def stored_records(
+    storage: optuna.storages.BaseStorage, name: str, stage: str
+) -> list[TrialRecord]:
+    """The completed trials of study ``name`` as any process reads them; none before it exists."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return []
+    return records_of(study, stage)
+
+
 @dataclass
 class Stage:
     """One study run to its budget by this process, alongside any others."""
@@ -190,9 +218,10 @@ class Stage:
         evaluate: Callable[[dict[str, float]], Outcome],
         deadline: float | None = None,
         after_trial: Callable[[], None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
-        """Run trials until the budget is complete (waiting for other processes' last trials)
-        or ``deadline`` (``time.monotonic()``) passes."""
+        """Run trials until the budget is complete (waiting for other processes' last trials),
+        ``deadline`` (``time.monotonic()``) passes or ``stop()`` says so after a trial."""
 
         def objective(trial: optuna.Trial) -> float:
             ahead = [
@@ -216,7 +245,7 @@ class Stage:
         def stop_when_full(study: optuna.Study, trial: FrozenTrial) -> None:
             if after_trial and trial.state == TrialState.COMPLETE:
                 after_trial()
-            if sum(self.counts()) >= self.budget:
+            if sum(self.counts()) >= self.budget or (stop and stop()):
                 study.stop()
 
         while True:
@@ -225,7 +254,7 @@ class Stage:
                 optuna.storages.fail_stale_trials(self.study)
             done, running = self.counts()
             left = None if deadline is None else deadline - time.monotonic()
-            if done >= self.budget or (left is not None and left <= 0):
+            if done >= self.budget or (left is not None and left <= 0) or (stop and stop()):
                 return
             if done + running >= self.budget:
                 time.sleep(WAIT_SECONDS)  # other processes hold the last trials
@@ -247,19 +276,7 @@ class Stage:
                 return
 
     def records(self) -> list[TrialRecord]:
-        return [
-            TrialRecord(
-                number=t.number,
-                stage=self.name,
-                params=dict(t.params),
-                fitness=float(t.value),
-                scores=dict(t.user_attrs.get("scores", {})),
-                seconds=float(t.user_attrs.get("seconds", 0.0)),
-                merge_seconds=float(t.user_attrs.get("merge_seconds", 0.0)),
-                worker=str(t.user_attrs.get("worker", "")),
-            )
-            for t in completed(self.study)
-        ]
+        return records_of(self.study, self.name)
 
     def span(self) -> tuple[float, float]:
         """When the first completed trial started and the last one ended (POSIX seconds)."""
