@@ -6,7 +6,10 @@
 | `POST /api/jobs` `{recipe, target, private?, follow_sources?}` | validate and queue; 202 with the job |
 | `GET /api/jobs[?requester=NAME&limit=N]` | recent jobs, in short (private ones only to their requester); `limit` 1–200 |
 | `GET /api/jobs/{id}` | one job: status, stage, fraction, log, error, result URL, card |
-| `POST /api/jobs/{id}/cancel` | the requester (or the bot's operator) stops a job |
+| `POST /api/jobs/{id}/cancel[?publish_best=true]` | the requester (or the bot's operator) stops a job; a search with `publish_best` stops after the current trial and publishes its best candidate so far |
+| `POST /api/searches` `{spec, target, private?}` | validate an evolutionary search spec and queue it; 202 with the job |
+| `GET /api/searches/{id}` | a search's status: the job, trials done of the budget, each trial's fitness and the best so far, the best genes, the wall time left, and when it ends the fitness table |
+| `GET /api/searches/{id}/trials` | every completed trial in full: stage, genes, fitness, per-task scores, seconds, worker |
 | `POST /api/follows/{ns}/{name}/stop` or `start` | the requester stops or restarts re-merges of a result |
 | `POST /api/webhooks/hub` | Hub webhooks (`X-Webhook-Secret` = `MERGEBOT_WEBHOOK_SECRET`): discussions and source updates |
 
@@ -27,6 +30,7 @@ import hmac
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Header, Query, Request
@@ -40,9 +44,10 @@ from merge_engine.errors import MergeError, excerpt
 from service import api_docs
 from service.discussions import DiscussionWatcher
 from service.errors import NotFound, ServiceError, TooLarge
-from service.intake import Identity, MergeRequest
+from service.intake import Identity, MergeRequest, SearchRequest
 from service.jobs import JobService
 from service.recent_jobs import RecentJobs
+from service.search_steps import search_status
 
 log = logging.getLogger("mergebot.api")
 T = TypeVar("T")
@@ -59,6 +64,14 @@ class SubmitBody(BaseModel):
     target: str
     private: bool = False
     follow_sources: bool = False
+
+
+class SearchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    spec: str
+    """The search spec as YAML, as `mergebot evolve` reads it."""
+    target: str
+    private: bool = False
 
 
 class _Scope(BaseModel):
@@ -223,6 +236,59 @@ def create_app(service: JobService) -> FastAPI:
         body = _parse(SubmitBody, await request.body())
         return await run_in_threadpool(submit_job, body, authorization)
 
+    def submit_search_job(body: SearchBody, authorization: str | None) -> dict:
+        identity = identity_of(authorization)
+        request = SearchRequest(
+            spec=service.read_spec(body.spec),
+            target=body.target,
+            requester=identity.name,
+            origin="api",
+            private=body.private,
+        )
+        job = service.submit_search(request, identity)
+        recent.forget(job.id)
+        return job.to_json()
+
+    @app.post(
+        "/api/searches",
+        status_code=202,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": SearchBody.model_json_schema()}},
+            }
+        },
+    )
+    async def submit_search(
+        request: Request, authorization: str | None = Header(default=None)
+    ) -> dict:
+        """Validate a search spec against the Hub (headers and task data) and queue it: 202
+        with the job; the same request again gives the same job."""
+        body = _parse(SearchBody, await request.body())
+        return await run_in_threadpool(submit_search_job, body, authorization)
+
+    async def visible_search(job_id: str, authorization: str | None):
+        identity = await identity_without_waiting(authorization)
+        found = await read(service.get, job_id)
+        if found is None or found.kind != "search" or not service.may_see(found, identity):
+            raise NotFound(f"there is no search {excerpt(job_id)}; check the id")
+        return found
+
+    @app.get("/api/searches/{job_id}")
+    async def search(job_id: str, authorization: str | None = Header(default=None)) -> dict:
+        """A search's status with its trials so far, for plotting elsewhere."""
+        found = await visible_search(job_id, authorization)
+        return await run_in_threadpool(search_status, service, found)
+
+    @app.get("/api/searches/{job_id}/trials")
+    async def search_trials(
+        job_id: str, authorization: str | None = Header(default=None)
+    ) -> list[dict]:
+        """Every completed trial of a search, in full."""
+        found = await visible_search(job_id, authorization)
+        records = await run_in_threadpool(service.trials, found)
+        return [asdict(record) for record in records]
+
     @app.get("/api/jobs")
     async def jobs(
         requester: str | None = Query(default=None, max_length=200),
@@ -247,10 +313,15 @@ def create_app(service: JobService) -> FastAPI:
         return Response(view.body, media_type="application/json")
 
     @app.post("/api/jobs/{job_id}/cancel")
-    def cancel(job_id: str, authorization: str | None = Header(default=None)) -> dict:
-        """Stop a queued or running job (its requester, or the bot's operator)."""
+    def cancel(
+        job_id: str,
+        publish_best: bool = Query(default=False),
+        authorization: str | None = Header(default=None),
+    ) -> dict:
+        """Stop a queued or running job (its requester, or the bot's operator); a running
+        search with ``publish_best`` publishes its best candidate so far."""
         try:
-            return service.cancel(job_id, identity_of(authorization)).to_json()
+            return service.cancel(job_id, identity_of(authorization), publish_best).to_json()
         finally:
             recent.forget(job_id)
 

@@ -72,7 +72,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
-    stop_dbos()
+    stop_dbos(service)
 
 
 def cmd_tick(args: argparse.Namespace) -> None:

@@ -1,19 +1,23 @@
-"""A merge request, as every origin (form, discussion, schedule, API) hands it in, and the
-checks the service adds to the engine's: a request may name only Hub repos, within size
-limits, and its job id is a hash of what it will produce, so a repeat finds the same job.
+"""A merge or search request, as every origin (form, discussion, schedule, API) hands it in,
+and the checks the service adds to the engine's: a request may name only Hub repos and
+datasets, within size and budget limits, and its job id is a hash of what it will produce, so
+a repeat finds the same job.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from merge_engine.errors import RecipeError, excerpt
+from merge_engine.evolve.spec import SearchSpec
 from merge_engine.hub_names import check_repo_id, check_revision
 from merge_engine.plan import MergePlan
-from merge_engine.recipe import Recipe
+from merge_engine.recipe import ModelReference, Recipe
+from merge_engine.sources import ModelSource
 
 Origin = Literal["form", "discussion", "schedule", "api"]
 
@@ -31,6 +35,18 @@ class MergeRequest:
     """``type/namespace/name#num`` when a Hub discussion asked for it."""
     changes: tuple[str, ...] = ()
     """For a re-merge: the sources that moved."""
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """An evolutionary search whose winner is pushed to ``target``."""
+
+    spec: SearchSpec
+    target: str
+    requester: str | None
+    origin: Origin
+    private: bool = False
+    discussion: str | None = None
 
 
 ANONYMOUS = "(anonymous)"
@@ -58,11 +74,36 @@ class Limits:
     max_source_bytes: int = 100 * 10**9
 
 
-def check_hub_only(recipe: Recipe) -> None:
+@dataclass(frozen=True)
+class SearchLimits:
+    """How much searching one request, and one requester in a day, may ask for."""
+
+    max_trials: int = 300
+    """Trials of one search, all stages together."""
+    max_hours: float = 6.0
+    """Wall time of one search; also the wall time of a spec that gives none."""
+    daily_trials: int = 1000
+    daily_hours: float = 24.0
+
+
+def check_hub_only(recipe: Recipe | SearchSpec) -> None:
     """Refuse any reference that is not ``org/name`` or ``org/name@revision`` by the Hub's own
     rules: a request must never make the server read its own files (a path, ``..``, a URL),
     and a name the Hub would refuse is one sentence now, not a failure later."""
-    for ref in recipe.referenced_models():
+    _check_hub_models(recipe.referenced_models())
+    if isinstance(recipe, SearchSpec):
+        for i, task in enumerate(recipe.fitness):
+            for split in ("data", "held_out"):
+                block = getattr(task, split)
+                if block is not None and block.path is not None:
+                    raise RecipeError(
+                        "is a file on the server; requests to the bot read task data from a Hub dataset or inline examples",
+                        field=f"fitness[{i}].{split}.path",
+                    )
+
+
+def _check_hub_models(refs: list[ModelReference]) -> None:
+    for ref in refs:
         if not _looks_like_hub_repo(ref.path):
             raise RecipeError(
                 f"{excerpt(str(ref))} is not a Hub model; requests to the bot may name only Hub repos as org/name or org/name@revision",
@@ -108,7 +149,7 @@ def check_push_rights(target: str, identity: Identity, bot_namespace: str | None
         )
 
 
-def check_model_count(recipe: Recipe, limits: Limits) -> None:
+def check_model_count(recipe: Recipe | SearchSpec, limits: Limits) -> None:
     """The number of models, from the recipe alone: refused before any Hub call."""
     count = len(recipe.referenced_models())
     if count > limits.max_models:
@@ -118,14 +159,79 @@ def check_model_count(recipe: Recipe, limits: Limits) -> None:
         )
 
 
-def check_limits(plan: MergePlan, limits: Limits) -> None:
+def check_limits(sources: Mapping[ModelReference, ModelSource], limits: Limits) -> None:
     """Size limits from the pre-flight (headers only), before any download."""
-    size = sum(info.nbytes for source in plan.sources.values() for info in source.tensors.values())
+    size = sum(info.nbytes for source in sources.values() for info in source.tensors.values())
     if size > limits.max_source_bytes:
         raise RecipeError(
             f"the source models hold {size / 1e9:.1f} GB of weights, more than the {limits.max_source_bytes / 1e9:.0f} GB limit of this bot",
             field="models",
         )
+
+
+def search_trials(spec: SearchSpec) -> int:
+    """The trials a spec asks for, all stages together."""
+    return spec.budget.trials * (2 if spec.space == "both" else 1)
+
+
+def with_wall_time(spec: SearchSpec, limits: SearchLimits) -> SearchSpec:
+    """A spec without ``wall_time`` runs for at most this bot's time per search."""
+    if spec.budget.wall_time is not None:
+        return spec
+    budget = spec.budget.model_copy(update={"wall_time": limits.max_hours * 3600})
+    return spec.model_copy(update={"budget": budget})
+
+
+def check_search_limits(spec: SearchSpec, limits: SearchLimits) -> None:
+    """A search's own budget within this bot's limits per search, from the spec alone."""
+    trials = search_trials(spec)
+    if trials > limits.max_trials:
+        raise RecipeError(
+            f"the search asks for {trials} trials, more than the {limits.max_trials} this bot runs per search; ask for fewer trials",
+            field="budget.trials",
+        )
+    hours = (spec.budget.wall_time or 0) / 3600
+    if hours > limits.max_hours:
+        raise RecipeError(
+            f"the search asks for {_hours(hours)} of wall time, more than the {_hours(limits.max_hours)} this bot gives one search; shorten budget.wall_time",
+            field="budget.wall_time",
+        )
+
+
+def check_daily_search_limits(
+    spec: SearchSpec, earlier: list[SearchSpec], requester: str, limits: SearchLimits
+) -> None:
+    """``spec`` and the ``earlier`` searches of ``requester`` in the last day within this
+    bot's daily limits per requester."""
+    trials = search_trials(spec) + sum(search_trials(s) for s in earlier)
+    if trials > limits.daily_trials:
+        raise RecipeError(
+            f"{requester} would run {trials} search trials today, more than the {limits.daily_trials} this bot runs per requester per day; ask for fewer trials or wait a day",
+            field="budget.trials",
+        )
+    hours = sum((s.budget.wall_time or 0) for s in [spec, *earlier]) / 3600
+    if hours > limits.daily_hours:
+        raise RecipeError(
+            f"{requester} would search for {_hours(hours)} today, more than the {_hours(limits.daily_hours)} this bot gives a requester per day; shorten budget.wall_time or wait a day",
+            field="budget.wall_time",
+        )
+
+
+def _hours(hours: float) -> str:
+    return f"{hours:g} h" if hours >= 1 else f"{hours * 60:g} min"
+
+
+def search_job_id(spec: SearchSpec, request: SearchRequest) -> str:
+    """Hash of the pinned spec, the target and whether the result is private."""
+    normalised = json.dumps(
+        {
+            "spec": spec.model_dump(mode="json", exclude_none=True),
+            "target": request.target,
+            "private": request.private,
+        },
+        sort_keys=True,
+    )
+    return "search-" + hashlib.sha256(normalised.encode()).hexdigest()[:24]
 
 
 def job_id(plan: MergePlan, request: MergeRequest) -> str:

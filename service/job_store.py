@@ -15,7 +15,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: tuple[Status, ...] = ("queued", "running")
+Kind = Literal["merge", "search"]
 STAGES = ("pre-flight", "download", "merge", "verify", "card", "push")
+SEARCH_STAGES = ("pre-flight", "search", "verify", "push")
+"""A search's trials and the writing of its winner (with its card) are one stage."""
 LOG_LINES = 30
 
 metadata = sa.MetaData()
@@ -48,6 +51,9 @@ jobs_table = sa.Table(
     sa.Column("cancel_requested", sa.Boolean, nullable=False),
     sa.Column("failure", sa.String(20)),
     sa.Column("auto_retried", sa.Boolean),
+    sa.Column("kind", sa.String(20)),
+    sa.Column("outcome", sa.Text),
+    sa.Column("finish_early", sa.Boolean),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
@@ -65,7 +71,7 @@ OUTAGE_RETRY_HOURS = 24
 """A job failed by a Hub outage runs again when the Hub answers within this many hours."""
 
 SUMMARY_FIELDS = (
-    "id", "attempt", "requester", "origin", "target", "private", "follow_sources", "discussion",
+    "id", "kind", "attempt", "requester", "origin", "target", "private", "follow_sources", "discussion",
     "status", "stage", "fraction", "error", "url", "created_at", "updated_at",
 )  # fmt: skip
 
@@ -107,6 +113,13 @@ class Job:
     """``hub_outage`` when the job failed because the Hub could not be reached."""
     auto_retried: bool = False
     """This attempt is the automatic one after an outage (there is no second)."""
+    kind: Kind = "merge"
+    """``search``: ``recipe`` is the pinned search spec, and the winner is what is pushed."""
+    outcome: dict[str, Any] | None = None
+    """A finished search's fitness table: ``{"rows": [{"model", "search", "held_out"}, ...]}``
+    with the winner first."""
+    finish_early: bool = False
+    """The requester stopped the search and asked for the best candidate so far."""
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -116,13 +129,18 @@ class Job:
         return f"{self.id}.{self.attempt}"
 
     @property
+    def stages(self) -> tuple[str, ...]:
+        return SEARCH_STAGES if self.kind == "search" else STAGES
+
+    @property
     def progress(self) -> float:
-        """The whole job's progress, 0 to 1: each stage an equal share, the merge's by tensor."""
+        """The whole job's progress, 0 to 1: each stage an equal share, the merge's by tensor
+        and the search's by trial."""
         if self.status == "succeeded":
             return 1.0
-        if self.stage not in STAGES:
+        if self.stage not in self.stages:
             return 0.0
-        return (STAGES.index(self.stage) + self.fraction) / len(STAGES)
+        return (self.stages.index(self.stage) + self.fraction) / len(self.stages)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "progress": self.progress}
@@ -279,6 +297,28 @@ class JobStore:
         self.update(job_id, log="the Hub answers again: running the job once more")
         return self.get(job_id)
 
+    def running_searches(self) -> list[Job]:
+        """Searches whose trials are being run now: any worker may help."""
+        c = jobs_table.c
+        query = jobs_table.select().where(
+            c.kind == "search", c.status == "running", c.stage == "search"
+        )
+        with self.engine.connect() as db:
+            return [_from_row(row) for row in db.execute(query)]
+
+    def busy(self, worker: str) -> bool:
+        """Whether ``worker`` runs a job now."""
+        c = jobs_table.c
+        return self._count(c.worker == worker, c.status == "running") > 0
+
+    def searches_since(self, requester: str, since: float) -> list[Job]:
+        c = jobs_table.c
+        query = jobs_table.select().where(
+            c.requester == requester, c.kind == "search", c.created_at >= since
+        )
+        with self.engine.connect() as db:
+            return [_from_row(row) for row in db.execute(query)]
+
     def cancel_requested(self, job_id: str) -> bool:
         with self.engine.connect() as db:
             return bool(
@@ -327,6 +367,7 @@ def _to_row(job: Job) -> dict[str, Any]:
     row["sources"] = json.dumps(job.sources, sort_keys=True)
     row["log"] = json.dumps(job.log)
     row["changes"] = json.dumps(job.changes)
+    row["outcome"] = json.dumps(job.outcome) if job.outcome is not None else None
     return row
 
 
@@ -336,4 +377,7 @@ def _from_row(row: sa.Row) -> Job:
     values["log"] = json.loads(values["log"])
     values["changes"] = json.loads(values["changes"] or "[]")
     values["auto_retried"] = bool(values["auto_retried"])
+    values["kind"] = values["kind"] or "merge"
+    values["outcome"] = json.loads(values["outcome"]) if values["outcome"] else None
+    values["finish_early"] = bool(values["finish_early"])
     return Job(**values)

@@ -1,5 +1,6 @@
-"""The one submit path of every origin (form, discussion, schedule, API), and what can be asked
-of a job afterwards: its state, the recent ones, cancel.
+"""The one submit path of every origin (form, discussion, schedule, API), for merges and
+evolutionary searches alike, and what can be asked of a job afterwards: its state, the recent
+ones, a search's trials, cancel.
 
 Submit runs the engine's pre-flight against the Hub (headers only) with the requester's token
 or none, and answers at once with a clear error or a job. The job id is a hash of the pinned
@@ -12,13 +13,21 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 
 from merge_engine import preflight
 from merge_engine.errors import MergeError, RecipeError, excerpt
+from merge_engine.evolve.checks import CheckedSpec, check_spec
+from merge_engine.evolve.report import TrialRecord
+from merge_engine.evolve.spec import SearchSpec, spec_from_text
 from merge_engine.plan import MergePlan
-from merge_engine.recipe import Recipe, recipe_from_text
+from merge_engine.recipe import Recipe, recipe_from_text, with_revisions
 from service.errors import (
     HubUnavailable,
     NotAllowed,
@@ -32,12 +41,17 @@ from service.identities import Identities
 from service.intake import (
     Identity,
     MergeRequest,
+    SearchRequest,
+    check_daily_search_limits,
     check_hub_only,
     check_limits,
     check_model_count,
     check_push_rights,
+    check_search_limits,
     check_target,
     job_id,
+    search_job_id,
+    with_wall_time,
 )
 from service.job_store import Job, JobStore, make_engine
 from service.once import create_tables as create_event_tables
@@ -62,45 +76,90 @@ class JobService:
         )
         create_event_tables(engine)
         self.follows = Follows(self)
+        self.helping: threading.Event | None = None
+        """Set to stop this process's helping with other workers' searches."""
+
+    @cached_property
+    def studies(self):
+        """Optuna's storage of the search studies, in the bot's own database."""
+        from merge_engine.evolve.study import open_storage
+
+        return open_storage(self.settings.database_url)
 
     def read_recipe(self, text: str) -> Recipe:
         """A recipe from a request's YAML, within this bot's size, depth and expansion limits."""
         return recipe_from_text(text, self.settings.recipe_limits)
 
+    def read_spec(self, text: str) -> SearchSpec:
+        """A search spec from a request's YAML, within the same limits as a recipe."""
+        return spec_from_text(text, self.settings.recipe_limits)
+
     def check(self, request: MergeRequest, identity: Identity) -> tuple[MergePlan, str]:
         """Everything submit checks, queueing nothing: the plan and the job id it would get.
         What the request alone shows is checked before anything is asked of the Hub."""
         limits = self.settings.limits
-        check_target(request.target)
-        check_hub_only(request.recipe)
-        check_model_count(request.recipe, limits)
-        check_push_rights(request.target, identity, self.settings.bot_namespace)
-        if request.private and identity.name is None:
-            raise RecipeError(
-                "a private merge needs sign-in (nobody else could read it); sign in, or make it public",
-                field="private",
+        self._check_request(request.recipe, request.target, request.private, identity)
+        with self._hub_scratch() as cache:
+            plan = preflight(
+                request.recipe, token=identity.token or False, hub_only=True, cache_dir=cache
             )
-        plan = self._preflight(request, identity)
-        check_limits(plan, limits)
+        check_limits(plan.sources, limits)
         new_id = job_id(plan, request)
         if not identity.token:
             self._check_bot_target(request.target, identity, new_id)
         return plan, new_id
 
-    def _preflight(self, request: MergeRequest, identity: Identity) -> MergePlan:
-        """The engine's pre-flight, read with the requester's token into a folder of its own
-        that is gone afterwards: a private repo's files never enter a shared cache. A Hub that
-        cannot be reached is a 503, not the requester's mistake."""
+    def check_search(self, request: SearchRequest, identity: Identity) -> tuple[CheckedSpec, str]:
+        """Everything a search's submit checks, queueing nothing: the spec checked against the
+        Hub (headers and task data only; the pinned spec is ``checked.spec``) and its job id."""
+        spec = with_wall_time(request.spec, self.settings.search_limits)
+        self._check_request(spec, request.target, request.private, identity)
+        check_search_limits(spec, self.settings.search_limits)
+        with self._hub_scratch() as cache:
+            checked = check_spec(
+                spec, token=identity.token or False, hub_only=True, cache_dir=cache
+            )
+        revisions = {ref: s.revision for ref, s in checked.sources.items() if s.revision}
+        checked = replace(checked, spec=with_revisions(spec, revisions))
+        check_limits(checked.sources, self.settings.limits)
+        new_id = search_job_id(checked.spec, request)
+        if self.store.get(new_id) is None:  # asking twice is the same search, not a second
+            earlier = [
+                self.read_spec(job.recipe)
+                for job in self.store.searches_since(identity.requester, time.time() - DAY)
+            ]
+            check_daily_search_limits(
+                checked.spec, earlier, identity.requester, self.settings.search_limits
+            )
+        if not identity.token:
+            self._check_bot_target(request.target, identity, new_id)
+        return checked, new_id
+
+    def _check_request(
+        self, document: Recipe | SearchSpec, target: str, private: bool, identity: Identity
+    ) -> None:
+        """What the request alone shows, before anything is asked of the Hub."""
+        check_target(target)
+        check_hub_only(document)
+        check_model_count(document, self.settings.limits)
+        check_push_rights(target, identity, self.settings.bot_namespace)
+        if private and identity.name is None:
+            what = "search" if isinstance(document, SearchSpec) else "merge"
+            raise RecipeError(
+                f"a private {what} needs sign-in (nobody else could read it); sign in, or make it public",
+                field="private",
+            )
+
+    @contextmanager
+    def _hub_scratch(self) -> Iterator[Path]:
+        """A folder for the engine's pre-flight, read with the requester's token, that is gone
+        afterwards: a private repo's files never enter a shared cache. A Hub that cannot be
+        reached is a 503, not the requester's mistake."""
         scratch = self.settings.work_dir / "preflight"
         scratch.mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory(dir=scratch) as cache:
             try:
-                return preflight(
-                    request.recipe,
-                    token=identity.token or False,
-                    hub_only=True,
-                    cache_dir=Path(cache),
-                )
+                yield Path(cache)
             except MergeError as error:
                 if is_transient(error):
                     raise HubUnavailable(
@@ -134,11 +193,6 @@ class JobService:
     def submit(self, request: MergeRequest, identity: Identity) -> Job:
         """Validate ``request`` and queue it, or return the job that already does the same."""
         plan, new_id = self.check(request, identity)
-        limit = (
-            self.settings.max_queued_per_requester
-            if identity.token
-            else self.settings.max_queued_anonymous
-        )
         job = Job(
             id=new_id,
             attempt=1,
@@ -153,6 +207,37 @@ class JobService:
             request_recipe=request.recipe.to_yaml(),
             discussion=request.discussion,
             changes=list(request.changes),
+        )
+        return self._queue(job, identity)
+
+    def submit_search(self, request: SearchRequest, identity: Identity) -> Job:
+        """Validate a search and queue it, or return the job that already does the same."""
+        checked, new_id = self.check_search(request, identity)
+        spec = checked.spec
+        models = ", ".join(str(ref) for ref in spec.sources())
+        job = Job(
+            id=new_id,
+            attempt=1,
+            kind="search",
+            requester=identity.requester,
+            origin=request.origin,
+            target=request.target,
+            private=request.private,
+            follow_sources=False,
+            recipe=spec.to_yaml(),
+            sources={r.path: s.revision for r, s in checked.sources.items() if s.revision},
+            log=[f"queued: a {spec.space} search over {models} into {request.target}"],
+            request_recipe=request.spec.to_yaml(),
+            discussion=request.discussion,
+        )
+        return self._queue(job, identity)
+
+    def _queue(self, job: Job, identity: Identity) -> Job:
+        """Store ``job`` within its requester's queue limit and start its workflow."""
+        limit = (
+            self.settings.max_queued_per_requester
+            if identity.token
+            else self.settings.max_queued_anonymous
         )
         stored = self.store.add_within_limit(job, limit)
         if stored is None:
@@ -179,6 +264,12 @@ class JobService:
 
     def get(self, job_id: str) -> Job | None:
         return self.store.get(job_id)
+
+    def trials(self, job: Job) -> list[TrialRecord]:
+        """The completed trials of a search job so far, every stage, in order."""
+        from service.search_steps import trial_records
+
+        return trial_records(self, job)
 
     def list(self, requester: str | None = None, limit: int = 50) -> list[Job]:
         return self.store.list(requester, limit)
@@ -209,14 +300,20 @@ class JobService:
             raise SignInRequired(f"sign in as {requester} to {action}")
         raise NotAllowed(f"only {requester} can {action}; sign in as them")
 
-    def cancel(self, job_id: str, identity: Identity) -> Job:
+    def cancel(self, job_id: str, identity: Identity, publish_best: bool = False) -> Job:
         """Ask a queued or running job to stop; the worker stops at its next checkpoint (a
-        tensor, in the merge). Only the requester — or the bot's own token — may cancel."""
+        tensor, in the merge; a trial, in a search). With ``publish_best`` a running search
+        instead publishes its best candidate so far. Only the requester — or the bot's own
+        token — may cancel."""
         missing = f"there is no job {excerpt(job_id)}; check the id with `mergebot jobs`"
         job = self.store.get(job_id)
         if job is None:
             raise NotFound(missing)
         self.authorise(identity, job.requester, job.private, missing, f"cancel {job_id}")
+        wants_best = publish_best and job.kind == "search"
+        if wants_best and self.store.update_if(job_id, "running", finish_early=True):
+            self.store.update(job_id, log="stop requested: publishing the best so far")
+            return self.store.get(job_id) or job
         return self.request_cancel(job)
 
     def set_following(self, target: str, identity: Identity, on: bool) -> str:
@@ -284,6 +381,9 @@ class JobService:
         except Exception:  # noqa: BLE001  (down: connection refused, timeout, ...)
             return False
         return response.status_code < 500
+
+
+DAY = 24 * 3600
 
 
 def _job_recipe(plan: MergePlan, job_id: str) -> str:

@@ -1,4 +1,5 @@
-"""The durable merge workflow: pre-flight → download → merge → verify → card → push.
+"""The durable job workflow: pre-flight → download → merge → verify → card → push for a merge
+(a search's steps are in :mod:`service.search_steps`).
 
 Each stage is a DBOS step, checkpointed in the database when it ends; a worker killed in the
 middle resumes, under the same worker id, at the first stage that had not finished. Every step
@@ -27,7 +28,7 @@ from merge_engine.recipe import recipe_from_text
 from merge_engine.run import download_plan, resolve_device, write_merge
 from service.discussions import DiscussionWatcher, discussion_url, parse_discussion_key
 from service.hub import hub_api, publish
-from service.job_store import ACTIVE, STAGES, Job
+from service.job_store import ACTIVE, SEARCH_STAGES, STAGES, Job
 from service.jobs import JobService
 from service.retry import HubOutage, RetryPolicy, is_transient, with_retries
 from service.verify import verify_output
@@ -111,6 +112,10 @@ def _with_hub(job_id: str, call: Callable[[], T]) -> T:
 
 
 def _merged_dir(job: Job) -> Path:
+    if job.kind == "search":
+        from service.search_steps import output_dir
+
+        return output_dir(_jobs(), job)
     return _jobs().settings.job_dir(job.id) / "merged"
 
 
@@ -215,14 +220,13 @@ def push_step(job_id: str) -> None:
     job = _job(job_id)
     token = jobs.vault.get(job_id) or _bot_token_for(job)
     api = hub_api(jobs.settings.endpoint, token)
-    method = recipe_from_text(job.recipe).merge_method
     commit = publish(
         api,
         _merged_output(job),
         job.target,
         job.id,
         private=job.private,
-        title=f"Merge with mergebot ({method})",
+        title=_commit_title(job),
         policy=_hub_policy(),
         on_retry=_log_line(job_id),
     )
@@ -230,6 +234,12 @@ def push_step(job_id: str) -> None:
     jobs.store.update(
         job_id, commit=commit, url=f"{jobs.settings.endpoint}/{job.target}", output_bytes=weights
     )
+
+
+def _commit_title(job: Job) -> str:
+    if job.kind == "search":
+        return "Evolutionary merge with mergebot"
+    return f"Merge with mergebot ({recipe_from_text(job.recipe).merge_method})"
 
 
 def _bot_token_for(job: Job) -> str:
@@ -251,6 +261,15 @@ STEPS: list[tuple[str, Callable[[str], None]]] = list(
 )
 
 
+def _steps(job: Job) -> list[tuple[str, Callable[[str], None]]]:
+    if job.kind != "search":
+        return STEPS
+    from service import search_steps as s
+
+    steps = [s.search_preflight_step, s.search_step, s.search_verify_step, push_step]
+    return list(zip(SEARCH_STAGES, steps, strict=True))
+
+
 # --- the workflow --------------------------------------------------------------------------
 
 
@@ -268,7 +287,7 @@ def merge_job(job_id: str) -> str:
     stage = "pre-flight"
     retry_later = False  # failed by a Hub outage, and to run again when the Hub is back
     try:
-        for stage, step in STEPS:
+        for stage, step in _steps(job):
             if store.cancel_requested(job_id):
                 raise JobCancelled()
             store.update(job_id, stage=stage, fraction=0.0, log=stage)

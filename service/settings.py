@@ -17,6 +17,8 @@
 | `MERGEBOT_WEBHOOK_SECRET` | the secret Hub webhooks must carry to `/api/webhooks/hub` | none: the endpoint is off |
 | `MERGEBOT_DISCUSSION_DAILY` | merge requests per discussion author per day | 5 |
 | `MERGEBOT_ALLOW_NAMESPACES`, `MERGEBOT_DENY_NAMESPACES` | comma lists: namespaces a discussion request may (not) read from | any / none |
+| `MERGEBOT_MAX_SEARCH_TRIALS`, `MERGEBOT_MAX_SEARCH_HOURS` | trials (all stages) and wall time of one evolutionary search; a spec without `wall_time` gets the latter | 300, 6 |
+| `MERGEBOT_SEARCH_TRIALS_DAILY`, `MERGEBOT_SEARCH_HOURS_DAILY` | trials and wall time of all searches one requester asks for in 24 hours | 1000, 24 |
 | `MERGEBOT_MAX_QUEUED_ANONYMOUS` | queued jobs of all requests without sign-in together | 1 |
 | `MERGEBOT_MAX_BODY_KB` | size of one HTTP request body (413 above it) | 1024 |
 | `MERGEBOT_MAX_RECIPE_KB`, `MERGEBOT_MAX_RECIPE_DEPTH`, `MERGEBOT_MAX_RECIPE_NODES` | a recipe's size, nesting, and values once YAML aliases are expanded | 256, 32, 50000 |
@@ -38,7 +40,7 @@ from pathlib import Path
 
 from merge_engine.errors import MergeError, excerpt
 from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits
-from service.intake import Limits
+from service.intake import Limits, SearchLimits
 
 PUBLIC_HUB = "https://huggingface.co"
 
@@ -55,6 +57,7 @@ class Settings:
     """Set by the command when not given: ``<host>-serve`` or ``<host>-worker0``."""
     device: str = "auto"
     limits: Limits = Limits()
+    search_limits: SearchLimits = SearchLimits()
     max_queued_per_requester: int = 3
     watch_repos: tuple[str, ...] = ()
     """``type/namespace/name`` of each repo whose discussions are merge requests."""
@@ -94,6 +97,14 @@ class Settings:
                 max_source_bytes=int(
                     _number(env, "MERGEBOT_MAX_SOURCE_GB", Limits.max_source_bytes / 1e9) * 1e9
                 ),
+            ),
+            search_limits=SearchLimits(
+                max_trials=int(_number(env, "MERGEBOT_MAX_SEARCH_TRIALS", SearchLimits.max_trials)),
+                max_hours=_number(env, "MERGEBOT_MAX_SEARCH_HOURS", SearchLimits.max_hours),
+                daily_trials=int(
+                    _number(env, "MERGEBOT_SEARCH_TRIALS_DAILY", SearchLimits.daily_trials)
+                ),
+                daily_hours=_number(env, "MERGEBOT_SEARCH_HOURS_DAILY", SearchLimits.daily_hours),
             ),
             max_queued_per_requester=int(_number(env, "MERGEBOT_MAX_QUEUED", 3)),
             max_queued_anonymous=int(_number(env, "MERGEBOT_MAX_QUEUED_ANONYMOUS", 1)),

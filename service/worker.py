@@ -12,7 +12,7 @@ import logging
 
 from service.jobs import JobService
 
-APP_VERSION = "mergebot-jobs-1"
+APP_VERSION = "mergebot-jobs-2"
 """The workflow's version: recovery only resumes workflows of the same version, so bump it
 when the steps change and keep it equal across a fleet."""
 MERGES_AT_ONCE = 1  # per worker: one merge holds the machine's memory bandwidth (and GPU)
@@ -22,7 +22,7 @@ def start_dbos(service: JobService, run_jobs: bool = True) -> None:
     """Launch DBOS on the service's database; with ``run_jobs`` this process also merges."""
     from dbos import DBOS, DBOSPortableJSONSerializer
 
-    from service import pipeline
+    from service import pipeline, search_steps
 
     settings = service.settings
     pipeline.configure(service)
@@ -39,12 +39,16 @@ def start_dbos(service: JobService, run_jobs: bool = True) -> None:
     DBOS.listen_queues([pipeline.QUEUE] if run_jobs else [])
     DBOS.launch()
     DBOS.register_queue(pipeline.QUEUE, worker_concurrency=MERGES_AT_ONCE)
+    if run_jobs:  # an idle worker evaluates trials of the searches other workers run
+        service.helping = search_steps.start_helping(service)
     logging.getLogger("mergebot.jobs").info(
         "worker %s %s", settings.worker_id, "merging" if run_jobs else "submitting only"
     )
 
 
-def stop_dbos() -> None:
+def stop_dbos(service: JobService | None = None) -> None:
     from dbos import DBOS
 
+    if service is not None and service.helping is not None:
+        service.helping.set()
     DBOS.destroy()

@@ -106,8 +106,8 @@ def test_the_model_count_is_checked_from_the_recipe_alone():
 
 def test_size_limits_are_checked_from_headers():
     with pytest.raises(RecipeError, match="more than the 0 GB limit"):
-        check_limits(plan(), Limits(max_source_bytes=100))
-    check_limits(plan(), Limits())
+        check_limits(plan().sources, Limits(max_source_bytes=100))
+    check_limits(plan().sources, Limits())
 
 
 def request(target: str = "alice/merged", **options) -> MergeRequest:

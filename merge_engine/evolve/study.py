@@ -196,6 +196,17 @@ def stored_records(
     return records_of(study, stage)
 
 
+def stored_starts(storage: optuna.storages.BaseStorage, name: str) -> list[float]:
+    """When each trial of study ``name`` began (POSIX seconds), whatever its state."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return []
+    return [
+        t.datetime_start.timestamp() for t in study.get_trials(deepcopy=False) if t.datetime_start
+    ]
+
+
 @dataclass
 class Stage:
     """One study run to its budget by this process, alongside any others."""

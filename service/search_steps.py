@@ -1,0 +1,331 @@
+"""A search job's durable steps — pre-flight → search → verify → push — and the helpers that
+let every listening worker evaluate trials of a running search.
+
+The study lives in the bot's own database (Optuna's tables beside the jobs), named after the
+job, so a worker killed in the middle loses at most the trial it was running: the search step
+runs again (under the same worker id, or on another machine) and continues the same study.
+Any other worker that is idle joins a running search (:func:`help_searches`) and evaluates
+trials until the budget is spent or the search stops; its trials carry its worker id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from dbos import DBOS
+
+from merge_engine.calibration import load_tokenizer
+from merge_engine.errors import MergeError
+from merge_engine.evolve.checks import check_spec
+from merge_engine.evolve.fitness import evaluate, read_tasks
+from merge_engine.evolve.report import TrialRecord
+from merge_engine.evolve.search import SearchResult, StudyNames, evolve
+from merge_engine.evolve.spec import SearchSpec, spec_from_text
+from merge_engine.evolve.study import stored_records, stored_starts
+from merge_engine.run import resolve_device
+from merge_engine.sources import model_class
+from service.job_store import Job
+from service.verify import verify_output
+
+log = logging.getLogger("mergebot.search")
+HELP_POLL_SECONDS = 2.0
+"""How often an idle worker looks for a running search to help."""
+HELD_OUT_TOLERANCE = 1e-4
+"""How far the published model's held-out fitness may be from the searched candidate's."""
+
+
+def stage_names(spec: SearchSpec) -> list[str]:
+    return {"parameters": ["parameters"], "layers": ["layers"], "both": ["parameters", "layers"]}[
+        spec.space
+    ]
+
+
+def search_spec(job: Job) -> SearchSpec:
+    """The pinned spec the job searches."""
+    return spec_from_text(job.recipe)
+
+
+def study_names(job: Job) -> StudyNames:
+    """Every attempt of a job continues the same studies: trials are never run twice."""
+    return StudyNames(job.id)
+
+
+def output_dir(service, job: Job) -> Path:
+    """Where the winner is written: a folder named after the target, as the card is."""
+    return service.settings.job_dir(job.id) / "search" / job.target.split("/")[1]
+
+
+def trial_records(service, job: Job) -> list[TrialRecord]:
+    """The completed trials of ``job`` so far, every stage, as any process reads them."""
+    names = study_names(job)
+    return [
+        record
+        for stage in stage_names(search_spec(job))
+        for record in stored_records(service.studies, names.of(stage), stage)
+    ]
+
+
+def search_started(service, job: Job) -> float | None:
+    """When the first trial of the job began (POSIX seconds): ``wall_time`` counts from it in
+    every process and every attempt."""
+    names = study_names(job)
+    starts = [
+        start
+        for stage in stage_names(search_spec(job))
+        for start in stored_starts(service.studies, names.of(stage))
+    ]
+    return min(starts, default=None)
+
+
+def search_status(service, job: Job) -> dict:
+    """What a search's watcher sees: the trials so far (each with the best fitness up to it),
+    the budget, the best candidate's genes and the wall time left."""
+    spec = search_spec(job)
+    records = trial_records(service, job) if job.stage != "queued" else []
+    trials, best = [], None
+    for index, record in enumerate(records):
+        if best is None or record.fitness > best.fitness:
+            best = record
+        trials.append(
+            {
+                "index": index,
+                "stage": record.stage,
+                "number": record.number,
+                "fitness": record.fitness,
+                "best": best.fitness,
+                "worker": record.worker,
+            }
+        )
+    started = search_started(service, job) if records else None
+    left = None
+    if started is not None and spec.budget.wall_time and job.status == "running":
+        left = max(0.0, spec.budget.wall_time - (time.time() - started))
+    return {
+        "job": job.summary_json(),
+        "budget": spec.budget.trials * len(stage_names(spec)),
+        "done": len(records),
+        "best": None
+        if best is None
+        else {"fitness": best.fitness, "stage": best.stage, "params": best.params},
+        "seconds_left": left,
+        "outcome": job.outcome,
+        "trials": trials,
+    }
+
+
+# --- the steps -----------------------------------------------------------------------------
+
+
+def _pipeline():
+    from service import pipeline
+
+    return pipeline
+
+
+@DBOS.step(name="mergebot.search.preflight")
+def search_preflight_step(job_id: str) -> None:
+    """The pinned sources and the task data are still there and readable by this requester."""
+    pipeline = _pipeline()
+    job = pipeline._job(job_id)
+    service = pipeline._jobs()
+    cache = service.settings.job_dir(job_id) / "hub"
+    pipeline._with_hub(
+        job_id,
+        lambda: check_spec(
+            search_spec(job), token=pipeline._read_token(job), hub_only=True, cache_dir=cache
+        ),
+    )
+
+
+@DBOS.step(name="mergebot.search.run")
+def search_step(job_id: str) -> None:
+    """Run trials (with any helping workers) until the budget is spent, the wall time is up or
+    the requester asks for the best so far; write the winner with its card."""
+    pipeline = _pipeline()
+    service = pipeline._jobs()
+    job = pipeline._job(job_id)
+    service.store.count_merge_run(job_id, service.settings.worker_id)
+    spec = search_spec(job)
+    out = output_dir(service, job)
+    resume = (out / "evolve" / "spec.yaml").is_file()  # this machine ran it before a crash
+    result = evolve(
+        spec,
+        out,
+        resume=resume,
+        storage=service.settings.database_url,
+        device=service.settings.device,
+        token=pipeline._read_token(job),
+        hub_only=True,
+        cache_dir=service.settings.job_dir(job_id) / "hub",
+        show_progress=False,
+        progress=_progress(service, job, spec, pipeline.JobCancelled),
+        study_name=study_names(job).prefix,
+        worker=service.settings.worker_id,
+        started=search_started(service, job),
+        stop=lambda: _finish_early(service, job_id),
+        card_details={
+            "job_id": job.id,
+            "credit": pipeline._credit(job),
+            "endpoint": service.settings.endpoint,
+        },
+    )
+    card = (out / "README.md").read_text(encoding="utf-8")
+    service.store.update(
+        job_id,
+        outcome=json.dumps(outcome_of(result)),
+        card=card,
+        log=f"winner: search fitness {result.search_fitness:.4g}, held-out {result.held_out_fitness:.4g}",
+    )
+
+
+def outcome_of(result: SearchResult) -> dict:
+    """What the job table keeps of a finished search: the fitness table, the winner first."""
+    rows = [
+        {"model": "winner", "search": result.search_fitness, "held_out": result.held_out_fitness}
+    ]
+    rows += [
+        {"model": b.label, "search": b.search, "held_out": b.held_out} for b in result.baselines
+    ]
+    trials = len(result.records)
+    return {"rows": rows, "trials": trials, "logit_difference": result.logit_difference}
+
+
+def _finish_early(service, job_id: str) -> bool:
+    job = service.store.get(job_id)
+    return job is None or job.finish_early
+
+
+def _progress(
+    service, job: Job, spec: SearchSpec, cancelled: type[Exception]
+) -> Callable[[str, int, int, float], None]:
+    """After each trial: the job's fraction, a log line when the best improves, and a cancel
+    that stops the search here."""
+    stages = stage_names(spec)
+    best_so_far: dict[str, float] = {}
+
+    def report(stage: str, done: int, budget: int, best: float) -> None:
+        before = stages.index(stage) * budget
+        values = {"fraction": (before + done) / (budget * len(stages))}
+        if best_so_far.get(stage) != best:
+            best_so_far[stage] = best
+            values["log"] = f"{stage} trial {done}/{budget}: best fitness {best:.4g}"
+        service.store.update(job.id, **values)
+        if service.store.cancel_requested(job.id):
+            raise cancelled()
+
+    return report
+
+
+@DBOS.step(name="mergebot.search.verify")
+def search_verify_step(job_id: str) -> None:
+    """The written winner loads, gives finite outputs and, measured again on the held-out
+    split, has the fitness the card states."""
+    pipeline = _pipeline()
+    service = pipeline._jobs()
+    job = pipeline._job(job_id)
+    device = resolve_device(service.settings.device)
+    out = pipeline._merged_output(job)
+    verify_output(out, device)
+    stated = job.outcome["rows"][0]["held_out"]
+    spec = search_spec(job)
+    token = pipeline._read_token(job)
+    cache = service.settings.job_dir(job_id) / "hub"
+    measured = held_out_fitness(out, spec, device, token, cache)
+    if abs(measured - stated) > HELD_OUT_TOLERANCE:
+        raise MergeError(
+            f"the written model's held-out fitness is {measured:.6g}, not the {stated:.6g} its search measured; submit the search again, and report it if it repeats"
+        )
+
+
+def held_out_fitness(
+    folder: Path, spec: SearchSpec, device: torch.device, token: str | bool, cache: Path
+) -> float:
+    """The fitness of the model in ``folder`` on the spec's held-out split."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    model = model_class(config.to_dict()).from_pretrained(
+        folder, dtype="auto", trust_remote_code=False
+    )
+    model.to(device).eval()
+    tasks = read_tasks(spec.fitness, token, True, cache)
+    tokenizer = load_tokenizer([folder], spec.sources()[0])
+    return evaluate(model, tokenizer, tasks, "held_out", device).total
+
+
+# --- helping other workers' searches -------------------------------------------------------
+
+
+def help_searches(service, stopping: threading.Event) -> None:
+    """While this worker runs no job, evaluate trials of a search another worker runs; return
+    when ``stopping`` is set. Started beside every worker's queue."""
+    me = service.settings.worker_id
+    while not stopping.wait(HELP_POLL_SECONDS):
+        if service.store.busy(me):
+            continue
+        for job in service.store.running_searches():
+            if job.worker == me:
+                continue
+            try:
+                join_search(service, job, stopping)
+            except Exception as error:  # noqa: BLE001  (the search's own worker carries on)
+                log.warning("helping search %s stopped: %s", job.id, error)
+            break
+
+
+def join_search(service, job: Job, stopping: threading.Event) -> None:
+    """Evaluate trials of ``job`` until its budget is spent, it stops searching, or this
+    worker is given a job of its own (then after the current trial)."""
+    me = service.settings.worker_id
+    folder = service.settings.work_dir / "helping" / job.id
+    spec = search_spec(job)
+    (folder / "evolve").mkdir(parents=True, exist_ok=True)
+    (folder / "evolve" / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
+
+    def stop() -> bool:
+        current = service.store.get(job.id)
+        return (
+            stopping.is_set()
+            or current is None
+            or current.status != "running"
+            or current.stage != "search"
+            or current.finish_early
+            or current.cancel_requested
+            or service.store.busy(me)
+        )
+
+    log.info("worker %s helps search %s", me, job.id)
+    try:
+        evolve(
+            spec,
+            folder,
+            join=True,
+            storage=service.settings.database_url,
+            device=service.settings.device,
+            token=service.vault.get(job.id) or False,
+            hub_only=True,
+            cache_dir=folder / "hub",
+            show_progress=False,
+            study_name=study_names(job).prefix,
+            worker=me,
+            started=search_started(service, job),
+            stop=stop,
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_helping(service) -> threading.Event:
+    """Help running searches from a thread of this process; set the event to stop."""
+    stopping = threading.Event()
+    threading.Thread(
+        target=help_searches, args=(service, stopping), name="search-helper", daemon=True
+    ).start()
+    return stopping
