@@ -8,8 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
-from huggingface_hub import snapshot_download
-from service_env import job_commits, start_sandbox, start_serve
+from huggingface_hub import HfApi, snapshot_download
+from postgres_server import postgres_url
+from service_env import (
+    MergebotProcess,
+    job_commits,
+    service_env,
+    start_sandbox,
+    start_serve,
+    wait_until,
+)
 
 from merge_engine.evolve.spec import spec_from_text
 from merge_engine.example import make_family, save_tiny_tokenizer
@@ -85,3 +93,135 @@ def test_a_search_through_the_api_publishes_one_commit_with_its_fitness_table(hu
     measured = held_out_fitness(published, spec, device, False, tmp_path / "cache")
     assert f"{measured:.4g}" == card_cell(card, "**this merge**", 2)
     assert done["outcome"]["rows"][0]["held_out"] == pytest.approx(measured, abs=1e-6)
+
+
+def test_limits_and_server_paths_are_refused_before_a_search_starts(hub, tmp_path):
+    limits = {
+        "MERGEBOT_MAX_SEARCH_TRIALS": "10",
+        "MERGEBOT_MAX_SEARCH_HOURS": "0.5",
+        "MERGEBOT_SEARCH_TRIALS_DAILY": "12",
+    }
+    process, bot = start_serve(hub.url, tmp_path / "work", "--no-worker", **limits)
+
+    def refusal(spec: str, target: str = "alice/limited") -> dict:
+        status, body = bot.call("POST", "/api/searches", {"spec": spec, "target": target}, ALICE)
+        assert status == 400, body
+        return body
+
+    try:
+        over = refusal(search_spec(trials=11))
+        assert over["field"] == "budget.trials"
+        assert "11 trials, more than the 10 this bot runs per search" in over["error"]
+        both = refusal(search_spec(trials=6).replace("space: parameters", "space: both"))
+        assert "12 trials, more than the 10" in both["error"], "both stages count"
+        long = refusal(
+            search_spec(extra="").replace("population: 4}", "population: 4, wall_time: 2h}")
+        )
+        assert long["field"] == "budget.wall_time"
+        assert "2 h of wall time, more than the 30 min" in long["error"]
+        local = refusal(search_spec().replace("alice/code", str(tmp_path)))
+        assert local["field"] == "models" and "not a Hub model" in local["error"]
+        on_server = search_spec().split("fitness:")[0] + (
+            "fitness: [{kind: nll, data: {path: /etc/rows.jsonl}}]\nbudget: {trials: 8}\n"
+        )
+        assert refusal(on_server)["field"] == "fitness[0].data.path"
+
+        status, first = bot.call(
+            "POST", "/api/searches", {"spec": search_spec(), "target": "alice/day-1"}, ALICE
+        )
+        assert status == 202, first
+        # the same search again is the same job, not a second share of the day
+        again = bot.call(
+            "POST", "/api/searches", {"spec": search_spec(), "target": "alice/day-1"}, ALICE
+        )
+        assert again[1]["id"] == first["id"]
+        daily = refusal(search_spec(examples=TEXTS * 3), "alice/day-2")
+        assert "alice would run 16 search trials today, more than the 12" in daily["error"]
+        # a spec without wall_time runs for at most the bot's time per search
+        assert "wall_time: 1800.0" in first["recipe"]
+    finally:
+        process.stop()
+
+
+SLOW_EXAMPLES = [" ".join(TEXTS)] * 96
+"""Trials of a few tenths of a second: a search that is still running when the test acts."""
+
+
+def test_a_stopped_search_publishes_its_best_so_far_and_a_cancelled_one_nothing(hub, tmp_path):
+    process, bot = start_serve(hub.url, tmp_path / "work")
+
+    def start(target: str) -> str:
+        spec = search_spec(trials=200, examples=SLOW_EXAMPLES)
+        status, job = bot.call("POST", "/api/searches", {"spec": spec, "target": target}, ALICE)
+        assert status == 202, job
+
+        def trials_done() -> int:
+            return bot.call("GET", f"/api/searches/{job['id']}", token=ALICE)[1]["done"]
+
+        wait_until(lambda: trials_done() >= 3, "three trials")
+        return job["id"]
+
+    try:
+        stopped = start("alice/best-so-far")
+        status, body = bot.call(
+            "POST", f"/api/jobs/{stopped}/cancel?publish_best=true", token=ALICE
+        )
+        assert status == 200 and body["finish_early"], body
+        done = bot.wait_done(stopped)
+        assert done["status"] == "succeeded", done
+        trials = done["outcome"]["trials"]
+        assert 3 <= trials < 200
+
+        cancelled = start("alice/cancelled")
+        assert bot.call("POST", f"/api/jobs/{cancelled}/cancel", token=ALICE)[0] == 200
+        assert bot.wait_done(cancelled)["status"] == "cancelled"
+    finally:
+        process.stop()
+    assert len(job_commits(hub.url, "alice/best-so-far", ALICE)) == 1
+    readme = (
+        Path(snapshot_download("alice/best-so-far", token=ALICE, endpoint=hub.url))
+        .joinpath("README.md")
+        .read_text()
+    )
+    assert f"{trials} of 200 trials" in readme
+    assert not HfApi(endpoint=hub.url, token=ALICE).repo_exists("alice/cancelled")
+
+
+def test_two_postgres_workers_share_a_search_that_survives_a_killed_worker(hub, tmp_path):
+    budget = 60
+    workers: dict[str, MergebotProcess] = {}
+    with postgres_url() as database:
+        settings = {"MERGEBOT_DATABASE_URL": database}
+        serve, bot = start_serve(hub.url, tmp_path / "api", "--no-worker", **settings)
+
+        def start_worker(name: str) -> MergebotProcess:
+            env = service_env(hub.url, tmp_path / name, OMP_NUM_THREADS="1", **settings)
+            return MergebotProcess(["worker", "--id", name], env, tmp_path / f"{name}.log")
+
+        def trials() -> list[dict]:
+            return bot.call("GET", f"/api/searches/{job['id']}/trials", token=ALICE)[1]
+
+        try:
+            for name in ("search-worker-1", "search-worker-2"):
+                workers[name] = start_worker(name)
+            spec = search_spec(trials=budget, examples=SLOW_EXAMPLES)
+            body = {"spec": spec, "target": "alice/shared-search"}
+            status, job = bot.call("POST", "/api/searches", body, ALICE)
+            assert status == 202, job
+            wait_until(lambda: {t["worker"] for t in trials()} == set(workers), "both workers")
+            owner = bot.job(job["id"])["worker"]
+            workers[owner].kill()  # in the middle of a trial: one is always running
+            assert bot.job(job["id"])["status"] == "running"
+            workers[owner] = start_worker(owner)  # resumes its search under the same id
+            done = bot.wait_done(job["id"])
+            assert done["status"] == "succeeded", (done, workers[owner].log)
+            final = trials()
+        finally:
+            for process in [*workers.values(), serve]:
+                process.stop()
+    assert done["merge_runs"] == 2, "the search step ran again after the kill"
+    assert len(final) == budget == done["outcome"]["trials"]
+    assert len({(t["stage"], t["number"]) for t in final}) == budget
+    assert len({json.dumps(t["params"], sort_keys=True) for t in final}) == budget  # none twice
+    assert {t["worker"] for t in final} == set(workers)
+    assert len(job_commits(hub.url, "alice/shared-search", ALICE, job["id"])) == 1
