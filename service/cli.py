@@ -129,19 +129,37 @@ def cmd_submit(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"error: cannot read the recipe file {args.recipe} ({type(error).__name__}); check the path"
         ) from None
-    body = {
-        "recipe": recipe,
-        "target": args.to,
-        "private": args.private,
-        "follow_sources": args.follow,
-    }
-    job = _call_api(args.server, "POST", "/api/jobs", body)
+    if _is_search(recipe):
+        if args.follow:
+            raise SystemExit("error: a search is not re-run when its sources move; drop --follow")
+        body = {"spec": recipe, "target": args.to, "private": args.private}
+        job = _call_api(args.server, "POST", "/api/searches", body)
+    else:
+        body = {
+            "recipe": recipe,
+            "target": args.to,
+            "private": args.private,
+            "follow_sources": args.follow,
+        }
+        job = _call_api(args.server, "POST", "/api/jobs", body)
     print(f"{job['id']}: {job['status']} ({job['target']})")
     if args.wait:
         job = _follow(args.server, job)
         print(f"{job['id']}: {job['status']}" + (f" {job['url']}" if job["url"] else ""))
         if job["error"]:
             raise SystemExit(f"error: {job['error']}")
+
+
+def _is_search(text: str) -> bool:
+    """Whether the file is a search spec (the server reads either within its limits)."""
+    import yaml
+
+    from service.intake import is_search_spec
+
+    try:
+        return is_search_spec(yaml.safe_load(text))
+    except yaml.YAMLError:
+        return False  # the server names the problem
 
 
 def cmd_jobs(args: argparse.Namespace) -> None:
@@ -183,8 +201,10 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     clock.add_argument("--id", help="this process's id (default: <host>-tick)")
     clock.set_defaults(func=cmd_tick)
 
-    submit = sub.add_parser("submit", help="send a recipe to a running mergebot server")
-    submit.add_argument("recipe", help="the recipe YAML file")
+    submit = sub.add_parser(
+        "submit", help="send a recipe or a search spec to a running mergebot server"
+    )
+    submit.add_argument("recipe", help="the recipe (or evolutionary search spec) YAML file")
     submit.add_argument("--to", required=True, help="the repo to push the merge to: namespace/name")
     submit.add_argument("--private", action="store_true")
     submit.add_argument(

@@ -19,15 +19,17 @@ SWEEP_MINUTES = 10
 
 
 def sweep(service: JobService) -> int:
-    """Remove the leftovers of ended jobs (folders, tokens; a follow's token is not a job's,
-    and stays while it follows); return how many job folders went."""
-    jobs_dir = service.settings.work_dir / "jobs"
+    """Remove the leftovers of ended jobs (folders of the jobs and of the searches this worker
+    helped, tokens; a follow's token is not a job's, and stays while it follows); return how
+    many folders went."""
     removed = 0
-    for folder in sorted(jobs_dir.iterdir()) if jobs_dir.is_dir() else []:
-        job = service.get(folder.name)
-        if job is None or job.status not in ACTIVE:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed += 1
+    for kind in ("jobs", "helping"):
+        folders = service.settings.work_dir / kind
+        for folder in sorted(folders.iterdir()) if folders.is_dir() else []:
+            job = service.get(folder.name)
+            if job is None or job.status not in ACTIVE:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
     service.vault.erase_of_ended_jobs()
     return removed
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from merge_engine.errors import RecipeError, excerpt
 from merge_engine.evolve.spec import SearchSpec
@@ -84,6 +84,15 @@ class SearchLimits:
     """Wall time of one search; also the wall time of a spec that gives none."""
     daily_trials: int = 1000
     daily_hours: float = 24.0
+
+
+SEARCH_KEYS = ("space", "fitness", "budget")
+
+
+def is_search_spec(document: Any) -> bool:
+    """Whether a YAML document asks for a search rather than a merge: a mapping with a key
+    that only search specs have (a recipe's are ``merge_method``, ``models``, ``slices``...)."""
+    return isinstance(document, dict) and any(key in document for key in SEARCH_KEYS)
 
 
 def check_hub_only(recipe: Recipe | SearchSpec) -> None:

@@ -5,6 +5,9 @@ fitness table that the published model reproduces."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,6 +138,14 @@ def test_limits_and_server_paths_are_refused_before_a_search_starts(hub, tmp_pat
             "POST", "/api/searches", {"spec": search_spec(), "target": "alice/day-1"}, ALICE
         )
         assert again[1]["id"] == first["id"]
+        # and so is the spec sent by `mergebot submit`, which tells a spec from a recipe
+        spec_file = tmp_path / "spec.yaml"
+        spec_file.write_text(search_spec())
+        command = [sys.executable, "-m", "service.cli", "submit", str(spec_file)]
+        command += ["--to", "alice/day-1", "--server", bot.url]
+        env = {**os.environ, "HF_TOKEN": ALICE}
+        printed = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        assert printed.stdout.startswith(f"{first['id']}: queued"), printed
         daily = refusal(search_spec(examples=TEXTS * 3), "alice/day-2")
         assert "alice would run 16 search trials today, more than the 12" in daily["error"]
         # a spec without wall_time runs for at most the bot's time per search
