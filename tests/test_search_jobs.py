@@ -40,6 +40,13 @@ def hub(tmp_path_factory):
     for folder in (family[0], *family[1]):
         save_tiny_tokenizer(folder)
     server = start_sandbox({"alice": family})
+    rows = root / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    carol = HfApi(endpoint=server.url, token="tok-carol")
+    carol.create_repo("carol/secret", repo_type="dataset", private=True)
+    carol.upload_file(
+        path_or_fileobj=rows, path_in_repo="rows.jsonl", repo_id="carol/secret", repo_type="dataset"
+    )
     yield server
     server.__exit__()
 
@@ -128,6 +135,8 @@ def test_limits_and_server_paths_are_refused_before_a_search_starts(hub, tmp_pat
             "fitness: [{kind: nll, data: {path: /etc/rows.jsonl}}]\nbudget: {trials: 8}\n"
         )
         assert refusal(on_server)["field"] == "fitness[0].data.path"
+        private = on_server.replace("{path: /etc/rows.jsonl}", "{dataset: carol/secret}")
+        assert "carol/secret" in refusal(private)["error"], "someone else's private data"
 
         status, first = bot.call(
             "POST", "/api/searches", {"spec": search_spec(), "target": "alice/day-1"}, ALICE
