@@ -93,6 +93,12 @@ class ModelReference:
     def __str__(self) -> str:
         return f"{self.path}@{self.revision}" if self.revision else self.path
 
+    def short(self) -> str:
+        """As a table shows it: a commit SHA cut to its first 8 characters."""
+        if self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            return f"{self.path}@{self.revision[:8]}"
+        return str(self)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r})"
 

@@ -42,6 +42,7 @@ from service.intake import (
     Identity,
     MergeRequest,
     SearchRequest,
+    SearchUse,
     check_daily_search_limits,
     check_hub_only,
     check_limits,
@@ -51,9 +52,10 @@ from service.intake import (
     check_target,
     job_id,
     search_job_id,
+    search_trials,
     with_wall_time,
 )
-from service.job_store import Job, JobStore, make_engine
+from service.job_store import ACTIVE, Job, JobStore, make_engine
 from service.once import create_tables as create_event_tables
 from service.retry import is_transient
 from service.settings import Settings
@@ -125,7 +127,7 @@ class JobService:
         new_id = search_job_id(checked.spec, request)
         if self.store.get(new_id) is None:  # asking twice is the same search, not a second
             earlier = [
-                self.read_spec(job.recipe)
+                self._search_use(job)
                 for job in self.store.searches_since(identity.requester, time.time() - DAY)
             ]
             check_daily_search_limits(
@@ -134,6 +136,12 @@ class JobService:
         if not identity.token:
             self._check_bot_target(request.target, identity, new_id)
         return checked, new_id
+
+    def _search_use(self, job: Job) -> SearchUse:
+        spec = self.read_spec(job.recipe)
+        booked = spec.budget.wall_time or 0.0
+        used = booked if job.status in ACTIVE else min(booked, job.updated_at - job.created_at)
+        return SearchUse(search_trials(spec), used)
 
     def _check_request(
         self, document: Recipe | SearchSpec, target: str, private: bool, identity: Identity

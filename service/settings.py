@@ -12,13 +12,13 @@
 | `MERGEBOT_DEVICE` | `auto`, `cpu` or `cuda` | `auto` |
 | `MERGEBOT_MAX_MODELS`, `MERGEBOT_MAX_SOURCE_GB`, `MERGEBOT_MAX_QUEUED` | limits per request and queued jobs per requester | 8, 100, 3 |
 | `MERGEBOT_LOCAL_LOGIN_TOKEN` | off Spaces, whom the UI's sign-in mock signs in as | the bot's token (the demo user in the demo) |
-| `MERGEBOT_WATCH_REPOS` | repos whose discussions are merge requests (`org/name`, `spaces/org/name`) | the Space itself (`SPACE_ID`) |
+| `MERGEBOT_WATCH_REPOS` | repos whose discussions are merge or search requests (`org/name`, `spaces/org/name`) | the Space itself (`SPACE_ID`) |
 | `MERGEBOT_DISCUSSION_POLL_SECONDS`, `MERGEBOT_FOLLOW_CHECK_SECONDS` | how often the clock polls discussions and checks followed sources | 60, 3600 |
 | `MERGEBOT_WEBHOOK_SECRET` | the secret Hub webhooks must carry to `/api/webhooks/hub` | none: the endpoint is off |
-| `MERGEBOT_DISCUSSION_DAILY` | merge requests per discussion author per day | 5 |
+| `MERGEBOT_DISCUSSION_DAILY` | merge and search requests per discussion author per day | 5 |
 | `MERGEBOT_ALLOW_NAMESPACES`, `MERGEBOT_DENY_NAMESPACES` | comma lists: namespaces a discussion request may (not) read from | any / none |
 | `MERGEBOT_MAX_SEARCH_TRIALS`, `MERGEBOT_MAX_SEARCH_HOURS` | trials (all stages) and wall time of one evolutionary search; a spec without `wall_time` gets the latter | 300, 6 |
-| `MERGEBOT_SEARCH_TRIALS_DAILY`, `MERGEBOT_SEARCH_HOURS_DAILY` | trials and wall time of all searches one requester asks for in 24 hours | 1000, 24 |
+| `MERGEBOT_SEARCH_TRIALS_DAILY`, `MERGEBOT_SEARCH_HOURS_DAILY` | trials and wall time of all searches one requester asks for in 24 hours (an ended search counts the time it took) | 1000, 24 |
 | `MERGEBOT_MAX_QUEUED_ANONYMOUS` | queued jobs of all requests without sign-in together | 1 |
 | `MERGEBOT_MAX_BODY_KB` | size of one HTTP request body (413 above it) | 1024 |
 | `MERGEBOT_MAX_RECIPE_KB`, `MERGEBOT_MAX_RECIPE_DEPTH`, `MERGEBOT_MAX_RECIPE_NODES` | a recipe's size, nesting, and values once YAML aliases are expanded | 256, 32, 50000 |

@@ -182,6 +182,13 @@ def test_search_section():
     assert lines[-1] == "Reproduce: `mergebot evolve search.yaml ./out`"
 
 
+def test_search_section_says_when_a_source_beats_every_candidate():
+    assert "scored better" not in section()
+    text = section(winner_search=0.55)
+    assert "a \\| b ties scored better on the search split than every candidate searched" in text
+    assert text.index("scored better") > text.index("| **this merge**")
+
+
 def test_search_section_both_stages_without_path():
     text = section(
         space="both",

@@ -291,6 +291,14 @@ def search_section(
         ),
         f"![fitness per trial]({plot})",
     ]
+    better = [b.label for b in baselines if b.search > winner_search]
+    if better:  # a source is not itself a point of the space searched
+        parts.insert(
+            3,
+            f"{' and '.join(better)} scored better on the search split than every candidate "
+            "searched: the space may not contain it (widen the bounds, search more parameters) "
+            "or the budget was too small.",
+        )
     if path or path_picture:
         parts.append("### Layer path")
     if path:

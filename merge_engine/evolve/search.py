@@ -460,7 +460,7 @@ class _Finished:
         baselines = []
         for ref in self.spec.sources():
             module = self.loaded[ref].module
-            baselines.append(self._baseline(f"source {ref}", module))
+            baselines.append(self._baseline(f"source {ref.short()}", module))
         if len(self.spec.sources()) < 2:
             return baselines
         recipe = self._uniform_genes().uniform_recipe()
