@@ -1,13 +1,16 @@
-"""Merge requests by Hub discussion.
+"""Merge and search requests by Hub discussion.
 
 A discussion (on a watched repo) whose description or a later comment holds a fenced ``yaml``
-recipe asks for a merge; an optional ``target: name`` line names the result, which always goes
-to the bot's namespace (the bot holds no token of the author) and is read from anonymously. The
-bot replies at once (queued, or the error and how to fix it), again when the job ends (the link
-and a summary, then it closes the discussion; on failure, the reason, and it stays open).
-``@mergebot retry``, ``@mergebot cancel`` and ``@mergebot unfollow`` from the author act on the
-discussion's latest job. Every event is handled once (``service.once``), whether the clock's
-poll, a webhook, or two processes see it.
+block asks for a job: a YAML mapping with any of the keys only a search spec has (``space``,
+``fitness``, ``budget``) asks for an evolutionary search, anything else is read as a merge
+recipe (so YAML that cannot be read gets the recipe's error). An optional ``target: name`` line
+names the result, which always goes to the bot's namespace (the bot holds no token of the
+author) and is read from anonymously. The bot replies at once (queued, or the error naming the
+field and how to fix it), again when the job ends (the link and a summary — a merge's method and
+sources, a search's fitness table — then it closes the discussion; on failure, the reason, and
+it stays open). ``@mergebot retry``, ``@mergebot cancel`` and ``@mergebot unfollow`` from the
+author act on the discussion's latest job, merge or search. Every event is handled once
+(``service.once``), whether the clock's poll, a webhook, or two processes see it.
 """
 
 from __future__ import annotations
@@ -15,19 +18,25 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import Any
 
 from huggingface_hub import HfApi
 
 from merge_engine.errors import MergeError, RecipeError
+from merge_engine.evolve.spec import SearchSpec
+from merge_engine.recipe import Recipe
+from merge_engine.recipe_limits import load_yaml
 from service.hub import hub_api
-from service.intake import Identity, MergeRequest
-from service.job_store import ACTIVE, Job
+from service.intake import Identity, MergeRequest, SearchRequest, is_search_spec
+from service.job_store import ACTIVE, Job, Kind
 from service.once import claim
 
 log = logging.getLogger("mergebot.discussions")
 RECIPE = re.compile(r"```ya?ml\s*\n(.*?)```", re.DOTALL)
 TARGET = re.compile(r"^\s*target:\s*([\w.-]+)\s*$", re.MULTILINE)
 COMMAND = re.compile(r"@mergebot\s+(retry|cancel|unfollow)\b")
+NOUN: dict[Kind, str] = {"merge": "job", "search": "search"}
+DOCUMENT: dict[Kind, str] = {"merge": "recipe", "search": "search spec"}
 DAY = 24 * 3600
 
 
@@ -108,17 +117,21 @@ class DiscussionWatcher:
         target = TARGET.search(RECIPE.sub("", text))
         _, repo_id, num = parse_discussion_key(key)
         name = target[1] if target else f"{repo_id.split('/')[1]}-discussion-{num}"
-        self._submit(key, author, found[1], f"{self.settings.bot_namespace}/{name}")
+        target_repo = f"{self.settings.bot_namespace}/{name}"
+        self._submit(key, author, found[1], target_repo, self._kind_of(found[1]))
 
-    def _submit(self, key: str, author: str, recipe_text: str, target: str) -> None:
+    def _kind_of(self, text: str) -> Kind:
+        """Whether a request's YAML asks for a search or a merge (see the module docstring)."""
+        try:
+            document = load_yaml(text, self.settings.recipe_limits)
+        except RecipeError:
+            return "merge"  # reading it as a recipe reports the error
+        return "search" if is_search_spec(document) else "merge"
+
+    def _submit(self, key: str, author: str, text: str, target: str, kind: Kind) -> None:
         try:
             self._check_author(author)
-            recipe = self.service.read_recipe(recipe_text)
-            self._check_namespaces(recipe)
-            request = MergeRequest(
-                recipe, target, author, "discussion", discussion=key, follow_sources=False
-            )
-            job = self.service.submit(request, Identity(name=author))
+            job = self._queue(key, author, text, target, kind)
         except MergeError as error:
             field = (
                 f" (field `{error.field}`)"
@@ -127,25 +140,41 @@ class DiscussionWatcher:
             )
             self.reply(
                 key,
-                f"⚠ I could not queue this merge{field}: {error}\n\nFix the recipe and comment with the corrected ```yaml block.",
+                f"⚠ I could not queue this {kind}{field}: {error}\n\nFix the {DOCUMENT[kind]} and comment with the corrected ```yaml block.",
             )
             return
         sources = ", ".join(f"`{repo}@{sha[:8]}`" for repo, sha in sorted(job.sources.items()))
+        doing = "searching for the best merge of" if kind == "search" else "merging"
         self.reply(
             key,
-            f"Queued as job `{job.id}`: merging {sources} into `{target}`. I will reply here when it is done.",
+            f"Queued as {NOUN[kind]} `{job.id}`: {doing} {sources} into `{target}`. I will reply here when it is done.",
         )
+
+    def _queue(self, key: str, author: str, text: str, target: str, kind: Kind) -> Job:
+        """Read ``text`` as a search spec or a recipe and submit it for ``author``."""
+        identity = Identity(name=author)
+        if kind == "search":
+            spec = self.service.read_spec(text)
+            self._check_namespaces(spec)
+            request = SearchRequest(spec, target, author, "discussion", discussion=key)
+            return self.service.submit_search(request, identity)
+        recipe = self.service.read_recipe(text)
+        self._check_namespaces(recipe)
+        merge = MergeRequest(
+            recipe, target, author, "discussion", discussion=key, follow_sources=False
+        )
+        return self.service.submit(merge, identity)
 
     def _check_author(self, author: str) -> None:
         since = time.time() - DAY
         count = self.service.store.count_since(author, "discussion", since)
         if count >= self.settings.discussion_daily:
             raise MergeError(
-                f"{author} already asked for {count} merges today, the most this bot takes per author per day; try again tomorrow"
+                f"{author} already asked for {count} merges or searches today, the most this bot takes per author per day; try again tomorrow"
             )
 
-    def _check_namespaces(self, recipe) -> None:
-        for ref in recipe.referenced_models():
+    def _check_namespaces(self, document: Recipe | SearchSpec) -> None:
+        for ref in document.referenced_models():
             namespace = ref.path.split("/")[0]
             denied = namespace in self.settings.deny_namespaces
             if denied or (
@@ -160,17 +189,20 @@ class DiscussionWatcher:
         job = self.service.store.of_discussion(key)
         if job is None:
             self.reply(
-                key, "There is no merge of this discussion yet: post a recipe in a ```yaml block."
+                key,
+                "There is no job of this discussion yet: post a recipe or a search spec in a ```yaml block.",
             )
             return
         if command == "cancel":
             if job.status in ACTIVE:
                 self.service.request_cancel(job)
-                self.reply(key, f"Cancelling job `{job.id}`.")
+                self.reply(key, f"Cancelling {NOUN[job.kind]} `{job.id}`.")
             else:
-                self.reply(key, f"Job `{job.id}` has already ended ({job.status}).")
-        elif command == "retry":
-            self._submit(key, author, job.request_recipe or job.recipe, job.target)
+                self.reply(
+                    key, f"The {NOUN[job.kind]} `{job.id}` has already ended ({job.status})."
+                )
+        elif command == "retry":  # as asked: unpinned, so sources are pinned anew
+            self._submit(key, author, job.request_recipe or job.recipe, job.target, job.kind)
         else:
             self.service.follows.stop(job.target, f"unfollowed by {author}")
             self.reply(key, f"`{job.target}` no longer follows its sources.")
@@ -190,7 +222,11 @@ class DiscussionWatcher:
         ):
             return
         if job.status == "succeeded":
-            summary = _card_summary(job.card or "")
+            summary = (
+                _fitness_table(job.outcome or {})
+                if job.kind == "search"
+                else _card_summary(job.card or "")
+            )
             self.reply(
                 job.discussion,
                 f"Done: [{job.target}]({job.url}) (commit `{(job.commit or '')[:10]}`).\n\n{summary}",
@@ -199,10 +235,22 @@ class DiscussionWatcher:
         elif job.status == "failed":
             self.reply(
                 job.discussion,
-                f"⚠ Job `{job.id}` failed: {job.error}\n\nComment `@mergebot retry` to try again, or post a corrected recipe.",
+                f"⚠ The {NOUN[job.kind]} `{job.id}` failed: {job.error}\n\nComment `@mergebot retry` to try again, or post a corrected {DOCUMENT[job.kind]}.",
             )
         elif job.status == "cancelled":
-            self.reply(job.discussion, f"Job `{job.id}` was cancelled.")
+            self.reply(job.discussion, f"The {NOUN[job.kind]} `{job.id}` was cancelled.")
+
+
+def _fitness_table(outcome: dict[str, Any]) -> str:
+    """A finished search's fitness table (the winner first, then each source and the uniform
+    merge), for a reply."""
+    rows = ["| model | search fitness | held-out fitness |", "|---|---|---|"]
+    rows += [
+        f"| {row['model']} | {row['search']:.4g} | {row['held_out']:.4g} |"
+        for row in outcome.get("rows", [])
+    ]
+    trials = f"The winner of {outcome.get('trials', 0)} trials, on the search and held-out splits:"
+    return "\n".join([trials, "", *rows])
 
 
 def _card_summary(card: str) -> str:

@@ -1,0 +1,140 @@
+"""Evolutionary searches by Hub discussion, against the sandbox hub with a ``mergebot serve``
+process: a fenced search spec is queued, answered with the fitness table and the link, and the
+discussion closed; a bad field gets one sentence naming it; cancel and retry act on searches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from huggingface_hub import HfApi
+from service_env import BOT_TOKEN, job_commits, start_sandbox, start_serve, wait_until
+
+from merge_engine.example import make_family, save_tiny_tokenizer
+
+pytestmark = pytest.mark.slow  # real processes: a server with its worker, the sandbox hub
+
+BOB = "tok-bob"
+REQUESTS = "mergebot/requests"
+TEXTS = ["abc def ghi", "the cat sat", "hello world", "one two three", "a b c d e", "xyz 123"]
+
+
+@pytest.fixture(scope="module")
+def bot(tmp_path_factory):
+    root = tmp_path_factory.mktemp("discussion-searches")
+    family = make_family(root / "models", scale=0.05, initializer_range=0.2)
+    for folder in (family[0], *family[1]):
+        save_tiny_tokenizer(folder)  # a search scores text, so its models need a tokenizer
+    sandbox = start_sandbox({"alice": family})
+    HfApi(endpoint=sandbox.url, token=BOT_TOKEN).create_repo(REQUESTS)
+    process, api = start_serve(
+        sandbox.url,
+        root / "work",
+        MERGEBOT_WATCH_REPOS=REQUESTS,
+        MERGEBOT_DISCUSSION_POLL_SECONDS="1",
+    )
+    api.sandbox = sandbox
+    yield api
+    process.stop()
+    sandbox.__exit__()
+
+
+def search_spec(budget: str = "{trials: 8, population: 4}") -> str:
+    return f"""space: parameters
+models: [{{model: alice/math}}, {{model: alice/code}}]
+base_model: alice/base
+fitness:
+  - kind: nll
+    data: {{examples: {json.dumps(TEXTS * 4)}}}
+budget: {budget}
+"""
+
+
+def bob(bot) -> HfApi:
+    return HfApi(endpoint=bot.sandbox.url, token=BOB)
+
+
+def open_discussion(bot, title: str, spec: str, target: str = "") -> int:
+    description = f"Please search:\n\n```yaml\n{spec}```\n"
+    description += f"target: {target}\n" if target else ""
+    return bob(bot).create_discussion(REQUESTS, title, description=description).num
+
+
+def comment(bot, num: int, text: str) -> None:
+    bob(bot).comment_discussion(REQUESTS, num, text)
+
+
+def details(bot, num: int):
+    return bob(bot).get_discussion_details(REQUESTS, num)
+
+
+def bot_says(bot, num: int, words: str) -> list[str]:
+    events = details(bot, num).events
+    return [
+        e.content
+        for e in events
+        if e.type == "comment" and e.author == "mergebot" and words in e.content
+    ]
+
+
+def discussion_jobs(bot, num: int) -> list[dict]:
+    jobs = bot.call("GET", "/api/jobs", token=BOT_TOKEN)[1]
+    return [j for j in jobs if j["discussion"] == f"model/{REQUESTS}#{num}"]
+
+
+def table_rows(reply: str) -> dict[str, list[str]]:
+    """The reply's Markdown table: each row's cells by its first cell."""
+    rows = [line.strip("|").split("|") for line in reply.splitlines() if line.startswith("|")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_a_discussion_with_a_search_spec_gets_the_fitness_table_and_is_closed(bot):
+    num = open_discussion(bot, "Search please", search_spec(), target="bob-searched")
+    queued = wait_until(lambda: bot_says(bot, num, "Queued as search"), "the bot's first reply")
+    assert "`alice/math@" in queued[0] and "`mergebot/bob-searched`" in queued[0]
+    done = wait_until(lambda: bot_says(bot, num, "Done:"), "the bot's last reply")[0]
+    (job,) = discussion_jobs(bot, num)
+    assert job["kind"] == "search" and job["status"] == "succeeded"
+    assert f"[mergebot/bob-searched]({job['url']})" in done
+    rows = table_rows(done)
+    assert rows["model"] == ["search fitness", "held-out fitness"]
+    models = ["winner", "source alice/math", "source alice/code", "uniform ties merge"]
+    labels = [label for label in rows if label not in ("model", "---")]
+    assert [label.split("@")[0] for label in labels] == models, done  # sources are pinned
+    outcome = bot.job(job["id"])["outcome"]["rows"]
+    assert [rows[label] for label in labels] == [
+        [f"{row['search']:.4g}", f"{row['held_out']:.4g}"] for row in outcome
+    ]
+    wait_until(lambda: details(bot, num).status == "closed", "the discussion to close")
+    assert len(job_commits(bot.sandbox.url, "mergebot/bob-searched", BOT_TOKEN)) == 1
+
+
+def test_a_spec_with_a_bad_field_gets_the_field_and_stays_open(bot):
+    num = open_discussion(bot, "Bad search", search_spec("{trials: 0, population: 4}"))
+    error = wait_until(lambda: bot_says(bot, num, "⚠"), "the error reply")[0]
+    assert "could not queue this search (field `budget.trials`)" in error
+    assert "must be greater than 0" in error and "corrected ```yaml" in error
+    assert details(bot, num).status == "open"
+    assert discussion_jobs(bot, num) == []
+
+
+def test_cancel_and_retry_act_on_the_search_of_the_discussion(bot):
+    num = open_discussion(bot, "Long search", search_spec("{trials: 300, population: 4}"))
+    queued = wait_until(lambda: bot_says(bot, num, "Queued as search"), "the bot's first reply")
+    comment(bot, num, "@mergebot cancel")
+    wait_until(lambda: bot_says(bot, num, "Cancelling search"), "the cancel reply")
+    (job,) = wait_until(
+        lambda: [j for j in discussion_jobs(bot, num) if j["status"] == "cancelled"],
+        "the search to be cancelled",
+    )
+    assert f"`{job['id']}`" in queued[0]
+
+    comment(bot, num, "@mergebot retry")
+    wait_until(lambda: len(bot_says(bot, num, "Queued as search")) == 2, "the retry's reply")
+    again = bot.job(job["id"])
+    assert again["kind"] == "search" and again["attempt"] == 2
+    assert again["status"] in ("queued", "running")
+    comment(bot, num, "@mergebot cancel")
+    bot.wait_done(job["id"])
+    assert bot.job(job["id"])["status"] == "cancelled"
+    assert details(bot, num).status == "open"
