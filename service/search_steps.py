@@ -26,9 +26,9 @@ from merge_engine.errors import MergeError
 from merge_engine.evolve.checks import check_spec
 from merge_engine.evolve.fitness import evaluate, read_tasks
 from merge_engine.evolve.report import TrialRecord
-from merge_engine.evolve.search import SearchResult, StudyNames, evolve
+from merge_engine.evolve.search import BASELINES, SearchResult, StudyNames, evolve
 from merge_engine.evolve.spec import SearchSpec, spec_from_text
-from merge_engine.evolve.study import stored_records, stored_starts
+from merge_engine.evolve.study import stored_attribute, stored_records, stored_starts
 from merge_engine.run import resolve_device
 from merge_engine.sources import model_class
 from service.job_store import Job
@@ -85,8 +85,9 @@ def search_started(service, job: Job) -> float | None:
 
 
 def search_status(service, job: Job) -> dict:
-    """What a search's watcher sees: the trials so far (each with the best fitness up to it),
-    the budget, the best candidate's genes and the wall time left."""
+    """What a search's watcher sees: the sources' and the uniform merge's fitness (scored
+    before the first trial), the trials so far (each with the best fitness up to it), the
+    budget, the best candidate's genes and the wall time left."""
     spec = search_spec(job)
     records = trial_records(service, job) if job.stage != "queued" else []
     trials, best = [], None
@@ -107,8 +108,14 @@ def search_status(service, job: Job) -> dict:
     left = None
     if started is not None and spec.budget.wall_time and job.status == "running":
         left = max(0.0, spec.budget.wall_time - (time.time() - started))
+    first = study_names(job).of(stage_names(spec)[0])
+    baselines = stored_attribute(service.studies, first, BASELINES) or []
     return {
         "job": job.summary_json(),
+        "baselines": [
+            {"model": b["label"], "search": b["search"], "held_out": b["held_out"]}
+            for b in baselines
+        ],
         "budget": spec.budget.trials * len(stage_names(spec)),
         "done": len(records),
         "best": None

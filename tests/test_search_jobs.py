@@ -83,6 +83,13 @@ def test_a_search_through_the_api_publishes_one_commit_with_its_fitness_table(hu
     finally:
         process.stop()
     assert status == 200 and view["done"] == view["budget"] == 8
+    # the sources and the uniform merge, scored before the first trial, for the live plot
+    baselines = [b["model"] for b in view["baselines"]]
+    assert baselines == [row["model"] for row in done["outcome"]["rows"][1:]]
+    assert [b["model"].split("@")[0] for b in view["baselines"]][:2] == [
+        "source alice/math",
+        "source alice/code",
+    ]
     assert [t["index"] for t in view["trials"]] == list(range(8))
     best = [t["best"] for t in view["trials"]]
     assert best == [max(t["fitness"] for t in view["trials"][: i + 1]) for i in range(8)]

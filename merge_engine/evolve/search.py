@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ searching, "held_out" for the final table); higher is better."""
 Progress = Callable[[str, int, int, float], None]
 """Called after each trial with (stage, trials done, budget, best fitness so far)."""
 SPEC_NAME = "spec.yaml"
+BASELINES = "baselines"
+"""The study attribute that holds the baselines' fitness (a list of Baseline fields)."""
 PROBE_SHAPE = (2, 16)
 
 
@@ -214,7 +216,7 @@ def evolve(
             _Loading(token, hub_only, cache_dir),
             fitness,
             _Reporting(show_progress, progress, stop, card_details),
-            _Sharing(names, worker or worker_name(), started),
+            _Sharing(names, worker or worker_name(), started, join),
         )
         search.run()
         for child in children:
@@ -267,6 +269,7 @@ class _Sharing:
     names: StudyNames
     worker: str
     started: float | None
+    join: bool
 
 
 class _Search:
@@ -303,6 +306,7 @@ class _Search:
         self.started = time.monotonic() - waited
         self.deadline = self.started + wall if wall else None
         self.stopped = False
+        self.baselines: list[report.Baseline] = []
         self.parameter_genes: ParameterGenes | None = None
         self.parameter_candidate: ParameterCandidate | None = None
         self.path_genes: LayerGenes | None = None
@@ -360,6 +364,8 @@ class _Search:
             self.store, sharing.names.of(name), spec.seed, spec.budget.population, centre(genes)
         )
         stage = Stage(study, name, genes, spec.budget.trials, sharing.worker)
+        if not self.stages and not sharing.join:
+            self.baselines = self._stored_baselines(study)
         self.stages.append(stage)
         deadline = self.deadline
         if deadline is not None and spec.space == "both" and name == "parameters":
@@ -400,63 +406,9 @@ class _Search:
         finally:
             bar.close()
 
-    def finish(self) -> SearchResult:
-        finished = _Finished(self)
-        if self.path_genes is None:
-            return finished.write_parameters(self.parameter_genes, self.parameter_candidate)
-        return finished.write_layers(
-            self.path_genes, self.layer_candidate, self.layer_sources, self.parameter_genes
-        )
-
-
-class _Finished:
-    """A search whose budget is spent: the winner scored and written beside the baselines."""
-
-    def __init__(self, search: _Search):
-        self.spec, self.out, self.folder, self.checked = (
-            search.spec,
-            search.out,
-            search.folder,
-            search.checked,
-        )
-        self.loaded, self.stages, self.score = search.loaded, search.stages, search.score
-        self.device, self.loading = search.device, search.loading
-        self.card_details = search.reporting.card_details or {}
-        self.parameter_candidate = search.parameter_candidate
-
-    def write_parameters(
-        self, genes: ParameterGenes, candidate: ParameterCandidate
-    ) -> SearchResult:
-        best = self.stages[-1].best()
-        recipe = genes.recipe(best.params)
-        winner = candidate.build(recipe)
-        return self._write(winner, best.value, recipe, [], None)
-
-    def write_layers(
-        self,
-        genes: LayerGenes,
-        candidate: LayerCandidate,
-        layer_sources: list[LoadedSource],
-        parameter_genes: ParameterGenes | None,
-    ) -> SearchResult:
-        best = self.stages[-1].best()
-        steps = genes.path(best.params)
-        refs = [s.ref for s in layer_sources]
-        winner = candidate.build(steps)
-        stage_recipes = []
-        if parameter_genes is not None:  # the first stage's merge is a source of the path
-            stage_one = parameter_genes.recipe(self.stages[0].best().params)
-            self._merge(stage_one, Path(str(refs[0])), None)
-            stage_recipes.append(("stage 1: parameters", stage_one.to_yaml()))
-        labels = [str(ref) for ref in refs]
-        path = path_slots(steps, labels)
-        counts = [s.module.config.num_hidden_layers for s in layer_sources]
-        report.plot_path(path, labels, counts, self.folder / "path.png")
-        return self._write(winner, best.value, folded_recipe(steps, refs), stage_recipes, path)
-
-    def _baselines(self) -> list[report.Baseline]:
+    def _score_baselines(self) -> list[report.Baseline]:
         """Every source, and (with two or more) their uniform merge, built in the parameter
-        search's model when there was one (the winner is scored by then)."""
+        search's model when there is one (before any trial uses it)."""
         baselines = []
         for ref in self.spec.sources():
             module = self.loaded[ref].module
@@ -487,6 +439,69 @@ class _Finished:
         search, _ = self.score(model, "search")
         held_out, scores = self.score(model, "held_out")
         return report.Baseline(label, search, held_out, scores)
+
+    def _stored_baselines(self, study) -> list[report.Baseline]:
+        """The baselines, scored once per search by the process that starts it and kept with
+        the study (a resumed search, and whoever reads the study, finds them there)."""
+        stored = study.user_attrs.get(BASELINES)
+        if stored is None:
+            stored = [asdict(b) for b in self._score_baselines()]
+            study.set_user_attr(BASELINES, stored)
+        return [report.Baseline(**b) for b in stored]
+
+    def finish(self) -> SearchResult:
+        finished = _Finished(self)
+        if self.path_genes is None:
+            return finished.write_parameters(self.parameter_genes, self.parameter_candidate)
+        return finished.write_layers(
+            self.path_genes, self.layer_candidate, self.layer_sources, self.parameter_genes
+        )
+
+
+class _Finished:
+    """A search whose budget is spent: the winner scored and written beside the baselines."""
+
+    def __init__(self, search: _Search):
+        self.spec, self.out, self.folder, self.checked = (
+            search.spec,
+            search.out,
+            search.folder,
+            search.checked,
+        )
+        self.loaded, self.stages, self.score = search.loaded, search.stages, search.score
+        self.baselines = search.baselines
+        self.device, self.loading = search.device, search.loading
+        self.card_details = search.reporting.card_details or {}
+
+    def write_parameters(
+        self, genes: ParameterGenes, candidate: ParameterCandidate
+    ) -> SearchResult:
+        best = self.stages[-1].best()
+        recipe = genes.recipe(best.params)
+        winner = candidate.build(recipe)
+        return self._write(winner, best.value, recipe, [], None)
+
+    def write_layers(
+        self,
+        genes: LayerGenes,
+        candidate: LayerCandidate,
+        layer_sources: list[LoadedSource],
+        parameter_genes: ParameterGenes | None,
+    ) -> SearchResult:
+        best = self.stages[-1].best()
+        steps = genes.path(best.params)
+        refs = [s.ref for s in layer_sources]
+        winner = candidate.build(steps)
+        stage_recipes = []
+        if parameter_genes is not None:  # the first stage's merge is a source of the path
+            stage_one = parameter_genes.recipe(self.stages[0].best().params)
+            self._merge(stage_one, Path(str(refs[0])), None)
+            stage_recipes.append(("stage 1: parameters", stage_one.to_yaml()))
+        labels = [str(ref) for ref in refs]
+        path = path_slots(steps, labels)
+        counts = [s.module.config.num_hidden_layers for s in layer_sources]
+        report.plot_path(path, labels, counts, self.folder / "path.png")
+        return self._write(winner, best.value, folded_recipe(steps, refs), stage_recipes, path)
 
     def _merge(self, recipe: Recipe, out: Path, section: str | None) -> Path:
         from merge_engine import preflight
@@ -520,7 +535,7 @@ class _Finished:
         probe = _probe(winner)
         with torch.no_grad():
             expected = winner(input_ids=probe).logits.float().cpu()
-        baselines = self._baselines()  # may reuse the winner's weights: after the probe
+        baselines = self.baselines
         records = [r for s in self.stages for r in s.records()]
         report.write_trials(self.folder / "trials.jsonl", records)
         report.plot_fitness(records, baselines, self.folder / "fitness.png")

@@ -196,6 +196,15 @@ def stored_records(
     return records_of(study, stage)
 
 
+def stored_attribute(storage: optuna.storages.BaseStorage, name: str, key: str) -> object:
+    """A user attribute of study ``name``; None before the study or the attribute exists."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    return study.user_attrs.get(key)
+
+
 def stored_starts(storage: optuna.storages.BaseStorage, name: str) -> list[float]:
     """When each trial of study ``name`` began (POSIX seconds), whatever its state."""
     try:
