@@ -28,7 +28,7 @@ from merge_engine.evolve.fitness import evaluate, read_tasks
 from merge_engine.evolve.report import TrialRecord
 from merge_engine.evolve.search import BASELINES, SearchResult, StudyNames, evolve
 from merge_engine.evolve.spec import SearchSpec, spec_from_text
-from merge_engine.evolve.study import stored_attribute, stored_records, stored_starts
+from merge_engine.evolve.study import StoredStudy, read_study
 from merge_engine.run import resolve_device
 from merge_engine.sources import model_class
 from service.job_store import Job
@@ -62,25 +62,22 @@ def output_dir(service, job: Job) -> Path:
     return service.settings.job_dir(job.id) / "search" / job.target.split("/")[1]
 
 
+def read_studies(service, job: Job) -> list[StoredStudy]:
+    """Each stage's study of ``job`` as stored now, in stage order."""
+    names = study_names(job)
+    stages = stage_names(search_spec(job))
+    return [read_study(service.studies, names.of(stage), stage) for stage in stages]
+
+
 def trial_records(service, job: Job) -> list[TrialRecord]:
     """The completed trials of ``job`` so far, every stage, as any process reads them."""
-    names = study_names(job)
-    return [
-        record
-        for stage in stage_names(search_spec(job))
-        for record in stored_records(service.studies, names.of(stage), stage)
-    ]
+    return [record for study in read_studies(service, job) for record in study.records]
 
 
 def search_started(service, job: Job) -> float | None:
     """When the first trial of the job began (POSIX seconds): ``wall_time`` counts from it in
     every process and every attempt."""
-    names = study_names(job)
-    starts = [
-        start
-        for stage in stage_names(search_spec(job))
-        for start in stored_starts(service.studies, names.of(stage))
-    ]
+    starts = [s.first_start for s in read_studies(service, job) if s.first_start is not None]
     return min(starts, default=None)
 
 
@@ -89,7 +86,8 @@ def search_status(service, job: Job) -> dict:
     before the first trial), the trials so far (each with the best fitness up to it), the
     budget, the best candidate's genes and the wall time left."""
     spec = search_spec(job)
-    records = trial_records(service, job) if job.stage != "queued" else []
+    studies = read_studies(service, job) if job.stage != "queued" else []
+    records = [record for study in studies for record in study.records]
     trials, best = [], None
     for index, record in enumerate(records):
         if best is None or record.fitness > best.fitness:
@@ -104,12 +102,11 @@ def search_status(service, job: Job) -> dict:
                 "worker": record.worker,
             }
         )
-    started = search_started(service, job) if records else None
+    starts = [s.first_start for s in studies if s.first_start is not None]
     left = None
-    if started is not None and spec.budget.wall_time and job.status == "running":
-        left = max(0.0, spec.budget.wall_time - (time.time() - started))
-    first = study_names(job).of(stage_names(spec)[0])
-    baselines = stored_attribute(service.studies, first, BASELINES) or []
+    if starts and spec.budget.wall_time and job.status == "running":
+        left = max(0.0, spec.budget.wall_time - (time.time() - min(starts)))
+    baselines = studies[0].attributes.get(BASELINES, []) if studies else []
     return {
         "job": job.summary_json(),
         "baselines": [

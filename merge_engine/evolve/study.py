@@ -170,50 +170,42 @@ def fail_running(storage: optuna.storages.BaseStorage, name: str) -> int:
 
 def records_of(study: optuna.Study, stage: str) -> list[TrialRecord]:
     """The completed trials of ``study``, in the order they were asked for."""
-    return [
-        TrialRecord(
-            number=t.number,
-            stage=stage,
-            params=dict(t.params),
-            fitness=float(t.value),
-            scores=dict(t.user_attrs.get("scores", {})),
-            seconds=float(t.user_attrs.get("seconds", 0.0)),
-            merge_seconds=float(t.user_attrs.get("merge_seconds", 0.0)),
-            worker=str(t.user_attrs.get("worker", "")),
-        )
-        for t in completed(study)
-    ]
+    return [_record(t, stage) for t in completed(study)]
 
 
-def stored_records(
-    storage: optuna.storages.BaseStorage, name: str, stage: str
-) -> list[TrialRecord]:
-    """The completed trials of study ``name`` as any process reads them; none before it exists."""
+def _record(trial: FrozenTrial, stage: str) -> TrialRecord:
+    return TrialRecord(
+        number=trial.number,
+        stage=stage,
+        params=dict(trial.params),
+        fitness=float(trial.value),
+        scores=dict(trial.user_attrs.get("scores", {})),
+        seconds=float(trial.user_attrs.get("seconds", 0.0)),
+        merge_seconds=float(trial.user_attrs.get("merge_seconds", 0.0)),
+        worker=str(trial.user_attrs.get("worker", "")),
+    )
+
+
+@dataclass(frozen=True)
+class StoredStudy:
+    """A study as any process reads it: its completed trials, when its first trial began
+    (POSIX seconds, whatever that trial's state) and its user attributes."""
+
+    records: list[TrialRecord]
+    first_start: float | None
+    attributes: dict
+
+
+def read_study(storage: optuna.storages.BaseStorage, name: str, stage: str) -> StoredStudy:
+    """Study ``name`` in one read of its trials; empty before it exists."""
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        return []
-    return records_of(study, stage)
-
-
-def stored_attribute(storage: optuna.storages.BaseStorage, name: str, key: str) -> object:
-    """A user attribute of study ``name``; None before the study or the attribute exists."""
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return None
-    return study.user_attrs.get(key)
-
-
-def stored_starts(storage: optuna.storages.BaseStorage, name: str) -> list[float]:
-    """When each trial of study ``name`` began (POSIX seconds), whatever its state."""
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return []
-    return [
-        t.datetime_start.timestamp() for t in study.get_trials(deepcopy=False) if t.datetime_start
-    ]
+        return StoredStudy([], None, {})
+    trials = study.get_trials(deepcopy=False)
+    starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
+    records = [_record(t, stage) for t in trials if t.state == TrialState.COMPLETE]
+    return StoredStudy(records, min(starts, default=None), study.user_attrs)
 
 
 @dataclass
