@@ -46,8 +46,7 @@ from service.discussions import DiscussionWatcher
 from service.errors import NotFound, ServiceError, TooLarge
 from service.intake import Identity, MergeRequest, SearchRequest
 from service.jobs import JobService
-from service.recent_jobs import RecentJobs
-from service.search_steps import search_status
+from service.recent_jobs import JobView, RecentJobs
 
 log = logging.getLogger("mergebot.api")
 T = TypeVar("T")
@@ -247,6 +246,7 @@ def create_app(service: JobService) -> FastAPI:
         )
         job = service.submit_search(request, identity)
         recent.forget(job.id)
+        service.searches.forget(job.id)
         return job.to_json()
 
     @app.post(
@@ -267,26 +267,29 @@ def create_app(service: JobService) -> FastAPI:
         body = _parse(SearchBody, await request.body())
         return await run_in_threadpool(submit_search_job, body, authorization)
 
-    async def visible_search(job_id: str, authorization: str | None):
+    async def visible_search(job_id: str, authorization: str | None) -> JobView:
+        """A search's status as the Space's plot also reads it: at most a second old."""
         identity = await identity_without_waiting(authorization)
-        found = await read(service.get, job_id)
-        if found is None or found.kind != "search" or not service.may_see(found, identity):
+        hit, view = service.searches.cached(job_id)
+        if not hit:
+            view = await run_in_threadpool(service.searches.load, job_id)
+        if view is None or view.job.kind != "search" or not service.may_see(view.job, identity):
             raise NotFound(f"there is no search {excerpt(job_id)}; check the id")
-        return found
+        return view
 
     @app.get("/api/searches/{job_id}")
-    async def search(job_id: str, authorization: str | None = Header(default=None)) -> dict:
+    async def search(job_id: str, authorization: str | None = Header(default=None)) -> Response:
         """A search's status with its trials so far, for plotting elsewhere."""
-        found = await visible_search(job_id, authorization)
-        return await run_in_threadpool(search_status, service, found)
+        view = await visible_search(job_id, authorization)
+        return Response(view.body, media_type="application/json")
 
     @app.get("/api/searches/{job_id}/trials")
     async def search_trials(
         job_id: str, authorization: str | None = Header(default=None)
     ) -> list[dict]:
         """Every completed trial of a search, in full."""
-        found = await visible_search(job_id, authorization)
-        records = await run_in_threadpool(service.trials, found)
+        view = await visible_search(job_id, authorization)
+        records = await run_in_threadpool(service.trials, view.job)
         return [asdict(record) for record in records]
 
     @app.get("/api/jobs")
@@ -324,6 +327,7 @@ def create_app(service: JobService) -> FastAPI:
             return service.cancel(job_id, identity_of(authorization), publish_best).to_json()
         finally:
             recent.forget(job_id)
+            service.searches.forget(job_id)
 
     @app.post("/api/follows/{namespace}/{name}/{action}")
     def follow(

@@ -57,6 +57,7 @@ from service.intake import (
 )
 from service.job_store import ACTIVE, Job, JobStore, make_engine
 from service.once import create_tables as create_event_tables
+from service.recent_jobs import RecentJobs
 from service.retry import is_transient
 from service.settings import Settings
 from service.token_vault import TokenVault, load_key
@@ -80,6 +81,14 @@ class JobService:
         self.follows = Follows(self)
         self.helping: threading.Event | None = None
         """Set to stop this process's helping with other workers' searches."""
+        self.searches = RecentJobs(self.get, SEARCH_STATUS_SECONDS, render=self._search_status)
+        """Searches' status with their trials, read at most once a second per search however
+        many watch it (the API and the Space's plot)."""
+
+    def _search_status(self, job: Job) -> dict:
+        from service.search_steps import search_status
+
+        return search_status(self, job) if job.kind == "search" else {}
 
     @cached_property
     def studies(self):
@@ -392,6 +401,8 @@ class JobService:
 
 
 DAY = 24 * 3600
+SEARCH_STATUS_SECONDS = 1.0
+"""How old a search's status may be: reading its trials costs ~1 ms a trial."""
 
 
 def _job_recipe(plan: MergePlan, job_id: str) -> str:

@@ -1,7 +1,8 @@
-"""Job status as the API serves it: each job's row is read from the database at most once per
-``seconds`` in a process, so a crowd polling one job costs one read per window instead of one
-per request (and leaves the machine to the merges). A status is at most that old; what this
-process changes itself (a submit, a cancel) is forgotten at once and read fresh."""
+"""Job status as the API and the Space serve it: each job's row (or a search's status, with its
+trials) is read from the database at most once per ``seconds`` in a process, so a crowd
+polling one job costs one read per window instead of one per request (and leaves the machine
+to the merges). A status is at most that old; what this process changes itself (a submit, a
+cancel) is forgotten at once and read fresh."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from service.job_store import Job
 
@@ -21,8 +23,10 @@ READ_EVERY_SECONDS = 0.2
 @dataclass(frozen=True)
 class JobView:
     job: Job
+    data: dict[str, Any]
+    """What ``render`` made of the job, once per read for every requester who may see it."""
     body: bytes
-    """The job as JSON, made once per read for every requester who may see it."""
+    """The same as JSON."""
 
 
 class RecentJobs:
@@ -31,8 +35,10 @@ class RecentJobs:
         read: Callable[[str], Job | None],
         seconds: float = READ_EVERY_SECONDS,
         max_entries: int = 1024,
+        render: Callable[[Job], dict[str, Any]] = Job.to_json,
     ):
         self.read, self.seconds, self.max_entries = read, seconds, max_entries
+        self.render = render
         self._views: OrderedDict[str, tuple[float, JobView | None]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -46,7 +52,8 @@ class RecentJobs:
     def load(self, job_id: str) -> JobView | None:
         """Read ``job_id`` from the database now and keep it for ``seconds``."""
         job = self.read(job_id)
-        view = JobView(job, json.dumps(job.to_json()).encode()) if job else None
+        data = self.render(job) if job else None
+        view = JobView(job, data, json.dumps(data).encode()) if job else None
         with self._lock:
             self._views[job_id] = (time.monotonic() + self.seconds, view)
             self._views.move_to_end(job_id)
