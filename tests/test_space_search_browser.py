@@ -1,0 +1,204 @@
+"""The Space's Search tab in a real browser (Debian's Chromium driven by Playwright), against
+``mergebot serve`` on 127.0.0.1 with the sandbox hub's demo models: the example search
+validated, started, watched trial by trial and followed to its published model. Screenshots go
+to ``test-artifacts/screenshots/search-*.png``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import expect
+from service_env import BOT_TOKEN, start_serve
+from test_space_browser import browser, choose, expect_text, field, set_value, shot
+
+from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
+from service.sandbox_hub.seed import seed_examples
+from service.search_form import FIRST_SEARCH
+from service.server import MOCK_OAUTH_TOKEN
+
+pytestmark = pytest.mark.slow
+
+__all__ = ["browser"]  # the browser fixture, shared with the merge form's browser test
+
+RECORD_STATES = """() => {
+  window.searchStates = [];
+  const read = () => {
+    const done = document.querySelector('#search-status .done');
+    const best = document.querySelector('#search-status .best');
+    if (!done || !best) return;
+    const state = [Number(done.textContent), best.textContent];
+    const last = window.searchStates[window.searchStates.length - 1];
+    if (!last || last[0] !== state[0] || last[1] !== state[1]) window.searchStates.push(state);
+  };
+  new MutationObserver(read).observe(
+    document.body, {subtree: true, childList: true, characterData: true});
+}"""
+"""Record every (trials done, best fitness) the page shows, as the poll redraws it."""
+WATCHED_LIVE = """(budget) => {
+  const seen = window.searchStates.filter(([done]) => done > 0);
+  const partial = seen.filter(([done]) => done < budget);
+  const bests = new Set(seen.map(([, best]) => best));
+  return partial.length > 0 && seen.some(([done]) => done > partial[0][0]) && bests.size > 1;
+}"""
+"""The page showed a search part way (some trials of the budget), then more trials, and the
+best fitness changed while it watched."""
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    """The sandbox hub with the demo models, and the bot serving the Space; the local
+    sign-in is the demo user."""
+    users = {"tok-demo": "demo", MOCK_OAUTH_TOKEN: "demo", BOT_TOKEN: "mergebot"}
+    hub = SandboxHub(HubStore(), users=users)
+    seed_examples(hub.store, "demo")
+    server = SandboxServer(hub).__enter__()
+    work = tmp_path_factory.mktemp("search-space") / "work"
+    process, bot = start_serve(server.url, work, MERGEBOT_LOCAL_LOGIN_TOKEN="tok-demo")
+    bot.sandbox, bot.process = server, process
+    yield bot
+    process.stop()
+    server.__exit__()
+
+
+@pytest.fixture
+def page(browser, space):
+    context = browser.new_context(viewport={"width": 1300, "height": 1800})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(space.url + "/")
+    expect_text(page, "#who", "results go to")
+    page.get_by_role("tab", name="Search", exact=True).click()
+    expect(field(page, "#search-example")).to_have_value(FIRST_SEARCH)
+    expect(field(page, "#search-target")).to_have_value("mergebot/searched-model")
+    yield page
+    context.close()
+
+
+def load_example(page, name: str) -> None:
+    choose(page, "#search-example", name)
+    page.locator("#load-search-example").click()
+    expect(field(page, "#search-sources")).to_have_value("demo/math\ndemo/code")
+
+
+def open_search_tab(page, name: str) -> None:
+    """The Form or YAML tab of the search (the merge form has tabs of the same names)."""
+    page.locator("#search-tab").get_by_role("tab", name=name, exact=True).click()
+
+
+def jobs_count(space) -> int:
+    return len(space.call("GET", "/api/jobs")[1])
+
+
+def test_the_example_search_runs_live_to_its_published_model(page, space):
+    load_example(page, FIRST_SEARCH)
+    set_value(page, "#search-target", "mergebot/searched-in-the-space")
+    shot(page, "search-form")
+    open_search_tab(page, "YAML")
+    yaml_field = field(page, "#search-yaml")
+    expect(yaml_field).to_have_value(re.compile(r"model: demo/math"))
+    budget = int(re.search(r"trials: (\d+)", yaml_field.input_value())[1])
+    page.locator("#search-validate").click()
+    valid = expect_text(page, "#search-outcome", "valid")
+    assert f"valid: a parameters search (ties), {budget} trials; task nll: 9 search" in valid
+    assert "3 held-out examples" in valid and "demo/math@" in valid
+
+    page.evaluate(RECORD_STATES)
+    page.locator("#search-start").click()
+    said = expect_text(page, "#search-outcome", r"Job search-\w+")
+    job_id = re.search(r"Job (search-\w+)", said)[1]  # the text may hold a timer too
+    expect(field(page, "#search-job-id")).to_have_value(job_id)
+    page.wait_for_function(WATCHED_LIVE, arg=budget, timeout=120_000)
+    expect(page.locator("#search-plot img")).to_be_visible()
+    shot(page, "search-running")
+
+    expect_text(page, "#search-status", r"succeeded", timeout=120_000)
+    expect(page.locator("#search-status .done")).to_have_text(str(budget))
+    expect_text(page, "#search-outcome", rf"Job {job_id} succeeded\.")
+    # the fitness table: the winner and each source, once the search has ended
+    table = page.locator("#search-status table.fitness").inner_text()
+    assert "winner" in table and "source demo/math" in table and "source demo/code" in table
+    assert "genes:" in page.locator("#search-best").inner_text()
+    expect(page.locator("#search-card")).to_contain_text("Evolutionary search")
+    shot(page, "search-finished")
+
+    job = space.call("GET", f"/api/jobs/{job_id}", token=BOT_TOKEN)[1]
+    link = page.locator("#search-link a")
+    expect(link).to_have_text("mergebot/searched-in-the-space")
+    assert link.get_attribute("href") == job["url"]
+    with page.context.expect_page() as opened:  # the link opens the model page beside this one
+        link.click()
+    model_page = opened.value
+    expect(model_page.locator("body")).to_contain_text("Evolutionary search")
+    assert job_id in model_page.locator("body").inner_text()
+    model_page.close()
+
+    # the Jobs tab lists it as a search; a click opens it in the Search tab
+    page.get_by_role("tab", name="Jobs", exact=True).click()
+    row = page.locator("#public-jobs").get_by_role("row", name=re.compile(job_id))
+    expect(row.get_by_role("gridcell", name="search", exact=True)).to_be_visible()
+    row.get_by_role("gridcell", name=job_id).click()
+    expect(field(page, "#search-job-id")).to_have_value(job_id)
+    expect(page.locator("#search-job-id")).to_be_visible()
+    expect_text(page, "#search-status", r"succeeded")
+
+
+def test_a_bad_field_shows_one_sentence_naming_it_and_starts_nothing(page, space):
+    before = jobs_count(space)
+    load_example(page, FIRST_SEARCH)
+    set_value(page, "#search-trials", "0")  # the form writes the YAML
+    open_search_tab(page, "YAML")
+    expect(field(page, "#search-yaml")).to_have_value(re.compile(r"trials: 0\b"))
+    page.locator("#search-validate").click()
+    error = expect_text(page, "#search-outcome", "Not valid")
+    line = 1 + next(
+        i
+        for i, text in enumerate(field(page, "#search-yaml").input_value().splitlines())
+        if "trials: 0" in text
+    )
+    assert f"budget.trials: must be greater than 0, got 0 (line {line} of the YAML)" in error
+    page.locator("#search-start").click()
+    expect_text(page, "#search-outcome", "Not started: budget.trials")
+    assert jobs_count(space) == before
+
+
+def test_yaml_edits_fill_the_form_and_keep_what_it_cannot_show(page):
+    load_example(page, FIRST_SEARCH)
+    open_search_tab(page, "YAML")
+    text = field(page, "#search-yaml").input_value()
+    set_value(page, "#search-yaml", text.replace("method: ties", "method: tie") + "seed: 7\n")
+    open_search_tab(page, "Form")
+    expect(field(page, "#search-method")).to_have_value("tie")  # not offered, yet shown
+    expect(page.locator("#search-notice")).to_contain_text("shown in the YAML tab only: seed")
+    set_value(page, "#search-wall-time", "5m")
+    open_search_tab(page, "YAML")
+    yaml_field = field(page, "#search-yaml")
+    expect(yaml_field).to_have_value(re.compile(r"wall_time: 5m"))
+    assert "seed: 7" in yaml_field.input_value() and "method: tie\n" in yaml_field.input_value()
+    page.locator("#search-validate").click()
+    assert "parameters.method: " in expect_text(page, "#search-outcome", "Not valid")
+
+
+def test_a_signed_in_search_stops_early_and_publishes_its_best_so_far(page):
+    page.get_by_role("button", name=re.compile("Sign in")).click()
+    expect_text(page, "#who", "Signed in as demo")
+    page.get_by_role("tab", name="Search", exact=True).click()
+    expect(field(page, "#search-target")).to_have_value("demo/searched-model")
+    load_example(page, FIRST_SEARCH)
+    set_value(page, "#search-trials", "200")
+    open_search_tab(page, "YAML")
+    expect(field(page, "#search-yaml")).to_have_value(re.compile(r"trials: 200\b"))
+    page.locator("#search-start").click()
+    said = expect_text(page, "#search-outcome", r"Job search-\w+")
+    job_id = re.search(r"Job (search-\w+)", said)[1]
+    expect_text(page, "#search-status .done", r"^([2-9]|\d\d+)$", timeout=120_000)
+
+    page.locator("#search-publish-best").click()
+    expect(field(page, "#search-log")).to_have_value(
+        re.compile("stop requested: publishing the best")
+    )
+    expect_text(page, "#search-status", "succeeded", timeout=120_000)
+    expect_text(page, "#search-outcome", rf"Job {job_id} succeeded\.")
+    assert 2 <= int(page.locator("#search-status .done").inner_text()) < 200
+    expect(page.locator("#search-link a")).to_have_text("demo/searched-model")
+    assert "winner" in page.locator("#search-status table.fitness").inner_text()
