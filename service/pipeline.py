@@ -52,7 +52,7 @@ def configure(service: JobService) -> None:
     _service = service
 
 
-def _jobs() -> JobService:
+def running_service() -> JobService:
     if _service is None:
         raise RuntimeError("service.pipeline.configure() was not called in this process")
     return _service
@@ -66,16 +66,16 @@ def enqueue(job: Job) -> None:
 # --- what every step needs -----------------------------------------------------------------
 
 
-def _job(job_id: str) -> Job:
-    job = _jobs().store.get(job_id)
+def job_of(job_id: str) -> Job:
+    job = running_service().store.get(job_id)
     if job is None:
         raise MergeError(f"job {job_id} is no longer in the job table; submit it again")
     return job
 
 
-def _read_token(job: Job) -> str | bool:
+def read_token(job: Job) -> str | bool:
     """Sources are read with the requester's token or anonymously, never with the bot's."""
-    return _jobs().vault.get(job.id) or False
+    return running_service().vault.get(job.id) or False
 
 
 _plans: dict[str, MergePlan] = {}
@@ -88,25 +88,25 @@ def _plan(job: Job) -> MergePlan:
     if plan is None:
         plan = preflight(
             recipe_from_text(job.recipe),
-            token=_read_token(job),
+            token=read_token(job),
             hub_only=True,
-            cache_dir=_jobs().settings.job_dir(job.id) / "hub",
+            cache_dir=running_service().settings.job_dir(job.id) / "hub",
         )
         _plans[job.workflow_id] = plan
     return plan
 
 
 def _hub_policy() -> RetryPolicy:
-    return RetryPolicy(patience=_jobs().settings.hub_patience_seconds)
+    return RetryPolicy(patience=running_service().settings.hub_patience_seconds)
 
 
 def _log_line(job_id: str) -> Callable[[str], None]:
     """Where a Hub step's retries are told: a line each in the job's log."""
-    store = _jobs().store
+    store = running_service().store
     return lambda line: store.update(job_id, log=line)
 
 
-def _with_hub(job_id: str, call: Callable[[], T]) -> T:
+def with_hub(job_id: str, call: Callable[[], T]) -> T:
     """Run a step's Hub calls, riding out an outage; each retry is a line in the job's log."""
     return with_retries(call, _hub_policy(), on_retry=_log_line(job_id))
 
@@ -115,11 +115,11 @@ def _merged_dir(job: Job) -> Path:
     if job.kind == "search":
         from service.search_steps import output_dir
 
-        return output_dir(_jobs(), job)
-    return _jobs().settings.job_dir(job.id) / "merged"
+        return output_dir(running_service(), job)
+    return running_service().settings.job_dir(job.id) / "merged"
 
 
-def _merged_output(job: Job) -> Path:
+def merged_output(job: Job) -> Path:
     """The merge step's output, which later steps need on this machine's disk."""
     folder = _merged_dir(job)
     if not folder.is_dir():
@@ -131,7 +131,7 @@ def _merged_output(job: Job) -> Path:
 
 def _progress(job_id: str) -> Callable[[int, int, str], None]:
     """Write the merge's progress at most every PROGRESS_EVERY seconds and stop on cancel."""
-    store = _jobs().store
+    store = running_service().store
     last = 0.0
 
     def report(done: int, total: int, name: str) -> None:
@@ -153,22 +153,22 @@ def _progress(job_id: str) -> Callable[[int, int, str], None]:
 @DBOS.step(name="mergebot.preflight")
 def preflight_step(job_id: str) -> None:
     """The pinned sources are still there and still readable by this requester."""
-    job = _job(job_id)
-    _with_hub(job_id, lambda: _plan(job))
+    job = job_of(job_id)
+    with_hub(job_id, lambda: _plan(job))
 
 
 @DBOS.step(name="mergebot.download")
 def download_step(job_id: str) -> None:
-    job = _job(job_id)
+    job = job_of(job_id)
     plan = _plan(job)
-    cache = _jobs().settings.job_dir(job_id) / "hub"
-    _with_hub(job_id, lambda: download_plan(plan, _read_token(job), cache))
+    cache = running_service().settings.job_dir(job_id) / "hub"
+    with_hub(job_id, lambda: download_plan(plan, read_token(job), cache))
 
 
 @DBOS.step(name="mergebot.merge")
 def merge_step(job_id: str) -> None:
-    jobs = _jobs()
-    job = _job(job_id)
+    jobs = running_service()
+    job = job_of(job_id)
     jobs.store.count_merge_run(job_id, jobs.settings.worker_id)
     out = _merged_dir(job)
     if out.exists():  # finished before a crash: the engine renames it into place complete
@@ -177,7 +177,7 @@ def merge_step(job_id: str) -> None:
         _plan(job),
         out,
         device=jobs.settings.device,
-        token=_read_token(job),
+        token=read_token(job),
         show_progress=False,
         progress=_progress(job_id),
         cache_dir=jobs.settings.job_dir(job_id) / "hub",
@@ -187,42 +187,42 @@ def merge_step(job_id: str) -> None:
 
 @DBOS.step(name="mergebot.verify")
 def verify_step(job_id: str) -> None:
-    verify_output(_merged_output(_job(job_id)), resolve_device(_jobs().settings.device))
+    verify_output(merged_output(job_of(job_id)), resolve_device(running_service().settings.device))
 
 
 @DBOS.step(name="mergebot.card")
 def card_step(job_id: str) -> None:
-    job = _job(job_id)
+    job = job_of(job_id)
     card = build_card(
         _plan(job),
         name=job.target.split("/")[1],
         command=f"mergebot merge mergebot_recipe.yaml ./{job.target.split('/')[1]}",
         job_id=job.id,
-        credit=_credit(job),
+        credit=credit(job),
         changes=job.changes,
-        endpoint=_jobs().settings.endpoint,
+        endpoint=running_service().settings.endpoint,
     )
-    card.save(_merged_output(job) / "README.md")
-    _jobs().store.update(job_id, card=card.text)
+    card.save(merged_output(job) / "README.md")
+    running_service().store.update(job_id, card=card.text)
 
 
-def _credit(job: Job) -> str:
+def credit(job: Job) -> str:
     if job.discussion is None:
         return f"Requested by {job.requester}."
-    url = discussion_url(_jobs().settings.endpoint, job.discussion)
+    url = discussion_url(running_service().settings.endpoint, job.discussion)
     _, _, num = parse_discussion_key(job.discussion)
     return f"Requested by @{job.requester} in [discussion #{num}]({url})."
 
 
 @DBOS.step(name="mergebot.push")
 def push_step(job_id: str) -> None:
-    jobs = _jobs()
-    job = _job(job_id)
+    jobs = running_service()
+    job = job_of(job_id)
     token = jobs.vault.get(job_id) or _bot_token_for(job)
     api = hub_api(jobs.settings.endpoint, token)
     commit = publish(
         api,
-        _merged_output(job),
+        merged_output(job),
         job.target,
         job.id,
         private=job.private,
@@ -230,7 +230,7 @@ def push_step(job_id: str) -> None:
         policy=_hub_policy(),
         on_retry=_log_line(job_id),
     )
-    weights = sum(f.stat().st_size for f in _merged_output(job).glob("*.safetensors"))
+    weights = sum(f.stat().st_size for f in merged_output(job).glob("*.safetensors"))
     jobs.store.update(
         job_id, commit=commit, url=f"{jobs.settings.endpoint}/{job.target}", output_bytes=weights
     )
@@ -244,7 +244,7 @@ def _commit_title(job: Job) -> str:
 
 def _bot_token_for(job: Job) -> str:
     """The bot's token, which writes only to the bot's namespace."""
-    settings = _jobs().settings
+    settings = running_service().settings
     if not settings.bot_token or job.target.split("/")[0] != settings.bot_namespace:
         raise MergeError(
             f"no token may push to {job.target}: the requester's token is gone and the bot writes only to {settings.bot_namespace}/...; submit the job again while signed in"
@@ -276,7 +276,7 @@ def _steps(job: Job) -> list[tuple[str, Callable[[str], None]]]:
 @DBOS.workflow(name=WORKFLOW)
 def merge_job(job_id: str) -> str:
     """Run every stage of ``job_id``; record how it ended. Returns the final status."""
-    jobs = _jobs()
+    jobs = running_service()
     store = jobs.store
     job = store.get(job_id)
     if job is None or job.status not in ACTIVE:
@@ -295,7 +295,7 @@ def merge_job(job_id: str) -> str:
             started = time.monotonic()
             step(job_id)
             store.update(job_id, log=f"{stage}: done in {time.monotonic() - started:.1f} s")
-        done = _job(job_id)
+        done = job_of(job_id)
         if done.follow_sources:
             jobs.follows.record(done, jobs.vault.get(job_id))
         outcome = dict(status="succeeded", stage="done", fraction=1.0, log=f"published {done.url}")
@@ -321,7 +321,7 @@ def merge_job(job_id: str) -> str:
 
 def _report_to_discussion(job_id: str) -> None:
     try:
-        DiscussionWatcher(_jobs()).report(_job(job_id))
+        DiscussionWatcher(running_service()).report(job_of(job_id))
     except Exception as error:  # noqa: BLE001  (the merge is done; a lost reply must not undo it)
         log.warning("job %s: could not reply to its discussion (%s)", job_id, type(error).__name__)
 

@@ -31,6 +31,7 @@ from merge_engine.evolve.spec import SearchSpec, spec_from_text
 from merge_engine.evolve.study import StoredStudy, read_study
 from merge_engine.run import resolve_device
 from merge_engine.sources import model_class
+from service import pipeline
 from service.job_store import Job
 from service.verify import verify_output
 
@@ -127,23 +128,16 @@ def search_status(service, job: Job) -> dict:
 # --- the steps -----------------------------------------------------------------------------
 
 
-def _pipeline():
-    from service import pipeline
-
-    return pipeline
-
-
 @DBOS.step(name="mergebot.search.preflight")
 def search_preflight_step(job_id: str) -> None:
     """The pinned sources and the task data are still there and readable by this requester."""
-    pipeline = _pipeline()
-    job = pipeline._job(job_id)
-    service = pipeline._jobs()
+    job = pipeline.job_of(job_id)
+    service = pipeline.running_service()
     cache = service.settings.job_dir(job_id) / "hub"
-    pipeline._with_hub(
+    pipeline.with_hub(
         job_id,
         lambda: check_spec(
-            search_spec(job), token=pipeline._read_token(job), hub_only=True, cache_dir=cache
+            search_spec(job), token=pipeline.read_token(job), hub_only=True, cache_dir=cache
         ),
     )
 
@@ -152,9 +146,8 @@ def search_preflight_step(job_id: str) -> None:
 def search_step(job_id: str) -> None:
     """Run trials (with any helping workers) until the budget is spent, the wall time is up or
     the requester asks for the best so far; write the winner with its card."""
-    pipeline = _pipeline()
-    service = pipeline._jobs()
-    job = pipeline._job(job_id)
+    service = pipeline.running_service()
+    job = pipeline.job_of(job_id)
     service.store.count_merge_run(job_id, service.settings.worker_id)
     spec = search_spec(job)
     out = output_dir(service, job)
@@ -165,7 +158,7 @@ def search_step(job_id: str) -> None:
         resume=resume,
         storage=service.settings.database_url,
         device=service.settings.device,
-        token=pipeline._read_token(job),
+        token=pipeline.read_token(job),
         hub_only=True,
         cache_dir=service.settings.job_dir(job_id) / "hub",
         show_progress=False,
@@ -176,7 +169,7 @@ def search_step(job_id: str) -> None:
         stop=lambda: _finish_early(service, job_id),
         card_details={
             "job_id": job.id,
-            "credit": pipeline._credit(job),
+            "credit": pipeline.credit(job),
             "endpoint": service.settings.endpoint,
         },
     )
@@ -213,14 +206,22 @@ def _progress(
     that stops the search here."""
     stages = stage_names(spec)
     best_so_far: dict[str, float] = {}
+    written = 0.0
 
     def report(stage: str, done: int, budget: int, best: float) -> None:
+        nonlocal written
         before = stages.index(stage) * budget
-        values = {"fraction": (before + done) / (budget * len(stages))}
+        values: dict = {"fraction": (before + done) / (budget * len(stages))}
         if best_so_far.get(stage) != best:
             best_so_far[stage] = best
             values["log"] = f"{stage} trial {done}/{budget}: best fitness {best:.4g}"
-        service.store.update(job.id, **values)
+        if (
+            "log" in values
+            or time.monotonic() - written >= pipeline.PROGRESS_EVERY
+            or done == budget
+        ):
+            written = time.monotonic()
+            service.store.update(job.id, **values)
         if service.store.cancel_requested(job.id):
             raise cancelled()
 
@@ -231,15 +232,14 @@ def _progress(
 def search_verify_step(job_id: str) -> None:
     """The written winner loads, gives finite outputs and, measured again on the held-out
     split, has the fitness the card states."""
-    pipeline = _pipeline()
-    service = pipeline._jobs()
-    job = pipeline._job(job_id)
+    service = pipeline.running_service()
+    job = pipeline.job_of(job_id)
     device = resolve_device(service.settings.device)
-    out = pipeline._merged_output(job)
+    out = pipeline.merged_output(job)
     verify_output(out, device)
     stated = job.outcome["rows"][0]["held_out"]
     spec = search_spec(job)
-    token = pipeline._read_token(job)
+    token = pipeline.read_token(job)
     cache = service.settings.job_dir(job_id) / "hub"
     measured = held_out_fitness(out, spec, device, token, cache)
     if abs(measured - stated) > HELD_OUT_TOLERANCE:

@@ -168,9 +168,9 @@ def test_a_job_whose_merged_files_are_gone_fails_with_a_sentence(tmp_path):
     pipeline.configure(jobs)
     missing = job("job-elsewhere", "running", "verify")
     with pytest.raises(MergeError, match="gone from this worker's disk"):
-        pipeline._merged_output(missing)
+        pipeline.merged_output(missing)
     (jobs.settings.job_dir("job-elsewhere") / "merged").mkdir(parents=True)
-    assert pipeline._merged_output(missing).is_dir()
+    assert pipeline.merged_output(missing).is_dir()
 
 
 def test_status_polls_of_one_job_read_the_database_once_per_moment():
