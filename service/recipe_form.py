@@ -175,13 +175,18 @@ def carry_over(recipe: dict[str, Any], previous: Any) -> dict[str, Any]:
     return {**recipe, **kept}
 
 
+def previous_document(text: str) -> Any:
+    """What the YAML box held before the form changed, or None when it held nothing readable
+    (the form then writes its own document whole)."""
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return None
+
+
 def to_yaml(form: MergeForm, previous_text: str = "") -> str:
     """The form's recipe as YAML, keeping what ``previous_text`` held beyond the form."""
-    try:
-        previous = yaml.safe_load(previous_text) if previous_text else None
-    except yaml.YAMLError:
-        previous = None
-    recipe = carry_over(to_recipe(form), previous)
+    recipe = carry_over(to_recipe(form), previous_document(previous_text))
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
 
 

@@ -21,7 +21,7 @@ import yaml
 
 from merge_engine.evolve.report import Baseline, TrialRecord, duration
 from merge_engine.methods import all_methods, get_method
-from service.recipe_form import DEMO_MODELS, HUB_MODELS, ExampleModels
+from service.recipe_form import DEMO_MODELS, HUB_MODELS, ExampleModels, previous_document
 
 if TYPE_CHECKING:
     from merge_engine.evolve.checks import CheckedSpec
@@ -215,11 +215,7 @@ def carry_over(spec: dict[str, Any], previous: Any) -> dict[str, Any]:
 
 def to_yaml(form: SearchForm, previous_text: str = "") -> str:
     """The form's spec as YAML, keeping what ``previous_text`` held beyond the form."""
-    try:
-        previous = yaml.safe_load(previous_text) if previous_text else None
-    except yaml.YAMLError:
-        previous = None
-    spec = carry_over(to_spec(form), previous)
+    spec = carry_over(to_spec(form), previous_document(previous_text))
     return yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 

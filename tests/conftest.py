@@ -18,6 +18,30 @@ def llama_family(tmp_path_factory) -> tuple[Path, list[Path]]:
 
 
 @pytest.fixture(scope="session")
+def scored_family(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A tiny Llama base and two fine-tunes with the tiny tokenizer, as a search scores them.
+    Weights of a trained model's size: with the default 0.02 the residual stream of a random
+    model is so small that RMSNorm's eps, not the model, sets the last digits of the logits."""
+    from merge_engine.example import save_tiny_tokenizer
+
+    base, tuned = make_family(tmp_path_factory.mktemp("scored"), scale=0.05, initializer_range=0.2)
+    for folder in (base, *tuned):
+        save_tiny_tokenizer(folder)
+    return base, tuned
+
+
+SEARCH_TEXTS = [
+    "abc def ghi",
+    "the cat sat",
+    "hello world",
+    "one two three",
+    "a b c d e",
+    "xyz 123",
+]
+"""Short texts a search's ``nll`` task scores."""
+
+
+@pytest.fixture(scope="session")
 def gpt2_family(tmp_path_factory) -> tuple[Path, list[Path]]:
     """A tiny GPT-2 base (3 layers, head tied to the input embedding) and two fine-tunes."""
     return make_family(tmp_path_factory.mktemp("gpt2"), "gpt2", finetunes=2, seed=1)

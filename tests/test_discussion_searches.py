@@ -7,25 +7,20 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SEARCH_TEXTS
 from huggingface_hub import HfApi
 from service_env import BOT_TOKEN, job_commits, start_sandbox, start_serve, wait_until
-
-from merge_engine.example import make_family, save_tiny_tokenizer
 
 pytestmark = pytest.mark.slow  # real processes: a server with its worker, the sandbox hub
 
 BOB = "tok-bob"
 REQUESTS = "mergebot/requests"
-TEXTS = ["abc def ghi", "the cat sat", "hello world", "one two three", "a b c d e", "xyz 123"]
 
 
 @pytest.fixture(scope="module")
-def bot(tmp_path_factory):
+def bot(tmp_path_factory, scored_family):
     root = tmp_path_factory.mktemp("discussion-searches")
-    family = make_family(root / "models", scale=0.05, initializer_range=0.2)
-    for folder in (family[0], *family[1]):
-        save_tiny_tokenizer(folder)  # a search scores text, so its models need a tokenizer
-    sandbox = start_sandbox({"alice": family})
+    sandbox = start_sandbox({"alice": scored_family})
     HfApi(endpoint=sandbox.url, token=BOT_TOKEN).create_repo(REQUESTS)
     process, api = start_serve(
         sandbox.url,
@@ -45,7 +40,7 @@ models: [{{model: alice/math}}, {{model: alice/code}}]
 base_model: alice/base
 fitness:
   - kind: nll
-    data: {{examples: {json.dumps(TEXTS * 4)}}}
+    data: {{examples: {json.dumps(SEARCH_TEXTS * 4)}}}
 budget: {budget}
 """
 

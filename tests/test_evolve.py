@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_weights
+from conftest import SEARCH_TEXTS, load_weights
 from postgres_server import postgres_url
 from service_env import wait_until
 from transformers import AutoModelForCausalLM
@@ -25,24 +25,9 @@ from merge_engine.evolve.spec import spec_from_text
 from merge_engine.evolve.study import open_storage
 from merge_engine.example import make_family
 
-TEXTS = ["abc def ghi", "the cat sat", "hello world", "one two three", "a b c d e", "xyz 123"]
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory) -> tuple[Path, list[Path]]:
-    """A tiny Llama base and two fine-tunes with a tokenizer, as a search reads them."""
-    from merge_engine.example import save_tiny_tokenizer
-
-    # Weights of a trained model's size: with the default 0.02 the residual stream of a random
-    # model is so small that RMSNorm's eps, not the model, sets the last digits of the logits.
-    base, tuned = make_family(tmp_path_factory.mktemp("evolve"), scale=0.05, initializer_range=0.2)
-    for folder in (base, *tuned):
-        save_tiny_tokenizer(folder)
-    return base, tuned
-
 
 def nll_spec(base: Path, tuned: list[Path], trials: int, extra: str = "") -> str:
-    examples = json.dumps(TEXTS * 4)
+    examples = json.dumps(SEARCH_TEXTS * 4)
     return f"""
 space: parameters
 models: [{{model: {tuned[0]}}}, {{model: {tuned[1]}}}]
@@ -66,8 +51,8 @@ TARGET = {0: [0.3, 0.8], 1: [0.6, 0.2]}
 """Per model, the weight of its task vector in layers 0-1 and in layers 2-3."""
 
 
-def test_planted_optimum_is_found_and_reproduced_bit_for_bit(family, tmp_path, one_thread):
-    base, tuned = family
+def test_planted_optimum_is_found_and_reproduced_bit_for_bit(scored_family, tmp_path, one_thread):
+    base, tuned = scored_family
     weights = {"base": load_weights(base), 0: load_weights(tuned[0]), 1: load_weights(tuned[1])}
 
     def weight(model: int, name: str) -> float:
@@ -123,8 +108,10 @@ seed: 1
     assert (tmp_path / "out" / "evolve" / "fitness.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_serial_search_with_a_seed_proposes_the_same_candidates(family, tmp_path, one_thread):
-    base, tuned = family
+def test_a_serial_search_with_a_seed_proposes_the_same_candidates(
+    scored_family, tmp_path, one_thread
+):
+    base, tuned = scored_family
     spec = spec_from_text(nll_spec(base, tuned, trials=8))
     for out in ("first", "second"):
         evolve(spec, tmp_path / out, device="cpu", show_progress=False)
@@ -169,9 +156,9 @@ def path_logits(
 
 @pytest.mark.parametrize("space", ["layers", "both"])
 def test_a_layer_path_is_written_as_slices_that_plain_transformers_load(
-    family, tmp_path, space, one_thread
+    scored_family, tmp_path, space, one_thread
 ):
-    base, tuned = family
+    base, tuned = scored_family
     ids = torch.randint(3, 70, (3, 10), generator=torch.Generator().manual_seed(0))
 
     def spread(model: torch.nn.Module, split: str) -> float:
@@ -236,8 +223,8 @@ def completed_trials(storage: str, spec_text: str) -> list:
 
 
 @pytest.mark.slow
-def test_a_killed_search_resumes_without_evaluating_a_finished_trial_again(family, tmp_path):
-    base, tuned = family
+def test_a_killed_search_resumes_without_evaluating_a_finished_trial_again(scored_family, tmp_path):
+    base, tuned = scored_family
     text = nll_spec(base, tuned, trials=14)
     spec = tmp_path / "spec.yaml"
     spec.write_text(text)
@@ -268,8 +255,8 @@ def test_a_killed_search_resumes_without_evaluating_a_finished_trial_again(famil
 
 
 @pytest.mark.slow
-def test_ctrl_c_leaves_a_study_that_resume_finishes(family, tmp_path):
-    base, tuned = family
+def test_ctrl_c_leaves_a_study_that_resume_finishes(scored_family, tmp_path):
+    base, tuned = scored_family
     spec = tmp_path / "spec.yaml"
     spec.write_text(nll_spec(base, tuned, trials=60))  # still running when stopped
     out = tmp_path / "out"
@@ -290,8 +277,8 @@ def test_ctrl_c_leaves_a_study_that_resume_finishes(family, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_postgres_study(family, tmp_path):
-    base, tuned = family
+def test_two_processes_share_one_postgres_study(scored_family, tmp_path):
+    base, tuned = scored_family
     text = nll_spec(base, tuned, trials=24)
     spec = tmp_path / "spec.yaml"
     spec.write_text(text)
@@ -321,13 +308,13 @@ def test_two_processes_share_one_postgres_study(family, tmp_path):
 
 
 @pytest.mark.slow
-def test_workers_on_one_machine_share_the_budget(family, tmp_path):
-    base, tuned = family
+def test_workers_on_one_machine_share_the_budget(scored_family, tmp_path):
+    base, tuned = scored_family
     spec = tmp_path / "spec.yaml"
     # Trials long enough (a few tenths of a second) that the second process, which first
     # imports torch and loads the models, arrives before the first has used the budget.
-    longer = json.dumps([" ".join(TEXTS)] * 96)
-    spec.write_text(nll_spec(base, tuned, trials=60).replace(json.dumps(TEXTS * 4), longer))
+    longer = json.dumps([" ".join(SEARCH_TEXTS)] * 96)
+    spec.write_text(nll_spec(base, tuned, trials=60).replace(json.dumps(SEARCH_TEXTS * 4), longer))
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(evolve_command(spec, out, "--workers", "2"), env=env, check=True, timeout=600)
@@ -352,9 +339,9 @@ def refused(tmp_path: Path, capsys, text: str) -> str:
 
 
 def test_bad_specs_are_refused_in_one_sentence_before_anything_is_written(
-    family, gpt2_family, tmp_path, capsys
+    scored_family, gpt2_family, tmp_path, capsys
 ):
-    base, tuned = family
+    base, tuned = scored_family
     wider = make_family(tmp_path / "wider", finetunes=1, hidden_size=48)[1][0]
     capsys.readouterr()
     good = nll_spec(base, tuned, trials=4)
@@ -364,7 +351,7 @@ def test_bad_specs_are_refused_in_one_sentence_before_anything_is_written(
             "fitness[0].kind: must be 'multiple_choice', 'exact_match', 'nll' or 'classification', got 'bleu'",
         ),
         (
-            good.replace(json.dumps(TEXTS * 4), "[]"),
+            good.replace(json.dumps(SEARCH_TEXTS * 4), "[]"),
             "fitness[0].data: 'examples' is empty; give at least one example",
         ),
         (good.replace("trials: 4", "trials: 0"), "budget.trials: must be greater than 0, got 0"),

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SEARCH_TEXTS
 from huggingface_hub import HfApi, snapshot_download
 from postgres_server import postgres_url
 from service_env import (
@@ -23,25 +24,20 @@ from service_env import (
 )
 
 from merge_engine.evolve.spec import spec_from_text
-from merge_engine.example import make_family, save_tiny_tokenizer
 from merge_engine.run import resolve_device
 from service.search_steps import held_out_fitness
 
 pytestmark = pytest.mark.slow  # real processes: a server with its worker, the sandbox hub
 
 ALICE = "tok-alice"
-TEXTS = ["abc def ghi", "the cat sat", "hello world", "one two three", "a b c d e", "xyz 123"]
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def hub(tmp_path_factory, scored_family):
     root = tmp_path_factory.mktemp("search-jobs")
-    family = make_family(root / "models", scale=0.05, initializer_range=0.2)
-    for folder in (family[0], *family[1]):
-        save_tiny_tokenizer(folder)
-    server = start_sandbox({"alice": family})
+    server = start_sandbox({"alice": scored_family})
     rows = root / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    rows.write_text("".join(json.dumps({"text": text}) + "\n" for text in SEARCH_TEXTS))
     carol = HfApi(endpoint=server.url, token="tok-carol")
     carol.create_repo("carol/secret", repo_type="dataset", private=True)
     carol.upload_file(
@@ -57,7 +53,7 @@ models: [{{model: alice/math}}, {{model: alice/code}}]
 base_model: alice/base
 fitness:
   - kind: nll
-    data: {{examples: {json.dumps(examples or TEXTS * 4)}}}
+    data: {{examples: {json.dumps(examples or SEARCH_TEXTS * 4)}}}
 budget: {{trials: {trials}, population: 4}}
 {extra}"""
 
@@ -162,7 +158,7 @@ def test_limits_and_server_paths_are_refused_before_a_search_starts(hub, tmp_pat
         env = {**os.environ, "HF_TOKEN": ALICE}
         printed = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         assert printed.stdout.startswith(f"{first['id']}: queued"), printed
-        daily = refusal(search_spec(examples=TEXTS * 3), "alice/day-2")
+        daily = refusal(search_spec(examples=SEARCH_TEXTS * 3), "alice/day-2")
         assert "alice would run 16 search trials today, more than the 12" in daily["error"]
         # a spec without wall_time runs for at most the bot's time per search
         assert "wall_time: 1800.0" in first["recipe"]
@@ -170,7 +166,7 @@ def test_limits_and_server_paths_are_refused_before_a_search_starts(hub, tmp_pat
         process.stop()
 
 
-SLOW_EXAMPLES = [" ".join(TEXTS)] * 96
+SLOW_EXAMPLES = [" ".join(SEARCH_TEXTS)] * 96
 """Trials of a few tenths of a second: a search that is still running when the test acts."""
 
 

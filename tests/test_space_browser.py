@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 from pathlib import Path
 
 import pytest
+from browser_env import browser, choose, expect_text, field, set_value, shot, value
 from huggingface_hub import HfApi
 from playwright.sync_api import expect
 from safetensors.torch import load, save
@@ -21,8 +21,8 @@ from service.server import MOCK_OAUTH_TOKEN
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
+__all__ = ["browser"]  # the fixture, used by this module's tests
+
 SLERP = """merge_method: slerp
 base_model: demo/math
 models:
@@ -71,24 +71,6 @@ def space(tmp_path_factory):
     server.__exit__()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--disable-background-networking",
-            ],
-        )
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def page(browser, space):
     context = browser.new_context(viewport={"width": 1300, "height": 1800})
@@ -101,45 +83,8 @@ def page(browser, space):
     context.close()
 
 
-def expect_text(page, selector: str, pattern: str, timeout: float = 60_000) -> str:
-    """Wait until the element's text matches ``pattern``; return the text."""
-    page.wait_for_function(
-        "([s, p]) => { const e = document.querySelector(s); return e && new RegExp(p).test(e.innerText); }",
-        arg=[selector, pattern],
-        timeout=timeout,
-    )
-    return page.locator(selector).inner_text()
-
-
-def value(page, selector: str) -> str:
-    return page.locator(f"{selector} input, {selector} textarea").first.input_value()
-
-
-def set_value(page, selector: str, text: str) -> None:
-    """Type into a field as a person does: Gradio's ``input`` event follows key presses."""
-    field = page.locator(f"{selector} input, {selector} textarea").first
-    if field.evaluate("e => e.tagName") == "TEXTAREA":
-        field.fill(text[:-1])
-        field.press("End")
-        page.keyboard.type(text[-1])
-    else:  # a number: typed digit by digit it would pass through "0." and lose the dot
-        field.fill(text)
-    field.press("Tab")
-
-
 def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
-
-
-def field(page, selector: str):
-    """The input (or textarea) of a Gradio field, for Playwright's waiting assertions."""
-    return page.locator(f"{selector} input, {selector} textarea").first
-
-
-def choose(page, selector: str, option: str) -> None:
-    """Pick ``option`` from a Gradio dropdown as a person does."""
-    page.locator(f"{selector} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
 
 
 def wait_for_yaml(page, pattern: str) -> None:
@@ -153,11 +98,6 @@ def wait_for_yaml(page, pattern: str) -> None:
 def load_example(page, name: str) -> None:
     choose(page, "#example", name)
     page.locator("#load-example").click()
-
-
-def shot(page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 def jobs_count(space) -> int:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from browser_env import browser, choose, expect_text, field, set_value, shot
 from playwright.sync_api import expect
 from service_env import BOT_TOKEN, start_serve
-from test_space_browser import browser, choose, expect_text, field, set_value, shot
 
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 from service.sandbox_hub.seed import seed_examples
@@ -19,7 +19,7 @@ from service.server import MOCK_OAUTH_TOKEN
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["browser"]  # the browser fixture, shared with the merge form's browser test
+__all__ = ["browser"]  # the fixture, used by this module's tests
 
 RECORD_STATES = """() => {
   window.searchStates = [];

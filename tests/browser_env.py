@@ -1,0 +1,72 @@
+"""The browser the Space tests drive: Debian's Chromium through Playwright (no browser
+download), and the small waits and reads they share. A helper module, not a test file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+            ],
+        )
+        yield chromium
+        chromium.close()
+
+
+def expect_text(page, selector: str, pattern: str, timeout: float = 60_000) -> str:
+    """Wait until the element's text matches ``pattern``; return the text."""
+    page.wait_for_function(
+        "([s, p]) => { const e = document.querySelector(s); return e && new RegExp(p).test(e.innerText); }",
+        arg=[selector, pattern],
+        timeout=timeout,
+    )
+    return page.locator(selector).inner_text()
+
+
+def value(page, selector: str) -> str:
+    return page.locator(f"{selector} input, {selector} textarea").first.input_value()
+
+
+def set_value(page, selector: str, text: str) -> None:
+    """Type into a field as a person does: Gradio's ``input`` event follows key presses."""
+    field = page.locator(f"{selector} input, {selector} textarea").first
+    if field.evaluate("e => e.tagName") == "TEXTAREA":
+        field.fill(text[:-1])
+        field.press("End")
+        page.keyboard.type(text[-1])
+    else:  # a number: typed digit by digit it would pass through "0." and lose the dot
+        field.fill(text)
+    field.press("Tab")
+
+
+def field(page, selector: str):
+    """The input (or textarea) of a Gradio field, for Playwright's waiting assertions."""
+    return page.locator(f"{selector} input, {selector} textarea").first
+
+
+def choose(page, selector: str, option: str) -> None:
+    """Pick ``option`` from a Gradio dropdown as a person does."""
+    page.locator(f"{selector} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
