@@ -328,10 +328,10 @@ SUMS = tuple(
     for a, b in ((1, 2), (2, 3), (3, 4), (4, 4), (5, 2), (6, 3), (2, 7), (4, 5))
 )
 FIRST_SEARCH = "TIES weights and densities for text likelihood"
-FIRST_SEARCH_TRIALS = {DEMO_MODELS: 60, HUB_MODELS: 24}
-"""The first example's budget: the demo's tiny models take a fraction of a second a trial on a
-CPU (60 trials: long enough to watch the plot grow, and the best improves to the end); the
-Hub's take seconds on a GPU."""
+FIRST_SEARCH_TRIALS = {DEMO_MODELS: 100, HUB_MODELS: 24}
+"""The first example's budget: the demo's tiny models take a twentieth of a second a trial on
+an idle CPU (100 trials: long enough to watch the plot grow over several refreshes, and the
+best improves to the end); the Hub's take seconds on a GPU."""
 
 
 def search_examples(models: ExampleModels) -> dict[str, SearchForm]:
