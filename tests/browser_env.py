@@ -4,6 +4,8 @@ download), and the small waits and reads they share. A helper module, not a test
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,20 @@ def browser():
         )
         yield chromium
         chromium.close()
+
+
+@contextmanager
+def space_page(browser, url: str) -> Iterator:
+    """A fresh browser context on the Space at ``url``, once it has greeted the visitor."""
+    context = browser.new_context(viewport={"width": 1300, "height": 1800})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(url + "/")
+    expect_text(page, "#who", "results go to")
+    try:
+        yield page
+    finally:
+        context.close()
 
 
 def expect_text(page, selector: str, pattern: str, timeout: float = 60_000) -> str:

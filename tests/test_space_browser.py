@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from browser_env import browser, choose, expect_text, field, set_value, shot, value
+from browser_env import browser, choose, expect_text, field, set_value, shot, space_page, value
 from huggingface_hub import HfApi
 from playwright.sync_api import expect
 from safetensors.torch import load, save
@@ -73,14 +73,9 @@ def space(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, space):
-    context = browser.new_context(viewport={"width": 1300, "height": 1800})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    page.goto(space.url + "/")
-    page.wait_for_selector("#method input")
-    expect_text(page, "#who", "results go to")
-    yield page
-    context.close()
+    with space_page(browser, space.url) as page:
+        page.wait_for_selector("#method input")
+        yield page
 
 
 def open_tab(page, name: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from browser_env import browser, choose, expect_text, field, set_value, shot
+from browser_env import browser, choose, expect_text, field, set_value, shot, space_page
 from playwright.sync_api import expect
 from service_env import BOT_TOKEN, start_serve
 
@@ -63,16 +63,11 @@ def space(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, space):
-    context = browser.new_context(viewport={"width": 1300, "height": 1800})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    page.goto(space.url + "/")
-    expect_text(page, "#who", "results go to")
-    page.get_by_role("tab", name="Search", exact=True).click()
-    expect(field(page, "#search-example")).to_have_value(FIRST_SEARCH)
-    expect(field(page, "#search-target")).to_have_value("mergebot/searched-model")
-    yield page
-    context.close()
+    with space_page(browser, space.url) as page:
+        page.get_by_role("tab", name="Search", exact=True).click()
+        expect(field(page, "#search-example")).to_have_value(FIRST_SEARCH)
+        expect(field(page, "#search-target")).to_have_value("mergebot/searched-model")
+        yield page
 
 
 def load_example(page, name: str) -> None:
