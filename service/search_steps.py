@@ -271,16 +271,19 @@ def help_searches(service, stopping: threading.Event) -> None:
     """While this worker runs no job, evaluate trials of a search another worker runs; return
     when ``stopping`` is set. Started beside every worker's queue."""
     me = service.settings.worker_id
+    helped: set[str] = set()  # spent, stopped or failing here: not joined again
     while not stopping.wait(HELP_POLL_SECONDS):
         if service.store.busy(me):
             continue
         for job in service.store.running_searches():
-            if job.worker == me:
+            if job.worker == me or job.workflow_id in helped:
                 continue
             try:
                 join_search(service, job, stopping)
             except Exception as error:  # noqa: BLE001  (the search's own worker carries on)
                 log.warning("helping search %s stopped: %s", job.id, error)
+            if not service.store.busy(me):  # not called away to a job of its own
+                helped.add(job.workflow_id)
             break
 
 
