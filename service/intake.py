@@ -178,11 +178,6 @@ def check_limits(sources: Mapping[ModelReference, ModelSource], limits: Limits) 
         )
 
 
-def search_trials(spec: SearchSpec) -> int:
-    """The trials a spec asks for, all stages together."""
-    return spec.budget.trials * (2 if spec.space == "both" else 1)
-
-
 def with_wall_time(spec: SearchSpec, limits: SearchLimits) -> SearchSpec:
     """A spec without ``wall_time`` runs for at most this bot's time per search."""
     if spec.budget.wall_time is not None:
@@ -193,7 +188,7 @@ def with_wall_time(spec: SearchSpec, limits: SearchLimits) -> SearchSpec:
 
 def check_search_limits(spec: SearchSpec, limits: SearchLimits) -> None:
     """A search's own budget within this bot's limits per search, from the spec alone."""
-    trials = search_trials(spec)
+    trials = spec.total_trials()
     if trials > limits.max_trials:
         raise RecipeError(
             f"the search asks for {trials} trials, more than the {limits.max_trials} this bot runs per search; ask for fewer trials",
@@ -222,7 +217,7 @@ def check_daily_search_limits(
 ) -> None:
     """``spec`` and the ``earlier`` searches of ``requester`` in the last day within this
     bot's daily limits per requester."""
-    trials = search_trials(spec) + sum(use.trials for use in earlier)
+    trials = spec.total_trials() + sum(use.trials for use in earlier)
     if trials > limits.daily_trials:
         raise RecipeError(
             f"{requester} would run {trials} search trials today, more than the {limits.daily_trials} this bot runs per requester per day; ask for fewer trials or wait a day",
@@ -242,29 +237,28 @@ def _hours(hours: float) -> str:
 
 def search_job_id(spec: SearchSpec, request: SearchRequest) -> str:
     """Hash of the pinned spec, the target and whether the result is private."""
-    normalised = json.dumps(
-        {
-            "spec": spec.model_dump(mode="json", exclude_none=True),
-            "target": request.target,
-            "private": request.private,
-        },
-        sort_keys=True,
+    return _hashed_id(
+        "search",
+        spec=spec.model_dump(mode="json", exclude_none=True),
+        target=request.target,
+        private=request.private,
     )
-    return "search-" + hashlib.sha256(normalised.encode()).hexdigest()[:24]
 
 
 def job_id(plan: MergePlan, request: MergeRequest) -> str:
     """Hash of the normalised recipe with every source pinned, the target and what else shapes
     the result (private or public, followed or not): the same request at the same source
     revisions is the same job, and asking for a private copy is not."""
-    recipe = plan.pinned_recipe()
-    normalised = json.dumps(
-        {
-            "recipe": recipe.model_dump(mode="json", exclude_none=True),
-            "target": request.target,
-            "private": request.private,
-            "follow_sources": request.follow_sources,
-        },
-        sort_keys=True,
+    return _hashed_id(
+        "job",
+        recipe=plan.pinned_recipe().model_dump(mode="json", exclude_none=True),
+        target=request.target,
+        private=request.private,
+        follow_sources=request.follow_sources,
     )
-    return "job-" + hashlib.sha256(normalised.encode()).hexdigest()[:24]
+
+
+def _hashed_id(prefix: str, **fields: Any) -> str:
+    """``prefix-`` and 24 hex digits of the SHA-256 of ``fields`` as sorted JSON."""
+    normalised = json.dumps(fields, sort_keys=True)
+    return f"{prefix}-" + hashlib.sha256(normalised.encode()).hexdigest()[:24]

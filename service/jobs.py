@@ -52,7 +52,6 @@ from service.intake import (
     check_target,
     job_id,
     search_job_id,
-    search_trials,
     with_wall_time,
 )
 from service.job_store import ACTIVE, Job, JobStore, make_engine
@@ -150,7 +149,7 @@ class JobService:
         spec = self.read_spec(job.recipe)
         booked = spec.budget.wall_time or 0.0
         used = booked if job.status in ACTIVE else min(booked, job.updated_at - job.created_at)
-        return SearchUse(search_trials(spec), used)
+        return SearchUse(spec.total_trials(), used)
 
     def _check_request(
         self, document: Recipe | SearchSpec, target: str, private: bool, identity: Identity

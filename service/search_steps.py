@@ -42,12 +42,6 @@ HELD_OUT_TOLERANCE = 1e-4
 """How far the published model's held-out fitness may be from the searched candidate's."""
 
 
-def stage_names(spec: SearchSpec) -> list[str]:
-    return {"parameters": ["parameters"], "layers": ["layers"], "both": ["parameters", "layers"]}[
-        spec.space
-    ]
-
-
 def search_spec(job: Job) -> SearchSpec:
     """The pinned spec the job searches."""
     return spec_from_text(job.recipe)
@@ -66,7 +60,7 @@ def output_dir(service, job: Job) -> Path:
 def read_studies(service, job: Job) -> list[StoredStudy]:
     """Each stage's study of ``job`` as stored now, in stage order."""
     names = study_names(job)
-    stages = stage_names(search_spec(job))
+    stages = search_spec(job).stages()
     return [read_study(service.studies, names.of(stage), stage) for stage in stages]
 
 
@@ -114,7 +108,7 @@ def search_status(service, job: Job) -> dict:
             {"model": b["label"], "search": b["search"], "held_out": b["held_out"]}
             for b in baselines
         ],
-        "budget": spec.budget.trials * len(stage_names(spec)),
+        "budget": spec.total_trials(),
         "done": len(records),
         "best": None
         if best is None
@@ -204,14 +198,14 @@ def _progress(
 ) -> Callable[[str, int, int, float], None]:
     """After each trial: the job's fraction, a log line when the best improves, and a cancel
     that stops the search here."""
-    stages = stage_names(spec)
+    stages = spec.stages()
     best_so_far: dict[str, float] = {}
     written = 0.0
 
     def report(stage: str, done: int, budget: int, best: float) -> None:
         nonlocal written
         before = stages.index(stage) * budget
-        values: dict = {"fraction": (before + done) / (budget * len(stages))}
+        values: dict = {"fraction": (before + done) / spec.total_trials()}
         if best_so_far.get(stage) != best:
             best_so_far[stage] = best
             values["log"] = f"{stage} trial {done}/{budget}: best fitness {best:.4g}"

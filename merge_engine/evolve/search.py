@@ -145,12 +145,6 @@ def _start_workers(
     ]
 
 
-def _stage_names(spec: SearchSpec) -> list[str]:
-    return {"parameters": ["parameters"], "layers": ["layers"], "both": ["parameters", "layers"]}[
-        spec.space
-    ]
-
-
 def evolve(
     spec: SearchSpec,
     out: str | Path,
@@ -202,7 +196,7 @@ def evolve(
         store = store or open_storage(default_storage(folder))
         names = StudyNames(study_name or f"evolve-{spec.fingerprint()}")
         if resume and storage is None:  # the local study's last process is gone
-            for name in _stage_names(spec):
+            for name in spec.stages():
                 fail_running(store, names.of(name))
         # The other processes start first: they import torch and load the models meanwhile.
         if not join:

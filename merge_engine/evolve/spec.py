@@ -197,6 +197,18 @@ class SearchSpec(_Strict):
     def sources(self) -> list[ModelReference]:
         return [s.model for s in self.models]
 
+    def stages(self) -> list[str]:
+        """The studies the search runs, in order: each takes ``budget.trials`` trials."""
+        return {
+            "parameters": ["parameters"],
+            "layers": ["layers"],
+            "both": ["parameters", "layers"],
+        }[self.space]
+
+    def total_trials(self) -> int:
+        """The trials of every stage together."""
+        return self.budget.trials * len(self.stages())
+
     def referenced_models(self) -> list[ModelReference]:
         """Every model the search reads: the base first, then the sources."""
         return list(
