@@ -1,5 +1,6 @@
 """The browser the Space tests drive: Debian's Chromium through Playwright (no browser
-download), and the small waits and reads they share. A helper module, not a test file."""
+download), the demo hub and Space they open, and the small waits and reads they share. A
+helper module, not a test file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from service_env import BOT_TOKEN, start_serve
+
+from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
+from service.sandbox_hub.seed import seed_examples
+from service.server import MOCK_OAUTH_TOKEN
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
@@ -30,6 +36,26 @@ def browser():
         )
         yield chromium
         chromium.close()
+
+
+def demo_hub() -> SandboxServer:
+    """The sandbox hub, started, with the demo models; the Space's local sign-in is ``demo``."""
+    users = {"tok-demo": "demo", MOCK_OAUTH_TOKEN: "demo", BOT_TOKEN: "mergebot"}
+    hub = SandboxHub(HubStore(), users=users)
+    seed_examples(hub.store, "demo")
+    return SandboxServer(hub).__enter__()
+
+
+@contextmanager
+def serving_space(server: SandboxServer, work: Path) -> Iterator:
+    """``mergebot serve`` on ``server`` (its sign-in the demo user), stopped afterwards; the
+    API client it yields also holds the hub (``sandbox``) and the process."""
+    process, bot = start_serve(server.url, work, MERGEBOT_LOCAL_LOGIN_TOKEN="tok-demo")
+    bot.sandbox, bot.process = server, process
+    try:
+        yield bot
+    finally:
+        process.stop()
 
 
 @contextmanager

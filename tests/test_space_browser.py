@@ -9,15 +9,21 @@ import re
 from pathlib import Path
 
 import pytest
-from browser_env import browser, choose, expect_text, field, set_value, shot, space_page, value
+from browser_env import (
+    browser,
+    choose,
+    demo_hub,
+    expect_text,
+    field,
+    serving_space,
+    set_value,
+    shot,
+    space_page,
+    value,
+)
 from huggingface_hub import HfApi
 from playwright.sync_api import expect
 from safetensors.torch import load, save
-from service_env import BOT_TOKEN, start_serve
-
-from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
-from service.sandbox_hub.seed import seed_examples
-from service.server import MOCK_OAUTH_TOKEN
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +43,7 @@ parameters:
 def space(tmp_path_factory):
     """The sandbox hub with the demo models (and one missing a tensor), and the bot serving
     the Space; the local sign-in is the demo user."""
-    users = {"tok-demo": "demo", MOCK_OAUTH_TOKEN: "demo", BOT_TOKEN: "mergebot"}
-    hub = SandboxHub(HubStore(), users=users)
-    seed_examples(hub.store, "demo")
-    server = SandboxServer(hub).__enter__()
+    server = demo_hub()
     api = HfApi(endpoint=server.url, token="tok-demo")
     weights = load(
         Path(
@@ -63,11 +66,8 @@ def space(tmp_path_factory):
         ),
         path_in_repo="config.json",
     )
-    work = tmp_path_factory.mktemp("space") / "work"
-    process, bot = start_serve(server.url, work, MERGEBOT_LOCAL_LOGIN_TOKEN="tok-demo")
-    bot.sandbox, bot.process = server, process
-    yield bot
-    process.stop()
+    with serving_space(server, tmp_path_factory.mktemp("space") / "work") as bot:
+        yield bot
     server.__exit__()
 
 

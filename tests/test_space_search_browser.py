@@ -8,14 +8,21 @@ from __future__ import annotations
 import re
 
 import pytest
-from browser_env import browser, choose, expect_text, field, set_value, shot, space_page
+from browser_env import (
+    browser,
+    choose,
+    demo_hub,
+    expect_text,
+    field,
+    serving_space,
+    set_value,
+    shot,
+    space_page,
+)
 from playwright.sync_api import expect
-from service_env import BOT_TOKEN, start_serve
+from service_env import BOT_TOKEN
 
-from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
-from service.sandbox_hub.seed import seed_examples
 from service.search_form import FIRST_SEARCH
-from service.server import MOCK_OAUTH_TOKEN
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +56,9 @@ best fitness changed while it watched."""
 def space(tmp_path_factory):
     """The sandbox hub with the demo models, and the bot serving the Space; the local
     sign-in is the demo user."""
-    users = {"tok-demo": "demo", MOCK_OAUTH_TOKEN: "demo", BOT_TOKEN: "mergebot"}
-    hub = SandboxHub(HubStore(), users=users)
-    seed_examples(hub.store, "demo")
-    server = SandboxServer(hub).__enter__()
-    work = tmp_path_factory.mktemp("search-space") / "work"
-    process, bot = start_serve(server.url, work, MERGEBOT_LOCAL_LOGIN_TOKEN="tok-demo")
-    bot.sandbox, bot.process = server, process
-    yield bot
-    process.stop()
+    server = demo_hub()
+    with serving_space(server, tmp_path_factory.mktemp("search-space") / "work") as bot:
+        yield bot
     server.__exit__()
 
 
