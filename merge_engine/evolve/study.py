@@ -58,8 +58,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
 def _rdb_storage(url: str, engine_kwargs: dict, attempts: int = 3) -> optuna.storages.RDBStorage:
     """Optuna's storage; processes starting at once race to create its tables, and the
-    loser of that race finds them made when it tries again."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    loser of that race finds them made when it tries again. The race shows as a duplicate row
+    (IntegrityError), a lock (OperationalError), or on PostgreSQL as a table or type another
+    process is creating at that moment (ProgrammingError: duplicate or not yet visible)."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(attempts):
         try:
@@ -71,7 +73,7 @@ def _rdb_storage(url: str, engine_kwargs: dict, attempts: int = 3) -> optuna.sto
                     heartbeat_interval=HEARTBEAT_SECONDS,
                     grace_period=GRACE_SECONDS,
                 )
-        except (IntegrityError, OperationalError):
+        except (IntegrityError, OperationalError, ProgrammingError):
             if attempt == attempts - 1:
                 raise
             time.sleep(WAIT_SECONDS)
