@@ -16,9 +16,11 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData, constants
 
+from merge_engine.formats.blocks import block_names
+from merge_engine.formats.layouts import TRANSFORMERS
 from merge_engine.hub_names import is_loopback
 from merge_engine.plan import MergePlan
-from merge_engine.recipe import ModelReference
+from merge_engine.recipe import BlockValues, ModelReference
 
 TEMPLATE = files("merge_engine") / "templates" / "card.md"
 PUBLIC_HUB = "https://huggingface.co"
@@ -62,6 +64,26 @@ def parameter_rows(plan: MergePlan) -> list[dict[str, str]]:
                 }
             )
     return rows
+
+
+def block_table(plan: MergePlan) -> dict[str, Any] | None:
+    """The recipe's block values as a table: one row per UNet block, one column per setting
+    (``weight`` of a model, a global ``t``); None when the recipe gives none."""
+    if not plan.layout.is_diffusion:
+        return None
+    columns, values = [], []
+    levels = [("", plan.recipe.parameters)]
+    levels += [(f" of {m.model}", m.parameters) for m in plan.recipe.models or []]
+    for whose, parameters in levels:
+        for name, setting in (parameters or {}).items():
+            if isinstance(setting, BlockValues):
+                columns.append(f"`{name}`{whose}")
+                values.append(setting.blocks)
+    if not columns:
+        return None
+    blocks = block_names(plan.layout.family)
+    rows = [[block, *(f"{v[i]:g}" for v in values)] for i, block in enumerate(blocks)]
+    return {"columns": columns, "rows": rows}
 
 
 def _default(param) -> str:
@@ -151,12 +173,16 @@ def build_card(
         ref.path for ref in recipe.referenced_models() if ref in read and not ref.is_local
     ]
     datasets = [d.path for d in recipe.datasets()] if plan.calibration else []
+    diffusion = plan.layout.is_diffusion
+    library = "diffusers" if diffusion else "transformers" if plan.layout == TRANSFORMERS else None
+    family_tag = {"sd1": ["stable-diffusion"], "sdxl": ["stable-diffusion-xl"]}
     data = ModelCardData(
         base_model=merged_from or None,
         datasets=datasets or None,
         base_model_relation="merge" if merged_from else None,
-        library_name="transformers",
-        tags=["merge", "mergebot", plan.method.name],
+        library_name=library,
+        pipeline_tag="text-to-image" if diffusion else None,
+        tags=["merge", "mergebot", plan.method.name, *family_tag.get(plan.layout.family, [])],
     )
     models = []
     for ref in recipe.referenced_models():
@@ -180,6 +206,9 @@ def build_card(
         base=recipe.base_model if plan.method.base != "unused" else None,
         seed=plan.seed,
         parameters=parameter_rows(plan),
+        blocks=block_table(plan),
+        layout=plan.layout if plan.layout != TRANSFORMERS else None,
+        output_layout=plan.output_format,
         notes=plan.notes,
         models=models,
         recipe=plan.reproducible_recipe().to_yaml().rstrip(),

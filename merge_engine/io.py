@@ -47,6 +47,9 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
+    key: str | None = None
+    """The tensor's name inside ``file`` when the model calls it otherwise (a diffusers
+    component's tensors are named ``unet/...`` in the model, bare in the file)."""
 
     @property
     def nbytes(self) -> int:
@@ -64,24 +67,29 @@ def parse_header(raw: bytes, origin: str) -> dict[str, dict]:
     return header
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor names, shapes and dtypes of one safetensors file, from its header alone."""
+def read_header(path: Path, file: str | None = None, prefix: str = "") -> dict[str, TensorInfo]:
+    """Tensor names, shapes and dtypes of one safetensors file, from its header alone;
+    ``file`` is how the infos name it (its path in the model's folder), ``prefix`` what the
+    model puts before each name."""
     with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
+        size = f.read(8)
+        if len(size) < 8:
             raise SourceError(
-                f"{path} is not a valid safetensors file (it is {len(prefix)} bytes long); re-download or re-save it"
+                f"{path} is not a valid safetensors file (it is {len(size)} bytes long); re-download or re-save it"
             )
-        (length,) = struct.unpack("<Q", prefix)
+        (length,) = struct.unpack("<Q", size)
         if length > MAX_HEADER_BYTES:
             raise SourceError(
                 f"{path} declares a {length}-byte header, more than any real checkpoint; the file is corrupt"
             )
         header = parse_header(f.read(length), str(path))
-    return tensor_infos(header, path.name, str(path))
+    return tensor_infos(header, file or path.name, str(path), prefix)
 
 
-def tensor_infos(header: Mapping[str, dict], file: str, origin: str) -> dict[str, TensorInfo]:
+def tensor_infos(
+    header: Mapping[str, dict], file: str, origin: str, prefix: str = ""
+) -> dict[str, TensorInfo]:
+    """The tensors of one file's header; with ``prefix``, named ``prefix + key`` in the model."""
     infos = {}
     for name, entry in header.items():
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype", ""))
@@ -89,7 +97,9 @@ def tensor_infos(header: Mapping[str, dict], file: str, origin: str) -> dict[str
             raise SourceError(
                 f"tensor {name} in {origin} has dtype {entry.get('dtype')!r}, which mergebot cannot merge"
             )
-        infos[name] = TensorInfo(tuple(entry["shape"]), dtype, file)
+        infos[prefix + name] = TensorInfo(
+            tuple(entry["shape"]), dtype, file, name if prefix else None
+        )
     return infos
 
 
@@ -109,10 +119,12 @@ class SafetensorsStore:
         self._handles: dict[str, object] = {}
 
     def get(self, name: str) -> torch.Tensor:
-        file = self.tensors[name].file
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
-        return self._handles[file].get_tensor(name)
+        info = self.tensors[name]
+        if info.file not in self._handles:
+            self._handles[info.file] = safe_open(
+                str(self.folder / info.file), framework="pt", device="cpu"
+            )
+        return self._handles[info.file].get_tensor(info.key or name)
 
     def release(self, file: str) -> None:
         self._handles.pop(file, None)
@@ -155,8 +167,8 @@ def assign_shards(tensors: list[PlannedTensor], shard_size: int) -> list[list[Pl
     return shards
 
 
-def _header_bytes(shard: list[PlannedTensor]) -> bytes:
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+def _header_bytes(shard: list[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for tensor in shard:
         header[tensor.name] = {
@@ -171,16 +183,27 @@ def _header_bytes(shard: list[PlannedTensor]) -> bytes:
 
 
 class ShardedWriter:
-    """Streams tensors, in planned order, into shards whose headers are written first."""
+    """Streams tensors, in planned order, into shards whose headers are written first. The
+    files are ``{stem}.safetensors``, or ``{stem}-00001-of-0000N.safetensors`` and their index
+    ``{stem}.safetensors.index.json``; ``metadata`` goes into every header."""
 
-    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int):
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[PlannedTensor],
+        shard_size: int,
+        stem: str = "model",
+        metadata: dict[str, str] | None = None,
+    ):
         self.folder = folder
         self.shards = assign_shards(tensors, shard_size)
+        self.stem = stem
+        self.metadata = metadata
         count = len(self.shards)
         self.file_names = (
-            ["model.safetensors"]
+            [f"{stem}.safetensors"]
             if count == 1
-            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+            else [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         )
         self._queue = [
             (shard_index, t) for shard_index, shard in enumerate(self.shards) for t in shard
@@ -202,7 +225,7 @@ class ShardedWriter:
         if shard_index != self._open_shard:
             self._close_file()
             self._file = open(self.folder / self.file_names[shard_index], "wb")  # noqa: SIM115 (spans write calls; closed in finish/close)
-            self._file.write(_header_bytes(self.shards[shard_index]))
+            self._file.write(_header_bytes(self.shards[shard_index], self.metadata))
             self._open_shard = shard_index
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
@@ -227,7 +250,39 @@ class ShardedWriter:
             }
             total = sum(t.nbytes for shard in self.shards for t in shard)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            index_name = f"{self.stem}.safetensors.index.json"
+            (self.folder / index_name).write_text(json.dumps(index, indent=2) + "\n")
 
     def close(self) -> None:
         self._close_file()
+
+
+class ComponentWriter:
+    """Streams tensors named ``component/key`` into one folder of shards per component, as
+    diffusers lays a pipeline out: ``unet/diffusion_pytorch_model.safetensors``,
+    ``text_encoder/model.safetensors``, ..."""
+
+    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int):
+        by_component: dict[str, list[PlannedTensor]] = {}
+        for tensor in tensors:
+            component, _, key = tensor.name.partition("/")
+            by_component.setdefault(component, []).append(
+                PlannedTensor(key, tensor.shape, tensor.dtype)
+            )
+        self.writers = {}
+        for component, planned in by_component.items():
+            (folder / component).mkdir(parents=True, exist_ok=True)
+            stem = "model" if component.startswith("text_encoder") else "diffusion_pytorch_model"
+            self.writers[component] = ShardedWriter(folder / component, planned, shard_size, stem)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        component, _, key = name.partition("/")
+        self.writers[component].write(key, tensor)
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()

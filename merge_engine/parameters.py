@@ -1,16 +1,39 @@
 """Resolving a parameter for one tensor: precedence (model > slice > global), filter lists
-(first matching ``filter`` substring wins) and gradients (a list of numbers interpolated over
-the layers of a slice; position ``t`` in [0, 1], 0 for tensors outside the layers)."""
+(first matching ``filter`` wins), gradients (a list of numbers interpolated over the layers of
+a slice; position ``t`` in [0, 1], 0 for tensors outside the layers) and, for diffusion
+models, block values (one value per UNet block)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from merge_engine.recipe import ConditionalParameter, ParameterSetting
+from merge_engine.recipe import BlockValues, ConditionalParameter, ParameterSetting
 
 Scope = tuple[str, dict[str, ParameterSetting] | None]
 """A level of parameters with the recipe path it came from, e.g. ("models[1].parameters", {...})."""
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a tensor sits, as parameters see it. ``name`` is what a filter finds as a
+    substring; ``t`` the position gradients interpolate at. A diffusion model's tensor also
+    has ``labels`` that a filter names exactly (its block such as ``IN04``, its component
+    such as ``vae``, its class such as ``attention``) and ``block``, its index in the
+    layout's block list, which picks its value from a block list."""
+
+    name: str
+    t: float = 0.0
+    labels: frozenset[str] = frozenset()
+    block: int | None = None
+
+    def matches(self, pattern: str | None) -> bool:
+        return (
+            pattern in (None, "*")
+            or pattern in self.labels
+            or (bool(self.name) and pattern in self.name)
+        )
 
 
 def _is_number(value: Any) -> bool:
@@ -25,8 +48,10 @@ def _is_number(value: Any) -> bool:
         return False
 
 
-def evaluate(setting: ParameterSetting, tensor: str, t: float) -> Any:
-    """The value of one setting for one tensor at layer position t, or None if no filter matches."""
+def evaluate(setting: ParameterSetting, place: Place) -> Any:
+    """The value of one setting for one tensor, or None if no filter matches."""
+    if isinstance(setting, BlockValues):
+        return setting.blocks[place.block] if place.block is not None else None
     if isinstance(setting, ConditionalParameter):
         setting = [setting]
     if isinstance(setting, list):
@@ -34,9 +59,10 @@ def evaluate(setting: ParameterSetting, tensor: str, t: float) -> Any:
             return None
         if all(isinstance(entry, ConditionalParameter) for entry in setting):
             for entry in setting:
-                if entry.filter in (None, "*") or (tensor and entry.filter in tensor):
-                    return evaluate(entry.value, tensor, t)
+                if place.matches(entry.filter):
+                    return evaluate(entry.value, place)
             return None
+        t = place.t
         if not all(_is_number(v) for v in setting):
             return setting[int(t * (len(setting) - 1))]
         values = [float(v) for v in setting]
@@ -48,11 +74,11 @@ def evaluate(setting: ParameterSetting, tensor: str, t: float) -> Any:
     return setting
 
 
-def resolve(name: str, scopes: Iterable[Scope], tensor: str, t: float) -> tuple[Any, str] | None:
+def resolve(name: str, scopes: Iterable[Scope], place: Place) -> tuple[Any, str] | None:
     """The first defined value of ``name`` in the scopes (highest precedence first), with its path."""
     for path, parameters in scopes:
         if parameters and name in parameters:
-            value = evaluate(parameters[name], tensor, t)
+            value = evaluate(parameters[name], place)
             if value is not None:
                 return value, f"{path}.{name}"
     return None

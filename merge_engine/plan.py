@@ -11,7 +11,7 @@ import copy
 import difflib
 import hashlib
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,8 +20,14 @@ from merge_engine import layers
 from merge_engine.align_pass import AlignmentPlan, plan_alignment
 from merge_engine.calibration import CalibrationSource
 from merge_engine.errors import IncompatibleModelsError, RecipeError
+from merge_engine.formats.blocks import diffusion_places
+from merge_engine.formats.layouts import TRANSFORMERS, Layout
+from merge_engine.formats.output import bake_vae, plan_writes, vae_source
+from merge_engine.formats.recipe_checks import check_layout, common_layout
+from merge_engine.formats.sd_names import Renamed
+from merge_engine.io import PlannedTensor
 from merge_engine.methods import MergeMethod, get_method
-from merge_engine.parameters import Scope, resolve
+from merge_engine.parameters import Place, Scope, resolve
 from merge_engine.recipe import InputSlice, ModelReference, Recipe
 from merge_engine.sources import LAYER_COUNT_KEYS, ModelSource, model_task
 
@@ -66,10 +72,24 @@ class MergePlan:
     """Each input model's calibration data, for the methods (and alignment) that need data."""
     alignment: AlignmentPlan | None = None
     """The recipe's align step: which models are permuted to match which."""
+    layout: Layout = TRANSFORMERS
+    """The layout the merged models share."""
+    output_format: str = "transformers"
+    """The layout written: the sources' format, or the recipe's ``output_layout``."""
+    writes: list[Renamed] | None = None
+    """When the output layout differs from the sources': the tensors written, in order, each
+    made from merged tensors named as the tasks name them."""
 
     @property
     def output_bytes(self) -> int:
-        return sum(t.out_dtype.itemsize * _numel(t.shape) for t in self.tasks)
+        return sum(t.nbytes for t in self.written_tensors())
+
+    def written_tensors(self) -> list[PlannedTensor]:
+        """Every tensor the output holds, in the order it is written."""
+        if self.writes is None:
+            return [PlannedTensor(t.output, t.shape, t.out_dtype) for t in self.tasks]
+        dtypes = {t.output: t.out_dtype for t in self.tasks}
+        return [PlannedTensor(r.name, r.shape, dtypes[r.parts[0]]) for r in self.writes]
 
     @property
     def read_models(self) -> set[ModelReference]:
@@ -213,7 +233,7 @@ class _Group:
     inputs: list[_Input]
     base: _Input | None
     shared_scopes: list[Scope]
-    t: float
+    place: Place
 
 
 class _Planner:
@@ -283,14 +303,16 @@ class _Planner:
 
         shared = {}
         for param in method.global_params:
-            found = resolve(param.name, group.shared_scopes, output, group.t)
+            found = resolve(param.name, group.shared_scopes, group.place)
             shared[param.name] = self._value(param, found, output, None)
         per_model = []
         for member in group.inputs:
             values = {}
             for param in method.per_model_params:
                 found = resolve(
-                    param.name, [member.scope, *group.shared_scopes], member.name, group.t
+                    param.name,
+                    [member.scope, *group.shared_scopes],
+                    replace(group.place, name=member.name),
                 )
                 values[param.name] = self._value(
                     param, found, output, member.model, member.scope[0]
@@ -338,22 +360,20 @@ class _Planner:
         inputs = [ref for ref in models if ref != base]
         _check_input_count(method, len(inputs), "models")
         donor = self.sources[recipe.donor()]
-        self._check_same_layers([base, *inputs] if base else inputs)
-        names = sorted(donor.tensors, key=layers.sort_key)
+        if donor.layout == TRANSFORMERS:
+            self._check_same_layers([base, *inputs] if base else inputs)
         self._check_no_extra_tensors(donor, [base, *inputs] if base else inputs)
-        counts = layers.layer_counts(names)
+        places = tensor_places(donor)
         global_scope: Scope = ("parameters", recipe.parameters)
-        for name in names:
+        for name in places:
             shape = donor.tensors[name].shape
-            layer = layers.split_layer(name)
-            t = _position(layer.index, counts[layer.prefix]) if layer else 0.0
             group = _Group(
                 inputs=[
                     self.member(ref, name, shape, name, donor.ref, scopes[ref]) for ref in inputs
                 ],
                 base=self.member(base, name, shape, name, donor.ref) if base else None,
                 shared_scopes=[global_scope],
-                t=t,
+                place=places[name],
             )
             self.resolve_task(name, shape, group)
 
@@ -457,7 +477,7 @@ class _Planner:
                         if base_src
                         else None,
                         shared_scopes=shared_scopes,
-                        t=t,
+                        place=Place(output, t),
                     )
                     body.append((output, shape, group))
                 layer_sources.append((sources[0].model, source_layer))
@@ -504,7 +524,7 @@ class _Planner:
                 ],
                 base=self.member(base_ref, name, shape, name, template.ref) if base_ref else None,
                 shared_scopes=scopes,
-                t=0.0,
+                place=Place(name),
             )
             self.resolve_task(name, shape, group)
 
@@ -569,6 +589,22 @@ class _Planner:
 def _position(index: int, count: int) -> float:
     """A layer's place in its slice, for gradients: 0 for the first layer, 1 for the last."""
     return index / (count - 1) if count > 1 else 1.0
+
+
+def tensor_places(source: ModelSource) -> dict[str, Place]:
+    """Where each of a model's tensors sits, in the order the merge writes them: layers in
+    order for a transformers model (gradients run over them), blocks for a diffusion model
+    (gradients run over the block list)."""
+    if source.layout.is_diffusion:
+        return diffusion_places(source.layout, {n: i.shape for n, i in source.tensors.items()})
+    names = sorted(source.tensors, key=layers.sort_key)
+    counts = layers.layer_counts(names)
+    places = {}
+    for name in names:
+        layer = layers.split_layer(name)
+        t = _position(layer.index, counts[layer.prefix]) if layer else 0.0
+        places[name] = Place(name, t)
+    return places
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
@@ -649,6 +685,8 @@ def build_plan(
     planner = _Planner(recipe, sources)
     method = planner.method
     check_parameter_names(recipe, method)
+    layout = common_layout(recipe, {ref: s.layout for ref, s in sources.items()})
+    check_layout(recipe, layout, method.needs_data, method.name)
     calibration = calibration or {}
     notes = _check_calibration(recipe, method, sources, calibration)
     if (
@@ -673,14 +711,34 @@ def build_plan(
     else:
         planner.plan_slices()
     _check_tokenizer_vocabulary(recipe, sources, planner.tasks)
+    tasks, sources = planner.tasks, dict(sources)
+    if recipe.vae and recipe.vae not in recipe.input_models() and recipe.vae != recipe.base_model:
+        sources[recipe.vae] = vae_source(sources[recipe.vae], layout)
+    if recipe.vae:
+        tasks = bake_vae(tasks, sources[recipe.vae], DTYPES.get(recipe.out_dtype or ""))
+    output_format = recipe.output_layout or layout.format
+    tasks, writes = plan_writes(tasks, layout, output_format, recipe.discard or [])
     if method.random:
         seed = (
             recipe.random_seed
             if recipe.random_seed is not None
             else (seed if seed is not None else secrets.randbits(31))
         )
+    config = (
+        planner.output_config() if layout == TRANSFORMERS else dict(sources[recipe.donor()].config)
+    )
     plan = MergePlan(
-        recipe, method, sources, planner.tasks, planner.output_config(), seed, notes, calibration
+        recipe,
+        method,
+        sources,
+        tasks,
+        config,
+        seed,
+        notes,
+        calibration,
+        layout=layout,
+        output_format=output_format,
+        writes=writes,
     )
     read = [ref for ref in recipe.referenced_models() if ref in plan.read_models]
     plan.alignment = plan_alignment(recipe, sources, read, calibration, method.needs_data)

@@ -28,16 +28,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PATH_EXCERPT = 200  # how much of a path or reference a message quotes: local paths run long
 
 
-def _is_folder(path: str) -> bool:
-    """An existing folder; False for what no file system holds (a name too long, a NUL)."""
+def _is_local_model(path: str) -> bool:
+    """An existing folder or ``.safetensors`` file (a single-file checkpoint); False for what
+    no file system holds (a name too long, a NUL)."""
     try:
-        return Path(path).expanduser().is_dir()
+        found = Path(path).expanduser()
+        return found.is_dir() or (found.suffix == ".safetensors" and found.is_file())
     except (OSError, ValueError):
         return False
 
 
 class ModelReference:
-    """``org/name``, ``org/name@revision`` or a local folder; frozen, parses and prints back."""
+    """``org/name``, ``org/name@revision``, a local folder or a local ``.safetensors`` file (a
+    single-file checkpoint); frozen, parses and prints back."""
 
     __slots__ = ("path", "revision")
 
@@ -72,7 +75,7 @@ class ModelReference:
             raise ValueError(
                 f"{excerpt(value.strip(), _PATH_EXCERPT)} applies a LoRA adapter ('+'), which mergebot does not support yet; merge the adapter into its model first"
             )
-        elif _is_folder(value.strip()):
+        elif _is_local_model(value.strip()):
             return cls(value.strip())
         else:
             path, _, revision = value.strip().partition("@")
@@ -86,7 +89,7 @@ class ModelReference:
     @property
     def is_local(self) -> bool:
         """A folder on this machine, as opposed to a Hub repository id."""
-        if self.revision is None and _is_folder(self.path):
+        if self.revision is None and _is_local_model(self.path):
             return True
         return not _HUB_ID.match(self.path)
 
@@ -163,7 +166,31 @@ class ConditionalParameter(BaseModel):
     filter: str | None = None
 
 
-ParameterSetting = Scalar | list[Scalar] | ConditionalParameter | list[ConditionalParameter]
+class BlockValues(BaseModel):
+    """One value per block of a diffusion model's UNet, in the order users type them ("MBW"):
+    for SD1.5 ``BASE, IN00…IN11, M00, OUT00…OUT11``, for SDXL ``BASE, IN00…IN08, M00,
+    OUT00…OUT08``. ``blocks`` is a list of numbers or one comma-separated row; how many values
+    the model needs is checked against its layout when the merge is planned."""
+
+    model_config = ConfigDict(extra="forbid")
+    blocks: list[float]
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _row(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return [float(v) for v in value.split(",")]
+            except ValueError:
+                raise ValueError(
+                    f"blocks must be numbers separated by commas, got {excerpt(value)}"
+                ) from None
+        return value
+
+
+ParameterSetting = (
+    Scalar | list[Scalar] | ConditionalParameter | list[ConditionalParameter] | BlockValues
+)
 Parameters = dict[str, ParameterSetting]
 
 
@@ -283,6 +310,13 @@ class Recipe(_Strict):
     calibration: Calibration | None = None
     """Shared calibration data, for every model without a block of its own."""
     align: Align | None = None
+    vae: ModelReference | None = None
+    """Diffusion models: a VAE baked into the output in place of the merged one (a diffusers
+    VAE, a single-file VAE, or a whole checkpoint whose VAE is taken)."""
+    discard: list[str] | None = None
+    """Regular expressions: output tensors whose name matches one are left out."""
+    output_layout: Literal["diffusers", "single_file"] | None = None
+    """Diffusion models: the layout written; the sources' when not given."""
 
     @field_validator("tokenizer_source", mode="before")
     @classmethod
@@ -291,6 +325,18 @@ class Recipe(_Strict):
             raise ValueError(
                 "'union' (building a merged vocabulary) is not supported; use 'base' or one of the models"
             )
+        return value
+
+    @field_validator("discard")
+    @classmethod
+    def _patterns(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(
+                    f"{excerpt(pattern)} is not a regular expression ({error}); fix it or quote it"
+                ) from None
         return value
 
     @model_validator(mode="after")
@@ -322,6 +368,7 @@ class Recipe(_Strict):
             self.tokenizer_source if isinstance(self.tokenizer_source, ModelReference) else None
         )
         refs += self.input_models() + ([tokenizer] if tokenizer else [])
+        refs += [self.vae] if self.vae else []
         return list(dict.fromkeys(refs))
 
     def calibration_for(self, index: int) -> Calibration | None:
@@ -377,7 +424,7 @@ def with_revisions(document: ModelT, revisions: dict[ModelReference, str]) -> Mo
     return pin(document)
 
 
-_UNION_TAGS = {"bool", "int", "float", "str", "ConditionalParameter"}
+_UNION_TAGS = {"bool", "int", "float", "str", "ConditionalParameter", "BlockValues"}
 
 
 def _field_path(loc: tuple[Any, ...], blocks: tuple[str, ...] = ("parameters",)) -> str:
@@ -403,7 +450,7 @@ def _sentence(error: dict[str, Any], path: str, document: str, blocks: tuple[str
     if error["type"] == "missing":
         return "is required"
     if path.split(".")[-2:-1] and path.split(".")[-2].endswith(blocks):
-        return "must be a number, true/false, a list of numbers (a gradient) or a list of {filter, value} entries"
+        return "must be a number, true/false, a list of numbers (a gradient), a list of {filter, value} entries or {blocks: [one value per block]}"
     if error["type"] == "literal_error" and "dtype" in path:
         return f"must be one of {', '.join(DTYPES)}, got {excerpt(error.get('input'))}"
     if error["type"] == "literal_error":

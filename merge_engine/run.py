@@ -21,7 +21,9 @@ from tqdm import tqdm
 from merge_engine.align_pass import PermutedStore, run_alignment
 from merge_engine.calibration import fetch as fetch_calibration
 from merge_engine.errors import MergeError, OutputExistsError
-from merge_engine.io import PlannedTensor, ShardedWriter, TensorStore
+from merge_engine.formats.layouts import TRANSFORMERS
+from merge_engine.formats.output import converted
+from merge_engine.io import ComponentWriter, ShardedWriter, TensorStore
 from merge_engine.methods import kernel_argument
 from merge_engine.plan import MergePlan, TensorTask
 from merge_engine.recipe import ModelReference
@@ -68,7 +70,7 @@ def compute_task(
     """Apply the plan's method to one task's loaded inputs (base first, if any) and, for a
     method that needs data, their statistics."""
     if task.copy_only:
-        return tensors[0]
+        return tensors[0].to(task.out_dtype)
     if not tensors[0].numel():  # nothing to merge in an empty tensor
         return torch.empty(task.shape, dtype=task.out_dtype, device=device)
     base = tensors[0] if task.base else None
@@ -196,7 +198,35 @@ def _check_output_dir(out_dir: Path) -> None:
         )
 
 
+SIDE_FILE_SUFFIXES = (".json", ".txt")
+"""What a diffusers folder holds besides weights: configs, tokenizers, the scheduler."""
+
+
+def _copy_pipeline_files(plan: MergePlan, staging: Path) -> None:
+    """A diffusers output gets the donor's configs, tokenizers and scheduler; a baked VAE
+    brings its own config when it has one."""
+    donor = plan.sources[plan.recipe.donor()]
+    for path in sorted(donor.folder.rglob("*")):
+        name = path.relative_to(donor.folder)
+        if path.suffix in SIDE_FILE_SUFFIXES and not path.name.endswith(".safetensors.index.json"):
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, staging / name)
+    vae = plan.sources[plan.recipe.vae] if plan.recipe.vae else None
+    origin = vae.origin if vae and vae.origin else vae
+    if origin is not None and origin.folder is not None:
+        own = "config.json" if origin.layout.family == "state_dict" else "vae/config.json"
+        if (origin.folder / own).is_file() and (staging / "vae").is_dir():
+            shutil.copy(origin.folder / own, staging / "vae" / "config.json")
+
+
 def _copy_side_files(plan: MergePlan, staging: Path) -> None:
+    if plan.output_format == "diffusers":
+        _copy_pipeline_files(plan, staging)
+        return
+    if plan.layout != TRANSFORMERS:
+        if plan.config and plan.output_format == "state_dict":  # a diffusers component's
+            (staging / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+        return
     tokenizer_ref = plan.recipe.tokenizer_donor()
     tokenizer_folder = plan.sources[tokenizer_ref].folder
     for name in TOKENIZER_FILES:
@@ -206,6 +236,20 @@ def _copy_side_files(plan: MergePlan, staging: Path) -> None:
     if donor_folder and (donor_folder / "generation_config.json").is_file():
         shutil.copy(donor_folder / "generation_config.json", staging / "generation_config.json")
     (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+
+
+def _open_writer(
+    plan: MergePlan, staging: Path, shard_size: int
+) -> ShardedWriter | ComponentWriter:
+    """Shards as the output layout has them: one folder per component for diffusers, one
+    file carrying the recipe for a single-file checkpoint, ``model*.safetensors`` otherwise."""
+    planned = plan.written_tensors()
+    if plan.output_format == "diffusers":
+        return ComponentWriter(staging, planned, shard_size)
+    if plan.output_format == "single_file":
+        recipe = {"mergebot_recipe": plan.reproducible_recipe().to_yaml()}
+        return ShardedWriter(staging, planned, sum(t.nbytes for t in planned) + 1, metadata=recipe)
+    return ShardedWriter(staging, planned, shard_size)
 
 
 def download_plan(
@@ -273,8 +317,7 @@ def write_merge(
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    planned = [PlannedTensor(t.output, t.shape, t.out_dtype) for t in plan.tasks]
-    writer = ShardedWriter(staging, planned, shard_size)
+    writer = _open_writer(plan, staging, shard_size)
     bar = tqdm(
         total=len(plan.tasks),
         desc=f"{plan.method.name} merge",
@@ -298,8 +341,13 @@ def write_merge(
             if progress:
                 progress(stats_units + done, stats_units + total, name)
 
-        for task, tensor in iter_merged(plan, torch_device, report, stats_files):
-            writer.write(task.output, tensor)
+        merged = iter_merged(plan, torch_device, report, stats_files)
+        if plan.writes is None:
+            for task, tensor in merged:
+                writer.write(task.output, tensor)
+        else:
+            for target, tensor in converted(merged, plan.writes):
+                writer.write(target.name, tensor)
         writer.finish()
         _copy_side_files(plan, staging)
         (staging / RECIPE_NAME).write_text(plan.reproducible_recipe().to_yaml())

@@ -1,14 +1,17 @@
-"""From a model reference to what the merge needs to know about it: the config, every
-tensor's name, shape and dtype, and the pinned revision; then, only when merging, the files.
+"""From a model reference to what the merge needs to know about it: its layout, the config,
+every tensor's name, shape and dtype, and the pinned revision; then, only when merging, the files.
 
-Inspection reads ``config.json`` and safetensors headers only (locally, or through
-``huggingface_hub`` for Hub repos), which is what lets ``mergebot validate`` answer in seconds.
+Inspection reads file names, ``config.json`` (or diffusers' ``model_index.json``) and
+safetensors headers only (locally, or through ``huggingface_hub`` for Hub repos), which is what
+lets ``mergebot validate`` answer in seconds. :mod:`merge_engine.formats.layouts` says which
+layout the names and headers show.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,15 @@ from typing import Any
 import torch
 
 from merge_engine.errors import SourceError, UnsafeCheckpointError
+from merge_engine.formats.layouts import (
+    COMPONENTS,
+    STATE_DICT,
+    TRANSFORMERS,
+    WEIGHT_STEMS,
+    Layout,
+    pipeline_family,
+    single_file_layout,
+)
 from merge_engine.hub_names import check_repo_id, check_revision
 from merge_engine.io import (
     INDEX_NAME,
@@ -83,6 +95,12 @@ class ModelSource:
     folder: Path | None = None
     """Where the files are on disk: a local folder, or the download of a Hub repo."""
     memory: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
+    layout: Layout = TRANSFORMERS
+    origin: ModelSource | None = field(default=None, repr=False)
+    """For part of another model seen under other names (a VAE to bake): that model."""
+    renames: Mapping[str, Any] | None = field(default=None, repr=False)
+    """How each tensor is made from ``origin_tensors`` when the names map across layouts."""
+    origin_tensors: Mapping[str, TensorInfo] | None = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int | None:
@@ -94,9 +112,20 @@ class ModelSource:
     def store(self) -> TensorStore:
         if self.memory is not None:
             return MemoryStore(self.memory)
-        if self.folder is None:
+        folder = self.origin.folder if self.origin else self.folder
+        if folder is None:
             raise RuntimeError(f"internal error: {self.ref} was not downloaded before merging")
-        return SafetensorsStore(self.folder, self.tensors)
+        if self.renames is not None:
+            from merge_engine.formats.output import RenamedStore
+
+            return RenamedStore(SafetensorsStore(folder, self.origin_tensors), self.renames)
+        return SafetensorsStore(folder, self.tensors)
+
+
+def config_layout(config: dict[str, Any]) -> Layout:
+    """A transformers model, or a diffusers component (``_class_name``: a VAE, a UNet),
+    which is merged by tensor name like a bare state dict and keeps its config."""
+    return STATE_DICT if "_class_name" in config else TRANSFORMERS
 
 
 def _read_config(path: Path, origin: str) -> dict[str, Any]:
@@ -142,16 +171,78 @@ def _load_pickles(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def pipeline_files(
+    files: set[str], read_json: Any, family: str, origin: str
+) -> dict[str, list[str]]:
+    """Each weight-bearing component's safetensors files in a diffusers pipeline, from the
+    repo's file names (``read_json`` reads a shard index): the full-precision files, else
+    the float16 variant."""
+    found: dict[str, list[str]] = {}
+    for component in COMPONENTS[family]:
+        for stem in WEIGHT_STEMS:
+            for variant in ("", ".fp16"):
+                base = f"{component}/{stem}{variant}.safetensors"
+                if f"{base}.index.json" in files:
+                    shards = read_json(f"{base}.index.json")["weight_map"].values()
+                    found[component] = sorted({f"{component}/{s}" for s in shards})
+                elif base in files:
+                    found[component] = [base]
+                if component in found:
+                    break
+            if component in found:
+                break
+        else:
+            raise SourceError(
+                f"{origin} has no safetensors weights for its {component}; mergebot reads "
+                f"{component}/diffusion_pytorch_model.safetensors or {component}/model.safetensors"
+            )
+    return found
+
+
+def _local_pipeline(ref: ModelReference, folder: Path) -> ModelSource:
+    index = _read_json(folder / "model_index.json", ref.path)
+    family = pipeline_family(index, ref.path)
+    files = {str(p.relative_to(folder)) for p in folder.glob("*/*") if p.is_file()}
+    tensors: dict[str, TensorInfo] = {}
+    for component, names in pipeline_files(
+        files, lambda name: _read_json(folder / name, ref.path), family, ref.path
+    ).items():
+        for name in names:
+            tensors.update(read_header(folder / name, name, f"{component}/"))
+    return ModelSource(ref, index, tensors, folder=folder, layout=Layout(family, "diffusers"))
+
+
+def _read_json(path: Path, origin: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise SourceError(
+            f"{path.name} of {origin} is not valid JSON; fix or re-download it"
+        ) from None
+
+
 def inspect_local(ref: ModelReference, allow_pickle: bool = False) -> ModelSource:
-    folder = Path(ref.path).expanduser()
+    path = Path(ref.path).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":  # a single-file checkpoint
+        tensors = read_header(path)
+        return ModelSource(
+            ref, {}, tensors, folder=path.parent, layout=single_file_layout(tensors, ref.path)
+        )
+    folder = path
     if not folder.is_dir():
         raise SourceError(
             f"model folder {ref.path} does not exist; check the path, or write org/name for a Hub model"
         )
+    if (folder / "model_index.json").is_file():
+        return _local_pipeline(ref, folder)
+    if not (folder / "config.json").is_file() and (tensors := _local_safetensors(folder, ref.path)):
+        return ModelSource(
+            ref, {}, tensors, folder=folder, layout=single_file_layout(tensors, ref.path)
+        )
     config = _read_config(folder / "config.json", ref.path)
     tensors = _local_safetensors(folder, ref.path)
     if tensors:
-        return ModelSource(ref, config, tensors, folder=folder)
+        return ModelSource(ref, config, tensors, folder=folder, layout=config_layout(config))
     if not any((folder / name).exists() for name in PICKLE_NAMES):
         raise SourceError(
             f"{ref.path} holds no *.safetensors weights; save the model with save_pretrained(safe_serialization=True)"
@@ -168,15 +259,9 @@ def inspect_local(ref: ModelReference, allow_pickle: bool = False) -> ModelSourc
     return ModelSource(ref, config, infos, folder=folder, memory=memory)
 
 
-def inspect_hub(
-    ref: ModelReference, token: str | bool | None = None, cache_dir: Path | None = None
-) -> ModelSource:
-    """Resolve the revision to a commit, then read config.json and the safetensors headers;
-    ``cache_dir`` replaces the shared Hugging Face cache for config.json."""
-    check_repo_id(ref.path, "model")  # parsing checked Hub-like names; hub_only sends any here
-    if ref.revision is not None:
-        check_revision(ref.revision)
-    from huggingface_hub import HfApi, hf_hub_download
+@contextmanager
+def _hub_errors(ref: ModelReference) -> Iterator[None]:
+    """Turn what the Hub client raises while reading ``ref`` into one sentence each."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -187,13 +272,10 @@ def inspect_hub(
         RevisionNotFoundError,
     )
 
-    api = HfApi(token=token)
     try:
-        sha = api.model_info(ref.path, revision=ref.revision).sha
-        metadata = api.get_safetensors_metadata(ref.path, revision=sha)
-        config_path = hf_hub_download(
-            ref.path, "config.json", revision=sha, token=token, cache_dir=cache_dir
-        )
+        yield
+    except (SourceError, UnsafeCheckpointError):
+        raise
     except GatedRepoError:
         raise SourceError(
             f"{ref.path} is gated; accept its terms on the Hub and log in (hf auth login)"
@@ -212,7 +294,7 @@ def inspect_hub(
         ) from None
     except EntryNotFoundError:
         raise SourceError(
-            f"{ref.path} has no config.json; mergebot merges transformers models, which ship one"
+            f"a file that {ref.path} lists is missing on the Hub; check the repo, or pin a revision that is complete"
         ) from None
     except OfflineModeIsEnabled:
         raise SourceError(
@@ -227,14 +309,64 @@ def inspect_hub(
         raise SourceError(
             f"could not reach the Hub to read {ref.path} ({type(error).__name__}); check the network or HF_ENDPOINT"
         ) from None
-    tensors: dict[str, TensorInfo] = {}
+
+
+def _hub_header(
+    api: Any, ref: ModelReference, sha: str, file: str, prefix: str = ""
+) -> dict[str, TensorInfo]:
+    """One Hub file's tensors, from its header alone (a range request)."""
+    found = api.parse_safetensors_file_metadata(ref.path, file, revision=sha)
+    header = {name: {"dtype": i.dtype, "shape": i.shape} for name, i in found.tensors.items()}
+    return tensor_infos(header, file, f"{ref.path}@{sha}/{file}", prefix)
+
+
+def inspect_hub(
+    ref: ModelReference, token: str | bool | None = None, cache_dir: Path | None = None
+) -> ModelSource:
+    """Resolve the revision to a commit, list the repo's files, then read the small files
+    that say what the model is (``config.json``, ``model_index.json``) and the safetensors
+    headers; ``cache_dir`` replaces the shared Hugging Face cache for those small files."""
+    check_repo_id(ref.path, "model")  # parsing checked Hub-like names; hub_only sends any here
+    if ref.revision is not None:
+        check_revision(ref.revision)
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi(token=token)
+
+    def read_json(file: str) -> dict[str, Any]:
+        path = hf_hub_download(ref.path, file, revision=sha, token=token, cache_dir=cache_dir)
+        return _read_json(Path(path), ref.path)
+
+    with _hub_errors(ref):
+        info = api.model_info(ref.path, revision=ref.revision)
+        sha = info.sha
+        files = {sibling.rfilename for sibling in info.siblings or []}
+        if "model_index.json" in files:
+            index = read_json("model_index.json")
+            family = pipeline_family(index, ref.path)
+            tensors: dict[str, TensorInfo] = {}
+            for component, names in pipeline_files(files, read_json, family, ref.path).items():
+                for name in names:
+                    tensors.update(_hub_header(api, ref, sha, name, f"{component}/"))
+            return ModelSource(
+                ref, index, tensors, revision=sha, layout=Layout(family, "diffusers")
+            )
+        weights = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
+        if "config.json" not in files and len(weights) == 1:  # a single-file checkpoint
+            tensors = _hub_header(api, ref, sha, weights[0])
+            layout = single_file_layout(tensors, ref.path)
+            return ModelSource(ref, {}, tensors, revision=sha, layout=layout)
+        metadata = api.get_safetensors_metadata(ref.path, revision=sha)
+        config = read_json("config.json") if "config.json" in files else {}
+    tensors = {}
     for file, file_meta in metadata.files_metadata.items():
         header = {
             name: {"dtype": info.dtype, "shape": info.shape}
             for name, info in file_meta.tensors.items()
         }
         tensors.update(tensor_infos(header, file, f"{ref.path}@{sha}/{file}"))
-    return ModelSource(ref, _read_config(Path(config_path), ref.path), tensors, revision=sha)
+    layout = config_layout(config) if config else single_file_layout(tensors, ref.path)
+    return ModelSource(ref, config, tensors, revision=sha, layout=layout)
 
 
 def inspect_model(
@@ -262,11 +394,16 @@ def download(
     """Fetch, pinned to the resolved commit, only what is needed: the weight files when the
     plan reads this model's tensors, the config, and the tokenizer for the tokenizer donor.
     ``cache_dir`` replaces the shared Hugging Face cache (the service gives each job its own)."""
+    if source.origin is not None:
+        download(source.origin, token, weights=weights, cache_dir=cache_dir)
+        return
     if source.folder is not None:
         return
     from huggingface_hub import snapshot_download
 
     patterns = [INDEX_NAME, "config.json", "generation_config.json"]
+    if source.layout.format == "diffusers":  # every component's config, tokenizers, scheduler
+        patterns += ["*.json", "*.txt"]
     patterns += sorted({info.file for info in source.tensors.values()}) if weights else []
     patterns += list(TOKENIZER_FILES) if tokenizer else []
     try:

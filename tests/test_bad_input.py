@@ -127,7 +127,7 @@ CASES = [
         "parameter of the wrong shape",
         "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: {{filter: mlp}}}}}}]\n",
         RecipeError,
-        "models[0].parameters.weight: must be a number, true/false, a list of numbers (a gradient) or a list of {{filter, value}} entries",
+        "models[0].parameters.weight: must be a number, true/false, a list of numbers (a gradient), a list of {{filter, value}} entries or {{blocks: [one value per block]}}",
     ),
     (
         "LoRA reference",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from merge_engine.parameters import evaluate, resolve
+from merge_engine.parameters import Place, evaluate, resolve
 from merge_engine.recipe import ConditionalParameter, ModelReference, parse_recipe
 
 MERGEKIT_SLERP = """
@@ -55,13 +55,17 @@ def test_pinning_revisions_rewrites_every_reference():
 
 def test_gradients_interpolate_and_filters_pick_the_first_match():
     t_setting = parse_recipe(yaml.safe_load(MERGEKIT_SLERP)).parameters["t"]
-    assert evaluate(t_setting, "model.layers.0.self_attn.q_proj.weight", 0.0) == 0.0
+    assert evaluate(t_setting, Place("model.layers.0.self_attn.q_proj.weight", 0.0)) == 0.0
     assert (
-        abs(evaluate(t_setting, "model.layers.5.self_attn.q_proj.weight", 0.375) - 0.4) < 1e-12
+        abs(evaluate(t_setting, Place("model.layers.5.self_attn.q_proj.weight", 0.375)) - 0.4)
+        < 1e-12
     )  # halfway 0.5 -> 0.3
-    assert evaluate(t_setting, "model.layers.9.mlp.up_proj.weight", 1.0) == 0.0
-    assert evaluate(t_setting, "model.norm.weight", 0.0) == 0.5
-    assert evaluate([ConditionalParameter(filter="mlp", value=1)], "model.norm.weight", 0) is None
+    assert evaluate(t_setting, Place("model.layers.9.mlp.up_proj.weight", 1.0)) == 0.0
+    assert evaluate(t_setting, Place("model.norm.weight", 0.0)) == 0.5
+    assert (
+        evaluate([ConditionalParameter(filter="mlp", value=1)], Place("model.norm.weight", 0))
+        is None
+    )
 
 
 def test_model_parameters_take_precedence_over_slice_and_global():
@@ -70,9 +74,9 @@ def test_model_parameters_take_precedence_over_slice_and_global():
         ("slices[0].parameters", {"density": 0.4}),
         ("parameters", {"density": 0.6, "weight": 1}),
     ]
-    assert resolve("density", scopes, "x", 0) == (0.2, "models[0].parameters.density")
-    assert resolve("weight", scopes, "x", 0) == (1, "parameters.weight")
-    assert resolve("gamma", scopes, "x", 0) is None
+    assert resolve("density", scopes, Place("x")) == (0.2, "models[0].parameters.density")
+    assert resolve("weight", scopes, Place("x")) == (1, "parameters.weight")
+    assert resolve("gamma", scopes, Place("x")) is None
 
 
 def test_tokenizer_source_base_is_the_keyword_not_a_folder_named_base(tmp_path, monkeypatch):

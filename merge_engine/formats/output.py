@@ -1,0 +1,173 @@
+"""What a diffusion merge writes besides the merged tensors: a VAE baked in from another
+checkpoint, the names ``discard`` leaves out, and the other layout's names when the recipe
+asks for one (``output_layout``).
+
+All of it is decided from names and shapes before a weight is read. A layout change is a list
+of :class:`~merge_engine.formats.sd_names.Renamed` targets, each made from one or a few merged
+tensors (SDXL's second text encoder fuses q, k and v into one tensor in the single-file
+layout), so the writer holds at most those few tensors at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from merge_engine.errors import IncompatibleModelsError
+from merge_engine.formats.layouts import Layout, component_of
+from merge_engine.formats.sd_names import Renamed, convert_names
+from merge_engine.io import TensorInfo, TensorStore
+
+if TYPE_CHECKING:
+    from merge_engine.plan import TensorTask
+    from merge_engine.sources import ModelSource
+
+
+def _vae_prefix(names: Iterable[str]) -> str:
+    """A bare VAE's names: diffusers' (``down_blocks``, ``mid_block``) or the original ones."""
+    diffusers = any("down_blocks." in n or "mid_block." in n for n in names)
+    return "vae/" if diffusers else "first_stage_model."
+
+
+def vae_source(source: ModelSource, layout: Layout) -> ModelSource:
+    """The VAE in ``source`` (a whole checkpoint's, a diffusers VAE, a single-file VAE) with
+    its tensors named as ``layout`` names a VAE; converted on read where layouts differ."""
+    from merge_engine.sources import ModelSource
+
+    if source.layout.is_diffusion:
+        tensors = {n: i for n, i in source.tensors.items() if component_of(n) == "vae"}
+    elif source.layout.family == "state_dict":
+        prefix = "" if any(n.startswith("first_stage_model.") for n in source.tensors) else None
+        prefix = prefix if prefix is not None else _vae_prefix(source.tensors)
+        tensors = {prefix + n: replace(i, key=i.key or n) for n, i in source.tensors.items()}
+        tensors = {n: i for n, i in tensors.items() if component_of(n) == "vae"}
+    else:
+        tensors = {}
+    if not tensors:
+        raise IncompatibleModelsError(
+            f"vae {source.ref} is {source.layout} with no VAE in it; give a diffusers VAE, "
+            "a single-file VAE, or a checkpoint that holds one"
+        )
+    named = {
+        n: i for n, i in tensors.items() if n.startswith("vae/") == (layout.format == "diffusers")
+    }
+    if named:
+        return ModelSource(
+            source.ref, source.config, named, source.revision, layout=layout, origin=source
+        )
+    renamed, _ = convert_names(
+        layout.family, {n: i.shape for n, i in tensors.items()}, to=layout.format
+    )
+    converted = {
+        r.name: TensorInfo(
+            r.shape,
+            tensors[r.parts[0]].dtype,
+            tensors[r.parts[0]].file,
+            tensors[r.parts[0]].key or r.parts[0],
+        )
+        for r in renamed
+    }
+    return ModelSource(
+        source.ref,
+        source.config,
+        converted,
+        source.revision,
+        layout=layout,
+        origin=source,
+        renames={r.name: r for r in renamed},
+        origin_tensors=tensors,
+    )
+
+
+def bake_vae(
+    tasks: list[TensorTask], vae: ModelSource, out_dtype: torch.dtype | None
+) -> list[TensorTask]:
+    """The plan's VAE tensors taken from ``vae`` as they are (cast only to ``out_dtype``)."""
+    from merge_engine.plan import TensorInput, TensorTask
+
+    baked = []
+    for task in tasks:
+        if component_of(task.output) != "vae":
+            baked.append(task)
+            continue
+        info = vae.tensors.get(task.output)
+        if info is None:
+            raise IncompatibleModelsError(
+                f"vae {vae.ref} has no tensor {task.output}, which the models' VAE has; "
+                "bake a VAE made for this model family"
+            )
+        if info.shape != task.shape:
+            raise IncompatibleModelsError(
+                f"vae {vae.ref} does not fit: its {task.output} has shape {list(info.shape)}, "
+                f"the models' {list(task.shape)}; bake a VAE made for this model family"
+            )
+        dtype = out_dtype or info.dtype
+        read = [TensorInput(vae.ref, task.output)]
+        baked.append(
+            TensorTask(task.output, task.shape, read, None, {}, [{}], dtype, dtype, copy_only=True)
+        )
+    return baked
+
+
+def plan_writes(
+    tasks: list[TensorTask], layout: Layout, output_format: str, discard: list[str]
+) -> tuple[list[TensorTask], list[Renamed] | None]:
+    """The tasks still needed and, when the output layout differs from the sources', the
+    tensors to write in the order they become complete as the tasks run."""
+    patterns = [re.compile(p) for p in discard]
+
+    def kept(name: str) -> bool:
+        return not any(p.search(name) for p in patterns)
+
+    if output_format == layout.format:
+        return [t for t in tasks if kept(t.output)], None
+    shapes = {t.output: t.shape for t in tasks}
+    renamed, _ = convert_names(layout.family, shapes, to=output_format)
+    renamed = [r for r in renamed if kept(r.name)]
+    used = {part for r in renamed for part in r.parts}
+    tasks = [t for t in tasks if t.output in used]
+    done_at = {t.output: index for index, t in enumerate(tasks)}
+    renamed.sort(key=lambda r: max(done_at[p] for p in r.parts))
+    return tasks, renamed
+
+
+def converted(
+    merged: Iterator[tuple[TensorTask, torch.Tensor]], writes: list[Renamed]
+) -> Iterator[tuple[Renamed, torch.Tensor]]:
+    """Each target of ``writes`` as soon as its parts are merged, holding a merged tensor only
+    until its last target is written."""
+    waiting = {part: 0 for r in writes for part in r.parts}
+    for r in writes:
+        for part in r.parts:
+            waiting[part] += 1
+    held: dict[str, torch.Tensor] = {}
+    position = 0
+    for task, tensor in merged:
+        held[task.output] = tensor
+        while position < len(writes) and all(p in held for p in writes[position].parts):
+            target = writes[position]
+            yield target, target.apply([held[p] for p in target.parts])
+            for part in target.parts:
+                waiting[part] -= 1
+                if not waiting[part]:
+                    del held[part]
+            position += 1
+
+
+class RenamedStore:
+    """A store whose tensors are made from another store's by :class:`Renamed` targets."""
+
+    def __init__(self, store: TensorStore, renames: Mapping[str, Renamed]):
+        self.store = store
+        self.renames = renames
+
+    def get(self, name: str) -> torch.Tensor:
+        target = self.renames[name]
+        return target.apply([self.store.get(part) for part in target.parts])
+
+    def release(self, file: str) -> None:
+        self.store.release(file)
