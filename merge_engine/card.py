@@ -91,7 +91,9 @@ def _default(param) -> str:
 
 
 def _hub_link(ref: ModelReference, is_local: bool, endpoint: str) -> str:
-    return f"`{ref.path}` (local folder)" if is_local else f"[{ref.path}]({endpoint}/{ref.path})"
+    return (
+        f"`{ref.path}` ({ref.local_kind()})" if is_local else f"[{ref.path}]({endpoint}/{ref.path})"
+    )
 
 
 def mergebot_version() -> str:

@@ -127,7 +127,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
         + f", {plan.output_bytes / 1e6:.1f} MB of weights"
     )
     for ref, source in plan.sources.items():
-        print(f"  {ref}: {source.revision or 'local folder'}")
+        print(f"  {ref}: {source.revision or ref.local_kind()}")
     for ref, data in plan.calibration.items():
         print(f"  calibration of {ref}: {data.describe()}")
     for note in plan.notes:

@@ -67,10 +67,9 @@ def parse_header(raw: bytes, origin: str) -> dict[str, dict]:
     return header
 
 
-def read_header(path: Path, file: str | None = None, prefix: str = "") -> dict[str, TensorInfo]:
+def read_header(path: Path, file: str | None = None) -> dict[str, TensorInfo]:
     """Tensor names, shapes and dtypes of one safetensors file, from its header alone;
-    ``file`` is how the infos name it (its path in the model's folder), ``prefix`` what the
-    model puts before each name."""
+    ``file`` is how the infos name it (its path in the model's folder; its name by default)."""
     with open(path, "rb") as f:
         size = f.read(8)
         if len(size) < 8:
@@ -83,13 +82,10 @@ def read_header(path: Path, file: str | None = None, prefix: str = "") -> dict[s
                 f"{path} declares a {length}-byte header, more than any real checkpoint; the file is corrupt"
             )
         header = parse_header(f.read(length), str(path))
-    return tensor_infos(header, file or path.name, str(path), prefix)
+    return tensor_infos(header, file or path.name, str(path))
 
 
-def tensor_infos(
-    header: Mapping[str, dict], file: str, origin: str, prefix: str = ""
-) -> dict[str, TensorInfo]:
-    """The tensors of one file's header; with ``prefix``, named ``prefix + key`` in the model."""
+def tensor_infos(header: Mapping[str, dict], file: str, origin: str) -> dict[str, TensorInfo]:
     infos = {}
     for name, entry in header.items():
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype", ""))
@@ -97,9 +93,7 @@ def tensor_infos(
             raise SourceError(
                 f"tensor {name} in {origin} has dtype {entry.get('dtype')!r}, which mergebot cannot merge"
             )
-        infos[prefix + name] = TensorInfo(
-            tuple(entry["shape"]), dtype, file, name if prefix else None
-        )
+        infos[name] = TensorInfo(tuple(entry["shape"]), dtype, file)
     return infos
 
 

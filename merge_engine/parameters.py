@@ -20,20 +20,20 @@ class Place:
     """Where a tensor sits, as parameters see it. ``name`` is what a filter finds as a
     substring; ``t`` the position gradients interpolate at. A diffusion model's tensor also
     has ``labels`` that a filter names exactly (its block such as ``IN04``, its component
-    such as ``vae``, its class such as ``attention``) and ``block``, its index in the
-    layout's block list, which picks its value from a block list."""
+    such as ``vae``, its class such as ``attention``; ``vocabulary`` holds every label of
+    the layout, and a filter that is one matches by label only, never as a substring) and
+    ``block``, its index in the layout's block list, which picks its value from a block list."""
 
     name: str
     t: float = 0.0
     labels: frozenset[str] = frozenset()
     block: int | None = None
+    vocabulary: frozenset[str] = frozenset()
 
     def matches(self, pattern: str | None) -> bool:
-        return (
-            pattern in (None, "*")
-            or pattern in self.labels
-            or (bool(self.name) and pattern in self.name)
-        )
+        if pattern in (None, "*") or pattern in self.labels:
+            return True
+        return pattern not in self.vocabulary and bool(self.name) and pattern in self.name
 
 
 def _is_number(value: Any) -> bool:

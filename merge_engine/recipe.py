@@ -96,6 +96,10 @@ class ModelReference:
     def __str__(self) -> str:
         return f"{self.path}@{self.revision}" if self.revision else self.path
 
+    def local_kind(self) -> str:
+        """How a listing names a local reference: ``local file`` or ``local folder``."""
+        return "local file" if self.path.endswith(".safetensors") else "local folder"
+
     def short(self) -> str:
         """As a table shows it: a commit SHA cut to its first 8 characters."""
         if self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from merge_engine.formats.layouts import (
     TRANSFORMERS,
     WEIGHT_STEMS,
     Layout,
+    component_tensor_name,
     pipeline_family,
     single_file_layout,
 )
@@ -208,8 +209,13 @@ def _local_pipeline(ref: ModelReference, folder: Path) -> ModelSource:
         files, lambda name: _read_json(folder / name, ref.path), family, ref.path
     ).items():
         for name in names:
-            tensors.update(read_header(folder / name, name, f"{component}/"))
+            tensors.update(_component_tensors(component, read_header(folder / name, name)))
     return ModelSource(ref, index, tensors, folder=folder, layout=Layout(family, "diffusers"))
+
+
+def _component_tensors(component: str, infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """A diffusers component's tensors as the model names them (the file's key kept)."""
+    return {component_tensor_name(component, k): replace(i, key=k) for k, i in infos.items()}
 
 
 def _read_json(path: Path, origin: str) -> dict[str, Any]:
@@ -311,13 +317,11 @@ def _hub_errors(ref: ModelReference) -> Iterator[None]:
         ) from None
 
 
-def _hub_header(
-    api: Any, ref: ModelReference, sha: str, file: str, prefix: str = ""
-) -> dict[str, TensorInfo]:
+def _hub_header(api: Any, ref: ModelReference, sha: str, file: str) -> dict[str, TensorInfo]:
     """One Hub file's tensors, from its header alone (a range request)."""
     found = api.parse_safetensors_file_metadata(ref.path, file, revision=sha)
     header = {name: {"dtype": i.dtype, "shape": i.shape} for name, i in found.tensors.items()}
-    return tensor_infos(header, file, f"{ref.path}@{sha}/{file}", prefix)
+    return tensor_infos(header, file, f"{ref.path}@{sha}/{file}")
 
 
 def inspect_hub(
@@ -347,11 +351,16 @@ def inspect_hub(
             tensors: dict[str, TensorInfo] = {}
             for component, names in pipeline_files(files, read_json, family, ref.path).items():
                 for name in names:
-                    tensors.update(_hub_header(api, ref, sha, name, f"{component}/"))
+                    tensors.update(_component_tensors(component, _hub_header(api, ref, sha, name)))
             return ModelSource(
                 ref, index, tensors, revision=sha, layout=Layout(family, "diffusers")
             )
         weights = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
+        if "config.json" not in files and INDEX_NAME not in files and len(weights) > 1:
+            raise SourceError(
+                f"{ref.path} holds {len(weights)} single-file checkpoints ({', '.join(weights[:3])}); "
+                "mergebot reads one checkpoint per repo: name a repo that holds one, or a local file"
+            )
         if "config.json" not in files and len(weights) == 1:  # a single-file checkpoint
             tensors = _hub_header(api, ref, sha, weights[0])
             layout = single_file_layout(tensors, ref.path)

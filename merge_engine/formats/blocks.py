@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from merge_engine.formats.layouts import Family, Layout, component_of
+from merge_engine.formats.layouts import COMPONENTS, Family, Layout, component_of
 from merge_engine.parameters import Place
 
 _LEVELS = {"sd1": 12, "sdxl": 9}
@@ -104,9 +104,10 @@ def diffusion_places(layout: Layout, shapes: Mapping[str, tuple[int, ...]]) -> d
     """Each tensor's place, sorted by name: its labels, its block, and its position in the
     block list, which a gradient interpolates over."""
     singles = single_file_names(layout, shapes)
-    last = len(block_names(layout.family)) - 1
+    blocks = block_names(layout.family)
+    vocabulary = frozenset((*blocks, *CLASSES, *COMPONENTS[layout.family]))
     places = {}
     for name in sorted(shapes):
         found, block = labels(layout.family, name, singles.get(name, name))
-        places[name] = Place(name, block / last, found, block)
+        places[name] = Place(name, block / (len(blocks) - 1), found, block, vocabulary)
     return places

@@ -132,3 +132,15 @@ def component_of(name: str) -> str | None:
     if slash:
         return folder
     return next((c for p, c in SINGLE_FILE_PREFIXES.items() if name.startswith(p)), None)
+
+
+_CLIP_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def component_tensor_name(component: str, key: str) -> str:
+    """How a diffusers component's tensor is named in the model: ``component/key``, with a
+    CLIP text encoder's keys in the Hub's ``text_model.``-prefixed form (transformers 5.6 and
+    later save them without it), so pipelines saved by either merge together."""
+    if component.startswith("text_encoder") and key.startswith(_CLIP_PARTS):
+        key = f"text_model.{key}"
+    return f"{component}/{key}"
