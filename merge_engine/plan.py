@@ -298,8 +298,12 @@ class _Planner:
                 TensorTask(output, shape, [copy_from], None, {}, [{}], dtype, dtype, copy_only=True)
             )
             return
-        compute = DTYPES[self.recipe.dtype] if self.recipe.dtype else _promote(dtypes)
-        out = DTYPES.get(self.recipe.out_dtype or self.recipe.dtype or "", compute)
+        natural = _promote(dtypes)
+        compute = DTYPES[self.recipe.dtype] if self.recipe.dtype else natural
+        if not self.recipe.dtype and self.sources[all_reads[0].model].layout != TRANSFORMERS:
+            # as the WebUIs and sd-mecha do: half-precision checkpoints are merged in float32
+            compute = torch.promote_types(natural, torch.float32)
+        out = DTYPES.get(self.recipe.out_dtype or self.recipe.dtype or "", natural)
 
         shared = {}
         for param in method.global_params:
