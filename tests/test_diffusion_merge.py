@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from merge_engine import load_recipe
 from merge_engine.errors import IncompatibleModelsError, RecipeError, SourceError
 from merge_engine.formats.blocks import block_names
+from merge_engine.methods import all_methods, get_method
 from merge_engine.plan import build_plan
 from merge_engine.run import write_merge
 from merge_engine.sources import inspect_recipe_models
@@ -36,6 +37,18 @@ def family(request, tmp_path_factory) -> dict:
         folders[key] = make_finetune(base, root / key, seed=index + 1, noise=0.05)
     files = {k: write_single_file(f, root / f"{k}.safetensors", name) for k, f in folders.items()}
     return {"name": name, "diffusers": folders, "single_file": files, "root": root}
+
+
+@pytest.fixture(scope="module")
+def sd1_files(tmp_path_factory) -> dict[str, Path]:
+    """An SD1.5 base and three fine-tunes as single files."""
+    root = tmp_path_factory.mktemp("sd1-files")
+    base = make_pipeline(root / "base", "sd1", seed=0)
+    found = {"base": write_single_file(base, root / "base.safetensors", "sd1")}
+    for index, key in enumerate("abc"):
+        tuned = make_finetune(base, root / key, seed=index + 1, noise=0.05)
+        found[key] = write_single_file(tuned, root / f"{key}.safetensors", "sd1")
+    return found
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -370,3 +383,42 @@ def test_bad_input_is_one_sentence_and_nothing_is_written(family, tmp_path):
         f"slices: frankenmerging stacks the layers of transformers models, and {files['a']} is "
         f"{label} (single file); merge whole models under 'models'"
     )
+
+
+def _required_value(param) -> float:
+    """A value inside the parameter's range: the middle of its bounds, else 0.5."""
+    low = param.low if param.low is not None else 0.0
+    high = param.high if param.high is not None else 1.0
+    return round((low + high) / 2, 3)
+
+
+@pytest.mark.parametrize(
+    "method",
+    sorted(
+        m.name
+        for m in all_methods()
+        if not m.needs_data and not m.layer_stacking and m.name not in ("linear", "task_arithmetic")
+    ),
+)
+def test_every_method_without_layer_arithmetic_merges_single_files(method, sd1_files, tmp_path):
+    """Each registered method that works tensor by tensor merges SD1.5 single files into a
+    single file with every tensor, finite."""
+    spec = get_method(method)
+    count = spec.max_inputs if spec.max_inputs is not None else max(spec.min_inputs, 2)
+    members = [sd1_files[k] for k in "abc"][:count]
+    lines = [f"merge_method: {method}", "random_seed: 0"]
+    if spec.base != "unused":  # listed among the models, as mergekit's slerp recipes do
+        lines.append(f"base_model: {sd1_files['base']}")
+        members = [sd1_files["base"], *members]
+    lines.append("models:")
+    for model in members:
+        values = {p.name: _required_value(p) for p in spec.per_model_params if p.required}
+        lines.append(f"  - model: {model}\n    parameters: {json.dumps(values)}")
+    shared = {p.name: _required_value(p) for p in spec.global_params if p.required}
+    if shared:
+        lines.append(f"parameters: {json.dumps(shared)}")
+    out = merge(tmp_path, "\n".join(lines) + "\n")
+    merged = load_file(out / "model.safetensors")
+    first = load_file(sd1_files["a"])
+    assert merged.keys() == first.keys()
+    assert all(torch.isfinite(v).all() for v in merged.values())
