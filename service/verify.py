@@ -1,18 +1,81 @@
-"""The last check before publishing: the merged folder loads with ``transformers`` (no remote
-code) and a forward pass over a few tokens gives finite outputs."""
+"""The last check before publishing: the merged folder loads and gives finite outputs.
+
+What is checked is told from the folder alone:
+
+- ``model_index.json``: a diffusers pipeline (SD1.5, SDXL): its UNet takes one denoising step,
+  its VAE decodes, its text encoders run (:mod:`service.verify_diffusion`);
+- ``config.json``: a transformers model, loaded (no remote code) and run on a few tokens;
+- safetensors weights and neither: a single-file SD1.5/SDXL checkpoint (told from the tensor
+  names) is built from its shapes and takes the same step; anything else is a bare state dict,
+  whose every float tensor must be finite, read one at a time.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from merge_engine.errors import MergeError
+from merge_engine.errors import MergeError, SourceError
+from merge_engine.formats.layouts import single_file_layout
+from merge_engine.io import TensorInfo, read_header
+from service.verify_diffusion import verify_pipeline, verify_single_file
 
 PROBE_TOKENS = [1, 2, 3, 4, 5]
 
 
 def verify_output(folder: Path, device: torch.device) -> None:
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        verify_pipeline(folder, device)
+    elif not (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        infos = weights_of(folder)
+        family = _diffusion_family(infos, folder)
+        if family is None:
+            verify_state_dict(folder, infos)
+        else:
+            verify_single_file(folder, infos, family, device)
+    else:
+        verify_transformers(folder, device)
+
+
+def weights_of(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the folder's safetensors files (one file or shards), from the headers."""
+    infos: dict[str, TensorInfo] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        infos |= read_header(path)
+    return infos
+
+
+def _diffusion_family(infos: dict[str, TensorInfo], folder: Path) -> str | None:
+    """ "sd1" or "sdxl" for a single-file SD checkpoint, None for a bare state dict."""
+    try:
+        layout = single_file_layout(infos, str(folder / "model.safetensors"))
+    except SourceError:
+        # a UNet without the rest (a recipe may discard the VAE or text encoders): its
+        # family is in the UNet, SDXL's alone having the addition embedding
+        if not any(n.startswith("model.diffusion_model.input_blocks.") for n in infos):
+            raise
+        sdxl = any(n.startswith("model.diffusion_model.label_emb.") for n in infos)
+        return "sdxl" if sdxl else "sd1"
+    return layout.family if layout.is_diffusion else None
+
+
+def verify_state_dict(folder: Path, infos: dict[str, TensorInfo]) -> None:
+    """Every floating-point tensor is finite, read one at a time."""
+    for file in sorted({info.file for info in infos.values()}):
+        with safe_open(folder / file, "pt") as weights:
+            for name in weights.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                if not infos[name].dtype.is_floating_point:
+                    continue
+                if not torch.isfinite(weights.get_tensor(name)).all():
+                    raise MergeError(
+                        f"the merged tensor {name} holds NaN or infinite values; check the recipe's weights and parameters (or use float32)"
+                    )
+
+
+def verify_transformers(folder: Path, device: torch.device) -> None:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     try:
