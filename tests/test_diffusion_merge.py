@@ -422,3 +422,20 @@ def test_every_method_without_layer_arithmetic_merges_single_files(method, sd1_f
     first = load_file(sd1_files["a"])
     assert merged.keys() == first.keys()
     assert all(torch.isfinite(v).all() for v in merged.values())
+
+
+def test_a_search_over_diffusion_models_is_refused_by_name(sd1_files):
+    from merge_engine.evolve.checks import check_spec
+    from merge_engine.evolve.spec import spec_from_text
+
+    spec = spec_from_text(
+        f"space: parameters\nmodels: [{{model: {sd1_files['a']}}}, {{model: {sd1_files['b']}}}]\n"
+        "parameters: {method: linear}\nbudget: {trials: 4, population: 4}\n"
+        "fitness:\n  - {name: t, kind: nll, data: {examples: [{text: a b}]}}\n"
+    )
+    with pytest.raises(RecipeError) as caught:
+        check_spec(spec)
+    assert str(caught.value) == (
+        f"models[0].model: {sd1_files['a']} is SD1.5 (single file); a search runs its models on "
+        "text tasks, which mergebot does for causal LMs and sequence classifiers"
+    )

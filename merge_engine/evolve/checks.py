@@ -11,6 +11,7 @@ from merge_engine.evolve.candidates import folded_recipe
 from merge_engine.evolve.fitness import TaskRows, read_tasks
 from merge_engine.evolve.genome import LayerGenes, ParameterGenes, centre, default_search
 from merge_engine.evolve.spec import FOLDABLE_FAMILIES, SearchSpec
+from merge_engine.formats.layouts import TRANSFORMERS
 from merge_engine.methods import MergeMethod, get_method
 from merge_engine.plan import build_plan
 from merge_engine.recipe import ModelReference
@@ -144,6 +145,12 @@ def _check_loadable(spec: SearchSpec, sources: dict[ModelReference, ModelSource]
         family = config.get("model_type")
         where = "base_model" if ref == spec.base_model and ref not in spec.sources() else None
         where = where or f"models[{spec.sources().index(ref)}].model"
+        if sources[ref].layout != TRANSFORMERS:
+            raise RecipeError(
+                f"{ref} is {sources[ref].layout}; a search runs its models on text tasks, which "
+                "mergebot does for causal LMs and sequence classifiers",
+                field=where,
+            )
         if family not in CONFIG_MAPPING:
             raise IncompatibleModelsError(
                 f"{ref} is a {family or 'model without a model_type'} model, which this transformers cannot load without remote code; "
