@@ -129,19 +129,6 @@ def config_layout(config: dict[str, Any]) -> Layout:
     return STATE_DICT if "_class_name" in config else TRANSFORMERS
 
 
-def _read_config(path: Path, origin: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise SourceError(
-            f"{origin} has no config.json; mergebot merges transformers models, which ship one"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise SourceError(
-            f"config.json of {origin} is not valid JSON; fix or re-download it"
-        ) from None
-
-
 def _local_safetensors(folder: Path, origin: str) -> dict[str, TensorInfo]:
     index = folder / INDEX_NAME
     if index.is_file():
@@ -241,15 +228,13 @@ def inspect_local(ref: ModelReference, allow_pickle: bool = False) -> ModelSourc
         )
     if (folder / "model_index.json").is_file():
         return _local_pipeline(ref, folder)
-    if not (folder / "config.json").is_file() and (tensors := _local_safetensors(folder, ref.path)):
-        return ModelSource(
-            ref, {}, tensors, folder=folder, layout=single_file_layout(tensors, ref.path)
-        )
-    config = _read_config(folder / "config.json", ref.path)
+    has_config = (folder / "config.json").is_file()
+    config = _read_json(folder / "config.json", ref.path) if has_config else {}
     tensors = _local_safetensors(folder, ref.path)
     if tensors:
-        return ModelSource(ref, config, tensors, folder=folder, layout=config_layout(config))
-    if not any((folder / name).exists() for name in PICKLE_NAMES):
+        layout = config_layout(config) if has_config else single_file_layout(tensors, ref.path)
+        return ModelSource(ref, config, tensors, folder=folder, layout=layout)
+    if not has_config or not any((folder / name).exists() for name in PICKLE_NAMES):
         raise SourceError(
             f"{ref.path} holds no *.safetensors weights; save the model with save_pretrained(safe_serialization=True)"
         )

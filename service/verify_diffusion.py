@@ -216,6 +216,14 @@ def _class_in(module, name: str, base: type) -> type:
     return found
 
 
+def _component_model(model_class, folder: Path, name: str, device: torch.device):
+    """A diffusers model of the pipeline, in the dtype its weights are stored in, complete."""
+    loaded = model_class.from_pretrained(
+        folder, subfolder=name, torch_dtype=_stored_dtype(folder / name), output_loading_info=True
+    )
+    return _complete(loaded).to(device).eval()
+
+
 def verify_pipeline(folder: Path, device: torch.device) -> None:
     """A diffusers pipeline folder: UNet + scheduler step, VAE, text encoders, one at a time."""
     import diffusers
@@ -230,15 +238,7 @@ def verify_pipeline(folder: Path, device: torch.device) -> None:
             f"the merged pipeline has no UNet weights in {folder.name}/unet; {FIX_LOAD}"
         )
     with _loading("UNet"):
-        unet = _complete(
-            UNet2DConditionModel.from_pretrained(
-                folder,
-                subfolder="unet",
-                torch_dtype=_stored_dtype(folder / "unet"),
-                output_loading_info=True,
-            )
-        ).to(device)
-        unet.eval()
+        unet = _component_model(UNet2DConditionModel, folder, "unet", device)
     with _loading("scheduler"):
         scheduler_class = _class_in(
             diffusers, index.get("scheduler", [None, None])[1], SchedulerMixin
@@ -249,15 +249,7 @@ def verify_pipeline(folder: Path, device: torch.device) -> None:
     _free(device)
     if _has_weights(folder / "vae"):
         with _loading("VAE"):
-            vae = _complete(
-                AutoencoderKL.from_pretrained(
-                    folder,
-                    subfolder="vae",
-                    torch_dtype=_stored_dtype(folder / "vae"),
-                    output_loading_info=True,
-                )
-            ).to(device)
-            vae.eval()
+            vae = _component_model(AutoencoderKL, folder, "vae", device)
         decode_and_encode(vae, latent)
         del vae
         _free(device)
