@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from merge_engine import load_recipe
 from merge_engine.errors import IncompatibleModelsError, RecipeError, SourceError
 from merge_engine.formats.blocks import block_names
+from merge_engine.formats.sd_names import convert_names
 from merge_engine.methods import all_methods, get_method
 from merge_engine.plan import build_plan
 from merge_engine.run import write_merge
@@ -224,12 +225,26 @@ def test_baked_vae_is_the_vae_bit_for_bit_in_either_layout(family, tmp_path):
     vae_only = tmp_path / "vae-only"
     AutoencoderKL.from_pretrained(donor, subfolder="vae").save_pretrained(vae_only)
     expected = AutoencoderKL.from_pretrained(vae_only).state_dict()
+    ldm_vae = tmp_path / "vae-ft.safetensors"  # a single-file VAE, as the WebUIs share them
+    renamed, _ = convert_names(
+        family["name"], {f"vae/{k}": tuple(v.shape) for k, v in expected.items()}, to="single_file"
+    )
+    save_file(
+        {
+            r.name.removeprefix("first_stage_model."): r.apply(
+                [expected[r.parts[0][4:]]]
+            ).contiguous()
+            for r in renamed
+        },
+        ldm_vae,
+    )
     for vae, sources, layout in (
         (vae_only, files, "single_file"),  # a diffusers VAE into single files
         (donor, folders, "diffusers"),  # a whole pipeline's VAE into pipelines
+        (ldm_vae, folders, "diffusers"),  # a single-file VAE into pipelines
     ):
         out = merge(
-            tmp_path / layout,
+            tmp_path / f"{layout}-{Path(vae).stem}",
             f"merge_method: linear\nvae: {vae}\nmodels:\n  - model: {sources['a']}\n"
             f"    parameters: {{weight: 1.0}}\n  - model: {sources['b']}\n"
             f"    parameters: {{weight: 1.0}}\n",

@@ -28,7 +28,12 @@ if TYPE_CHECKING:
 
 
 def _vae_prefix(names: Iterable[str]) -> str:
-    """A bare VAE's names: diffusers' (``down_blocks``, ``mid_block``) or the original ones."""
+    """What a bare VAE's names lack to be a checkpoint's: nothing when they carry the
+    single-file prefix already, else diffusers' folder (``down_blocks``, ``mid_block``) or the
+    single-file prefix."""
+    names = list(names)
+    if any(n.startswith("first_stage_model.") for n in names):
+        return ""
     diffusers = any("down_blocks." in n or "mid_block." in n for n in names)
     return "vae/" if diffusers else "first_stage_model."
 
@@ -41,8 +46,7 @@ def vae_source(source: ModelSource, layout: Layout) -> ModelSource:
     if source.layout.is_diffusion:
         tensors = {n: i for n, i in source.tensors.items() if component_of(n) == "vae"}
     elif source.layout.family == "state_dict":
-        prefix = "" if any(n.startswith("first_stage_model.") for n in source.tensors) else None
-        prefix = prefix if prefix is not None else _vae_prefix(source.tensors)
+        prefix = _vae_prefix(source.tensors)
         tensors = {prefix + n: replace(i, key=i.key or n) for n, i in source.tensors.items()}
         tensors = {n: i for n, i in tensors.items() if component_of(n) == "vae"}
     else:
