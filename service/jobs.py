@@ -26,8 +26,10 @@ from merge_engine.errors import MergeError, RecipeError, excerpt
 from merge_engine.evolve.checks import CheckedSpec, check_spec
 from merge_engine.evolve.report import TrialRecord
 from merge_engine.evolve.spec import SearchSpec, spec_from_text
+from merge_engine.formats.layouts import Layout
 from merge_engine.plan import MergePlan
-from merge_engine.recipe import Recipe, recipe_from_text, with_revisions
+from merge_engine.recipe import ModelReference, Recipe, recipe_from_text, with_revisions
+from merge_engine.sources import inspect_hub
 from service.errors import (
     HubUnavailable,
     NotAllowed,
@@ -83,6 +85,8 @@ class JobService:
         self.searches = RecentJobs(self.get, SEARCH_STATUS_SECONDS, render=self._search_status)
         """Searches' status with their trials, read at most once a second per search however
         many watch it (the API and the Space's plot)."""
+        self._layouts: dict[tuple[str | None, str], tuple[float, Layout]] = {}
+        self._layouts_lock = threading.Lock()
 
     def _search_status(self, job: Job) -> dict:
         from service.search_steps import search_status
@@ -118,6 +122,31 @@ class JobService:
         if not identity.token:
             self._check_bot_target(request.target, identity, new_id)
         return plan, new_id
+
+    def model_layout(self, reference: str, identity: Identity) -> Layout | None:
+        """What kind of model ``reference`` (``org/name[@revision]`` on the Hub) is — SD1.5,
+        SDXL, transformers … — from its file names and headers (seconds), read as the
+        requester: their token or none, never the bot's. The Space's form shows the fields
+        that apply by it. Remembered per requester and reference for ``LAYOUT_SECONDS``, so
+        that typing does not inspect again; None when it cannot be read now (Validate then
+        says why)."""
+        key = (identity.name if identity.token else None, reference.strip())
+        now = time.monotonic()
+        with self._layouts_lock:
+            known = self._layouts.get(key)
+        if known is not None and now - known[0] < LAYOUT_SECONDS:
+            return known[1]
+        try:
+            ref = ModelReference.parse(reference)
+            with self._hub_scratch() as cache:
+                layout = inspect_hub(ref, identity.token or False, cache).layout
+        except Exception:  # noqa: BLE001  (unknown for now: the pre-flight names the problem)
+            return None
+        with self._layouts_lock:
+            self._layouts[key] = (now, layout)
+            while len(self._layouts) > LAYOUTS_KEPT:
+                del self._layouts[next(iter(self._layouts))]
+        return layout
 
     def check_search(self, request: SearchRequest, identity: Identity) -> tuple[CheckedSpec, str]:
         """Everything a search's submit checks, queueing nothing: the spec checked against the
@@ -400,6 +429,9 @@ class JobService:
 
 
 DAY = 24 * 3600
+LAYOUT_SECONDS = 600.0
+"""How long the form trusts a model's layout once read (a repo rarely changes kind)."""
+LAYOUTS_KEPT = 1024
 SEARCH_STATUS_SECONDS = 1.0
 """How old a search's status may be: reading its trials costs ~1 ms a trial."""
 

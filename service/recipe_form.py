@@ -5,6 +5,11 @@ The form shows what most recipes use: a method, its global parameters, up to ``M
 rows (repo, revision, optional layer range, per-model parameters), a base model and a dtype.
 A row with a layer range turns the recipe into ``slices`` (a frankenmerge); gradients, filter
 lists and multi-source slices stay in the YAML, and the form says so.
+
+For diffusion models (SD1.5, SDXL) a row also takes one value per UNet block ("MBW", as
+supermerger and the WebUI type it: one comma-separated row, ``BASE, IN00…, M00, OUT00…``) for
+the method's per-model weight; the form learns the models' family from the Space, which
+inspects the first model (``MergeForm.family``), since a recipe does not say it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from merge_engine.formats.blocks import block_names
 from merge_engine.methods import all_methods, get_method
 from merge_engine.methods.registry import Param
 
@@ -79,6 +85,9 @@ class ModelRow:
     layers: str = ""
     """``start-end``, half-open, as in ``layer_range``; empty for the whole model."""
     params: dict[str, Any] = field(default_factory=dict)
+    blocks: str = ""
+    """One value per UNet block for the method's block parameter (:func:`block_param`), as
+    typed: comma-separated, in block order; empty for the plain scalar."""
 
     @property
     def reference(self) -> str:
@@ -98,6 +107,103 @@ class MergeForm:
     dtype: str = ""
     notice: str = ""
     """Why the form cannot show all of a recipe (the YAML then holds the rest)."""
+    family: str = ""
+    """The models' family as the Space found it by inspecting the first model (``sd1``,
+    ``sdxl``, ``transformers``, ``state_dict``); empty while unknown. It decides which fields
+    show, never what the recipe says."""
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.family in DIFFUSION_FAMILIES
+
+
+DIFFUSION_FAMILIES = ("sd1", "sdxl")
+FAMILY_NAMES = {"sd1": "SD1.5", "sdxl": "SDXL"}
+
+
+def block_param(method: str) -> str | None:
+    """The per-model parameter a row of block values sets: ``weight`` where the method
+    declares it, else its first numeric per-model parameter (passthrough's ``scale``); None
+    for a method without one (slerp's ``t`` is global)."""
+    declared = method_params(method, "per_model")
+    if "weight" in declared:
+        return "weight"
+    return next((name for name, p in declared.items() if p.type in (float, int)), None)
+
+
+def _plain(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def parse_blocks(text: str) -> list[int | float] | str:
+    """A typed row of block values (commas or spaces between them) as numbers; the text
+    itself when a part is not a number, so that the engine refuses it with its sentence."""
+    parts = [part for part in re.split(r"[,\s]+", text.strip()) if part]
+    try:
+        return [_plain(float(part)) for part in parts]
+    except ValueError:
+        return text.strip()
+
+
+def blocks_text(values: Any) -> str | None:
+    """A recipe's ``blocks`` (a list of numbers or a comma-separated row) as the form's row,
+    or None when it is something the form cannot show."""
+    if isinstance(values, str):
+        parsed = parse_blocks(values)
+        return None if isinstance(parsed, str) else blocks_text(parsed)
+    if (
+        not values
+        or not isinstance(values, list)
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ):
+        return None
+    return ",".join(str(_plain(v)) for v in values)
+
+
+@dataclass(frozen=True)
+class BlockField:
+    """How a row's block field shows: whether, its label, and its header (the block names)."""
+
+    visible: bool
+    label: str = ""
+    info: str = ""
+
+
+def block_header(family: str) -> str:
+    """The block names of ``family`` in the order its values are typed, and their count:
+    ``26 values, comma-separated, in this order: BASE IN00 … OUT11``."""
+    names = block_names(family)
+    return f"{len(names)} values, comma-separated, in this order: {' '.join(names)}"
+
+
+def block_field(form: MergeForm, row: ModelRow) -> BlockField:
+    """The block field of ``row``: shown for diffusion models when the method has a
+    parameter to set per block (and wherever a row already holds values, so they can be
+    seen and cleared), headed by the block names in the order the values are typed."""
+    param = block_param(form.method)
+    if param is None or not (form.is_diffusion or row.blocks.strip()):
+        return BlockField(False)
+    empty = f"empty: the {param} field applies to every block"
+    if form.is_diffusion:
+        header = block_header(form.family)
+    else:  # values from a recipe, the models not inspected (yet)
+        header = "one value per UNet block; " + "; ".join(
+            f"{FAMILY_NAMES[f]}: {block_header(f)}" for f in DIFFUSION_FAMILIES
+        )
+    return BlockField(True, f"{param} per block", f"{header}; {empty}")
+
+
+def shows_layers(form: MergeForm, row: ModelRow) -> bool:
+    """Whether ``row``'s layer range shows: not for diffusion models, which are merged whole
+    (unless the row already holds a range, so it can be seen and cleared)."""
+    return not form.is_diffusion or bool(row.layers.strip())
+
+
+def layout_reference(repo: str, revision: str, base_model: str) -> str | None:
+    """The model whose layout tells the form's family: the first model, else the base."""
+    if (repo or "").strip():
+        return ModelRow(repo, revision or "").reference
+    return (base_model or "").strip() or None
 
 
 def _is_set(value: Any) -> bool:
@@ -127,6 +233,7 @@ def to_recipe(form: MergeForm) -> dict[str, Any]:
         recipe["parameters"] = params
     per_model = method_params(form.method, "per_model")
     rows = [row for row in form.models if row.repo.strip()]
+    block = block_param(form.method)
     entries = []
     for row in rows:
         entry: dict[str, Any] = {"model": row.reference}
@@ -135,6 +242,8 @@ def to_recipe(form: MergeForm) -> dict[str, Any]:
             for name, value in row.params.items()
             if name in per_model and _is_set(value)
         }
+        if block and row.blocks.strip():
+            values[block] = {"blocks": parse_blocks(row.blocks)}
         if values:
             entry["parameters"] = values
         entries.append(entry)
@@ -213,10 +322,13 @@ def switch_method(form: MergeForm, previous: str) -> MergeForm:
             row.revision,
             row.layers,
             {name: kept(name, v, old_row, new_row) for name, v in row.params.items()},
+            row.blocks,
         )
         for row in form.models
     ]
-    return MergeForm(form.method, params, models, form.base_model, form.dtype, form.notice)
+    return MergeForm(
+        form.method, params, models, form.base_model, form.dtype, form.notice, form.family
+    )
 
 
 def from_recipe(data: Any) -> MergeForm:
@@ -224,6 +336,7 @@ def from_recipe(data: Any) -> MergeForm:
     if not isinstance(data, dict):
         return MergeForm(notice="the recipe is not a YAML mapping")
     form = MergeForm(method=str(data.get("merge_method", "")), dtype=str(data.get("dtype") or ""))
+    block = block_param(form.method)
     hidden: list[str] = []
     base = data.get("base_model")
     form.base_model = base if isinstance(base, str) else ""
@@ -238,14 +351,14 @@ def from_recipe(data: Any) -> MergeForm:
             if len(sources) != 1:
                 hidden.append(f"slices[{index}] (several sources)")
                 continue
-            row = _row(sources[0], hidden, f"slices[{index}]")
+            row = _row(sources[0], hidden, f"slices[{index}]", block)
             layer_range = sources[0].get("layer_range")
             if isinstance(layer_range, list) and len(layer_range) == 2:
                 row.layers = f"{layer_range[0]}-{layer_range[1]}"
             form.models.append(row)
     else:
         for index, entry in enumerate(data.get("models") or []):
-            form.models.append(_row(entry, hidden, f"models[{index}]"))
+            form.models.append(_row(entry, hidden, f"models[{index}]", block))
     hidden += [k for k in data if k not in FORM_KEYS]
     if len(form.models) > MAX_MODELS:
         hidden.append(f"models beyond the first {MAX_MODELS}")
@@ -255,7 +368,7 @@ def from_recipe(data: Any) -> MergeForm:
     return form
 
 
-def _row(entry: Any, hidden: list[str], where: str) -> ModelRow:
+def _row(entry: Any, hidden: list[str], where: str, block: str | None = None) -> ModelRow:
     if isinstance(entry, str):
         entry = {"model": entry}
     if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
@@ -268,9 +381,18 @@ def _row(entry: Any, hidden: list[str], where: str) -> ModelRow:
     for name, value in (entry.get("parameters") or {}).items():
         if isinstance(value, (int, float, bool)):
             row.params[name] = value
+        elif name == block and (typed := _block_row(value)) is not None:
+            row.blocks = typed
         else:
             hidden.append(f"{where}.parameters.{name}")
     return row
+
+
+def _block_row(value: Any) -> str | None:
+    """``{blocks: ...}`` as the form's row, or None for any other value."""
+    if isinstance(value, dict) and set(value) == {"blocks"}:
+        return blocks_text(value["blocks"])
+    return None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ table with a ``gr.Timer``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gradio as gr
@@ -46,12 +46,15 @@ from service.recipe_form import (
     PER_MODEL_PARAMS,
     MergeForm,
     ModelRow,
+    block_field,
     error_place,
     examples,
     field_line,
     from_recipe,
+    layout_reference,
     method_params,
     param_help,
+    shows_layers,
     switch_method,
     to_yaml,
 )
@@ -94,6 +97,8 @@ class Row:
     layers: gr.Textbox
     params: dict[str, gr.components.Component]
     remove: gr.Button
+    blocks: gr.Textbox
+    """One value per UNet block (diffusion models only)."""
 
 
 class MergeFormWidgets:
@@ -118,6 +123,9 @@ class MergeFormWidgets:
         self.errors["base_model"] = gr.Markdown(elem_id="error-base_model")
         self.rows: list[Row] = []
         self.shown = gr.State(2)
+        # the models' family (sd1, sdxl, transformers ...), found by inspecting the first
+        # model when its field loses focus: which fields a row shows
+        self.family = gr.State("")
         for i in range(MAX_MODELS):
             with gr.Group(visible=i < 2) as box:
                 with gr.Row():
@@ -141,8 +149,16 @@ class MergeFormWidgets:
                         for name, param in PER_MODEL_PARAMS.items()
                     }
                     remove = gr.Button("Remove", size="sm", elem_id=f"model-{i}-remove")
+                # one comma-separated row, as supermerger and the WebUI take block weights
+                # (and as they are pasted from presets); the block names head it
+                blocks = gr.Textbox(
+                    label="weight per block",
+                    placeholder="empty: one value for every block",
+                    elem_id=f"model-{i}-blocks",
+                    visible=False,
+                )
                 self.errors[f"model-{i}"] = gr.Markdown(elem_id=f"error-model-{i}")
-            self.rows.append(Row(box, repo, revision, layers, params, remove))
+            self.rows.append(Row(box, repo, revision, layers, params, remove, blocks))
         self.add = gr.Button("Add model", size="sm", elem_id="add-model")
         self.errors["models"] = gr.Markdown(elem_id="error-models")
         self.dtype = gr.Dropdown(DTYPES, value="", label="dtype (computation)", elem_id="dtype")
@@ -154,8 +170,9 @@ class MergeFormWidgets:
     @property
     def inputs(self) -> list[gr.components.Component]:
         widgets = [self.method, *self.params.values(), self.base_model, self.dtype, self.shown]
+        widgets.append(self.family)
         for row in self.rows:
-            widgets += [row.repo, row.revision, row.layers, *row.params.values()]
+            widgets += [row.repo, row.revision, row.layers, *row.params.values(), row.blocks]
         return widgets
 
     def read(self, values: list[Any]) -> MergeForm:
@@ -163,19 +180,25 @@ class MergeFormWidgets:
         method = values.pop(0)
         params = {name: values.pop(0) for name in self.params}
         base, dtype, shown = values.pop(0), values.pop(0), values.pop(0)
+        family = values.pop(0)
         rows = []
         for _ in self.rows:
             repo, revision, layers = values.pop(0), values.pop(0), values.pop(0)
             row_params = {name: values.pop(0) for name in PER_MODEL_PARAMS}
-            rows.append(ModelRow(repo or "", revision or "", layers or "", row_params))
-        return MergeForm(method or "", params, rows[:shown], base or "", dtype or "")
+            blocks = values.pop(0)
+            rows.append(
+                ModelRow(repo or "", revision or "", layers or "", row_params, blocks or "")
+            )
+        rows = rows[:shown]
+        return MergeForm(method or "", params, rows, base or "", dtype or "", family=family or "")
 
     @property
     def outputs(self) -> list[gr.components.Component]:
         widgets = [self.method, self.method_doc, *self.params.values(), self.base_model]
-        widgets += [self.dtype, self.shown, self.notice]
+        widgets += [self.dtype, self.shown, self.notice, self.family]
         for row in self.rows:
             widgets += [row.box, row.repo, row.revision, row.layers, *row.params.values()]
+            widgets.append(row.blocks)
         return widgets
 
     def write(self, form: MergeForm) -> list[Any]:
@@ -190,14 +213,39 @@ class MergeFormWidgets:
                 name, None if param is None or param.required else param.default
             )
             updates.append(_shown(param, value))
-        updates += [form.base_model, form.dtype, shown, form.notice]
+        updates += [form.base_model, form.dtype, shown, form.notice, form.family]
         for i, _ in enumerate(self.rows):
             row = form.models[i] if i < len(form.models) else ModelRow()
-            updates += [gr.update(visible=i < shown), row.repo, row.revision, row.layers]
+            updates += [gr.update(visible=i < shown), row.repo, row.revision]
+            updates.append(gr.update(value=row.layers, visible=shows_layers(form, row)))
             updates += [
                 _shown(per_model.get(name), row.params.get(name)) for name in PER_MODEL_PARAMS
             ]
+            updates.append(_block_update(form, row, value=row.blocks))
         return updates
+
+    @property
+    def layout_outputs(self) -> list[gr.components.Component]:
+        """What the models' family changes: each row's layer range and block field."""
+        return [widget for row in self.rows for widget in (row.layers, row.blocks)]
+
+    def write_layout(self, form: MergeForm) -> list[Any]:
+        """Updates for ``layout_outputs``: which fields show for ``form``'s family, and the
+        block names heading each block field; values untouched (the person may be typing)."""
+        updates: list[Any] = []
+        for i, _ in enumerate(self.rows):
+            row = form.models[i] if i < len(form.models) else ModelRow()
+            updates += [gr.update(visible=shows_layers(form, row)), _block_update(form, row)]
+        return updates
+
+
+def _block_update(form: MergeForm, row: ModelRow, **value: Any) -> Any:
+    """The update of a row's block field: shown for diffusion models, headed by the block
+    names of their family."""
+    shown = block_field(form, row)
+    if not shown.visible:
+        return gr.update(visible=False, **value)
+    return gr.update(visible=True, label=shown.label, info=shown.info, **value)
 
 
 def _shown(param, value: Any) -> Any:
@@ -328,12 +376,12 @@ def build_blocks(service: JobService) -> gr.Blocks:
         def form_to_yaml(*values: Any) -> str:
             return to_yaml(form.read(values[:-1]), values[-1])
 
-        def yaml_to_form(text: str) -> list[Any]:
+        def yaml_to_form(text: str, family: str) -> list[Any]:
             try:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as error:
                 return [gr.skip()] * len(form.outputs) + [f"⚠ {say(yaml_problem(error))}"]
-            return [*form.write(from_recipe(data)), ""]
+            return [*form.write(replace(from_recipe(data), family=family)), ""]
 
         def method_changed(*values: Any) -> list[Any]:
             previous = safe_load(values[-1])
@@ -355,9 +403,12 @@ def build_blocks(service: JobService) -> gr.Blocks:
             if widget is not form.method and not isinstance(widget, gr.State):
                 widget.input(form_to_yaml, [*form.inputs, recipe], recipe)
         form.method.input(method_changed, [*form.inputs, recipe], [*form.outputs, recipe])
-        recipe.input(yaml_to_form, recipe, [*form.outputs, form.errors["recipe"]])
-        load_example.click(show_example, example, [*form.outputs, recipe, *errors, outcome, job_id])
+        recipe.input(yaml_to_form, [recipe, form.family], [*form.outputs, form.errors["recipe"]])
+        shown_example = load_example.click(
+            show_example, example, [*form.outputs, recipe, *errors, outcome, job_id]
+        )
         form.add.click(add_model, [*form.inputs, recipe], [*form.outputs, recipe])
+        removals = []
         for index, row in enumerate(form.rows):
 
             def remove(*values: Any, index: int = index) -> list[Any]:
@@ -365,7 +416,36 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 del current.models[index : index + 1]
                 return [*form.write(current), to_yaml(current, values[-1])]
 
-            row.remove.click(remove, [*form.inputs, recipe], [*form.outputs, recipe])
+            removals.append(
+                row.remove.click(remove, [*form.inputs, recipe], [*form.outputs, recipe])
+            )
+
+        # --- which kind of models: the first one's layout, read with the person's token ----
+
+        first = form.rows[0]
+
+        def find_family(repo: str, revision: str, base: str, token: gr.OAuthToken | None) -> str:
+            """The family of the form's first model (else its base), or "" when unknown."""
+            reference = layout_reference(repo, revision, base)
+            if reference is None:
+                return ""
+            layout = service.model_layout(reference, identity_of(service, token))
+            return layout.family if layout else ""
+
+        def family_changed(*values: Any) -> list[Any]:
+            return form.write_layout(form.read(values))
+
+        probe = {
+            "fn": find_family,
+            "inputs": [first.repo, first.revision, form.base_model],
+            "outputs": form.family,
+        }
+        for widget in (first.repo, first.revision, form.base_model, recipe):
+            widget.blur(**probe)
+        for event in (shown_example, *removals):
+            event.then(**probe)
+        # a change of family (a State: only when it differs) shows or hides the block fields
+        form.family.change(family_changed, form.inputs, form.layout_outputs)
 
         # --- validate, merge, follow the job -----------------------------------------------
 
@@ -439,7 +519,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
             return [*([""] * len(PLACES)), job_sentence(job), job.id]
 
         fields = [recipe, target, private, follow, tab]
-        validate.click(check, fields, [*errors, outcome])
+        validate.click(check, fields, [*errors, outcome]).then(**probe)
         merge.click(submit, fields, [*errors, outcome, job_id])
 
         def poll(current: str, said: str, profile: gr.OAuthProfile | None) -> list[Any]:

@@ -7,6 +7,10 @@ import pytest
 import yaml
 
 from merge_engine import parse_recipe
+from merge_engine.errors import RecipeError
+from merge_engine.formats.blocks import block_names
+from merge_engine.formats.layouts import Layout
+from merge_engine.formats.recipe_checks import check_layout
 from merge_engine.methods import get_method
 from service.recipe_form import (
     DEMO_MODELS,
@@ -15,12 +19,17 @@ from service.recipe_form import (
     LAYERS_LABEL,
     MergeForm,
     ModelRow,
+    block_field,
+    block_param,
     error_place,
     examples,
     field_line,
     from_recipe,
+    layout_reference,
     method_params,
     param_help,
+    parse_blocks,
+    shows_layers,
     switch_method,
     to_recipe,
     to_yaml,
@@ -189,3 +198,101 @@ parameters:
 )
 def test_errors_go_next_to_the_field_they_name(field, message, place):
     assert error_place(field, message, ["org/a", "org/b"]) == place
+
+
+SD_ROW = "1,0,0,0,0,0,0,0,0,0,0,0,0,0.5,1,1,1,1,1,1,1,1,1,1,1,0.25"
+"""26 values: SD1.5's BASE, IN00…IN11, M00, OUT00…OUT11, as typed."""
+
+
+def sd_form(**changes) -> MergeForm:
+    """Two SD1.5 models merged linearly, the first with a row of block weights."""
+    form = MergeForm(
+        method="linear",
+        models=[
+            ModelRow("demo/sd-a", blocks=SD_ROW),
+            ModelRow("demo/sd-b", params={"weight": 1.0}),
+        ],
+        family="sd1",
+    )
+    for name, value in changes.items():
+        setattr(form, name, value)
+    return form
+
+
+def test_a_block_row_goes_to_the_recipe_and_yaml_and_back_to_the_form():
+    form = sd_form()
+    recipe = to_recipe(form)
+    blocks = recipe["models"][0]["parameters"]["weight"]["blocks"]
+    assert blocks == [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.5, *[1] * 11, 0.25]
+    assert recipe["models"][1] == {"model": "demo/sd-b", "parameters": {"weight": 1.0}}
+    parsed = parse_recipe(recipe)  # the engine's schema takes it as block values
+    assert parsed.models[0].parameters["weight"].blocks[13] == 0.5
+    text = to_yaml(form)
+    assert "blocks: [1, 0, 0" in text and "0.25]" in text
+    back = from_recipe(yaml.safe_load(text))
+    assert back.models[0].blocks == SD_ROW and not back.notice
+    assert back == sd_form(family="")  # the family is the Space's finding, not the recipe's
+    # a row typed with spaces, or given in the recipe as one string, reads the same
+    assert parse_blocks(" 1, 0.5  0 ") == [1, 0.5, 0]
+    string = {
+        "merge_method": "linear",
+        "models": [{"model": "a", "parameters": {"weight": {"blocks": "1, 0.5,0"}}}],
+    }
+    assert from_recipe(string).models[0].blocks == "1,0.5,0"
+
+
+def test_the_block_row_shows_for_diffusion_models_headed_by_their_block_names():
+    form = sd_form()
+    field = block_field(form, form.models[1])  # an empty row shows too: it can be typed in
+    assert field.visible and field.label == "weight per block"
+    assert " ".join(block_names("sd1")) in field.info and field.info.startswith("26 values")
+    assert "BASE IN00 IN01" in field.info and "M00 OUT00" in field.info
+    sdxl = block_field(sd_form(family="sdxl"), form.models[0])
+    assert sdxl.info.startswith("20 values") and "IN08 M00 OUT00" in sdxl.info
+    assert "IN09" not in sdxl.info
+    assert not shows_layers(form, form.models[0])  # diffusion models are merged whole
+    # passthrough's block parameter is its scale; slerp has none per model: no row
+    assert block_param("passthrough") == "scale" and block_param("ties") == "weight"
+    assert not block_field(sd_form(method="slerp"), form.models[1]).visible
+
+
+def test_the_block_row_stays_hidden_for_a_transformers_form():
+    for form in examples(DEMO_MODELS).values():
+        form.family = "transformers"
+        assert not any(block_field(form, row).visible for row in form.models)
+        assert all(shows_layers(form, row) for row in form.models)
+        assert "blocks" not in to_yaml(form)
+        form.family = ""  # not inspected yet: hidden as well
+        assert not any(block_field(form, row).visible for row in form.models)
+
+
+def test_a_wrong_number_of_block_values_is_the_engines_sentence_by_that_models_row():
+    form = sd_form()
+    form.models[1].blocks = ",".join(["1"] * 25)
+    recipe = parse_recipe(to_recipe(form))
+    with pytest.raises(RecipeError) as refused:
+        check_layout(recipe, Layout("sd1", "diffusers"), needs_data=False, method="linear")
+    error = refused.value
+    assert "has 25 block values" in str(error) and "BASE, IN00" in str(error)
+    assert error_place(error.field, str(error), ["demo/sd-a", "demo/sd-b"]) == "model-1"
+    # what is not a number goes to the engine as typed, which refuses it by that row
+    form.models[1].blocks = "1,x,0"
+    assert to_recipe(form)["models"][1]["parameters"]["weight"] == {"blocks": "1,x,0"}
+    with pytest.raises(RecipeError) as refused:
+        parse_recipe(to_recipe(form))
+    assert error_place(refused.value.field, str(refused.value), []) == "model-1"
+
+
+def test_block_values_the_form_cannot_show_stay_in_the_yaml_and_are_named():
+    data = {
+        "merge_method": "ties",
+        "models": [{"model": "a", "parameters": {"weight": 1.0, "density": {"blocks": [0.5]}}}],
+    }
+    form = from_recipe(data)
+    assert form.models[0].blocks == "" and "models[0].parameters.density" in form.notice
+
+
+def test_the_family_is_found_from_the_first_model_else_the_base():
+    assert layout_reference("demo/sd-a", "v2", "demo/base") == "demo/sd-a@v2"
+    assert layout_reference(" ", "v2", "demo/base") == "demo/base"
+    assert layout_reference("", "", "") is None
