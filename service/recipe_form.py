@@ -402,17 +402,32 @@ class ExampleModels:
     base: str
     fine_tunes: tuple[str, str, str]
     layers: int
+    diffusion: tuple[str, str]
+    """Two SD1.5 checkpoints in the diffusers layout, for the block-weighted example."""
 
 
-DEMO_MODELS = ExampleModels("demo/base", ("demo/math", "demo/code", "demo/chat"), layers=4)
+DEMO_MODELS = ExampleModels(
+    "demo/base",
+    ("demo/math", "demo/code", "demo/chat"),
+    layers=4,
+    diffusion=("demo/sd-dreamy", "demo/sd-photo"),
+)
 """The offline demo's tiny models, which exist only on its sandbox hub."""
 HUB_MODELS = ExampleModels(
     "Qwen/Qwen2.5-0.5B",
     ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B"),
     layers=24,
+    diffusion=("Lykon/dreamshaper-8", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
 )
-"""Small public models on the Hub: a base and three models trained from it."""
+"""Small public models on the Hub: a base and three models trained from it; two SD1.5
+checkpoints."""
 FIRST_EXAMPLE = "TIES: a base and 3 fine-tunes"
+
+
+IN_BLOCKS_FROM_A = "0.5," + ",".join(["1"] * 12) + ",0.5," + ",".join(["0"] * 12)
+OUT_BLOCKS_FROM_B = "0.5," + ",".join(["0"] * 12) + ",0.5," + ",".join(["1"] * 12)
+"""A·(1−M) + B·M with M = 0 in the input blocks, 1 in the output blocks, ½ elsewhere: the
+composition of one model, the rendering of the other."""
 
 
 def examples(models: ExampleModels) -> dict[str, MergeForm]:
@@ -431,6 +446,13 @@ def examples(models: ExampleModels) -> dict[str, MergeForm]:
                 ModelRow(c, params={"weight": 0.5, "density": 0.5}),
             ],
             base_model=models.base,
+        ),
+        "SD1.5 weighted sum per block (MBW)": MergeForm(
+            method="linear",
+            models=[
+                ModelRow(models.diffusion[0], blocks=IN_BLOCKS_FROM_A),
+                ModelRow(models.diffusion[1], blocks=OUT_BLOCKS_FROM_B),
+            ],
         ),
         "Frankenmerge (layer stacking)": MergeForm(
             method="passthrough",

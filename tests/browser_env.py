@@ -22,7 +22,9 @@ SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=30_000)  # a loaded CI machine answers slowly; states, not time
 
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(

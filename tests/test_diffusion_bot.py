@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusion_models import make_finetune, make_pipeline
 from huggingface_hub import HfApi, ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from service_env import USERS, job_commits, start_serve
 
+from merge_engine.example_diffusion import make_finetune, make_pipeline
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 
 pytestmark = pytest.mark.slow  # real processes: a server, a worker, the sandbox hub

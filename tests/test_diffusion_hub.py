@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import write_recipe
-from diffusion_models import make_finetune, make_pipeline, write_single_file
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
 from test_sources_hub import TOKEN, mergebot
 
+from merge_engine.example_diffusion import make_finetune, make_pipeline, write_single_file
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 
 pytestmark = pytest.mark.slow  # each test starts mergebot in a subprocess

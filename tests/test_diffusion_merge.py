@@ -12,12 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_recipe
-from diffusion_models import COMPONENTS, make_finetune, make_pipeline, write_single_file
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merge_engine import load_recipe
 from merge_engine.errors import IncompatibleModelsError, RecipeError, SourceError
+from merge_engine.example_diffusion import (
+    COMPONENTS,
+    make_finetune,
+    make_pipeline,
+    write_single_file,
+)
 from merge_engine.formats.blocks import block_names
 from merge_engine.formats.sd_names import convert_names
 from merge_engine.methods import all_methods, get_method

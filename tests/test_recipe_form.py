@@ -48,7 +48,11 @@ def test_examples_name_the_demos_models_offline_and_real_ones_on_the_hub():
     offline, hub = examples(DEMO_MODELS), examples(HUB_MODELS)
     assert offline.keys() == hub.keys()
     named = {row.repo for form in hub.values() for row in form.models}
-    assert named and all(repo.startswith("Qwen/Qwen2.5-") for repo in named)
+    assert named - set(HUB_MODELS.diffusion)
+    assert all(repo.startswith("Qwen/Qwen2.5-") for repo in named - set(HUB_MODELS.diffusion))
+    mbw = hub["SD1.5 weighted sum per block (MBW)"]  # A·(1−M) + B·M: the rows add up to 1
+    rows = [[float(v) for v in row.blocks.split(",")] for row in mbw.models]
+    assert len(rows[0]) == 26 and all(a + b == 1 for a, b in zip(*rows, strict=True))
     assert not any("demo/" in yaml.safe_dump(to_recipe(form)) for form in hub.values())
     # a name says what the example merges: "TIES: a base and 3 fine-tunes"
     ties = offline["TIES: a base and 3 fine-tunes"]
@@ -258,6 +262,8 @@ def test_the_block_row_shows_for_diffusion_models_headed_by_their_block_names():
 
 def test_the_block_row_stays_hidden_for_a_transformers_form():
     for form in examples(DEMO_MODELS).values():
+        if any(row.blocks for row in form.models):
+            continue  # a row with values stays visible, so a refusal points at something
         form.family = "transformers"
         assert not any(block_field(form, row).visible for row in form.models)
         assert all(shows_layers(form, row) for row in form.models)

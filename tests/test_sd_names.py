@@ -1,6 +1,6 @@
 """The Stable Diffusion name map (merge_engine.formats.sd_names) against diffusers' own converter.
 
-Tiny SD1.5- and SDXL-shaped pipelines (tests/diffusion_models.py) are written as single files with
+Tiny SD1.5- and SDXL-shaped pipelines (merge_engine/example_diffusion.py) are written as single files with
 our diffusers -> single_file map and read back by diffusers' independent single_file -> diffusers
 converter; our map back to diffusers must give the original tensors exactly. Real-size UNets,
 VAEs and OpenCLIP text encoders are checked on the meta device (names and shapes only).
@@ -26,8 +26,13 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from merge_engine.example_diffusion import (
+    COMPONENTS,
+    make_finetune,
+    make_pipeline,
+    write_single_file,
+)
 from merge_engine.formats.sd_names import Renamed, convert_names
-from tests.diffusion_models import COMPONENTS, make_finetune, make_pipeline, write_single_file
 
 PIPELINES = {"sd1": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 

@@ -22,12 +22,13 @@ from browser_env import (
     shot,
     space_page,
 )
-from diffusion_models import make_finetune, make_pipeline
 from huggingface_hub import HfApi
 from playwright.sync_api import expect
 from service_env import BOT_TOKEN
 
+from merge_engine.example_diffusion import make_finetune, make_pipeline
 from merge_engine.formats.blocks import block_names
+from service.recipe_form import IN_BLOCKS_FROM_A, OUT_BLOCKS_FROM_B
 from service.server import MOCK_OAUTH_TOKEN
 
 pytestmark = pytest.mark.slow
@@ -48,7 +49,7 @@ def space(tmp_path_factory):
     tuned = make_finetune(base, folder / "tuned", seed=1)
     server = demo_hub()
     api = HfApi(endpoint=server.url, token="tok-demo")
-    for repo, path, private in (("demo/sd-base", base, True), ("demo/sd-tuned", tuned, False)):
+    for repo, path, private in (("demo/sd-secret", base, True), ("demo/sd-tuned", tuned, False)):
         api.create_repo(repo, private=private)
         api.upload_folder(repo_id=repo, folder_path=path)
     with serving_space(server, tmp_path_factory.mktemp("space") / "work") as bot:
@@ -110,24 +111,26 @@ def fill_in_two_sd_models(page, space) -> None:
     page.locator("#model-2-remove").click()
     expect(page.locator("#model-2-repo")).to_be_hidden()
     expect_block_rows(page, shown=False)
-    set_value(page, "#model-0-repo", "demo/sd-base")
+    set_value(page, "#model-0-repo", "demo/sd-secret")
     set_value(page, "#model-1-repo", "demo/sd-tuned")
     set_value(page, "#model-1-weight", "1")
     expect_block_rows(page, shown=True)
-    asked = inspections(space, "demo/sd-base")
+    asked = inspections(space, "demo/sd-secret")
     assert asked >= 1
     set_value(page, "#model-0-repo", "demo/math")  # another kind of model, and back
     expect_block_rows(page, shown=False)
-    set_value(page, "#model-0-repo", "demo/sd-base")
+    set_value(page, "#model-0-repo", "demo/sd-secret")
     expect_block_rows(page, shown=True)
-    assert inspections(space, "demo/sd-base") == asked  # remembered, not asked again
+    assert inspections(space, "demo/sd-secret") == asked  # remembered, not asked again
 
 
 def test_block_weights_typed_in_the_form_are_merged_and_shown_in_the_card(page, space, tmp_path):
     fill_in_two_sd_models(page, space)
     set_value(page, "#model-0-blocks", ",".join(VALUES))
     set_value(page, "#target", "demo/sd-blocks")
-    wait_for_yaml(page, r"model: demo/sd-base\n\s+parameters:\n\s+weight:\n\s+blocks: \[0, 0\.04, ")
+    wait_for_yaml(
+        page, r"model: demo/sd-secret\n\s+parameters:\n\s+weight:\n\s+blocks: \[0, 0\.04, "
+    )
     page.locator("#validate").click()
     assert "valid: linear" in expect_text(page, "#outcome", "valid")
     expect(field(page, "#model-0-blocks")).to_have_value(",".join(VALUES))  # kept as typed
@@ -145,12 +148,12 @@ def test_block_weights_typed_in_the_form_are_merged_and_shown_in_the_card(page, 
     assert job_id in card
     table = card.split("## Block weights", 1)[1].split("\n## ", 1)[0]
     header = re.search(r"^\| block \|(.+)\|$", table, re.M)[1]
-    assert "`weight` of demo/sd-base@" in header and header.count("|") == 0  # one column
+    assert "`weight` of demo/sd-secret@" in header and header.count("|") == 0  # one column
     shown = dict(re.findall(r"^\| (BASE|IN\d\d|M00|OUT\d\d) \| ([^|]+?) \|$", table, re.M))
     assert list(shown) == list(BLOCKS)
     assert [shown[name] for name in BLOCKS] == VALUES
     # the private model was read with the person's (demo's) tokens throughout, never the bot's
-    tokens = {r.token for r in space.sandbox.hub.requests if "demo/sd-base" in r.path}
+    tokens = {r.token for r in space.sandbox.hub.requests if "demo/sd-secret" in r.path}
     assert tokens and tokens <= {"tok-demo", MOCK_OAUTH_TOKEN} and BOT_TOKEN not in tokens
 
 
@@ -175,3 +178,18 @@ def test_a_block_row_one_value_short_is_refused_by_that_row_and_nothing_is_queue
     expect_text(page, "#outcome", "Not submitted")
     assert "has 25 block values" in page.locator("#error-model-1").inner_text()
     assert jobs_count(space) == before
+
+
+def test_the_block_weighted_example_loads_its_rows_and_validates(page):
+    """The examples' SD1.5 merge (the demo hub's tiny pipelines): A's input blocks, B's output
+    blocks, one row each."""
+    page.get_by_role("button", name=re.compile("Sign in")).click()
+    expect_text(page, "#who", r"Signed in as demo")
+    choose(page, "#example", "SD1.5 weighted sum per block (MBW)")
+    page.locator("#load-example").click()
+    expect(field(page, "#model-0-repo")).to_have_value("demo/sd-dreamy")
+    expect_block_rows(page, shown=True)
+    expect(field(page, "#model-0-blocks")).to_have_value(IN_BLOCKS_FROM_A)
+    expect(field(page, "#model-1-blocks")).to_have_value(OUT_BLOCKS_FROM_B)
+    page.locator("#validate").click()
+    assert "valid: linear" in expect_text(page, "#outcome", "valid")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusion_models import make_finetune, make_pipeline, write_single_file
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merge_engine import merge
 from merge_engine.errors import MergeError
+from merge_engine.example_diffusion import make_finetune, make_pipeline, write_single_file
 from merge_engine.formats.sd_names import convert_names
 from merge_engine.io import read_header
 from merge_engine.recipe import recipe_from_text

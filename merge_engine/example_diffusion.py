@@ -1,4 +1,5 @@
-"""Tiny Stable Diffusion pipelines for the tests, built offline from configs with random weights.
+"""Tiny Stable Diffusion pipelines for the demo and the tests, built offline from configs with
+random weights.
 
 `make_pipeline` builds an SD1.5-shaped or SDXL-shaped diffusers pipeline: the block structure of
 the real models (levels, resnets per level, where the attentions are, transformer depths, both
