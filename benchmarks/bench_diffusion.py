@@ -59,8 +59,9 @@ LERP_RECIPE = (
     "merge_method: task_arithmetic\nbase_model: {A}\nmodels:\n"
     "  - model: {B}\n    parameters: {{weight: 0.3}}\nout_dtype: float16\n"
 )
-"""The weighted sum written A + (B - A)*M, sd-mecha's torch.lerp, instead of linear's
-(0.7*A + 0.3*B) / 1: the same arithmetic, so the outputs can be compared bit for bit."""
+"""The weighted sum written A + (B - A)*M, the formula of sd-mecha's torch.lerp, instead of
+linear's (0.7*A + 0.3*B) / 1; lerp fuses its multiply-add, so a few elements still round
+differently."""
 SANITY_KEYS = [
     "model.diffusion_model.input_blocks.0.0.weight",
     "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight",
