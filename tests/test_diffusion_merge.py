@@ -307,6 +307,24 @@ def test_a_bare_state_dict_merges_by_name(tmp_path):
     for name in ("backbone.blocks.0.proj.weight", "head.weight"):
         torch.testing.assert_close(merged[name], 0.25 * models[0][name] + 0.75 * models[1][name])
     assert not (out / "config.json").exists()
+    stacked = _refused(
+        tmp_path / "slices",
+        f"merge_method: passthrough\nslices:\n  - sources: [{{model: {tmp_path / 'm0'}, layer_range: [0, 1]}}]\n",
+        RecipeError,
+    )
+    assert stacked == (
+        f"slices: frankenmerging stacks the layers of transformers models, and {tmp_path / 'm0'} "
+        "is a bare state dict; merge whole models under 'models'"
+    )
+    aligned = _refused(
+        tmp_path / "align",
+        f"merge_method: linear\nalign: {{method: weight_matching}}\nmodels:\n{pair}",
+        RecipeError,
+    )
+    assert aligned == (
+        f"align: alignment permutes the hidden units of transformers models, and {tmp_path / 'm0'} "
+        "is a bare state dict; remove 'align'"
+    )
 
 
 def _refused(tmp_path: Path, text: str, error: type) -> str:
