@@ -142,13 +142,6 @@ class MergePlan:
         return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,

@@ -9,6 +9,7 @@ layout the names and headers show.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -167,17 +168,14 @@ def pipeline_files(
     the float16 variant."""
     found: dict[str, list[str]] = {}
     for component in COMPONENTS[family]:
-        for stem in WEIGHT_STEMS:
-            for variant in ("", ".fp16"):
-                base = f"{component}/{stem}{variant}.safetensors"
-                if f"{base}.index.json" in files:
-                    shards = read_json(f"{base}.index.json")["weight_map"].values()
-                    found[component] = sorted({f"{component}/{s}" for s in shards})
-                elif base in files:
-                    found[component] = [base]
-                if component in found:
-                    break
-            if component in found:
+        for stem, variant in itertools.product(WEIGHT_STEMS, ("", ".fp16")):
+            base = f"{component}/{stem}{variant}.safetensors"
+            if f"{base}.index.json" in files:
+                shards = read_json(f"{base}.index.json")["weight_map"].values()
+                found[component] = sorted({f"{component}/{s}" for s in shards})
+                break
+            if base in files:
+                found[component] = [base]
                 break
         else:
             raise SourceError(
@@ -302,11 +300,17 @@ def _hub_errors(ref: ModelReference) -> Iterator[None]:
         ) from None
 
 
-def _hub_header(api: Any, ref: ModelReference, sha: str, file: str) -> dict[str, TensorInfo]:
-    """One Hub file's tensors, from its header alone (a range request)."""
-    found = api.parse_safetensors_file_metadata(ref.path, file, revision=sha)
+def _hub_infos(found: Any, ref: ModelReference, sha: str, file: str) -> dict[str, TensorInfo]:
+    """The tensors of one Hub file from the client's parsed header (``found``)."""
     header = {name: {"dtype": i.dtype, "shape": i.shape} for name, i in found.tensors.items()}
     return tensor_infos(header, file, f"{ref.path}@{sha}/{file}")
+
+
+def _hub_header(api: Any, ref: ModelReference, sha: str, file: str) -> dict[str, TensorInfo]:
+    """One Hub file's tensors, from its header alone (a range request)."""
+    return _hub_infos(
+        api.parse_safetensors_file_metadata(ref.path, file, revision=sha), ref, sha, file
+    )
 
 
 def inspect_hub(
@@ -354,11 +358,7 @@ def inspect_hub(
         config = read_json("config.json") if "config.json" in files else {}
     tensors = {}
     for file, file_meta in metadata.files_metadata.items():
-        header = {
-            name: {"dtype": info.dtype, "shape": info.shape}
-            for name, info in file_meta.tensors.items()
-        }
-        tensors.update(tensor_infos(header, file, f"{ref.path}@{sha}/{file}"))
+        tensors.update(_hub_infos(file_meta, ref, sha, file))
     layout = config_layout(config) if config else single_file_layout(tensors, ref.path)
     return ModelSource(ref, config, tensors, revision=sha, layout=layout)
 
