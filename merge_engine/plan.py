@@ -153,21 +153,9 @@ DTYPES = {
 # --- the recipe against the method ---------------------------------------------------------
 
 
-def _parameter_levels(recipe: Recipe) -> list[tuple[str, dict | None, str]]:
-    """Every parameters block in the recipe: (path, block, level) with level model|slice|global."""
-    levels = [("parameters", recipe.parameters, "global")]
-    for i, m in enumerate(recipe.models or []):
-        levels.append((f"models[{i}].parameters", m.parameters, "model"))
-    for i, s in enumerate(recipe.slices or []):
-        levels.append((f"slices[{i}].parameters", s.parameters, "slice"))
-        for j, src in enumerate(s.sources):
-            levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters, "model"))
-    return levels
-
-
 def check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
     known = {p.name: p for p in method.params}
-    for path, block, level in _parameter_levels(recipe):
+    for path, block, level in recipe.parameter_levels():
         for name in block or {}:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)

@@ -375,6 +375,18 @@ class Recipe(_Strict):
         refs += [self.vae] if self.vae else []
         return list(dict.fromkeys(refs))
 
+    def parameter_levels(self) -> list[tuple[str, Parameters | None, str]]:
+        """Every parameters block: (path, block, level), level ``global``, ``slice`` or
+        ``model``."""
+        levels = [("parameters", self.parameters, "global")]
+        for i, m in enumerate(self.models or []):
+            levels.append((f"models[{i}].parameters", m.parameters, "model"))
+        for i, s in enumerate(self.slices or []):
+            levels.append((f"slices[{i}].parameters", s.parameters, "slice"))
+            for j, src in enumerate(s.sources):
+                levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters, "model"))
+        return levels
+
     def calibration_for(self, index: int) -> Calibration | None:
         """The calibration data of ``models[index]``: its own block, else the shared one."""
         own = self.models[index].calibration if self.models else None

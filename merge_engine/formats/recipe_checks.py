@@ -19,15 +19,7 @@ from merge_engine.recipe import BlockValues, ConditionalParameter, ModelReferenc
 
 def _settings(recipe: Recipe) -> Iterator[tuple[str, Any]]:
     """Every parameter setting with its recipe path, filter entries and their values included."""
-    blocks = [("parameters", recipe.parameters)]
-    blocks += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models or [])]
-    for i, s in enumerate(recipe.slices or []):
-        blocks.append((f"slices[{i}].parameters", s.parameters))
-        blocks += [
-            (f"slices[{i}].sources[{j}].parameters", src.parameters)
-            for j, src in enumerate(s.sources)
-        ]
-    for path, block in blocks:
+    for path, block, _ in recipe.parameter_levels():
         for name, setting in (block or {}).items():
             entries = setting if isinstance(setting, list) else [setting]
             for index, entry in enumerate(entries):
