@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from merge_engine import quote
 from merge_engine.errors import RecipeError, SourceError, excerpt
 from merge_engine.recipe import CALIBRATION_SUFFIXES, Calibration, ModelReference, Recipe
 from merge_engine.sources import TOKENIZER_FILES, ModelSource, model_class
@@ -44,13 +45,14 @@ class CalibrationSource:
         """One line for the model card; a Hub dataset links to ``endpoint``, where it is."""
         spec = self.spec
         if spec.dataset is not None:
-            origin = f"dataset [{spec.dataset.path}]({endpoint}/datasets/{spec.dataset.path}) @ `{self.revision}`, file `{self.file}`"
+            dataset = spec.dataset.path
+            origin = f"dataset [{quote.cell(dataset)}]({endpoint}/datasets/{dataset}) @ `{self.revision}`, file {quote.code(self.file, table=True)}"
         elif spec.path is not None:
-            origin = f"local file `{Path(spec.path).name}`"
+            origin = f"local file {quote.code(Path(spec.path).name, table=True)}"
         else:
             origin = f"{len(spec.examples or [])} inline examples"
-        label = f", labels `{spec.label_field}`" if spec.label_field else ""
-        return f"{origin}; text `{spec.text_field}`{label}; up to {spec.samples} samples of at most {spec.max_length} tokens, seed {spec.seed}"
+        label = f", labels {quote.code(spec.label_field, table=True)}" if spec.label_field else ""
+        return f"{origin}; text {quote.code(spec.text_field, table=True)}{label}; up to {spec.samples} samples of at most {spec.max_length} tokens, seed {spec.seed}"
 
     @cached_property
     def fingerprint(self) -> str:

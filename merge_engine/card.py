@@ -16,6 +16,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData, constants
 
+from merge_engine import quote
 from merge_engine.formats.blocks import block_names
 from merge_engine.formats.layouts import TRANSFORMERS
 from merge_engine.hub_names import is_loopback
@@ -23,6 +24,7 @@ from merge_engine.plan import MergePlan
 from merge_engine.recipe import BlockValues, ModelReference
 
 TEMPLATE = files("merge_engine") / "templates" / "card.md"
+DEFAULT_COMMAND = "mergebot merge mergebot_recipe.yaml ./merged"
 PUBLIC_HUB = "https://huggingface.co"
 """Where Spaces run: a Space's git repository is there even when the bot talks to a local hub."""
 
@@ -30,10 +32,11 @@ PUBLIC_HUB = "https://huggingface.co"
 def _summary(values: list[Any]) -> str:
     distinct = sorted(set(values), key=str)
     if len(distinct) == 1:
-        return f"`{distinct[0]:g}`" if isinstance(distinct[0], float) else f"`{distinct[0]}`"
+        shown = f"{distinct[0]:g}" if isinstance(distinct[0], float) else distinct[0]
+        return quote.code(shown, table=True)
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct):
         return f"`{min(distinct):g}` to `{max(distinct):g}` (varies by layer or filter)"
-    return ", ".join(f"`{v}`" for v in distinct) + " (varies by tensor)"
+    return ", ".join(quote.code(v, table=True) for v in distinct) + " (varies by tensor)"
 
 
 def parameter_rows(plan: MergePlan) -> list[dict[str, str]]:
@@ -77,7 +80,7 @@ def block_table(plan: MergePlan) -> dict[str, Any] | None:
     for whose, parameters in levels:
         for name, setting in (parameters or {}).items():
             if isinstance(setting, BlockValues):
-                columns.append(f"`{name}`{whose}")
+                columns.append(f"{quote.code(name, table=True)}{quote.cell(whose)}")
                 values.append(setting.blocks)
     if not columns:
         return None
@@ -87,13 +90,13 @@ def block_table(plan: MergePlan) -> dict[str, Any] | None:
 
 
 def _default(param) -> str:
-    return "required" if param.required else f"`{param.default}`"
+    return "required" if param.required else quote.code(param.default, table=True)
 
 
 def _hub_link(ref: ModelReference, is_local: bool, endpoint: str) -> str:
-    return (
-        f"`{ref.path}` ({ref.local_kind()})" if is_local else f"[{ref.path}]({endpoint}/{ref.path})"
-    )
+    if is_local:
+        return f"{quote.code(ref.path, table=True)} ({ref.local_kind()})"
+    return f"[{quote.cell(ref.path)}]({endpoint}/{ref.path})"
 
 
 def mergebot_version() -> str:
@@ -133,11 +136,14 @@ def install_instructions(endpoint: str, env: dict[str, str] | None = None) -> di
 def tidy(markdown: str) -> str:
     """At most one blank line in a row outside fenced code, and none at either end."""
     lines: list[str] = []
-    fenced = False
+    fence = ""  # the open fence's backticks; a block closes on a line of at least as many
     for line in markdown.strip("\n").split("\n"):
-        if line.startswith("```"):
-            fenced = not fenced
-        if not fenced and not line.strip():
+        ticks = line[: len(line) - len(line.lstrip("`"))]
+        if not fence and len(ticks) >= 3:
+            fence = ticks
+        elif fence and len(ticks) >= len(fence) and not line.strip("`").strip():
+            fence = ""
+        elif not fence and not line.strip():
             if lines and lines[-1] == "":
                 continue
             line = ""
@@ -169,6 +175,7 @@ def build_card(
     ``endpoint`` the Hub the sources came from (``HF_ENDPOINT`` when not given), ``section``
     markdown of how the recipe was found (an evolutionary search), placed before the sources."""
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    install = install_instructions(endpoint)
     recipe = plan.recipe
     read = plan.read_models
     merged_from = [
@@ -200,10 +207,10 @@ def build_card(
     card = ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
-        name=name or "Merged model",
+        name=quote.cell(name or "Merged model"),
         merged=plan.describe_models(),
         version=mergebot_version(),
-        install=install_instructions(endpoint),
+        install=install,
         method=plan.method,
         base=recipe.base_model if plan.method.base != "unused" else None,
         seed=plan.seed,
@@ -213,8 +220,10 @@ def build_card(
         output_layout=plan.output_format,
         notes=plan.notes,
         models=models,
-        recipe=plan.reproducible_recipe().to_yaml().rstrip(),
-        command=command or "mergebot merge mergebot_recipe.yaml ./merged",
+        recipe=quote.code_block(plan.reproducible_recipe().to_yaml(), "yaml"),
+        reproduce=quote.code_block(
+            "\n".join(filter(None, [install["command"], command or DEFAULT_COMMAND])), "bash"
+        ),
         job_id=job_id,
         credit=credit,
         changes=changes or [],
@@ -243,7 +252,7 @@ def alignment_rows(plan: MergePlan, endpoint: str = PUBLIC_HUB) -> list[dict[str
             {
                 "model": _hub_link(ref, ref.is_local, endpoint),
                 "result": f"score {before:.4g} → {after:.4g}; {report.iterations} pass(es), {state}; {report.seconds:.1f} s",
-                "file": f"`{alignment.files.get(ref, '')}`",
+                "file": quote.code(alignment.files.get(ref, ""), table=True),
             }
         )
     return rows

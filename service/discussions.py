@@ -22,6 +22,7 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
+from merge_engine import quote
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.evolve.spec import SearchSpec
 from merge_engine.recipe import Recipe
@@ -134,13 +135,13 @@ class DiscussionWatcher:
             job = self._queue(key, author, text, target, kind)
         except MergeError as error:
             field = (
-                f" (field `{error.field}`)"
+                f" (field {quote.code(error.field)})"
                 if isinstance(error, RecipeError) and error.field
                 else ""
             )
             self.reply(
                 key,
-                f"⚠ I could not queue this {kind}{field}: {error}\n\nFix the {DOCUMENT[kind]} and comment with the corrected ```yaml block.",
+                f"⚠ I could not queue this {kind}{field}:\n\n{quote.code_block(error)}\n\nFix the {DOCUMENT[kind]} and comment with the corrected ```yaml block.",
             )
             return
         sources = ", ".join(f"`{repo}@{sha[:8]}`" for repo, sha in sorted(job.sources.items()))
@@ -235,7 +236,7 @@ class DiscussionWatcher:
         elif job.status == "failed":
             self.reply(
                 job.discussion,
-                f"⚠ The {NOUN[job.kind]} `{job.id}` failed: {job.error}\n\nComment `@mergebot retry` to try again, or post a corrected {DOCUMENT[job.kind]}.",
+                f"⚠ The {NOUN[job.kind]} `{job.id}` failed:\n\n{quote.code_block(job.error or '')}\n\nComment `@mergebot retry` to try again, or post a corrected {DOCUMENT[job.kind]}.",
             )
         elif job.status == "cancelled":
             self.reply(job.discussion, f"The {NOUN[job.kind]} `{job.id}` was cancelled.")
@@ -246,7 +247,7 @@ def _fitness_table(outcome: dict[str, Any]) -> str:
     merge), for a reply."""
     rows = ["| model | search fitness | held-out fitness |", "|---|---|---|"]
     rows += [
-        f"| {row['model']} | {row['search']:.4g} | {row['held_out']:.4g} |"
+        f"| {quote.cell(row['model'])} | {row['search']:.4g} | {row['held_out']:.4g} |"
         for row in outcome.get("rows", [])
     ]
     trials = f"The winner of {outcome.get('trials', 0)} trials, on the search and held-out splits:"

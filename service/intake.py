@@ -16,7 +16,7 @@ from merge_engine.errors import RecipeError, excerpt
 from merge_engine.evolve.spec import SearchSpec
 from merge_engine.hub_names import check_repo_id, check_revision
 from merge_engine.plan import MergePlan
-from merge_engine.recipe import ModelReference, Recipe
+from merge_engine.recipe import DataBlock, ModelReference, Recipe
 from merge_engine.sources import ModelSource
 
 Origin = Literal["form", "discussion", "schedule", "api"]
@@ -95,33 +95,60 @@ def is_search_spec(document: Any) -> bool:
     return isinstance(document, dict) and any(key in document for key in SEARCH_KEYS)
 
 
-def check_hub_only(recipe: Recipe | SearchSpec) -> None:
+def check_hub_only(document: Recipe | SearchSpec) -> None:
     """Refuse any reference that is not ``org/name`` or ``org/name@revision`` by the Hub's own
-    rules: a request must never make the server read its own files (a path, ``..``, a URL),
+    rules, and any local data file, whether the merge would read it or not: a request must
+    never make the server read its own files (a path, ``..``, a URL) nor publish their paths,
     and a name the Hub would refuse is one sentence now, not a failure later."""
-    _check_hub_models(recipe.referenced_models())
-    if isinstance(recipe, SearchSpec):
-        for i, task in enumerate(recipe.fitness):
-            for split in ("data", "held_out"):
-                block = getattr(task, split)
-                if block is not None and block.path is not None:
-                    raise RecipeError(
-                        "is a file on the server; requests to the bot read task data from a Hub dataset or inline examples",
-                        field=f"fitness[{i}].{split}.path",
-                    )
-
-
-def _check_hub_models(refs: list[ModelReference]) -> None:
-    for ref in refs:
-        if not _looks_like_hub_repo(ref.path):
+    for where, ref in _named_models(document):
+        _check_hub_model(ref, where)
+    for where, block, what in _data_blocks(document):
+        if block is not None and block.path is not None:
             raise RecipeError(
-                f"{excerpt(str(ref))} is not a Hub model; requests to the bot may name only Hub repos as org/name or org/name@revision",
-                field="models",
+                f"is a file on the server; requests to the bot read {what} only from a Hub dataset or inline examples, even where nothing reads it; remove 'path'",
+                field=f"{where}.path",
             )
-        # what the engine took for a local folder was not checked when the recipe was read
-        check_repo_id(ref.path, "model", field="models")
-        if ref.revision is not None:
-            check_revision(ref.revision, field="models")
+
+
+def _named_models(document: Recipe | SearchSpec) -> list[tuple[str, ModelReference]]:
+    """(field, reference) of every model a request names, used or not; the fields that name
+    one model first, so that their refusal names them."""
+    named: list[tuple[str, ModelReference]] = []
+    if isinstance(document, Recipe):
+        named += [("vae", document.vae)] if document.vae else []
+        if isinstance(document.tokenizer_source, ModelReference):
+            named += [("tokenizer_source", document.tokenizer_source)]
+        if document.align is not None and document.align.reference is not None:
+            named += [("align.reference", document.align.reference)]
+    return named + [("models", ref) for ref in document.referenced_models()]
+
+
+def _data_blocks(document: Recipe | SearchSpec) -> list[tuple[str, DataBlock | None, str]]:
+    """(field, block, what it holds) of every data block a request gives, used or not."""
+    if isinstance(document, SearchSpec):
+        return [
+            (f"fitness[{i}].{split}", getattr(task, split), "task data")
+            for i, task in enumerate(document.fitness)
+            for split in ("data", "held_out")
+        ]
+    blocks = [("calibration", document.calibration, "calibration data")]
+    blocks += [
+        (f"models[{i}].calibration", model.calibration, "calibration data")
+        for i, model in enumerate(document.models or [])
+    ]
+    return blocks
+
+
+def _check_hub_model(ref: ModelReference, field: str) -> None:
+    if not _looks_like_hub_repo(ref.path):
+        raise RecipeError(
+            f"{excerpt(str(ref))} is not a Hub model; requests to the bot may name only Hub repos as org/name or org/name@revision",
+            field=field,
+        )
+    # what the engine took for a local folder was not checked when the recipe was read
+    check_repo_id(ref.path, "model", field=field)
+    if ref.revision is not None:
+        check_revision(ref.revision, field=field)
 
 
 def _looks_like_hub_repo(path: str) -> bool:

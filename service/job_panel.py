@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 import yaml
 
+from merge_engine import quote
 from merge_engine.errors import MergeError
 from service.intake import Identity
 from service.job_store import ACTIVE, Job
@@ -17,14 +18,6 @@ from service.jobs import JobService
 from service.search_form import fitness_table
 
 POLL_SECONDS = 1.0
-
-
-def say(text: str) -> str:
-    """``text`` as Markdown that shows every character of it: no HTML tag (``<stream end>``)
-    or Markdown emphasis swallowed; line breaks kept."""
-    text = html.escape(text, quote=False)
-    text = re.sub(r"([\\`*_{}\[\]#|~!])", r"\\\1", text)
-    return "  \n".join(line.strip() for line in text.splitlines())
 
 
 def identity_of(service: JobService, token: gr.OAuthToken | None) -> Identity:
@@ -168,7 +161,7 @@ def stop_job(
     try:
         job = service.cancel(job_id.strip(), identity_of(service, token), publish_best)
     except MergeError as error:
-        return f"⚠ {say(str(error))}"
+        return f"⚠ {quote.text(str(error))}"
     finally:
         service.searches.forget(job_id.strip())
     if job.finish_early and job.status == "running":

@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 import yaml
 
+from merge_engine import quote
 from merge_engine.errors import MergeError
 from merge_engine.evolve.report import fitness_figure
 from merge_engine.evolve.spec import SPACES, TASK_KINDS
@@ -26,7 +27,6 @@ from service.job_panel import (
     latest_job_id,
     may_see,
     remember,
-    say,
     stop_job,
     updated_sentence,
     yaml_problem,
@@ -304,7 +304,7 @@ def build_search_tab(service: JobService, blocks: gr.Blocks, last: gr.BrowserSta
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            return [gr.skip()] * len(form.outputs) + [f"⚠ {say(yaml_problem(error))}"]
+            return [gr.skip()] * len(form.outputs) + [f"⚠ {quote.text(yaml_problem(error))}"]
         return [*form.write(from_spec(data)), ""]
 
     def show_example(name: str | None) -> list[Any]:
@@ -415,7 +415,7 @@ def _spec_error(error: MergeError, text: str) -> str:
     """The error's sentence, with the line of the YAML that the field it names is on."""
     field = getattr(error, "field", None)
     line = field_line(text, field) if field else None
-    return say(str(error)) + (f" (line {line} of the YAML)" if line else "")
+    return quote.text(str(error)) + (f" (line {line} of the YAML)" if line else "")
 
 
 def _search_panel(job: Job, status: dict, drawn: str) -> tuple[str, Any, Any, str]:

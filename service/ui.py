@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 import yaml
 
+from merge_engine import quote
 from merge_engine.errors import MergeError
 from merge_engine.hub_names import is_loopback
 from merge_engine.methods import all_methods, get_method
@@ -26,7 +27,6 @@ from service.job_panel import (
     latest_job_id,
     remember,
     safe_load,
-    say,
     stop_job,
     updated_sentence,
     visible_job,
@@ -380,7 +380,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
             try:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as error:
-                return [gr.skip()] * len(form.outputs) + [f"⚠ {say(yaml_problem(error))}"]
+                return [gr.skip()] * len(form.outputs) + [f"⚠ {quote.text(yaml_problem(error))}"]
             return [*form.write(replace(from_recipe(data), family=family)), ""]
 
         def method_changed(*values: Any) -> list[Any]:
@@ -467,7 +467,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
             field = getattr(error, "field", None)
             repos = [row.repo for row in from_recipe(safe_load(text)).models]
             place = error_place(field, str(error), repos)
-            message = say(str(error))
+            message = quote.text(str(error))
             if place == "target":
                 box = "target"
             elif on == "yaml":
@@ -555,7 +555,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
                     follow.target, identity_of(service, token), not follow.active
                 )
             except MergeError as error:
-                return f"⚠ {say(str(error))}"
+                return f"⚠ {quote.text(str(error))}"
 
         following.click(toggle_following, job_id, outcome)
 

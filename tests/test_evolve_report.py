@@ -185,7 +185,7 @@ def test_search_section():
 def test_search_section_says_when_a_source_beats_every_candidate():
     assert "scored better" not in section()
     text = section(winner_search=0.55)
-    assert "a | b ties scored better on the search split than every candidate searched" in text
+    assert "a \\| b ties scored better on the search split than every candidate searched" in text
     assert text.index("scored better") > text.index("| **this merge**")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -19,6 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from merge_engine import quote
 
 STAGES = ("parameters", "layers")
 """The stages in the order they run (``space: both`` runs both)."""
@@ -212,27 +213,6 @@ def duration(seconds: float) -> str:
     return f"{whole // 3600} h {whole % 3600 // 60} min"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _fence(text: str, shortest: int) -> str:
-    """Backticks enough to quote ``text`` as code (one more than its longest run)."""
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    return "`" * max(shortest, longest + 1)
-
-
-def _yaml_block(text: str) -> str:
-    fence = _fence(text, 3)
-    return f"{fence}yaml\n{text.rstrip()}\n{fence}"
-
-
-def _inline_code(text: str) -> str:
-    fence = _fence(text, 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
-
-
 def _trials_done(trials_done: dict[str, int], budget: int) -> str:
     done = [(s, trials_done[s]) for s in STAGES if s in trials_done]
     if len(done) == 1:
@@ -270,7 +250,7 @@ def search_section(
         return [f"{total:.4g}", f"{held_out:.4g}", *tasks]
 
     columns = ["model", "search fitness", "held-out fitness"]
-    columns += [_cell(f"{task} ({metric})") for task, metric in task_metrics.items()]
+    columns += [f"{quote.cell(task)} ({metric})" for task, metric in task_metrics.items()]
     parts = [
         "## Evolutionary search",
         f"An evolutionary search explored {SPACE_WHAT[space]}: "
@@ -284,14 +264,14 @@ def search_section(
                 _row(["---"] * len(columns)),
                 _row(["this merge", *scores(winner_search, winner_held_out, winner_scores)], True),
                 *(
-                    _row([_cell(b.label), *scores(b.search, b.held_out, b.scores)])
+                    _row([quote.cell(b.label), *scores(b.search, b.held_out, b.scores)])
                     for b in baselines
                 ),
             ]
         ),
         f"![fitness per trial]({plot})",
     ]
-    better = [b.label for b in baselines if b.search > winner_search]
+    better = [quote.text(b.label) for b in baselines if b.search > winner_search]
     if better:  # a source is not itself a point of the space searched
         parts.insert(
             3,
@@ -314,7 +294,7 @@ def search_section(
         )
         rows = [_row(["slot", "model", "layer", "scale"]), _row(["---"] * 4)]
         rows += [
-            _row([str(i), _cell(s.model), str(s.layer), f"{s.scale:.4g}"])
+            _row([str(i), quote.cell(s.model), str(s.layer), f"{s.scale:.4g}"])
             for i, s in enumerate(path)
         ]
         parts.append("\n".join(rows))
@@ -322,9 +302,9 @@ def search_section(
         parts.append(f"![layer path]({path_picture})")
     parts += [
         "### Search spec and recipes",
-        f"<details>\n<summary>Search spec</summary>\n\n{_yaml_block(spec_yaml)}\n\n</details>",
+        f"<details>\n<summary>Search spec</summary>\n\n{quote.code_block(spec_yaml, 'yaml')}\n\n</details>",
     ]
     for title, recipe in stage_recipes:
-        parts += [f"**{title}**", _yaml_block(recipe)]
-    parts.append(f"Reproduce: {_inline_code(command)}")
+        parts += [f"**{title}**", quote.code_block(recipe, "yaml")]
+    parts.append(f"Reproduce: {quote.code(command)}")
     return "\n\n".join(parts) + "\n"

@@ -30,6 +30,8 @@ from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, load_yaml
 
 SPACES = ("parameters", "layers", "both")
 TASK_KINDS = ("multiple_choice", "exact_match", "nll", "classification")
+TASK_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9])?")
+"""What a fitness task may be called: it heads a column of the card's table."""
 FOLDABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """Model types whose layer-path scales fold exactly into the weights (see docs/evolve.md)."""
 
@@ -131,6 +133,17 @@ class FitnessTask(_Strict):
     max_new_tokens: int = Field(default=16, gt=0, le=512)
     max_length: int = Field(default=256, gt=1)
     batch_size: int = Field(default=8, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        """A task's name heads a column of the card's fitness table and labels its scores:
+        it is held to an alphabet that no Markdown or HTML reads as markup."""
+        if value is not None and not TASK_NAME.fullmatch(value):
+            raise ValueError(
+                f"task name {excerpt(value)} must be 1 to 64 ASCII letters, digits, spaces, '_', '.' or '-', starting and ending with a letter or digit; rename the task"
+            )
+        return value
 
     def fields(self) -> list[tuple[str, str]]:
         """(option, field name) of each field the task reads from an example."""
