@@ -21,6 +21,7 @@ import torch
 
 from merge_engine import quote
 from merge_engine.errors import RecipeError, SourceError, excerpt
+from merge_engine.hub_failures import read_failed
 from merge_engine.recipe import CALIBRATION_SUFFIXES, Calibration, ModelReference, Recipe
 from merge_engine.sources import TOKENIZER_FILES, ModelSource, model_class
 
@@ -119,10 +120,7 @@ def _resolve_dataset(spec: Calibration, where: str, token: str | bool | None) ->
             f"dataset {dataset.path} has no revision {dataset.revision!r}; use a branch, tag or commit that exists"
         ) from None
     except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else "an error"
-        raise SourceError(
-            f"the Hub answered {status} while reading dataset {dataset.path}; try again later"
-        ) from None
+        raise SourceError(read_failed(error, f"dataset {dataset}")) from None
     files = [s.rfilename for s in info.siblings or []]
     if spec.file is not None:
         if spec.file not in files:
@@ -162,9 +160,8 @@ def fetch(
             cache_dir=cache_dir,
         )
     except Exception as error:  # noqa: BLE001  (network and Hub errors of any client version)
-        raise SourceError(
-            f"downloading {source.file} of dataset {source.spec.dataset.path}@{source.revision} failed ({type(error).__name__}); try again"
-        ) from None
+        what = f"{source.file} of dataset {source.spec.dataset.path}@{source.revision}"
+        raise SourceError(read_failed(error, what)) from None
     source.local_file = Path(path)
 
 

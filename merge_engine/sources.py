@@ -30,6 +30,7 @@ from merge_engine.formats.layouts import (
     pipeline_family,
     single_file_layout,
 )
+from merge_engine.hub_failures import read_failed
 from merge_engine.hub_names import check_repo_id, check_revision
 from merge_engine.io import (
     INDEX_NAME,
@@ -254,7 +255,6 @@ def _hub_errors(ref: ModelReference) -> Iterator[None]:
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
-        HfHubHTTPError,
         NotASafetensorsRepoError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
@@ -289,15 +289,8 @@ def _hub_errors(ref: ModelReference) -> Iterator[None]:
         raise SourceError(
             f"{ref.path} is a Hub model but HF_HUB_OFFLINE is set; unset it, or point the recipe at a local folder"
         ) from None
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else "an error"
-        raise SourceError(
-            f"the Hub answered {status} while reading {ref.path}; try again later"
-        ) from None
-    except Exception as error:  # noqa: BLE001  (the client's transport errors differ between versions)
-        raise SourceError(
-            f"could not reach the Hub to read {ref.path} ({type(error).__name__}); check the network or HF_ENDPOINT"
-        ) from None
+    except Exception as error:  # noqa: BLE001  (HTTP, transport and reading errors alike)
+        raise SourceError(read_failed(error, str(ref))) from None
 
 
 def _hub_infos(found: Any, ref: ModelReference, sha: str, file: str) -> dict[str, TensorInfo]:
@@ -409,9 +402,7 @@ def download(
             cache_dir=cache_dir,
         )
     except Exception as error:  # noqa: BLE001  (network and Hub errors of any client version)
-        raise SourceError(
-            f"downloading {source.ref.path}@{source.revision} failed ({type(error).__name__}); check the network and try again"
-        ) from None
+        raise SourceError(read_failed(error, f"{source.ref.path}@{source.revision}")) from None
     source.folder = Path(folder)
 
 

@@ -22,7 +22,8 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from merge_engine import preflight
 from merge_engine.card import build_card
-from merge_engine.errors import MergeError
+from merge_engine.errors import MergeError, excerpt
+from merge_engine.hub_failures import answered
 from merge_engine.plan import MergePlan
 from merge_engine.recipe import recipe_from_text
 from merge_engine.run import download_plan, resolve_device, write_merge
@@ -346,5 +347,5 @@ def describe_failure(
             return f"the Hub did not accept the token that pushes to {target} (401 Unauthorized); sign in again and submit the job again"
         if stage == "push" and status in (403, 404):
             return f"the Hub refused to let this job create or write {target} ({status}); push to a namespace you can write to"
-        return f"the Hub answered {status} during {stage}; submit the job again later"
-    return f"the job stopped at {stage} on an unexpected {type(error).__name__} ({error}); submit it again, and report it if it repeats"
+        return answered(status, f"what the job needs during {stage}")
+    return f"the job stopped at {stage} on an unexpected {type(error).__name__} ({excerpt(str(error), 200)}); submitting it again will not help: report it to the bot's operator with the job id"

@@ -18,10 +18,10 @@ from typing import TypeVar
 from huggingface_hub.errors import HfHubHTTPError
 
 from merge_engine.errors import MergeError
+from merge_engine.hub_failures import TRANSIENT_STATUS, is_unreachable
 from service.errors import HubUnavailable
 
 T = TypeVar("T")
-TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class HubOutage(MergeError):
@@ -68,10 +68,7 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, HfHubHTTPError):
         response = error.response
         return response is not None and response.status_code in TRANSIENT_STATUS
-    name = type(error).__name__
-    return (
-        isinstance(error, (ConnectionError, TimeoutError)) or "Timeout" in name or "Connect" in name
-    )
+    return is_unreachable(error)
 
 
 def _summary(error: BaseException) -> str:
