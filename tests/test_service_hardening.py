@@ -167,6 +167,39 @@ def test_names_the_hub_would_refuse_are_refused_at_submit(
     assert hub_requests(sandbox) == before
 
 
+LOCAL_DATA = "calibration: {path: /etc/mergebot/rows.txt}\n"
+"""A calibration block that ties never reads: the server path was published in the card."""
+
+
+@pytest.mark.parametrize(
+    ("recipe", "field"),
+    [
+        (ties_recipe("alice") + LOCAL_DATA, "calibration.path"),
+        (
+            ties_recipe("alice").replace("density: 0.5}\n", "density: 0.5}\n    " + LOCAL_DATA, 1),
+            "models[0].calibration.path",
+        ),
+        (ties_recipe("alice") + "vae: /srv/models/vae.safetensors\n", "vae"),
+        (ties_recipe("alice") + "tokenizer_source: /srv/models/tokenizer\n", "tokenizer_source"),
+        (ties_recipe("alice") + "align: {reference: /srv/models/base}\n", "align.reference"),
+    ],
+    ids=["calibration", "a-model's-calibration", "vae", "tokenizer_source", "align.reference"],
+)
+def test_every_local_path_is_refused_at_submit_used_or_not(bot, sandbox, recipe, field):
+    bot.call("GET", "/api/jobs", token=ALICE)
+    before = hub_requests(sandbox)
+    sentence = refused(bot.submit(recipe, "alice/local-path", ALICE), 400, field)
+    assert "on the server" in sentence or "not a Hub model" in sentence
+    assert hub_requests(sandbox) == before
+
+
+def test_a_revision_that_does_not_exist_says_so_and_not_try_again(bot):
+    recipe = ties_recipe("alice").replace("alice/math", "alice/math@refs/pr/9")
+    sentence = refused(bot.submit(recipe, "alice/no-revision", ALICE), 400)
+    assert "alice/math@refs/pr/9 (404)" in sentence and "does not exist" in sentence
+    assert "again" not in sentence
+
+
 def test_the_hub_is_asked_whose_a_token_is_once_and_a_slow_hub_stalls_nothing(bot, sandbox):
     status, job = bot.submit(ties_recipe("alice"), "alice/identity", ALICE, private=True)
     assert status == 202, job
