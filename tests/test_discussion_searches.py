@@ -5,10 +5,12 @@ discussion closed; a bad field gets one sentence naming it; cancel and retry act
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import SEARCH_TEXTS
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, hf_hub_download
+from rendered import HOSTILE, hostile_elements
 from service_env import BOT_TOKEN, job_commits, start_sandbox, start_serve, wait_until
 
 pytestmark = pytest.mark.slow  # real processes: a server with its worker, the sandbox hub
@@ -47,6 +49,10 @@ budget: {budget}
 
 def bob(bot) -> HfApi:
     return HfApi(endpoint=bot.sandbox.url, token=BOB)
+
+
+def bot_replies(bot, num: int) -> list[str]:
+    return [e.content for e in details(bot, num).events if e.author == "mergebot"]
 
 
 def open_discussion(bot, title: str, spec: str, target: str = "") -> int:
@@ -133,3 +139,47 @@ def test_cancel_and_retry_act_on_the_search_of_the_discussion(bot):
     bot.wait_done(job["id"])
     assert bot.job(job["id"])["status"] == "cancelled"
     assert details(bot, num).status == "open"
+
+
+def test_a_task_name_with_markup_is_refused_and_the_reply_shows_it_as_text(bot):
+    spec = search_spec().replace("  - kind: nll", f"  - kind: nll\n    name: {json.dumps(HOSTILE)}")
+    num = open_discussion(bot, "Search with a name", spec, target="named-search")
+    (reply,) = wait_until(lambda: bot_replies(bot, num), "the bot's reply")
+    assert "could not queue this search (field `fitness[0].name`)" in reply, reply
+    assert "letters, digits, spaces" in reply and "onerror=alert(1)" in reply
+    assert hostile_elements(reply) == [], reply
+    assert discussion_jobs(bot, num) == []
+
+
+def test_a_refused_recipe_is_quoted_as_code_in_the_reply(bot):
+    recipe = f"merge_method: {json.dumps(HOSTILE)}\nmodels: [{{model: alice/math}}]\n"
+    num = open_discussion(bot, "Merge with a method", recipe)
+    (reply,) = wait_until(lambda: bot_replies(bot, num), "the bot's reply")
+    assert "could not queue this merge" in reply and "onerror=alert(1)" in reply, reply
+    assert hostile_elements(reply) == [], reply
+
+
+def test_a_merge_whose_fields_carry_markup_publishes_them_as_code(bot, tmp_path):
+    """A calibration field name is free text (a dataset's column); it reaches the card's
+    calibration table and its recipe, in the bot's own namespace."""
+    field = f"x` {HOSTILE} `y"
+    recipe = f"""merge_method: fisher
+models: [{{model: alice/math}}, {{model: alice/code}}]
+calibration:
+  examples: {json.dumps(SEARCH_TEXTS)}
+  text_field: {json.dumps(field)}
+"""
+    num = open_discussion(bot, "Fisher merge", recipe, target="fields-as-code")
+    done = wait_until(lambda: bot_says(bot, num, "Done:") or bot_says(bot, num, "⚠"), "the end")
+    assert done[0].startswith("Done:"), done
+    readme = hf_hub_download(
+        "mergebot/fields-as-code",
+        "README.md",
+        endpoint=bot.sandbox.url,
+        token=BOT_TOKEN,
+        cache_dir=tmp_path,
+    )
+    card = Path(readme).read_text(encoding="utf-8")
+    assert card.count("onerror=alert(1)") >= 2, card  # the calibration table and the recipe
+    assert hostile_elements(card) == [], card
+    assert hostile_elements(done[0]) == [], done[0]

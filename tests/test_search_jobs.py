@@ -14,6 +14,7 @@ import pytest
 from conftest import SEARCH_TEXTS
 from huggingface_hub import HfApi, snapshot_download
 from postgres_server import postgres_url
+from rendered import HOSTILE
 from service_env import (
     MergebotProcess,
     job_commits,
@@ -132,6 +133,12 @@ def test_limits_and_server_paths_are_refused_before_a_search_starts(hub, tmp_pat
         )
         assert long["field"] == "budget.wall_time"
         assert "2 h of wall time, more than the 30 min" in long["error"]
+        named = search_spec().replace(
+            "- kind: nll", f"- name: {json.dumps(HOSTILE)}\n    kind: nll"
+        )
+        markup = refusal(named)
+        assert markup["field"] == "fitness[0].name", markup
+        assert "letters, digits, spaces, '_', '.' or '-'" in markup["error"]
         local = refusal(search_spec().replace("alice/code", str(tmp_path)))
         assert local["field"] == "models" and "not a Hub model" in local["error"]
         on_server = search_spec().split("fitness:")[0] + (
