@@ -5,6 +5,7 @@ running job and a finished job go to ``test-artifacts/screenshots``."""
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from browser_env import (
 )
 from huggingface_hub import HfApi
 from playwright.sync_api import expect
+from rendered import HOSTILE
 from safetensors.torch import load, save
 
 pytestmark = pytest.mark.slow
@@ -271,3 +273,24 @@ def test_a_bad_recipe_shows_its_error_by_the_field_and_submits_nothing(
     assert words in page.locator(error_at).inner_text()
     assert page.locator("#error-target").inner_text().strip() == ""
     assert jobs_count(space) == before
+
+
+def test_a_job_whose_recipe_carries_markup_shows_it_as_text(page, space):
+    """A calibration field name is free text; the job's card, as the page shows it, holds it
+    as text in the calibration table and the recipe, and no element is made from it."""
+    recipe = f"""merge_method: fisher
+models: [{{model: demo/math}}, {{model: demo/code}}]
+calibration:
+  examples: ["abc def", "the cat sat", "one two three"]
+  text_field: {json.dumps(f"x` {HOSTILE} `y")}
+"""
+    status, job = space.submit(recipe, "demo/fields-as-code", "tok-demo")
+    assert status == 202, job
+    assert space.wait_done(job["id"])["status"] == "succeeded"
+    set_value(page, "#job-id", job["id"])
+    expect_text(page, "#job-status", r"succeeded")
+    page.get_by_role("button", name=re.compile("^Model card")).click()
+    expect(page.locator("#job-card")).to_contain_text("onerror=alert(1)")
+    expect(page.locator("#job-card")).to_contain_text("Calibration data")
+    made = page.locator("img[src='x'], a[href*='evil.example'], a[href^='javascript:']")
+    assert made.count() == 0
