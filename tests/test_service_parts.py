@@ -12,6 +12,7 @@ from cryptography.fernet import Fernet
 from huggingface_hub.errors import HfHubHTTPError
 
 from merge_engine.errors import MergeError, RecipeError, SourceError
+from merge_engine.hub_failures import answered, read_failed
 from service.clock import sweep
 from service.intake import Identity, check_push_rights
 from service.job_store import Job
@@ -134,6 +135,19 @@ def test_failure_sentences_name_the_target_and_the_status():
     assert "403" in describe_failure(http_error(403), "push", "alice/m")
     assert describe_failure(RecipeError("bad density"), "pre-flight", "alice/m") == "bad density"
     assert "KeyError" in describe_failure(KeyError("x"), "merge", "alice/m")
+
+
+def test_failures_that_a_retry_cannot_fix_say_what_is_wrong_not_to_try_again():
+    for status in (400, 401, 403, 404):
+        assert "try again" not in answered(status, "alice/m@v9"), status
+    assert "alice/m@v9 (404)" in answered(404, "alice/m@v9")
+    assert "try again later" in answered(503, "alice/m")
+    assert "again later" not in describe_failure(http_error(404), "download", "alice/m")
+    damaged = read_failed(ValueError("header too large"), "alice/m@abc")
+    assert "ValueError" in damaged and "try again" not in damaged
+    assert "try again" in read_failed(httpx.ConnectError("refused"), "alice/m")
+    assert "disk" in read_failed(OSError(28, "No space left on device"), "alice/m")
+    assert "try again" not in describe_failure(KeyError("x"), "merge", "alice/m")
 
 
 def test_a_download_error_is_retried_when_the_hub_error_under_it_is_transient():
