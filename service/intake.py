@@ -105,7 +105,7 @@ def check_hub_only(document: Recipe | SearchSpec) -> None:
     for where, block, what in _data_blocks(document):
         if block is not None and block.path is not None:
             raise RecipeError(
-                f"is a file on the server; requests to the bot read {what} only from a Hub dataset or inline examples, even where nothing reads it; remove 'path'",
+                f"a file on the server cannot be read here, and is refused even where nothing would read it; put the {what} in a Hub dataset repo or inline 'examples'",
                 field=f"{where}.path",
             )
 
