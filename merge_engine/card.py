@@ -61,7 +61,7 @@ def parameter_rows(plan: MergePlan) -> list[dict[str, str]]:
             rows.append(
                 {
                     "name": param.name,
-                    "scope": f"{model}",
+                    "scope": quote.cell(model),
                     "value": _summary(values),
                     "default": _default(param),
                 }
@@ -177,6 +177,7 @@ def build_card(
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     install = install_instructions(endpoint)
     recipe = plan.recipe
+    shows_base = recipe.base_model is not None and plan.method.base != "unused"
     read = plan.read_models
     merged_from = [
         ref.path for ref in recipe.referenced_models() if ref in read and not ref.is_local
@@ -212,7 +213,7 @@ def build_card(
         version=mergebot_version(),
         install=install,
         method=plan.method,
-        base=recipe.base_model if plan.method.base != "unused" else None,
+        base=quote.text(recipe.base_model) if shows_base else None,
         seed=plan.seed,
         parameters=parameter_rows(plan),
         blocks=block_table(plan),
