@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from merge_engine import quote
 from merge_engine.evolve.report import Baseline, TrialRecord, duration
 from merge_engine.methods import all_methods, get_method
 from service.recipe_form import DEMO_MODELS, HUB_MODELS, ExampleModels, previous_document
@@ -372,7 +373,7 @@ def valid_sentence(checked: CheckedSpec) -> str:
     if checked.method is not None:
         what += f" ({checked.method.name})"
     tasks = "; ".join(
-        f"task {t.name}: {len(t.search)} search and {len(t.held_out)} held-out examples"
+        f"task {quote.text(t.name)}: {len(t.search)} search and {len(t.held_out)} held-out examples"
         for t in checked.tasks
     )
     pinned = ", ".join(
