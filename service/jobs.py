@@ -156,7 +156,11 @@ class JobService:
         check_search_limits(spec, self.settings.search_limits)
         with self._hub_scratch() as cache:
             checked = check_spec(
-                spec, token=identity.token or False, hub_only=True, cache_dir=cache
+                spec,
+                token=identity.token or False,
+                hub_only=True,
+                cache_dir=cache,
+                max_genes=self.settings.search_limits.max_genes,
             )
         revisions = {ref: s.revision for ref, s in checked.sources.items() if s.revision}
         checked = replace(checked, spec=with_revisions(spec, revisions))
