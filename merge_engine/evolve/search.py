@@ -9,6 +9,7 @@ uniform merge on both splits and write the winner with ``mergebot merge``'s own 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -436,6 +437,11 @@ class _Search:
     def _baseline(self, label: str, model: nn.Module) -> report.Baseline:
         search, _ = self.score(model, "search", self.halt)
         held_out, scores = self.score(model, "held_out", self.halt)
+        if not (math.isfinite(search) and math.isfinite(held_out)):
+            raise MergeError(
+                f"the {label} has fitness {search} on the search data and {held_out} on the held-out data: "
+                "it gives outputs that are not finite numbers on the tasks; check that model and the task data"
+            )
         return report.Baseline(label, search, held_out, scores)
 
     def _stored_baselines(self, study) -> list[report.Baseline]:

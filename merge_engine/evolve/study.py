@@ -336,6 +336,7 @@ class Stage:
         trials = completed(self.study)
         if not trials:
             raise MergeError(
-                f"the {self.name} search finished no trial within budget.wall_time; start a new search with more wall_time"
+                f"the {self.name} search finished no trial before it stopped (at budget.wall_time, or when asked to); "
+                "start a new search with more wall_time"
             )
         return max(trials, key=lambda t: (t.value, -t.number))
