@@ -351,7 +351,7 @@ class JobService:
 
     def cancel(self, job_id: str, identity: Identity, publish_best: bool = False) -> Job:
         """Ask a queued or running job to stop; the worker stops at its next checkpoint (a
-        tensor, in the merge; a trial, in a search). With ``publish_best`` a running search
+        tensor, in the merge; a tensor or batch of the running trial, in a search). With ``publish_best`` a running search
         instead publishes its best candidate so far. Only the requester — or the bot's own
         token — may cancel."""
         missing = f"there is no job {excerpt(job_id)}; check the id with `mergebot jobs`"

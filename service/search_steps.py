@@ -305,7 +305,7 @@ def help_searches(service, stopping: threading.Event) -> None:
 
 def join_search(service, job: Job, stopping: threading.Event) -> None:
     """Evaluate trials of ``job`` until its budget is spent, it stops searching, or this
-    worker is given a job of its own (then after the current trial)."""
+    worker is given a job of its own (then at once, abandoning its running trial)."""
     me = service.settings.worker_id
     folder = service.settings.work_dir / "helping" / job.id
     spec = search_spec(job)
