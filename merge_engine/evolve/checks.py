@@ -72,7 +72,9 @@ def check_spec(
     return CheckedSpec(spec, sources, method, layers, tasks)
 
 
-def _check_gene_count(count: GeneCount, stage: str, field: str, fix: str, limit: int | None):
+def _check_gene_count(
+    count: GeneCount, stage: str, field: str, fix: str, limit: int | None
+) -> None:
     if limit is not None and count.total > limit:
         raise RecipeError(
             f"the {stage} has {count.total:,} genes ({count.factors}), more than the {limit:,} allowed; {fix}",
