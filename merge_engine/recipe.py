@@ -10,7 +10,6 @@ by :mod:`merge_engine.plan`, not here: this module only knows the shape of the Y
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -21,7 +20,7 @@ from pydantic_core import core_schema
 
 from merge_engine.errors import RecipeError, excerpt
 from merge_engine.hub_names import check_repo_id, check_revision
-from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, load_yaml
+from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, check_examples, load_yaml
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -475,6 +474,12 @@ def _sentence(error: dict[str, Any], path: str, document: str, blocks: tuple[str
         bound = "greater than" if error["type"] == "greater_than" else "at least"
         limit = error["ctx"].get("gt", error["ctx"].get("ge"))
         return f"must be {bound} {limit}, got {excerpt(error.get('input'))}"
+    if error["type"] in ("less_than", "less_than_equal"):
+        bound = "less than" if error["type"] == "less_than" else "at most"
+        limit = error["ctx"].get("lt", error["ctx"].get("le"))
+        return f"must be {bound} {limit}, got {excerpt(error.get('input'))}"
+    if error["type"] == "finite_number":
+        return f"must be a finite number, got {excerpt(error.get('input'))}; write a number"
     return message
 
 
@@ -534,23 +539,8 @@ def _check_examples(recipe: Recipe, limits: RecipeLimits) -> None:
         (f"models[{i}].calibration", m.calibration) for i, m in enumerate(recipe.models or ())
     ]
     for where, block in blocks:
-        examples = block.examples if block else None
-        if not examples:
-            continue
-        if len(examples) > limits.max_examples:
-            raise RecipeError(
-                f"has {len(examples):,} inline examples, more than the {limits.max_examples:,} "
-                "allowed; put the data in a Hub dataset repo and name it in 'dataset'",
-                field=f"{where}.examples",
-            )
-        for index, example in enumerate(examples):
-            length = len(example if isinstance(example, str) else json.dumps(example, default=str))
-            if length > limits.max_example_chars:
-                raise RecipeError(
-                    f"is {length:,} characters long, more than the {limits.max_example_chars:,} "
-                    "allowed for one example; shorten it",
-                    field=f"{where}.examples[{index}]",
-                )
+        if block and block.examples:
+            check_examples(block.examples, where, limits)
 
 
 def _check_names(value: Any, where: str, limit: int) -> None:

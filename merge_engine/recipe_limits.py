@@ -9,6 +9,7 @@ expand to billions of values: "billion laughs"). Only the safe loader is ever us
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -72,6 +73,25 @@ def load_yaml(text: str, limits: RecipeLimits = DEFAULT_LIMITS) -> Any:
         raise RecipeError(
             "the recipe holds a number or date YAML cannot read; fix it, or quote it if it is text"
         ) from None
+
+
+def check_examples(examples: list, where: str, limits: RecipeLimits) -> None:
+    """The inline ``examples`` of the data block at ``where`` (a calibration block, a search
+    task's data) within the count and the characters per example that ``limits`` allow."""
+    if len(examples) > limits.max_examples:
+        raise RecipeError(
+            f"has {len(examples):,} inline examples, more than the {limits.max_examples:,} "
+            "allowed; put the data in a Hub dataset repo and name it in 'dataset'",
+            field=f"{where}.examples",
+        )
+    for index, example in enumerate(examples):
+        length = len(example if isinstance(example, str) else json.dumps(example, default=str))
+        if length > limits.max_example_chars:
+            raise RecipeError(
+                f"is {length:,} characters long, more than the {limits.max_example_chars:,} "
+                "allowed for one example; shorten it",
+                field=f"{where}.examples[{index}]",
+            )
 
 
 def _too_deep(limit: int) -> RecipeError:

@@ -84,6 +84,11 @@ class SearchLimits:
     """Wall time of one search; also the wall time of a spec that gives none."""
     daily_trials: int = 1000
     daily_hours: float = 24.0
+    max_genes: int = 512
+    """Genes of one stage: CMA-ES's work per trial grows with the cube of it (512 genes cost
+    a few seconds of sampling per trial; 4,816 cost minutes)."""
+    max_tasks: int = 16
+    """Fitness tasks of one search: every trial scores every task."""
 
 
 SEARCH_KEYS = ("space", "fitness", "budget")
@@ -215,6 +220,12 @@ def with_wall_time(spec: SearchSpec, limits: SearchLimits) -> SearchSpec:
 
 def check_search_limits(spec: SearchSpec, limits: SearchLimits) -> None:
     """A search's own budget within this bot's limits per search, from the spec alone."""
+    tasks = len(spec.fitness)
+    if tasks > limits.max_tasks:
+        raise RecipeError(
+            f"the search has {tasks:,} fitness tasks, more than the {limits.max_tasks} this bot scores per trial; merge tasks or drop some",
+            field="fitness",
+        )
     trials = spec.total_trials()
     if trials > limits.max_trials:
         raise RecipeError(

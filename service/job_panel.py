@@ -34,7 +34,7 @@ def job_sentence(job: Job) -> str:
         "cancelled": "was cancelled",
     }.get(job.status, f"is {job.status}")
     if job.finish_early and job.status == "running":
-        verb = "is stopping after its current trial to publish the best so far"
+        verb = "is stopping to publish the best so far"
     return f"Job {job.id} {verb}."
 
 

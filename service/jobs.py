@@ -156,7 +156,11 @@ class JobService:
         check_search_limits(spec, self.settings.search_limits)
         with self._hub_scratch() as cache:
             checked = check_spec(
-                spec, token=identity.token or False, hub_only=True, cache_dir=cache
+                spec,
+                token=identity.token or False,
+                hub_only=True,
+                cache_dir=cache,
+                max_genes=self.settings.search_limits.max_genes,
             )
         revisions = {ref: s.revision for ref, s in checked.sources.items() if s.revision}
         checked = replace(checked, spec=with_revisions(spec, revisions))
@@ -347,7 +351,7 @@ class JobService:
 
     def cancel(self, job_id: str, identity: Identity, publish_best: bool = False) -> Job:
         """Ask a queued or running job to stop; the worker stops at its next checkpoint (a
-        tensor, in the merge; a trial, in a search). With ``publish_best`` a running search
+        tensor, in the merge; a tensor or batch of the running trial, in a search). With ``publish_best`` a running search
         instead publishes its best candidate so far. Only the requester — or the bot's own
         token — may cancel."""
         missing = f"there is no job {excerpt(job_id)}; check the id with `mergebot jobs`"

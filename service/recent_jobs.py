@@ -53,7 +53,8 @@ class RecentJobs:
         """Read ``job_id`` from the database now and keep it for ``seconds``."""
         job = self.read(job_id)
         data = self.render(job) if job else None
-        view = JobView(job, data, json.dumps(data).encode()) if job else None
+        # NaN is not JSON: a render that lets one through fails here, not in a client
+        view = JobView(job, data, json.dumps(data, allow_nan=False).encode()) if job else None
         with self._lock:
             self._views[job_id] = (time.monotonic() + self.seconds, view)
             self._views.move_to_end(job_id)

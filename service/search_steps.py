@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from dbos import DBOS
@@ -102,21 +104,35 @@ def search_status(service, job: Job) -> dict:
     if starts and spec.budget.wall_time and job.status == "running":
         left = max(0.0, spec.budget.wall_time - (time.time() - min(starts)))
     baselines = studies[0].attributes.get(BASELINES, []) if studies else []
-    return {
-        "job": job.summary_json(),
-        "baselines": [
-            {"model": b["label"], "search": b["search"], "held_out": b["held_out"]}
-            for b in baselines
-        ],
-        "budget": spec.total_trials(),
-        "done": len(records),
-        "best": None
-        if best is None
-        else {"fitness": best.fitness, "stage": best.stage, "params": best.params},
-        "seconds_left": left,
-        "outcome": job.outcome,
-        "trials": trials,
-    }
+    return finite_json(
+        {
+            "job": job.summary_json(),
+            "baselines": [
+                {"model": b["label"], "search": b["search"], "held_out": b["held_out"]}
+                for b in baselines
+            ],
+            "budget": spec.total_trials(),
+            "done": len(records),
+            "best": None
+            if best is None
+            else {"fitness": best.fitness, "stage": best.stage, "params": best.params},
+            "seconds_left": left,
+            "outcome": job.outcome,
+            "trials": trials,
+        }
+    )
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float made None: JSON has no NaN, and the API
+    encodes with ``allow_nan=False``, so a non-finite number is null, never invalid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
 
 
 # --- the steps -----------------------------------------------------------------------------
@@ -160,7 +176,7 @@ def search_step(job_id: str) -> None:
         study_name=study_names(job).prefix,
         worker=service.settings.worker_id,
         started=search_started(service, job),
-        stop=lambda: _finish_early(service, job_id),
+        stop=lambda: _stop_asked(service, job_id, pipeline.JobCancelled),
         card_details={
             "job_id": job.id,
             "credit": pipeline.credit(job),
@@ -185,11 +201,17 @@ def outcome_of(result: SearchResult) -> dict:
         {"model": b.label, "search": b.search, "held_out": b.held_out} for b in result.baselines
     ]
     trials = len(result.records)
-    return {"rows": rows, "trials": trials, "logit_difference": result.logit_difference}
+    return finite_json(
+        {"rows": rows, "trials": trials, "logit_difference": result.logit_difference}
+    )
 
 
-def _finish_early(service, job_id: str) -> bool:
+def _stop_asked(service, job_id: str, cancelled: type[Exception]) -> bool:
+    """Asked between trials and within one (every half second): whether the requester wants
+    the best so far now; a cancel raises ``cancelled``, which abandons the running trial."""
     job = service.store.get(job_id)
+    if job is not None and job.cancel_requested:
+        raise cancelled()
     return job is None or job.finish_early
 
 
@@ -283,7 +305,7 @@ def help_searches(service, stopping: threading.Event) -> None:
 
 def join_search(service, job: Job, stopping: threading.Event) -> None:
     """Evaluate trials of ``job`` until its budget is spent, it stops searching, or this
-    worker is given a job of its own (then after the current trial)."""
+    worker is given a job of its own (then at once, abandoning its running trial)."""
     me = service.settings.worker_id
     folder = service.settings.work_dir / "helping" / job.id
     spec = search_spec(job)

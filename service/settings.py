@@ -18,6 +18,7 @@
 | `MERGEBOT_DISCUSSION_DAILY` | merge and search requests per discussion author per day | 5 |
 | `MERGEBOT_ALLOW_NAMESPACES`, `MERGEBOT_DENY_NAMESPACES` | comma lists: namespaces a discussion request may (not) read from | any / none |
 | `MERGEBOT_MAX_SEARCH_TRIALS`, `MERGEBOT_MAX_SEARCH_HOURS` | trials (all stages) and wall time of one evolutionary search; a spec without `wall_time` gets the latter | 300, 6 |
+| `MERGEBOT_MAX_SEARCH_GENES`, `MERGEBOT_MAX_SEARCH_TASKS` | genes of one stage of a search (counted from the spec and the sources' headers) and fitness tasks of one search | 512, 16 |
 | `MERGEBOT_SEARCH_TRIALS_DAILY`, `MERGEBOT_SEARCH_HOURS_DAILY` | trials and wall time of all searches one requester asks for in 24 hours (an ended search counts the time it took) | 1000, 24 |
 | `MERGEBOT_MAX_QUEUED_ANONYMOUS` | queued jobs of all requests without sign-in together | 1 |
 | `MERGEBOT_MAX_BODY_KB` | size of one HTTP request body (413 above it) | 1024 |
@@ -105,6 +106,8 @@ class Settings:
                     _number(env, "MERGEBOT_SEARCH_TRIALS_DAILY", SearchLimits.daily_trials)
                 ),
                 daily_hours=_number(env, "MERGEBOT_SEARCH_HOURS_DAILY", SearchLimits.daily_hours),
+                max_genes=int(_number(env, "MERGEBOT_MAX_SEARCH_GENES", SearchLimits.max_genes)),
+                max_tasks=int(_number(env, "MERGEBOT_MAX_SEARCH_TASKS", SearchLimits.max_tasks)),
             ),
             max_queued_per_requester=int(_number(env, "MERGEBOT_MAX_QUEUED", 3)),
             max_queued_anonymous=int(_number(env, "MERGEBOT_MAX_QUEUED_ANONYMOUS", 1)),

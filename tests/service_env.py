@@ -127,6 +127,16 @@ def service_env(hub_url: str, work_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def strict_json(body: bytes) -> Any:
+    """JSON as the standard says: NaN and Infinity, which Python writes and reads by default,
+    are not JSON, and a client in another language fails on them."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"the server answered {constant}, which is not JSON")
+
+    return json.loads(body, parse_constant=refuse)
+
+
 class Api:
     """The JSON API of a ``mergebot serve`` on ``port``."""
 
@@ -146,9 +156,9 @@ class Api:
             request.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
+                return response.status, strict_json(response.read())
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"null")
+            return error.code, strict_json(error.read() or b"null")
 
     def ready(self) -> bool:
         try:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,125 @@ def test_two_postgres_workers_share_a_search_that_survives_a_killed_worker(hub, 
     assert len({json.dumps(t["params"], sort_keys=True) for t in final}) == budget  # none twice
     assert {t["worker"] for t in final} == set(workers)
     assert len(job_commits(hub.url, "alice/shared-search", ALICE, job["id"])) == 1
+
+
+def test_a_search_too_big_for_its_budget_is_refused_at_submit_naming_the_cap(
+    hub, scored_family, tmp_path
+):
+    from safetensors import safe_open
+
+    with safe_open(scored_family[0] / "model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+    # 300 distinct filters that each match a tensor: beginnings of the tensor names
+    filters = ", ".join(sorted({n[:k] for n in names for k in range(8, len(n) + 1)})[:300])
+    process, bot = start_serve(hub.url, tmp_path / "work", "--no-worker")
+
+    def refusal(spec: str) -> dict:
+        status, body = bot.call(
+            "POST", "/api/searches", {"spec": spec, "target": "alice/big"}, ALICE
+        )
+        assert status == 400, body
+        return body
+
+    try:
+        genes = refusal(search_spec(extra=f"parameters: {{filters: [{filters}]}}"))
+        assert genes["field"] == "parameters.filters"
+        assert "has 4,816 genes" in genes["error"] and "more than the 512 allowed" in genes["error"]
+        population = refusal(search_spec().replace("population: 4", "population: 1000000000"))
+        assert population["field"] == "budget.population"
+        assert "must be at most 1000" in population["error"]
+        many = search_spec().replace(
+            "fitness:\n",
+            "fitness:\n"
+            + "".join(
+                f"  - {{kind: nll, name: t{i}, data: {{examples: [abc, def]}}}}\n"
+                for i in range(3000)
+            ),
+        )
+        tasks = refusal(many)
+        assert tasks["field"] == "fitness"
+        assert "3,001 fitness tasks, more than the 16 this bot scores per trial" in tasks["error"]
+        long = refusal(search_spec(examples=["x" * 8193, *SEARCH_TEXTS]))
+        assert long["field"] == "fitness[0].data.examples[0]"
+        assert "8,193 characters long, more than the 8,192 allowed" in long["error"]
+        for extra, field in [
+            ("seed: 4294967296", "seed"),
+            ("parameters: {search: {weight: [0, .nan]}}", "parameters.search.weight[1]"),
+        ]:
+            assert refusal(search_spec(extra=extra))["field"] == field
+        weight = refusal(search_spec().replace("kind: nll", "kind: nll\n    weight: .inf"))
+        assert weight["field"] == "fitness[0].weight" and "finite" in weight["error"]
+    finally:
+        process.stop()
+
+
+def test_a_cancel_stops_a_slow_trial_within_seconds(hub, tmp_path):
+    rows = tmp_path / "long.jsonl"
+    text = ((" ".join(SEARCH_TEXTS) + " ") * 64)[:1024]
+    rows.write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(1200)))
+    api = HfApi(endpoint=hub.url, token=ALICE)
+    api.create_repo("alice/long-texts", repo_type="dataset", exist_ok=True)
+    api.upload_file(
+        path_or_fileobj=rows,
+        path_in_repo="rows.jsonl",
+        repo_id="alice/long-texts",
+        repo_type="dataset",
+    )
+    # 1,200 texts of 1,024 tokens, one per batch: a trial's scoring takes about a minute
+    spec = f"""space: parameters
+models: [{{model: alice/math}}]
+base_model: alice/base
+fitness:
+  - kind: nll
+    max_length: 1024
+    batch_size: 1
+    data: {{dataset: alice/long-texts}}
+    held_out: {{examples: {json.dumps(SEARCH_TEXTS)}}}
+budget: {{trials: 8, population: 4}}
+"""
+    process, bot = start_serve(hub.url, tmp_path / "work", OMP_NUM_THREADS="1")
+    try:
+        status, job = bot.call(
+            "POST", "/api/searches", {"spec": spec, "target": "alice/slow"}, ALICE
+        )
+        assert status == 202, job
+
+        def status_of() -> dict:
+            return bot.call("GET", f"/api/searches/{job['id']}", token=ALICE)[1]
+
+        # the source is scored (as long as a trial's scoring), then trial 0 starts at once
+        wait_until(lambda: status_of()["baselines"], "the source's baseline", 300)
+        assert status_of()["done"] == 0
+        asked = time.monotonic()
+        assert bot.call("POST", f"/api/jobs/{job['id']}/cancel", token=ALICE)[0] == 200
+        done = bot.wait_done(job["id"], deadline=60)
+        waited = time.monotonic() - asked
+        assert done["status"] == "cancelled", done
+        assert waited < 15, f"the trial went on for {waited:.0f} s after the cancel"
+        assert status_of()["done"] == 0
+    finally:
+        process.stop()
+    assert not HfApi(endpoint=hub.url, token=ALICE).repo_exists("alice/slow")
+
+
+def test_a_non_finite_fitness_fails_the_search_at_once_and_the_status_stays_json(hub, tmp_path):
+    # float16 weights overflow for task-vector weights far from 1: the logits are not finite
+    spec = search_spec(
+        trials=200,
+        extra="parameters: {method: task_arithmetic, search: {weight: [-100000, 100000]}, dtype: float16}",
+    )
+    process, bot = start_serve(hub.url, tmp_path / "work")
+    try:
+        status, job = bot.call(
+            "POST", "/api/searches", {"spec": spec, "target": "alice/nan"}, ALICE
+        )
+        assert status == 202, job
+        done = bot.wait_done(job["id"])
+        # Api.call reads JSON strictly: a NaN or Infinity in the body fails the test
+        status, view = bot.call("GET", f"/api/searches/{job['id']}", token=ALICE)
+    finally:
+        process.stop()
+    assert done["status"] == "failed", done
+    assert "of the parameters search has fitness nan (task nll scored nan)" in done["error"]
+    assert "narrow the searched bounds" in done["error"]
+    assert status == 200 and view["done"] < 10, "failed at the first non-finite fitness"

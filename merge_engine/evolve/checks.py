@@ -9,7 +9,15 @@ from pathlib import Path
 from merge_engine.errors import IncompatibleModelsError, RecipeError
 from merge_engine.evolve.candidates import folded_recipe
 from merge_engine.evolve.fitness import TaskRows, read_tasks
-from merge_engine.evolve.genome import LayerGenes, ParameterGenes, centre, default_search
+from merge_engine.evolve.genome import (
+    GeneCount,
+    LayerGenes,
+    ParameterGenes,
+    centre,
+    default_search,
+    layer_gene_count,
+    parameter_gene_count,
+)
 from merge_engine.evolve.spec import FOLDABLE_FAMILIES, SearchSpec
 from merge_engine.formats.layouts import TRANSFORMERS
 from merge_engine.methods import MergeMethod, get_method
@@ -34,21 +42,24 @@ def check_spec(
     hub_only: bool = False,
     cache_dir: Path | None = None,
     own_fitness: bool = False,
+    max_genes: int | None = None,
 ) -> CheckedSpec:
     """Everything that can be checked without weights; ``own_fitness``: the caller scores the
-    candidates itself, so the spec needs no tasks."""
+    candidates itself, so the spec needs no tasks; ``max_genes``: the most genes one stage may
+    search (CMA-ES's work per trial grows with the cube of it), counted from the headers
+    before any gene is made."""
     sources = inspect_recipe_models(
         spec.referenced_models(), token, hub_only=hub_only, cache_dir=cache_dir
     )
     refs = spec.sources()
     layers = [sources[ref].num_layers or 0 for ref in refs]
     method = (
-        _check_parameters(spec, sources, layers[0])
+        _check_parameters(spec, sources, layers[0], max_genes)
         if spec.parameters and spec.space != "layers"
         else None
     )
     if spec.space in ("layers", "both"):
-        _check_layer_path(spec, sources, layers)
+        _check_layer_path(spec, sources, layers, max_genes)
     if not spec.fitness and not own_fitness:
         raise RecipeError("is required; list at least one task with its data", field="fitness")
     _check_loadable(spec, sources)
@@ -61,8 +72,21 @@ def check_spec(
     return CheckedSpec(spec, sources, method, layers, tasks)
 
 
+def _check_gene_count(
+    count: GeneCount, stage: str, field: str, fix: str, limit: int | None
+) -> None:
+    if limit is not None and count.total > limit:
+        raise RecipeError(
+            f"the {stage} has {count.total:,} genes ({count.factors}), more than the {limit:,} allowed; {fix}",
+            field=field,
+        )
+
+
 def _check_parameters(
-    spec: SearchSpec, sources: dict[ModelReference, ModelSource], num_layers: int
+    spec: SearchSpec,
+    sources: dict[ModelReference, ModelSource],
+    num_layers: int,
+    max_genes: int | None,
 ) -> MergeMethod:
     genome = spec.parameters
     try:
@@ -98,6 +122,14 @@ def _check_parameters(
                     f"bound {bound:g} is outside {name}'s range {per_model[name].bounds_text()}; keep both bounds inside it",
                     field=where,
                 ) from None
+    searched = len(genome.search or default_search(method))
+    _check_gene_count(
+        parameter_gene_count(genome, searched, len(spec.sources()), num_layers),
+        "parameter search",
+        "parameters.filters" if genome.filters else "parameters.layers_per_value",
+        "use fewer filters, a larger layers_per_value or fewer parameters in search",
+        max_genes,
+    )
     names = sources[spec.sources()[0]].tensors
     for i, name in enumerate(genome.filters):
         if not any(name in tensor for tensor in names):
@@ -111,7 +143,10 @@ def _check_parameters(
 
 
 def _check_layer_path(
-    spec: SearchSpec, sources: dict[ModelReference, ModelSource], layers: list[int]
+    spec: SearchSpec,
+    sources: dict[ModelReference, ModelSource],
+    layers: list[int],
+    max_genes: int | None,
 ) -> None:
     for i, ref in enumerate(spec.sources()):
         family = sources[ref].config.get("model_type")
@@ -130,6 +165,15 @@ def _check_layer_path(
             "some sources tie their output head to the input embedding and some do not; a layer path "
             "takes the embeddings of its first model and the head of its last, so use sources that agree"
         )
+    # with space: both, the parameter stage's winner joins the sources (as deep as the first)
+    searched = [layers[0], *layers] if spec.space == "both" else layers
+    _check_gene_count(
+        layer_gene_count(spec.layers, searched),
+        "layer path",
+        "layers.scaling" if spec.layers.scaling else "layers.repeats",
+        "turn scaling off, lower repeats, or search fewer or shallower models",
+        max_genes,
+    )
     genes = LayerGenes(spec.layers, layers)
     every_layer = [(ref, 1.0) for ref in genes.layers]
     build_plan(folded_recipe(every_layer, spec.sources()), sources)  # one shape for all

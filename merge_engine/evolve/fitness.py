@@ -25,6 +25,7 @@ import torch
 from merge_engine import calibration
 from merge_engine.errors import RecipeError, excerpt
 from merge_engine.evolve.spec import FitnessTask, TaskData
+from merge_engine.evolve.stopping import never_stop
 
 SPLITS = ("search", "held_out")
 METRICS = {
@@ -35,6 +36,8 @@ METRICS = {
 }
 
 Row = dict[str, Any]
+StopCheckFunction = Callable[[], None]
+"""Called before each forward pass; raises to abandon the evaluation."""
 
 
 @dataclass
@@ -228,16 +231,23 @@ def evaluate(
     tasks: list[TaskRows],
     split: str,
     device: torch.device,
+    check: StopCheckFunction = never_stop,
 ) -> Fitness:
-    """Every task's score on ``split`` and their weighted mean."""
-    scores = tuple(evaluate_task(model, tokenizer, rows, split, device) for rows in tasks)
+    """Every task's score on ``split`` and their weighted mean; ``check()`` is called before
+    every forward pass, and may raise to abandon the evaluation."""
+    scores = tuple(evaluate_task(model, tokenizer, rows, split, device, check) for rows in tasks)
     weights = [rows.task.weight for rows in tasks]
     total = sum(w * s.fitness for w, s in zip(weights, scores, strict=True)) / sum(weights)
     return Fitness(total, scores)
 
 
 def evaluate_task(
-    model: torch.nn.Module, tokenizer: Any, rows: TaskRows, split: str, device: torch.device
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: TaskRows,
+    split: str,
+    device: torch.device,
+    check: StopCheckFunction = never_stop,
 ) -> Score:
     """One task's score on ``split`` ("search" or "held_out"); the model is already on
     ``device``, and is left in the training mode it was in."""
@@ -245,7 +255,7 @@ def evaluate_task(
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     examples = rows.search if split == "search" else rows.held_out
     with torch.no_grad(), _evaluating(model):
-        value = _EVALUATORS[rows.task.kind](model, tokenizer, rows, examples, device)
+        value = _EVALUATORS[rows.task.kind](model, tokenizer, rows, examples, device, check)
     metric = METRICS[rows.task.kind]
     return Score(rows.name, metric, value, -value if metric == "nll" else value)
 
@@ -261,7 +271,12 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _multiple_choice(
-    model: torch.nn.Module, tokenizer: Any, rows: TaskRows, examples: list[Row], device: Any
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: TaskRows,
+    examples: list[Row],
+    device: Any,
+    check: StopCheckFunction,
 ) -> float:
     """Accuracy; a choice's score is the sum of its tokens' log-probabilities after the
     prompt. Too long a pair loses the start of the prompt, never the choice."""
@@ -274,7 +289,7 @@ def _multiple_choice(
             pairs.append((i, prompt[-(task.max_length - len(ids)) :] + ids, len(ids)))
     scores: list[list[float]] = [[] for _ in examples]
     pad = _pad_id(tokenizer)
-    for chunk in _chunks(pairs, task.batch_size):
+    for chunk in _chunks(pairs, task.batch_size, check):
         logprobs = _token_logprobs(model, [ids for _, ids, _ in chunk], pad, device)
         for (i, _, count), logprob in zip(chunk, logprobs, strict=True):
             scores[i].append(logprob[-count:].sum().item())
@@ -286,7 +301,12 @@ def _multiple_choice(
 
 
 def _exact_match(
-    model: torch.nn.Module, tokenizer: Any, rows: TaskRows, examples: list[Row], device: Any
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: TaskRows,
+    examples: list[Row],
+    device: Any,
+    check: StopCheckFunction,
 ) -> float:
     """Share of greedy outputs equal to the answer (both stripped); a long prompt keeps its
     end, where generation continues."""
@@ -297,8 +317,10 @@ def _exact_match(
     ]
     pad = _pad_id(tokenizer)
     outputs: list[list[int]] = []
-    for chunk in _chunks(prompts, task.batch_size):
-        outputs += _greedy(model, chunk, task.max_new_tokens, tokenizer.eos_token_id, pad, device)
+    for chunk in _chunks(prompts, task.batch_size, check):
+        outputs += _greedy(
+            model, chunk, task.max_new_tokens, tokenizer.eos_token_id, pad, device, check
+        )
     correct = sum(
         tokenizer.decode(new, skip_special_tokens=True).strip() == row[task.answer_field].strip()
         for new, row in zip(outputs, examples, strict=True)
@@ -307,7 +329,12 @@ def _exact_match(
 
 
 def _nll(
-    model: torch.nn.Module, tokenizer: Any, rows: TaskRows, examples: list[Row], device: Any
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: TaskRows,
+    examples: list[Row],
+    device: Any,
+    check: StopCheckFunction,
 ) -> float:
     """Mean negative log-likelihood per predicted token, over all texts (the first
     ``max_length`` tokens of each)."""
@@ -318,7 +345,7 @@ def _nll(
     ]
     pad = _pad_id(tokenizer)
     total, count = 0.0, 0
-    for chunk in _chunks(texts, task.batch_size):
+    for chunk in _chunks(texts, task.batch_size, check):
         for logprob in _token_logprobs(model, chunk, pad, device):
             total -= logprob.sum().item()
             count += logprob.numel()
@@ -331,7 +358,12 @@ def _nll(
 
 
 def _classification(
-    model: torch.nn.Module, tokenizer: Any, rows: TaskRows, examples: list[Row], device: Any
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: TaskRows,
+    examples: list[Row],
+    device: Any,
+    check: StopCheckFunction,
 ) -> float:
     """Accuracy of a sequence classifier's argmax; label names map through the model's
     ``config.label2id``."""
@@ -355,7 +387,7 @@ def _classification(
     try:
         if config is not None and not own_pad:
             config.pad_token_id = pad
-        for chunk in _chunks(texts, task.batch_size):
+        for chunk in _chunks(texts, task.batch_size, check):
             ids, mask = _batch(chunk, pad, device)
             predicted += model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
     finally:
@@ -364,7 +396,9 @@ def _classification(
     return sum(p == label for p, label in zip(predicted, labels, strict=True)) / len(examples)
 
 
-_EVALUATORS: dict[str, Callable[[torch.nn.Module, Any, TaskRows, list[Row], Any], float]] = {
+_EVALUATORS: dict[
+    str, Callable[[torch.nn.Module, Any, TaskRows, list[Row], Any, StopCheckFunction], float]
+] = {
     "multiple_choice": _multiple_choice,
     "exact_match": _exact_match,
     "nll": _nll,
@@ -409,8 +443,10 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def _chunks(items: list, size: int, check: StopCheckFunction) -> Iterator[list]:
+    """Batches of ``size``, asking ``check()`` before each."""
     for start in range(0, len(items), size):
+        check()
         yield items[start : start + size]
 
 
@@ -442,6 +478,7 @@ def _greedy(
     eos: int | None,
     pad: int,
     device: Any,
+    check: StopCheckFunction,
 ) -> list[list[int]]:
     """Each prompt's new tokens, greedily, until eos or ``max_new_tokens``. One full forward
     per step, without a cache: the model may be a layer path with no ``generate``."""
@@ -451,6 +488,7 @@ def _greedy(
     for _ in range(max_new_tokens):
         if not running:
             break
+        check()
         ids, mask = _batch([sequences[i] for i in running], pad, device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
         last = mask.sum(-1) - 1  # each sequence's last real position

@@ -40,6 +40,38 @@ def centre(genes: list[Gene]) -> dict[str, float]:
     return {g.name: (g.low + g.high) / 2 for g in genes}
 
 
+@dataclass(frozen=True)
+class GeneCount:
+    """How many genes a stage's genome has, and the factors that make it (for the sentence
+    that refuses too many): counted from the spec and the headers, before any gene exists."""
+
+    total: int
+    factors: str
+
+
+def parameter_gene_count(
+    genome: ParameterGenome, searched: int, models: int, num_layers: int
+) -> GeneCount:
+    """The genes :class:`ParameterGenes` makes: one per (searched parameter, model, filter
+    group, layer group)."""
+    groups = max(1, math.ceil(num_layers / genome.layers_per_value))
+    filters = len(genome.filters) + 1 if genome.filters else 1
+    factors = (
+        f"{searched} parameters x {models} models x {filters} filter groups x {groups} layer groups"
+    )
+    return GeneCount(searched * models * filters * groups, factors)
+
+
+def layer_gene_count(genome: LayerGenome, layers_per_model: list[int]) -> GeneCount:
+    """The genes :class:`LayerGenes` makes: one indicator per slot and, with scaling, one
+    scale per (layer, layer) pair."""
+    count = sum(layers_per_model)
+    slots = genome.repeats * count
+    scales = count * count if genome.scaling else 0
+    factors = f"{slots:,} slots" + (f" + {scales:,} scales" if scales else "")
+    return GeneCount(slots + scales, factors)
+
+
 class ParameterGenes:
     """Per-model parameters of ``method``, one value per (model, parameter, filter, layer group)."""
 

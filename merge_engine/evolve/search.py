@@ -9,6 +9,7 @@ uniform merge on both splits and write the winner with ``mergebot merge``'s own 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -39,6 +40,7 @@ from merge_engine.evolve.checks import CheckedSpec, check_spec
 from merge_engine.evolve.fitness import evaluate
 from merge_engine.evolve.genome import Gene, LayerGenes, ParameterGenes, centre, path_slots
 from merge_engine.evolve.spec import ParameterGenome, SearchSpec
+from merge_engine.evolve.stopping import StopCheck, never_stop
 from merge_engine.evolve.study import (
     Outcome,
     Stage,
@@ -87,11 +89,13 @@ class _Scorer:
     ):
         self.checked, self.tokenizer, self.device, self.own = checked, tokenizer, device, own
 
-    def __call__(self, model: nn.Module, split: str) -> tuple[float, dict[str, float]]:
+    def __call__(
+        self, model: nn.Module, split: str, check: Callable[[], None] = never_stop
+    ) -> tuple[float, dict[str, float]]:
         if self.own is not None:
             with torch.no_grad():
                 return float(self.own(model, split)), {}
-        result = evaluate(model, self.tokenizer, self.checked.tasks, split, self.device)
+        result = evaluate(model, self.tokenizer, self.checked.tasks, split, self.device, check)
         return result.total, {s.task: s.value for s in result.scores}
 
 
@@ -173,7 +177,9 @@ def evolve(
     For a service that runs searches as jobs: ``study_name`` names the studies (default: from
     the spec's fingerprint), ``worker`` is recorded with each trial (default: host and process
     id), ``wall_time`` counts from ``started`` (POSIX seconds; default: now), ``stop()`` is
-    asked after each trial whether to end the search there and write the best so far, and
+    asked after each trial and every half second within one whether to end the search and
+    write the best so far (a running trial is abandoned; ``stop()`` may also raise, which
+    abandons the trial and ends the search with that exception), and
     ``card_details`` are further arguments of the card (see :func:`merge_engine.card.build_card`)."""
     out = Path(out)
     folder = out / "evolve"
@@ -299,7 +305,8 @@ class _Search:
         waited = time.time() - sharing.started if sharing.started else 0.0
         self.started = time.monotonic() - waited
         self.deadline = self.started + wall if wall else None
-        self.stopped = False
+        self.halt = StopCheck(reporting.stop)
+        """Asked within each trial's work: a stop request or a spent wall time abandons it."""
         self.baselines: list[report.Baseline] = []
         self.parameter_genes: ParameterGenes | None = None
         self.parameter_candidate: ParameterCandidate | None = None
@@ -321,9 +328,11 @@ class _Search:
             self.parameter_genes = genes
             self.parameter_candidate = self._parameter_candidate()
             self._run_stage(
-                "parameters", genes.genes, lambda v: self.parameter_candidate.build(genes.recipe(v))
+                "parameters",
+                genes.genes,
+                lambda v: self.parameter_candidate.build(genes.recipe(v), self.halt),
             )
-        if spec.space in ("layers", "both") and not self.stopped:
+        if spec.space in ("layers", "both") and not self.halt.stopped:
             self.layer_sources = [self.loaded[ref] for ref in sources]
             if self.parameter_genes is not None:  # the first stage's winner joins the sources
                 self.layer_sources.insert(0, self._stage_one_merge())
@@ -358,12 +367,13 @@ class _Search:
             self.store, sharing.names.of(name), spec.seed, spec.budget.population, centre(genes)
         )
         stage = Stage(study, name, genes, spec.budget.trials, sharing.worker)
-        if not self.stages and not sharing.join:
-            self.baselines = self._stored_baselines(study)
-        self.stages.append(stage)
         deadline = self.deadline
         if deadline is not None and spec.space == "both" and name == "parameters":
             deadline = self.started + spec.budget.wall_time / 2  # the layer path gets the rest
+        self.halt.deadline = deadline
+        if not self.stages and not sharing.join:
+            self.baselines = self._stored_baselines(study)
+        self.stages.append(stage)
         bar = tqdm(
             total=stage.budget,
             initial=stage.counts()[0],
@@ -374,7 +384,7 @@ class _Search:
 
         def evaluate_trial(values: dict[str, float]) -> Outcome:
             model, merge_seconds = timed(build, values)
-            total, scores = self.score(model, "search")
+            total, scores = self.score(model, "search", self.halt)
             return Outcome(total, scores, merge_seconds)
 
         def after_trial() -> None:
@@ -390,13 +400,8 @@ class _Search:
             if self.reporting.progress:
                 self.reporting.progress(name, len(done), stage.budget, best)
 
-        def stop() -> bool:
-            asked = self.reporting.stop
-            self.stopped = self.stopped or bool(asked and asked())
-            return self.stopped
-
         try:
-            stage.run(evaluate_trial, deadline, after_trial, stop)
+            stage.run(evaluate_trial, deadline, after_trial, self.halt.requested)
         finally:
             bar.close()
 
@@ -430,8 +435,13 @@ class _Search:
         )
 
     def _baseline(self, label: str, model: nn.Module) -> report.Baseline:
-        search, _ = self.score(model, "search")
-        held_out, scores = self.score(model, "held_out")
+        search, _ = self.score(model, "search", self.halt)
+        held_out, scores = self.score(model, "held_out", self.halt)
+        if not (math.isfinite(search) and math.isfinite(held_out)):
+            raise MergeError(
+                f"the {label} has fitness {search} on the search data and {held_out} on the held-out data: "
+                "it gives outputs that are not finite numbers on the tasks; check that model and the task data"
+            )
         return report.Baseline(label, search, held_out, scores)
 
     def _stored_baselines(self, study) -> list[report.Baseline]:

@@ -26,7 +26,7 @@ from merge_engine.recipe import (
     Parameters,
     first_error,
 )
-from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, load_yaml
+from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, check_examples, load_yaml
 
 SPACES = ("parameters", "layers", "both")
 TASK_KINDS = ("multiple_choice", "exact_match", "nll", "classification")
@@ -36,8 +36,23 @@ FOLDABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """Model types whose layer-path scales fold exactly into the weights (see docs/evolve.md)."""
 
 
+SEEDS = 2**32
+"""Seeds are in [0, 2^32), what NumPy's generator (CMA-ES's) takes."""
+MAX_POPULATION = 1000
+"""CMA-ES keeps a population of candidates in memory; a larger one than this never completes
+a generation within any budget a search runs."""
+SCALE_RANGE = (0.01, 100.0)
+"""Scales of a layer path: a path multiplies them along its slots, so wider ones overflow or
+vanish in the written weights."""
+MAX_WEIGHT = 1e6
+MAX_BATCH_SIZE = 256
+MAX_TOKENS = 8192
+"""Tokens a task's sequence keeps (``max_length``)."""
+MAX_SAMPLES = 100_000
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 Bounds = tuple[float, float]
@@ -67,6 +82,18 @@ class ParameterGenome(_Strict):
     filters: list[str] = Field(default_factory=list)
     dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
 
+    @field_validator("filters")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        """A repeated filter would be a second set of genes that no tensor reads (a tensor
+        takes the first filter it matches): refused, as a repeated model is."""
+        seen: set[str] = set()
+        for name in value:
+            if name in seen:
+                raise ValueError(f"filter {excerpt(name)} is listed twice; list each filter once")
+            seen.add(name)
+        return value
+
     @field_validator("search")
     @classmethod
     def _bounds(cls, value: dict[str, Bounds] | None) -> dict[str, Bounds] | None:
@@ -83,7 +110,7 @@ class LayerGenome(_Strict):
     scaled when the path arrives from layer i (within ``scale_bounds``)."""
 
     repeats: int = Field(default=2, gt=0, le=8)
-    max_length: int | None = Field(default=None, gt=0)
+    max_length: int | None = Field(default=None, gt=0, le=100_000)
     scaling: bool = True
     scale_bounds: Bounds = (0.5, 1.5)
 
@@ -91,8 +118,11 @@ class LayerGenome(_Strict):
     @classmethod
     def _positive(cls, value: Bounds) -> Bounds:
         _ordered(value)
-        if value[0] <= 0:
-            raise ValueError(f"scales must be positive, got [{value[0]:g}, {value[1]:g}]")
+        low, high = SCALE_RANGE
+        if value[0] < low or value[1] > high:
+            raise ValueError(
+                f"scales must lie in [{low:g}, {high:g}], got [{value[0]:g}, {value[1]:g}]; a path multiplies them, so keep them near 1"
+            )
         return value
 
 
@@ -100,8 +130,8 @@ class TaskData(DataBlock):
     """Examples of one split, from a ``path``, a Hub ``dataset`` or inline ``examples``;
     ``samples`` of them are drawn with ``seed`` (all, in order, when not given)."""
 
-    samples: int | None = Field(default=None, gt=0)
-    seed: int = 0
+    samples: int | None = Field(default=None, gt=0, le=MAX_SAMPLES)
+    seed: int = Field(default=0, ge=0, lt=SEEDS)
 
     def as_calibration(self, text_field: str) -> Calibration:
         """The same data as a calibration block, to pin, fetch and read it the same way."""
@@ -121,7 +151,7 @@ class FitnessTask(_Strict):
 
     kind: Literal[TASK_KINDS]  # type: ignore[valid-type]
     name: str | None = None
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, le=MAX_WEIGHT)
     data: TaskData
     held_out: TaskData | None = None
     held_out_fraction: float = Field(default=0.25, gt=0, lt=1)
@@ -131,8 +161,8 @@ class FitnessTask(_Strict):
     text_field: str = "text"
     label_field: str = "label"
     max_new_tokens: int = Field(default=16, gt=0, le=512)
-    max_length: int = Field(default=256, gt=1)
-    batch_size: int = Field(default=8, gt=0)
+    max_length: int = Field(default=256, gt=1, le=MAX_TOKENS)
+    batch_size: int = Field(default=8, gt=0, le=MAX_BATCH_SIZE)
 
     @field_validator("name")
     @classmethod
@@ -162,7 +192,7 @@ class Budget(_Strict):
     (seconds, or 90s, 30m, 2h)."""
 
     trials: int = Field(gt=0)
-    population: int | None = Field(default=None, ge=4)
+    population: int | None = Field(default=None, ge=4, le=MAX_POPULATION)
     wall_time: float | None = Field(default=None, gt=0)
 
     @field_validator("wall_time", mode="before")
@@ -187,7 +217,7 @@ class SearchSpec(_Strict):
     fitness: list[FitnessTask] = Field(default_factory=list)
     """The tasks; empty only when the Python API is given a fitness function instead."""
     budget: Budget
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=SEEDS)
 
     @model_validator(mode="after")
     def _genomes(self) -> SearchSpec:
@@ -195,16 +225,18 @@ class SearchSpec(_Strict):
             self.parameters = ParameterGenome()
         if self.space in ("layers", "both") and self.layers is None:
             self.layers = LayerGenome()
-        refs = [s.model for s in self.models]
-        for i, ref in enumerate(refs):
-            if ref in refs[:i]:
+        seen: set = set()
+        for ref in (s.model for s in self.models):
+            if ref in seen:
                 raise ValueError(f"model {ref} is listed twice; list each model once")
-        names = [task.name or task.kind for task in self.fitness]
-        for i, name in enumerate(names):
-            if name in names[:i]:
+            seen.add(ref)
+        seen = set()
+        for name in self.task_names():
+            if name in seen:
                 raise ValueError(
                     f"two fitness tasks are called {name!r}; give each a distinct 'name'"
                 )
+            seen.add(name)
         return self
 
     def sources(self) -> list[ModelReference]:
@@ -258,11 +290,8 @@ def spec_from_text(text: str, limits: RecipeLimits = DEFAULT_LIMITS) -> SearchSp
     for i, task in enumerate(spec.fitness):
         for split in ("data", "held_out"):
             block = getattr(task, split)
-            if block is not None and block.examples and len(block.examples) > limits.max_examples:
-                raise RecipeError(
-                    f"has {len(block.examples):,} inline examples, more than the {limits.max_examples:,} allowed; put the data in a file or a Hub dataset",
-                    field=f"fitness[{i}].{split}.examples",
-                )
+            if block is not None and block.examples:
+                check_examples(block.examples, f"fitness[{i}].{split}", limits)
     return spec
 
 

@@ -9,6 +9,7 @@ next process to ask for a trial fails it, so that its candidate's slot is run ag
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
@@ -24,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from merge_engine.errors import MergeError
 from merge_engine.evolve.genome import Gene
 from merge_engine.evolve.report import TrialRecord
+from merge_engine.evolve.stopping import SearchStopped
 
 HEARTBEAT_SECONDS = 5
 GRACE_SECONDS = 20
@@ -153,6 +155,27 @@ class Outcome:
     merge_seconds: float
 
 
+class NonFiniteFitness(MergeError):
+    """A candidate's fitness is NaN or infinite: CMA-ES cannot rank it, and every later trial
+    would be wasted, so the search fails at once."""
+
+    def __init__(self, stage: str, number: int, outcome: Outcome):
+        bad = [f"{task} scored {v}" for task, v in outcome.scores.items() if not math.isfinite(v)]
+        if bad:
+            why = (
+                f"(task {', '.join(bad)}): the candidate's model gives outputs that are not finite numbers; "
+                "narrow the searched bounds (parameters.search, layers.scale_bounds) and check that "
+                "the sources give finite outputs on the task data"
+            )
+        elif outcome.scores:
+            why = "although every task's score is finite: their weighted mean overflowed; use smaller task weights"
+        else:
+            why = "from the fitness function; make it return a finite number"
+        super().__init__(
+            f"trial {number} of the {stage} search has fitness {outcome.fitness} {why}"
+        )
+
+
 def completed(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
@@ -235,7 +258,10 @@ class Stage:
         stop: Callable[[], bool] | None = None,
     ) -> None:
         """Run trials until the budget is complete (waiting for other processes' last trials),
-        ``deadline`` (``time.monotonic()``) passes or ``stop()`` says so after a trial."""
+        ``deadline`` (``time.monotonic()``) passes or ``stop()`` says so after a trial. A
+        trial that ``evaluate`` abandons by raising :class:`SearchStopped` is failed in the
+        study and ends the run; a trial whose fitness is not a finite number fails the search
+        (:class:`NonFiniteFitness`)."""
 
         def objective(trial: optuna.Trial) -> float:
             ahead = [
@@ -250,6 +276,8 @@ class Stage:
             values = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.genes}
             start = time.perf_counter()
             outcome = evaluate(values)
+            if not math.isfinite(outcome.fitness):
+                raise NonFiniteFitness(self.name, trial.number, outcome)
             trial.set_user_attr("scores", outcome.scores)
             trial.set_user_attr("merge_seconds", outcome.merge_seconds)
             trial.set_user_attr("seconds", time.perf_counter() - start)
@@ -281,6 +309,8 @@ class Stage:
                     gc_after_trial=False,
                     catch=(),
                 )
+            except SearchStopped:
+                return
             except ValueError as error:
                 # Another process failed this trial when its heartbeat came late (a stalled
                 # machine): its slot is run again; Optuna says so only in this message.
@@ -306,6 +336,7 @@ class Stage:
         trials = completed(self.study)
         if not trials:
             raise MergeError(
-                f"the {self.name} search finished no trial within budget.wall_time; start a new search with more wall_time"
+                f"the {self.name} search finished no trial before it stopped (at budget.wall_time, or when asked to); "
+                "start a new search with more wall_time"
             )
         return max(trials, key=lambda t: (t.value, -t.number))
