@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
@@ -56,7 +56,7 @@ from service.intake import (
     search_job_id,
     with_wall_time,
 )
-from service.job_store import ACTIVE, Job, JobStore, make_engine
+from service.job_store import Job, JobStore, make_engine
 from service.once import create_tables as create_event_tables
 from service.recent_jobs import RecentJobs
 from service.retry import is_transient
@@ -163,22 +163,14 @@ class JobService:
         check_limits(checked.sources, self.settings.limits)
         new_id = search_job_id(checked.spec, request)
         if self.store.get(new_id) is None:  # asking twice is the same search, not a second
-            earlier = [
-                self._search_use(job)
-                for job in self.store.searches_since(identity.requester, time.time() - DAY)
-            ]
+            # what Validate shows; submit checks again in the transaction that queues the job
+            earlier = self.store.searches_of_day(identity.requester, new_id)
             check_daily_search_limits(
                 checked.spec, earlier, identity.requester, self.settings.search_limits
             )
         if not identity.token:
             self._check_bot_target(request.target, identity, new_id)
         return checked, new_id
-
-    def _search_use(self, job: Job) -> SearchUse:
-        spec = self.read_spec(job.recipe)
-        booked = spec.budget.wall_time or 0.0
-        used = booked if job.status in ACTIVE else min(booked, job.updated_at - job.created_at)
-        return SearchUse(spec.total_trials(), used)
 
     def _check_request(
         self, document: Recipe | SearchSpec, target: str, private: bool, identity: Identity
@@ -274,17 +266,27 @@ class JobService:
             log=[f"queued: a {spec.space} search over {models} into {request.target}"],
             request_recipe=request.spec.to_yaml(),
             discussion=request.discussion,
+            trials_booked=spec.total_trials(),
+            seconds_booked=spec.budget.wall_time,
         )
-        return self._queue(job, identity)
+        limits = self.settings.search_limits
 
-    def _queue(self, job: Job, identity: Identity) -> Job:
-        """Store ``job`` within its requester's queue limit and start its workflow."""
+        def check_day(earlier: SearchUse) -> None:
+            check_daily_search_limits(spec, earlier, identity.requester, limits)
+
+        return self._queue(job, identity, check_day)
+
+    def _queue(
+        self, job: Job, identity: Identity, check_day: Callable[[SearchUse], None] | None = None
+    ) -> Job:
+        """Store ``job`` within its requester's queue limit (and, for a search, the daily
+        limits: ``check_day`` refuses in the same transaction) and start its workflow."""
         limit = (
             self.settings.max_queued_per_requester
             if identity.token
             else self.settings.max_queued_anonymous
         )
-        stored = self.store.add_within_limit(job, limit)
+        stored = self.store.add_within_limit(job, limit, check_day)
         if stored is None:
             raise QueueLimitError(
                 f"{identity.requester} already has {limit} jobs waiting or running; wait for one to finish or cancel one"
@@ -428,7 +430,6 @@ class JobService:
         return response.status_code < 500
 
 
-DAY = 24 * 3600
 LAYOUT_SECONDS = 600.0
 """How long the form trusts a model's layout once read (a repo rarely changes kind)."""
 LAYOUTS_KEPT = 1024

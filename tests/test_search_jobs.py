@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -164,6 +166,54 @@ def test_limits_and_server_paths_are_refused_before_a_search_starts(hub, tmp_pat
         assert "wall_time: 1800.0" in first["recipe"]
     finally:
         process.stop()
+
+
+def test_no_search_locks_its_requester_out_and_simultaneous_ones_keep_the_daily_limit(
+    hub, tmp_path
+):
+    """A spec sent small whose stored (normalised) form is over the recipe size limit used to
+    lock its requester — every anonymous user at once — out of searches for a day, and 20
+    simultaneous submits used to book past the daily trial limit."""
+    limits = {
+        "MERGEBOT_MAX_RECIPE_KB": "16",
+        "MERGEBOT_MAX_QUEUED": "30",
+        "MERGEBOT_MAX_QUEUED_ANONYMOUS": "30",
+        "MERGEBOT_SEARCH_TRIALS_DAILY": "100",
+        "MERGEBOT_MAX_SEARCH_HOURS": "0.1",  # each books 6 min of the day's 24 h
+    }
+    process, bot = start_serve(hub.url, tmp_path / "work", "--no-worker", **limits)
+    long = json.dumps("abc def " * 500)  # 4,000 characters, sent once, stored eight times
+    expanding = search_spec().replace(
+        f"examples: {json.dumps(SEARCH_TEXTS * 4)}", f"examples: [&long {long}{', *long' * 7}]"
+    )
+    assert len(expanding.encode()) < 16 * 1024
+
+    def submit(spec: str, target: str, token: str | None = None) -> tuple[int, dict]:
+        return bot.call("POST", "/api/searches", {"spec": spec, "target": target}, token)
+
+    try:
+        status, first = submit(expanding, "mergebot/expanding")
+        assert status == 202, first
+        assert len(bot.job(first["id"])["recipe"].encode()) > 16 * 1024, "stored expanded"
+        # the next anonymous search, someone else's, is not refused for bytes it never sent
+        status, second = submit(search_spec(), "mergebot/another")
+        assert status == 202, second
+
+        start = threading.Barrier(20)
+
+        def at_once(number: int) -> tuple[int, dict]:
+            start.wait()
+            return submit(search_spec(), f"alice/day-{number}", ALICE)
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(at_once, range(20)))
+    finally:
+        process.stop()
+    accepted = [body for status, body in answers if status == 202]
+    refused = [body for status, body in answers if status != 202]
+    assert len(accepted) == 12, answers  # 12 × 8 trials; a 13th would book 104 of 100
+    assert all(body["field"] == "budget.trials" for body in refused), refused
+    assert all("alice would run 104 search trials today" in body["error"] for body in refused)
 
 
 SLOW_EXAMPLES = [" ".join(SEARCH_TEXTS)] * 96
