@@ -330,10 +330,16 @@ class JobStore:
         with self.engine.connect() as db:
             return [_from_row(row) for row in db.execute(query)]
 
-    def busy(self, worker: str) -> bool:
-        """Whether ``worker`` runs a job now."""
+    def searching(self, worker: str) -> bool:
+        """Whether ``worker``'s search lane runs a search now."""
         c = jobs_table.c
-        return self._count(c.worker == worker, c.status == "running") > 0
+        return self._count(c.worker == worker, c.kind == "search", c.status == "running") > 0
+
+    def search_waits(self, other_than: str) -> bool:
+        """Whether a search other than ``other_than`` waits for a search lane: a new one, or
+        one that gave its turn away."""
+        c = jobs_table.c
+        return self._count(c.kind == "search", c.status == "queued", c.id != other_than) > 0
 
     def searches_of_day(self, requester: str, other_than: str) -> SearchUse:
         """What ``requester``'s searches of the last 24 hours count, except ``other_than``'s."""

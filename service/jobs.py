@@ -349,8 +349,9 @@ class JobService:
 
     def cancel(self, job_id: str, identity: Identity, publish_best: bool = False) -> Job:
         """Ask a queued or running job to stop; the worker stops at its next checkpoint (a
-        tensor, in the merge; a trial, in a search). With ``publish_best`` a running search
-        instead publishes its best candidate so far. Only the requester — or the bot's own
+        tensor, in the merge; a trial, in a search). With ``publish_best`` a search that has
+        started (running, or waiting for its next turn) instead publishes its best candidate
+        so far. Only the requester — or the bot's own
         token — may cancel."""
         missing = f"there is no job {excerpt(job_id)}; check the id with `mergebot jobs`"
         job = self.store.get(job_id)
@@ -358,7 +359,11 @@ class JobService:
             raise NotFound(missing)
         self.authorise(identity, job.requester, job.private, missing, f"cancel {job_id}")
         wants_best = publish_best and job.kind == "search"
-        if wants_best and self.store.update_if(job_id, "running", finish_early=True):
+        waits_its_turn = job.stage == "search"  # its next turn publishes at once
+        if wants_best and (
+            self.store.update_if(job_id, "running", finish_early=True)
+            or (waits_its_turn and self.store.update_if(job_id, "queued", finish_early=True))
+        ):
             self.store.update(job_id, log="stop requested: publishing the best so far")
             return self.store.get(job_id) or job
         return self.request_cancel(job)

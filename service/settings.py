@@ -18,7 +18,8 @@
 | `MERGEBOT_DISCUSSION_DAILY` | merge and search requests per discussion author per day | 5 |
 | `MERGEBOT_ALLOW_NAMESPACES`, `MERGEBOT_DENY_NAMESPACES` | comma lists: namespaces a discussion request may (not) read from | any / none |
 | `MERGEBOT_MAX_SEARCH_TRIALS`, `MERGEBOT_MAX_SEARCH_HOURS` | trials (all stages) and wall time of one evolutionary search; a spec without `wall_time` gets the latter | 300, 6 |
-| `MERGEBOT_SEARCH_TRIALS_DAILY`, `MERGEBOT_SEARCH_HOURS_DAILY` | trials and wall time of all searches one requester asks for in 24 hours (an ended search counts the time it took) | 1000, 24 |
+| `MERGEBOT_SEARCH_TRIALS_DAILY`, `MERGEBOT_SEARCH_HOURS_DAILY` | trials and wall time of all searches one requester asks for in 24 hours (an ended search counts the time it searched), checked when the search is queued | 1000, 24 |
+| `MERGEBOT_SEARCH_SLICE_MINUTES` | how long a search keeps a worker's search lane while another search waits; then it goes to the back of the queue after its current trial | 10 |
 | `MERGEBOT_MAX_QUEUED_ANONYMOUS` | queued jobs of all requests without sign-in together | 1 |
 | `MERGEBOT_MAX_BODY_KB` | size of one HTTP request body (413 above it) | 1024 |
 | `MERGEBOT_MAX_RECIPE_KB`, `MERGEBOT_MAX_RECIPE_DEPTH`, `MERGEBOT_MAX_RECIPE_NODES` | a recipe's size, nesting, and values once YAML aliases are expanded | 256, 32, 50000 |
@@ -69,6 +70,9 @@ class Settings:
     deny_namespaces: tuple[str, ...] = ()
     local_login_token: str | None = field(default=None, repr=False)
     """Off Spaces, whom Gradio's sign-in mock signs in as (see ``service.server``)."""
+    search_slice_seconds: float = 600.0
+    """A search's turn in a worker's search lane while another search waits (see
+    ``docs/architecture.md``, "Scheduling")."""
     max_queued_anonymous: int = 1
     """Requests without sign-in share one, smaller, queue quota."""
     max_body_bytes: int = 1024 * 1024
@@ -108,6 +112,7 @@ class Settings:
             ),
             max_queued_per_requester=int(_number(env, "MERGEBOT_MAX_QUEUED", 3)),
             max_queued_anonymous=int(_number(env, "MERGEBOT_MAX_QUEUED_ANONYMOUS", 1)),
+            search_slice_seconds=_number(env, "MERGEBOT_SEARCH_SLICE_MINUTES", 10) * 60,
             max_body_bytes=int(_number(env, "MERGEBOT_MAX_BODY_KB", 1024) * 1024),
             recipe_limits=_recipe_limits(env),
             identity_ttl_seconds=_number(env, "MERGEBOT_IDENTITY_TTL_SECONDS", 300),

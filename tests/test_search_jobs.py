@@ -17,11 +17,13 @@ from conftest import SEARCH_TEXTS
 from huggingface_hub import HfApi, snapshot_download
 from postgres_server import postgres_url
 from service_env import (
+    BOT_TOKEN,
     MergebotProcess,
     job_commits,
     service_env,
     start_sandbox,
     start_serve,
+    ties_recipe,
     wait_until,
 )
 
@@ -31,7 +33,7 @@ from service.search_steps import held_out_fitness
 
 pytestmark = pytest.mark.slow  # real processes: a server with its worker, the sandbox hub
 
-ALICE = "tok-alice"
+ALICE, BOB = "tok-alice", "tok-bob"
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +260,50 @@ def test_a_stopped_search_publishes_its_best_so_far_and_a_cancelled_one_nothing(
     )
     assert f"{trials} of 200 trials" in readme
     assert not HfApi(endpoint=hub.url, token=ALICE).repo_exists("alice/cancelled")
+
+
+def test_a_merge_and_another_requesters_search_run_while_a_long_search_runs(hub, tmp_path):
+    """Searches have a lane of their own, and take turns in it: a one-minute merge used to
+    wait behind a search for its whole wall time, and a second requester's search too."""
+    process, bot = start_serve(hub.url, tmp_path / "work", MERGEBOT_SEARCH_SLICE_MINUTES="0")
+
+    def start(target: str, token: str) -> str:
+        spec = search_spec(trials=200, examples=SLOW_EXAMPLES)
+        status, job = bot.call("POST", "/api/searches", {"spec": spec, "target": target}, token)
+        assert status == 202, job
+        return job["id"]
+
+    def view(job_id: str) -> dict:
+        return bot.call("GET", f"/api/searches/{job_id}", token=BOT_TOKEN)[1]
+
+    try:
+        long = start("alice/long-search", ALICE)
+        wait_until(lambda: view(long)["done"] >= 1, "the first trial")
+        status, merge = bot.submit(ties_recipe("alice"), "alice/quick-merge", ALICE)
+        assert status == 202, merge
+        assert bot.wait_done(merge["id"])["status"] == "succeeded"
+        searching = view(long)
+        assert searching["job"]["status"] == "running" and searching["done"] < 200, searching
+
+        other = start("bob/other-search", BOB)
+
+        def both_progress() -> bool:
+            views = [view(long), view(other)]
+            assert all(v["job"]["status"] in ("queued", "running") for v in views), views
+            return all(
+                v["done"] >= view_done + 2 for v, view_done in zip(views, before, strict=True)
+            )
+
+        before = [searching["done"], 0]
+        wait_until(both_progress, "trials of both searches while both run")
+        for job_id, token in ((long, ALICE), (other, BOB)):
+            assert bot.call("POST", f"/api/jobs/{job_id}/cancel", token=token)[0] == 200
+            assert bot.wait_done(job_id)["status"] == "cancelled"
+            # a search cancelled while it waits is cleaned up by its next turn, at once
+            folder = tmp_path / "work" / "jobs" / job_id
+            wait_until(lambda folder=folder: not folder.exists(), f"{folder} removed")
+    finally:
+        process.stop()
 
 
 def test_two_postgres_workers_share_a_search_that_survives_a_killed_worker(hub, tmp_path):

@@ -164,6 +164,7 @@ def evolve(
     worker: str | None = None,
     started: float | None = None,
     stop: Callable[[], bool] | None = None,
+    pause: Callable[[], bool] | None = None,
     card_details: dict[str, Any] | None = None,
 ) -> SearchResult | None:
     """Run the search of ``spec`` and write its winner into ``out``. ``join``: only evaluate
@@ -173,8 +174,10 @@ def evolve(
     For a service that runs searches as jobs: ``study_name`` names the studies (default: from
     the spec's fingerprint), ``worker`` is recorded with each trial (default: host and process
     id), ``wall_time`` counts from ``started`` (POSIX seconds; default: now), ``stop()`` is
-    asked after each trial whether to end the search there and write the best so far, and
-    ``card_details`` are further arguments of the card (see :func:`merge_engine.card.build_card`)."""
+    asked after each trial whether to end the search there and write the best so far,
+    ``pause()`` whether to leave it for now (evolve returns None; the study keeps every trial,
+    and a later call continues it), and ``card_details`` are further arguments of the card
+    (see :func:`merge_engine.card.build_card`)."""
     out = Path(out)
     folder = out / "evolve"
     if workers < 1:
@@ -209,13 +212,13 @@ def evolve(
             torch_device,
             _Loading(token, hub_only, cache_dir),
             fitness,
-            _Reporting(show_progress, progress, stop, card_details),
+            _Reporting(show_progress, progress, stop, pause, card_details),
             _Sharing(names, worker or worker_name(), started, join),
         )
         search.run()
         for child in children:
             child.wait()  # a worker that died was replaced by the others: its error is above
-        return None if join else search.finish()
+        return None if join or search.paused else search.finish()
     except BaseException:
         for child in children:
             child.terminate()
@@ -253,6 +256,7 @@ class _Reporting:
     show_progress: bool
     progress: Progress | None
     stop: Callable[[], bool] | None
+    pause: Callable[[], bool] | None
     card_details: dict[str, Any] | None
 
 
@@ -300,6 +304,7 @@ class _Search:
         self.started = time.monotonic() - waited
         self.deadline = self.started + wall if wall else None
         self.stopped = False
+        self.paused = False
         self.baselines: list[report.Baseline] = []
         self.parameter_genes: ParameterGenes | None = None
         self.parameter_candidate: ParameterCandidate | None = None
@@ -323,7 +328,7 @@ class _Search:
             self._run_stage(
                 "parameters", genes.genes, lambda v: self.parameter_candidate.build(genes.recipe(v))
             )
-        if spec.space in ("layers", "both") and not self.stopped:
+        if spec.space in ("layers", "both") and not (self.stopped or self.paused):
             self.layer_sources = [self.loaded[ref] for ref in sources]
             if self.parameter_genes is not None:  # the first stage's winner joins the sources
                 self.layer_sources.insert(0, self._stage_one_merge())
@@ -391,9 +396,10 @@ class _Search:
                 self.reporting.progress(name, len(done), stage.budget, best)
 
         def stop() -> bool:
-            asked = self.reporting.stop
+            asked, pause = self.reporting.stop, self.reporting.pause
             self.stopped = self.stopped or bool(asked and asked())
-            return self.stopped
+            self.paused = not self.stopped and (self.paused or bool(pause and pause()))
+            return self.stopped or self.paused
 
         try:
             stage.run(evaluate_trial, deadline, after_trial, stop)
