@@ -18,6 +18,7 @@ from merge_engine.hub_names import check_repo_id, check_revision
 from merge_engine.plan import MergePlan
 from merge_engine.recipe import ModelReference, Recipe
 from merge_engine.sources import ModelSource
+from service.disk import source_bytes
 
 Origin = Literal["form", "discussion", "schedule", "api"]
 
@@ -170,7 +171,7 @@ def check_model_count(recipe: Recipe | SearchSpec, limits: Limits) -> None:
 
 def check_limits(sources: Mapping[ModelReference, ModelSource], limits: Limits) -> None:
     """Size limits from the pre-flight (headers only), before any download."""
-    size = sum(info.nbytes for source in sources.values() for info in source.tensors.values())
+    size = source_bytes(sources)
     if size > limits.max_source_bytes:
         raise RecipeError(
             f"the source models hold {size / 1e9:.1f} GB of weights, more than the {limits.max_source_bytes / 1e9:.0f} GB limit of this bot",

@@ -30,6 +30,7 @@ from merge_engine.formats.layouts import Layout
 from merge_engine.plan import MergePlan
 from merge_engine.recipe import ModelReference, Recipe, recipe_from_text, with_revisions
 from merge_engine.sources import inspect_hub
+from service.disk import check_room, search_bytes, source_bytes
 from service.errors import (
     HubUnavailable,
     NotAllowed,
@@ -118,6 +119,7 @@ class JobService:
                 request.recipe, token=identity.token or False, hub_only=True, cache_dir=cache
             )
         check_limits(plan.sources, limits)
+        self.check_disk(source_bytes(plan.sources) + plan.output_bytes, "the bot's")
         new_id = job_id(plan, request)
         if not identity.token:
             self._check_bot_target(request.target, identity, new_id)
@@ -161,6 +163,7 @@ class JobService:
         revisions = {ref: s.revision for ref, s in checked.sources.items() if s.revision}
         checked = replace(checked, spec=with_revisions(spec, revisions))
         check_limits(checked.sources, self.settings.limits)
+        self.check_disk(search_bytes(checked.sources), "the bot's")
         new_id = search_job_id(checked.spec, request)
         if self.store.get(new_id) is None:  # asking twice is the same search, not a second
             # what Validate shows; submit checks again in the transaction that queues the job
@@ -171,6 +174,11 @@ class JobService:
         if not identity.token:
             self._check_bot_target(request.target, identity, new_id)
         return checked, new_id
+
+    def check_disk(self, needed: int, whose: str) -> None:
+        """Refuse a job of ``needed`` bytes that does not fit the work dir's disk now."""
+        settings = self.settings
+        check_room(settings.work_dir, needed, settings.disk_margin_bytes, whose)
 
     def _check_request(
         self, document: Recipe | SearchSpec, target: str, private: bool, identity: Identity

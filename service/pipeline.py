@@ -27,6 +27,7 @@ from merge_engine.plan import MergePlan
 from merge_engine.recipe import recipe_from_text
 from merge_engine.run import download_plan, resolve_device, write_merge
 from service.discussions import DiscussionWatcher, discussion_url, parse_discussion_key
+from service.disk import is_disk_full, source_bytes
 from service.hub import hub_api, publish
 from service.job_store import ACTIVE, SEARCH_STAGES, STAGES, Job
 from service.jobs import JobService
@@ -170,6 +171,7 @@ def preflight_step(job_id: str) -> None:
 def download_step(job_id: str) -> None:
     job = job_of(job_id)
     plan = _plan(job)
+    running_service().check_disk(source_bytes(plan.sources) + plan.output_bytes, "the worker's")
     cache = running_service().settings.job_dir(job_id) / "hub"
     with_hub(job_id, lambda: download_plan(plan, read_token(job), cache))
 
@@ -356,6 +358,8 @@ def describe_failure(
     error: BaseException, stage: str, target: str, retry_later: bool = False
 ) -> str:
     """One sentence naming what went wrong and what to do."""
+    if is_disk_full(error):
+        return f"the worker's disk is full ({type(error).__name__} during {stage}); this job's files were removed and other jobs carry on; submit it again later"
     if is_transient(error):
         outage = error if isinstance(error, HubOutage) else HubOutage(0, error)
         then = (

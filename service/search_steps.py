@@ -32,6 +32,7 @@ from merge_engine.evolve.study import StoredStudy, read_study
 from merge_engine.run import resolve_device
 from merge_engine.sources import model_class
 from service import pipeline
+from service.disk import search_bytes
 from service.job_store import Job
 from service.verify import verify_output
 
@@ -127,12 +128,13 @@ def search_preflight_step(job_id: str) -> None:
     job = pipeline.job_of(job_id)
     service = pipeline.running_service()
     cache = service.settings.job_dir(job_id) / "hub"
-    pipeline.with_hub(
+    checked = pipeline.with_hub(
         job_id,
         lambda: check_spec(
             search_spec(job), token=pipeline.read_token(job), hub_only=True, cache_dir=cache
         ),
     )
+    service.check_disk(search_bytes(checked.sources), "the worker's")  # the search downloads
 
 
 @DBOS.step(name="mergebot.search.run")

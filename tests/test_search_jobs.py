@@ -4,6 +4,7 @@ fitness table that the published model reproduces."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -344,3 +345,102 @@ def test_two_postgres_workers_share_a_search_that_survives_a_killed_worker(hub, 
     assert len({json.dumps(t["params"], sort_keys=True) for t in final}) == budget  # none twice
     assert {t["worker"] for t in final} == set(workers)
     assert len(job_commits(hub.url, "alice/shared-search", ALICE, job["id"])) == 1
+
+
+def test_a_job_that_does_not_fit_the_disk_is_refused_at_submit_and_before_its_download(
+    hub, tmp_path
+):
+    """The free-space reading is real; the margin the bot keeps free makes a tiny job too big."""
+    work = tmp_path / "work"
+    huge = {"MERGEBOT_DISK_MARGIN_GB": "1000000"}
+    process, bot = start_serve(hub.url, work, "--no-worker", **huge)
+    try:
+        status, refusal = bot.submit(ties_recipe("alice"), "alice/no-room", ALICE)
+        spec = {"spec": search_spec(), "target": "alice/no-room-search"}
+        search_status, search_refusal = bot.call("POST", "/api/searches", spec, ALICE)
+    finally:
+        process.stop()
+    for code, body in ((status, refusal), (search_status, search_refusal)):
+        assert code == 507, body
+        assert body["error"].startswith("the bot's disk has "), body
+        assert "plus the 1e+06 GB the bot keeps free (MERGEBOT_DISK_MARGIN_GB)" in body["error"]
+    # queued where there was room; the worker's own disk has none: it fails before downloading
+    process, bot = start_serve(hub.url, work, "--no-worker", MERGEBOT_DISK_MARGIN_GB="0")
+    worker = None
+    try:
+        status, job = bot.submit(ties_recipe("alice"), "alice/no-room", ALICE)
+        assert status == 202, job
+        env = service_env(hub.url, work, **huge)
+        worker = MergebotProcess(["worker", "--id", "full-worker"], env, tmp_path / "w.log")
+        done = bot.wait_done(job["id"])
+    finally:
+        for running in (worker, process):
+            if running:
+                running.stop()
+    assert done["status"] == "failed" and done["stage"] == "download", done
+    assert done["error"].startswith("the worker's disk has "), done
+    assert not (work / "jobs" / job["id"]).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MB tmpfs: a real disk that a test can fill (mounting needs root)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into ``folder`` until its disk refuses another byte."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as file:
+        for chunk in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    file.write(b"\0" * chunk)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC, error
+    return filler
+
+
+def test_a_disk_that_fills_mid_search_fails_that_job_only_and_removes_its_folder(
+    hub, tmp_path, small_disk
+):
+    """The work dir on a real 32 MB disk (the database beside it, elsewhere), filled up while a
+    search runs its trials: the search fails with a sentence, its folder is removed, and the
+    next job runs."""
+    database = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    process, bot = start_serve(
+        hub.url, small_disk, MERGEBOT_DATABASE_URL=database, MERGEBOT_DISK_MARGIN_GB="0"
+    )
+    try:
+        spec = search_spec(trials=200, examples=SLOW_EXAMPLES)
+        body = {"spec": spec, "target": "alice/disk-full"}
+        status, job = bot.call("POST", "/api/searches", body, ALICE)
+        assert status == 202, job
+
+        def trials_done() -> int:
+            return bot.call("GET", f"/api/searches/{job['id']}", token=ALICE)[1]["done"]
+
+        wait_until(lambda: trials_done() >= 1, "the first trial")
+        filler = fill(small_disk)
+        failed = bot.wait_done(job["id"])
+        assert failed["status"] == "failed", failed
+        assert failed["error"].startswith("the worker's disk is full (OSError during search)")
+        assert str(small_disk) not in failed["error"]
+        assert not (small_disk / "jobs" / job["id"]).exists()
+
+        filler.unlink()
+        status, merge = bot.submit(ties_recipe("alice"), "alice/after-full", ALICE)
+        assert status == 202, merge
+        assert bot.wait_done(merge["id"])["status"] == "succeeded"
+    finally:
+        process.stop()
