@@ -307,6 +307,44 @@ def test_a_merge_and_another_requesters_search_run_while_a_long_search_runs(hub,
         process.stop()
 
 
+def test_searches_taking_turns_survive_a_killed_worker_and_run_no_trial_twice(hub, tmp_path):
+    """Two searches alternate one trial a turn on one worker; the worker is killed in the
+    middle and restarted under its id: both finish their budgets, each trial once."""
+    budget = 10
+    work = tmp_path / "work"
+    serve, bot = start_serve(hub.url, work, "--no-worker")
+    env = service_env(hub.url, work, MERGEBOT_SEARCH_SLICE_MINUTES="0")
+
+    def start_worker() -> MergebotProcess:
+        return MergebotProcess(["worker", "--id", "turn-worker"], env, tmp_path / "worker.log")
+
+    def trials(job_id: str) -> list[dict]:
+        return bot.call("GET", f"/api/searches/{job_id}/trials", token=ALICE)[1]
+
+    worker = start_worker()
+    try:
+        jobs = []
+        for target in ("alice/turns-1", "alice/turns-2"):
+            body = {"spec": search_spec(trials=budget), "target": target}
+            status, job = bot.call("POST", "/api/searches", body, ALICE)
+            assert status == 202, job
+            jobs.append(job["id"])
+        wait_until(lambda: all(len(trials(j)) >= 2 for j in jobs), "two turns of each")
+        worker.kill()
+        worker = start_worker()  # resumes the turn it was running; the other is queued
+        done = [bot.wait_done(j) for j in jobs]
+        final = [trials(j) for j in jobs]
+    finally:
+        worker.stop()
+        serve.stop()
+    assert [d["status"] for d in done] == ["succeeded", "succeeded"], (done, worker.log)
+    for job, found in zip(done, final, strict=True):
+        assert len(found) == budget == job["outcome"]["trials"]
+        assert len({json.dumps(t["params"], sort_keys=True) for t in found}) == budget
+        assert len(job_commits(hub.url, job["target"], ALICE, job["id"])) == 1
+    assert "waits for its next turn" in "\n".join(done[0]["log"] + done[1]["log"])
+
+
 def test_two_postgres_workers_share_a_search_that_survives_a_killed_worker(hub, tmp_path):
     budget = 60
     workers: dict[str, MergebotProcess] = {}
