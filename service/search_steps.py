@@ -4,8 +4,11 @@ let every listening worker evaluate trials of a running search.
 The study lives in the bot's own database (Optuna's tables beside the jobs), named after the
 job, so a worker killed in the middle loses at most the trial it was running: the search step
 runs again (under the same worker id, or on another machine) and continues the same study.
-Any other worker that is idle joins a running search (:func:`help_searches`) and evaluates
-trials until the budget is spent or the search stops; its trials carry its worker id.
+Searches take turns in each worker's search lane: the search step gives its turn away between
+trials when another search waits (:func:`search_step`; the workflow queues the next turn).
+Any other worker whose search lane is empty joins a running search (:func:`help_searches`)
+and evaluates trials until the budget is spent or the search stops or ends its turn; its
+trials carry its worker id.
 """
 
 from __future__ import annotations
