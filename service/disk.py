@@ -39,8 +39,8 @@ def check_room(folder: Path, needed: int, margin: int, whose: str) -> None:
     free = shutil.disk_usage(folder).free
     if needed + margin > free:
         raise DiskFull(
-            f"{whose} disk has {_gb(free)} free, and this job needs {_gb(needed)} for its sources and output "
-            f"plus the {_gb(margin)} the bot keeps free (MERGEBOT_DISK_MARGIN_GB); try again later, or merge smaller models"
+            f"{whose} disk has {_size(free)} free, and this job needs {_size(needed)} for its sources and output "
+            f"plus the {_size(margin)} the bot keeps free (MERGEBOT_DISK_MARGIN_GB); try again later, or merge smaller models"
         )
 
 
@@ -55,5 +55,5 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
-def _gb(count: int) -> str:
-    return f"{count / 1e9:.3g} GB"
+def _size(count: int) -> str:
+    return f"{count / 1e9:,.1f} GB" if count >= 1e9 else f"{count / 1e6:,.1f} MB"

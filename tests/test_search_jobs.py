@@ -401,7 +401,9 @@ def test_a_job_that_does_not_fit_the_disk_is_refused_at_submit_and_before_its_do
     for code, body in ((status, refusal), (search_status, search_refusal)):
         assert code == 507, body
         assert body["error"].startswith("the bot's disk has "), body
-        assert "plus the 1e+06 GB the bot keeps free (MERGEBOT_DISK_MARGIN_GB)" in body["error"]
+        assert (
+            "plus the 1,000,000.0 GB the bot keeps free (MERGEBOT_DISK_MARGIN_GB)" in body["error"]
+        )
     # queued where there was room; the worker's own disk has none: it fails before downloading
     process, bot = start_serve(hub.url, work, "--no-worker", MERGEBOT_DISK_MARGIN_GB="0")
     worker = None
