@@ -20,7 +20,7 @@ once per token and few minutes, not on every request.
 Every refusal is `{"error": "<one sentence>", "field": "<the field it is about, or null>"}`
 with its status: 400 a bad request, 401 sign-in needed or the token refused, 403 not yours,
 404 no such job (or one you may not see), 413 a body over the size limit, 429 your queue is
-full, 503 the Hub cannot be reached. Anything unexpected is a 500 whose `error` carries an id
+full, 503 the Hub cannot be reached, 507 the job does not fit the bot's disk now. Anything unexpected is a 500 whose `error` carries an id
 that the server's log has with the details.
 """
 

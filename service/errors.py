@@ -9,7 +9,8 @@ for the person who asked; ``field`` names the part of the request it is about, i
     ├── NotFound          404  no such job or follow, or not one the asker may see
     ├── TooLarge          413  the request body is over the limit
     ├── QueueLimitError   429  the requester's queue is full
-    └── HubUnavailable    503  the Hub cannot be reached or answers too slowly
+    ├── HubUnavailable    503  the Hub cannot be reached or answers too slowly
+    └── DiskFull          507  the job's sources and output do not fit the disk now
 """
 
 from __future__ import annotations
@@ -53,3 +54,9 @@ class QueueLimitError(ServiceError):
 
 class HubUnavailable(ServiceError):
     status = 503
+
+
+class DiskFull(ServiceError):
+    """The disk of the work dir has no room for the job now (see ``service.disk``)."""
+
+    status = 507

@@ -18,6 +18,7 @@ from merge_engine.hub_names import check_repo_id, check_revision
 from merge_engine.plan import MergePlan
 from merge_engine.recipe import DataBlock, ModelReference, Recipe
 from merge_engine.sources import ModelSource
+from service.disk import source_bytes
 
 Origin = Literal["form", "discussion", "schedule", "api"]
 
@@ -202,7 +203,7 @@ def check_model_count(recipe: Recipe | SearchSpec, limits: Limits) -> None:
 
 def check_limits(sources: Mapping[ModelReference, ModelSource], limits: Limits) -> None:
     """Size limits from the pre-flight (headers only), before any download."""
-    size = sum(info.nbytes for source in sources.values() for info in source.tensors.values())
+    size = source_bytes(sources)
     if size > limits.max_source_bytes:
         raise RecipeError(
             f"the source models hold {size / 1e9:.1f} GB of weights, more than the {limits.max_source_bytes / 1e9:.0f} GB limit of this bot",
@@ -242,26 +243,26 @@ def check_search_limits(spec: SearchSpec, limits: SearchLimits) -> None:
 
 @dataclass(frozen=True)
 class SearchUse:
-    """What one earlier search of the day counts against its requester's daily limits: the
-    trials it asked for, and its wall time (all of it while it waits or runs; what it took
-    once it ended)."""
+    """What a requester's searches of the last 24 hours count against the daily limits: the
+    trials they booked, and their wall time (all of it while a search waits or runs; what it
+    used once it ended)."""
 
     trials: int
     seconds: float
 
 
 def check_daily_search_limits(
-    spec: SearchSpec, earlier: list[SearchUse], requester: str, limits: SearchLimits
+    spec: SearchSpec, earlier: SearchUse, requester: str, limits: SearchLimits
 ) -> None:
     """``spec`` and the ``earlier`` searches of ``requester`` in the last day within this
     bot's daily limits per requester."""
-    trials = spec.total_trials() + sum(use.trials for use in earlier)
+    trials = spec.total_trials() + earlier.trials
     if trials > limits.daily_trials:
         raise RecipeError(
             f"{requester} would run {trials} search trials today, more than the {limits.daily_trials} this bot runs per requester per day; ask for fewer trials or wait a day",
             field="budget.trials",
         )
-    hours = ((spec.budget.wall_time or 0) + sum(use.seconds for use in earlier)) / 3600
+    hours = ((spec.budget.wall_time or 0) + earlier.seconds) / 3600
     if hours > limits.daily_hours:
         raise RecipeError(
             f"{requester} would search for {_hours(hours)} today, more than the {_hours(limits.daily_hours)} this bot gives a requester per day; shorten budget.wall_time or wait a day",

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+
+from service.intake import SearchUse
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: tuple[Status, ...] = ("queued", "running")
@@ -20,6 +23,7 @@ STAGES = ("pre-flight", "download", "merge", "verify", "card", "push")
 SEARCH_STAGES = ("pre-flight", "search", "verify", "push")
 """A search's trials and the writing of its winner (with its card) are one stage."""
 LOG_LINES = 30
+DAY = 24 * 3600
 
 metadata = sa.MetaData()
 jobs_table = sa.Table(
@@ -54,6 +58,10 @@ jobs_table = sa.Table(
     sa.Column("kind", sa.String(20)),
     sa.Column("outcome", sa.Text),
     sa.Column("finish_early", sa.Boolean),
+    sa.Column("trials_booked", sa.Integer),
+    sa.Column("seconds_booked", sa.Float),
+    sa.Column("search_seconds", sa.Float),
+    sa.Column("turn_started", sa.Float),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
@@ -120,6 +128,16 @@ class Job:
     with the winner first."""
     finish_early: bool = False
     """The requester stopped the search and asked for the best candidate so far."""
+    trials_booked: int | None = None
+    """A search's trials, all stages: what its requester's daily trial limit counts."""
+    seconds_booked: float | None = None
+    """A search's wall time: what its requester's daily time limit counts while it is active."""
+    search_seconds: float | None = None
+    """The seconds a search has held a worker's search lane in its ended turns: what its
+    ``wall_time`` and, once it ended, its requester's daily time limit count."""
+    turn_started: float | None = None
+    """When a search's current turn in the search lane began (POSIX seconds); None between
+    turns."""
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -172,11 +190,15 @@ class JobStore:
         metadata.create_all(engine, tables=[jobs_table, requester_locks])
         _add_missing_columns(engine, jobs_table)
 
-    def add_within_limit(self, job: Job, limit: int) -> Job | None:
+    def add_within_limit(
+        self, job: Job, limit: int, check_day: Callable[[SearchUse], None] | None = None
+    ) -> Job | None:
         """Insert ``job`` as a new attempt (replacing an ended attempt of the same id) unless
         its requester already has ``limit`` jobs waiting or running; return the stored job,
         the existing one when the same job is already active or succeeded, or None when the
-        limit is reached. One transaction that first writes the requester's lock row."""
+        limit is reached. ``check_day`` is given what the requester's other searches of the
+        last 24 hours count and raises to refuse the job. One transaction that first writes
+        the requester's lock row, so simultaneous submits count each other."""
         now = time.time()
         with self.engine.begin() as db:
             _lock_row(db, job.requester, now)
@@ -189,6 +211,8 @@ class JobStore:
             ).scalar_one()
             if active >= limit:
                 return None
+            if check_day is not None:
+                check_day(_searches_of_day(db, job.requester, job.id, now - DAY))
             job.attempt = existing.attempt + 1 if existing else 1
             job.created_at = job.updated_at = now
             db.execute(jobs_table.delete().where(jobs_table.c.id == job.id))
@@ -306,18 +330,21 @@ class JobStore:
         with self.engine.connect() as db:
             return [_from_row(row) for row in db.execute(query)]
 
-    def busy(self, worker: str) -> bool:
-        """Whether ``worker`` runs a job now."""
+    def searching(self, worker: str) -> bool:
+        """Whether ``worker``'s search lane runs a search now."""
         c = jobs_table.c
-        return self._count(c.worker == worker, c.status == "running") > 0
+        return self._count(c.worker == worker, c.kind == "search", c.status == "running") > 0
 
-    def searches_since(self, requester: str, since: float) -> list[Job]:
+    def search_waits(self, other_than: str) -> bool:
+        """Whether a search other than ``other_than`` waits for a search lane: a new one, or
+        one that gave its turn away."""
         c = jobs_table.c
-        query = jobs_table.select().where(
-            c.requester == requester, c.kind == "search", c.created_at >= since
-        )
+        return self._count(c.kind == "search", c.status == "queued", c.id != other_than) > 0
+
+    def searches_of_day(self, requester: str, other_than: str) -> SearchUse:
+        """What ``requester``'s searches of the last 24 hours count, except ``other_than``'s."""
         with self.engine.connect() as db:
-            return [_from_row(row) for row in db.execute(query)]
+            return _searches_of_day(db, requester, other_than, time.time() - DAY)
 
     def cancel_requested(self, job_id: str) -> bool:
         with self.engine.connect() as db:
@@ -326,6 +353,22 @@ class JobStore:
                     sa.select(jobs_table.c.cancel_requested).where(jobs_table.c.id == job_id)
                 ).scalar_one_or_none()
             )
+
+
+def _searches_of_day(db: sa.Connection, requester: str, other_than: str, since: float) -> SearchUse:
+    """What ``requester``'s searches created since ``since`` (except job ``other_than``) count
+    against the daily limits: the trials each booked, and its wall time — all of it while it
+    waits or runs, what it used once it ended. Read from columns, never from the stored specs."""
+    c = jobs_table.c
+    query = sa.select(c.status, c.trials_booked, c.seconds_booked, c.search_seconds).where(
+        c.requester == requester, c.kind == "search", c.created_at >= since, c.id != other_than
+    )
+    trials, seconds = 0, 0.0
+    for status, booked_trials, booked_seconds, used in db.execute(query):
+        trials += booked_trials or 0
+        booked = booked_seconds or 0.0
+        seconds += booked if status in ACTIVE else min(booked, used or 0.0)
+    return SearchUse(trials, seconds)
 
 
 def _count_of(*where: Any) -> sa.Select:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
@@ -30,6 +30,7 @@ from merge_engine.formats.layouts import Layout
 from merge_engine.plan import MergePlan
 from merge_engine.recipe import ModelReference, Recipe, recipe_from_text, with_revisions
 from merge_engine.sources import inspect_hub
+from service.disk import check_room, search_bytes, source_bytes
 from service.errors import (
     HubUnavailable,
     NotAllowed,
@@ -56,7 +57,7 @@ from service.intake import (
     search_job_id,
     with_wall_time,
 )
-from service.job_store import ACTIVE, Job, JobStore, make_engine
+from service.job_store import Job, JobStore, make_engine
 from service.once import create_tables as create_event_tables
 from service.recent_jobs import RecentJobs
 from service.retry import is_transient
@@ -118,6 +119,7 @@ class JobService:
                 request.recipe, token=identity.token or False, hub_only=True, cache_dir=cache
             )
         check_limits(plan.sources, limits)
+        self.check_disk(source_bytes(plan.sources) + plan.output_bytes, "the bot's")
         new_id = job_id(plan, request)
         if not identity.token:
             self._check_bot_target(request.target, identity, new_id)
@@ -165,12 +167,11 @@ class JobService:
         revisions = {ref: s.revision for ref, s in checked.sources.items() if s.revision}
         checked = replace(checked, spec=with_revisions(spec, revisions))
         check_limits(checked.sources, self.settings.limits)
+        self.check_disk(search_bytes(checked.sources), "the bot's")
         new_id = search_job_id(checked.spec, request)
         if self.store.get(new_id) is None:  # asking twice is the same search, not a second
-            earlier = [
-                self._search_use(job)
-                for job in self.store.searches_since(identity.requester, time.time() - DAY)
-            ]
+            # what Validate shows; submit checks again in the transaction that queues the job
+            earlier = self.store.searches_of_day(identity.requester, new_id)
             check_daily_search_limits(
                 checked.spec, earlier, identity.requester, self.settings.search_limits
             )
@@ -178,11 +179,10 @@ class JobService:
             self._check_bot_target(request.target, identity, new_id)
         return checked, new_id
 
-    def _search_use(self, job: Job) -> SearchUse:
-        spec = self.read_spec(job.recipe)
-        booked = spec.budget.wall_time or 0.0
-        used = booked if job.status in ACTIVE else min(booked, job.updated_at - job.created_at)
-        return SearchUse(spec.total_trials(), used)
+    def check_disk(self, needed: int, whose: str) -> None:
+        """Refuse a job of ``needed`` bytes that does not fit the work dir's disk now."""
+        settings = self.settings
+        check_room(settings.work_dir, needed, settings.disk_margin_bytes, whose)
 
     def _check_request(
         self, document: Recipe | SearchSpec, target: str, private: bool, identity: Identity
@@ -278,17 +278,27 @@ class JobService:
             log=[f"queued: a {spec.space} search over {models} into {request.target}"],
             request_recipe=request.spec.to_yaml(),
             discussion=request.discussion,
+            trials_booked=spec.total_trials(),
+            seconds_booked=spec.budget.wall_time,
         )
-        return self._queue(job, identity)
+        limits = self.settings.search_limits
 
-    def _queue(self, job: Job, identity: Identity) -> Job:
-        """Store ``job`` within its requester's queue limit and start its workflow."""
+        def check_day(earlier: SearchUse) -> None:
+            check_daily_search_limits(spec, earlier, identity.requester, limits)
+
+        return self._queue(job, identity, check_day)
+
+    def _queue(
+        self, job: Job, identity: Identity, check_day: Callable[[SearchUse], None] | None = None
+    ) -> Job:
+        """Store ``job`` within its requester's queue limit (and, for a search, the daily
+        limits: ``check_day`` refuses in the same transaction) and start its workflow."""
         limit = (
             self.settings.max_queued_per_requester
             if identity.token
             else self.settings.max_queued_anonymous
         )
-        stored = self.store.add_within_limit(job, limit)
+        stored = self.store.add_within_limit(job, limit, check_day)
         if stored is None:
             raise QueueLimitError(
                 f"{identity.requester} already has {limit} jobs waiting or running; wait for one to finish or cancel one"
@@ -351,7 +361,8 @@ class JobService:
 
     def cancel(self, job_id: str, identity: Identity, publish_best: bool = False) -> Job:
         """Ask a queued or running job to stop; the worker stops at its next checkpoint (a
-        tensor, in the merge; a tensor or batch of the running trial, in a search). With ``publish_best`` a running search
+        tensor, in the merge; a tensor or batch of the running trial, in a search). With
+        ``publish_best`` a search that has started (running, or waiting for its next turn)
         instead publishes its best candidate so far. Only the requester — or the bot's own
         token — may cancel."""
         missing = f"there is no job {excerpt(job_id)}; check the id with `mergebot jobs`"
@@ -360,7 +371,11 @@ class JobService:
             raise NotFound(missing)
         self.authorise(identity, job.requester, job.private, missing, f"cancel {job_id}")
         wants_best = publish_best and job.kind == "search"
-        if wants_best and self.store.update_if(job_id, "running", finish_early=True):
+        waits_its_turn = job.stage == "search"  # its next turn publishes at once
+        if wants_best and (
+            self.store.update_if(job_id, "running", finish_early=True)
+            or (waits_its_turn and self.store.update_if(job_id, "queued", finish_early=True))
+        ):
             self.store.update(job_id, log="stop requested: publishing the best so far")
             return self.store.get(job_id) or job
         return self.request_cancel(job)
@@ -432,7 +447,6 @@ class JobService:
         return response.status_code < 500
 
 
-DAY = 24 * 3600
 LAYOUT_SECONDS = 600.0
 """How long the form trusts a model's layout once read (a repo rarely changes kind)."""
 LAYOUTS_KEPT = 1024

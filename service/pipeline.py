@@ -28,6 +28,7 @@ from merge_engine.plan import MergePlan
 from merge_engine.recipe import recipe_from_text
 from merge_engine.run import download_plan, resolve_device, write_merge
 from service.discussions import DiscussionWatcher, discussion_url, parse_discussion_key
+from service.disk import is_disk_full, source_bytes
 from service.hub import hub_api, publish
 from service.job_store import ACTIVE, SEARCH_STAGES, STAGES, Job
 from service.jobs import JobService
@@ -35,6 +36,8 @@ from service.retry import HubOutage, RetryPolicy, is_transient, with_retries
 from service.verify import verify_output
 
 QUEUE = "merges"
+SEARCH_QUEUE = "searches"
+"""Searches have a lane of their own on every worker: a merge never waits behind one."""
 WORKFLOW = "mergebot.merge_job"
 PROGRESS_EVERY = 0.5  # seconds between progress writes (and cancel checks) during a merge
 log = logging.getLogger("mergebot.jobs")
@@ -59,9 +62,16 @@ def running_service() -> JobService:
     return _service
 
 
-def enqueue(job: Job) -> None:
-    with SetWorkflowID(job.workflow_id):
-        DBOS.enqueue_workflow(QUEUE, merge_job, job.id)
+def enqueue(job: Job, turn: int = 0) -> None:
+    """Queue ``job``'s workflow (a search's ``turn`` after the first continues its search)."""
+    queue = SEARCH_QUEUE if job.kind == "search" else QUEUE
+    with SetWorkflowID(turn_workflow_id(job, turn)):
+        DBOS.enqueue_workflow(queue, merge_job, job.id, turn)
+
+
+def turn_workflow_id(job: Job, turn: int) -> str:
+    """The workflow of one turn of ``job``'s current attempt: the attempt's own for the first."""
+    return job.workflow_id if turn == 0 else f"{job.workflow_id}.turn{turn}"
 
 
 # --- what every step needs -----------------------------------------------------------------
@@ -162,6 +172,7 @@ def preflight_step(job_id: str) -> None:
 def download_step(job_id: str) -> None:
     job = job_of(job_id)
     plan = _plan(job)
+    running_service().check_disk(source_bytes(plan.sources) + plan.output_bytes, "the worker's")
     cache = running_service().settings.job_dir(job_id) / "hub"
     with_hub(job_id, lambda: download_plan(plan, read_token(job), cache))
 
@@ -275,26 +286,43 @@ def _steps(job: Job) -> list[tuple[str, Callable[[str], None]]]:
 
 
 @DBOS.workflow(name=WORKFLOW)
-def merge_job(job_id: str) -> str:
-    """Run every stage of ``job_id``; record how it ended. Returns the final status."""
+def merge_job(job_id: str, turn: int = 0) -> str:
+    """Run every stage of ``job_id``; record how it ended. Returns the final status. A search
+    whose turn ends while another search waits queues its next ``turn`` (which continues at
+    the search stage) and returns "waiting"."""
     jobs = running_service()
     store = jobs.store
     job = store.get(job_id)
     if job is None or job.status not in ACTIVE:
+        if job is not None and turn:  # cancelled between turns: what the last one left here
+            jobs.finish(job_id)
         return job.status if job else "missing"
-    if job.workflow_id != DBOS.workflow_id:
+    if turn_workflow_id(job, turn) != DBOS.workflow_id:
         return "superseded"  # a later attempt of the same job owns the row now
     store.update(job_id, status="running", worker=jobs.settings.worker_id)
     stage = "pre-flight"
     retry_later = False  # failed by a Hub outage, and to run again when the Hub is back
+    steps = _steps(job)
+    if turn:
+        steps = steps[job.stages.index("search") :]
     try:
-        for stage, step in _steps(job):
+        for stage, step in steps:
             if store.cancel_requested(job_id):
                 raise JobCancelled()
-            store.update(job_id, stage=stage, fraction=0.0, log=stage)
+            if stage == "search" and turn:
+                store.update(job_id, log=f"search: turn {turn + 1}")
+            else:
+                store.update(job_id, stage=stage, fraction=0.0, log=stage)
             log.info("job %s: %s", job_id, stage)
             started = time.monotonic()
-            step(job_id)
+            if step(job_id) is True:  # a search gave its turn away
+                store.update(
+                    job_id,
+                    status="queued",
+                    log="search: waits for its next turn (another search waited)",
+                )
+                enqueue(job, turn + 1)
+                return "waiting"
             store.update(job_id, log=f"{stage}: done in {time.monotonic() - started:.1f} s")
         done = job_of(job_id)
         if done.follow_sources:
@@ -331,6 +359,8 @@ def describe_failure(
     error: BaseException, stage: str, target: str, retry_later: bool = False
 ) -> str:
     """One sentence naming what went wrong and what to do."""
+    if is_disk_full(error):
+        return f"the worker's disk is full ({type(error).__name__} during {stage}); this job's files were removed and other jobs carry on; submit it again later"
     if is_transient(error):
         outage = error if isinstance(error, HubOutage) else HubOutage(0, error)
         then = (

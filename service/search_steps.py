@@ -4,8 +4,11 @@ let every listening worker evaluate trials of a running search.
 The study lives in the bot's own database (Optuna's tables beside the jobs), named after the
 job, so a worker killed in the middle loses at most the trial it was running: the search step
 runs again (under the same worker id, or on another machine) and continues the same study.
-Any other worker that is idle joins a running search (:func:`help_searches`) and evaluates
-trials until the budget is spent or the search stops; its trials carry its worker id.
+Searches take turns in each worker's search lane: the search step gives its turn away between
+trials when another search waits (:func:`search_step`; the workflow queues the next turn).
+Any other worker whose search lane is empty joins a running search (:func:`help_searches`)
+and evaluates trials until the budget is spent or the search stops or ends its turn; its
+trials carry its worker id.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from merge_engine.evolve.study import StoredStudy, read_study
 from merge_engine.run import resolve_device
 from merge_engine.sources import model_class
 from service import pipeline
+from service.disk import search_bytes
 from service.job_store import Job
 from service.verify import verify_output
 
@@ -71,11 +75,11 @@ def trial_records(service, job: Job) -> list[TrialRecord]:
     return [record for study in read_studies(service, job) for record in study.records]
 
 
-def search_started(service, job: Job) -> float | None:
-    """When the first trial of the job began (POSIX seconds): ``wall_time`` counts from it in
-    every process and every attempt."""
-    starts = [s.first_start for s in read_studies(service, job) if s.first_start is not None]
-    return min(starts, default=None)
+def search_seconds(job: Job, now: float) -> float:
+    """The seconds ``job`` has held a search lane: its ended turns and the current one.
+    ``wall_time`` bounds these, not the time the search waited for its turns."""
+    current = now - job.turn_started if job.turn_started is not None else 0.0
+    return (job.search_seconds or 0.0) + current
 
 
 def search_status(service, job: Job) -> dict:
@@ -99,10 +103,9 @@ def search_status(service, job: Job) -> dict:
                 "worker": record.worker,
             }
         )
-    starts = [s.first_start for s in studies if s.first_start is not None]
     left = None
-    if starts and spec.budget.wall_time and job.status == "running":
-        left = max(0.0, spec.budget.wall_time - (time.time() - min(starts)))
+    if spec.budget.wall_time and job.stage == "search" and job.status in ("queued", "running"):
+        left = max(0.0, spec.budget.wall_time - search_seconds(job, time.time()))
     baselines = studies[0].attributes.get(BASELINES, []) if studies else []
     return finite_json(
         {
@@ -144,52 +147,79 @@ def search_preflight_step(job_id: str) -> None:
     job = pipeline.job_of(job_id)
     service = pipeline.running_service()
     cache = service.settings.job_dir(job_id) / "hub"
-    pipeline.with_hub(
+    checked = pipeline.with_hub(
         job_id,
         lambda: check_spec(
             search_spec(job), token=pipeline.read_token(job), hub_only=True, cache_dir=cache
         ),
     )
+    service.check_disk(search_bytes(checked.sources), "the worker's")  # the search downloads
 
 
 @DBOS.step(name="mergebot.search.run")
-def search_step(job_id: str) -> None:
+def search_step(job_id: str) -> bool:
     """Run trials (with any helping workers) until the budget is spent, the wall time is up or
-    the requester asks for the best so far; write the winner with its card."""
+    the requester asks for the best so far, and write the winner with its card; or, once
+    this turn has had its slice while another search waits, stop after the current trial
+    and return True (the workflow queues the next turn)."""
     service = pipeline.running_service()
+    store = service.store
     job = pipeline.job_of(job_id)
-    service.store.count_merge_run(job_id, service.settings.worker_id)
+    store.count_merge_run(job_id, service.settings.worker_id)
+    if job.turn_started is None:  # kept across a crash: the time until recovery counts
+        job.turn_started = time.time()
+        store.update(job_id, turn_started=job.turn_started)
     spec = search_spec(job)
     out = output_dir(service, job)
-    resume = (out / "evolve" / "spec.yaml").is_file()  # this machine ran it before a crash
-    result = evolve(
-        spec,
-        out,
-        resume=resume,
-        storage=service.settings.database_url,
-        device=service.settings.device,
-        token=pipeline.read_token(job),
-        hub_only=True,
-        cache_dir=service.settings.job_dir(job_id) / "hub",
-        show_progress=False,
-        progress=_progress(service, job, spec, pipeline.JobCancelled),
-        study_name=study_names(job).prefix,
-        worker=service.settings.worker_id,
-        started=search_started(service, job),
-        stop=lambda: _stop_asked(service, job_id, pipeline.JobCancelled),
-        card_details={
-            "job_id": job.id,
-            "credit": pipeline.credit(job),
-            "endpoint": service.settings.endpoint,
-        },
-    )
+    resume = (out / "evolve" / "spec.yaml").is_file()  # this machine ran it before
+    slice_end = job.turn_started + service.settings.search_slice_seconds
+    report = _progress(service, job, spec, pipeline.JobCancelled)
+    trials = 0  # of this turn: every turn runs at least one
+
+    def progress(stage: str, done: int, budget: int, best: float) -> None:
+        nonlocal trials
+        trials += 1
+        report(stage, done, budget, best)
+
+    def pause() -> bool:
+        due = trials > 0 and time.time() >= slice_end
+        return due and store.search_waits(other_than=job_id)
+
+    try:
+        result = evolve(
+            spec,
+            out,
+            resume=resume,
+            storage=service.settings.database_url,
+            device=service.settings.device,
+            token=pipeline.read_token(job),
+            hub_only=True,
+            cache_dir=service.settings.job_dir(job_id) / "hub",
+            show_progress=False,
+            progress=progress,
+            study_name=study_names(job).prefix,
+            worker=service.settings.worker_id,
+            started=time.time() - search_seconds(job, time.time()),
+            stop=lambda: _stop_asked(service, job_id, pipeline.JobCancelled),
+            pause=pause,
+            card_details={
+                "job_id": job.id,
+                "credit": pipeline.credit(job),
+                "endpoint": service.settings.endpoint,
+            },
+        )
+    finally:
+        store.update(job_id, search_seconds=search_seconds(job, time.time()), turn_started=None)
+    if result is None:
+        return True
     card = (out / "README.md").read_text(encoding="utf-8")
-    service.store.update(
+    store.update(
         job_id,
         outcome=json.dumps(outcome_of(result)),
         card=card,
         log=f"winner: search fitness {result.search_fitness:.4g}, held-out {result.held_out_fitness:.4g}",
     )
+    return False
 
 
 def outcome_of(result: SearchResult) -> dict:
@@ -287,25 +317,27 @@ def help_searches(service, stopping: threading.Event) -> None:
     """While this worker runs no job, evaluate trials of a search another worker runs; return
     when ``stopping`` is set. Started beside every worker's queue."""
     me = service.settings.worker_id
-    helped: set[str] = set()  # spent, stopped or failing here: not joined again
+    helped: set[tuple[str, float | None]] = set()  # turns spent, stopped or failing here
     while not stopping.wait(HELP_POLL_SECONDS):
-        if service.store.busy(me):
+        if service.store.searching(me):
             continue
         for job in service.store.running_searches():
-            if job.worker == me or job.workflow_id in helped:
+            turn = (job.workflow_id, job.turn_started)
+            if job.worker == me or turn in helped:
                 continue
             try:
                 join_search(service, job, stopping)
             except Exception as error:  # noqa: BLE001  (the search's own worker carries on)
                 log.warning("helping search %s stopped: %s", job.id, error)
-            if not service.store.busy(me):  # not called away to a job of its own
-                helped.add(job.workflow_id)
+            if not service.store.searching(me):  # not called away to a search of its own
+                helped.add(turn)
             break
 
 
 def join_search(service, job: Job, stopping: threading.Event) -> None:
-    """Evaluate trials of ``job`` until its budget is spent, it stops searching, or this
-    worker is given a job of its own (then at once, abandoning its running trial)."""
+    """Evaluate trials of ``job`` until its budget is spent, it stops searching or gives its
+    turn away, or this worker's search lane is given a search of its own (then at once,
+    abandoning its running trial)."""
     me = service.settings.worker_id
     folder = service.settings.work_dir / "helping" / job.id
     spec = search_spec(job)
@@ -321,7 +353,8 @@ def join_search(service, job: Job, stopping: threading.Event) -> None:
             or current.stage != "search"
             or current.finish_early
             or current.cancel_requested
-            or service.store.busy(me)
+            or current.turn_started != job.turn_started
+            or service.store.searching(me)
         )
 
     log.info("worker %s helps search %s", me, job.id)
@@ -338,7 +371,7 @@ def join_search(service, job: Job, stopping: threading.Event) -> None:
             show_progress=False,
             study_name=study_names(job).prefix,
             worker=me,
-            started=search_started(service, job),
+            started=time.time() - search_seconds(job, time.time()),
             stop=stop,
         )
     finally:

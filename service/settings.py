@@ -11,6 +11,7 @@
 | `MERGEBOT_WORKER_ID` | this worker's stable id: a restart under the same id resumes its jobs | `<host>-worker0` |
 | `MERGEBOT_DEVICE` | `auto`, `cpu` or `cuda` | `auto` |
 | `MERGEBOT_MAX_MODELS`, `MERGEBOT_MAX_SOURCE_GB`, `MERGEBOT_MAX_QUEUED` | limits per request and queued jobs per requester | 8, 100, 3 |
+| `MERGEBOT_DISK_MARGIN_GB` | disk the bot keeps free in the work dir: a job whose sources and output do not fit beside it is refused at submit (507), or fails before its download on a worker | 5 |
 | `MERGEBOT_LOCAL_LOGIN_TOKEN` | off Spaces, whom the UI's sign-in mock signs in as | the bot's token (the demo user in the demo) |
 | `MERGEBOT_WATCH_REPOS` | repos whose discussions are merge or search requests (`org/name`, `spaces/org/name`) | the Space itself (`SPACE_ID`) |
 | `MERGEBOT_DISCUSSION_POLL_SECONDS`, `MERGEBOT_FOLLOW_CHECK_SECONDS` | how often the clock polls discussions and checks followed sources | 60, 3600 |
@@ -19,7 +20,8 @@
 | `MERGEBOT_ALLOW_NAMESPACES`, `MERGEBOT_DENY_NAMESPACES` | comma lists: namespaces a discussion request may (not) read from | any / none |
 | `MERGEBOT_MAX_SEARCH_TRIALS`, `MERGEBOT_MAX_SEARCH_HOURS` | trials (all stages) and wall time of one evolutionary search; a spec without `wall_time` gets the latter | 300, 6 |
 | `MERGEBOT_MAX_SEARCH_GENES`, `MERGEBOT_MAX_SEARCH_TASKS` | genes of one stage of a search (counted from the spec and the sources' headers) and fitness tasks of one search | 512, 16 |
-| `MERGEBOT_SEARCH_TRIALS_DAILY`, `MERGEBOT_SEARCH_HOURS_DAILY` | trials and wall time of all searches one requester asks for in 24 hours (an ended search counts the time it took) | 1000, 24 |
+| `MERGEBOT_SEARCH_TRIALS_DAILY`, `MERGEBOT_SEARCH_HOURS_DAILY` | trials and wall time of all searches one requester asks for in 24 hours (an ended search counts the time it searched), checked when the search is queued | 1000, 24 |
+| `MERGEBOT_SEARCH_SLICE_MINUTES` | how long a search keeps a worker's search lane while another search waits; then it goes to the back of the queue after its current trial | 10 |
 | `MERGEBOT_MAX_QUEUED_ANONYMOUS` | queued jobs of all requests without sign-in together | 1 |
 | `MERGEBOT_MAX_BODY_KB` | size of one HTTP request body (413 above it) | 1024 |
 | `MERGEBOT_MAX_RECIPE_KB`, `MERGEBOT_MAX_RECIPE_DEPTH`, `MERGEBOT_MAX_RECIPE_NODES` | a recipe's size, nesting, and values once YAML aliases are expanded | 256, 32, 50000 |
@@ -70,6 +72,11 @@ class Settings:
     deny_namespaces: tuple[str, ...] = ()
     local_login_token: str | None = field(default=None, repr=False)
     """Off Spaces, whom Gradio's sign-in mock signs in as (see ``service.server``)."""
+    disk_margin_bytes: int = 5 * 10**9
+    """Free disk kept beside every job's sources and output (see ``service.disk``)."""
+    search_slice_seconds: float = 600.0
+    """A search's turn in a worker's search lane while another search waits (see
+    ``docs/architecture.md``, "Scheduling")."""
     max_queued_anonymous: int = 1
     """Requests without sign-in share one, smaller, queue quota."""
     max_body_bytes: int = 1024 * 1024
@@ -111,6 +118,8 @@ class Settings:
             ),
             max_queued_per_requester=int(_number(env, "MERGEBOT_MAX_QUEUED", 3)),
             max_queued_anonymous=int(_number(env, "MERGEBOT_MAX_QUEUED_ANONYMOUS", 1)),
+            search_slice_seconds=_number(env, "MERGEBOT_SEARCH_SLICE_MINUTES", 10) * 60,
+            disk_margin_bytes=int(_number(env, "MERGEBOT_DISK_MARGIN_GB", 5) * 1e9),
             max_body_bytes=int(_number(env, "MERGEBOT_MAX_BODY_KB", 1024) * 1024),
             recipe_limits=_recipe_limits(env),
             identity_ttl_seconds=_number(env, "MERGEBOT_IDENTITY_TTL_SECONDS", 300),

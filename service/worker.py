@@ -1,4 +1,5 @@
-"""Starting DBOS in a process: the queue it serves, the worker id it recovers under.
+"""Starting DBOS in a process: the queues it serves (merges, and searches in a lane of their
+own), the worker id it recovers under.
 
 A worker id must be stable (restart a crashed worker under the same id and it resumes the jobs
 it owned) and unique among live processes (two live processes with one id would both run that
@@ -12,10 +13,12 @@ import logging
 
 from service.jobs import JobService
 
-APP_VERSION = "mergebot-jobs-2"
+APP_VERSION = "mergebot-jobs-3"
 """The workflow's version: recovery only resumes workflows of the same version, so bump it
 when the steps change and keep it equal across a fleet."""
 MERGES_AT_ONCE = 1  # per worker: one merge holds the machine's memory bandwidth (and GPU)
+SEARCHES_AT_ONCE = 1
+"""Per worker, beside its merge: searches take turns in this lane (see docs/architecture.md)."""
 
 
 def start_dbos(service: JobService, run_jobs: bool = True) -> None:
@@ -36,9 +39,10 @@ def start_dbos(service: JobService, run_jobs: bool = True) -> None:
             "log_level": "WARNING",
         }
     )
-    DBOS.listen_queues([pipeline.QUEUE] if run_jobs else [])
+    DBOS.listen_queues([pipeline.QUEUE, pipeline.SEARCH_QUEUE] if run_jobs else [])
     DBOS.launch()
     DBOS.register_queue(pipeline.QUEUE, worker_concurrency=MERGES_AT_ONCE)
+    DBOS.register_queue(pipeline.SEARCH_QUEUE, worker_concurrency=SEARCHES_AT_ONCE)
     if run_jobs:  # an idle worker evaluates trials of the searches other workers run
         service.helping = search_steps.start_helping(service)
     logging.getLogger("mergebot.jobs").info(

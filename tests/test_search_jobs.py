@@ -4,11 +4,14 @@ fitness table that the published model reproduces."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,11 +20,13 @@ from huggingface_hub import HfApi, snapshot_download
 from postgres_server import postgres_url
 from rendered import HOSTILE
 from service_env import (
+    BOT_TOKEN,
     MergebotProcess,
     job_commits,
     service_env,
     start_sandbox,
     start_serve,
+    ties_recipe,
     wait_until,
 )
 
@@ -31,7 +36,7 @@ from service.search_steps import held_out_fitness
 
 pytestmark = pytest.mark.slow  # real processes: a server with its worker, the sandbox hub
 
-ALICE = "tok-alice"
+ALICE, BOB = "tok-alice", "tok-bob"
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +179,54 @@ def test_limits_and_server_paths_are_refused_before_a_search_starts(hub, tmp_pat
         process.stop()
 
 
+def test_no_search_locks_its_requester_out_and_simultaneous_ones_keep_the_daily_limit(
+    hub, tmp_path
+):
+    """A spec sent small whose stored (normalised) form is over the recipe size limit used to
+    lock its requester — every anonymous user at once — out of searches for a day, and 20
+    simultaneous submits used to book past the daily trial limit."""
+    limits = {
+        "MERGEBOT_MAX_RECIPE_KB": "16",
+        "MERGEBOT_MAX_QUEUED": "30",
+        "MERGEBOT_MAX_QUEUED_ANONYMOUS": "30",
+        "MERGEBOT_SEARCH_TRIALS_DAILY": "100",
+        "MERGEBOT_MAX_SEARCH_HOURS": "0.1",  # each books 6 min of the day's 24 h
+    }
+    process, bot = start_serve(hub.url, tmp_path / "work", "--no-worker", **limits)
+    long = json.dumps("abc def " * 500)  # 4,000 characters, sent once, stored eight times
+    expanding = search_spec().replace(
+        f"examples: {json.dumps(SEARCH_TEXTS * 4)}", f"examples: [&long {long}{', *long' * 7}]"
+    )
+    assert len(expanding.encode()) < 16 * 1024
+
+    def submit(spec: str, target: str, token: str | None = None) -> tuple[int, dict]:
+        return bot.call("POST", "/api/searches", {"spec": spec, "target": target}, token)
+
+    try:
+        status, first = submit(expanding, "mergebot/expanding")
+        assert status == 202, first
+        assert len(bot.job(first["id"])["recipe"].encode()) > 16 * 1024, "stored expanded"
+        # the next anonymous search, someone else's, is not refused for bytes it never sent
+        status, second = submit(search_spec(), "mergebot/another")
+        assert status == 202, second
+
+        start = threading.Barrier(20)
+
+        def at_once(number: int) -> tuple[int, dict]:
+            start.wait()
+            return submit(search_spec(), f"alice/day-{number}", ALICE)
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(at_once, range(20)))
+    finally:
+        process.stop()
+    accepted = [body for status, body in answers if status == 202]
+    refused = [body for status, body in answers if status != 202]
+    assert len(accepted) == 12, answers  # 12 × 8 trials; a 13th would book 104 of 100
+    assert all(body["field"] == "budget.trials" for body in refused), refused
+    assert all("alice would run 104 search trials today" in body["error"] for body in refused)
+
+
 SLOW_EXAMPLES = [" ".join(SEARCH_TEXTS)] * 96
 """Trials of a few tenths of a second: a search that is still running when the test acts."""
 
@@ -216,6 +269,88 @@ def test_a_stopped_search_publishes_its_best_so_far_and_a_cancelled_one_nothing(
     )
     assert f"{trials} of 200 trials" in readme
     assert not HfApi(endpoint=hub.url, token=ALICE).repo_exists("alice/cancelled")
+
+
+def test_a_merge_and_another_requesters_search_run_while_a_long_search_runs(hub, tmp_path):
+    """Searches have a lane of their own, and take turns in it: a one-minute merge used to
+    wait behind a search for its whole wall time, and a second requester's search too."""
+    process, bot = start_serve(hub.url, tmp_path / "work", MERGEBOT_SEARCH_SLICE_MINUTES="0")
+
+    def start(target: str, token: str) -> str:
+        spec = search_spec(trials=200, examples=SLOW_EXAMPLES)
+        status, job = bot.call("POST", "/api/searches", {"spec": spec, "target": target}, token)
+        assert status == 202, job
+        return job["id"]
+
+    def view(job_id: str) -> dict:
+        return bot.call("GET", f"/api/searches/{job_id}", token=BOT_TOKEN)[1]
+
+    try:
+        long = start("alice/long-search", ALICE)
+        wait_until(lambda: view(long)["done"] >= 1, "the first trial")
+        status, merge = bot.submit(ties_recipe("alice"), "alice/quick-merge", ALICE)
+        assert status == 202, merge
+        assert bot.wait_done(merge["id"])["status"] == "succeeded"
+        searching = view(long)
+        assert searching["job"]["status"] == "running" and searching["done"] < 200, searching
+
+        other = start("bob/other-search", BOB)
+
+        def both_progress() -> bool:
+            views = [view(long), view(other)]
+            assert all(v["job"]["status"] in ("queued", "running") for v in views), views
+            return all(
+                v["done"] >= view_done + 2 for v, view_done in zip(views, before, strict=True)
+            )
+
+        before = [searching["done"], 0]
+        wait_until(both_progress, "trials of both searches while both run")
+        for job_id, token in ((long, ALICE), (other, BOB)):
+            assert bot.call("POST", f"/api/jobs/{job_id}/cancel", token=token)[0] == 200
+            assert bot.wait_done(job_id)["status"] == "cancelled"
+            # a search cancelled while it waits is cleaned up by its next turn, at once
+            folder = tmp_path / "work" / "jobs" / job_id
+            wait_until(lambda folder=folder: not folder.exists(), f"{folder} removed")
+    finally:
+        process.stop()
+
+
+def test_searches_taking_turns_survive_a_killed_worker_and_run_no_trial_twice(hub, tmp_path):
+    """Two searches alternate one trial a turn on one worker; the worker is killed in the
+    middle and restarted under its id: both finish their budgets, each trial once."""
+    budget = 10
+    work = tmp_path / "work"
+    serve, bot = start_serve(hub.url, work, "--no-worker")
+    env = service_env(hub.url, work, MERGEBOT_SEARCH_SLICE_MINUTES="0")
+
+    def start_worker() -> MergebotProcess:
+        return MergebotProcess(["worker", "--id", "turn-worker"], env, tmp_path / "worker.log")
+
+    def trials(job_id: str) -> list[dict]:
+        return bot.call("GET", f"/api/searches/{job_id}/trials", token=ALICE)[1]
+
+    worker = start_worker()
+    try:
+        jobs = []
+        for target in ("alice/turns-1", "alice/turns-2"):
+            body = {"spec": search_spec(trials=budget), "target": target}
+            status, job = bot.call("POST", "/api/searches", body, ALICE)
+            assert status == 202, job
+            jobs.append(job["id"])
+        wait_until(lambda: all(len(trials(j)) >= 2 for j in jobs), "two turns of each")
+        worker.kill()
+        worker = start_worker()  # resumes the turn it was running; the other is queued
+        done = [bot.wait_done(j) for j in jobs]
+        final = [trials(j) for j in jobs]
+    finally:
+        worker.stop()
+        serve.stop()
+    assert [d["status"] for d in done] == ["succeeded", "succeeded"], (done, worker.log)
+    for job, found in zip(done, final, strict=True):
+        assert len(found) == budget == job["outcome"]["trials"]
+        assert len({json.dumps(t["params"], sort_keys=True) for t in found}) == budget
+        assert len(job_commits(hub.url, job["target"], ALICE, job["id"])) == 1
+    assert "waits for its next turn" in "\n".join(done[0]["log"] + done[1]["log"])
 
 
 def test_two_postgres_workers_share_a_search_that_survives_a_killed_worker(hub, tmp_path):
@@ -378,3 +513,104 @@ def test_a_non_finite_fitness_fails_the_search_at_once_and_the_status_stays_json
     assert "of the parameters search has fitness nan (task nll scored nan)" in done["error"]
     assert "narrow the searched bounds" in done["error"]
     assert status == 200 and view["done"] < 10, "failed at the first non-finite fitness"
+
+
+def test_a_job_that_does_not_fit_the_disk_is_refused_at_submit_and_before_its_download(
+    hub, tmp_path
+):
+    """The free-space reading is real; the margin the bot keeps free makes a tiny job too big."""
+    work = tmp_path / "work"
+    huge = {"MERGEBOT_DISK_MARGIN_GB": "1000000"}
+    process, bot = start_serve(hub.url, work, "--no-worker", **huge)
+    try:
+        status, refusal = bot.submit(ties_recipe("alice"), "alice/no-room", ALICE)
+        spec = {"spec": search_spec(), "target": "alice/no-room-search"}
+        search_status, search_refusal = bot.call("POST", "/api/searches", spec, ALICE)
+    finally:
+        process.stop()
+    for code, body in ((status, refusal), (search_status, search_refusal)):
+        assert code == 507, body
+        assert body["error"].startswith("the bot's disk has "), body
+        assert (
+            "plus the 1,000,000.0 GB the bot keeps free (MERGEBOT_DISK_MARGIN_GB)" in body["error"]
+        )
+    # queued where there was room; the worker's own disk has none: it fails before downloading
+    process, bot = start_serve(hub.url, work, "--no-worker", MERGEBOT_DISK_MARGIN_GB="0")
+    worker = None
+    try:
+        status, job = bot.submit(ties_recipe("alice"), "alice/no-room", ALICE)
+        assert status == 202, job
+        env = service_env(hub.url, work, **huge)
+        worker = MergebotProcess(["worker", "--id", "full-worker"], env, tmp_path / "w.log")
+        done = bot.wait_done(job["id"])
+    finally:
+        for running in (worker, process):
+            if running:
+                running.stop()
+    assert done["status"] == "failed" and done["stage"] == "download", done
+    assert done["error"].startswith("the worker's disk has "), done
+    assert not (work / "jobs" / job["id"]).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MB tmpfs: a real disk that a test can fill (mounting needs root)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into ``folder`` until its disk refuses another byte."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as file:
+        for chunk in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    file.write(b"\0" * chunk)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC, error
+    return filler
+
+
+def test_a_disk_that_fills_mid_search_fails_that_job_only_and_removes_its_folder(
+    hub, tmp_path, small_disk
+):
+    """The work dir on a real 32 MB disk (the database beside it, elsewhere), filled up while a
+    search runs its trials: the search fails with a sentence, its folder is removed, and the
+    next job runs."""
+    database = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    process, bot = start_serve(
+        hub.url, small_disk, MERGEBOT_DATABASE_URL=database, MERGEBOT_DISK_MARGIN_GB="0"
+    )
+    try:
+        spec = search_spec(trials=200, examples=SLOW_EXAMPLES)
+        body = {"spec": spec, "target": "alice/disk-full"}
+        status, job = bot.call("POST", "/api/searches", body, ALICE)
+        assert status == 202, job
+
+        def trials_done() -> int:
+            return bot.call("GET", f"/api/searches/{job['id']}", token=ALICE)[1]["done"]
+
+        wait_until(lambda: trials_done() >= 1, "the first trial")
+        filler = fill(small_disk)
+        failed = bot.wait_done(job["id"])
+        assert failed["status"] == "failed", failed
+        assert failed["error"].startswith("the worker's disk is full (OSError during search)")
+        assert str(small_disk) not in failed["error"]
+        assert not (small_disk / "jobs" / job["id"]).exists()
+
+        filler.unlink()
+        status, merge = bot.submit(ties_recipe("alice"), "alice/after-full", ALICE)
+        assert status == 202, merge
+        assert bot.wait_done(merge["id"])["status"] == "succeeded"
+    finally:
+        process.stop()

@@ -168,6 +168,7 @@ def evolve(
     worker: str | None = None,
     started: float | None = None,
     stop: Callable[[], bool] | None = None,
+    pause: Callable[[], bool] | None = None,
     card_details: dict[str, Any] | None = None,
 ) -> SearchResult | None:
     """Run the search of ``spec`` and write its winner into ``out``. ``join``: only evaluate
@@ -179,8 +180,10 @@ def evolve(
     id), ``wall_time`` counts from ``started`` (POSIX seconds; default: now), ``stop()`` is
     asked after each trial and every half second within one whether to end the search and
     write the best so far (a running trial is abandoned; ``stop()`` may also raise, which
-    abandons the trial and ends the search with that exception), and
-    ``card_details`` are further arguments of the card (see :func:`merge_engine.card.build_card`)."""
+    abandons the trial and ends the search with that exception), ``pause()`` after each trial
+    whether to leave the search for now (evolve returns None; the study keeps every trial, and
+    a later call continues it), and ``card_details`` are further arguments of the card (see
+    :func:`merge_engine.card.build_card`)."""
     out = Path(out)
     folder = out / "evolve"
     if workers < 1:
@@ -215,13 +218,13 @@ def evolve(
             torch_device,
             _Loading(token, hub_only, cache_dir),
             fitness,
-            _Reporting(show_progress, progress, stop, card_details),
+            _Reporting(show_progress, progress, stop, pause, card_details),
             _Sharing(names, worker or worker_name(), started, join),
         )
         search.run()
         for child in children:
             child.wait()  # a worker that died was replaced by the others: its error is above
-        return None if join else search.finish()
+        return None if join or search.paused else search.finish()
     except BaseException:
         for child in children:
             child.terminate()
@@ -259,6 +262,7 @@ class _Reporting:
     show_progress: bool
     progress: Progress | None
     stop: Callable[[], bool] | None
+    pause: Callable[[], bool] | None
     card_details: dict[str, Any] | None
 
 
@@ -307,6 +311,7 @@ class _Search:
         self.deadline = self.started + wall if wall else None
         self.halt = StopCheck(reporting.stop)
         """Asked within each trial's work: a stop request or a spent wall time abandons it."""
+        self.paused = False
         self.baselines: list[report.Baseline] = []
         self.parameter_genes: ParameterGenes | None = None
         self.parameter_candidate: ParameterCandidate | None = None
@@ -332,7 +337,7 @@ class _Search:
                 genes.genes,
                 lambda v: self.parameter_candidate.build(genes.recipe(v), self.halt),
             )
-        if spec.space in ("layers", "both") and not self.halt.stopped:
+        if spec.space in ("layers", "both") and not (self.halt.stopped or self.paused):
             self.layer_sources = [self.loaded[ref] for ref in sources]
             if self.parameter_genes is not None:  # the first stage's winner joins the sources
                 self.layer_sources.insert(0, self._stage_one_merge())
@@ -400,8 +405,15 @@ class _Search:
             if self.reporting.progress:
                 self.reporting.progress(name, len(done), stage.budget, best)
 
+        def between_trials() -> bool:
+            """Whether to end the stage after this trial: stopped, or paused for now."""
+            if self.halt.requested():
+                return True
+            self.paused = self.paused or bool(self.reporting.pause and self.reporting.pause())
+            return self.paused
+
         try:
-            stage.run(evaluate_trial, deadline, after_trial, self.halt.requested)
+            stage.run(evaluate_trial, deadline, after_trial, between_trials)
         finally:
             bar.close()
 
