@@ -24,6 +24,7 @@
 | `MERGEBOT_MAX_RECIPE_KB`, `MERGEBOT_MAX_RECIPE_DEPTH`, `MERGEBOT_MAX_RECIPE_NODES` | a recipe's size, nesting, and values once YAML aliases are expanded | 256, 32, 50000 |
 | `MERGEBOT_MAX_EXAMPLES`, `MERGEBOT_MAX_EXAMPLE_CHARS` | inline calibration examples per block, and characters per example | 1024, 8192 |
 | `MERGEBOT_MAX_NAME_CHARS` | characters of any name or string in a recipe | 256 |
+| `MERGEBOT_MAX_PATTERNS`, `MERGEBOT_MAX_PATTERN_CHARS` | patterns in a recipe's `discard:` list, and characters per pattern (checked before any is compiled; patterns run on RE2, in linear time) | 64, 512 |
 | `MERGEBOT_IDENTITY_TTL_SECONDS` | how long the Hub's answer to "whose token is this" is reused | 300 |
 | `MERGEBOT_HUB_TIMEOUT_SECONDS` | how long a request waits for the Hub to check a token (503 after) | 10 |
 | `MERGEBOT_HUB_PATIENCE_SECONDS` | how long a job's Hub step retries through an outage before the job fails | 600 |
@@ -165,6 +166,10 @@ def _recipe_limits(env: Mapping[str, str]) -> RecipeLimits:
             _number(env, "MERGEBOT_MAX_EXAMPLE_CHARS", default.max_example_chars)
         ),
         max_name_chars=int(_number(env, "MERGEBOT_MAX_NAME_CHARS", default.max_name_chars)),
+        max_patterns=int(_number(env, "MERGEBOT_MAX_PATTERNS", default.max_patterns)),
+        max_pattern_chars=int(
+            _number(env, "MERGEBOT_MAX_PATTERN_CHARS", default.max_pattern_chars)
+        ),
     )
 
 
