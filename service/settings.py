@@ -15,6 +15,7 @@
 | `MERGEBOT_WATCH_REPOS` | repos whose discussions are merge or search requests (`org/name`, `spaces/org/name`) | the Space itself (`SPACE_ID`) |
 | `MERGEBOT_DISCUSSION_POLL_SECONDS`, `MERGEBOT_FOLLOW_CHECK_SECONDS` | how often the clock polls discussions and checks followed sources | 60, 3600 |
 | `MERGEBOT_WEBHOOK_SECRET` | the secret Hub webhooks must carry to `/api/webhooks/hub` | none: the endpoint is off |
+| `MERGEBOT_MAX_COMMENT_KB` | size of a discussion comment the bot reads for a request (a longer one gets a reply saying so) | 512 |
 | `MERGEBOT_DISCUSSION_DAILY` | merge and search requests per discussion author per day | 5 |
 | `MERGEBOT_ALLOW_NAMESPACES`, `MERGEBOT_DENY_NAMESPACES` | comma lists: namespaces a discussion request may (not) read from | any / none |
 | `MERGEBOT_MAX_SEARCH_TRIALS`, `MERGEBOT_MAX_SEARCH_HOURS` | trials (all stages) and wall time of one evolutionary search; a spec without `wall_time` gets the latter | 300, 6 |
@@ -66,6 +67,8 @@ class Settings:
     follow_check_seconds: float = 3600.0
     webhook_secret: str | None = field(default=None, repr=False)
     discussion_daily: int = 5
+    max_comment_bytes: int = 512 * 1024
+    """A discussion comment longer than this is not read (a recipe is at most 256 KiB)."""
     allow_namespaces: tuple[str, ...] = ()
     deny_namespaces: tuple[str, ...] = ()
     local_login_token: str | None = field(default=None, repr=False)
@@ -125,6 +128,7 @@ class Settings:
             follow_check_seconds=_number(env, "MERGEBOT_FOLLOW_CHECK_SECONDS", 3600),
             webhook_secret=env.get("MERGEBOT_WEBHOOK_SECRET") or None,
             discussion_daily=int(_number(env, "MERGEBOT_DISCUSSION_DAILY", 5)),
+            max_comment_bytes=int(_number(env, "MERGEBOT_MAX_COMMENT_KB", 512) * 1024),
             allow_namespaces=tuple(_names(env.get("MERGEBOT_ALLOW_NAMESPACES"))),
             deny_namespaces=tuple(_names(env.get("MERGEBOT_DENY_NAMESPACES"))),
         )

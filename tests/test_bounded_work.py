@@ -1,0 +1,105 @@
+"""Requests built to make the bot work without end, against a real ``mergebot serve`` and the
+sandbox hub: a ``discard:`` pattern that backtracks for ever, too many or too long patterns, a
+discard leaving out everything, and discussion comments whose text made the parser quadratic.
+Each is answered (or refused with its sentence) while ``/api/health`` keeps answering within
+a second."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from huggingface_hub import HfApi
+from service_env import BOT_TOKEN, start_sandbox, start_serve, ties_recipe, wait_until
+
+pytestmark = pytest.mark.slow  # real processes: a server with its worker, the sandbox hub
+
+ALICE, BOB = "tok-alice", "tok-bob"
+REQUESTS = "mergebot/requests"
+COMMENT_KB = 128
+HOSTILE = r"([\w.]+)+!"  # Python's re backtracks 2^len(name) times on every tensor name
+
+
+@pytest.fixture(scope="module")
+def bot(llama_family, tmp_path_factory):
+    sandbox = start_sandbox({"alice": llama_family})
+    HfApi(endpoint=sandbox.url, token=BOT_TOKEN).create_repo(REQUESTS)
+    work = tmp_path_factory.mktemp("bounded") / "work"
+    process, api = start_serve(
+        sandbox.url,
+        work,
+        MERGEBOT_WATCH_REPOS=REQUESTS,
+        MERGEBOT_DISCUSSION_POLL_SECONDS="1",
+        MERGEBOT_MAX_QUEUED="10",
+        MERGEBOT_MAX_COMMENT_KB=str(COMMENT_KB),
+    )
+    api.sandbox = sandbox
+    yield api
+    process.stop()
+    sandbox.__exit__()
+
+
+def with_discard(patterns: list[str]) -> str:
+    return ties_recipe("alice") + f"discard: {json.dumps(patterns)}\n"
+
+
+def submitted_while_healthy(bot, recipe: str, target: str) -> tuple[int, dict]:
+    """Submit ``recipe`` as alice while asking ``/api/health``; its answer."""
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(bot.submit, recipe, target, ALICE)
+        bot.healthy_while(lambda: not answer.done())
+        return answer.result()
+
+
+def refusal(answer: tuple[int, dict], field: str) -> str:
+    status, body = answer
+    assert status == 400 and body["field"] == field, body
+    return body["error"]
+
+
+def test_a_backtracking_discard_pattern_stalls_nothing(bot):
+    status, job = submitted_while_healthy(bot, with_discard([HOSTILE]), "alice/hostile")
+    assert status == 202, job
+    assert bot.wait_done(job["id"])["status"] == "succeeded"
+
+
+def test_too_many_too_long_and_drop_everything_patterns_are_refused(bot):
+    many = submitted_while_healthy(bot, with_discard(["^x"] * 5000), "alice/many")
+    assert "has 5,000 patterns, more than the 64 allowed" in refusal(many, "discard")
+
+    long = submitted_while_healthy(bot, with_discard(["a" * 200_000]), "alice/long")
+    assert "200,000 characters long, more than the 512 allowed" in refusal(long, "discard[0]")
+
+    everything = bot.submit(with_discard(["^model", ".*"]), "alice/everything", ALICE)
+    assert "'.*' matches an empty name" in refusal(everything, "discard[1]")
+
+    every_name = bot.submit(with_discard(["."]), "alice/every-name", ALICE)
+    assert "leaves out every tensor of the models" in refusal(every_name, "discard")
+
+    lookahead = bot.submit(with_discard(["^(?!model)"]), "alice/lookahead", ALICE)
+    sentence = refusal(lookahead, "discard[0]")
+    assert "uses lookaround" in sentence and "list what to leave out instead" in sentence
+
+
+def bot_says(bot, num: int, words: str) -> list[str]:
+    details = HfApi(endpoint=bot.sandbox.url, token=BOB).get_discussion_details(REQUESTS, num)
+    return [e.content for e in details.events if e.author == "mergebot" and words in e.content]
+
+
+def test_discussions_with_many_newlines_or_unclosed_fences_stall_nothing(bot):
+    bob = HfApi(endpoint=bot.sandbox.url, token=BOB)
+    block = f"```yaml\n{ties_recipe('alice')}```\n"
+    newlines = bob.create_discussion(
+        REQUESTS, "Newlines", description=block + "\n" * 60_000 + "target: bob-newlines\n"
+    )
+    assert bot.healthy_while(lambda: not bot_says(bot, newlines.num, "Queued as job"))
+    assert "mergebot/bob-newlines" in bot_says(bot, newlines.num, "Queued as job")[0]
+
+    unclosed = bob.create_discussion(REQUESTS, "Fences", description="```yaml\n" + "\n" * 60_000)
+    bob.comment_discussion(REQUESTS, unclosed.num, "@mergebot retry")
+    assert bot.healthy_while(lambda: not bot_says(bot, unclosed.num, "no job of this discussion"))
+
+    too_long = bob.create_discussion(REQUESTS, "Long", description=block + "#" * COMMENT_KB * 1024)
+    said = wait_until(lambda: bot_says(bot, too_long.num, "⚠"), "the bot's reply")[0]
+    assert f"more than the {COMMENT_KB} KB I read" in said
