@@ -271,3 +271,20 @@ def test_a_bad_recipe_shows_its_error_by_the_field_and_submits_nothing(
     assert words in page.locator(error_at).inner_text()
     assert page.locator("#error-target").inner_text().strip() == ""
     assert jobs_count(space) == before
+
+
+def test_a_backtracking_discard_validates_while_the_bot_answers(page, space):
+    """Python's re took 2^len(name) steps on every tensor name for this pattern, holding the
+    GIL: the Space, the API and the worker all stopped."""
+    open_tab(page, "YAML")
+    set_value(page, "#recipe-yaml", SLERP + "discard: ['([\\w.]+)+!']\n")
+    page.locator("#validate").click()
+    space.healthy_while(
+        lambda: not re.search("✓ valid|Not valid", page.locator("#outcome").inner_text())
+    )
+    assert "✓ valid: slerp" in page.locator("#outcome").inner_text()
+
+    set_value(page, "#recipe-yaml", SLERP + "discard: ['^(?!model)']\n")
+    page.locator("#validate").click()
+    error = expect_text(page, "#error-recipe", "⚠")
+    assert "discard[0]" in error and "uses lookaround" in error
