@@ -210,18 +210,3 @@ def card_shown(job: Job) -> str:
 def remember(current: str) -> Any:
     """The job id to keep in the browser, when there is one."""
     return current.strip() if current and current.strip() else gr.skip()
-
-
-def yaml_problem(error: yaml.YAMLError) -> str:
-    """One sentence for a YAML error: where, and what (``but got '<stream end>'``)."""
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"not valid YAML{where}: {problem}"
-
-
-def safe_load(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None

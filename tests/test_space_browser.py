@@ -288,3 +288,9 @@ def test_a_backtracking_discard_validates_while_the_bot_answers(page, space):
     page.locator("#validate").click()
     error = expect_text(page, "#error-recipe", "⚠")
     assert "discard[0]" in error and "uses lookaround" in error
+
+
+def test_pasted_yaml_is_read_within_the_recipe_limits_as_it_is_typed(page):
+    open_tab(page, "YAML")
+    set_value(page, "#recipe-yaml", "merge_method: linear\nmodels: " + "[" * 5000 + "]" * 5000)
+    assert "deeper than the 32 levels allowed" in expect_text(page, "#error-recipe", "⚠")
