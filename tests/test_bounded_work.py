@@ -7,7 +7,9 @@ a second."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import pytest
 from huggingface_hub import HfApi
@@ -18,6 +20,7 @@ pytestmark = pytest.mark.slow  # real processes: a server with its worker, the s
 ALICE, BOB = "tok-alice", "tok-bob"
 REQUESTS = "mergebot/requests"
 COMMENT_KB = 128
+T = TypeVar("T")
 HOSTILE = r"([\w.]+)+!"  # Python's re backtracks 2^len(name) times on every tensor name
 
 
@@ -44,10 +47,10 @@ def with_discard(patterns: list[str]) -> str:
     return ties_recipe("alice") + f"discard: {json.dumps(patterns)}\n"
 
 
-def submitted_while_healthy(bot, recipe: str, target: str) -> tuple[int, dict]:
-    """Submit ``recipe`` as alice while asking ``/api/health``; its answer."""
+def while_healthy(bot, call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)``'s answer, asking ``/api/health`` all the while it runs."""
     with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(bot.submit, recipe, target, ALICE)
+        answer = pool.submit(call, *args)
         bot.healthy_while(lambda: not answer.done())
         return answer.result()
 
@@ -59,16 +62,16 @@ def refusal(answer: tuple[int, dict], field: str) -> str:
 
 
 def test_a_backtracking_discard_pattern_stalls_nothing(bot):
-    status, job = submitted_while_healthy(bot, with_discard([HOSTILE]), "alice/hostile")
+    status, job = while_healthy(bot, bot.submit, with_discard([HOSTILE]), "alice/hostile", ALICE)
     assert status == 202, job
     assert bot.wait_done(job["id"])["status"] == "succeeded"
 
 
 def test_too_many_too_long_and_drop_everything_patterns_are_refused(bot):
-    many = submitted_while_healthy(bot, with_discard(["^x"] * 5000), "alice/many")
+    many = while_healthy(bot, bot.submit, with_discard(["^x"] * 5000), "alice/many", ALICE)
     assert "has 5,000 patterns, more than the 64 allowed" in refusal(many, "discard")
 
-    long = submitted_while_healthy(bot, with_discard(["a" * 200_000]), "alice/long")
+    long = while_healthy(bot, bot.submit, with_discard(["a" * 200_000]), "alice/long", ALICE)
     assert "200,000 characters long, more than the 512 allowed" in refusal(long, "discard[0]")
 
     everything = bot.submit(with_discard(["^model", ".*"]), "alice/everything", ALICE)
@@ -80,6 +83,21 @@ def test_too_many_too_long_and_drop_everything_patterns_are_refused(bot):
     lookahead = bot.submit(with_discard(["^(?!model)"]), "alice/lookahead", ALICE)
     sentence = refusal(lookahead, "discard[0]")
     assert "uses lookaround" in sentence and "list what to leave out instead" in sentence
+
+
+def test_a_duration_padded_with_spaces_is_refused_at_once(bot):
+    """A ``wall_time`` of 200,000 spaces between a number and a letter: Python's re tried
+    every split of them between the two ``\\s*`` around the optional unit."""
+    spec = (
+        "space: parameters\nmodels: [{model: alice/math}, {model: alice/code}]\n"
+        "fitness: [{kind: nll, data: {examples: [a b c]}}]\n"
+        f"budget: {{trials: 4, wall_time: '1{' ' * 200_000}x'}}\n"
+    )
+    body = {"spec": spec, "target": "alice/padded"}
+    sentence = refusal(
+        while_healthy(bot, bot.call, "POST", "/api/searches", body, ALICE), "budget.wall_time"
+    )
+    assert "is not a duration; write e.g. 600, 90s, 30m or 2h" in sentence
 
 
 def bot_says(bot, num: int, words: str) -> list[str]:
