@@ -204,7 +204,9 @@ def card_shown(job: Job) -> str:
     if not job.url:
         return card
     base = f"{job.url}/resolve/{job.commit or 'main'}/"
-    return re.sub(r"!\[([^\]]*)\]\((?![a-z]+:)([^)\s]+)\)", rf"![\1]({base}\2)", card)
+    # alt text and path stop at the next bracket or parenthesis, so that a card full of "![" or
+    # "](" (a recipe's text is in it) is scanned in linear time, not from every "![" to its end
+    return re.sub(r"!\[([^][]*)\]\((?![a-z]+:)([^()\s]+)\)", rf"![\1]({base}\2)", card)
 
 
 def remember(current: str) -> Any:

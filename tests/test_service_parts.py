@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 
 import httpx2 as httpx
 import pytest
@@ -14,6 +15,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from merge_engine.errors import MergeError, RecipeError, SourceError
 from service.clock import sweep
 from service.intake import Identity, check_push_rights
+from service.job_panel import card_shown
 from service.job_store import Job
 from service.jobs import JobService
 from service.pipeline import describe_failure
@@ -199,3 +201,18 @@ def test_a_setting_that_is_not_a_number_is_one_sentence():
     with pytest.raises(MergeError, match=r"^MERGEBOT_MAX_QUEUED='three' is not a number; set it"):
         Settings.from_env({"MERGEBOT_MAX_QUEUED": "three"})
     assert Settings.from_env({"MERGEBOT_MAX_RECIPE_KB": "16"}).recipe_limits.max_bytes == 16384
+
+
+def test_a_card_full_of_image_openers_is_shown_in_linear_time():
+    """A card holds the recipe's text (inline calibration examples among it): the image-link
+    rewrite scanned from every ``![`` or ``](`` to the card's end: quadratic, tens of seconds
+    for this card."""
+    card = "![fitness](fitness.png) and ![x](https://a/b.png)\n" + "![" * 15_000 + "![](a" * 15_000
+    job = Job("job-1", 1, "alice", "api", "alice/x", False, False, "", {}, card=card)
+    job.url, job.commit = "http://hub/alice/x", "abc"
+    started = time.monotonic()
+    shown = card_shown(job)
+    assert time.monotonic() - started < 5  # generous: linear takes milliseconds
+    assert shown.startswith(
+        "![fitness](http://hub/alice/x/resolve/abc/fitness.png) and ![x](https://a/b.png)"
+    )
