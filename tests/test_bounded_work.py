@@ -7,12 +7,15 @@ a second."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
+import torch
 from huggingface_hub import HfApi
+from safetensors.torch import load_file, save_file
 from service_env import BOT_TOKEN, start_sandbox, start_serve, ties_recipe, wait_until
 
 pytestmark = pytest.mark.slow  # real processes: a server with its worker, the sandbox hub
@@ -98,6 +101,28 @@ def test_a_duration_padded_with_spaces_is_refused_at_once(bot):
         while_healthy(bot, bot.call, "POST", "/api/searches", body, ALICE), "budget.wall_time"
     )
     assert "is not a duration; write e.g. 600, 90s, 30m or 2h" in sentence
+
+
+def test_a_model_whose_tensor_name_made_the_layer_pattern_quadratic_is_refused(
+    bot, llama_family, tmp_path
+):
+    """A tensor named ``model.layers.1.`` 22,000 times and a line break: the layer pattern
+    tried every ``layers.1.`` and scanned to the end from each (a minute, holding the GIL)."""
+    odd = tmp_path / "odd"
+    shutil.copytree(llama_family[0], odd)
+    weights = load_file(odd / "model.safetensors")
+    weights["model.layers.1." * 22_000 + "\n\n"] = torch.zeros(1)
+    save_file(weights, odd / "model.safetensors")
+    alice = HfApi(endpoint=bot.sandbox.url, token=ALICE)
+    for repo in ("alice/odd-a", "alice/odd-b"):
+        alice.create_repo(repo)
+        alice.upload_folder(repo_id=repo, folder_path=odd)
+    recipe = (
+        "merge_method: linear\nmodels:\n  - {model: alice/odd-a, parameters: {weight: 0.5}}\n"
+        "  - {model: alice/odd-b, parameters: {weight: 0.5}}\n"
+    )
+    status, body = while_healthy(bot, bot.submit, recipe, "alice/odd", ALICE)
+    assert status == 400 and "has a tensor name of 330,002 characters" in body["error"], body
 
 
 def bot_says(bot, num: int, words: str) -> list[str]:
