@@ -484,7 +484,12 @@ def error_place(field: str | None, message: str, repos: list[str]) -> str:
             return "dtype"
         return "recipe"
     for index, repo in enumerate(repos[:MAX_MODELS]):
-        if repo and re.search(rf"(?<![\w./-]){re.escape(repo)}(?![\w/-])", message):
+        # a plain search first: a repo pasted 200 KB long is not compiled into a pattern
+        if (
+            repo
+            and repo in message
+            and re.search(rf"(?<![\w./-]){re.escape(repo)}(?![\w/-])", message)
+        ):
             return f"model-{index}"
     return "recipe"
 
