@@ -201,6 +201,15 @@ def test_a_setting_that_is_not_a_number_is_one_sentence():
     with pytest.raises(MergeError, match=r"^MERGEBOT_MAX_QUEUED='three' is not a number; set it"):
         Settings.from_env({"MERGEBOT_MAX_QUEUED": "three"})
     assert Settings.from_env({"MERGEBOT_MAX_RECIPE_KB": "16"}).recipe_limits.max_bytes == 16384
+    bounded = Settings.from_env(
+        {
+            "MERGEBOT_MAX_PATTERNS": "3",
+            "MERGEBOT_MAX_PATTERN_CHARS": "40",
+            "MERGEBOT_MAX_COMMENT_KB": "8",
+        }
+    )
+    assert (bounded.recipe_limits.max_patterns, bounded.recipe_limits.max_pattern_chars) == (3, 40)
+    assert bounded.max_comment_bytes == 8192
 
 
 def test_a_card_full_of_image_openers_is_shown_in_linear_time():
