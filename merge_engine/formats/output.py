@@ -126,11 +126,10 @@ def plan_writes(
     tensors to write in the order they become complete as the tasks run."""
     discarded = NameFilter(discard)
     if output_format == layout.format:
-        kept = [t for t in tasks if not discarded(t.output)]
-        return _some_left(kept), None
+        return _some_left([t for t in tasks if not discarded(t.output)], tasks), None
     shapes = {t.output: t.shape for t in tasks}
     renamed, _ = convert_names(layout.family, shapes, to=output_format)
-    renamed = _some_left([r for r in renamed if not discarded(r.name)])
+    renamed = _some_left([r for r in renamed if not discarded(r.name)], renamed)
     used = {part for r in renamed for part in r.parts}
     tasks = [t for t in tasks if t.output in used]
     done_at = {t.output: index for index, t in enumerate(tasks)}
@@ -138,8 +137,9 @@ def plan_writes(
     return tasks, renamed
 
 
-def _some_left(kept: list[T]) -> list[T]:
-    if not kept:
+def _some_left(kept: list[T], before: list[T]) -> list[T]:
+    """``kept``, unless ``discard`` left nothing of what there was ``before``."""
+    if before and not kept:
         raise RecipeError(
             "leaves out every tensor of the models, so nothing would be written; match only the "
             "names to leave out",
