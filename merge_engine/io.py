@@ -20,9 +20,11 @@ from typing import BinaryIO, Protocol
 import torch
 from safetensors import safe_open
 
-from merge_engine.errors import SourceError
+from merge_engine.errors import SourceError, excerpt
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_TENSOR_NAME_CHARS = 1024
+"""Longer than any real checkpoint's tensor names (a few dozen to about 150 characters)."""
 INDEX_NAME = "model.safetensors.index.json"
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -88,13 +90,30 @@ def read_header(path: Path, file: str | None = None) -> dict[str, TensorInfo]:
 def tensor_infos(header: Mapping[str, dict], file: str, origin: str) -> dict[str, TensorInfo]:
     infos = {}
     for name, entry in header.items():
+        _check_tensor_name(name, origin)
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype", ""))
         if dtype is None:
             raise SourceError(
-                f"tensor {name} in {origin} has dtype {entry.get('dtype')!r}, which mergebot cannot merge"
+                f"tensor {name} in {origin} has dtype {excerpt(entry.get('dtype'))}, which mergebot cannot merge"
             )
         infos[name] = TensorInfo(tuple(entry["shape"]), dtype, file)
     return infos
+
+
+def _check_tensor_name(name: str, origin: str) -> None:
+    """A tensor name is a line of at most :data:`MAX_TENSOR_NAME_CHARS`: the name patterns
+    (layers, blocks, a user's ``discard:``) then match each name in time linear in it; a name of
+    many ``layers.1.`` ending in a line break made them quadratic."""
+    if len(name) > MAX_TENSOR_NAME_CHARS:
+        raise SourceError(
+            f"{origin} has a tensor name of {len(name):,} characters, more than the "
+            f"{MAX_TENSOR_NAME_CHARS:,} a checkpoint's names take; re-save it with its real names"
+        )
+    if not name.isprintable():
+        raise SourceError(
+            f"{origin} has a tensor name holding a line break or another control character "
+            f"({excerpt(name)}); re-save it with its real names"
+        )
 
 
 class TensorStore(Protocol):

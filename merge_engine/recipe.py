@@ -12,14 +12,24 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import core_schema
 
 from merge_engine.errors import RecipeError, excerpt
 from merge_engine.hub_names import check_repo_id, check_revision
+from merge_engine.patterns import compile_pattern, count_error
 from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, check_examples, load_yaml
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -298,6 +308,16 @@ class OutputSlice(_Strict):
         return self
 
 
+def _limits(info: ValidationInfo) -> RecipeLimits:
+    """The limits a recipe is read within: ``recipe_from_text``'s, passed as context."""
+    return (info.context or {}).get("limits", DEFAULT_LIMITS)
+
+
+def _user_pattern(pattern: str, info: ValidationInfo) -> str:
+    compile_pattern(pattern, _limits(info).max_pattern_chars)
+    return pattern
+
+
 class Recipe(_Strict):
     merge_method: str
     models: list[InputModel] | None = None
@@ -316,8 +336,8 @@ class Recipe(_Strict):
     vae: ModelReference | None = None
     """Diffusion models: a VAE baked into the output in place of the merged one (a diffusers
     VAE, a single-file VAE, or a whole checkpoint whose VAE is taken)."""
-    discard: list[str] | None = None
-    """Regular expressions: output tensors whose name matches one are left out."""
+    discard: list[Annotated[str, AfterValidator(_user_pattern)]] | None = None
+    """Regular expressions (run by RE2): output tensors whose name matches one are left out."""
     output_layout: Literal["diffusers", "single_file"] | None = None
     """Diffusion models: the layout written; the sources' when not given."""
 
@@ -330,16 +350,13 @@ class Recipe(_Strict):
             )
         return value
 
-    @field_validator("discard")
+    @field_validator("discard", mode="before")
     @classmethod
-    def _patterns(cls, value: list[str] | None) -> list[str] | None:
-        for pattern in value or []:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(
-                    f"{excerpt(pattern)} is not a regular expression ({error}); fix it or quote it"
-                ) from None
+    def _pattern_count(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuses too many patterns before any is read (see :mod:`merge_engine.patterns`)."""
+        too_many = isinstance(value, list) and count_error(value, _limits(info))
+        if too_many:
+            raise ValueError(too_many)
         return value
 
     @model_validator(mode="after")
@@ -483,14 +500,14 @@ def _sentence(error: dict[str, Any], path: str, document: str, blocks: tuple[str
     return message
 
 
-def parse_recipe(data: Any) -> Recipe:
+def parse_recipe(data: Any, limits: RecipeLimits = DEFAULT_LIMITS) -> Recipe:
     """Validate a recipe given as a mapping; every error names the field and the fix."""
     if not isinstance(data, dict):
         raise RecipeError(
             "a recipe must be a YAML mapping with at least 'merge_method' and 'models' or 'slices'"
         )
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"limits": limits})
     except ValidationError as exc:
         raise first_error(exc, "recipe") from None
 
@@ -527,7 +544,7 @@ def load_recipe(path_or_text: str | Path, limits: RecipeLimits = DEFAULT_LIMITS)
 def recipe_from_text(text: str, limits: RecipeLimits = DEFAULT_LIMITS) -> Recipe:
     """Read a recipe from YAML text, never from a path (what the service gets from people),
     refusing anything beyond ``limits``."""
-    recipe = parse_recipe(load_yaml(text, limits))
+    recipe = parse_recipe(load_yaml(text, limits), limits)
     _check_examples(recipe, limits)
     _check_names(recipe, "", limits.max_name_chars)
     return recipe
@@ -548,7 +565,7 @@ def _check_names(value: Any, where: str, limit: int) -> None:
     most ``limit`` characters."""
     if isinstance(value, BaseModel):
         for name in type(value).model_fields:
-            if name != "examples":
+            if name not in ("examples", "discard"):  # each has a limit of its own
                 _check_names(getattr(value, name), f"{where}.{name}".lstrip("."), limit)
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):

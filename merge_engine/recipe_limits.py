@@ -36,6 +36,11 @@ class RecipeLimits:
     max_name_chars: int = 256
     """Characters of any model or dataset reference and any other string field or parameter
     name; Hub repo ids have at most 96 per part."""
+    max_patterns: int = 64
+    """Patterns in a ``discard:`` list, checked before any is compiled; a real list names a few
+    components or blocks."""
+    max_pattern_chars: int = 512
+    """Characters of one pattern, checked before it is compiled."""
 
 
 DEFAULT_LIMITS = RecipeLimits()

@@ -27,6 +27,7 @@ that the server's log has with the details.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from service import api_docs
 from service.discussions import DiscussionWatcher
 from service.errors import NotFound, ServiceError, TooLarge
 from service.intake import Identity, MergeRequest, SearchRequest
+from service.job_store import Job
 from service.jobs import JobService
 from service.recent_jobs import JobView, RecentJobs
 
@@ -283,14 +285,19 @@ def create_app(service: JobService) -> FastAPI:
         view = await visible_search(job_id, authorization)
         return Response(view.body, media_type="application/json")
 
-    @app.get("/api/searches/{job_id}/trials")
+    def trials_json(job: Job) -> bytes:
+        # JSON made here, in a worker thread: returned as a list, FastAPI would encode every
+        # trial's genes on the event loop
+        return json.dumps([asdict(r) for r in service.trials(job)], allow_nan=False).encode()
+
+    @app.get("/api/searches/{job_id}/trials", response_model=list[dict])
     async def search_trials(
         job_id: str, authorization: str | None = Header(default=None)
-    ) -> list[dict]:
+    ) -> Response:
         """Every completed trial of a search, in full."""
         view = await visible_search(job_id, authorization)
-        records = await run_in_threadpool(service.trials, view.job)
-        return [asdict(record) for record in records]
+        body = await run_in_threadpool(trials_json, view.job)
+        return Response(body, media_type="application/json")
 
     @app.get("/api/jobs")
     async def jobs(

@@ -33,12 +33,44 @@ from service.job_store import ACTIVE, Job, Kind
 from service.once import claim
 
 log = logging.getLogger("mergebot.discussions")
-RECIPE = re.compile(r"```ya?ml\s*\n(.*?)```", re.DOTALL)
-TARGET = re.compile(r"^\s*target:\s*([\w.-]+)\s*$", re.MULTILINE)
+TARGET = re.compile(r"\s*target:\s*([\w.-]+)\s*")
 COMMAND = re.compile(r"@mergebot\s+(retry|cancel|unfollow)\b")
 NOUN: dict[Kind, str] = {"merge": "job", "search": "search"}
 DOCUMENT: dict[Kind, str] = {"merge": "recipe", "search": "search spec"}
 DAY = 24 * 3600
+
+
+def read_comment(text: str) -> tuple[str | None, str | None]:
+    """A comment's first closed ```yaml block (None when it has none) and the name of its
+    first ``target:`` line outside every yaml block, in one pass over its lines (a regex over
+    the whole text took time quadratic in its newlines, or in its unclosed fences)."""
+    found: str | None = None
+    target: str | None = None
+    opening: str | None = None
+    block: list[str] = []
+    outside: list[str] = []
+    for line in text.split("\n"):
+        if opening is None:
+            if line.rstrip().endswith(("```yaml", "```yml")):
+                opening, block = line, []
+            else:
+                outside.append(line)
+            continue
+        end = line.find("```")
+        if end < 0:
+            block.append(line)
+            continue
+        block.append(line[:end])
+        found = "\n".join(block) if found is None else found
+        outside.append(line[end + 3 :])
+        opening = None
+    if opening is not None:  # never closed: its lines are text
+        outside += [opening, *block]
+    for line in outside:
+        if named := TARGET.fullmatch(line):
+            target = named[1]
+            break
+    return found, target
 
 
 def discussion_key(repo_key: str, num: int) -> str:
@@ -108,18 +140,27 @@ class DiscussionWatcher:
         return self.settings.bot_namespace
 
     def _act(self, key: str, opener: str, author: str, text: str) -> None:
+        if author != opener:
+            return  # conversation, or someone else's recipe: not a request
+        size, limit = len(text.encode("utf-8", "surrogatepass")), self.settings.max_comment_bytes
+        if size > limit:
+            self.reply(
+                key,
+                f"⚠ This comment is {size / 1024:,.0f} KB, more than the {limit / 1024:,.0f} KB "
+                "I read; post the ```yaml block in a shorter comment.",
+            )
+            return
         command = COMMAND.search(text)
-        if command and author == opener:
+        if command:
             self._command(key, author, command[1])
             return
-        found = RECIPE.search(text)
-        if found is None or author != opener:
-            return  # conversation, or someone else's recipe: not a request
-        target = TARGET.search(RECIPE.sub("", text))
+        found, target = read_comment(text)
+        if found is None:
+            return
         _, repo_id, num = parse_discussion_key(key)
-        name = target[1] if target else f"{repo_id.split('/')[1]}-discussion-{num}"
+        name = target or f"{repo_id.split('/')[1]}-discussion-{num}"
         target_repo = f"{self.settings.bot_namespace}/{name}"
-        self._submit(key, author, found[1], target_repo, self._kind_of(found[1]))
+        self._submit(key, author, found, target_repo, self._kind_of(found))
 
     def _kind_of(self, text: str) -> Kind:
         """Whether a request's YAML asks for a search or a merge (see the module docstring)."""

@@ -20,9 +20,11 @@ from typing import Any
 
 import yaml
 
+from merge_engine.errors import RecipeError
 from merge_engine.formats.blocks import block_names
 from merge_engine.methods import all_methods, get_method
 from merge_engine.methods.registry import Param
+from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, load_yaml
 
 MAX_MODELS = 6
 DTYPES = ["", "float32", "float16", "bfloat16"]
@@ -284,12 +286,12 @@ def carry_over(recipe: dict[str, Any], previous: Any) -> dict[str, Any]:
     return {**recipe, **kept}
 
 
-def previous_document(text: str) -> Any:
+def previous_document(text: str, limits: RecipeLimits = DEFAULT_LIMITS) -> Any:
     """What the YAML box held before the form changed, or None when it held nothing readable
-    (the form then writes its own document whole)."""
+    within ``limits`` (the form then writes its own document whole)."""
     try:
-        return yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
+        return load_yaml(text, limits) if text else None
+    except RecipeError:
         return None
 
 
@@ -482,7 +484,12 @@ def error_place(field: str | None, message: str, repos: list[str]) -> str:
             return "dtype"
         return "recipe"
     for index, repo in enumerate(repos[:MAX_MODELS]):
-        if repo and re.search(rf"(?<![\w./-]){re.escape(repo)}(?![\w/-])", message):
+        # a plain search first: a repo pasted 200 KB long is not compiled into a pattern
+        if (
+            repo
+            and repo in message
+            and re.search(rf"(?<![\w./-]){re.escape(repo)}(?![\w/-])", message)
+        ):
             return f"model-{index}"
     return "recipe"
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
-import yaml
 
 from merge_engine import quote
-from merge_engine.errors import MergeError
+from merge_engine.errors import MergeError, RecipeError
 from merge_engine.evolve.report import fitness_figure
 from merge_engine.evolve.spec import SPACES, TASK_KINDS
 from merge_engine.hub_names import is_loopback
+from merge_engine.recipe_limits import load_yaml
 from service.intake import Identity, SearchRequest
 from service.job_panel import (
     POLL_SECONDS,
@@ -29,7 +29,6 @@ from service.job_panel import (
     remember,
     stop_job,
     updated_sentence,
-    yaml_problem,
 )
 from service.job_store import Job
 from service.jobs import JobService
@@ -302,9 +301,9 @@ def build_search_tab(service: JobService, blocks: gr.Blocks, last: gr.BrowserSta
 
     def yaml_to_form(text: str) -> list[Any]:
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            return [gr.skip()] * len(form.outputs) + [f"⚠ {quote.text(yaml_problem(error))}"]
+            data = load_yaml(text, service.settings.recipe_limits)
+        except RecipeError as error:
+            return [gr.skip()] * len(form.outputs) + [f"⚠ {quote.text(str(error))}"]
         return [*form.write(from_spec(data)), ""]
 
     def show_example(name: str | None) -> list[Any]:

@@ -16,6 +16,7 @@
 | `MERGEBOT_WATCH_REPOS` | repos whose discussions are merge or search requests (`org/name`, `spaces/org/name`) | the Space itself (`SPACE_ID`) |
 | `MERGEBOT_DISCUSSION_POLL_SECONDS`, `MERGEBOT_FOLLOW_CHECK_SECONDS` | how often the clock polls discussions and checks followed sources | 60, 3600 |
 | `MERGEBOT_WEBHOOK_SECRET` | the secret Hub webhooks must carry to `/api/webhooks/hub` | none: the endpoint is off |
+| `MERGEBOT_MAX_COMMENT_KB` | size of a discussion comment the bot reads for a request (a longer one gets a reply saying so) | 512 |
 | `MERGEBOT_DISCUSSION_DAILY` | merge and search requests per discussion author per day | 5 |
 | `MERGEBOT_ALLOW_NAMESPACES`, `MERGEBOT_DENY_NAMESPACES` | comma lists: namespaces a discussion request may (not) read from | any / none |
 | `MERGEBOT_MAX_SEARCH_TRIALS`, `MERGEBOT_MAX_SEARCH_HOURS` | trials (all stages) and wall time of one evolutionary search; a spec without `wall_time` gets the latter | 300, 6 |
@@ -27,6 +28,7 @@
 | `MERGEBOT_MAX_RECIPE_KB`, `MERGEBOT_MAX_RECIPE_DEPTH`, `MERGEBOT_MAX_RECIPE_NODES` | a recipe's size, nesting, and values once YAML aliases are expanded | 256, 32, 50000 |
 | `MERGEBOT_MAX_EXAMPLES`, `MERGEBOT_MAX_EXAMPLE_CHARS` | inline calibration examples per block, and characters per example | 1024, 8192 |
 | `MERGEBOT_MAX_NAME_CHARS` | characters of any name or string in a recipe | 256 |
+| `MERGEBOT_MAX_PATTERNS`, `MERGEBOT_MAX_PATTERN_CHARS` | patterns in a recipe's `discard:` list, and characters per pattern (checked before any is compiled; patterns run on RE2, in linear time) | 64, 512 |
 | `MERGEBOT_IDENTITY_TTL_SECONDS` | how long the Hub's answer to "whose token is this" is reused | 300 |
 | `MERGEBOT_HUB_TIMEOUT_SECONDS` | how long a request waits for the Hub to check a token (503 after) | 10 |
 | `MERGEBOT_HUB_PATIENCE_SECONDS` | how long a job's Hub step retries through an outage before the job fails | 600 |
@@ -68,6 +70,8 @@ class Settings:
     follow_check_seconds: float = 3600.0
     webhook_secret: str | None = field(default=None, repr=False)
     discussion_daily: int = 5
+    max_comment_bytes: int = 512 * 1024
+    """A discussion comment longer than this is not read (a recipe is at most 256 KiB)."""
     allow_namespaces: tuple[str, ...] = ()
     deny_namespaces: tuple[str, ...] = ()
     local_login_token: str | None = field(default=None, repr=False)
@@ -136,6 +140,7 @@ class Settings:
             follow_check_seconds=_number(env, "MERGEBOT_FOLLOW_CHECK_SECONDS", 3600),
             webhook_secret=env.get("MERGEBOT_WEBHOOK_SECRET") or None,
             discussion_daily=int(_number(env, "MERGEBOT_DISCUSSION_DAILY", 5)),
+            max_comment_bytes=int(_number(env, "MERGEBOT_MAX_COMMENT_KB", 512) * 1024),
             allow_namespaces=tuple(_names(env.get("MERGEBOT_ALLOW_NAMESPACES"))),
             deny_namespaces=tuple(_names(env.get("MERGEBOT_DENY_NAMESPACES"))),
         )
@@ -177,6 +182,10 @@ def _recipe_limits(env: Mapping[str, str]) -> RecipeLimits:
             _number(env, "MERGEBOT_MAX_EXAMPLE_CHARS", default.max_example_chars)
         ),
         max_name_chars=int(_number(env, "MERGEBOT_MAX_NAME_CHARS", default.max_name_chars)),
+        max_patterns=int(_number(env, "MERGEBOT_MAX_PATTERNS", default.max_patterns)),
+        max_pattern_chars=int(
+            _number(env, "MERGEBOT_MAX_PATTERN_CHARS", default.max_pattern_chars)
+        ),
     )
 
 

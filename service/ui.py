@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import gradio as gr
-import yaml
 
 from merge_engine import quote
-from merge_engine.errors import MergeError
+from merge_engine.errors import MergeError, RecipeError
 from merge_engine.hub_names import is_loopback
 from merge_engine.methods import all_methods, get_method
+from merge_engine.recipe_limits import load_yaml
 from service.intake import Identity, MergeRequest
 from service.job_panel import (
     POLL_SECONDS,
@@ -26,11 +26,9 @@ from service.job_panel import (
     job_sentence,
     latest_job_id,
     remember,
-    safe_load,
     stop_job,
     updated_sentence,
     visible_job,
-    yaml_problem,
 )
 from service.job_store import Job
 from service.jobs import JobService
@@ -54,6 +52,7 @@ from service.recipe_form import (
     layout_reference,
     method_params,
     param_help,
+    previous_document,
     shows_layers,
     switch_method,
     to_yaml,
@@ -300,6 +299,7 @@ def _where(box: str) -> str:
 
 def build_blocks(service: JobService) -> gr.Blocks:
     settings = service.settings
+    limits = settings.recipe_limits  # what the YAML box is read within, as a recipe is
     # the offline demo's sandbox hub has its own tiny models; the Hub has real, small ones
     example_forms = examples(DEMO_MODELS if is_loopback(settings.endpoint) else HUB_MODELS)
     with gr.Blocks(title="mergebot") as blocks:
@@ -378,13 +378,13 @@ def build_blocks(service: JobService) -> gr.Blocks:
 
         def yaml_to_form(text: str, family: str) -> list[Any]:
             try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as error:
-                return [gr.skip()] * len(form.outputs) + [f"⚠ {quote.text(yaml_problem(error))}"]
+                data = load_yaml(text, limits)
+            except RecipeError as error:
+                return [gr.skip()] * len(form.outputs) + [f"⚠ {quote.text(str(error))}"]
             return [*form.write(replace(from_recipe(data), family=family)), ""]
 
         def method_changed(*values: Any) -> list[Any]:
-            previous = safe_load(values[-1])
+            previous = previous_document(values[-1], limits)
             before = previous.get("merge_method") if isinstance(previous, dict) else None
             current = switch_method(form.read(values[:-1]), str(before or ""))
             return [*form.write(current), to_yaml(current, values[-1])]
@@ -465,7 +465,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
             """The error boxes' texts (the error in one: next to the field it names, on the
             tab the person is ``on``) and where to look, for the line under the buttons."""
             field = getattr(error, "field", None)
-            repos = [row.repo for row in from_recipe(safe_load(text)).models]
+            repos = [row.repo for row in from_recipe(previous_document(text, limits)).models]
             place = error_place(field, str(error), repos)
             message = quote.text(str(error))
             if place == "target":

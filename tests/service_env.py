@@ -166,6 +166,19 @@ class Api:
         except (urllib.error.URLError, ConnectionError):
             return False
 
+    def healthy_while(self, busy: Callable[[], bool], within: float = 1.0) -> int:
+        """Ask ``/api/health`` again and again while ``busy()`` holds, each answer due within
+        ``within`` seconds (an AssertionError if one is late); how many answered."""
+        answered = 0
+        while busy():
+            try:
+                with urllib.request.urlopen(self.url + "/api/health", timeout=within) as response:
+                    assert response.status == 200
+            except (TimeoutError, urllib.error.URLError) as error:  # a timeout, or refused
+                raise AssertionError(f"/api/health did not answer within {within} s") from error
+            answered += 1
+        return answered
+
     def submit(
         self, recipe: str, target: str, token: str | None = None, **options
     ) -> tuple[int, Any]:

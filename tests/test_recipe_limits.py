@@ -3,6 +3,7 @@ Hub's rules before any Hub call, and no error echoes more than a short excerpt o
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -312,3 +313,33 @@ def test_mergebot_validate_prints_one_sentence_and_exits_1(tmp_path, text, sente
     lines = (run.stderr + run.stdout).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert sentence in lines[0] and len(lines[0]) < 400
+
+
+@pytest.mark.parametrize(
+    ("patterns", "field", "words"),
+    [
+        (["^a"] * 4, "discard", "has 4 patterns, more than the 3 allowed; join patterns with |"),
+        (["a" * 41], "discard[0]", "is 41 characters long, more than the 40 allowed"),
+        (["x", "(?<!vae)\\.weight"], "discard[1]", "uses lookaround"),
+        (["(a)\\1"], "discard[0]", "uses a backreference (\\1 or (?P=name))"),
+        (["(?P<n>a)(?P=n)"], "discard[0]", "uses a backreference"),
+        (["vae\\Z"], "discard[0]", "uses \\Z, which patterns write as $"),
+        (["[vae"], "discard[0]", "is not a regular expression ('missing ]: [vae')"),
+        (["a{1000}{1000}"], "discard[0]", "is not a regular expression"),
+        (["x|"], "discard[0]", "matches an empty name, so it matches every tensor name"),
+    ],
+)
+def test_discard_patterns_are_bounded_and_run_in_linear_time(patterns, field, words):
+    limits = RecipeLimits(max_patterns=3, max_pattern_chars=40)
+    text = ONE_MODEL.format(model="org/a") + f"discard: {json.dumps(patterns)}\n"
+    with pytest.raises(RecipeError) as error:
+        recipe_from_text(text, limits)
+    assert error.value.field == field and words in str(error.value)
+
+
+def test_a_discard_pattern_matches_anywhere_in_a_name_as_re_search_does():
+    from merge_engine.patterns import NameFilter
+
+    discarded = NameFilter([r"\.ln_final\.", r"^first_stage_model\.", r"([\w.]+)+!"])
+    names = ["cond.ln_final.weight", "first_stage_model.x", "model.first_stage_model.x", "a" * 500]
+    assert [discarded(n) for n in names] == [True, True, False, False]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 
 import httpx2 as httpx
 import pytest
@@ -15,6 +16,7 @@ from merge_engine.errors import MergeError, RecipeError, SourceError
 from merge_engine.hub_failures import answered, read_failed
 from service.clock import sweep
 from service.intake import Identity, check_push_rights
+from service.job_panel import card_shown
 from service.job_store import Job
 from service.jobs import JobService
 from service.pipeline import describe_failure
@@ -213,3 +215,27 @@ def test_a_setting_that_is_not_a_number_is_one_sentence():
     with pytest.raises(MergeError, match=r"^MERGEBOT_MAX_QUEUED='three' is not a number; set it"):
         Settings.from_env({"MERGEBOT_MAX_QUEUED": "three"})
     assert Settings.from_env({"MERGEBOT_MAX_RECIPE_KB": "16"}).recipe_limits.max_bytes == 16384
+    bounded = Settings.from_env(
+        {
+            "MERGEBOT_MAX_PATTERNS": "3",
+            "MERGEBOT_MAX_PATTERN_CHARS": "40",
+            "MERGEBOT_MAX_COMMENT_KB": "8",
+        }
+    )
+    assert (bounded.recipe_limits.max_patterns, bounded.recipe_limits.max_pattern_chars) == (3, 40)
+    assert bounded.max_comment_bytes == 8192
+
+
+def test_a_card_full_of_image_openers_is_shown_in_linear_time():
+    """A card holds the recipe's text (inline calibration examples among it): the image-link
+    rewrite scanned from every ``![`` or ``](`` to the card's end: quadratic, tens of seconds
+    for this card."""
+    card = "![fitness](fitness.png) and ![x](https://a/b.png)\n" + "![" * 15_000 + "![](a" * 15_000
+    job = Job("job-1", 1, "alice", "api", "alice/x", False, False, "", {}, card=card)
+    job.url, job.commit = "http://hub/alice/x", "abc"
+    started = time.monotonic()
+    shown = card_shown(job)
+    assert time.monotonic() - started < 5  # generous: linear takes milliseconds
+    assert shown.startswith(
+        "![fitness](http://hub/alice/x/resolve/abc/fitness.png) and ![x](https://a/b.png)"
+    )

@@ -294,3 +294,26 @@ calibration:
     expect(page.locator("#job-card")).to_contain_text("Calibration data")
     made = page.locator("img[src='x'], a[href*='evil.example'], a[href^='javascript:']")
     assert made.count() == 0
+
+
+def test_a_backtracking_discard_validates_while_the_bot_answers(page, space):
+    """Python's re took 2^len(name) steps on every tensor name for this pattern, holding the
+    GIL: the Space, the API and the worker all stopped."""
+    open_tab(page, "YAML")
+    set_value(page, "#recipe-yaml", SLERP + "discard: ['([\\w.]+)+!']\n")
+    page.locator("#validate").click()
+    space.healthy_while(
+        lambda: not re.search("✓ valid|Not valid", page.locator("#outcome").inner_text())
+    )
+    assert "✓ valid: slerp" in page.locator("#outcome").inner_text()
+
+    set_value(page, "#recipe-yaml", SLERP + "discard: ['^(?!model)']\n")
+    page.locator("#validate").click()
+    error = expect_text(page, "#error-recipe", "⚠")
+    assert "discard[0]" in error and "uses lookaround" in error
+
+
+def test_pasted_yaml_is_read_within_the_recipe_limits_as_it_is_typed(page):
+    open_tab(page, "YAML")
+    set_value(page, "#recipe-yaml", "merge_method: linear\nmodels: " + "[" * 5000 + "]" * 5000)
+    assert "deeper than the 32 levels allowed" in expect_text(page, "#error-recipe", "⚠")

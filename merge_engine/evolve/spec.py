@@ -199,7 +199,8 @@ class Budget(_Strict):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         if isinstance(value, str):
-            match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", value)
+            # stripped first: two \s* around an optional unit backtracked quadratically
+            match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", value.strip())
             if not match:
                 raise ValueError(
                     f"{excerpt(value)} is not a duration; write e.g. 600, 90s, 30m or 2h"

@@ -10,21 +10,23 @@ layout), so the writer holds at most those few tensors at a time.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from merge_engine.errors import IncompatibleModelsError
+from merge_engine.errors import IncompatibleModelsError, RecipeError
 from merge_engine.formats.layouts import Layout, component_of
 from merge_engine.formats.sd_names import Renamed, convert_names
 from merge_engine.io import TensorInfo, TensorStore
+from merge_engine.patterns import NameFilter
 
 if TYPE_CHECKING:
     from merge_engine.plan import TensorTask
     from merge_engine.sources import ModelSource
+
+T = TypeVar("T")
 
 
 def _vae_prefix(names: Iterable[str]) -> str:
@@ -122,21 +124,28 @@ def plan_writes(
 ) -> tuple[list[TensorTask], list[Renamed] | None]:
     """The tasks still needed and, when the output layout differs from the sources', the
     tensors to write in the order they become complete as the tasks run."""
-    patterns = [re.compile(p) for p in discard]
-
-    def kept(name: str) -> bool:
-        return not any(p.search(name) for p in patterns)
-
+    discarded = NameFilter(discard)
     if output_format == layout.format:
-        return [t for t in tasks if kept(t.output)], None
+        return _some_left([t for t in tasks if not discarded(t.output)], tasks), None
     shapes = {t.output: t.shape for t in tasks}
     renamed, _ = convert_names(layout.family, shapes, to=output_format)
-    renamed = [r for r in renamed if kept(r.name)]
+    renamed = _some_left([r for r in renamed if not discarded(r.name)], renamed)
     used = {part for r in renamed for part in r.parts}
     tasks = [t for t in tasks if t.output in used]
     done_at = {t.output: index for index, t in enumerate(tasks)}
     renamed.sort(key=lambda r: max(done_at[p] for p in r.parts))
     return tasks, renamed
+
+
+def _some_left(kept: list[T], before: list[T]) -> list[T]:
+    """``kept``, unless ``discard`` left nothing of what there was ``before``."""
+    if before and not kept:
+        raise RecipeError(
+            "leaves out every tensor of the models, so nothing would be written; match only the "
+            "names to leave out",
+            field="discard",
+        )
+    return kept
 
 
 def converted(
