@@ -76,11 +76,11 @@ def block_table(plan: MergePlan) -> dict[str, Any] | None:
         return None
     columns, values = [], []
     levels = [("", plan.recipe.parameters)]
-    levels += [(f" of {m.model}", m.parameters) for m in plan.recipe.models or []]
+    levels += [(f" of {quote.cell(m.model)}", m.parameters) for m in plan.recipe.models or []]
     for whose, parameters in levels:
         for name, setting in (parameters or {}).items():
             if isinstance(setting, BlockValues):
-                columns.append(f"{quote.code(name, table=True)}{quote.cell(whose)}")
+                columns.append(f"{quote.code(name, table=True)}{whose}")
                 values.append(setting.blocks)
     if not columns:
         return None

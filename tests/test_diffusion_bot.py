@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,8 @@ def test_a_block_weighted_merge_is_pushed_as_a_diffusers_pipeline(
     assert "merge" in card.data.tags
     assert "## Block weights" in card.text
     assert "| OUT11 | 0.85 |" in card.text  # the last of the 26 values, on its block's row
+    header = r"^\| block \| `weight` of alice/sd-\w+@[0-9a-f]{40} \|$"  # "of" between words
+    assert re.search(header, card.text, re.M), card.text
 
     for name in PROBES:
         component, key = name.split("/", 1)
