@@ -10,19 +10,22 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SEARCH_TEXTS, load_weights
+from optuna.trial import TrialState
 from postgres_server import postgres_url
 from service_env import wait_until
 from transformers import AutoModelForCausalLM
 
 from merge_engine import cli
+from merge_engine.evolve.genome import Gene
 from merge_engine.evolve.search import evolve
 from merge_engine.evolve.spec import spec_from_text
-from merge_engine.evolve.study import open_storage
+from merge_engine.evolve.study import Outcome, Stage, open_storage, open_study
 from merge_engine.example import make_family
 
 
@@ -380,3 +383,26 @@ def test_bad_specs_are_refused_in_one_sentence_before_anything_is_written(
     ]
     for text, expected in cases:
         assert expected in refused(tmp_path, capsys, text)
+
+
+@pytest.mark.slow  # waits out Optuna's grace period for a dead process's trial (20 s)
+def test_a_trial_left_without_a_heartbeat_is_failed_and_its_slot_run_again(tmp_path):
+    """A process killed while the sampler proposed its candidate leaves a running trial that
+    never had a heartbeat; the budget must still be completed, not wait for it for ever."""
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    genes = [Gene("x", 0.0, 1.0)]
+    study = open_study(storage, "orphans", seed=0, population=None, centre={"x": 0.5})
+    orphan = study.ask()  # created, and its process "dies" before any heartbeat
+    stage = Stage(study, "orphans", genes, budget=3)
+    finished = threading.Event()
+
+    def run() -> None:
+        stage.run(lambda values: Outcome(-values["x"], {}, 0.0))
+        finished.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert finished.wait(timeout=180), "the search waited for the orphaned trial"
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[orphan.number] == TrialState.FAIL
+    assert list(states.values()).count(TrialState.COMPLETE) == 3

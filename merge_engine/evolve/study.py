@@ -243,6 +243,9 @@ class Stage:
     budget: int
     worker: str = field(default_factory=worker_name)
 
+    _beaten: set[int] = field(default_factory=set, init=False, repr=False)
+    """Running trials this process gave a heartbeat of its own (see :meth:`_fail_orphans`)."""
+
     def counts(self) -> tuple[int, int]:
         trials = self.study.get_trials(
             deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
@@ -291,9 +294,7 @@ class Stage:
                 study.stop()
 
         while True:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self.study)
+            self._fail_orphans()
             done, running = self.counts()
             left = None if deadline is None else deadline - time.monotonic()
             if done >= self.budget or (left is not None and left <= 0) or (stop and stop()):
@@ -318,6 +319,22 @@ class Stage:
                     raise
             if left is not None and deadline - time.monotonic() <= 0:
                 return
+
+    def _fail_orphans(self) -> None:
+        """Fail the trials whose process died: Optuna fails a running trial once its heartbeats
+        stop, but a process killed between creating a trial and its first heartbeat (while
+        the sampler proposes the candidate) leaves one with none, which would hold its slot of
+        the budget for ever. Each running trial therefore gets one heartbeat from here, once:
+        a live one beats on by itself, an orphan goes stale and is failed a grace period
+        later."""
+        storage = self.study._storage
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial._trial_id not in self._beaten:
+                storage.record_heartbeat(trial._trial_id)
+                self._beaten.add(trial._trial_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
 
     def records(self) -> list[TrialRecord]:
         return records_of(self.study, self.name)
