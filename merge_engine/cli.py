@@ -204,22 +204,37 @@ def cmd_evolve(args: argparse.Namespace) -> None:
 
 
 def cmd_example(args: argparse.Namespace) -> None:
+    import json
+
     import torch
     from transformers import AutoModelForCausalLM
 
     from merge_engine import merge, preflight
-    from merge_engine.example import EXAMPLE_RECIPE, make_family
+    from merge_engine.example import (
+        EXAMPLE_RECIPE,
+        EXAMPLE_SEARCH,
+        EXAMPLE_TEXTS,
+        make_family,
+        save_tiny_tokenizer,
+    )
     from merge_engine.recipe import recipe_from_text
 
     work = Path(args.work_dir)
-    shutil.rmtree(
-        work / "merged", ignore_errors=True
-    )  # the example's own output: rerunning replaces it
+    spec, searched = work / "search.yaml", work / "searched"
+    for output in (work / "merged", searched):  # the example's own outputs: rerunning replaces them
+        shutil.rmtree(output, ignore_errors=True)
     base, (a, b) = make_family(work / "models")
+    for folder in (base, a, b):  # a search scores text, which it tokenizes
+        save_tiny_tokenizer(folder)
     recipe_text = EXAMPLE_RECIPE.format(base=base, a=a, b=b)
     (work / "recipe.yaml").write_text(recipe_text)
+    examples = json.dumps(list(EXAMPLE_TEXTS))
+    spec.write_text(
+        EXAMPLE_SEARCH.format(spec=spec, out=searched, base=base, a=a, b=b, examples=examples)
+    )
     print(
-        f"made a tiny Llama base and two fine-tunes under {work / 'models'}; recipe: {work / 'recipe.yaml'}"
+        f"made a tiny Llama base and two fine-tunes under {work / 'models'}; "
+        f"recipe: {work / 'recipe.yaml'}; search spec: {spec}"
     )
     plan = preflight(recipe_from_text(recipe_text))
     out = merge(
@@ -236,6 +251,9 @@ def cmd_example(args: argparse.Namespace) -> None:
         f"merged model in {out}: loads with transformers, logits finite: {bool(torch.isfinite(logits).all())}"
     )
     print(f"model card: {out / 'README.md'}")
+    print(
+        f"next, a tiny search: mergebot evolve {shlex.quote(str(spec))} {shlex.quote(str(searched))}"
+    )
 
 
 def build_parser(

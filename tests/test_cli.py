@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from conftest import load_weights, two_model_ties, write_recipe
 from transformers import AutoModelForCausalLM
 
 from merge_engine.cli import main
+from merge_engine.example import EXAMPLE_SEARCH, EXAMPLE_TEXTS, save_tiny_tokenizer
 from merge_engine.io import read_header
 from merge_engine.methods import all_methods, get_method
 from service.cli import main as service_main
@@ -443,3 +447,50 @@ def test_submit_of_a_missing_recipe_file_is_one_sentence(tmp_path):
         ran.stderr.strip()
         == f"error: cannot read the recipe file {tmp_path / 'nothing.yaml'} (FileNotFoundError); check the path"
     )
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's command line that starts with ``start``, without its comment."""
+    line = next(line for line in README.read_text().splitlines() if line.startswith(start))
+    return shlex.split(line.split("#")[0])
+
+
+@pytest.mark.slow
+def test_the_example_then_the_readme_search_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert service_main(["example", "--device", "cpu"]) == 0
+    assert "mergebot evolve mergebot-example/search.yaml" in capsys.readouterr().out
+    mergebot, *args = readme_command("mergebot evolve mergebot-example/search.yaml")
+    assert mergebot == "mergebot"
+    assert service_main([*args, "--device", "cpu", "--quiet"]) == 0
+    assert "best of 4 trials" in capsys.readouterr().out
+    assert forward_is_finite(tmp_path / "mergebot-example" / "searched")
+    assert service_main(["example", "--device", "cpu"]) == 0  # replaces the search's output too
+    assert not (tmp_path / "mergebot-example" / "searched").exists()
+
+
+def test_a_search_over_a_model_without_a_tokenizer_is_refused_naming_the_task(
+    llama_family, tmp_path, capsys
+):
+    """Checked from the file lists, before any weight is read: nothing is written."""
+    base, (a, b, _) = llama_family
+    with_tokenizer = tmp_path / "with-tokenizer"
+    shutil.copytree(b, with_tokenizer)
+    save_tiny_tokenizer(with_tokenizer)
+    spec = tmp_path / "search.yaml"
+    spec.write_text(
+        EXAMPLE_SEARCH.format(
+            spec=spec, out="out", base=base, a=a, b=with_tokenizer, examples=list(EXAMPLE_TEXTS)
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["evolve", str(spec), str(out), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: fitness[0]: the 'text' task tokenizes its text with the tokenizer of the first "
+        f"model, {a}, which has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
+        f"list {with_tokenizer}, which has them, first in models\n"
+    )
+    assert not out.exists()
