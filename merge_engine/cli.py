@@ -47,10 +47,9 @@ WIDTH = 100  # the terminal width ``mergebot methods`` fits
 GAP = "  "
 
 
-def table_lines(rows: list[list[str]], wrap: bool = True) -> list[str]:
+def table_lines(rows: list[list[str]]) -> list[str]:
     """A header row, a rule and the rows, as left-aligned columns that fit ``WIDTH``: the last
-    column takes what is left, its text wrapped over indented lines or, without ``wrap``,
-    cut short at a word."""
+    column takes what is left, its text wrapped over indented lines."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     indent = sum(w + len(GAP) for w in widths)
     last = max(WIDTH - indent, 20)
@@ -58,18 +57,13 @@ def table_lines(rows: list[list[str]], wrap: bool = True) -> list[str]:
     lines = []
     for row in [rows[0], rule, *rows[1:]]:
         start = GAP.join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + GAP
-        text = (
-            row[-1]
-            if wrap
-            else textwrap.shorten(row[-1], last, placeholder=" …", break_on_hyphens=False)
-        )
-        first, *more = textwrap.wrap(text, last, break_on_hyphens=False) or [""]
+        first, *more = textwrap.wrap(row[-1], last, break_on_hyphens=False) or [""]
         lines += [start + first, *(" " * indent + line for line in more)]
     return [line.rstrip() for line in lines]
 
 
 def methods_overview() -> list[str]:
-    """``mergebot methods``: one line per method, its description cut to fit."""
+    """``mergebot methods``: one row per method, its whole description wrapped to fit."""
     from merge_engine.methods import all_methods
 
     rows = [["method", "base", "data", "what it does"]]
@@ -78,7 +72,7 @@ def methods_overview() -> list[str]:
         for m in sorted(all_methods(), key=lambda m: m.name)
     ]
     return [
-        *table_lines(rows, wrap=False),
+        *table_lines(rows),
         "",
         "mergebot methods NAME: one method in full, with its parameters and paper",
     ]
@@ -87,12 +81,17 @@ def methods_overview() -> list[str]:
 def method_details(name: str) -> list[str]:
     """``mergebot methods NAME``: the method's facts, then every parameter in full."""
     from merge_engine.methods import all_methods
+    from merge_engine.methods.registry import closest_method
 
     methods = {m.name: m for m in all_methods()}
     if name not in methods:
-        raise MergeError(
-            f"unknown merge method '{name}'; the methods are {', '.join(sorted(methods))}."
+        close = closest_method(name)
+        hint = (
+            f"did you mean '{close}'?"
+            if close
+            else f"the methods are {', '.join(sorted(methods))}."
         )
+        raise MergeError(f"unknown merge method '{name}'; {hint}")
     method = methods[name]
     facts = [
         f"base model: {method.base}",
@@ -344,9 +343,25 @@ def build_parser(
     evolve.add_argument("--join", action="store_true", help=argparse.SUPPRESS)
     evolve.set_defaults(func=cmd_evolve)
 
-    example = sub.add_parser("example", help="make tiny models and run a TIES merge end to end")
-    example.add_argument("work_dir", nargs="?", default="mergebot-example")
-    example.add_argument("--device", default="auto")
+    example_help = "make tiny models, a recipe and a search spec, and run a TIES merge end to end"
+    example = sub.add_parser(
+        "example",
+        help=example_help,
+        description=f"{example_help[0].upper()}{example_help[1:]}: WORK_DIR/models gets a tiny "
+        "Llama base and two fine-tunes (with a tokenizer), WORK_DIR/recipe.yaml a TIES recipe over "
+        "them, merged into WORK_DIR/merged, and WORK_DIR/search.yaml a tiny search spec for "
+        "`mergebot evolve`. Running it again replaces them.",
+    )
+    example.add_argument(
+        "work_dir",
+        nargs="?",
+        metavar="WORK_DIR",
+        default="mergebot-example",
+        help="the folder the models, recipe, search spec and merge go in (default: %(default)s)",
+    )
+    example.add_argument(
+        "--device", default="auto", help="auto (GPU when there is one), cpu or cuda"
+    )
     example.set_defaults(func=cmd_example)
     if extend:
         extend(sub)

@@ -38,13 +38,14 @@ def start_demo_hub(settings: Settings, port: int) -> Settings:
     os.environ["HF_ENDPOINT"] = url
     quiet_libraries()
     from service.sandbox_hub.demo import BOT_USER, DEMO_USER, TOKENS_FILE, start_demo_hub
+    from service.sandbox_hub.seed import example_repo_ids
 
     hub_folder = settings.work_dir / "sandbox-hub"
     server, tokens = start_demo_hub(hub_folder, port)
     server.hub.users[MOCK_OAUTH_TOKEN] = DEMO_USER
     print(
-        f"no HF_TOKEN: sandbox hub on {url} with example models {DEMO_USER}/base, "
-        f"{DEMO_USER}/math, {DEMO_USER}/code, {DEMO_USER}/chat; the {DEMO_USER} user's token is in {hub_folder / TOKENS_FILE}",
+        f"no HF_TOKEN: sandbox hub on {url} with example models "
+        f"{', '.join(example_repo_ids(DEMO_USER))}; the {DEMO_USER} user's token is in {hub_folder / TOKENS_FILE}",
         flush=True,
     )
     return replace(
