@@ -57,9 +57,19 @@ def start_demo_hub(settings: Settings, port: int) -> Settings:
     )
 
 
+NO_TOKEN_ON_A_SPACE = (
+    "error: this Space has no HF_TOKEN secret, and without it mergebot would serve its local demo "
+    "hub, which visitors cannot reach; add the bot account's write token as the secret HF_TOKEN "
+    "in the Space's settings and restart it"
+)
+"""Why a deployed Space (``SPACE_ID`` set) without a token refuses to start."""
+
+
 def start_bot(hub_port: int, run_jobs: bool = True):
     """Settings from the environment, the demo hub if needed, the job engine and the clock."""
     settings = Settings.from_env()
+    if settings.bot_token is None and os.environ.get("SPACE_ID"):
+        raise SystemExit(NO_TOKEN_ON_A_SPACE)
     if settings.bot_token is None:
         settings = start_demo_hub(settings, hub_port)
     else:
