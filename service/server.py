@@ -128,7 +128,7 @@ def run_web(service, build_blocks, host: str, port: int) -> None:
         app = gr.mount_gradio_app(create_app(service), blocks, path="", ssr_mode=False)
     if not os.environ.get("SPACE_ID"):
         print(
-            "off Spaces the page's 'Sign in' button is a local stand-in for the Hub's sign-in: "
+            "off Spaces the page's 'Sign in with Hugging Face' button is a local stand-in for the Hub's sign-in: "
             f"it signs you in as {_local_login_name(service)}",
             flush=True,
         )

@@ -119,7 +119,7 @@ def test_the_demo_runs_as_the_readme_says(tmp_path):
         assert "mergebot/demo-ties" in ran.stdout.splitlines()[-1]  # `mergebot jobs` lists it
         # one line says what the local sign-in does, instead of Gradio's warning twice
         assert "Gradio does not support OAuth" not in space.log
-        assert space.log.count("'Sign in' button is a local stand-in") == 1
+        assert space.log.count("'Sign in with Hugging Face' button is a local stand-in") == 1
         assert "signs you in as demo" in space.log
     finally:
         space.stop()
