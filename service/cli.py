@@ -177,7 +177,6 @@ def cmd_jobs(args: argparse.Namespace) -> None:
 def jobs_table(jobs: list[dict]) -> list[str]:
     """``mergebot jobs``: one row per job under a header, the columns aligned whatever the
     lengths of ids (``job-…``, ``search-…``), stages and targets."""
-
     rows = [["id", "status", "stage", "done", "target"]]
     rows += [
         [job["id"], job["status"], job["stage"], f"{job['fraction']:.0%}", job["target"]]

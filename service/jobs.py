@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -243,17 +243,15 @@ class JobService:
     def free_target(self, namespace: str, stem: str) -> str:
         """``namespace/stem``, else ``stem-2``, ``stem-3``, …: the first name that no job
         pushes to and no repo has, for a form to propose (so a person can run one example
-        after another without renaming). A Hub that does not answer is not asked again."""
-        hub_answers = True
+        after another without renaming); while the Hub does not answer, the first that no job
+        pushes to (submitting checks again)."""
         for number in range(1, PROPOSALS + 1):
             target = f"{namespace}/{stem}" + (f"-{number}" if number > 1 else "")
             if self.store.requesters_of(target):
                 continue
-            try:
-                if hub_answers and self._bot_repo_exists(target):
+            with suppress(HubUnavailable):
+                if self._bot_repo_exists(target):
                     continue
-            except HubUnavailable:
-                hub_answers = False
             return target
         return f"{namespace}/{stem}-{secrets.token_hex(4)}"
 
