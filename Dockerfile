@@ -19,4 +19,8 @@ ENV HOME=/home/user \
     GRADIO_SERVER_NAME=0.0.0.0 \
     GRADIO_SERVER_PORT=7860
 EXPOSE 7860
+# Up means the JSON API answers; start-up (the first run downloads nothing, but DBOS and Gradio
+# take a while on a small CPU) gets five minutes.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=5m --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/api/health', timeout=8)"]
 CMD ["mergebot", "serve", "--host", "0.0.0.0", "--port", "7860"]

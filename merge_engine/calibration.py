@@ -23,7 +23,7 @@ from merge_engine import quote
 from merge_engine.errors import RecipeError, SourceError, excerpt
 from merge_engine.hub_failures import read_failed
 from merge_engine.recipe import CALIBRATION_SUFFIXES, Calibration, ModelReference, Recipe
-from merge_engine.sources import TOKENIZER_FILES, ModelSource, model_class
+from merge_engine.sources import ModelSource, has_tokenizer_files, model_class
 
 
 @dataclass
@@ -303,7 +303,7 @@ def load_tokenizer(folders: list[Path | None], ref: ModelReference) -> Any:
     from transformers import AutoTokenizer
 
     for folder in folders:
-        if folder and any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if folder and has_tokenizer_files(folder):
             return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     raise SourceError(
         f"{ref} has no tokenizer files, and calibration text has to be tokenized; add them to the model or set tokenizer_source"

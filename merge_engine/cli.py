@@ -47,10 +47,9 @@ WIDTH = 100  # the terminal width ``mergebot methods`` fits
 GAP = "  "
 
 
-def table_lines(rows: list[list[str]], wrap: bool = True) -> list[str]:
+def table_lines(rows: list[list[str]]) -> list[str]:
     """A header row, a rule and the rows, as left-aligned columns that fit ``WIDTH``: the last
-    column takes what is left, its text wrapped over indented lines or, without ``wrap``,
-    cut short at a word."""
+    column takes what is left, its text wrapped over indented lines."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     indent = sum(w + len(GAP) for w in widths)
     last = max(WIDTH - indent, 20)
@@ -58,18 +57,13 @@ def table_lines(rows: list[list[str]], wrap: bool = True) -> list[str]:
     lines = []
     for row in [rows[0], rule, *rows[1:]]:
         start = GAP.join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + GAP
-        text = (
-            row[-1]
-            if wrap
-            else textwrap.shorten(row[-1], last, placeholder=" …", break_on_hyphens=False)
-        )
-        first, *more = textwrap.wrap(text, last, break_on_hyphens=False) or [""]
+        first, *more = textwrap.wrap(row[-1], last, break_on_hyphens=False) or [""]
         lines += [start + first, *(" " * indent + line for line in more)]
     return [line.rstrip() for line in lines]
 
 
 def methods_overview() -> list[str]:
-    """``mergebot methods``: one line per method, its description cut to fit."""
+    """``mergebot methods``: one row per method, its whole description wrapped to fit."""
     from merge_engine.methods import all_methods
 
     rows = [["method", "base", "data", "what it does"]]
@@ -78,7 +72,7 @@ def methods_overview() -> list[str]:
         for m in sorted(all_methods(), key=lambda m: m.name)
     ]
     return [
-        *table_lines(rows, wrap=False),
+        *table_lines(rows),
         "",
         "mergebot methods NAME: one method in full, with its parameters and paper",
     ]
@@ -87,12 +81,17 @@ def methods_overview() -> list[str]:
 def method_details(name: str) -> list[str]:
     """``mergebot methods NAME``: the method's facts, then every parameter in full."""
     from merge_engine.methods import all_methods
+    from merge_engine.methods.registry import closest_method
 
     methods = {m.name: m for m in all_methods()}
     if name not in methods:
-        raise MergeError(
-            f"unknown merge method '{name}'; the methods are {', '.join(sorted(methods))}."
+        close = closest_method(name)
+        hint = (
+            f"did you mean '{close}'?"
+            if close
+            else f"the methods are {', '.join(sorted(methods))}."
         )
+        raise MergeError(f"unknown merge method '{name}'; {hint}")
     method = methods[name]
     facts = [
         f"base model: {method.base}",
@@ -204,22 +203,37 @@ def cmd_evolve(args: argparse.Namespace) -> None:
 
 
 def cmd_example(args: argparse.Namespace) -> None:
+    import json
+
     import torch
     from transformers import AutoModelForCausalLM
 
     from merge_engine import merge, preflight
-    from merge_engine.example import EXAMPLE_RECIPE, make_family
+    from merge_engine.example import (
+        EXAMPLE_RECIPE,
+        EXAMPLE_SEARCH,
+        EXAMPLE_TEXTS,
+        make_family,
+        save_tiny_tokenizer,
+    )
     from merge_engine.recipe import recipe_from_text
 
     work = Path(args.work_dir)
-    shutil.rmtree(
-        work / "merged", ignore_errors=True
-    )  # the example's own output: rerunning replaces it
+    spec, searched = work / "search.yaml", work / "searched"
+    for output in (work / "merged", searched):  # the example's own outputs: rerunning replaces them
+        shutil.rmtree(output, ignore_errors=True)
     base, (a, b) = make_family(work / "models")
+    for folder in (base, a, b):  # a search scores text, which it tokenizes
+        save_tiny_tokenizer(folder)
     recipe_text = EXAMPLE_RECIPE.format(base=base, a=a, b=b)
     (work / "recipe.yaml").write_text(recipe_text)
+    examples = json.dumps(list(EXAMPLE_TEXTS))
+    spec.write_text(
+        EXAMPLE_SEARCH.format(spec=spec, out=searched, base=base, a=a, b=b, examples=examples)
+    )
     print(
-        f"made a tiny Llama base and two fine-tunes under {work / 'models'}; recipe: {work / 'recipe.yaml'}"
+        f"made a tiny Llama base and two fine-tunes under {work / 'models'}; "
+        f"recipe: {work / 'recipe.yaml'}; search spec: {spec}"
     )
     plan = preflight(recipe_from_text(recipe_text))
     out = merge(
@@ -236,6 +250,9 @@ def cmd_example(args: argparse.Namespace) -> None:
         f"merged model in {out}: loads with transformers, logits finite: {bool(torch.isfinite(logits).all())}"
     )
     print(f"model card: {out / 'README.md'}")
+    print(
+        f"next, a tiny search: mergebot evolve {shlex.quote(str(spec))} {shlex.quote(str(searched))}"
+    )
 
 
 def build_parser(
@@ -326,9 +343,25 @@ def build_parser(
     evolve.add_argument("--join", action="store_true", help=argparse.SUPPRESS)
     evolve.set_defaults(func=cmd_evolve)
 
-    example = sub.add_parser("example", help="make tiny models and run a TIES merge end to end")
-    example.add_argument("work_dir", nargs="?", default="mergebot-example")
-    example.add_argument("--device", default="auto")
+    example_help = "make tiny models, a recipe and a search spec, and run a TIES merge end to end"
+    example = sub.add_parser(
+        "example",
+        help=example_help,
+        description=f"{example_help[0].upper()}{example_help[1:]}: WORK_DIR/models gets a tiny "
+        "Llama base and two fine-tunes (with a tokenizer), WORK_DIR/recipe.yaml a TIES recipe over "
+        "them, merged into WORK_DIR/merged, and WORK_DIR/search.yaml a tiny search spec for "
+        "`mergebot evolve`. Running it again replaces them.",
+    )
+    example.add_argument(
+        "work_dir",
+        nargs="?",
+        metavar="WORK_DIR",
+        default="mergebot-example",
+        help="the folder the models, recipe, search spec and merge go in (default: %(default)s)",
+    )
+    example.add_argument(
+        "--device", default="auto", help="auto (GPU when there is one), cpu or cuda"
+    )
     example.set_defaults(func=cmd_example)
     if extend:
         extend(sub)

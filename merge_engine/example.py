@@ -99,3 +99,33 @@ parameters:
   normalize: true
 dtype: float32
 """
+
+EXAMPLE_TEXTS = (
+    "the cat sat on the mat.",
+    "one, two, three, four.",
+    "a merge of two models.",
+    "abc def ghi jkl mno.",
+    "hello world!",
+    "2 + 2 = 4",
+    "(x * y) / z",
+    "the end.",
+)
+
+EXAMPLE_SEARCH = """\
+# A tiny search (4 trials, seconds on a CPU) for the TIES weights and densities of the two
+# fine-tunes that best predict the text below. Run it with: mergebot evolve {spec} {out}
+space: parameters
+models:
+  - model: {a}
+  - model: {b}
+base_model: {base}
+parameters:
+  method: ties
+  search: {{weight: [0, 1], density: [0.1, 1]}}
+fitness:
+  - name: text
+    kind: nll
+    data: {{examples: {examples}}}
+budget: {{trials: 4, population: 4}}
+seed: 0
+"""

@@ -104,6 +104,8 @@ class ModelSource:
     renames: Mapping[str, Any] | None = field(default=None, repr=False)
     """How each tensor is made from ``origin_tensors`` when the names map across layouts."""
     origin_tensors: Mapping[str, TensorInfo] | None = field(default=None, repr=False)
+    has_tokenizer: bool | None = None
+    """Whether the folder or repo holds tokenizer files (None: not looked at)."""
 
     @property
     def num_layers(self) -> int | None:
@@ -232,7 +234,14 @@ def inspect_local(ref: ModelReference, allow_pickle: bool = False) -> ModelSourc
     tensors = _local_safetensors(folder, ref.path)
     if tensors:
         layout = config_layout(config) if has_config else single_file_layout(tensors, ref.path)
-        return ModelSource(ref, config, tensors, folder=folder, layout=layout)
+        return ModelSource(
+            ref,
+            config,
+            tensors,
+            folder=folder,
+            layout=layout,
+            has_tokenizer=has_tokenizer_files(folder),
+        )
     if not has_config or not any((folder / name).exists() for name in PICKLE_NAMES):
         raise SourceError(
             f"{ref.path} holds no *.safetensors weights; save the model with save_pretrained(safe_serialization=True)"
@@ -246,7 +255,14 @@ def inspect_local(ref: ModelReference, allow_pickle: bool = False) -> ModelSourc
     infos = {
         name: TensorInfo(tuple(t.shape), t.dtype, "pytorch_model.bin") for name, t in memory.items()
     }
-    return ModelSource(ref, config, infos, folder=folder, memory=memory)
+    return ModelSource(
+        ref, config, infos, folder=folder, memory=memory, has_tokenizer=has_tokenizer_files(folder)
+    )
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    """Whether ``folder`` holds any of the files a tokenizer is loaded from."""
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 @contextmanager
@@ -353,7 +369,10 @@ def inspect_hub(
     for file, file_meta in metadata.files_metadata.items():
         tensors.update(_hub_infos(file_meta, ref, sha, file))
     layout = config_layout(config) if config else single_file_layout(tensors, ref.path)
-    return ModelSource(ref, config, tensors, revision=sha, layout=layout)
+    has_tokenizer = not files.isdisjoint(TOKENIZER_FILES)
+    return ModelSource(
+        ref, config, tensors, revision=sha, layout=layout, has_tokenizer=has_tokenizer
+    )
 
 
 def inspect_model(

@@ -17,14 +17,16 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from merge_engine.cli import build_parser
+from merge_engine.cli import build_parser, table_lines
 from merge_engine.cli import main as engine_main
 
 
 def cmd_sandbox_hub(args: argparse.Namespace) -> None:
     from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
     from service.sandbox_hub.seed import seed_examples
+    from service.server import quiet_libraries
 
+    quiet_libraries()  # seeding saves models: no progress bars or optional-backend warnings
     store = HubStore(Path(args.data) if args.data else None)
     token = args.token or f"hf_sandbox_{secrets.token_hex(8)}"
     hub = SandboxHub(store, users={token: args.user})
@@ -169,10 +171,18 @@ def cmd_jobs(args: argparse.Namespace) -> None:
             print(f"{key:>10}: {job[key]}")
         print("       log:\n" + "\n".join(f"  {line}" for line in job["log"]))
         return
-    for job in _call_api(args.server, "GET", "/api/jobs"):
-        print(
-            f"{job['id']}  {job['status']:<9}  {job['stage']:<10}  {job['fraction']:>4.0%}  {job['target']}"
-        )
+    print("\n".join(jobs_table(_call_api(args.server, "GET", "/api/jobs"))))
+
+
+def jobs_table(jobs: list[dict]) -> list[str]:
+    """``mergebot jobs``: one row per job under a header, the columns aligned whatever the
+    lengths of ids (``job-…``, ``search-…``), stages and targets."""
+    rows = [["id", "status", "stage", "done", "target"]]
+    rows += [
+        [job["id"], job["status"], job["stage"], f"{job['fraction']:.0%}", job["target"]]
+        for job in jobs
+    ]
+    return table_lines(rows) if jobs else ["no jobs yet; send one with `mergebot submit`"]
 
 
 def add_service_commands(sub: argparse._SubParsersAction) -> None:
@@ -229,8 +239,9 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     hub.add_argument(
         "--seed",
         action="store_true",
-        help="add a tiny example base model, USER/base, and its three fine-tunes: USER/math, "
-        "USER/code and USER/chat",
+        help="add the example models: a tiny Llama base, USER/base, and its three fine-tunes, "
+        "USER/math, USER/code and USER/chat; a tiny SD1.5 pipeline, USER/sd-base, and its two "
+        "fine-tunes, USER/sd-dreamy and USER/sd-photo",
     )
     hub.add_argument(
         "--user", default="demo", help="the user that owns the example models and the token"

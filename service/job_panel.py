@@ -182,6 +182,13 @@ def greeting_for(bot_namespace: str | None, profile: gr.OAuthProfile | None) -> 
     return "Sign in with Hugging Face to merge: this bot has no namespace of its own.", ""
 
 
+def proposed_target(service: JobService, stem: str, profile: gr.OAuthProfile | None) -> str:
+    """A target in the person's namespace (else the bot's) that no job and no repo has yet,
+    named after ``stem``: what a fresh form or a loaded example proposes ("" without one)."""
+    _, namespace = greeting_for(service.settings.bot_namespace, profile)
+    return service.free_target(namespace, stem) if namespace else ""
+
+
 def latest_job_id(service: JobService, profile: gr.OAuthProfile | None, kind: str) -> str:
     """The signed-in person's latest job of ``kind``, for a browser that followed none."""
     if not profile:

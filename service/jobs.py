@@ -11,12 +11,13 @@ that failed or was cancelled runs again as a new attempt under the same id.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -239,6 +240,21 @@ class JobService:
                 f"could not reach the Hub at {self.settings.endpoint} to check {target} ({type(error).__name__}); try again in a minute"
             ) from None
 
+    def free_target(self, namespace: str, stem: str) -> str:
+        """``namespace/stem``, else ``stem-2``, ``stem-3``, …: the first name that no job
+        pushes to and no repo has, for a form to propose (so a person can run one example
+        after another without renaming); while the Hub does not answer, the first that no job
+        pushes to (submitting checks again)."""
+        for number in range(1, PROPOSALS + 1):
+            target = f"{namespace}/{stem}" + (f"-{number}" if number > 1 else "")
+            if self.store.requesters_of(target):
+                continue
+            with suppress(HubUnavailable):
+                if self._bot_repo_exists(target):
+                    continue
+            return target
+        return f"{namespace}/{stem}-{secrets.token_hex(4)}"
+
     def submit(self, request: MergeRequest, identity: Identity) -> Job:
         """Validate ``request`` and queue it, or return the job that already does the same."""
         plan, new_id = self.check(request, identity)
@@ -452,6 +468,8 @@ LAYOUT_SECONDS = 600.0
 LAYOUTS_KEPT = 1024
 SEARCH_STATUS_SECONDS = 1.0
 """How old a search's status may be: reading its trials costs ~1 ms a trial."""
+PROPOSALS = 20
+"""Numbered names a form's proposed target tries before it takes a random suffix."""
 
 
 def _job_recipe(plan: MergePlan, job_id: str) -> str:

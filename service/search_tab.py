@@ -20,12 +20,12 @@ from service.intake import Identity, SearchRequest
 from service.job_panel import (
     POLL_SECONDS,
     card_shown,
-    greeting_for,
     identity_of,
     job_sentence,
     job_status_html,
     latest_job_id,
     may_see,
+    proposed_target,
     remember,
     stop_job,
     updated_sentence,
@@ -306,9 +306,10 @@ def build_search_tab(service: JobService, blocks: gr.Blocks, last: gr.BrowserSta
             return [gr.skip()] * len(form.outputs) + [f"⚠ {quote.text(str(error))}"]
         return [*form.write(from_spec(data)), ""]
 
-    def show_example(name: str | None) -> list[Any]:
+    def show_example(name: str | None, profile: gr.OAuthProfile | None) -> list[Any]:
         chosen = example_forms.get(name or "", SearchForm())
-        return [*form.write(chosen), spec_yaml(chosen), "", "", ""]
+        target_name = proposed_target(service, search_stem(chosen), profile)
+        return [*form.write(chosen), spec_yaml(chosen), target_name, "", "", ""]
 
     def add_task(*values: Any) -> list[Any]:
         current = form.read(values[:-1])
@@ -319,7 +320,9 @@ def build_search_tab(service: JobService, blocks: gr.Blocks, last: gr.BrowserSta
         if not isinstance(widget, gr.State):
             widget.input(form_to_yaml, [*form.inputs, spec], spec)
     spec.input(yaml_to_form, spec, [*form.outputs, yaml_error])
-    load_example.click(show_example, example, [*form.outputs, spec, yaml_error, outcome, job_id])
+    load_example.click(
+        show_example, example, [*form.outputs, spec, target, yaml_error, outcome, job_id]
+    )
     form.add_task.click(add_task, [*form.inputs, spec], [*form.outputs, spec])
     for index, task in enumerate(form.tasks):
 
@@ -397,9 +400,8 @@ def build_search_tab(service: JobService, blocks: gr.Blocks, last: gr.BrowserSta
 
     def on_load(followed: str | None, profile: gr.OAuthProfile | None) -> list[Any]:
         start_form = example_forms[FIRST_SEARCH]
-        _, namespace = greeting_for(service.settings.bot_namespace, profile)
         return [
-            f"{namespace}/searched-model" if namespace else "",
+            proposed_target(service, search_stem(start_form), profile),
             FIRST_SEARCH,
             *form.write(start_form),
             spec_yaml(start_form),
@@ -408,6 +410,11 @@ def build_search_tab(service: JobService, blocks: gr.Blocks, last: gr.BrowserSta
 
     blocks.load(on_load, last, [target, example, *form.outputs, spec, job_id])
     return job_id
+
+
+def search_stem(form: SearchForm) -> str:
+    """The name a search's proposed target starts with: what it searches."""
+    return "layer-path-search" if form.space == "layers" else f"{form.method}-search"
 
 
 def _spec_error(error: MergeError, text: str) -> str:

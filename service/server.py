@@ -38,13 +38,14 @@ def start_demo_hub(settings: Settings, port: int) -> Settings:
     os.environ["HF_ENDPOINT"] = url
     quiet_libraries()
     from service.sandbox_hub.demo import BOT_USER, DEMO_USER, TOKENS_FILE, start_demo_hub
+    from service.sandbox_hub.seed import example_repo_ids
 
     hub_folder = settings.work_dir / "sandbox-hub"
     server, tokens = start_demo_hub(hub_folder, port)
     server.hub.users[MOCK_OAUTH_TOKEN] = DEMO_USER
     print(
-        f"no HF_TOKEN: sandbox hub on {url} with example models {DEMO_USER}/base, "
-        f"{DEMO_USER}/math, {DEMO_USER}/code, {DEMO_USER}/chat; the {DEMO_USER} user's token is in {hub_folder / TOKENS_FILE}",
+        f"no HF_TOKEN: sandbox hub on {url} with example models "
+        f"{', '.join(example_repo_ids(DEMO_USER))}; the {DEMO_USER} user's token is in {hub_folder / TOKENS_FILE}",
         flush=True,
     )
     return replace(
@@ -56,9 +57,19 @@ def start_demo_hub(settings: Settings, port: int) -> Settings:
     )
 
 
+NO_TOKEN_ON_A_SPACE = (
+    "error: this Space has no HF_TOKEN secret, and without it mergebot would serve its local demo "
+    "hub, which visitors cannot reach; add the bot account's write token as the secret HF_TOKEN "
+    "in the Space's settings and restart it"
+)
+"""Why a deployed Space (``SPACE_ID`` set) without a token refuses to start."""
+
+
 def start_bot(hub_port: int, run_jobs: bool = True):
     """Settings from the environment, the demo hub if needed, the job engine and the clock."""
     settings = Settings.from_env()
+    if settings.bot_token is None and os.environ.get("SPACE_ID"):
+        raise SystemExit(NO_TOKEN_ON_A_SPACE)
     if settings.bot_token is None:
         settings = start_demo_hub(settings, hub_port)
     else:
@@ -117,7 +128,7 @@ def run_web(service, build_blocks, host: str, port: int) -> None:
         app = gr.mount_gradio_app(create_app(service), blocks, path="", ssr_mode=False)
     if not os.environ.get("SPACE_ID"):
         print(
-            "off Spaces the page's 'Sign in' button is a local stand-in for the Hub's sign-in: "
+            "off Spaces the page's 'Sign in with Hugging Face' button is a local stand-in for the Hub's sign-in: "
             f"it signs you in as {_local_login_name(service)}",
             flush=True,
         )

@@ -2,7 +2,7 @@
 
 | variable | meaning | default |
 |---|---|---|
-| `HF_TOKEN` | the bot's own token; it writes only to the bot's namespace | none: `serve` runs the sandbox hub |
+| `HF_TOKEN` | the bot's own token; it writes only to the bot's namespace | none: `serve` runs the sandbox hub (a deployed Space, `SPACE_ID` set, refuses to start) |
 | `HF_ENDPOINT` | the Hub to talk to | `https://huggingface.co` |
 | `MERGEBOT_NAMESPACE` | where requests without a token of their own are pushed | the bot token's user |
 | `MERGEBOT_WORK_DIR` | jobs' downloads and outputs, the SQLite file, the key file | `./mergebot-data` |

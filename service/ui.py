@@ -25,6 +25,7 @@ from service.job_panel import (
     job_panel,
     job_sentence,
     latest_job_id,
+    proposed_target,
     remember,
     stop_job,
     updated_sentence,
@@ -389,10 +390,17 @@ def build_blocks(service: JobService) -> gr.Blocks:
             current = switch_method(form.read(values[:-1]), str(before or ""))
             return [*form.write(current), to_yaml(current, values[-1])]
 
-        def show_example(name: str | None) -> list[Any]:
+        def show_example(name: str | None, profile: gr.OAuthProfile | None) -> list[Any]:
             chosen = example_forms.get(name or "", MergeForm())
             # a fresh start: no error, outcome or job of what was there before
-            return [*form.write(chosen), to_yaml(chosen), *([""] * len(PLACES)), "", ""]
+            return [
+                *form.write(chosen),
+                to_yaml(chosen),
+                proposed_target(service, f"{chosen.method}-merge", profile),
+                *([""] * len(PLACES)),
+                "",
+                "",
+            ]
 
         def add_model(*values: Any) -> list[Any]:
             current = form.read(values[:-1])
@@ -405,7 +413,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
         form.method.input(method_changed, [*form.inputs, recipe], [*form.outputs, recipe])
         recipe.input(yaml_to_form, [recipe, form.family], [*form.outputs, form.errors["recipe"]])
         shown_example = load_example.click(
-            show_example, example, [*form.outputs, recipe, *errors, outcome, job_id]
+            show_example, example, [*form.outputs, recipe, target, *errors, outcome, job_id]
         )
         form.add.click(add_model, [*form.inputs, recipe], [*form.outputs, recipe])
         removals = []
@@ -574,10 +582,10 @@ def build_blocks(service: JobService) -> gr.Blocks:
 
         def on_load(last: str | None, profile: gr.OAuthProfile | None) -> list[Any]:
             start = example_forms[FIRST_EXAMPLE]
-            greeting, namespace = greeting_for(settings.bot_namespace, profile)
+            greeting, _ = greeting_for(settings.bot_namespace, profile)
             return [
                 greeting,
-                f"{namespace}/merged-model" if namespace else "",
+                proposed_target(service, f"{start.method}-merge", profile),
                 FIRST_EXAMPLE,
                 *form.write(start),
                 to_yaml(start),

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +16,11 @@ from conftest import load_weights, two_model_ties, write_recipe
 from transformers import AutoModelForCausalLM
 
 from merge_engine.cli import main
+from merge_engine.example import EXAMPLE_SEARCH, EXAMPLE_TEXTS, save_tiny_tokenizer
 from merge_engine.io import read_header
 from merge_engine.methods import all_methods, get_method
 from service.cli import main as service_main
+from service.sandbox_hub.seed import example_repo_ids
 
 METHOD_NAMES = sorted(m.name for m in all_methods())
 
@@ -213,14 +219,17 @@ def test_validate_reports_without_writing_anything(llama_family, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
-def test_methods_lists_every_method_in_one_line_each(capsys):
+def test_methods_lists_every_method_with_its_whole_description(capsys):
     assert main(["methods"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    lines = out.splitlines()
     assert lines[0].split() == ["method", "base", "data", "what", "it", "does"]
-    rows = {line.split()[0]: line.split()[1:3] for line in lines[2:] if line}
+    rows = {line.split()[0]: line.split()[1:3] for line in lines[2:] if line[:1].strip()}
     assert {m.name for m in all_methods()} <= rows.keys()
     assert rows["della_linear"] == ["required", "no"]
     assert rows["regmean"] == ["unused", "calibration"]
+    assert all(words(m.doc) in words(out) for m in all_methods())
+    assert "…" not in out
 
 
 @pytest.mark.parametrize(
@@ -266,16 +275,55 @@ def test_methods_name_prints_the_registry_doc_of_int8_mask(method, capsys):
 
 
 def test_methods_with_an_unknown_name_lists_the_names_in_one_sentence(capsys):
-    assert main(["methods", "slurp"]) == 1
+    assert main(["methods", "zzz"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (
-        f"error: unknown merge method 'slurp'; the methods are {', '.join(METHOD_NAMES)}.\n"
+        f"error: unknown merge method 'zzz'; the methods are {', '.join(METHOD_NAMES)}.\n"
     )
 
 
+def test_methods_with_a_misspelt_name_suggests_the_method_as_validate_does(
+    llama_family, tmp_path, capsys
+):
+    assert main(["methods", "tiez"]) == 1
+    assert capsys.readouterr().err == "error: unknown merge method 'tiez'; did you mean 'ties'?\n"
+    recipe = write_recipe(tmp_path, f"merge_method: tiez\nmodels: [{{model: {llama_family[0]}}}]\n")
+    assert main(["validate", str(recipe)]) == 1
+    assert "unknown merge method 'tiez'; did you mean 'ties'?" in capsys.readouterr().err
+
+
+def test_example_help_documents_its_arguments(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    with pytest.raises(SystemExit):
+        main(["example", "--help"])
+    out = capsys.readouterr().out
+    assert "WORK_DIR/recipe.yaml" in out and "WORK_DIR/search.yaml" in out
+    assert "(default: mergebot-example)" in out
+    assert "--device DEVICE  auto (GPU when there is one), cpu or cuda" in out
+
+
+def test_jobs_columns_line_up_whatever_the_lengths(capsys):
+    from service.cli import jobs_table
+
+    jobs = [
+        {"id": "search-1f2e3d", "status": "running", "stage": "search", "fraction": 0.25},
+        {"id": "job-9a8b", "status": "succeeded", "stage": "done", "fraction": 1.0},
+        {"id": "job-77c", "status": "queued", "stage": "pre-flight", "fraction": 0.0},
+    ]
+    for job, target in zip(jobs, ("demo/searched", "demo/merged", "demo/m"), strict=True):
+        job["target"] = target
+    header, rule, *rows = jobs_table(jobs)
+    assert header.split() == ["id", "status", "stage", "done", "target"]
+    starts = [i for i, c in enumerate(rule) if c == "-" and (i == 0 or rule[i - 1] == " ")]
+    for row, job in zip(rows, jobs, strict=True):
+        cells = [job["id"], job["status"], job["stage"], f"{job['fraction']:.0%}", job["target"]]
+        assert [row.index(cell, start) for cell, start in zip(cells, starts, strict=True)] == starts
+    assert jobs_table([]) == ["no jobs yet; send one with `mergebot submit`"]
+
+
 def test_sandbox_hub_help_names_the_models_it_seeds(capsys, monkeypatch):
-    from service.sandbox_hub.seed import EXAMPLE_REPOS
+    from service.sandbox_hub.seed import DIFFUSION_REPOS, EXAMPLE_REPOS
 
     monkeypatch.setenv("COLUMNS", "300")  # argparse wraps at the terminal's width, even at a hyphen
     with pytest.raises(SystemExit):
@@ -283,8 +331,32 @@ def test_sandbox_hub_help_names_the_models_it_seeds(capsys, monkeypatch):
     seed_help = next(
         line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--seed")
     )
-    assert "three fine-tunes" in seed_help and len(EXAMPLE_REPOS) == 4
-    assert all(f"USER/{name}" in seed_help for name in EXAMPLE_REPOS)
+    assert "three fine-tunes" in seed_help and "two fine-tunes" in seed_help
+    assert all(f"USER/{name}" in seed_help for name in EXAMPLE_REPOS + DIFFUSION_REPOS)
+
+
+@pytest.mark.slow
+def test_sandbox_hub_names_every_seeded_model_and_prints_no_library_noise(tmp_path):
+    hub = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "sandbox-hub", "--seed", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("example models: "):
+            line = hub.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+    finally:
+        hub.terminate()
+        hub.wait(timeout=30)
+    assert lines[-1] == "example models: " + ", ".join(example_repo_ids("demo")) + "\n"
+    assert "demo/sd-photo" in lines[-1]
+    assert lines[0].startswith("sandbox hub on http://127.0.0.1:"), "".join(lines)
+    assert len(lines) == 3, "".join(lines)  # the URL, how to use it, the models: no warnings
 
 
 HEAVY = {"torch", "transformers", "gradio", "dbos", "scipy"}
@@ -443,3 +515,50 @@ def test_submit_of_a_missing_recipe_file_is_one_sentence(tmp_path):
         ran.stderr.strip()
         == f"error: cannot read the recipe file {tmp_path / 'nothing.yaml'} (FileNotFoundError); check the path"
     )
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's command line that starts with ``start``, without its comment."""
+    line = next(line for line in README.read_text().splitlines() if line.startswith(start))
+    return shlex.split(line.split("#")[0])
+
+
+@pytest.mark.slow
+def test_the_example_then_the_readme_search_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert service_main(["example", "--device", "cpu"]) == 0
+    assert "mergebot evolve mergebot-example/search.yaml" in capsys.readouterr().out
+    mergebot, *args = readme_command("mergebot evolve mergebot-example/search.yaml")
+    assert mergebot == "mergebot"
+    assert service_main([*args, "--device", "cpu", "--quiet"]) == 0
+    assert "best of 4 trials" in capsys.readouterr().out
+    assert forward_is_finite(tmp_path / "mergebot-example" / "searched")
+    assert service_main(["example", "--device", "cpu"]) == 0  # replaces the search's output too
+    assert not (tmp_path / "mergebot-example" / "searched").exists()
+
+
+def test_a_search_over_a_model_without_a_tokenizer_is_refused_naming_the_task(
+    llama_family, tmp_path, capsys
+):
+    """Checked from the file lists, before any weight is read: nothing is written."""
+    base, (a, b, _) = llama_family
+    with_tokenizer = tmp_path / "with-tokenizer"
+    shutil.copytree(b, with_tokenizer)
+    save_tiny_tokenizer(with_tokenizer)
+    spec = tmp_path / "search.yaml"
+    spec.write_text(
+        EXAMPLE_SEARCH.format(
+            spec=spec, out="out", base=base, a=a, b=with_tokenizer, examples=list(EXAMPLE_TEXTS)
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["evolve", str(spec), str(out), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: fitness[0]: the 'text' task tokenizes its text with the tokenizer of the first "
+        f"model, {a}, which has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
+        f"list {with_tokenizer}, which has them, first in models\n"
+    )
+    assert not out.exists()

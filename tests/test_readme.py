@@ -44,6 +44,23 @@ def test_the_docker_image_runs_the_server_as_user_1000_on_7860():
     dockerfile = (README.parent / "Dockerfile").read_text()
     assert "--uid 1000" in dockerfile and "USER user" in dockerfile
     assert "EXPOSE 7860" in dockerfile and '"mergebot", "serve"' in dockerfile
+    assert "HEALTHCHECK" in dockerfile and "/api/health" in dockerfile.split("HEALTHCHECK")[1]
+
+
+def test_the_readme_documents_a_docker_space_on_the_dockerfile_port():
+    """The front matter a Docker Space needs, the secrets and the persistent storage."""
+    import yaml
+
+    text = README.read_text()
+    docker = next(
+        yaml.safe_load(block)
+        for block in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+        if "sdk: docker" in block
+    )
+    assert docker == {"sdk": "docker", "app_port": 7860}
+    assert f"EXPOSE {docker['app_port']}" in (README.parent / "Dockerfile").read_text()
+    for needed in ("`HF_TOKEN`", "`MERGEBOT_SECRET_KEY`", "`/data`", "MERGEBOT_WORK_DIR=/data/"):
+        assert needed in text
 
 
 def test_the_readme_points_only_at_files_in_the_project():
@@ -102,7 +119,14 @@ def test_the_demo_runs_as_the_readme_says(tmp_path):
         assert "mergebot/demo-ties" in ran.stdout.splitlines()[-1]  # `mergebot jobs` lists it
         # one line says what the local sign-in does, instead of Gradio's warning twice
         assert "Gradio does not support OAuth" not in space.log
-        assert space.log.count("'Sign in' button is a local stand-in") == 1
+        assert space.log.count("'Sign in with Hugging Face' button is a local stand-in") == 1
         assert "signs you in as demo" in space.log
     finally:
         space.stop()
+
+
+def test_the_readme_says_which_torch_build_its_setup_installs():
+    setup = " ".join(README.read_text().split("## Set up")[1].split("## Use")[0].split())
+    assert "CPU build" not in setup.split("```bash")[0].replace("CPU-only build", "")
+    assert "CUDA build" in setup
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in setup

@@ -179,6 +179,34 @@ def test_limits_and_server_paths_are_refused_before_a_search_starts(hub, tmp_pat
         process.stop()
 
 
+def test_a_search_whose_first_model_has_no_tokenizer_is_refused_at_submit_naming_the_task(
+    hub, tmp_path, scored_family
+):
+    """Seen in the repo's file list at submit, before anything is queued or downloaded."""
+    _, (math, _) = scored_family
+    HfApi(endpoint=hub.url, token=ALICE).create_repo("alice/bare")
+    HfApi(endpoint=hub.url, token=ALICE).upload_folder(
+        repo_id="alice/bare",
+        folder_path=math,
+        allow_patterns=["config.json", "*.safetensors"],
+    )
+    process, bot = start_serve(hub.url, tmp_path / "work", "--no-worker")
+    try:
+        spec = search_spec().replace("model: alice/math", "model: alice/bare")
+        body = {"spec": spec, "target": "alice/bare-search"}
+        status, refused = bot.call("POST", "/api/searches", body, ALICE)
+        assert status == 400, refused
+        assert refused["field"] == "fitness[0]"
+        assert refused["error"] == (
+            "fitness[0]: the 'nll' task tokenizes its text with the tokenizer of the first model, "
+            "alice/bare, which has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "...); list alice/code, which has them, first in models"
+        )
+        assert bot.call("GET", "/api/jobs")[1] == []
+    finally:
+        process.stop()
+
+
 def test_no_search_locks_its_requester_out_and_simultaneous_ones_keep_the_daily_limit(
     hub, tmp_path
 ):

@@ -24,6 +24,45 @@ parameters: {t: 0.3}
 """
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def docker_healthcheck(port: int) -> subprocess.CompletedProcess:
+    """The Dockerfile's HEALTHCHECK command, run here against ``port`` instead of 7860."""
+    line = next(
+        line
+        for line in (ROOT / "Dockerfile").read_text().split("HEALTHCHECK", 1)[1].splitlines()
+        if line.strip().startswith("CMD ")
+    )
+    command = json.loads(line.strip().removeprefix("CMD ").replace("7860", str(port)))
+    assert command[0] == "python"
+    return subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=60)
+
+
+def test_a_deployed_space_without_a_token_refuses_to_start(tmp_path):
+    """On a Space (SPACE_ID set) the demo hub would serve links no visitor can reach."""
+    from service.server import NO_TOKEN_ON_A_SPACE
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MERGEBOT_"))}
+    env.update(
+        SPACE_ID="someone/mergebot",
+        MERGEBOT_WORK_DIR=str(tmp_path / "work"),
+        HF_HOME=str(tmp_path / "hf"),
+        GRADIO_SERVER_PORT=str(free_port()),
+        MERGEBOT_SANDBOX_PORT=str(free_port()),
+    )
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "spaces_app.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert run.stderr == NO_TOKEN_ON_A_SPACE + "\n"
+    assert not (tmp_path / "work" / "sandbox-hub").exists()
+
+
 def test_the_space_without_a_token_runs_the_offline_demo(tmp_path):
     work = tmp_path / "work"
     port, hub_port = free_port(), free_port()
@@ -35,7 +74,7 @@ def test_the_space_without_a_token_runs_the_offline_demo(tmp_path):
         GRADIO_SERVER_PORT=str(port),
         MERGEBOT_SANDBOX_PORT=str(hub_port),
     )
-    app = [sys.executable, str(Path(__file__).resolve().parent.parent / "spaces_app.py")]
+    app = [sys.executable, str(ROOT / "spaces_app.py")]
     api = Api(port)
 
     def start() -> MergebotProcess:
@@ -47,6 +86,7 @@ def test_the_space_without_a_token_runs_the_offline_demo(tmp_path):
     serve = start()
     try:
         assert f"sandbox hub on http://127.0.0.1:{hub_port}" in serve.log
+        assert "demo/chat, demo/sd-base, demo/sd-dreamy, demo/sd-photo;" in serve.log
         demo_token = json.loads((work / "sandbox-hub" / "tokens.json").read_text())["demo"]
         (tmp_path / "recipe.yaml").write_text(RECIPE)
         client = {
@@ -70,6 +110,7 @@ def test_the_space_without_a_token_runs_the_offline_demo(tmp_path):
         assert f"succeeded http://127.0.0.1:{hub_port}/demo/slerp" in out, out
         job_id = out.split(":")[0]
         assert demo_token not in serve.log
+        assert docker_healthcheck(port).returncode == 0
 
         serve.stop()
         serve = start()

@@ -67,7 +67,7 @@ def page(browser, space):
     with space_page(browser, space.url) as page:
         page.get_by_role("tab", name="Search", exact=True).click()
         expect(field(page, "#search-example")).to_have_value(FIRST_SEARCH)
-        expect(field(page, "#search-target")).to_have_value("mergebot/searched-model")
+        expect(field(page, "#search-target")).to_have_value("mergebot/ties-search")
         yield page
 
 
@@ -179,7 +179,7 @@ def test_a_signed_in_search_stops_early_and_publishes_its_best_so_far(page):
     page.get_by_role("button", name=re.compile("Sign in")).click()
     expect_text(page, "#who", "Signed in as demo")
     page.get_by_role("tab", name="Search", exact=True).click()
-    expect(field(page, "#search-target")).to_have_value("demo/searched-model")
+    expect(field(page, "#search-target")).to_have_value("demo/ties-search")
     load_example(page, FIRST_SEARCH)
     set_value(page, "#search-trials", "200")
     open_search_tab(page, "YAML")
@@ -196,5 +196,5 @@ def test_a_signed_in_search_stops_early_and_publishes_its_best_so_far(page):
     expect_text(page, "#search-status", "succeeded", timeout=120_000)
     expect_text(page, "#search-outcome", rf"Job {job_id} succeeded\.")
     assert 2 <= int(page.locator("#search-status .done").inner_text()) < 200
-    expect(page.locator("#search-link a")).to_have_text("demo/searched-model")
+    expect(page.locator("#search-link a")).to_have_text("demo/ties-search")
     assert "winner" in page.locator("#search-status table.fitness").inner_text()

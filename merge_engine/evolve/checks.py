@@ -64,6 +64,7 @@ def check_spec(
         raise RecipeError("is required; list at least one task with its data", field="fitness")
     _check_loadable(spec, sources)
     _check_task_models(spec, sources)
+    _check_tokenizer(spec, sources)
     tasks = (
         []
         if own_fitness and not spec.fitness
@@ -221,6 +222,26 @@ def _check_task_models(spec: SearchSpec, sources: dict[ModelReference, ModelSour
                     f"a {task.kind} task scores {kind}, and {ref} is not one; choose another task kind",
                     field=f"fitness[{i}].kind",
                 )
+
+
+def _check_tokenizer(spec: SearchSpec, sources: dict[ModelReference, ModelSource]) -> None:
+    """Every task tokenizes its text with the first source's tokenizer: a source without
+    tokenizer files is refused here, from the file list, rather than after the weights load."""
+    first, *others = spec.sources()
+    if not spec.fitness or sources[first].has_tokenizer is not False:
+        return
+    donor = next((ref for ref in others if sources[ref].has_tokenizer), None)
+    fix = (
+        f"list {donor}, which has them, first in models"
+        if donor
+        else "save the model's tokenizer into it (tokenizer.save_pretrained) and check again"
+    )
+    raise RecipeError(
+        f"the {spec.task_names()[0]!r} task tokenizes its text with the tokenizer of the first "
+        f"model, {first}, which has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+        f"...); {fix}",
+        field="fitness[0]",
+    )
 
 
 __all__ = ["CheckedSpec", "check_spec"]

@@ -166,12 +166,17 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
+def closest_method(name: str) -> str | None:
+    """The registered method whose name is closest to a misspelt ``name``, if one is close."""
+    return next(iter(difflib.get_close_matches(name, _METHODS, n=1)), None)
+
+
 def get_method(name: str) -> MergeMethod:
     try:
         return _METHODS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, _METHODS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "run 'mergebot methods' for the list"
+        close = closest_method(name)
+        hint = f"did you mean '{close}'?" if close else "run 'mergebot methods' for the list"
         raise RecipeError(f"unknown merge method '{name}'; {hint}", field="merge_method") from None
 
 

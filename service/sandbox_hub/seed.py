@@ -14,9 +14,14 @@ EXAMPLE_REPOS = ("base", "math", "code", "chat")
 DIFFUSION_REPOS = ("sd-base", "sd-dreamy", "sd-photo")
 
 
+def example_repo_ids(owner: str) -> list[str]:
+    """The ids of every example model ``owner`` gets: the Llama family, then the SD one."""
+    return [f"{owner}/{name}" for name in EXAMPLE_REPOS + DIFFUSION_REPOS]
+
+
 def seed_examples(store: HubStore, owner: str = "demo") -> list[str]:
-    """Create ``owner/base`` and its fine-tunes ``math``, ``code``, ``chat`` unless they exist;
-    return their ids."""
+    """Create ``owner/base`` and its fine-tunes ``math``, ``code``, ``chat``, and
+    ``owner/sd-base`` and its fine-tunes, unless they exist; return their ids."""
     repo_ids = [f"{owner}/{name}" for name in EXAMPLE_REPOS]
     if not all(store.get("model", repo_id) for repo_id in repo_ids):
         with tempfile.TemporaryDirectory() as tmp:
@@ -32,7 +37,7 @@ def seed_examples(store: HubStore, owner: str = "demo") -> list[str]:
             base = make_pipeline(Path(tmp) / "base", "sd1", seed=0)
             tuned = [make_finetune(base, Path(tmp) / f"t{i}", seed=i, noise=0.05) for i in (1, 2)]
             _upload(store, owner, diffusion_ids, [base, *tuned])
-    return repo_ids + diffusion_ids
+    return example_repo_ids(owner)
 
 
 def _upload(store: HubStore, owner: str, repo_ids: list[str], folders: list[Path]) -> None:
