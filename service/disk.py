@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from merge_engine.plan import MergePlan
 from merge_engine.recipe import ModelReference
 from merge_engine.sources import ModelSource
 from service.errors import DiskFull
@@ -23,6 +24,11 @@ FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 def source_bytes(sources: Mapping[ModelReference, ModelSource]) -> int:
     """The weights of ``sources``, from their headers: what the job downloads."""
     return sum(info.nbytes for source in sources.values() for info in source.tensors.values())
+
+
+def merge_bytes(plan: MergePlan) -> int:
+    """What a merge downloads and writes: its sources, and its output."""
+    return source_bytes(plan.sources) + plan.output_bytes
 
 
 def search_bytes(sources: Mapping[ModelReference, ModelSource]) -> int:

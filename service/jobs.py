@@ -31,7 +31,7 @@ from merge_engine.formats.layouts import Layout
 from merge_engine.plan import MergePlan
 from merge_engine.recipe import ModelReference, Recipe, recipe_from_text, with_revisions
 from merge_engine.sources import inspect_hub
-from service.disk import check_room, search_bytes, source_bytes
+from service.disk import check_room, merge_bytes, search_bytes
 from service.errors import (
     HubUnavailable,
     NotAllowed,
@@ -120,7 +120,7 @@ class JobService:
                 request.recipe, token=identity.token or False, hub_only=True, cache_dir=cache
             )
         check_limits(plan.sources, limits)
-        self.check_disk(source_bytes(plan.sources) + plan.output_bytes, "the bot's")
+        self.check_disk(merge_bytes(plan), "the bot's")
         new_id = job_id(plan, request)
         if not identity.token:
             self._check_bot_target(request.target, identity, new_id)

@@ -28,7 +28,7 @@ from merge_engine.plan import MergePlan
 from merge_engine.recipe import recipe_from_text
 from merge_engine.run import download_plan, resolve_device, write_merge
 from service.discussions import DiscussionWatcher, discussion_url, parse_discussion_key
-from service.disk import is_disk_full, source_bytes
+from service.disk import is_disk_full, merge_bytes
 from service.hub import hub_api, publish
 from service.job_store import ACTIVE, SEARCH_STAGES, STAGES, Job
 from service.jobs import JobService
@@ -172,7 +172,7 @@ def preflight_step(job_id: str) -> None:
 def download_step(job_id: str) -> None:
     job = job_of(job_id)
     plan = _plan(job)
-    running_service().check_disk(source_bytes(plan.sources) + plan.output_bytes, "the worker's")
+    running_service().check_disk(merge_bytes(plan), "the worker's")
     cache = running_service().settings.job_dir(job_id) / "hub"
     with_hub(job_id, lambda: download_plan(plan, read_token(job), cache))
 

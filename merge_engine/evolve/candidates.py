@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 
 from merge_engine.errors import IncompatibleModelsError
 from merge_engine.evolve.genome import LayerRef
-from merge_engine.evolve.stopping import never_stop
+from merge_engine.evolve.stopping import StopCheckFunction, never_stop
 from merge_engine.plan import build_plan
 from merge_engine.recipe import ModelReference, Recipe, parse_recipe
 from merge_engine.run import iter_merged
@@ -105,7 +104,7 @@ class ParameterCandidate:
         self.model.to(device).eval()
         self.state = self.model.state_dict()
 
-    def build(self, recipe: Recipe, check: Callable[[], None] = never_stop) -> nn.Module:
+    def build(self, recipe: Recipe, check: StopCheckFunction = never_stop) -> nn.Module:
         """The model of ``recipe``, merged into the preallocated weights; ``check()`` is asked
         before each tensor, and may raise to abandon the candidate."""
         plan = build_plan(recipe, self.sources)

@@ -25,7 +25,7 @@ import torch
 from merge_engine import calibration
 from merge_engine.errors import RecipeError, excerpt
 from merge_engine.evolve.spec import FitnessTask, TaskData
-from merge_engine.evolve.stopping import never_stop
+from merge_engine.evolve.stopping import StopCheckFunction, never_stop
 
 SPLITS = ("search", "held_out")
 METRICS = {
@@ -36,8 +36,6 @@ METRICS = {
 }
 
 Row = dict[str, Any]
-StopCheckFunction = Callable[[], None]
-"""Called before each forward pass; raises to abandon the evaluation."""
 
 
 @dataclass

@@ -30,6 +30,10 @@ class SearchStopped(MergeError):
         )
 
 
+StopCheckFunction = Callable[[], None]
+"""Asked by a trial's work (before each tensor, each forward pass); raises to abandon it."""
+
+
 def never_stop() -> None:
     """The check of work that nothing stops (the final scoring of the winner)."""
 

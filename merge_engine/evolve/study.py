@@ -213,11 +213,9 @@ def _record(trial: FrozenTrial, stage: str) -> TrialRecord:
 
 @dataclass(frozen=True)
 class StoredStudy:
-    """A study as any process reads it: its completed trials, when its first trial began
-    (POSIX seconds, whatever that trial's state) and its user attributes."""
+    """A study as any process reads it: its completed trials and its user attributes."""
 
     records: list[TrialRecord]
-    first_start: float | None
     attributes: dict
 
 
@@ -226,11 +224,9 @@ def read_study(storage: optuna.storages.BaseStorage, name: str, stage: str) -> S
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        return StoredStudy([], None, {})
-    trials = study.get_trials(deepcopy=False)
-    starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
-    records = [_record(t, stage) for t in trials if t.state == TrialState.COMPLETE]
-    return StoredStudy(records, min(starts, default=None), study.user_attrs)
+        return StoredStudy([], {})
+    records = [_record(t, stage) for t in completed(study)]
+    return StoredStudy(records, study.user_attrs)
 
 
 @dataclass
