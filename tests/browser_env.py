@@ -114,3 +114,12 @@ def choose(page, selector: str, option: str) -> None:
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture
+def page(browser, space):
+    """The Space on the merge form, in a fresh browser page; ``space`` is the served bot of
+    the module that uses it."""
+    with space_page(browser, space.url) as page:
+        page.wait_for_selector("#method input")
+        yield page

@@ -16,10 +16,10 @@ from browser_env import (
     demo_hub,
     expect_text,
     field,
+    page,
     serving_space,
     set_value,
     shot,
-    space_page,
     value,
 )
 from huggingface_hub import HfApi
@@ -29,7 +29,7 @@ from safetensors.torch import load, save
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["browser"]  # the fixture, used by this module's tests
+__all__ = ["browser", "page"]  # the fixtures, used by this module's tests
 
 SLERP = """merge_method: slerp
 base_model: demo/math
@@ -71,13 +71,6 @@ def space(tmp_path_factory):
     with serving_space(server, tmp_path_factory.mktemp("space") / "work") as bot:
         yield bot
     server.__exit__()
-
-
-@pytest.fixture
-def page(browser, space):
-    with space_page(browser, space.url) as page:
-        page.wait_for_selector("#method input")
-        yield page
 
 
 def open_tab(page, name: str) -> None:

@@ -17,10 +17,10 @@ from browser_env import (
     demo_hub,
     expect_text,
     field,
+    page,
     serving_space,
     set_value,
     shot,
-    space_page,
 )
 from huggingface_hub import HfApi
 from playwright.sync_api import expect
@@ -33,7 +33,7 @@ from service.server import MOCK_OAUTH_TOKEN
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["browser"]  # the fixture, used by this module's tests
+__all__ = ["browser", "page"]  # the fixtures, used by this module's tests
 
 BLOCKS = block_names("sd1")
 VALUES = [f"{0.04 * i:g}" for i in range(len(BLOCKS))]
@@ -55,13 +55,6 @@ def space(tmp_path_factory):
     with serving_space(server, tmp_path_factory.mktemp("space") / "work") as bot:
         yield bot
     server.__exit__()
-
-
-@pytest.fixture
-def page(browser, space):
-    with space_page(browser, space.url) as page:
-        page.wait_for_selector("#method input")
-        yield page
 
 
 def jobs_count(space) -> int:

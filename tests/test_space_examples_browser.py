@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from browser_env import browser, choose, demo_hub, field, serving_space, space_page
+from browser_env import browser, choose, demo_hub, field, page, serving_space
 from playwright.sync_api import expect
 from service_env import BOT_TOKEN
 
@@ -16,7 +16,7 @@ from service.search_form import FIRST_SEARCH
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["browser"]  # the fixture, used by this module's tests
+__all__ = ["browser", "page"]  # the fixtures, used by this module's tests
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +25,6 @@ def space(tmp_path_factory):
     with serving_space(server, tmp_path_factory.mktemp("examples-space") / "work") as bot:
         yield bot
     server.__exit__()
-
-
-@pytest.fixture
-def page(browser, space):
-    with space_page(browser, space.url) as page:
-        page.wait_for_selector("#method input")
-        yield page
 
 
 NEW_JOB_OR_REFUSAL = """([outcome, job, known]) => {
