@@ -164,6 +164,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_evolve(args: argparse.Namespace) -> None:
+    from merge_engine.evolve.report import fitness_text, wall_time_text
     from merge_engine.evolve.search import evolve
     from merge_engine.evolve.spec import load_spec
 
@@ -194,11 +195,15 @@ def cmd_evolve(args: argparse.Namespace) -> None:
     if result is None:
         return
     print(
-        f"best of {len(result.records)} trials: search fitness {result.search_fitness:.4g}, "
-        f"held-out {result.held_out_fitness:.4g}"
+        f"best of {len(result.records)} trials: search fitness "
+        f"{fitness_text(result.search_fitness)}, held-out {fitness_text(result.held_out_fitness)}; "
+        f"{wall_time_text(result.wall_seconds)}"
     )
     for baseline in result.baselines:
-        print(f"  {baseline.label}: search {baseline.search:.4g}, held-out {baseline.held_out:.4g}")
+        print(
+            f"  {baseline.label}: search {fitness_text(baseline.search)}, "
+            f"held-out {fitness_text(baseline.held_out)}"
+        )
     print(f"wrote the winner into {result.out} (recipe: {result.out / 'mergebot_recipe.yaml'})")
 
 

@@ -8,7 +8,7 @@
 | `GET /api/jobs/{id}` | one job: status, stage, fraction, log, error, result URL, card |
 | `POST /api/jobs/{id}/cancel[?publish_best=true]` | the requester (or the bot's operator) stops a job; a search with `publish_best` stops within seconds, abandoning its running trial, and publishes its best candidate so far |
 | `POST /api/searches` `{spec, target, private?}` | validate an evolutionary search spec and queue it; 202 with the job |
-| `GET /api/searches/{id}` | a search's status: the job, the sources' and uniform merge's fitness, trials done of the budget, each trial's fitness and the best so far, the best genes, the wall time left, and when it ends the fitness table |
+| `GET /api/searches/{id}` | a search's status: the job, the sources' and uniform merge's fitness, trials done of the budget, each trial's fitness and the best so far, the best genes, `seconds_left` of the wall-time budget (a bound, not an estimate of when the search ends), and when it ends the fitness table |
 | `GET /api/searches/{id}/trials` | every completed trial in full: stage, genes, fitness, per-task scores, seconds, worker |
 | `POST /api/follows/{ns}/{name}/stop` or `start` | the requester stops or restarts re-merges of a result |
 | `POST /api/webhooks/hub` | Hub webhooks (`X-Webhook-Secret` = `MERGEBOT_WEBHOOK_SECRET`): discussions and source updates |

@@ -24,6 +24,7 @@ from huggingface_hub import HfApi
 
 from merge_engine import quote
 from merge_engine.errors import MergeError, RecipeError
+from merge_engine.evolve.report import fitness_text
 from merge_engine.evolve.spec import SearchSpec
 from merge_engine.recipe import Recipe
 from merge_engine.recipe_limits import load_yaml
@@ -288,7 +289,8 @@ def _fitness_table(outcome: dict[str, Any]) -> str:
     merge), for a reply."""
     rows = ["| model | search fitness | held-out fitness |", "|---|---|---|"]
     rows += [
-        f"| {quote.cell(row['model'])} | {row['search']:.4g} | {row['held_out']:.4g} |"
+        f"| {quote.cell(row['model'])} | {fitness_text(row['search'])} | "
+        f"{fitness_text(row['held_out'])} |"
         for row in outcome.get("rows", [])
     ]
     trials = f"The winner of {outcome.get('trials', 0)} trials, on the search and held-out splits:"

@@ -62,6 +62,11 @@ def running_service() -> JobService:
     return _service
 
 
+def stage_done(stage: str, seconds: float) -> str:
+    """The log line of a finished stage, which the job's summary reads its time from."""
+    return f"{stage}: done in {seconds:.1f} s"
+
+
 def enqueue(job: Job, turn: int = 0) -> None:
     """Queue ``job``'s workflow (a search's ``turn`` after the first continues its search)."""
     queue = SEARCH_QUEUE if job.kind == "search" else QUEUE
@@ -323,7 +328,8 @@ def merge_job(job_id: str, turn: int = 0) -> str:
                 )
                 enqueue(job, turn + 1)
                 return "waiting"
-            store.update(job_id, log=f"{stage}: done in {time.monotonic() - started:.1f} s")
+            if stage != "search":  # the search step logs its wall time, which its card states
+                store.update(job_id, log=stage_done(stage, time.monotonic() - started))
         done = job_of(job_id)
         if done.follow_sources:
             jobs.follows.record(done, jobs.vault.get(job_id))

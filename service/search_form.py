@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from merge_engine import quote
-from merge_engine.evolve.report import Baseline, TrialRecord, duration
+from merge_engine.evolve.report import Baseline, TrialRecord, duration, fitness_text
 from merge_engine.methods import all_methods, get_method
 from service.recipe_form import DEMO_MODELS, HUB_MODELS, ExampleModels, previous_document
 
@@ -385,12 +385,16 @@ def valid_sentence(checked: CheckedSpec) -> str:
 
 
 def progress_html(status: dict[str, Any]) -> str:
-    """Trials done of the budget, the best fitness so far and the wall time left, each in a
-    span of its own class (``done``, ``budget``, ``best``, ``time-left``)."""
+    """Trials done of the budget, the best fitness so far and what is left of the wall-time
+    budget (``budget.wall_time`` less the time searched: a bound, not an estimate of when the
+    search ends), each in a span of its own class (``done``, ``budget``, ``best``,
+    ``time-left``)."""
     best = status["best"]
-    shown = f"{best['fitness']:.5g}" if best else "—"
+    shown = fitness_text(best["fitness"]) if best else "—"
     left = status["seconds_left"]
-    time_left = f" · time left <span class='time-left'>{duration(left)}</span>" if left else ""
+    time_left = (
+        f" · wall-time budget left <span class='time-left'>{duration(left)}</span>" if left else ""
+    )
     return (
         f"<p class='search-progress'><span class='done'>{status['done']}</span> of "
         f"<span class='budget'>{status['budget']}</span> trials · best fitness "
@@ -420,10 +424,11 @@ def plotted(status: dict[str, Any]) -> tuple[list[TrialRecord], list[Baseline]]:
 
 
 def fitness_table(outcome: dict[str, Any]) -> str:
-    """A finished search's fitness table as HTML, the winner first."""
+    """A finished search's fitness table as HTML, the winner first, its numbers as the card
+    writes them."""
     cells = "".join(
-        f"<tr><td>{html.escape(str(row['model']))}</td><td>{row['search']:.5g}</td>"
-        f"<td>{row['held_out']:.5g}</td></tr>"
+        f"<tr><td>{html.escape(str(row['model']))}</td><td>{fitness_text(row['search'])}</td>"
+        f"<td>{fitness_text(row['held_out'])}</td></tr>"
         for row in outcome.get("rows", [])
     )
     return (

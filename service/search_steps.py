@@ -30,7 +30,7 @@ from merge_engine.calibration import load_tokenizer
 from merge_engine.errors import MergeError
 from merge_engine.evolve.checks import check_spec
 from merge_engine.evolve.fitness import evaluate, read_tasks
-from merge_engine.evolve.report import TrialRecord
+from merge_engine.evolve.report import TrialRecord, fitness_text
 from merge_engine.evolve.search import BASELINES, SearchResult, StudyNames, evolve
 from merge_engine.evolve.spec import SearchSpec, spec_from_text
 from merge_engine.evolve.study import StoredStudy, read_study
@@ -85,7 +85,7 @@ def search_seconds(job: Job, now: float) -> float:
 def search_status(service, job: Job) -> dict:
     """What a search's watcher sees: the sources' and the uniform merge's fitness (scored
     before the first trial), the trials so far (each with the best fitness up to it), the
-    budget, the best candidate's genes and the wall time left."""
+    budget, the best candidate's genes and what is left of the wall-time budget."""
     spec = search_spec(job)
     studies = read_studies(service, job) if job.stage != "queued" else []
     records = [record for study in studies for record in study.records]
@@ -217,8 +217,11 @@ def search_step(job_id: str) -> bool:
         job_id,
         outcome=json.dumps(outcome_of(result)),
         card=card,
-        log=f"winner: search fitness {result.search_fitness:.4g}, held-out {result.held_out_fitness:.4g}",
+        log=f"winner: search fitness {fitness_text(result.search_fitness)}, "
+        f"held-out {fitness_text(result.held_out_fitness)}",
     )
+    # the stage's time is the wall time the card states, every turn's, not this turn's alone
+    store.update(job_id, log=pipeline.stage_done("search", result.wall_seconds))
     return False
 
 
@@ -260,7 +263,7 @@ def _progress(
         values: dict = {"fraction": (before + done) / spec.total_trials()}
         if best_so_far.get(stage) != best:
             best_so_far[stage] = best
-            values["log"] = f"{stage} trial {done}/{budget}: best fitness {best:.4g}"
+            values["log"] = f"{stage} trial {done}/{budget}: best fitness {fitness_text(best)}"
         if (
             "log" in values
             or time.monotonic() - written >= pipeline.PROGRESS_EVERY

@@ -56,6 +56,37 @@ from service.search_form import (
 )
 from service.search_form import to_yaml as spec_yaml
 
+INTRO = (
+    "Search a merge instead of guessing it: an evolutionary search (CMA-ES) tries merges "
+    "of the sources, scores each on your fitness tasks, and publishes the best with a card "
+    "that compares it with every source."
+)
+HOW_A_SEARCH_WORKS = """\
+- **What is searched** (*Space*). `parameters`: the method's per-model numbers (weight,
+  density, ...) within the bounds you give, one value per model and layer group. `layers`: a
+  layer path, which layer of which model runs in each slot, with a scale on each layer's input.
+  `both`: parameters first, then a layer path over the sources and that merge.
+- **A trial** merges one candidate in memory and scores it on the fitness tasks. `nll`: texts,
+  fitness is minus the mean negative log-likelihood per token; `exact_match`: prompt and
+  answer, greedy generation; `multiple_choice`: prompt, choices and answer; `classification`:
+  text and label. The fitness is the weighted mean over the tasks: higher is better.
+- **Two splits.** Each task's examples are split into search examples and held-out ones (a
+  quarter, unless the YAML gives `held_out` data). The winner is the best candidate on the
+  search split; the held-out split plays no part in choosing it and shows in the card.
+- **Baselines.** Before the first trial every source, and their uniform merge, are scored:
+  the dashed lines of the plot and the rows of the card's table.
+- **Budget.** `trials` per stage; `population`, the candidates CMA-ES proposes per
+  generation; `wall time`, the time the search may run on a worker (time waiting for its
+  turn while other searches run does not count). When either is spent, or on *Stop and
+  publish the best so far*, the best candidate so far is written.
+- **The result**: the winner, checked to load and to score on the held-out split what its
+  card says, pushed in one commit with the card (fitness table, plot, spec and recipe).
+- **The YAML tab** takes the whole spec, with what the form does not show: the layer
+  genome (`layers`: `repeats`, `max_length`, `scaling`), the parameter genome's `fixed`,
+  `layers_per_value` and `filters`, a task's `held_out` data and field names (`prompt_field`,
+  ...), and the `seed`."""
+"""The spec's essentials, in the tab: a Space's visitor has no copy of ``docs/evolve.md``."""
+
 
 def _search_view(
     service: JobService, job_id: str, profile: gr.OAuthProfile | None
@@ -256,11 +287,9 @@ def build_search_tab(service: JobService, blocks: gr.Blocks, last: gr.BrowserSta
     search job's field, which the Jobs tab fills."""
     loopback = is_loopback(service.settings.endpoint)
     example_forms = search_examples(DEMO_MODELS if loopback else HUB_MODELS)
-    gr.Markdown(
-        "Search a merge instead of guessing it: an evolutionary search (CMA-ES) tries merges "
-        "of the sources, scores each on your fitness tasks, and publishes the best with a card "
-        "that compares it with every source. The YAML tab takes the whole spec (`docs/evolve.md`)."
-    )
+    gr.Markdown(INTRO)
+    with gr.Accordion("How a search works", open=False, elem_id="search-how"):
+        gr.Markdown(HOW_A_SEARCH_WORKS)
     with gr.Row():
         example = gr.Dropdown(list(example_forms), label="Examples", elem_id="search-example")
         load_example = gr.Button("Load example", elem_id="load-search-example")

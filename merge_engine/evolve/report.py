@@ -8,6 +8,7 @@ no global state, no window, safe from any thread.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -213,6 +214,28 @@ def duration(seconds: float) -> str:
     return f"{whole // 3600} h {whole % 3600 // 60} min"
 
 
+def fitness_text(value: float | None) -> str:
+    """A fitness or task score as every reader is shown it (the card, the Space's status and
+    fitness table, the job log, the CLI): four significant digits, so the same value reads the
+    same everywhere; one that is not a finite number (the status JSON's null) as "–"."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.4g}"
+
+
+def task_column(task: str, metric: str) -> str:
+    """A task's column in the fitness table: its name and metric, the name alone where the
+    name is the metric (a task named after its kind)."""
+    return quote.cell(task) if task == metric else f"{quote.cell(task)} ({metric})"
+
+
+def wall_time_text(seconds: float) -> str:
+    """A search's wall time as the card, the job log and the CLI say it: what
+    ``budget.wall_time`` counts (a bot's search: the time it held a worker's search lane,
+    not the time it waited for its turns)."""
+    return f"{duration(seconds)} of wall time"
+
+
 def _trials_done(trials_done: dict[str, int], budget: int) -> str:
     done = [(s, trials_done[s]) for s in STAGES if s in trials_done]
     if len(done) == 1:
@@ -246,15 +269,15 @@ def search_section(
     baselines, the fitness plot, the layer path, the spec and recipes, the command."""
 
     def scores(total: float, held_out: float, by_task: dict[str, float]) -> list[str]:
-        tasks = [f"{by_task[t]:.4g}" if t in by_task else "–" for t in task_metrics]
-        return [f"{total:.4g}", f"{held_out:.4g}", *tasks]
+        tasks = [fitness_text(by_task.get(t)) for t in task_metrics]
+        return [fitness_text(total), fitness_text(held_out), *tasks]
 
     columns = ["model", "search fitness", "held-out fitness"]
-    columns += [f"{quote.cell(task)} ({metric})" for task, metric in task_metrics.items()]
+    columns += [task_column(task, metric) for task, metric in task_metrics.items()]
     parts = [
         "## Evolutionary search",
         f"An evolutionary search explored {SPACE_WHAT[space]}: "
-        f"{_trials_done(trials_done, budget)}, {duration(wall_seconds)}. "
+        f"{_trials_done(trials_done, budget)} in {wall_time_text(wall_seconds)}. "
         "Fitness is the weighted total over the tasks, higher is better; the winner is the "
         "candidate with the best search fitness, and the held-out split played no part in "
         "choosing it.",

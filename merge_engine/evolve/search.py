@@ -79,6 +79,9 @@ class SearchResult:
     path: list[report.PathSlot] | None
     logit_difference: float
     """Largest |logit| difference between the written model and the evaluated candidate."""
+    wall_seconds: float
+    """The search's wall time as ``budget.wall_time`` counts it, up to the writing of the
+    winner's card, which states it (:meth:`_Search.elapsed`)."""
 
 
 class _Scorer:
@@ -308,6 +311,8 @@ class _Search:
         wall = spec.budget.wall_time
         waited = time.time() - sharing.started if sharing.started else 0.0
         self.started = time.monotonic() - waited
+        """When the wall time started, on the monotonic clock: ``started`` less the time
+        since (a bot's search: the turns it held a search lane before this one)."""
         self.deadline = self.started + wall if wall else None
         self.halt = StopCheck(reporting.stop)
         """Asked within each trial's work: a stop request or a spent wall time abandons it."""
@@ -318,6 +323,11 @@ class _Search:
         self.path_genes: LayerGenes | None = None
         self.layer_candidate: LayerCandidate | None = None
         self.layer_sources: list[LoadedSource] = []
+
+    def elapsed(self) -> float:
+        """The search's wall time so far: what ``budget.wall_time`` bounds, and the duration
+        its card, its job log and the CLI state."""
+        return time.monotonic() - self.started
 
     def run(self) -> None:
         spec, checked, sources = self.spec, self.checked, self.spec.sources()
@@ -398,9 +408,10 @@ class _Search:
             done = [r for r in records if r.stage == name]
             best = max(r.fitness for r in done)
             bar.n = len(done)
-            postfix = {"best": f"{best:.4g}"}
+            postfix = {"best": report.fitness_text(best)}
             if deadline is not None:  # the bar's own estimate knows nothing of wall_time
-                postfix["wall time left"] = report.duration(max(0.0, deadline - time.monotonic()))
+                left = max(0.0, deadline - time.monotonic())
+                postfix["wall-time budget left"] = report.duration(left)
             bar.set_postfix(postfix, refresh=True)
             if self.reporting.progress:
                 self.reporting.progress(name, len(done), stage.budget, best)
@@ -488,6 +499,7 @@ class _Finished:
         self.baselines = search.baselines
         self.device, self.loading = search.device, search.loading
         self.card_details = search.reporting.card_details or {}
+        self.elapsed = search.elapsed
 
     def write_parameters(
         self, genes: ParameterGenes, candidate: ParameterCandidate
@@ -555,12 +567,13 @@ class _Finished:
         records = [r for s in self.stages for r in s.records()]
         report.write_trials(self.folder / "trials.jsonl", records)
         report.plot_fitness(records, baselines, self.folder / "fitness.png")
+        wall_seconds = self.elapsed()
         section = report.search_section(
             spec_yaml=self.spec.to_yaml(),
             space=self.spec.space,
             trials_done={s.name: len(s.records()) for s in self.stages},
             budget=self.spec.budget.trials,
-            wall_seconds=_wall_seconds(self.stages),
+            wall_seconds=wall_seconds,
             winner_search=search_fitness,
             winner_held_out=held_out,
             winner_scores=scores,
@@ -592,13 +605,8 @@ class _Finished:
             records,
             path,
             float((actual - expected).abs().max()),
+            wall_seconds,
         )
-
-
-def _wall_seconds(stages: list[Stage]) -> float:
-    """From the first trial's start to the last one's end, all stages and processes."""
-    spans = [stage.span() for stage in stages]
-    return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
 def _probe(model: nn.Module) -> torch.Tensor:
