@@ -17,6 +17,7 @@ from merge_engine.evolve.report import (
     TrialRecord,
     duration,
     fitness_figure,
+    fitness_text,
     path_figure,
     plot_fitness,
     plot_path,
@@ -164,7 +165,9 @@ def test_search_section():
     text = section()
     lines = text.splitlines()
     assert lines[0] == "## Evolutionary search"
-    assert "a layer path over the models' layers: 48 of 48 trials, 3 min 12 s." in text
+    assert (
+        "a layer path over the models' layers: 48 of 48 trials in 3 min 12 s of wall time." in text
+    )
     header = lines.index(
         "| model | search fitness | held-out fitness | copy (exact_match) | pick (multiple_choice) |"
     )
@@ -180,6 +183,25 @@ def test_search_section():
     )
     assert "**Layer path recipe**\n\n```yaml\nmerge_method: passthrough\n```" in text
     assert lines[-1] == "Reproduce: `mergebot evolve search.yaml ./out`"
+
+
+def test_a_task_named_after_its_metric_heads_its_column_once():
+    text = section(task_metrics={"nll": "nll", "sums": "exact_match"})
+    assert "| model | search fitness | held-out fitness | nll | sums (exact_match) |" in text
+    assert "(nll)" not in text
+
+
+def test_fitness_text_is_four_significant_digits_and_a_dash_for_no_number():
+    values = (0.8123456, -4.54321, 12345.678, 0.5, None, float("nan"), float("inf"))
+    assert [fitness_text(v) for v in values] == [
+        "0.8123",
+        "-4.543",
+        "1.235e+04",
+        "0.5",
+        "–",
+        "–",
+        "–",
+    ]
 
 
 def test_search_section_says_when_a_source_beats_every_candidate():
@@ -201,7 +223,8 @@ def test_search_section_both_stages_without_path():
     )
     assert "parameters, then a layer path over the sources and that merge" in text
     assert (
-        "48 of 48 trials for the parameters and 30 of 48 trials for the layers, 2 h 1 min." in text
+        "48 of 48 trials for the parameters and 30 of 48 trials for the layers in 2 h 1 min of "
+        "wall time." in text
     )
     assert "Layer path" not in text and "![layer path]" not in text
     assert "````yaml\ntext: '```'\n````" in text  # a fence longer than any backticks inside

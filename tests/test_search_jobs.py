@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from service_env import (
     wait_until,
 )
 
+from merge_engine.evolve.report import wall_time_text
 from merge_engine.evolve.spec import spec_from_text
 from merge_engine.run import resolve_device
 from service.search_steps import held_out_fitness
@@ -70,6 +72,14 @@ def card_cell(card: str, row: str, column: int) -> str:
     return [cell.strip().strip("*") for cell in line.strip("|").split("|")][column]
 
 
+def assert_card_states_the_logged_search_time(job: dict) -> None:
+    """The card's duration is the search stage's time in the job's log: one measure, the wall
+    time ``budget.wall_time`` counts (every turn's, not the last one's)."""
+    log = "\n".join(job["log"])
+    seconds = float(re.search(r"^search: done in ([\d.]+) s$", log, re.MULTILINE)[1])
+    assert f"trials in {wall_time_text(seconds)}." in job["card"], (log, job["card"])
+
+
 def test_a_search_through_the_api_publishes_one_commit_with_its_fitness_table(hub, tmp_path):
     process, bot = start_serve(hub.url, tmp_path / "work")
     try:
@@ -107,6 +117,7 @@ def test_a_search_through_the_api_publishes_one_commit_with_its_fitness_table(hu
     assert card_cell(card, "source alice/math", 0).startswith("source alice/math")
     assert "uniform ties merge" in card
     assert job["id"] in card and "Requested by alice" in card
+    assert_card_states_the_logged_search_time(done)
     # the winner as published scores on the held-out split what its card says
     spec = spec_from_text(search_spec())
     device = resolve_device("cpu")
@@ -378,6 +389,7 @@ def test_searches_taking_turns_survive_a_killed_worker_and_run_no_trial_twice(hu
         assert len(found) == budget == job["outcome"]["trials"]
         assert len({json.dumps(t["params"], sort_keys=True) for t in found}) == budget
         assert len(job_commits(hub.url, job["target"], ALICE, job["id"])) == 1
+        assert_card_states_the_logged_search_time(job)
     assert "waits for its next turn" in "\n".join(done[0]["log"] + done[1]["log"])
 
 

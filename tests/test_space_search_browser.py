@@ -22,6 +22,7 @@ from browser_env import (
 from playwright.sync_api import expect
 from service_env import BOT_TOKEN
 
+from merge_engine.evolve.report import wall_time_text
 from service.search_form import FIRST_SEARCH
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,10 @@ __all__ = ["browser"]  # the fixture, used by this module's tests
 
 RECORD_STATES = """() => {
   window.searchStates = [];
+  window.progressLines = new Set();
   const read = () => {
+    const line = document.querySelector('#search-status .search-progress');
+    if (line) window.progressLines.add(line.textContent);
     const done = document.querySelector('#search-status .done');
     const best = document.querySelector('#search-status .best');
     if (!done || !best) return;
@@ -41,7 +45,8 @@ RECORD_STATES = """() => {
   new MutationObserver(read).observe(
     document.body, {subtree: true, childList: true, characterData: true});
 }"""
-"""Record every (trials done, best fitness) the page shows, as the poll redraws it."""
+"""Record every (trials done, best fitness) the page shows, as the poll redraws it, and every
+progress line."""
 WATCHED_LIVE = """(budget) => {
   const seen = window.searchStates.filter(([done]) => done > 0);
   const partial = seen.filter(([done]) => done < budget);
@@ -50,6 +55,13 @@ WATCHED_LIVE = """(budget) => {
 }"""
 """The page showed a search part way (some trials of the budget), then more trials, and the
 best fitness changed while it watched."""
+FITNESS_ROWS = """(root) => {
+  const table = [...document.querySelectorAll(root + ' table')].find(
+    (t) => t.querySelector('tr').innerText.includes('search fitness'));
+  return [...table.querySelectorAll('tr')].map(
+    (row) => [...row.querySelectorAll('th, td')].map((cell) => cell.innerText.trim()));
+}"""
+"""The rows (header first) of the fitness table under ``root``, each a list of cell texts."""
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +129,22 @@ def test_the_example_search_runs_live_to_its_published_model(page, space):
     assert "genes:" in page.locator("#search-best").inner_text()
     expect(page.locator("#search-card")).to_contain_text("Evolutionary search")
     shot(page, "search-finished")
+    # while it ran, the time shown was the wall-time budget left, said as such
+    lines = page.evaluate("[...window.progressLines]")
+    timed = [line for line in lines if "left" in line]
+    assert timed and all(" · wall-time budget left " in line for line in timed), lines
+    # the card's fitness table: a column per task (the example's one task is named after its
+    # kind, nll, and heads its column once), and the status table's numbers as it writes them
+    card_rows = page.evaluate(FITNESS_ROWS, "#search-card")
+    assert card_rows[0] == ["model", "search fitness", "held-out fitness", "nll"]
+    status_rows = page.evaluate(FITNESS_ROWS, "#search-status")
+    card_numbers = {row[0]: row[1:3] for row in card_rows[1:]}
+    card_numbers["winner"] = card_numbers.pop("this merge")
+    assert {row[0]: row[1:] for row in status_rows[1:]} == card_numbers
+    # the card's duration is the search stage's time in the job's log
+    log = field(page, "#search-log").input_value()
+    seconds = float(re.search(r"^search: done in ([\d.]+) s$", log, re.MULTILINE)[1])
+    assert f"trials in {wall_time_text(seconds)}." in page.locator("#search-card").inner_text()
 
     job = space.call("GET", f"/api/jobs/{job_id}", token=BOT_TOKEN)[1]
     link = page.locator("#search-link a")
@@ -137,6 +165,17 @@ def test_the_example_search_runs_live_to_its_published_model(page, space):
     expect(field(page, "#search-job-id")).to_have_value(job_id)
     expect(page.locator("#search-job-id")).to_be_visible()
     expect_text(page, "#search-status", r"succeeded")
+
+
+def test_the_tab_says_how_a_search_works(page):
+    intro = page.locator("#search-tab").inner_text()
+    assert "docs/evolve.md" not in intro  # a Space's visitor has no copy of the docs
+    how = page.locator("#search-how")
+    expect(how).not_to_contain_text("held-out")  # closed
+    how.get_by_text("How a search works").click()
+    expect(how).to_contain_text("The fitness is the weighted mean over the tasks")
+    for essential in ("held-out", "Baselines", "wall time", "The YAML tab"):
+        assert essential in how.inner_text(), essential
 
 
 def test_a_bad_field_shows_one_sentence_naming_it_and_starts_nothing(page, space):
