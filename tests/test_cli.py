@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -534,7 +535,12 @@ def test_the_example_then_the_readme_search_runs_end_to_end(tmp_path, monkeypatc
     mergebot, *args = readme_command("mergebot evolve mergebot-example/search.yaml")
     assert mergebot == "mergebot"
     assert service_main([*args, "--device", "cpu", "--quiet"]) == 0
-    assert "best of 4 trials" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "best of 4 trials" in said
+    # the duration it says is the card's: the wall time budget.wall_time counts
+    wall_time = re.search(r"^best of 4 trials: .+; (.+ of wall time)$", said, re.MULTILINE)[1]
+    card = (tmp_path / "mergebot-example" / "searched" / "README.md").read_text()
+    assert f"4 of 4 trials in {wall_time}." in card
     assert forward_is_finite(tmp_path / "mergebot-example" / "searched")
     assert service_main(["example", "--device", "cpu"]) == 0  # replaces the search's output too
     assert not (tmp_path / "mergebot-example" / "searched").exists()
