@@ -64,8 +64,9 @@ INTRO = (
 HOW_A_SEARCH_WORKS = """\
 - **What is searched** (*Space*). `parameters`: the method's per-model numbers (weight,
   density, ...) within the bounds you give, one value per model and layer group. `layers`: a
-  layer path, which layer of which model runs in each slot, with a scale on each layer's input.
-  `both`: parameters first, then a layer path over the sources and that merge.
+  layer path, which layer of which model runs in each slot, with a scale on each layer's input
+  (unless `scaling: false`). `both`: parameters first, then a layer path over the sources and
+  that merge.
 - **A trial** merges one candidate in memory and scores it on the fitness tasks. `nll`: texts,
   fitness is minus the mean negative log-likelihood per token; `exact_match`: prompt and
   answer, greedy generation; `multiple_choice`: prompt, choices and answer; `classification`:
@@ -73,12 +74,12 @@ HOW_A_SEARCH_WORKS = """\
 - **Two splits.** Each task's examples are split into search examples and held-out ones (a
   quarter, unless the YAML gives `held_out` data). The winner is the best candidate on the
   search split; the held-out split plays no part in choosing it and shows in the card.
-- **Baselines.** Before the first trial every source, and their uniform merge, are scored:
-  the dashed lines of the plot and the rows of the card's table.
+- **Baselines.** Before the first trial every source (and, with two or more, their uniform
+  merge) is scored: the dashed lines of the plot and the rows of the card's table.
 - **Budget.** `trials` per stage; `population`, the candidates CMA-ES proposes per
   generation; `wall time`, the time the search may run on a worker (time waiting for its
-  turn while other searches run does not count). When either is spent, or on *Stop and
-  publish the best so far*, the best candidate so far is written.
+  turn while other searches run does not count). When the trials or the wall time are
+  spent, or on *Stop and publish the best so far*, the best candidate so far is written.
 - **The result**: the winner, checked to load and to score on the held-out split what its
   card says, pushed in one commit with the card (fitness table, plot, spec and recipe).
 - **The YAML tab** takes the whole spec, with what the form does not show: the layer
