@@ -184,10 +184,15 @@ budget: {{trials: 10}}
     written = AutoModelForCausalLM.from_pretrained(out)
     assert written.config.num_hidden_layers == len(result.path)
     models = {str(ref): AutoModelForCausalLM.from_pretrained(ref) for ref in tuned}
+    starts = [models[str(ref)] for ref in tuned]
     if space == "both":
         merge = out / "evolve" / "parameters-merge"
-        assert result.path[0].model == str(merge.resolve())
         models[str(merge.resolve())] = AutoModelForCausalLM.from_pretrained(merge)
+        starts.insert(0, models[str(merge.resolve())])
+    # the path stage's first trials are its sources' own paths (the parameter stage's winner first)
+    first_paths = [r.fitness for r in result.records if r.stage == "layers"][: len(starts)]
+    with torch.no_grad():
+        assert first_paths == pytest.approx([spread(m, "search") for m in starts], abs=1e-5)
     with torch.no_grad():
         logits = written(input_ids=ids).logits
         assert torch.allclose(logits, path_logits(models, result.path, ids), atol=1e-5)
@@ -197,6 +202,37 @@ budget: {{trials: 10}}
         )
     assert result.logit_difference < 1e-5  # the written model is the evaluated candidate
     assert (out / "evolve" / "path.png").is_file()
+
+
+def test_a_layer_path_search_starts_from_every_source_and_never_ends_below_one(
+    scored_family, tmp_path, one_thread
+):
+    """The second source is the best model there is on this fitness (closeness to its own
+    logits); its own path is in the space, so the search reaches it in its first generation."""
+    base, tuned = scored_family
+    ids = torch.randint(3, 70, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        wanted = AutoModelForCausalLM.from_pretrained(tuned[1])(input_ids=ids).logits
+
+    def closeness(model: torch.nn.Module, split: str) -> float:
+        return -float((model(input_ids=ids).logits - wanted).abs().max())
+
+    spec = spec_from_text(
+        f"""
+space: layers
+models: [{{model: {tuned[0]}}}, {{model: {tuned[1]}}}]
+layers: {{repeats: 2}}
+budget: {{trials: 4, population: 4}}
+"""
+    )
+    result = evolve(spec, tmp_path / "out", fitness=closeness, device="cpu", show_progress=False)
+
+    first, second = result.baselines[:2]  # the sources, in the spec's order
+    assert first.search < second.search == pytest.approx(0.0, abs=1e-5)
+    assert result.search_fitness >= second.search - 1e-5
+    assert [slot.layer for slot in result.path] == [0, 1, 2, 3]
+    assert len({slot.model for slot in result.path}) == 1
+    assert tuned[1].name in result.path[0].model
 
 
 # --- a killed search resumes; two processes share a study ---------------------------------
@@ -392,7 +428,7 @@ def test_a_trial_left_without_a_heartbeat_is_failed_and_its_slot_run_again(tmp_p
 
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     genes = [Gene("x", 0.0, 1.0)]
-    study = open_study(storage, "orphans", seed=0, population=None, centre={"x": 0.5})
+    study = open_study(storage, "orphans", seed=0, population=None, starts=[{"x": 0.5}])
     orphan = study.ask()  # created, and its process "dies" before any heartbeat
     stage = Stage(study, "orphans", genes, budget=3)
     finished = threading.Event()
