@@ -21,12 +21,14 @@ from postgres_server import postgres_url
 from service_env import wait_until
 from transformers import AutoModelForCausalLM
 
-from merge_engine import cli
+from merge_engine import cli, merge_models, parse_recipe
+from merge_engine.evolve.candidates import ParameterCandidate, load_source, output_dtype
 from merge_engine.evolve.genome import Gene
 from merge_engine.evolve.search import evolve
 from merge_engine.evolve.spec import spec_from_text
 from merge_engine.evolve.study import Outcome, Stage, open_storage, open_study
 from merge_engine.example import make_family
+from merge_engine.recipe import ModelReference
 
 
 def nll_spec(base: Path, tuned: list[Path], trials: int, extra: str = "") -> str:
@@ -60,7 +62,9 @@ def test_planted_optimum_is_found_and_reproduced_bit_for_bit(scored_family, tmp_
 
     def weight(model: int, name: str) -> float:
         layer = re.search(r"layers\.(\d+)\.", name)
-        return TARGET[model][int(layer[1]) // 2 if layer else 0]
+        if layer:
+            return TARGET[model][int(layer[1]) // 2]
+        return TARGET[model][0 if "embed" in name else -1]  # as mergekit: nearest layer's value
 
     target = {
         name: b + sum(weight(m, name) * (weights[m][name] - b) for m in (0, 1))
@@ -109,6 +113,41 @@ seed: 1
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Evolutionary search" in card and "evolve/fitness.png" in card
     assert (tmp_path / "out" / "evolve" / "fitness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_ties_candidate_pruned_from_its_kept_order_equals_a_fresh_merge(scored_family):
+    """Candidates reuse each task vector's magnitude order from one trial to the next; every
+    candidate still equals the merge of its recipe made from scratch, bit for bit, on the
+    search's 4-decimal densities and on any other density."""
+    base, tuned = scored_family
+    refs = [ModelReference(str(path)) for path in (base, *tuned)]
+    loaded = {ref: load_source(ref, torch.device("cpu"), None, False, None) for ref in refs}
+
+    def recipe(densities: tuple[float, float]):
+        return parse_recipe(
+            {
+                "merge_method": "ties",
+                "base_model": str(base),
+                "models": [
+                    {"model": str(path), "parameters": {"weight": 0.7, "density": d}}
+                    for path, d in zip(tuned, densities, strict=True)
+                ],
+            }
+        )
+
+    first = recipe((0.3, 0.7))
+    candidate = ParameterCandidate(
+        loaded, first.donor(), output_dtype(first, loaded), torch.device("cpu")
+    )
+    for densities in [(0.3, 0.7), (0.7, 0.3), (0.1234, 0.9999), (1 / 3, 0.45)]:
+        built = candidate.build(recipe(densities)).state_dict()
+        fresh = merge_models(
+            [tuned[0], tuned[1]],
+            "ties",
+            base=base,
+            model_parameters=[{"weight": 0.7, "density": d} for d in densities],
+        )
+        assert all(torch.equal(built[name], fresh[name]) for name in fresh), densities
 
 
 def test_a_serial_search_with_a_seed_proposes_the_same_candidates(

@@ -59,15 +59,45 @@ def match_l1(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) ->
     return masked * (before / after)
 
 
-def magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES pruning: keep the k = max(1, floor(density * n)) largest-magnitude entries."""
+DENSITY_STEPS = 10_000
+"""The densities a :class:`MagnitudeOrder` answers without a selection: multiples of 1/10,000
+(an evolutionary search rounds its densities to 4 decimals)."""
+
+
+class MagnitudeOrder:
+    """The thresholds of one fixed task vector for every density on a 1/10,000 grid, read from
+    one sort of its magnitudes: a search that prunes the same task vector trial after trial
+    then finds each density's threshold by lookup instead of a selection over the tensor.
+    Other densities fall back to the selection. The sort happens on first use."""
+
+    def __init__(self) -> None:
+        self.thresholds: torch.Tensor | None = None
+
+    def kth_largest(self, magnitudes: torch.Tensor, k: int, density: float) -> torch.Tensor:
+        step = round(density * DENSITY_STEPS)
+        if step / DENSITY_STEPS != density:
+            return kth_largest(magnitudes, k)
+        if self.thresholds is None:
+            n = magnitudes.numel()
+            ranks = [max(1, int((j / DENSITY_STEPS) * n)) - 1 for j in range(DENSITY_STEPS + 1)]
+            descending = torch.sort(magnitudes, descending=True).values
+            self.thresholds = descending[torch.tensor(ranks, device=magnitudes.device)]
+        return self.thresholds[step]
+
+
+def magnitude(
+    tensor: torch.Tensor, density: float, order: MagnitudeOrder | None = None
+) -> torch.Tensor:
+    """TIES pruning: keep the k = max(1, floor(density * n)) largest-magnitude entries.
+    ``order``, where the caller prunes this same tensor again and again, remembers its order."""
     if density >= 1:
         return tensor
     if tensor.numel() == 0:
         return tensor
     k = max(1, int(density * tensor.numel()))
     magnitudes = _magnitudes(tensor)
-    keep = (magnitudes >= kth_largest(magnitudes, k)).reshape(tensor.shape)
+    threshold = order.kth_largest(magnitudes, k, density) if order else kth_largest(magnitudes, k)
+    keep = (magnitudes >= threshold).reshape(tensor.shape)
     return torch.where(keep, tensor, 0)
 
 
