@@ -78,10 +78,12 @@ class MagnitudeOrder:
         if step / DENSITY_STEPS != density:
             return kth_largest(magnitudes, k)
         if self.thresholds is None:
-            n = magnitudes.numel()
-            ranks = [max(1, int((j / DENSITY_STEPS) * n)) - 1 for j in range(DENSITY_STEPS + 1)]
+            # k = max(1, int(density * n)) for every density j / DENSITY_STEPS, in the same
+            # float64 arithmetic as the Python expression (both round each step exactly)
+            densities = torch.arange(DENSITY_STEPS + 1, dtype=torch.float64) / DENSITY_STEPS
+            ks = (densities * magnitudes.numel()).floor().long().clamp_(min=1)
             descending = torch.sort(magnitudes, descending=True).values
-            self.thresholds = descending[torch.tensor(ranks, device=magnitudes.device)]
+            self.thresholds = descending[(ks - 1).to(magnitudes.device)]
         return self.thresholds[step]
 
 
