@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 RescaleMode = Literal["l1", "inverse_density"]
@@ -80,11 +81,19 @@ class MagnitudeOrder:
         if self.thresholds is None:
             # k = max(1, int(density * n)) for every density j / DENSITY_STEPS, in the same
             # float64 arithmetic as the Python expression (both round each step exactly)
+            n = magnitudes.numel()
             densities = torch.arange(DENSITY_STEPS + 1, dtype=torch.float64) / DENSITY_STEPS
-            ks = (densities * magnitudes.numel()).floor().long().clamp_(min=1)
-            descending = torch.sort(magnitudes, descending=True).values
-            self.thresholds = descending[(ks - 1).to(magnitudes.device)]
+            ks = (densities * n).floor().long().clamp_(min=1)
+            self.thresholds = _ascending(magnitudes)[(n - ks).to(magnitudes.device)]
         return self.thresholds[step]
+
+
+def _ascending(values: torch.Tensor) -> torch.Tensor:
+    """The values sorted; on the CPU by NumPy, whose vectorised sort is about 20 times faster
+    than torch's there (which also computes indices nobody reads)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.sort(values.numpy()))
+    return torch.sort(values).values
 
 
 def magnitude(
