@@ -1,6 +1,6 @@
 """Resolving a parameter for one tensor: precedence (model > slice > global), filter lists
 (first matching ``filter`` wins), gradients (a list of numbers interpolated over the layers of
-a slice; position ``t`` in [0, 1], 0 for tensors outside the layers) and, for diffusion
+a slice; position ``t`` in [0, 1], 0 for the embeddings and 1 for the final norm and head) and, for diffusion
 models, block values (one value per UNet block)."""
 
 from __future__ import annotations

@@ -509,7 +509,7 @@ class _Planner:
                 ],
                 base=self.member(base_ref, name, shape, name, template.ref) if base_ref else None,
                 shared_scopes=scopes,
-                place=Place(name),
+                place=Place(name, _outside_position(name)),
             )
             self.resolve_task(name, shape, group)
 
@@ -576,6 +576,12 @@ def _position(index: int, count: int) -> float:
     return index / (count - 1) if count > 1 else 1.0
 
 
+def _outside_position(name: str) -> float:
+    """A gradient's position for a tensor outside the layers, as mergekit places it: the
+    embeddings take the first layer's value (0), the final norm and head the last layer's (1)."""
+    return 0.0 if layers.is_before_layers(name) else 1.0
+
+
 def tensor_places(source: ModelSource) -> dict[str, Place]:
     """Where each of a model's tensors sits, in the order the merge writes them: layers in
     order for a transformers model (gradients run over them), blocks for a diffusion model
@@ -587,7 +593,7 @@ def tensor_places(source: ModelSource) -> dict[str, Place]:
     places = {}
     for name in names:
         layer = layers.split_layer(name)
-        t = _position(layer.index, counts[layer.prefix]) if layer else 0.0
+        t = _position(layer.index, counts[layer.prefix]) if layer else _outside_position(name)
         places[name] = Place(name, t)
     return places
 

@@ -25,6 +25,7 @@ from merge_engine.formats.layouts import TRANSFORMERS
 from merge_engine.formats.output import converted
 from merge_engine.io import ComponentWriter, ShardedWriter, TensorStore
 from merge_engine.methods import kernel_argument
+from merge_engine.methods.sparsify import MagnitudeOrder
 from merge_engine.plan import MergePlan, TensorTask
 from merge_engine.recipe import ModelReference
 from merge_engine.sources import TOKENIZER_FILES
@@ -60,15 +61,33 @@ def resolve_device(device: str) -> torch.device:
     )
 
 
+class MagnitudeOrders:
+    """What a series of merges of the same sources keeps between merges (an evolutionary
+    search's candidates): each task vector's magnitude order, by input tensor, base tensor and
+    compute dtype, so a magnitude-pruning method looks its density's threshold up."""
+
+    def __init__(self) -> None:
+        self._orders: dict[tuple, MagnitudeOrder] = {}
+
+    def of(self, task: TensorTask) -> list[MagnitudeOrder]:
+        base = (task.base.model, task.base.name) if task.base else None
+        return [
+            self._orders.setdefault((i.model, i.name, base, task.compute_dtype), MagnitudeOrder())
+            for i in task.inputs
+        ]
+
+
 def compute_task(
     plan: MergePlan,
     task: TensorTask,
     tensors: list[torch.Tensor],
     device: torch.device,
     stats: list[Statistic | None] | None = None,
+    orders: MagnitudeOrders | None = None,
 ) -> torch.Tensor:
     """Apply the plan's method to one task's loaded inputs (base first, if any) and, for a
-    method that needs data, their statistics."""
+    method that needs data, their statistics; ``orders`` where the same sources are merged
+    again and again."""
     if task.copy_only:
         return tensors[0].to(task.out_dtype)
     if not tensors[0].numel():  # nothing to merge in an empty tensor
@@ -80,6 +99,8 @@ def compute_task(
         kwargs[param.name] = [values[param.name] for values in task.per_model]
     if plan.method.needs_data:
         kwargs["stats"] = stats
+    if orders is not None and plan.method.prunes_by_magnitude:
+        kwargs["magnitude_orders"] = orders.of(task)
     if plan.method.random:
         kwargs["generator"] = torch.Generator(device=device).manual_seed(plan.tensor_seed(task))
     with torch.no_grad():
@@ -134,6 +155,7 @@ def iter_merged(
     device: torch.device,
     progress: Progress | None = None,
     stats_files: StatsFiles | None = None,
+    orders: MagnitudeOrders | None = None,
 ) -> Iterator[tuple[TensorTask, torch.Tensor]]:
     """Yield (task, merged tensor) in plan order, prefetching the next task's inputs (and
     their statistics) and unmapping each input file after its last reader."""
@@ -153,7 +175,7 @@ def iter_merged(
         for index, task in enumerate(plan.tasks):
             tensors, stats = pending.result()
             pending = pool.submit(load, plan.tasks[index + 1]) if index + 1 < total else None
-            result = compute_task(plan, task, tensors, device, stats)
+            result = compute_task(plan, task, tensors, device, stats, orders)
             del tensors, stats
             yield task, result
             del result

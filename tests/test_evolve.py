@@ -21,12 +21,14 @@ from postgres_server import postgres_url
 from service_env import wait_until
 from transformers import AutoModelForCausalLM
 
-from merge_engine import cli
+from merge_engine import cli, merge_models, parse_recipe
+from merge_engine.evolve.candidates import ParameterCandidate, load_source, output_dtype
 from merge_engine.evolve.genome import Gene
 from merge_engine.evolve.search import evolve
 from merge_engine.evolve.spec import spec_from_text
 from merge_engine.evolve.study import Outcome, Stage, open_storage, open_study
 from merge_engine.example import make_family
+from merge_engine.recipe import ModelReference
 
 
 def nll_spec(base: Path, tuned: list[Path], trials: int, extra: str = "") -> str:
@@ -60,7 +62,9 @@ def test_planted_optimum_is_found_and_reproduced_bit_for_bit(scored_family, tmp_
 
     def weight(model: int, name: str) -> float:
         layer = re.search(r"layers\.(\d+)\.", name)
-        return TARGET[model][int(layer[1]) // 2 if layer else 0]
+        if layer:
+            return TARGET[model][int(layer[1]) // 2]
+        return TARGET[model][0 if "embed" in name else -1]  # as mergekit: nearest layer's value
 
     target = {
         name: b + sum(weight(m, name) * (weights[m][name] - b) for m in (0, 1))
@@ -109,6 +113,41 @@ seed: 1
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Evolutionary search" in card and "evolve/fitness.png" in card
     assert (tmp_path / "out" / "evolve" / "fitness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_ties_candidate_pruned_from_its_kept_order_equals_a_fresh_merge(scored_family):
+    """Candidates reuse each task vector's magnitude order from one trial to the next; every
+    candidate still equals the merge of its recipe made from scratch, bit for bit, on the
+    search's 4-decimal densities and on any other density."""
+    base, tuned = scored_family
+    refs = [ModelReference(str(path)) for path in (base, *tuned)]
+    loaded = {ref: load_source(ref, torch.device("cpu"), None, False, None) for ref in refs}
+
+    def recipe(densities: tuple[float, float]):
+        return parse_recipe(
+            {
+                "merge_method": "ties",
+                "base_model": str(base),
+                "models": [
+                    {"model": str(path), "parameters": {"weight": 0.7, "density": d}}
+                    for path, d in zip(tuned, densities, strict=True)
+                ],
+            }
+        )
+
+    first = recipe((0.3, 0.7))
+    candidate = ParameterCandidate(
+        loaded, first.donor(), output_dtype(first, loaded), torch.device("cpu")
+    )
+    for densities in [(0.3, 0.7), (0.7, 0.3), (0.1234, 0.9999), (1 / 3, 0.45)]:
+        built = candidate.build(recipe(densities)).state_dict()
+        fresh = merge_models(
+            [tuned[0], tuned[1]],
+            "ties",
+            base=base,
+            model_parameters=[{"weight": 0.7, "density": d} for d in densities],
+        )
+        assert all(torch.equal(built[name], fresh[name]) for name in fresh), densities
 
 
 def test_a_serial_search_with_a_seed_proposes_the_same_candidates(
@@ -184,10 +223,15 @@ budget: {{trials: 10}}
     written = AutoModelForCausalLM.from_pretrained(out)
     assert written.config.num_hidden_layers == len(result.path)
     models = {str(ref): AutoModelForCausalLM.from_pretrained(ref) for ref in tuned}
+    starts = [models[str(ref)] for ref in tuned]
     if space == "both":
         merge = out / "evolve" / "parameters-merge"
-        assert result.path[0].model == str(merge.resolve())
         models[str(merge.resolve())] = AutoModelForCausalLM.from_pretrained(merge)
+        starts.insert(0, models[str(merge.resolve())])
+    # the path stage's first trials are its sources' own paths (the parameter stage's winner first)
+    first_paths = [r.fitness for r in result.records if r.stage == "layers"][: len(starts)]
+    with torch.no_grad():
+        assert first_paths == pytest.approx([spread(m, "search") for m in starts], abs=1e-5)
     with torch.no_grad():
         logits = written(input_ids=ids).logits
         assert torch.allclose(logits, path_logits(models, result.path, ids), atol=1e-5)
@@ -197,6 +241,37 @@ budget: {{trials: 10}}
         )
     assert result.logit_difference < 1e-5  # the written model is the evaluated candidate
     assert (out / "evolve" / "path.png").is_file()
+
+
+def test_a_layer_path_search_starts_from_every_source_and_never_ends_below_one(
+    scored_family, tmp_path, one_thread
+):
+    """The second source is the best model there is on this fitness (closeness to its own
+    logits); its own path is in the space, so the search reaches it in its first generation."""
+    base, tuned = scored_family
+    ids = torch.randint(3, 70, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        wanted = AutoModelForCausalLM.from_pretrained(tuned[1])(input_ids=ids).logits
+
+    def closeness(model: torch.nn.Module, split: str) -> float:
+        return -float((model(input_ids=ids).logits - wanted).abs().max())
+
+    spec = spec_from_text(
+        f"""
+space: layers
+models: [{{model: {tuned[0]}}}, {{model: {tuned[1]}}}]
+layers: {{repeats: 2}}
+budget: {{trials: 4, population: 4}}
+"""
+    )
+    result = evolve(spec, tmp_path / "out", fitness=closeness, device="cpu", show_progress=False)
+
+    first, second = result.baselines[:2]  # the sources, in the spec's order
+    assert first.search < second.search == pytest.approx(0.0, abs=1e-5)
+    assert result.search_fitness >= second.search - 1e-5
+    assert [slot.layer for slot in result.path] == [0, 1, 2, 3]
+    assert len({slot.model for slot in result.path}) == 1
+    assert tuned[1].name in result.path[0].model
 
 
 # --- a killed search resumes; two processes share a study ---------------------------------
@@ -392,7 +467,7 @@ def test_a_trial_left_without_a_heartbeat_is_failed_and_its_slot_run_again(tmp_p
 
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     genes = [Gene("x", 0.0, 1.0)]
-    study = open_study(storage, "orphans", seed=0, population=None, centre={"x": 0.5})
+    study = open_study(storage, "orphans", seed=0, population=None, starts=[{"x": 0.5}])
     orphan = study.ask()  # created, and its process "dies" before any heartbeat
     stage = Stage(study, "orphans", genes, budget=3)
     finished = threading.Event()

@@ -12,6 +12,8 @@ import torch
 from merge_engine import build_plan, merge_models, parse_recipe
 from merge_engine.io import TensorInfo
 from merge_engine.methods import all_methods
+from merge_engine.recipe import ModelReference
+from merge_engine.run import iter_merged
 from merge_engine.sources import ModelSource
 
 SHAPE = (24, 40)
@@ -129,6 +131,44 @@ def test_slerp_gradient_over_layers_interpolates_t():
     middle = np_(out["model.layers.1.w"])
     a, b = np_(base["model.layers.1.w"]), np_(other["model.layers.1.w"])
     assert not np.allclose(middle, a) and not np.allclose(middle, b)
+
+
+def test_a_gradient_gives_the_embeddings_its_first_value_and_the_head_its_last():
+    """As mergekit plans them: tensors before the layers at t=0, the final norm and the head
+    (after the layers) at t=1, not every tensor outside the layers at 0."""
+    g = torch.Generator().manual_seed(4)
+    names = ["model.embed_tokens.weight", "model.layers.0.w", "model.layers.1.w"]
+    names += ["model.norm.weight", "lm_head.weight"]
+    base = {n: torch.randn(8, 8, generator=g) for n in names}
+    other = {n: torch.randn(8, 8, generator=g) for n in names}
+    out = merge_models([other], "slerp", base=base, parameters={"t": [0.0, 1.0]})
+    close(out["model.embed_tokens.weight"], np_(base["model.embed_tokens.weight"]))
+    close(out["model.norm.weight"], np_(other["model.norm.weight"]))
+    close(out["lm_head.weight"], np_(other["lm_head.weight"]))
+
+    # The same in a slices recipe: the first slice's start, the last slice's end.
+    sources = {
+        ModelReference(ref): ModelSource(
+            ModelReference(ref),
+            {},
+            {n: TensorInfo(tuple(t.shape), t.dtype, "memory") for n, t in state.items()},
+            memory=state,
+        )
+        for ref, state in [("base", base), ("other", other)]
+    }
+    sliced = {
+        "merge_method": "slerp",
+        "base_model": "base",
+        "parameters": {"t": [0.0, 1.0]},
+        "slices": [
+            {"sources": [{"model": m, "layer_range": [i, i + 1]} for m in ("base", "other")]}
+            for i in range(2)
+        ],
+    }
+    plan = build_plan(parse_recipe(sliced), sources)
+    out = {task.output: tensor for task, tensor in iter_merged(plan, torch.device("cpu"))}
+    close(out["model.embed_tokens.weight"], np_(base["model.embed_tokens.weight"]))
+    close(out["lm_head.weight"], np_(other["lm_head.weight"]))
 
 
 def test_task_arithmetic_adds_and_negates_task_vectors():

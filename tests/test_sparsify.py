@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from merge_engine.methods.sparsify import kth_smallest, magnitude
+from merge_engine.methods.sparsify import MagnitudeOrder, kth_smallest, magnitude
 
 N = 700_000  # above the size where the bracket kicks in
 
@@ -35,3 +35,14 @@ def test_magnitude_keeps_the_top_k_of_a_large_tensor():
     reference[np.argsort(-np.abs(delta.numpy()).ravel(), kind="stable")[:k]] = True
     assert np.array_equal(kept.numpy().ravel() != 0, reference)
     assert torch.equal(kept[kept != 0], delta[kept != 0])
+
+
+@pytest.mark.parametrize("n", [1, 7, 10_001, 300_000])
+def test_a_kept_magnitude_order_prunes_as_a_fresh_selection_does(n):
+    """The grid of thresholds read from one sort gives every 4-decimal density the same mask as
+    a selection (ties and zeros included), and any other density falls back to one."""
+    g = torch.Generator().manual_seed(n)
+    tensor = torch.randint(-40, 40, (n,), generator=g).float() / 8  # many ties
+    order = MagnitudeOrder()
+    for density in [0.0001, 0.1, 0.25, 0.3333, 0.5, 0.9999, 1 / 3, 0.123456]:
+        assert torch.equal(magnitude(tensor, density, order), magnitude(tensor, density)), density

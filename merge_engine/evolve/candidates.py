@@ -28,7 +28,7 @@ from merge_engine.evolve.genome import LayerRef
 from merge_engine.evolve.stopping import StopCheckFunction, never_stop
 from merge_engine.plan import build_plan
 from merge_engine.recipe import ModelReference, Recipe, parse_recipe
-from merge_engine.run import iter_merged
+from merge_engine.run import MagnitudeOrders, iter_merged
 from merge_engine.sources import (
     LAYER_COUNT_KEYS,
     ModelSource,
@@ -103,13 +103,15 @@ class ParameterCandidate:
         self.model = model_class(sources[donor].source.config).from_config(config, dtype=dtype)
         self.model.to(device).eval()
         self.state = self.model.state_dict()
+        self.orders = MagnitudeOrders()
+        """Kept from one candidate to the next: the sources do not change within a search."""
 
     def build(self, recipe: Recipe, check: StopCheckFunction = never_stop) -> nn.Module:
         """The model of ``recipe``, merged into the preallocated weights; ``check()`` is asked
         before each tensor, and may raise to abandon the candidate."""
         plan = build_plan(recipe, self.sources)
         with torch.no_grad():
-            for task, tensor in iter_merged(plan, self.device):
+            for task, tensor in iter_merged(plan, self.device, orders=self.orders):
                 check()
                 self.state[task.output].copy_(tensor)
         return self.model

@@ -5,6 +5,8 @@ Every gene is a float in its bounds, named so that ``trials.jsonl`` reads on its
 (``weight.m1.mlp.g0``: model 1's weight for tensors matching ``mlp`` in layer group 0). The
 search starts at the centre of the bounds (CMA-ES's default mean): for parameters that is the
 middle of each range, for a layer path it is the first model's own stack of layers, unscaled.
+A layer path's first trials are every source's own stack (:meth:`LayerGenes.starts`), so a
+search never ends below a source it contains.
 """
 
 from __future__ import annotations
@@ -190,6 +192,34 @@ class LayerGenes:
             self.genes += [
                 Gene(f"scale.{i}.{j}", low, high) for i in range(count) for j in range(count)
             ]
+
+    def own_path(self, model: int) -> dict[str, float]:
+        """Gene values whose path is source ``model`` itself: its own layers once, in order,
+        unscaled (a scale of 1 where the bounds allow it), every other slot left out. The first
+        model's is the centre of the space."""
+        first_pass = len(self.layers)
+        values = {}
+        for t, ref in enumerate(self.slots):
+            wanted = ref.model == model and t < first_pass
+            values[f"include.{t}"] = (
+                0.0 if wanted == (self.bias[t] > 0) else (1.0 if wanted else -1.0)
+            )
+        if self.genome.scaling:
+            low, high = self.genome.scale_bounds
+            values.update(
+                {
+                    g.name: min(max(1.0, low), high)
+                    for g in self.genes
+                    if g.name.startswith("scale.")
+                }
+            )
+        return values
+
+    def starts(self) -> list[dict[str, float]]:
+        """The trials a search queues first: every source's own path, the first model's (the
+        centre, or in a two-stage search the parameter stage's winner) first."""
+        models = sorted({ref.model for ref in self.layers})
+        return [self.own_path(m) for m in models]
 
     def path(self, values: dict[str, float]) -> list[tuple[LayerRef, float]]:
         """The included slots in order, each with the scale of its input (the first slot's

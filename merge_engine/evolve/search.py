@@ -345,6 +345,7 @@ class _Search:
             self._run_stage(
                 "parameters",
                 genes.genes,
+                [centre(genes.genes)],
                 lambda v: self.parameter_candidate.build(genes.recipe(v), self.halt),
             )
         if spec.space in ("layers", "both") and not (self.halt.stopped or self.paused):
@@ -355,7 +356,10 @@ class _Search:
             genes = self.path_genes = LayerGenes(spec.layers, counts)
             self.layer_candidate = LayerCandidate(self.layer_sources)
             self._run_stage(
-                "layers", genes.genes, lambda v: self.layer_candidate.build(genes.path(v))
+                "layers",
+                genes.genes,
+                genes.starts(),
+                lambda v: self.layer_candidate.build(genes.path(v)),
             )
 
     def _parameter_candidate(self) -> ParameterCandidate:
@@ -374,12 +378,16 @@ class _Search:
         return LoadedSource(ModelSource(ref, config, infos, memory=state), merged)
 
     def _run_stage(
-        self, name: str, genes: list[Gene], build: Callable[[dict[str, float]], nn.Module]
+        self,
+        name: str,
+        genes: list[Gene],
+        starts: list[dict[str, float]],
+        build: Callable[[dict[str, float]], nn.Module],
     ) -> None:
         spec = self.spec
         sharing = self.sharing
         study = open_study(
-            self.store, sharing.names.of(name), spec.seed, spec.budget.population, centre(genes)
+            self.store, sharing.names.of(name), spec.seed, spec.budget.population, starts
         )
         stage = Stage(study, name, genes, spec.budget.trials, sharing.worker)
         deadline = self.deadline

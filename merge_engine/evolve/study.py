@@ -120,10 +120,10 @@ def open_study(
     name: str,
     seed: int,
     population: int | None,
-    centre: dict[str, float],
+    starts: list[dict[str, float]],
 ) -> optuna.Study:
-    """The study ``name`` in ``storage``. The process that creates it queues the centre of
-    the space as its first trial; after that the CMA-ES sampler, seeded with ``seed``, proposes
+    """The study ``name`` in ``storage``. The process that creates it queues ``starts`` (the
+    centre of the space, and for a layer path every source's own path) as its first trials; after that the CMA-ES sampler, seeded with ``seed``, proposes
     every candidate, so a serial search proposes the same ones every time. A trial asked for
     while no trial is complete yet (a second process starting at once) is drawn at random
     with a seed of its own, so that two processes do not draw the same one."""
@@ -142,7 +142,8 @@ def open_study(
         )
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    study.enqueue_trial(centre)
+    for values in starts:
+        study.enqueue_trial(values)
     return study
 
 

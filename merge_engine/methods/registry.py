@@ -113,6 +113,9 @@ class MergeMethod:
     ``fisher_empirical``, ``fisher_exact``), from its global parameter values. The kernel then
     receives ``stats``: one :class:`~merge_engine.stats.Statistic` per input, or None."""
     layer_stacking: bool = False
+    prunes_by_magnitude: bool = False
+    """The kernel takes ``magnitude_orders``, one :class:`~merge_engine.methods.sparsify.MagnitudeOrder`
+    per input, which a series of merges of the same sources keeps from one merge to the next."""
     check: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = field(
         default=None, repr=False
     )

@@ -187,12 +187,14 @@ def make_kernel(variant: TaskArithmeticVariant) -> Callable[..., torch.Tensor]:
         epsilon: list[float] | None = None,
         rescale_mode: sparsify.RescaleMode = "l1",
         generator: torch.Generator | None = None,
+        magnitude_orders: list[sparsify.MagnitudeOrder] | None = None,
     ) -> torch.Tensor:
         mode = rescale_mode if rescale else None
 
         def sparsified(i: int, delta: torch.Tensor) -> torch.Tensor:
             if variant.sparsifier == "magnitude":
-                pruned = sparsify.magnitude(delta, density[i])
+                order = magnitude_orders[i] if magnitude_orders else None
+                pruned = sparsify.magnitude(delta, density[i], order)
             elif variant.sparsifier == "magnitude_outliers":
                 pruned = sparsify.magnitude_outliers(delta, density[i], gamma[i])
             elif variant.sparsifier == "random":
@@ -323,6 +325,7 @@ for _variant in VARIANTS:
             params=_variant.params(),
             base="required",
             random=_variant.sparsifier in ("random", "della_magprune"),
+            prunes_by_magnitude=_variant.sparsifier == "magnitude",
             check=_density_epsilon_check if _variant.sparsifier == "della_magprune" else None,
         )
     )
