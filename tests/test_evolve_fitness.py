@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from old_evaluation import old_greedy, old_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
 
 from merge_engine import merge
@@ -298,41 +299,6 @@ def test_a_layer_path_that_repeats_a_layer_generates_as_its_written_model(scored
     assert len({t for out in outputs for t in out}) > 3  # not one token over and over
 
 
-def old_greedy(model, prompts, max_new_tokens, eos, pad):
-    """The loop before the cache: right-padded batches, the whole sequence every step."""
-    sequences, new = [list(p) for p in prompts], [[] for _ in prompts]
-    running = list(range(len(prompts)))
-    for _ in range(max_new_tokens):
-        if not running:
-            break
-        ids, mask = right_padded([sequences[i] for i in running], pad)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        last = mask.sum(-1) - 1
-        tokens = logits[torch.arange(len(running)), last].argmax(-1)
-        for i, token in zip(running, tokens.tolist(), strict=True):
-            sequences[i].append(token)
-            new[i].append(token)
-        running = [i for i in running if new[i][-1] != eos]
-    return new
-
-
-def right_padded(sequences, pad):
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    return ids, mask
-
-
-def old_logprobs(model, sequences, pad):
-    """Per sequence, log p(token t | tokens before t), from one right-padded forward."""
-    ids, mask = right_padded(sequences, pad)
-    logprobs = torch.log_softmax(
-        model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1], -1
-    )
-    picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return [picked[b, : len(s) - 1] for b, s in enumerate(sequences)]
-
-
 def test_the_scores_equal_the_old_loops(lm, tokenizer):
     """Exact match, each choice's score and nll, against the loops that ran before the cache
     (kept here as the reference), on the same data."""
@@ -367,13 +333,18 @@ def test_the_scores_equal_the_old_loops(lm, tokenizer):
 
 
 def test_the_default_batch_size_follows_the_device_and_the_model(lm):
-    assert default_batch_size(lm, CPU, 256) == 256  # a tiny model: the limit
-    big = SimpleNamespace(
-        config=SimpleNamespace(vocab_size=32_000, hidden_size=4_096, num_hidden_layers=32)
+    # the tiny Llama (vocabulary 96, 4 layers of width 32) on a CPU: an 8 MiB budget
+    assert default_batch_size(lm, CPU, 20, 1) == 256  # greedy, one position's logits: the limit
+    assert default_batch_size(lm, CPU, 256, 256) == (8 << 20) // (4 * 256 * (96 + 2 * 4 * 32))
+    weights = torch.empty(7_000_000_000, dtype=torch.bfloat16, device="meta")
+    seven_b = SimpleNamespace(
+        config=SimpleNamespace(vocab_size=32_000, hidden_size=4_096, num_hidden_layers=32),
+        parameters=lambda: [weights],
     )
-    # a 7B Llama: 4 bytes × 256 tokens × (32,000 + 2 × 32 × 4,096) per sequence in 1 GiB
-    assert default_batch_size(big, CPU, 256) == 3
-    assert default_batch_size(big, CPU, 8_192) == 1
+    # a 7B Llama on a CPU: a quarter of its 14 GB of weights, 285 MB per sequence of 272
+    # tokens (4 bytes × 272 × 2 × 32 × 4,096 of cache, one position's 32,000 logits)
+    assert default_batch_size(seven_b, CPU, 272, 1) == 12
+    assert default_batch_size(seven_b, CPU, 8_192, 8_192) == 1
 
 
 @pytest.fixture(scope="module")
