@@ -402,6 +402,32 @@ def test_workers_on_one_machine_share_the_budget(scored_family, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+def test_a_search_beside_its_workers_takes_its_share_of_the_cores(scored_family, tmp_path):
+    """The parent of --workers 2 runs its trials on half the cores, as each worker does (it
+    used to keep torch's one thread per core beside them), and gives its setting back."""
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: every process has one thread anyway")
+    base, tuned = scored_family
+    seen: list[int] = []
+    own = torch.get_num_threads()
+    torch.set_num_threads(cores)  # torch's default on a machine of its own
+    try:
+        evolve(
+            spec_from_text(nll_spec(base, tuned, trials=4)),
+            tmp_path / "out",
+            workers=2,
+            device="cpu",
+            show_progress=False,
+            progress=lambda *_: seen.append(torch.get_num_threads()),
+        )
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(own)
+    assert seen and set(seen) == {cores // 2}
+    assert after == cores
+
+
 # --- bad input: one sentence, nothing written ---------------------------------------------
 
 

@@ -9,20 +9,28 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from old_evaluation import old_greedy, old_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
 
+from merge_engine import merge
 from merge_engine.errors import RecipeError
+from merge_engine.evolve.candidates import LayerCandidate, folded_recipe, load_source
 from merge_engine.evolve.fitness import (
     Fitness,
     Score,
     TaskRows,
+    choice_scores,
+    default_batch_size,
     evaluate,
     evaluate_task,
+    greedy,
     read_task,
     read_tasks,
 )
+from merge_engine.evolve.genome import LayerRef
 from merge_engine.evolve.spec import FitnessTask, parse_spec
 from merge_engine.example import save_tiny_tokenizer, tiny_config
+from merge_engine.recipe import ModelReference
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest
 CPU = torch.device("cpu")
@@ -204,7 +212,8 @@ def test_exact_match_agrees_with_transformers_generate(lm, tokenizer):
 
 class NextLetter(torch.nn.Module):
     """A model with no ``generate``: after 'a' comes 'b', after 'b' 'c', after 'c' the end;
-    after anything else (padding included) 'x'. Returns ``.logits`` only."""
+    after anything else 'x'. It reads only the last token, so it needs no cache, and returns
+    ``.logits`` and an empty ``.cache``."""
 
     def __init__(self, tokenizer):
         super().__init__()
@@ -212,13 +221,12 @@ class NextLetter(torch.nn.Module):
         a, b, c = tokenizer.convert_tokens_to_ids(["a", "b", "c"])
         self.table[a], self.table[b], self.table[c] = b, c, tokenizer.eos_token_id
 
-    def forward(self, input_ids, attention_mask):
-        return SimpleNamespace(
-            logits=torch.nn.functional.one_hot(self.table[input_ids], 96).float()
-        )
+    def forward(self, input_ids, attention_mask, **cache_options):
+        logits = torch.nn.functional.one_hot(self.table[input_ids], 96).float()
+        return SimpleNamespace(logits=logits, cache=None)
 
 
-def test_greedy_decoding_reads_the_last_real_position_and_stops_at_eos(tokenizer):
+def test_greedy_decoding_continues_each_prompt_and_stops_at_eos(tokenizer):
     examples = [
         {"prompt": "a", "answer": "bc"},
         {"prompt": "long prompt b", "answer": "c"},
@@ -229,6 +237,114 @@ def test_greedy_decoding_reads_the_last_real_position_and_stops_at_eos(tokenizer
     score = evaluate_task(model, tokenizer, rows, "search", CPU)
     assert score.value == 1.0
     assert model.training  # left as it was
+
+
+# Evaluating over the cache: the same as transformers' generate and as the old loops
+
+
+def generated(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """transformers' greedy generate of one prompt, up to and with eos."""
+    input_ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=0,
+            eos_token_id=eos,
+        )
+    new = out[0, len(prompt) :].tolist()
+    return new[: new.index(eos) + 1] if eos in new else new
+
+
+def random_prompts(count: int, seed: int, lengths: tuple[int, int] = (1, 9)) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (count,), generator=generator)
+    return [torch.randint(3, 90, (int(n),), generator=generator).tolist() for n in sizes]
+
+
+def test_cached_greedy_equals_generate_token_for_token(lm):
+    prompts = random_prompts(30, seed=1)
+    eos = 2
+    with torch.no_grad():
+        outputs = greedy(lm, prompts, 10, eos, 4, CPU)
+    assert outputs == [generated(lm, prompt, 10, eos) for prompt in prompts]
+    assert any(out[-1] == eos for out in outputs)  # some stop early, ...
+    assert any(len(out) == 10 for out in outputs)  # ... some run to max_new_tokens
+    assert len({len(p) for p in prompts}) > 1  # batches of several lengths
+
+
+def test_a_layer_path_that_repeats_a_layer_generates_as_its_written_model(scored_family, tmp_path):
+    """Each slot has its own cache entry: the path over loaded layers, one used twice,
+    generates what ``generate`` of the written (folded) model does."""
+    base, tuned = scored_family
+    refs = [ModelReference.parse(str(base)), ModelReference.parse(str(tuned[0]))]
+    candidate = LayerCandidate([load_source(ref, CPU) for ref in refs])
+    path = [
+        (LayerRef(0, 0), 1.0),
+        (LayerRef(1, 1), 0.8),
+        (LayerRef(0, 0), 1.25),  # the first layer again, in a slot of its own
+        (LayerRef(1, 1), 1.0),  # and the second
+        (LayerRef(0, 3), 1.0),
+    ]
+    model = candidate.build(path)
+    merge(folded_recipe(path, refs), tmp_path / "written")
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "written").eval()
+    prompts = random_prompts(12, seed=2)
+    eos = 2
+    with torch.no_grad():
+        outputs = greedy(model, prompts, 8, eos, 5, CPU)
+    assert outputs == [generated(written, prompt, 8, eos) for prompt in prompts]
+    assert len({t for out in outputs for t in out}) > 3  # not one token over and over
+
+
+def test_the_scores_equal_the_old_loops(lm, tokenizer):
+    """Exact match, each choice's score and nll, against the loops that ran before the cache
+    (kept here as the reference), on the same data."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = random_prompts(20, seed=3)
+    with torch.no_grad():
+        assert greedy(lm, prompts, 6, eos, 3, CPU) == old_greedy(lm, prompts, 6, eos, pad)
+
+    # choices sharing their prompt; the short max_length cuts some prompts per choice
+    pairs = []
+    for prompt in random_prompts(9, seed=4, lengths=(2, 8)):
+        for choice in random_prompts(3, seed=len(pairs), lengths=(1, 4)):
+            pairs.append((prompt[-(8 - len(choice)) :], choice))
+    with torch.no_grad():
+        scores = choice_scores(lm, pairs, pad, 5, CPU)
+        expected = [
+            logprob[-len(choice) :].sum().item()
+            for (prompt, choice) in pairs
+            for logprob in old_logprobs(lm, [prompt + choice], pad)
+        ]
+    assert scores == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert len({tuple(p) for p, _ in pairs}) > 9  # some prompts were cut
+
+    texts = [{"text": t} for t in TEXTS * 3]
+    rows = rows_of(task("nll", texts, batch_size=4))
+    with torch.no_grad():
+        logprobs = old_logprobs(lm, [ids(tokenizer, t) for t in TEXTS * 3], pad)
+    expected = -sum(lp.sum().item() for lp in logprobs) / sum(lp.numel() for lp in logprobs)
+    assert evaluate_task(lm, tokenizer, rows, "search", CPU).value == pytest.approx(
+        expected, rel=1e-6
+    )
+
+
+def test_the_default_batch_size_follows_the_device_and_the_model(lm):
+    # the tiny Llama (vocabulary 96, 4 layers of width 32) on a CPU: an 8 MiB budget
+    assert default_batch_size(lm, CPU, 20, 1) == 256  # greedy, one position's logits: the limit
+    assert default_batch_size(lm, CPU, 256, 256) == (8 << 20) // (4 * 256 * (96 + 2 * 4 * 32))
+    weights = torch.empty(7_000_000_000, dtype=torch.bfloat16, device="meta")
+    seven_b = SimpleNamespace(
+        config=SimpleNamespace(vocab_size=32_000, hidden_size=4_096, num_hidden_layers=32),
+        parameters=lambda: [weights],
+    )
+    # a 7B Llama on a CPU: a quarter of its 14 GB of weights, 285 MB per sequence of 272
+    # tokens (4 bytes × 272 × 2 × 32 × 4,096 of cache, one position's 32,000 logits)
+    assert default_batch_size(seven_b, CPU, 272, 1) == 12
+    assert default_batch_size(seven_b, CPU, 8_192, 8_192) == 1
 
 
 @pytest.fixture(scope="module")

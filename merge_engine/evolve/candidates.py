@@ -7,9 +7,9 @@ its path over the loaded layers themselves, without copying a weight: a containe
 first model's class whose layer list holds the chosen layers. It runs in the folded form the
 written model has: instead of scaling a layer's input, what the layer writes to the residual
 stream is scaled (hooks on its writing projections), so the written weights compute what was
-evaluated, to the last rounding. The container runs without an attention cache
-(``use_cache=False``), so a layer that appears twice in a path never shares cache entries
-with itself.
+evaluated, to the last rounding. Each slot has its own entry in an attention cache: while a
+layer runs in slot k it reads and writes the cache as layer k, so a layer that appears twice
+in a path never shares cache entries with itself.
 """
 
 from __future__ import annotations
@@ -134,23 +134,33 @@ def write_scales(path: list[tuple[LayerRef, float]]) -> list[float]:
 
 
 class FoldedLayer(nn.Module):
-    """A loaded decoder layer (shared, not copied) whose writes to the residual stream are
-    multiplied by ``factor`` while it runs in this slot: the hooks that :class:`LayerCandidate`
-    puts on its writing projections read the factor from the layer."""
+    """A loaded decoder layer (shared, not copied) run as slot ``slot`` of a path: its writes
+    to the residual stream are multiplied by ``factor`` (the hooks that :class:`LayerCandidate`
+    puts on its writing projections read the factor from the layer), and its modules that
+    address an attention cache by ``layer_idx`` (transformers' attention) use the slot's."""
 
-    def __init__(self, layer: nn.Module, factor: float):
+    def __init__(self, layer: nn.Module, factor: float, slot: int):
         super().__init__()
         self.layer = layer
         self.factor = factor
+        self.slot = slot
+        self._indexed = [
+            m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)
+        ]
         if hasattr(layer, "attention_type"):  # models with sliding layers pick masks by it
             self.attention_type = layer.attention_type
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        own = [module.layer_idx for module in self._indexed]
         self.layer.write_factor = self.factor
+        for module in self._indexed:
+            module.layer_idx = self.slot
         try:
             return self.layer(hidden_states, *args, **kwargs)
-        finally:
-            self.layer.write_factor = 1.0  # the source model itself stays unchanged
+        finally:  # the source model itself stays unchanged
+            self.layer.write_factor = 1.0
+            for module, index in zip(self._indexed, own, strict=True):
+                module.layer_idx = index
 
 
 def _scale_write(module: nn.Module, inputs: tuple, output: torch.Tensor, layer: nn.Module):
@@ -199,7 +209,6 @@ class LayerCandidate:
         for key in LAYER_COUNT_KEYS:
             if key in data:
                 data[key] = len(path)
-        data["use_cache"] = False
         config = AutoConfig.for_model(**data)
         with torch.device("meta"):
             container = model_class(data).from_config(config)
@@ -212,8 +221,8 @@ class LayerCandidate:
         decoder.rotary_emb = first_decoder.rotary_emb
         decoder.norm = last_decoder.norm
         decoder.layers = nn.ModuleList(
-            FoldedLayer(self.layers[ref.model][ref.layer], factor)
-            for (ref, _), factor in zip(path, write_scales(path), strict=True)
+            FoldedLayer(self.layers[ref.model][ref.layer], factor, slot)
+            for slot, ((ref, _), factor) in enumerate(zip(path, write_scales(path), strict=True))
         )
         # A tied head is the embedding that the written merge keeps: the first model's.
         container.lm_head = (

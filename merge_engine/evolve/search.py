@@ -136,12 +136,24 @@ STORAGE_VARIABLE = "MERGEBOT_EVOLVE_STORAGE"
 password to everyone on the machine."""
 
 
+def threads_per_process(processes: int, device: torch.device) -> int:
+    """The torch threads of each of a search's ``processes`` on this machine: one when the
+    candidates run on a GPU (the CPU only launches its kernels), else an equal share of the
+    cores this process may use, never more than torch has now (so ``OMP_NUM_THREADS`` or
+    ``torch.set_num_threads`` set lower is kept: on a machine other work shares, one thread
+    per process is the steady choice, since a thread whose sibling was descheduled spins).
+    Parent and workers together then never ask for more threads than there are cores."""
+    if device.type == "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(torch.get_num_threads(), (cores or 1) // processes))
+
+
 def _start_workers(
-    spec_path: Path, out: Path, storage: str, count: int, device: str
+    spec_path: Path, out: Path, storage: str, count: int, device: str, threads: int
 ) -> list[subprocess.Popen]:
-    """``count`` more processes evaluating trials of the same studies; their errors go to
-    this process's standard error."""
-    threads = max(1, (os.cpu_count() or 1) // (count + 1))
+    """``count`` more processes evaluating trials of the same studies, ``threads`` torch
+    threads each; their errors go to this process's standard error."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), STORAGE_VARIABLE: storage}
     command = [sys.executable, "-m", "merge_engine.cli", "evolve", str(spec_path), str(out)]
     return [
@@ -204,6 +216,8 @@ def evolve(
     starting = not (resume or join)
     _prepare_folder(spec, folder, out, resume, join)
     children: list[subprocess.Popen] = []
+    threads, own_threads = threads_per_process(workers, torch_device), torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         store = store or open_storage(default_storage(folder))
         names = StudyNames(study_name or f"evolve-{spec.fingerprint()}")
@@ -213,7 +227,7 @@ def evolve(
         # The other processes start first: they import torch and load the models meanwhile.
         if not join:
             url = storage or default_storage(folder)
-            children = _start_workers(folder / SPEC_NAME, out, url, workers - 1, device)
+            children = _start_workers(folder / SPEC_NAME, out, url, workers - 1, device, threads)
         search = _Search(
             checked,
             out,
@@ -235,6 +249,7 @@ def evolve(
             shutil.rmtree(out, ignore_errors=True)  # nothing of a search that never started
         raise
     finally:
+        torch.set_num_threads(own_threads)
         for child in children:
             child.wait()
 

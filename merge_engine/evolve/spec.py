@@ -162,7 +162,7 @@ class FitnessTask(_Strict):
     label_field: str = "label"
     max_new_tokens: int = Field(default=16, gt=0, le=512)
     max_length: int = Field(default=256, gt=1, le=MAX_TOKENS)
-    batch_size: int = Field(default=8, gt=0, le=MAX_BATCH_SIZE)
+    batch_size: int | None = Field(default=None, gt=0, le=MAX_BATCH_SIZE)  # None: from the model
 
     @field_validator("name")
     @classmethod
