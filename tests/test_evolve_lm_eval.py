@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,6 @@ from merge_engine.evolve.checks import check_spec
 from merge_engine.evolve.fitness import evaluate_task, read_task
 from merge_engine.evolve.search import evolve
 from merge_engine.evolve.spec import FitnessTask, spec_from_text
-from service.intake import check_hub_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest
 CPU = torch.device("cpu")
@@ -169,6 +170,26 @@ def test_a_missing_task_file_and_a_wrong_metric_get_one_sentence(lm, tokenizer, 
         read_task(lm_eval_task(path, metric="bleu"), "fitness[0]")
 
 
+def test_the_engine_and_the_bot_do_not_import_lm_eval_until_a_task_asks():
+    code = (
+        "import sys, merge_engine.cli, merge_engine.evolve.search, service.intake\n"
+        "assert 'lm_eval' not in sys.modules, 'lm-eval imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_without_the_extra_an_lm_eval_task_names_it(tmp_path, monkeypatch):
+    for name in [name for name in sys.modules if name.split(".")[0] == "lm_eval"] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if lm-eval were not installed
+    path = write_task(tmp_path, [{"prompt": "a", "answer": "b"}] * 2)
+    with pytest.raises(RecipeError) as error:
+        read_task(lm_eval_task(path), "fitness[0]")
+    assert str(error.value) == (
+        "fitness: an lm_eval fitness task needs the lm-eval extra; "
+        "install it with pip install 'mergebot[lm-eval]'"
+    )
+
+
 def test_the_spec_refuses_a_bad_lm_eval_task_before_any_model_is_read(tmp_path):
     """The models named do not exist: the task file's refusal comes first."""
     spec = spec_from_text(
@@ -191,21 +212,6 @@ budget: {{trials: 2}}
             spec_from_text(
                 spec.to_yaml().split("fitness:")[0] + f"fitness: [{task}]\nbudget: {{trials: 2}}"
             )
-
-
-def test_a_bot_request_with_an_lm_eval_task_is_refused_in_one_sentence():
-    spec = spec_from_text(
-        """
-space: parameters
-models: [{model: org/a}, {model: org/b}]
-fitness: [{kind: lm_eval, task: /etc/task.yaml}]
-budget: {trials: 2}
-"""
-    )
-    with pytest.raises(RecipeError) as error:
-        check_hub_only(spec)
-    assert error.value.field == "fitness[0].kind"
-    assert "Jinja templates outside a sandbox" in str(error.value)
 
 
 @pytest.mark.slow
