@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from merge_engine.errors import RecipeError, excerpt
+from merge_engine.evolve.lm_eval_tasks import check_task_files
 from merge_engine.evolve.spec import SearchSpec
 from merge_engine.hub_names import check_repo_id, check_revision
 from merge_engine.plan import MergePlan
@@ -108,6 +109,8 @@ def check_hub_only(document: Recipe | SearchSpec) -> None:
     and a name the Hub would refuse is one sentence now, not a failure later."""
     for where, ref in _named_models(document):
         _check_hub_model(ref, where)
+    if isinstance(document, SearchSpec):
+        check_task_files(document.fitness, hub_only=True)  # a task YAML names a file too
     for where, block, what in _data_blocks(document):
         if block is not None and block.path is not None:
             raise RecipeError(

@@ -13,7 +13,7 @@ import gradio as gr
 from merge_engine import quote
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.evolve.report import fitness_figure
-from merge_engine.evolve.spec import SPACES, TASK_KINDS
+from merge_engine.evolve.spec import BUILT_IN_KINDS, SPACES
 from merge_engine.hub_names import is_loopback
 from merge_engine.recipe_limits import load_yaml
 from service.intake import Identity, SearchRequest
@@ -200,7 +200,7 @@ class SearchFormWidgets:
         with gr.Group(visible=i < 1) as box:
             with gr.Row():
                 kind = gr.Dropdown(
-                    list(TASK_KINDS),
+                    list(BUILT_IN_KINDS),
                     value="nll",
                     label=f"Fitness task {i + 1}",
                     allow_custom_value=True,

@@ -452,7 +452,7 @@ def test_bad_specs_are_refused_in_one_sentence_before_anything_is_written(
     cases = [
         (
             good.replace("kind: nll", "kind: bleu"),
-            "fitness[0].kind: must be 'multiple_choice', 'exact_match', 'nll' or 'classification', got 'bleu'",
+            "fitness[0].kind: must be 'multiple_choice', 'exact_match', 'nll', 'classification' or 'lm_eval', got 'bleu'",
         ),
         (
             good.replace(json.dumps(SEARCH_TEXTS * 4), "[]"),

@@ -162,6 +162,12 @@ def test_limits_and_server_paths_are_refused_before_a_search_starts(hub, tmp_pat
             "fitness: [{kind: nll, data: {path: /etc/rows.jsonl}}]\nbudget: {trials: 8}\n"
         )
         assert refusal(on_server)["field"] == "fitness[0].data.path"
+        harness = on_server.replace(
+            "{kind: nll, data: {path: /etc/rows.jsonl}}", "{kind: lm_eval, task: /etc/task.yaml}"
+        )
+        lm_eval_task = refusal(harness)  # lm-eval's Jinja templates would run unsandboxed
+        assert lm_eval_task["field"] == "fitness[0].kind"
+        assert "Jinja templates outside a sandbox" in lm_eval_task["error"]
         private = on_server.replace("{path: /etc/rows.jsonl}", "{dataset: carol/secret}")
         assert "carol/secret" in refusal(private)["error"], "someone else's private data"
 

@@ -18,6 +18,7 @@ from merge_engine.evolve.genome import (
     layer_gene_count,
     parameter_gene_count,
 )
+from merge_engine.evolve.lm_eval_tasks import check_task_files
 from merge_engine.evolve.spec import FOLDABLE_FAMILIES, SearchSpec
 from merge_engine.formats.layouts import TRANSFORMERS
 from merge_engine.methods import MergeMethod, get_method
@@ -48,6 +49,7 @@ def check_spec(
     candidates itself, so the spec needs no tasks; ``max_genes``: the most genes one stage may
     search (CMA-ES's work per trial grows with the cube of it), counted from the headers
     before any gene is made."""
+    check_task_files(spec.fitness, hub_only)  # files on this machine, before the Hub is asked
     sources = inspect_recipe_models(
         spec.referenced_models(), token, hub_only=hub_only, cache_dir=cache_dir
     )

@@ -94,11 +94,15 @@ def read_task(
 ) -> TaskRows:
     """One task's search and held-out examples (``held_out_fraction`` of ``data`` drawn with
     the data's seed when the task gives no ``held_out``)."""
+    if task.kind == "lm_eval":
+        from merge_engine.evolve import lm_eval_tasks  # the optional extra, only when asked for
+
+        return lm_eval_tasks.read_task(task, where, hub_only)
     search = _read_split(task, task.data, where, "data", token, hub_only, cache_dir)
     if task.held_out is not None:
         held_out = _read_split(task, task.held_out, where, "held_out", token, hub_only, cache_dir)
     else:
-        search, held_out = _split(search, task, where)
+        search, held_out = _split(search, task.held_out_fraction, task.data.seed, where)
     return TaskRows(task, task.name or task.kind, where, search, held_out)
 
 
@@ -210,17 +214,17 @@ _CHECKS: dict[str, Callable[[Row, FitnessTask, str, str], Row]] = {
 }
 
 
-def _split(found: list[Row], task: FitnessTask, where: str) -> tuple[list[Row], list[Row]]:
-    """(search, held-out): a seeded shuffle holds out ``held_out_fraction`` of the rows, at
-    least one on each side; each side keeps the data's order."""
+def _split(found: list, fraction: float, seed: int, where: str) -> tuple[list, list]:
+    """(search, held-out): a shuffle seeded with ``seed`` holds out ``fraction`` of the rows,
+    at least one on each side; each side keeps the data's order."""
     if len(found) < 2:
         raise RecipeError(
             f"{where}.data has {len(found)} example, too few to keep some for the held-out score; add examples or give held_out",
             field=f"{where}.data",
         )
     order = list(range(len(found)))
-    random.Random(task.data.seed).shuffle(order)
-    count = min(max(round(len(found) * task.held_out_fraction), 1), len(found) - 1)
+    random.Random(seed).shuffle(order)
+    count = min(max(round(len(found) * fraction), 1), len(found) - 1)
     held = set(order[:count])
     search = [row for i, row in enumerate(found) if i not in held]
     return search, [row for i, row in enumerate(found) if i in held]
@@ -259,6 +263,10 @@ def evaluate_task(
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     examples = rows.search if split == "search" else rows.held_out
     with torch.no_grad(), _evaluating(model):
+        if rows.task.kind == "lm_eval":
+            from merge_engine.evolve import lm_eval_tasks
+
+            return lm_eval_tasks.evaluate_task(model, tokenizer, rows, split, device, check)
         value = _EVALUATORS[rows.task.kind](model, tokenizer, rows, examples, device, check)
     metric = METRICS[rows.task.kind]
     return Score(rows.name, metric, value, -value if metric == "nll" else value)

@@ -29,7 +29,9 @@ from merge_engine.recipe import (
 from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, check_examples, load_yaml
 
 SPACES = ("parameters", "layers", "both")
-TASK_KINDS = ("multiple_choice", "exact_match", "nll", "classification")
+BUILT_IN_KINDS = ("multiple_choice", "exact_match", "nll", "classification")
+"""Task kinds scored by mergebot's own evaluators over examples (what the bot runs)."""
+TASK_KINDS = (*BUILT_IN_KINDS, "lm_eval")
 TASK_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9])?")
 """What a fitness task may be called: it heads a column of the card's table."""
 FOLDABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -147,12 +149,15 @@ class TaskData(DataBlock):
 class FitnessTask(_Strict):
     """One task of the fitness: its kind, its weight in the total, its search data and its
     held-out data (else ``held_out_fraction`` of the search data, drawn with the data's seed),
-    and the fields its examples hold."""
+    and the fields its examples hold. An ``lm_eval`` task instead names an lm-evaluation-harness
+    task YAML in ``task``, which holds its data, prompts and ``metric`` (else its first)."""
 
     kind: Literal[TASK_KINDS]  # type: ignore[valid-type]
     name: str | None = None
     weight: float = Field(default=1.0, gt=0, le=MAX_WEIGHT)
-    data: TaskData
+    data: TaskData | None = None
+    task: str | None = None
+    metric: str | None = None
     held_out: TaskData | None = None
     held_out_fraction: float = Field(default=0.25, gt=0, lt=1)
     prompt_field: str = "prompt"
@@ -175,8 +180,36 @@ class FitnessTask(_Strict):
             )
         return value
 
+    @model_validator(mode="after")
+    def _data_or_task_file(self) -> FitnessTask:
+        """An lm-eval task brings its data in its YAML; every other kind reads ``data``."""
+        if self.kind == "lm_eval":
+            if self.task is None:
+                raise ValueError(
+                    "an lm_eval task needs 'task': the path of an lm-evaluation-harness task YAML"
+                )
+            for given in ("data", "held_out"):
+                if getattr(self, given) is not None:
+                    raise ValueError(
+                        f"an lm_eval task reads its data from its task YAML; remove '{given}' and name the data in the YAML's dataset_path"
+                    )
+        else:
+            if self.data is None:
+                raise ValueError(
+                    f"a {self.kind} task needs 'data': a path, a Hub dataset or inline examples"
+                )
+            for given in ("task", "metric"):
+                if getattr(self, given) is not None:
+                    raise ValueError(
+                        f"'{given}' belongs to lm_eval tasks; remove it, or set kind: lm_eval"
+                    )
+        return self
+
     def fields(self) -> list[tuple[str, str]]:
-        """(option, field name) of each field the task reads from an example."""
+        """(option, field name) of each field the task reads from an example (none for an
+        lm-eval task: its YAML's templates read them)."""
+        if self.kind == "lm_eval":
+            return []
         options = {
             "multiple_choice": ("prompt_field", "choices_field", "answer_field"),
             "exact_match": ("prompt_field", "answer_field"),
