@@ -303,7 +303,7 @@ def _multiple_choice(
     longest = max(len(prompt) + len(choice) for prompt, choice in pairs)
     scored = max(len(ids) for _, ids in pairs)
     batch_size = task.batch_size or default_batch_size(model, device, longest, scored)
-    flat = iter(choice_scores(model, pairs, _pad_id(tokenizer), batch_size, device, check))
+    flat = iter(choice_scores(model, pairs, pad_id(tokenizer), batch_size, device, check))
     correct = 0
     for row in examples:
         scores = [next(flat) for _ in row[task.choices_field]]
@@ -346,7 +346,7 @@ def choice_scores(
         totals = picked.tolist()
         if max(len(c) for c in continuations) > 1:  # the rest, after the cached prompt
             check()
-            rest, rest_mask = _batch([c[:-1] for c in continuations], pad, device)
+            rest, rest_mask = right_padded([c[:-1] for c in continuations], pad, device)
             cache = out.cache
             cache.batch_select_indices(owner)
             logits = model(
@@ -355,7 +355,7 @@ def choice_scores(
                 cache=cache,
                 use_cache=True,
             ).logits.float()  # (C, L-1, V)
-            targets, target_mask = _batch([c[1:] for c in continuations], pad, device)
+            targets, target_mask = right_padded([c[1:] for c in continuations], pad, device)
             logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1))
             later = (logprobs.squeeze(-1) * target_mask).sum(-1)
             totals = (picked + later).tolist()
@@ -428,11 +428,11 @@ def _nll(
         for row in examples
     ]
     texts.sort(key=len)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     longest = len(texts[-1])
     batch_size = task.batch_size or default_batch_size(model, device, longest, longest)
     total, count = 0.0, 0
-    for chunk in _chunks(texts, batch_size, check):
+    for chunk in chunks(texts, batch_size, check):
         for logprob in _token_logprobs(model, chunk, pad, device):
             total -= logprob.sum().item()
             count += logprob.numel()
@@ -469,15 +469,15 @@ def _classification(
     # refuses a batch when it has none: lend it the tokenizer's while it runs.
     pad = getattr(config, "pad_token_id", None)
     own_pad = isinstance(pad, int) and pad >= 0
-    pad = pad if own_pad else _pad_id(tokenizer)
+    pad = pad if own_pad else pad_id(tokenizer)
     predicted: list[int] = []
     try:
         if config is not None and not own_pad:
             config.pad_token_id = pad
         longest = max(map(len, texts))
         batch_size = task.batch_size or default_batch_size(model, device, longest, 1)
-        for chunk in _chunks(texts, batch_size, check):
-            ids, mask = _batch(chunk, pad, device)
+        for chunk in chunks(texts, batch_size, check):
+            ids, mask = right_padded(chunk, pad, device)
             predicted += model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
     finally:
         if config is not None and not own_pad:
@@ -523,7 +523,7 @@ def _ids(tokenizer: Any, text: str, special: bool, rows: TaskRows, option: str) 
     return ids
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     """The tokenizer's pad, else its eos, else 0: a causal LM's real positions never see the
     padding after them, so any id will do."""
     for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -532,14 +532,14 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _chunks(items: list, size: int, check: StopCheckFunction) -> Iterator[list]:
+def chunks(items: list, size: int, check: StopCheckFunction) -> Iterator[list]:
     """Batches of ``size``, asking ``check()`` before each."""
     for start in range(0, len(items), size):
         check()
         yield items[start : start + size]
 
 
-def _batch(
+def right_padded(
     sequences: Sequence[list[int]], pad: int, device: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask``, both (B, T)."""
@@ -553,7 +553,7 @@ def _token_logprobs(
     model: torch.nn.Module, sequences: list[list[int]], pad: int, device: Any
 ) -> list[torch.Tensor]:
     """Per sequence, log p(token t | tokens before t) for t = 1 … len - 1."""
-    ids, mask = _batch(sequences, pad, device)
+    ids, mask = right_padded(sequences, pad, device)
     logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
     picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)

@@ -16,7 +16,7 @@ import torch
 from lm_eval.api.model import LM
 
 from merge_engine.errors import RecipeError
-from merge_engine.evolve.fitness import _batch, _chunks, _greedy, _pad_id
+from merge_engine.evolve.fitness import chunks, default_batch_size, greedy, pad_id, right_padded
 from merge_engine.evolve.spec import FitnessTask
 from merge_engine.evolve.stopping import StopCheckFunction
 
@@ -40,7 +40,7 @@ class CandidateLM(LM):
         super().__init__()
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self._device, self.check = device, check  # lm-eval's LM reads _device
-        self.pad = _pad_id(tokenizer)
+        self.pad = pad_id(tokenizer)
 
     # lm-eval's request types
 
@@ -54,17 +54,9 @@ class CandidateLM(LM):
         texts = [""] * len(requests)
         for limit, members in groups.items():
             prompts = [self._prompt(requests[i].args[0]) for i in members]
-            new: list[list[int]] = []
-            for chunk in _chunks(prompts, self.task.batch_size, self.check):
-                new += _greedy(
-                    self.model,
-                    chunk,
-                    limit,
-                    self.tokenizer.eos_token_id,
-                    self.pad,
-                    self.device,
-                    self.check,
-                )
+            batch_size = self._batch_size(max(map(len, prompts)) + limit, 1)
+            eos = self.tokenizer.eos_token_id
+            new = greedy(self.model, prompts, limit, eos, batch_size, self.device, self.check)
             for i, tokens in zip(members, new, strict=True):
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 texts[i] = _cut(text, requests[i].args[1].get("until"))
@@ -100,6 +92,10 @@ class CandidateLM(LM):
 
     # Tokens and scores
 
+    def _batch_size(self, length: int, scored: int) -> int:
+        """The task's ``batch_size``, else the built-in default for the model and device."""
+        return self.task.batch_size or default_batch_size(self.model, self.device, length, scored)
+
     def _prompt(self, context: str) -> list[int]:
         ids = self.tokenizer(context, add_special_tokens=True)["input_ids"]
         return ids[-self.task.max_length :] or [self._first_token()]
@@ -130,8 +126,9 @@ class CandidateLM(LM):
             keep = self.task.max_length - len(continuation)
             sequences.append((context[-keep:] + continuation, len(continuation)))
         scores = []
-        for chunk in _chunks(sequences, self.task.batch_size, self.check):
-            ids, mask = _batch([ids for ids, _ in chunk], self.pad, self.device)
+        longest = max(len(ids) for ids, _ in sequences)
+        for chunk in chunks(sequences, self._batch_size(longest, longest), self.check):
+            ids, mask = right_padded([ids for ids, _ in chunk], self.pad, self.device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
             for row, (sequence, count) in enumerate(chunk):
