@@ -513,7 +513,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
             [recipe, form.family, *rewritten_boxes, outcome],
             [*form.outputs, *rewritten_boxes, outcome],
         )
-        edit(target.input, lambda: [], [], [], ["target"])
+        edit(target.input, lambda: [], [], [], ["target"])  # nothing to do but empty its box
         shown_example = load_example.click(
             show_example, example, [*form.outputs, recipe, target, *errors, outcome, job_id]
         )
