@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from merge_engine.recipe import BlockValues, ConditionalParameter, ParameterSetting
+from merge_engine.recipe import BlockValues, ConditionalParameter, ParameterSetting, Scalar
 
 Scope = tuple[str, dict[str, ParameterSetting] | None]
 """A level of parameters with the recipe path it came from, e.g. ("models[1].parameters", {...})."""
@@ -72,6 +72,16 @@ def evaluate(setting: ParameterSetting, place: Place) -> Any:
         frac = scaled - low
         return (1 - frac) * values[low] + frac * values[high]
     return setting
+
+
+def varies_by_tensor(name: str, scopes: Iterable[Scope]) -> bool:
+    """Whether ``name`` may take another value on another tensor in ``scopes``: set anywhere as
+    a gradient, a filter list or block values. When not, a value (or its absence) is one
+    for the whole model, and a message about it has no tensor to name."""
+    return any(
+        parameters and name in parameters and not isinstance(parameters[name], Scalar)
+        for _, parameters in scopes
+    )
 
 
 def resolve(name: str, scopes: Iterable[Scope], place: Place) -> tuple[Any, str] | None:

@@ -27,7 +27,7 @@ from merge_engine.formats.recipe_checks import check_layout, common_layout
 from merge_engine.formats.sd_names import Renamed
 from merge_engine.io import PlannedTensor
 from merge_engine.methods import MergeMethod, get_method
-from merge_engine.parameters import Place, Scope, resolve
+from merge_engine.parameters import Place, Scope, resolve, varies_by_tensor
 from merge_engine.recipe import InputSlice, ModelReference, Recipe
 from merge_engine.sources import LAYER_COUNT_KEYS, ModelSource, model_task
 
@@ -289,43 +289,67 @@ class _Planner:
         shared = {}
         for param in method.global_params:
             found = resolve(param.name, group.shared_scopes, group.place)
-            shared[param.name] = self._value(param, found, output, None)
+            varies = varies_by_tensor(param.name, group.shared_scopes)
+            shared[param.name] = self._value(param, found, output if varies else None, None)
         per_model = []
         for member in group.inputs:
             values = {}
+            scopes = [member.scope, *group.shared_scopes]
             for param in method.per_model_params:
-                found = resolve(
-                    param.name,
-                    [member.scope, *group.shared_scopes],
-                    replace(group.place, name=member.name),
-                )
+                found = resolve(param.name, scopes, replace(group.place, name=member.name))
+                varies = varies_by_tensor(param.name, scopes)
                 values[param.name] = self._value(
-                    param, found, output, member.model, member.scope[0]
+                    param, found, output if varies else None, member.model, member.scope[0]
                 )
             per_model.append(values)
         if method.check and (problem := method.check(shared, per_model)):
-            raise RecipeError(f"{problem} (tensor {output})", field="parameters")
+            scopes = [i.scope for i in group.inputs if i.scope] + group.shared_scopes
+            varies = any(varies_by_tensor(p.name, scopes) for p in method.params)
+            raise RecipeError(
+                f"{problem} (tensor {output})" if varies else problem, field="parameters"
+            )
         base = TensorInput(group.base.model, group.base.read) if group.base else None
         inputs = [TensorInput(i.model, i.read) for i in group.inputs]
         self.tasks.append(TensorTask(output, shape, inputs, base, shared, per_model, compute, out))
 
     def _value(
-        self, param, found, output: str, model: ModelReference | None, model_path: str | None = None
+        self,
+        param,
+        found,
+        tensor: str | None,
+        model: ModelReference | None,
+        model_path: str | None = None,
     ) -> Any:
+        """``param``'s value resolved for one tensor, coerced and checked; a refusal names
+        ``tensor`` only where it is given: where the value may differ between tensors
+        (a gradient, filters, block values), not where it is one for the whole model."""
         if found is None:
             if param.required:
                 where = f"{model_path}.{param.name}" if model_path else f"parameters.{param.name}"
                 whose = f" for model {model}" if model else ""
+                if tensor:
+                    raise RecipeError(
+                        f"{self.method.name} needs '{param.name}'{whose} on tensor {tensor}, which no "
+                        f"filter of '{param.name}' matches; add an entry without a filter, the value "
+                        "for every tensor the filters leave out",
+                        field=where,
+                    )
+                fix = (
+                    "set it for that model or in the top-level parameters"
+                    if model
+                    else "set it in the top-level parameters"
+                )
                 raise RecipeError(
-                    f"{self.method.name} needs '{param.name}'{whose} (tensor {output}); set it for that model or in the top-level parameters",
-                    field=where,
+                    f"{self.method.name} needs '{param.name}'{whose}; {fix}", field=where
                 )
             return param.default
         value, path = found
         try:
             return param.coerce(value, path)
         except RecipeError as error:
-            context = f" (model {model}, tensor {output})" if model else f" (tensor {output})"
+            named = [f"model {model}"] if model else []
+            named += [f"tensor {tensor}"] if tensor else []
+            context = f" ({', '.join(named)})" if named else ""
             raise RecipeError(str(error).removeprefix(f"{path}: ") + context, field=path) from None
 
     # --- models: whole models merged tensor by tensor ------------------------------------

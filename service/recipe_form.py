@@ -15,7 +15,7 @@ inspects the first model (``MergeForm.family``), since a recipe does not say it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -57,16 +57,16 @@ def method_params(method: str, scope: str) -> dict[str, Param]:
     return {p.name: p for p in declared if p.scope == scope}
 
 
-def param_help(param: Param) -> str:
+def param_help(param: Param, required: str = "required") -> str:
     """The help text of a parameter's field, all from the declaration of the method shown:
-    what it does, its bounds, its default (or that it is required)."""
+    what it does, its bounds, its default (or ``required``: that it is, and when)."""
     parts = [param.doc] if param.doc else []
     if param.bounds_text():
         parts.append(f"in {param.bounds_text()}")
     if param.choices:
         parts.append("one of " + ", ".join(param.choices))
     if param.required:
-        parts.append("required")
+        parts.append(required)
     else:
         default = param.default
         shown = (
@@ -90,6 +90,8 @@ class ModelRow:
     blocks: str = ""
     """One value per UNet block for the method's block parameter (:func:`block_param`), as
     typed: comma-separated, in block order; empty for the plain scalar."""
+    set_aside: dict[str, Any] = field(default_factory=dict)
+    """What the person set for per-model parameters the method shown lacks (:func:`switch_method`)."""
 
     @property
     def reference(self) -> str:
@@ -113,6 +115,9 @@ class MergeForm:
     """The models' family as the Space found it by inspecting the first model (``sd1``,
     ``sdxl``, ``transformers``, ``state_dict``); empty while unknown. It decides which fields
     show, never what the recipe says."""
+    set_aside: dict[str, Any] = field(default_factory=dict)
+    """What the person set for global parameters the method shown lacks, kept for a method
+    that has them again (:func:`switch_method`); never part of the recipe."""
 
     @property
     def is_diffusion(self) -> bool:
@@ -193,6 +198,17 @@ def block_field(form: MergeForm, row: ModelRow) -> BlockField:
             f"{FAMILY_NAMES[f]}: {block_header(f)}" for f in DIFFUSION_FAMILIES
         )
     return BlockField(True, f"{param} per block", f"{header}; {empty}")
+
+
+def row_param_help(form: MergeForm, row: ModelRow, param: Param) -> str:
+    """The help text of ``param``'s field in ``row``: the method's (:func:`param_help`), except
+    that the parameter a shown block row sets is not required, since the row replaces it."""
+    if param.name == block_param(form.method) and block_field(form, row).visible:
+        return param_help(
+            param,
+            f"required unless the '{param.name} per block' row below is filled, which replaces it",
+        )
+    return param_help(param)
 
 
 def shows_layers(form: MergeForm, row: ModelRow) -> bool:
@@ -302,35 +318,42 @@ def to_yaml(form: MergeForm, previous_text: str = "") -> str:
 
 
 def switch_method(form: MergeForm, previous: str) -> MergeForm:
-    """``form`` (already naming its new method) after a change of method from ``previous``:
-    a value the person set (not the previous method's default) stays where the new method
-    declares a parameter of that name; an untouched value becomes the new method's default,
-    since one name can mean different things (slerp's ``t`` is not nearswap's)."""
+    """``form`` (already naming its new method) after a change of method from ``previous``.
 
-    def kept(name: str, value: Any, old: dict[str, Param], new: dict[str, Param]) -> Any:
-        if name not in new:
-            return value
-        before = old.get(name)
-        if before is not None and _is_set(value) and (before.required or value != before.default):
-            return value
-        return None if new[name].required else new[name].default
-
+    A value the person set (not the previous method's default) stays where the new method
+    declares a parameter of that name; an untouched one becomes the new method's default,
+    since one name can mean different things (slerp's ``t`` is not nearswap's). A set value
+    the new method lacks is set aside, and comes back when a method that has it is chosen,
+    however many methods without it came between (ties → slerp → dare_ties keeps the
+    weights and densities)."""
     old_global, new_global = method_params(previous, "global"), method_params(form.method, "global")
-    params = {name: kept(name, v, old_global, new_global) for name, v in form.params.items()}
+    params, set_aside = _switched(form.params, form.set_aside, old_global, new_global)
     old_row, new_row = method_params(previous, "per_model"), method_params(form.method, "per_model")
-    models = [
-        ModelRow(
-            row.repo,
-            row.revision,
-            row.layers,
-            {name: kept(name, v, old_row, new_row) for name, v in row.params.items()},
-            row.blocks,
-        )
-        for row in form.models
-    ]
-    return MergeForm(
-        form.method, params, models, form.base_model, form.dtype, form.notice, form.family
-    )
+    models = []
+    for row in form.models:
+        values, row_aside = _switched(row.params, row.set_aside, old_row, new_row)
+        models.append(replace(row, params=values, set_aside=row_aside))
+    return replace(form, params=params, models=models, set_aside=set_aside)
+
+
+def _switched(
+    values: dict[str, Any], set_aside: dict[str, Any], old: dict[str, Param], new: dict[str, Param]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One scope's values, and what is set aside, after a change of method whose parameters
+    were ``old`` and are ``new`` (by name). The values of parameters neither method shows
+    stay as they were: their fields are hidden, and the recipe never reads them."""
+    chosen = dict(set_aside)
+    for name, param in old.items():
+        value = values.get(name)
+        if _is_set(value) and (param.required or value != param.default):
+            chosen[name] = value
+        else:
+            chosen.pop(name, None)
+    shown = {
+        name: chosen.get(name, None if param.required else param.default)
+        for name, param in new.items()
+    }
+    return {**values, **shown}, {name: v for name, v in chosen.items() if name not in new}
 
 
 def from_recipe(data: Any) -> MergeForm:

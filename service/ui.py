@@ -7,7 +7,9 @@ table with a ``gr.Timer``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -16,6 +18,7 @@ from merge_engine import quote
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.hub_names import is_loopback
 from merge_engine.methods import all_methods, get_method
+from merge_engine.methods.registry import Param
 from merge_engine.recipe_limits import load_yaml
 from service.intake import Identity, MergeRequest
 from service.job_panel import (
@@ -54,6 +57,7 @@ from service.recipe_form import (
     method_params,
     param_help,
     previous_document,
+    row_param_help,
     shows_layers,
     switch_method,
     to_yaml,
@@ -99,6 +103,8 @@ class Row:
     remove: gr.Button
     blocks: gr.Textbox
     """One value per UNet block (diffusion models only)."""
+    set_aside: gr.State
+    """The per-model values the method shown lacks (``ModelRow.set_aside``)."""
 
 
 class MergeFormWidgets:
@@ -126,6 +132,10 @@ class MergeFormWidgets:
         # the models' family (sd1, sdxl, transformers ...), found by inspecting the first
         # model when its field loses focus: which fields a row shows
         self.family = gr.State("")
+        self.set_aside = gr.State({})  # global values the method shown lacks
+        # the method whose fields show: what a change of method changes from (a State, kept
+        # here with the fields, since the dropdown may tell of one change twice)
+        self.fields_of = gr.State("")
         for i in range(MAX_MODELS):
             with gr.Group(visible=i < 2) as box:
                 with gr.Row():
@@ -148,7 +158,6 @@ class MergeFormWidgets:
                         name: _param_widget(param, f"model-{i}-{name}")
                         for name, param in PER_MODEL_PARAMS.items()
                     }
-                    remove = gr.Button("Remove", size="sm", elem_id=f"model-{i}-remove")
                 # one comma-separated row, as supermerger and the WebUI take block weights
                 # (and as they are pasted from presets); the block names head it
                 blocks = gr.Textbox(
@@ -158,7 +167,12 @@ class MergeFormWidgets:
                     visible=False,
                 )
                 self.errors[f"model-{i}"] = gr.Markdown(elem_id=f"error-model-{i}")
-            self.rows.append(Row(box, repo, revision, layers, params, remove, blocks))
+                # last, so that nothing comes between a model's fields and its block row
+                with gr.Row():
+                    remove = gr.Button(
+                        f"Remove model {i + 1}", size="sm", scale=0, elem_id=f"model-{i}-remove"
+                    )
+            self.rows.append(Row(box, repo, revision, layers, params, remove, blocks, gr.State({})))
         self.add = gr.Button("Add model", size="sm", elem_id="add-model")
         self.errors["models"] = gr.Markdown(elem_id="error-models")
         self.dtype = gr.Dropdown(DTYPES, value="", label="dtype (computation)", elem_id="dtype")
@@ -170,9 +184,10 @@ class MergeFormWidgets:
     @property
     def inputs(self) -> list[gr.components.Component]:
         widgets = [self.method, *self.params.values(), self.base_model, self.dtype, self.shown]
-        widgets.append(self.family)
+        widgets += [self.family, self.set_aside]
         for row in self.rows:
             widgets += [row.repo, row.revision, row.layers, *row.params.values(), row.blocks]
+            widgets.append(row.set_aside)
         return widgets
 
     def read(self, values: list[Any]) -> MergeForm:
@@ -180,25 +195,36 @@ class MergeFormWidgets:
         method = values.pop(0)
         params = {name: values.pop(0) for name in self.params}
         base, dtype, shown = values.pop(0), values.pop(0), values.pop(0)
-        family = values.pop(0)
+        family, set_aside = values.pop(0), values.pop(0)
         rows = []
         for _ in self.rows:
             repo, revision, layers = values.pop(0), values.pop(0), values.pop(0)
             row_params = {name: values.pop(0) for name in PER_MODEL_PARAMS}
-            blocks = values.pop(0)
+            blocks, row_aside = values.pop(0), values.pop(0)
             rows.append(
-                ModelRow(repo or "", revision or "", layers or "", row_params, blocks or "")
+                ModelRow(
+                    repo or "", revision or "", layers or "", row_params, blocks or "", row_aside
+                )
             )
         rows = rows[:shown]
-        return MergeForm(method or "", params, rows, base or "", dtype or "", family=family or "")
+        return MergeForm(
+            method or "",
+            params,
+            rows,
+            base or "",
+            dtype or "",
+            family=family or "",
+            set_aside=set_aside or {},
+        )
 
     @property
     def outputs(self) -> list[gr.components.Component]:
         widgets = [self.method, self.method_doc, *self.params.values(), self.base_model]
-        widgets += [self.dtype, self.shown, self.notice, self.family]
+        widgets += [self.dtype, self.shown, self.notice, self.family, self.set_aside]
+        widgets.append(self.fields_of)
         for row in self.rows:
             widgets += [row.box, row.repo, row.revision, row.layers, *row.params.values()]
-            widgets.append(row.blocks)
+            widgets += [row.blocks, row.set_aside]
         return widgets
 
     def write(self, form: MergeForm) -> list[Any]:
@@ -213,29 +239,58 @@ class MergeFormWidgets:
                 name, None if param is None or param.required else param.default
             )
             updates.append(_shown(param, value))
-        updates += [form.base_model, form.dtype, shown, form.notice, form.family]
+        updates += [form.base_model, form.dtype, shown, form.notice, form.family, form.set_aside]
+        updates.append(form.method)
         for i, _ in enumerate(self.rows):
             row = form.models[i] if i < len(form.models) else ModelRow()
             updates += [gr.update(visible=i < shown), row.repo, row.revision]
             updates.append(gr.update(value=row.layers, visible=shows_layers(form, row)))
+            help_of = partial(row_param_help, form, row)
             updates += [
-                _shown(per_model.get(name), row.params.get(name)) for name in PER_MODEL_PARAMS
+                _shown(per_model.get(name), row.params.get(name), help_of)
+                for name in PER_MODEL_PARAMS
             ]
-            updates.append(_block_update(form, row, value=row.blocks))
+            updates += [_block_update(form, row, value=row.blocks), row.set_aside]
         return updates
 
     @property
+    def edits(self) -> list[tuple[gr.components.Component, list[str]]]:
+        """The fields a person types in or picks (the method aside), each with the error
+        boxes about it: emptied when it changes, until Validate says again."""
+        fields = [(widget, ["parameters"]) for widget in self.params.values()]
+        fields += [(self.base_model, ["base_model"]), (self.dtype, ["dtype"])]
+        for i, row in enumerate(self.rows):
+            # which models are listed: also what the list's own errors are about
+            fields += [(widget, [f"model-{i}", "models"]) for widget in (row.repo, row.revision)]
+            fields += [
+                (widget, [f"model-{i}"])
+                for widget in (row.layers, *row.params.values(), row.blocks)
+            ]
+        return fields
+
+    @property
     def layout_outputs(self) -> list[gr.components.Component]:
-        """What the models' family changes: each row's layer range and block field."""
-        return [widget for row in self.rows for widget in (row.layers, row.blocks)]
+        """What the models' family changes: each row's layer range, block field, and the help
+        of the parameter a block row replaces."""
+        return [
+            widget for row in self.rows for widget in (row.layers, row.blocks, *row.params.values())
+        ]
 
     def write_layout(self, form: MergeForm) -> list[Any]:
-        """Updates for ``layout_outputs``: which fields show for ``form``'s family, and the
-        block names heading each block field; values untouched (the person may be typing)."""
+        """Updates for ``layout_outputs``: which fields show for ``form``'s family, the
+        block names heading each block field, and the parameters' help; values untouched
+        (the person may be typing)."""
+        per_model = method_params(form.method, "per_model")
         updates: list[Any] = []
         for i, _ in enumerate(self.rows):
             row = form.models[i] if i < len(form.models) else ModelRow()
             updates += [gr.update(visible=shows_layers(form, row)), _block_update(form, row)]
+            updates += [
+                gr.update(info=row_param_help(form, row, per_model[name]))
+                if name in per_model
+                else gr.skip()
+                for name in PER_MODEL_PARAMS
+            ]
         return updates
 
 
@@ -248,12 +303,12 @@ def _block_update(form: MergeForm, row: ModelRow, **value: Any) -> Any:
     return gr.update(visible=True, label=shown.label, info=shown.info, **value)
 
 
-def _shown(param, value: Any) -> Any:
+def _shown(param: Param | None, value: Any, help_of: Callable[[Param], str] = param_help) -> Any:
     """The update of a parameter's field: hidden when the method lacks it, else with the
-    method's own help text."""
+    method's own help text (``help_of`` it)."""
     if param is None:
         return gr.update(value=value, visible=False)
-    return gr.update(value=value, visible=True, info=param_help(param))
+    return gr.update(value=value, visible=True, info=help_of(param))
 
 
 def _method_doc(name: str) -> str:
@@ -290,6 +345,17 @@ WHERE = {
     "target": "under the target repo",
     "recipe": "under the YAML",
 }
+
+
+SEE_ERROR = "see the ⚠"
+"""How the line under the buttons points at the error box that says why."""
+
+
+def _cleared(said: Sequence[str], line: str) -> list[Any]:
+    """Updates that empty the error boxes that ``said`` something, the fields they were about
+    having changed, and then the line under the buttons (``line``) if it pointed at one."""
+    stale = any(said) and SEE_ERROR in (line or "")
+    return [*("" if text else gr.skip() for text in said), "" if stale else gr.skip()]
 
 
 def _where(box: str) -> str:
@@ -374,21 +440,44 @@ def build_blocks(service: JobService) -> gr.Blocks:
 
         # --- the form and the YAML, each writing the other --------------------------------
 
-        def form_to_yaml(*values: Any) -> str:
-            return to_yaml(form.read(values[:-1]), values[-1])
+        def edit(event: Any, handler: Callable, inputs: list, outputs: list, places: list[str]):
+            """Listen to ``event`` with ``handler``, which also empties the error boxes of
+            ``places`` (those about what the person changed) and the line under the buttons
+            when it pointed at one of them."""
+            boxes = [form.errors[place] for place in places]
 
-        def yaml_to_form(text: str, family: str) -> list[Any]:
+            def run(*values: Any) -> list[Any]:
+                said, line = values[len(inputs) : -1], values[-1]
+                return [*handler(*values[: len(inputs)]), *_cleared(said, line)]
+
+            return event(run, [*inputs, *boxes, outcome], [*outputs, *boxes, outcome])
+
+        def form_to_yaml(*values: Any) -> list[str]:
+            return [to_yaml(form.read(values[:-1]), values[-1])]
+
+        # a YAML edit rewrites the form: every error but the target's is stale; the YAML's
+        # own box shows what the live check finds
+        rewritten = [place for place in PLACES if place != "target"]
+
+        def yaml_to_form(text: str, family: str, *said: str) -> list[Any]:
+            *boxes, line = _cleared(said[:-1], said[-1])
             try:
                 data = load_yaml(text, limits)
             except RecipeError as error:
-                return [gr.skip()] * len(form.outputs) + [f"⚠ {quote.text(str(error))}"]
-            return [*form.write(replace(from_recipe(data), family=family)), ""]
+                updates = [gr.skip()] * len(form.outputs)
+                boxes[rewritten.index("recipe")] = f"⚠ {quote.text(str(error))}"
+            else:
+                updates = form.write(replace(from_recipe(data), family=family))
+                boxes[rewritten.index("recipe")] = ""
+            return [*updates, *boxes, line]
 
         def method_changed(*values: Any) -> list[Any]:
-            previous = previous_document(values[-1], limits)
-            before = previous.get("merge_method") if isinstance(previous, dict) else None
-            current = switch_method(form.read(values[:-1]), str(before or ""))
-            return [*form.write(current), to_yaml(current, values[-1])]
+            *fields, before, text = values
+            current = form.read(fields)
+            if current.method == before:  # told again: the fields are this method's already
+                return [gr.skip()] * (len(form.outputs) + 1)
+            current = switch_method(current, before)
+            return [*form.write(current), to_yaml(current, text)]
 
         def show_example(name: str | None, profile: gr.OAuthProfile | None) -> list[Any]:
             chosen = example_forms.get(name or "", MergeForm())
@@ -407,15 +496,30 @@ def build_blocks(service: JobService) -> gr.Blocks:
             current.models.append(ModelRow())
             return [*form.write(current), to_yaml(current, values[-1])]
 
-        for widget in form.inputs:
-            if widget is not form.method and not isinstance(widget, gr.State):
-                widget.input(form_to_yaml, [*form.inputs, recipe], recipe)
-        form.method.input(method_changed, [*form.inputs, recipe], [*form.outputs, recipe])
-        recipe.input(yaml_to_form, [recipe, form.family], [*form.outputs, form.errors["recipe"]])
+        with_yaml = [*form.inputs, recipe]
+        for widget, places in form.edits:
+            edit(widget.input, form_to_yaml, with_yaml, [recipe], places)
+        # another method changes what every field means
+        edit(
+            form.method.input,
+            method_changed,
+            [*form.inputs, form.fields_of, recipe],
+            [*form.outputs, recipe],
+            rewritten,
+        )
+        rewritten_boxes = [form.errors[place] for place in rewritten]
+        recipe.input(
+            yaml_to_form,
+            [recipe, form.family, *rewritten_boxes, outcome],
+            [*form.outputs, *rewritten_boxes, outcome],
+        )
+        edit(target.input, lambda: [], [], [], ["target"])  # nothing to do but empty its box
         shown_example = load_example.click(
             show_example, example, [*form.outputs, recipe, target, *errors, outcome, job_id]
         )
-        form.add.click(add_model, [*form.inputs, recipe], [*form.outputs, recipe])
+        edit(form.add.click, add_model, with_yaml, [*form.outputs, recipe], ["models"])
+        # the rows below a removed one move up: their errors no longer sit by their model
+        rows_and_list = [place for place in PLACES if place.startswith("model")]
         removals = []
         for index, row in enumerate(form.rows):
 
@@ -425,7 +529,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 return [*form.write(current), to_yaml(current, values[-1])]
 
             removals.append(
-                row.remove.click(remove, [*form.inputs, recipe], [*form.outputs, recipe])
+                edit(row.remove.click, remove, with_yaml, [*form.outputs, recipe], rows_and_list)
             )
 
         # --- which kind of models: the first one's layout, read with the person's token ----
@@ -501,7 +605,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 )
             except MergeError as error:
                 boxes, where = errors_for(error, text, on)
-                return [*boxes, f"Not valid: see the ⚠ {where}."]
+                return [*boxes, f"Not valid: {SEE_ERROR} {where}."]
             pinned = ", ".join(
                 f"{r.path}@{s.revision[:8]}" for r, s in plan.sources.items() if s.revision
             )
@@ -523,7 +627,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 )
             except MergeError as error:
                 boxes, where = errors_for(error, text, on)
-                return [*boxes, f"Not submitted: see the ⚠ {where}.", gr.skip()]
+                return [*boxes, f"Not submitted: {SEE_ERROR} {where}.", gr.skip()]
             return [*([""] * len(PLACES)), job_sentence(job), job.id]
 
         fields = [recipe, target, private, follow, tab]

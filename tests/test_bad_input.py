@@ -43,13 +43,25 @@ CASES = [
         "missing required parameter",
         "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{density: 0.5}}}}]\n",
         RecipeError,
-        "models[0].parameters.weight: ties needs 'weight' for model {a} (tensor model.embed_tokens.weight); set it for that model or in the top-level parameters",
+        "models[0].parameters.weight: ties needs 'weight' for model {a}; set it for that model or in the top-level parameters",
+    ),
+    (
+        "required parameter missing on a tensor no filter names",
+        "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: [{{filter: self_attn, value: 1}}]}}}}]\n",
+        RecipeError,
+        "models[0].parameters.weight: ties needs 'weight' for model {a} on tensor model.embed_tokens.weight, which no filter of 'weight' matches; add an entry without a filter, the value for every tensor the filters leave out",
+    ),
+    (
+        "global required parameter missing",
+        "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {a}}}]\n",
+        RecipeError,
+        "parameters.t: slerp needs 't'; set it in the top-level parameters",
     ),
     (
         "density above one",
         "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1, density: 1.5}}}}]\n",
         RecipeError,
-        "models[0].parameters.density: 1.5 is out of range; density must lie in (0, 1] (model {a}, tensor model.embed_tokens.weight)",
+        "models[0].parameters.density: 1.5 is out of range; density must lie in (0, 1] (model {a})",
     ),
     (
         "density zero in a gradient",

@@ -3,6 +3,8 @@ back is what it wrote, and what it cannot show is named."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import yaml
 
@@ -14,6 +16,7 @@ from merge_engine.formats.recipe_checks import check_layout
 from merge_engine.methods import get_method
 from service.recipe_form import (
     DEMO_MODELS,
+    FIRST_EXAMPLE,
     HUB_MODELS,
     LAYERS_HELP,
     LAYERS_LABEL,
@@ -29,6 +32,7 @@ from service.recipe_form import (
     method_params,
     param_help,
     parse_blocks,
+    row_param_help,
     shows_layers,
     switch_method,
     to_recipe,
@@ -152,6 +156,46 @@ def test_a_change_of_method_keeps_what_was_set_and_takes_the_new_defaults():
     assert switched.models[0].params == {"weight": 0.7, "density": 1.0}
     to_slerp = switch_method(MergeForm("slerp", {"t": None, "normalize": True}), "ties")
     assert to_slerp.params["t"] is None  # required, no default to show
+
+
+def test_values_a_method_lacks_come_back_when_a_method_that_has_them_is_chosen():
+    """ties → slerp → dare_ties: slerp has neither per-model weights nor TIES's globals."""
+    ties = examples(DEMO_MODELS)[FIRST_EXAMPLE]
+    ties.params = {"int8_mask": True, "lambda": 0.8, "normalize": True}  # normalize untouched
+    weights = [(row.params["weight"], row.params["density"]) for row in ties.models]
+    slerp = switch_method(replace(ties, method="slerp"), "ties")
+    assert slerp.set_aside == {"int8_mask": True, "lambda": 0.8}  # the default is not kept
+    assert slerp.models[0].set_aside == {"weight": 1.0, "density": 0.5}
+    assert "weight" not in to_yaml(slerp) and "lambda" not in to_yaml(slerp)
+    slerp.params["t"] = 0.5
+    slerp.params["int8_mask"] = None  # a hidden field's value is not what comes back
+    dare = switch_method(replace(slerp, method="dare_ties"), "slerp")
+    assert [(row.params["weight"], row.params["density"]) for row in dare.models] == weights
+    assert dare.params["int8_mask"] is True and dare.params["lambda"] == 0.8
+    assert dare.params["normalize"] is False  # untouched under ties: dare_ties's own default
+    assert dare.set_aside == {"t": 0.5} and not any(row.set_aside for row in dare.models)
+    recipe = to_recipe(dare)
+    assert recipe["parameters"] == {"lambda": 0.8, "int8_mask": True}
+    assert recipe["models"][1]["parameters"] == {"weight": 0.7, "density": 0.5}
+    # what was changed since is what counts, not what was set aside before it
+    dare.models[0].params["density"] = 0.3
+    again = switch_method(replace(dare, method="slerp"), "dare_ties")
+    assert again.params["t"] == 0.5  # slerp's t came back too
+    back = switch_method(replace(again, method="ties"), "slerp")
+    assert back.models[0].params["density"] == 0.3 and back.set_aside == {"t": 0.5}
+
+
+def test_the_weight_a_block_row_replaces_is_not_said_to_be_required():
+    form = sd_form()
+    weight = method_params("linear", "per_model")["weight"]
+    for row in form.models:  # with values in the block row or without
+        shown = row_param_help(form, row, weight)
+        assert "required unless the 'weight per block' row below is filled" in shown
+        assert shown.startswith(weight.doc)
+    language = replace(form, family="transformers")
+    assert row_param_help(language, language.models[1], weight).endswith("; required")
+    scale = method_params("passthrough", "per_model")["scale"]  # optional anyway
+    assert row_param_help(sd_form(method="passthrough"), form.models[1], scale) == param_help(scale)
 
 
 def test_the_layer_field_says_its_range_is_half_open():
