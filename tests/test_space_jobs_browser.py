@@ -153,8 +153,8 @@ def expect_left_alone(page, selector: str, job_id: str, ticks: int = 3) -> None:
     for _ in range(ticks):
         with page.expect_request(lambda r: "/queue/join" in r.url):
             pass
-    assert not [body for body in asked if job_id in body]
     assert page.evaluate("window.touched") == []
+    assert not [body for body in asked if job_id in body]
 
 
 def test_a_finished_job_is_left_alone_and_its_link_says_the_hub_is_local(browser, space):
