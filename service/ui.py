@@ -1,8 +1,9 @@
 """The Space's Gradio Blocks: the New merge and Jobs tabs here, the Search tab in
 :mod:`service.search_tab`. Thin on purpose: values move between the widgets and
 :mod:`service.recipe_form`; validating and merging go through :class:`service.jobs.JobService`,
-the same path as every other origin; the job panel (:mod:`service.job_panel`) polls the job
-table with a ``gr.Timer``.
+the same path as every other origin; the job panel (:mod:`service.job_panel`) reads the job
+shown when it changes and then with a ``gr.Timer`` until the job ends; the Jobs tab's tables
+have a timer of their own. A job opened there comes back to the form as a copy of its recipe.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ Playwright), against ``mergebot serve`` with the sandbox hub: "Your jobs" says h
 a merge job opened from the table fills the form with a copy of its recipe (an SD block-weighted
 merge and a language-model merge alike) and brings its panel into view; a finished job's panel,
 a merge's or a search's, is no longer polled; and since the sandbox hub runs on this machine,
-a result's link says it is on the local demo hub."""
+a result's link says it is on the local demo hub. A screenshot of a job opened as a copy goes
+to ``test-artifacts/screenshots``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import re
 from dataclasses import replace
 
 import pytest
-from browser_env import browser, demo_hub, expect_text, field, serving_space, set_value, space_page
+from browser_env import (
+    browser,
+    demo_hub,
+    expect_text,
+    field,
+    serving_space,
+    set_value,
+    shot,
+    space_page,
+)
 from playwright.sync_api import expect
 
 from merge_engine.formats.blocks import block_names
@@ -109,6 +119,7 @@ def test_your_jobs_says_how_to_get_some_and_a_job_opened_is_a_copy_to_run_again(
         expect(page.locator("#copied-from")).to_contain_text(f"A copy of job {sd_job}")
         expect_panel_in_view(page, sd_job)
         expect(page.locator("#model-0-blocks")).to_contain_text("BASE IN00")  # inspected: SD1.5
+        shot(page, "job-opened-as-a-copy")
         page.locator("#validate").click()
         assert "valid: linear" in expect_text(page, "#outcome", "valid")
 
