@@ -12,6 +12,7 @@ import yaml
 
 from merge_engine import quote
 from merge_engine.errors import MergeError
+from merge_engine.hub_names import is_loopback
 from service.intake import Identity
 from service.job_store import ACTIVE, Job
 from service.jobs import JobService
@@ -129,11 +130,59 @@ def job_status_html(job: Job) -> str:
     return f'{BAR_CSS}<div class="job-bars">{head}{bars}{error}{summary}</div>'
 
 
-def job_panel(job: Job | None) -> tuple[str, str, str, str]:
+def job_panel(job: Job | None, endpoint: str) -> tuple[str, str, str, str]:
+    """The status, log, link and card of ``job`` (empty without one), its Hub at ``endpoint``."""
     if job is None:
         return "", "", "", ""
-    link = f"[{job.target}]({job.url})" if job.url else ""
-    return job_status_html(job), "\n".join(job.log), link, card_shown(job)
+    return job_status_html(job), "\n".join(job.log), result_link(job, endpoint), card_shown(job)
+
+
+def result_link(job: Job, endpoint: str) -> str:
+    """The link to the repo ``job`` published, once it has: on the demo's sandbox hub (the Hub
+    at ``endpoint`` runs on this machine) it says so, since no other machine can open it."""
+    if not job.url:
+        return ""
+    link = f"[{job.target}]({job.url})"
+    if is_loopback(endpoint):
+        return (
+            f"{link}, on the local demo hub at `{endpoint}`: only a browser on the machine "
+            "that runs this Space can open it"
+        )
+    return link
+
+
+def polls_while(job: Job | None) -> gr.Timer:
+    """The panel's timer, ticking only while ``job`` can still change: a finished job's
+    panel is left alone (no read of the job table, no progress overlay over it each second)
+    until another job is opened."""
+    return gr.Timer(active=job is not None and job.status in ACTIVE)
+
+
+def copy_stem(target: str) -> str:
+    """The name a copy of a job into ``target`` proposes its own target after: the repo's name
+    without a number a proposal added (``sd-blocks-2`` → ``sd-blocks``)."""
+    return re.sub(r"-\d+$", "", target.rpartition("/")[2])
+
+
+def copy_notice(job: Job) -> str:
+    """What the merge form says when it holds a copy of ``job``'s recipe."""
+    return (
+        f"**A copy of job {job.id}** (into {job.target}), to run again with changes: edit what "
+        "you like and press **Merge**; it goes to the new target below. The job's own progress, "
+        "log and card are under the buttons."
+    )
+
+
+def own_jobs_hint(profile: gr.OAuthProfile | None, own: list[Job]) -> str:
+    """What "Your jobs" says while it lists none."""
+    if own:
+        return ""
+    if profile is None:
+        return "Sign in with Hugging Face (the button at the top) to see your jobs here."
+    return (
+        "No jobs yet: load an example in **New merge** and press **Merge**, or start a search "
+        "in **Search**; your jobs show here."
+    )
 
 
 def visible_job(service: JobService, job_id: str, profile: gr.OAuthProfile | None) -> Job | None:

@@ -25,8 +25,10 @@ from service.job_panel import (
     job_status_html,
     latest_job_id,
     may_see,
+    polls_while,
     proposed_target,
     remember,
+    result_link,
     stop_job,
     updated_sentence,
 )
@@ -393,29 +395,38 @@ def build_search_tab(service: JobService, blocks: gr.Blocks, last: gr.BrowserSta
         return [job_sentence(job), job.id]
 
     validate.click(check, [spec, target, private], outcome)
-    start.click(submit, [spec, target, private], [outcome, job_id])
+    started = start.click(submit, [spec, target, private], [outcome, job_id])
 
     def poll(current: str, said: str, before: str, profile: gr.OAuthProfile | None) -> list[Any]:
         job, status = _search_view(service, current, profile)
         if job is None:
-            return [gr.skip()] * 8 if not before else ["", None, "", "", "", "", gr.skip(), ""]
+            shown = [gr.skip()] * 8 if not before else ["", None, "", "", "", "", gr.skip(), ""]
+            return [*shown, polls_while(None)]
         panel, plot_value, genes, now = _search_panel(job, status, before)
-        link_text = f"[{job.target}]({job.url})" if job.url else ""
         log_text = "\n".join(job.log)
         return [
             panel,
             plot_value,
             genes,
-            link_text,
+            result_link(job, service.settings.endpoint),
             card_shown(job),
             log_text,
             updated_sentence(job, said),
             now,
+            polls_while(job),
         ]
 
-    gr.Timer(POLL_SECONDS).tick(
-        poll, [job_id, outcome, drawn], [status, plot, best, link, card, log, outcome, drawn]
-    )
+    # as the merge's panel: read when another search is shown, then each second until it ends
+    timer = gr.Timer(POLL_SECONDS, active=False)
+    following = {
+        "fn": poll,
+        "inputs": [job_id, outcome, drawn],
+        "outputs": [status, plot, best, link, card, log, outcome, drawn, timer],
+        "show_progress": "hidden",
+    }
+    timer.tick(**following)
+    job_id.change(**following)
+    started.then(**following)  # the same search again keeps its id: follow it anew
 
     def stop_search(current: str, token: gr.OAuthToken | None) -> str:
         return stop_job(service, current, token)

@@ -1,8 +1,9 @@
 """The Space's Gradio Blocks: the New merge and Jobs tabs here, the Search tab in
 :mod:`service.search_tab`. Thin on purpose: values move between the widgets and
 :mod:`service.recipe_form`; validating and merging go through :class:`service.jobs.JobService`,
-the same path as every other origin; the job panel (:mod:`service.job_panel`) polls the job
-table with a ``gr.Timer``.
+the same path as every other origin; the job panel (:mod:`service.job_panel`) reads the job
+shown when it changes and then with a ``gr.Timer`` until the job ends; the Jobs tab's tables
+have a timer of their own. A job opened there comes back to the form as a copy of its recipe.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ from merge_engine.recipe_limits import load_yaml
 from service.intake import Identity, MergeRequest
 from service.job_panel import (
     POLL_SECONDS,
+    copy_notice,
+    copy_stem,
     greeting_for,
     identity_of,
     job_panel,
     job_sentence,
     latest_job_id,
+    own_jobs_hint,
+    polls_while,
     proposed_target,
     remember,
     stop_job,
@@ -331,6 +336,19 @@ def _method_doc(name: str) -> str:
     return f"**{method.pretty_name}**: {method.doc}; {base}{data}{paper}"
 
 
+SHOW_PANEL = """() => {
+  const show = (frames) => {
+    const panel = [...document.querySelectorAll('#job-id, #search-job-id')]
+      .find((element) => element.offsetParent !== null);
+    if (panel) panel.scrollIntoView({block: 'start'});
+    else if (frames > 0) requestAnimationFrame(() => show(frames - 1));
+  };
+  show(120);
+}"""
+"""Bring the panel of the job just opened into view (the tab it is on has just been selected,
+and may not be drawn yet): its id at the top of the window, its status under it."""
+
+
 def _job_rows(jobs: list[Job]) -> list[list[Any]]:
     return [[j.id, j.kind, j.status, j.stage, f"{j.progress:.0%}", j.target] for j in jobs]
 
@@ -387,6 +405,8 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 with gr.Row():
                     example = gr.Dropdown(list(example_forms), label="Examples", elem_id="example")
                     load_example = gr.Button("Load example", elem_id="load-example")
+                # whose recipe the form holds, when it is a copy of a job opened in Jobs
+                copied = gr.Markdown(elem_id="copied-from")
                 with gr.Tab("Form") as form_tab:
                     form = MergeFormWidgets()
                 with gr.Tab("YAML", elem_id="yaml-tab") as yaml_tab:
@@ -428,6 +448,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 mine = gr.Dataframe(
                     headers=JOB_COLUMNS, label="Your jobs", interactive=False, elem_id="my-jobs"
                 )
+                mine_hint = gr.Markdown(elem_id="my-jobs-hint")
                 public = gr.Dataframe(
                     headers=JOB_COLUMNS,
                     label="Recent public jobs",
@@ -489,6 +510,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 *([""] * len(PLACES)),
                 "",
                 "",
+                "",
             ]
 
         def add_model(*values: Any) -> list[Any]:
@@ -515,7 +537,9 @@ def build_blocks(service: JobService) -> gr.Blocks:
         )
         edit(target.input, lambda: [], [], [], ["target"])  # nothing to do but empty its box
         shown_example = load_example.click(
-            show_example, example, [*form.outputs, recipe, target, *errors, outcome, job_id]
+            show_example,
+            example,
+            [*form.outputs, recipe, target, *errors, outcome, job_id, copied],
         )
         edit(form.add.click, add_model, with_yaml, [*form.outputs, recipe], ["models"])
         # the rows below a removed one move up: their errors no longer sit by their model
@@ -630,27 +654,44 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 return [*boxes, f"Not submitted: {SEE_ERROR} {where}.", gr.skip()]
             return [*([""] * len(PLACES)), job_sentence(job), job.id]
 
+        def follow_job(current: str, said: str, profile: gr.OAuthProfile | None) -> list[Any]:
+            """The panel of the job shown, and whether to read it again in a second."""
+            shown = visible_job(service, current, profile)
+            return [
+                *job_panel(shown, settings.endpoint),
+                updated_sentence(shown, said),
+                polls_while(shown),
+            ]
+
+        # the panel is read when another job is shown, and then each second until it ends
+        panel_timer = gr.Timer(POLL_SECONDS, active=False)
+        following_job = {
+            "fn": follow_job,
+            "inputs": [job_id, outcome],
+            "outputs": [job_status, job_log, job_link, job_card, outcome, panel_timer],
+            "show_progress": "hidden",
+        }
+        panel_timer.tick(**following_job)
+        job_id.change(**following_job)
+
         fields = [recipe, target, private, follow, tab]
         validate.click(check, fields, [*errors, outcome]).then(**probe)
-        merge.click(submit, fields, [*errors, outcome, job_id])
+        # the same job again (a failed one runs another attempt) keeps its id: follow it anew
+        merge.click(submit, fields, [*errors, outcome, job_id]).then(**following_job)
 
-        def poll(current: str, said: str, profile: gr.OAuthProfile | None) -> list[Any]:
+        def list_jobs(profile: gr.OAuthProfile | None) -> list[Any]:
             name = profile.username if profile else None
-            recent = service.list(limit=50)
-            shown = visible_job(service, current, profile)
             own = service.list(requester=name, limit=20) if name else []
+            recent = service.list(limit=50)
             return [
-                *job_panel(shown),
-                updated_sentence(shown, said),
                 _job_rows(own),
+                own_jobs_hint(profile, own),
                 _job_rows([j for j in recent if not j.private][:20]),
             ]
 
-        gr.Timer(POLL_SECONDS).tick(
-            poll,
-            [job_id, outcome],
-            [job_status, job_log, job_link, job_card, outcome, mine, public],
-        )
+        tables = {"fn": list_jobs, "outputs": [mine, mine_hint, public]}
+        gr.Timer(POLL_SECONDS).tick(**tables)
+        blocks.load(**tables)
 
         def cancel_job(current: str, token: gr.OAuthToken | None) -> str:
             return stop_job(service, current, token)
@@ -671,17 +712,42 @@ def build_blocks(service: JobService) -> gr.Blocks:
 
         following.click(toggle_following, job_id, outcome)
 
-        def pick(event: gr.SelectData) -> list[Any]:
-            """Open the job of the row clicked: a merge in New merge, a search in Search."""
+        copy_outputs = [*form.outputs, recipe, target, private, follow, copied, *errors, outcome]
+
+        def pick(event: gr.SelectData, profile: gr.OAuthProfile | None) -> list[Any]:
+            """Open the job of the row clicked: a search in Search; a merge in New merge, its
+            recipe in the form as a copy to run again, into a target no job has yet."""
+            unchanged = [gr.skip()] * len(copy_outputs)
             if not event.row_value:
-                return [gr.skip()] * 3
+                return [gr.skip()] * 3 + unchanged
             picked, kind = event.row_value[0], event.row_value[1]
             if kind == "search":
-                return [gr.skip(), picked, gr.Tabs(selected="search")]
-            return [picked, gr.skip(), gr.Tabs(selected="new")]
+                return [gr.skip(), picked, gr.Tabs(selected="search"), *unchanged]
+            opened = [picked, gr.skip(), gr.Tabs(selected="new")]
+            job = visible_job(service, picked, profile)
+            if job is None:
+                return opened + unchanged
+            text = job.request_recipe or job.recipe  # as asked: its sources not pinned
+            try:
+                copy = from_recipe(load_yaml(text, limits))
+            except RecipeError:  # a recipe stored under wider limits than today's
+                return opened + unchanged
+            return [
+                *opened,
+                *form.write(copy),
+                text,
+                proposed_target(service, copy_stem(job.target), profile),
+                job.private,
+                job.follow_sources,
+                copy_notice(job),
+                *([""] * len(PLACES)),
+                job_sentence(job),
+            ]
 
-        mine.select(pick, None, [job_id, search_job_id, tabs])
-        public.select(pick, None, [job_id, search_job_id, tabs])
+        for table in (mine, public):
+            table.select(pick, None, [job_id, search_job_id, tabs, *copy_outputs]).then(
+                None, js=SHOW_PANEL
+            ).then(**probe)
         job_id.change(remember, job_id, last_job)
 
         def on_load(last: str | None, profile: gr.OAuthProfile | None) -> list[Any]:

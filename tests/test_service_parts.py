@@ -16,7 +16,7 @@ from merge_engine.errors import MergeError, RecipeError, SourceError
 from merge_engine.hub_failures import answered, read_failed
 from service.clock import sweep
 from service.intake import Identity, check_push_rights
-from service.job_panel import card_shown
+from service.job_panel import card_shown, copy_stem, result_link
 from service.job_store import Job
 from service.jobs import JobService
 from service.pipeline import describe_failure
@@ -239,3 +239,28 @@ def test_a_card_full_of_image_openers_is_shown_in_linear_time():
     assert shown.startswith(
         "![fitness](http://hub/alice/x/resolve/abc/fitness.png) and ![x](https://a/b.png)"
     )
+
+
+def test_a_result_link_says_when_it_is_on_the_local_demo_hub_only():
+    """The browser test sees the demo's sandbox hub; a deployment's Hub link stays as it was."""
+    job = Job("job-1", 1, "alice", "api", "alice/x", False, False, "", {})
+    assert result_link(job, "https://huggingface.co") == ""  # not published yet
+    job.url = "https://huggingface.co/alice/x"
+    assert result_link(job, "https://huggingface.co") == "[alice/x](https://huggingface.co/alice/x)"
+    job.url = "http://127.0.0.1:7861/alice/x"
+    assert result_link(job, "http://127.0.0.1:7861") == (
+        "[alice/x](http://127.0.0.1:7861/alice/x), on the local demo hub at "
+        "`http://127.0.0.1:7861`: only a browser on the machine that runs this Space can open it"
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "stem"),
+    [
+        ("alice/sd-blocks", "sd-blocks"),
+        ("alice/sd-blocks-2", "sd-blocks"),
+        ("a/qwen2-7b", "qwen2-7b"),
+    ],
+)
+def test_a_copy_of_a_job_proposes_a_target_named_after_the_job_s(target, stem):
+    assert copy_stem(target) == stem
