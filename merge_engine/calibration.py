@@ -22,6 +22,7 @@ import torch
 from merge_engine import quote
 from merge_engine.errors import RecipeError, SourceError, excerpt
 from merge_engine.hub_failures import read_failed
+from merge_engine.model_building import building_model
 from merge_engine.recipe import CALIBRATION_SUFFIXES, Calibration, ModelReference, Recipe
 from merge_engine.sources import ModelSource, has_tokenizer_files, model_class
 
@@ -314,5 +315,6 @@ def load_model(source: ModelSource) -> torch.nn.Module:
     """A checkpoint loaded with transformers (float32, no remote code) to run on calibration
     data: a sequence classifier when its config says so, else a causal LM."""
     loader = model_class(source.config)
-    model = loader.from_pretrained(source.folder, dtype=torch.float32, trust_remote_code=False)
+    with building_model():
+        model = loader.from_pretrained(source.folder, dtype=torch.float32, trust_remote_code=False)
     return model.eval()

@@ -34,6 +34,7 @@ from merge_engine.evolve.report import TrialRecord, fitness_text
 from merge_engine.evolve.search import BASELINES, SearchResult, StudyNames, evolve
 from merge_engine.evolve.spec import SearchSpec, spec_from_text
 from merge_engine.evolve.study import StoredStudy, read_study
+from merge_engine.model_building import building_model
 from merge_engine.run import resolve_device
 from merge_engine.sources import model_class
 from service import pipeline
@@ -304,9 +305,10 @@ def held_out_fitness(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    model = model_class(config.to_dict()).from_pretrained(
-        folder, dtype="auto", trust_remote_code=False
-    )
+    with building_model():
+        model = model_class(config.to_dict()).from_pretrained(
+            folder, dtype="auto", trust_remote_code=False
+        )
     model.to(device).eval()
     tasks = read_tasks(spec.fitness, token, True, cache)
     tokenizer = load_tokenizer([folder], spec.sources()[0])

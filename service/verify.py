@@ -20,6 +20,7 @@ from safetensors import safe_open
 from merge_engine.errors import MergeError, SourceError
 from merge_engine.formats.layouts import single_file_layout
 from merge_engine.io import TensorInfo, read_header
+from merge_engine.model_building import building_model
 from service.verify_diffusion import verify_pipeline, verify_single_file
 
 PROBE_TOKENS = [1, 2, 3, 4, 5]
@@ -82,7 +83,8 @@ def verify_transformers(folder: Path, device: torch.device) -> None:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         architecture = (config.architectures or [""])[0]
         model_class = AutoModelForCausalLM if architecture.endswith("ForCausalLM") else AutoModel
-        model = model_class.from_pretrained(folder, dtype="auto", trust_remote_code=False)
+        with building_model():
+            model = model_class.from_pretrained(folder, dtype="auto", trust_remote_code=False)
     except Exception as error:  # noqa: BLE001  (any failure to load is the same verdict)
         raise MergeError(
             f"the merged model does not load with transformers ({type(error).__name__}: {error}); check the recipe's models and slices"

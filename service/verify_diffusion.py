@@ -30,6 +30,7 @@ from merge_engine.errors import MergeError
 from merge_engine.formats.layouts import component_of
 from merge_engine.formats.sd_names import Family, Renamed, convert_names
 from merge_engine.io import TensorInfo, read_header
+from merge_engine.model_building import building_model
 
 Shape = tuple[int, ...]
 
@@ -218,9 +219,13 @@ def _class_in(module, name: str, base: type) -> type:
 
 def _component_model(model_class, folder: Path, name: str, device: torch.device):
     """A diffusers model of the pipeline, in the dtype its weights are stored in, complete."""
-    loaded = model_class.from_pretrained(
-        folder, subfolder=name, torch_dtype=_stored_dtype(folder / name), output_loading_info=True
-    )
+    with building_model():
+        loaded = model_class.from_pretrained(
+            folder,
+            subfolder=name,
+            torch_dtype=_stored_dtype(folder / name),
+            output_loading_info=True,
+        )
     return _complete(loaded).to(device).eval()
 
 
@@ -261,15 +266,15 @@ def verify_pipeline(folder: Path, device: torch.device) -> None:
             if library != "transformers" or class_name not in LOADABLE_TEXT_ENCODERS:
                 raise ValueError(f"model_index.json names {library}.{class_name} for {name}")
             model_class = getattr(transformers, class_name)
-            model = _complete(
-                model_class.from_pretrained(
+            with building_model():
+                loaded = model_class.from_pretrained(
                     folder,
                     subfolder=name,
                     dtype="auto",
                     trust_remote_code=False,
                     output_loading_info=True,
                 )
-            ).to(device)
+            model = _complete(loaded).to(device)
             model.eval()
         run_text_encoder(model, name)
         del model

@@ -344,3 +344,40 @@ def test_the_api_reference_reads_offline(bot):
     assert not re.search(r"""(src|href)=["']?https?://""", page), (
         "the page loads nothing from outside"
     )
+
+
+def test_a_merge_verified_while_a_search_loads_its_models_leaves_torch_in_float32(
+    llama_family, tmp_path
+):
+    """The bot verifies a bfloat16 merge in one thread while a search loads float32 sources in
+    another. transformers builds each model under torch's process-wide default dtype; built
+    at once, each put the other's default back out of order and left the process in
+    bfloat16 (a later merge failed: "expected m1 and m2 to have the same dtype")."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from merge_engine.evolve.candidates import load_source
+    from merge_engine.example import save_model
+    from merge_engine.recipe import ModelReference
+    from service.verify import verify_transformers
+
+    base, _ = llama_family
+    half = save_model(
+        AutoModelForCausalLM.from_pretrained(base).to(torch.bfloat16), tmp_path / "half"
+    )
+
+    def verify_merges() -> None:
+        for _ in range(25):
+            verify_transformers(half, torch.device("cpu"))
+
+    def load_sources() -> list[torch.dtype]:
+        return [
+            load_source(ModelReference(str(base)), torch.device("cpu")).module.dtype
+            for _ in range(25)
+        ]
+
+    with ThreadPoolExecutor(2) as pool:
+        verified, loaded = pool.submit(verify_merges), pool.submit(load_sources)
+        verified.result()
+        assert set(loaded.result()) == {torch.float32}
+    assert torch.get_default_dtype() == torch.float32

@@ -178,9 +178,7 @@ def test_a_finished_job_is_left_alone_and_its_link_says_the_hub_is_local(browser
     )
     assert status == 202, job
     search_job = job["id"]
-    # in float32: a bfloat16 model verified while a search loads its models in the same
-    # process can fail on mixed dtypes (transformers sets torch's default dtype process-wide)
-    merge_job = submitted(space, LM_RECIPE.replace("dtype: bfloat16\n", ""), "demo/watched")
+    merge_job = submitted(space, LM_RECIPE, "demo/watched")  # bfloat16, beside the search
     local = f"on the local demo hub at {space.sandbox.url}"
     with space_page(browser, space.url) as page:
         set_value(page, "#job-id", merge_job)

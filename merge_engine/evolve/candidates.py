@@ -26,6 +26,7 @@ from torch import nn
 from merge_engine.errors import IncompatibleModelsError
 from merge_engine.evolve.genome import LayerRef
 from merge_engine.evolve.stopping import StopCheckFunction, never_stop
+from merge_engine.model_building import building_model
 from merge_engine.plan import build_plan
 from merge_engine.recipe import ModelReference, Recipe, parse_recipe
 from merge_engine.run import MagnitudeOrders, iter_merged
@@ -68,9 +69,10 @@ def load_source(
     """Inspect, download (Hub) and load one model in the dtype it is stored in."""
     source = inspect_model(ref, token, hub_only=hub_only, cache_dir=cache_dir)
     download(source, token, weights=True, tokenizer=True, cache_dir=cache_dir)
-    module = model_class(source.config).from_pretrained(
-        source.folder, dtype=_stored_dtype(source), trust_remote_code=False
-    )
+    with building_model():
+        module = model_class(source.config).from_pretrained(
+            source.folder, dtype=_stored_dtype(source), trust_remote_code=False
+        )
     module.to(device).eval()
     state = module.state_dict()
     memory = {name: state[name] for name in source.tensors if name in state}
@@ -100,7 +102,8 @@ class ParameterCandidate:
         self.sources = {ref: loaded.source for ref, loaded in sources.items()}
         self.device = device
         config = AutoConfig.for_model(**sources[donor].source.config)
-        self.model = model_class(sources[donor].source.config).from_config(config, dtype=dtype)
+        with building_model():
+            self.model = model_class(sources[donor].source.config).from_config(config, dtype=dtype)
         self.model.to(device).eval()
         self.state = self.model.state_dict()
         self.orders = MagnitudeOrders()
@@ -210,7 +213,7 @@ class LayerCandidate:
             if key in data:
                 data[key] = len(path)
         config = AutoConfig.for_model(**data)
-        with torch.device("meta"):
+        with building_model(), torch.device("meta"):
             container = model_class(data).from_config(config)
         decoder, first_decoder, last_decoder = (
             _decoder(container),

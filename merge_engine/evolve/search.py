@@ -52,6 +52,7 @@ from merge_engine.evolve.study import (
 )
 from merge_engine.io import TensorInfo
 from merge_engine.methods import get_method
+from merge_engine.model_building import building_model
 from merge_engine.recipe import ModelReference, Recipe
 from merge_engine.run import resolve_device, write_merge
 from merge_engine.sources import ModelSource, model_class
@@ -645,4 +646,5 @@ def _load_written(folder: Path) -> nn.Module:
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     loader = model_class(config.to_dict())
-    return loader.from_pretrained(folder, dtype="auto", trust_remote_code=False).eval()
+    with building_model():
+        return loader.from_pretrained(folder, dtype="auto", trust_remote_code=False).eval()
