@@ -392,7 +392,7 @@ def test_a_trial_left_without_a_heartbeat_is_failed_and_its_slot_run_again(tmp_p
 
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     genes = [Gene("x", 0.0, 1.0)]
-    study = open_study(storage, "orphans", seed=0, population=None, centre={"x": 0.5})
+    study = open_study(storage, "orphans", seed=0, population=None, centre={"x": 0.5}, genes=genes)
     orphan = study.ask()  # created, and its process "dies" before any heartbeat
     stage = Stage(study, "orphans", genes, budget=3)
     finished = threading.Event()
