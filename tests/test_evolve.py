@@ -23,9 +23,10 @@ from transformers import AutoModelForCausalLM
 
 from merge_engine import cli
 from merge_engine.evolve.genome import Gene
+from merge_engine.evolve.report import TrialRecord
 from merge_engine.evolve.search import evolve
 from merge_engine.evolve.spec import spec_from_text
-from merge_engine.evolve.study import Outcome, Stage, open_storage, open_study
+from merge_engine.evolve.study import Outcome, Stage, open_storage, open_study, records_of
 from merge_engine.example import make_family
 
 
@@ -217,12 +218,12 @@ def evolve_command(spec: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def completed_trials(storage: str, spec_text: str) -> list:
+def completed_trials(storage: str, spec_text: str) -> list[TrialRecord]:
     import optuna
 
     name = f"evolve-{spec_from_text(spec_text).fingerprint()}-parameters"
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
-    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    return records_of(study, "parameters")
 
 
 @pytest.mark.slow
@@ -302,7 +303,7 @@ def test_two_processes_share_one_postgres_study(scored_family, tmp_path):
     assert len(trials) == 24
     assert len({t.number for t in trials}) == 24
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 24  # none twice
-    workers = {t.user_attrs["worker"] for t in trials}
+    workers = {t.worker for t in trials}
     assert len(workers) == 2, "both processes evaluated trials"
     best = [re.search(r"best of (\d+) trials: search fitness (\S+),", o).groups() for o in outputs]
     assert best[0] == best[1] == ("24", best[0][1])
