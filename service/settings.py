@@ -20,7 +20,7 @@
 | `MERGEBOT_DISCUSSION_DAILY` | merge and search requests per discussion author per day | 5 |
 | `MERGEBOT_ALLOW_NAMESPACES`, `MERGEBOT_DENY_NAMESPACES` | comma lists: namespaces a discussion request may (not) read from | any / none |
 | `MERGEBOT_MAX_SEARCH_TRIALS`, `MERGEBOT_MAX_SEARCH_HOURS` | trials (all stages) and wall time of one evolutionary search; a spec without `wall_time` gets the latter | 300, 6 |
-| `MERGEBOT_MAX_SEARCH_GENES`, `MERGEBOT_MAX_SEARCH_TASKS` | genes of one stage of a search (counted from the spec and the sources' headers) and fitness tasks of one search | 512, 16 |
+| `MERGEBOT_MAX_SEARCH_GENES`, `MERGEBOT_MAX_SEARCH_TASKS` | genes of one stage of a search (counted from the spec and the sources' headers) and fitness tasks of one search | 5000, 16 |
 | `MERGEBOT_SEARCH_TRIALS_DAILY`, `MERGEBOT_SEARCH_HOURS_DAILY` | trials and wall time of all searches one requester asks for in 24 hours (an ended search counts the time it searched), checked when the search is queued | 1000, 24 |
 | `MERGEBOT_SEARCH_SLICE_MINUTES` | how long a search keeps a worker's search lane while another search waits; then it goes to the back of the queue after its current trial | 10 |
 | `MERGEBOT_MAX_QUEUED_ANONYMOUS` | queued jobs of all requests without sign-in together | 1 |

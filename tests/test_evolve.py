@@ -24,9 +24,10 @@ from transformers import AutoModelForCausalLM
 from merge_engine import cli, merge_models, parse_recipe
 from merge_engine.evolve.candidates import ParameterCandidate, load_source, output_dtype
 from merge_engine.evolve.genome import Gene
+from merge_engine.evolve.report import TrialRecord
 from merge_engine.evolve.search import evolve
 from merge_engine.evolve.spec import spec_from_text
-from merge_engine.evolve.study import Outcome, Stage, open_storage, open_study
+from merge_engine.evolve.study import Outcome, Stage, open_storage, open_study, records_of
 from merge_engine.example import make_family
 from merge_engine.recipe import ModelReference
 
@@ -292,12 +293,12 @@ def evolve_command(spec: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def completed_trials(storage: str, spec_text: str) -> list:
+def completed_trials(storage: str, spec_text: str) -> list[TrialRecord]:
     import optuna
 
     name = f"evolve-{spec_from_text(spec_text).fingerprint()}-parameters"
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
-    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    return records_of(study, "parameters")
 
 
 @pytest.mark.slow
@@ -377,7 +378,7 @@ def test_two_processes_share_one_postgres_study(scored_family, tmp_path):
     assert len(trials) == 24
     assert len({t.number for t in trials}) == 24
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 24  # none twice
-    workers = {t.user_attrs["worker"] for t in trials}
+    workers = {t.worker for t in trials}
     assert len(workers) == 2, "both processes evaluated trials"
     best = [re.search(r"best of (\d+) trials: search fitness (\S+),", o).groups() for o in outputs]
     assert best[0] == best[1] == ("24", best[0][1])
@@ -493,7 +494,9 @@ def test_a_trial_left_without_a_heartbeat_is_failed_and_its_slot_run_again(tmp_p
 
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     genes = [Gene("x", 0.0, 1.0)]
-    study = open_study(storage, "orphans", seed=0, population=None, starts=[{"x": 0.5}])
+    study = open_study(
+        storage, "orphans", seed=0, population=None, starts=[{"x": 0.5}], genes=genes
+    )
     orphan = study.ask()  # created, and its process "dies" before any heartbeat
     stage = Stage(study, "orphans", genes, budget=3)
     finished = threading.Event()

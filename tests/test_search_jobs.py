@@ -446,8 +446,8 @@ def test_a_search_too_big_for_its_budget_is_refused_at_submit_naming_the_cap(
 
     with safe_open(scored_family[0] / "model.safetensors", "pt") as weights:
         names = list(weights.keys())
-    # 300 distinct filters that each match a tensor: beginnings of the tensor names
-    filters = ", ".join(sorted({n[:k] for n in names for k in range(8, len(n) + 1)})[:300])
+    # 400 distinct filters that each match a tensor: beginnings of the tensor names
+    filters = ", ".join(sorted({n[:k] for n in names for k in range(8, len(n) + 1)})[:400])
     process, bot = start_serve(hub.url, tmp_path / "work", "--no-worker")
 
     def refusal(spec: str) -> dict:
@@ -460,7 +460,8 @@ def test_a_search_too_big_for_its_budget_is_refused_at_submit_naming_the_cap(
     try:
         genes = refusal(search_spec(extra=f"parameters: {{filters: [{filters}]}}"))
         assert genes["field"] == "parameters.filters"
-        assert "has 4,816 genes" in genes["error"] and "more than the 512 allowed" in genes["error"]
+        assert "has 6,416 genes" in genes["error"]
+        assert "more than the 5,000 allowed" in genes["error"]
         population = refusal(search_spec().replace("population: 4", "population: 1000000000"))
         assert population["field"] == "budget.population"
         assert "must be at most 1000" in population["error"]

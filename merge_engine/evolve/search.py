@@ -403,7 +403,12 @@ class _Search:
         spec = self.spec
         sharing = self.sharing
         study = open_study(
-            self.store, sharing.names.of(name), spec.seed, spec.budget.population, starts
+            self.store,
+            sharing.names.of(name),
+            spec.seed,
+            spec.budget.population,
+            starts,
+            genes,
         )
         stage = Stage(study, name, genes, spec.budget.trials, sharing.worker)
         deadline = self.deadline
@@ -531,7 +536,7 @@ class _Finished:
         best = self.stages[-1].best()
         recipe = genes.recipe(best.params)
         winner = candidate.build(recipe)
-        return self._write(winner, best.value, recipe, [], None)
+        return self._write(winner, best.fitness, recipe, [], None)
 
     def write_layers(
         self,
@@ -553,7 +558,7 @@ class _Finished:
         path = path_slots(steps, labels)
         counts = [s.module.config.num_hidden_layers for s in layer_sources]
         report.plot_path(path, labels, counts, self.folder / "path.png")
-        return self._write(winner, best.value, folded_recipe(steps, refs), stage_recipes, path)
+        return self._write(winner, best.fitness, folded_recipe(steps, refs), stage_recipes, path)
 
     def _merge(self, recipe: Recipe, out: Path, section: str | None) -> Path:
         from merge_engine import preflight

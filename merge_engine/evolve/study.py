@@ -1,5 +1,9 @@
-"""The study: Optuna's CMA-ES sampler over the genes, kept in a database so that a search
-survives a kill and several processes can share it.
+"""The study: CMA-ES over the genes (:mod:`merge_engine.evolve.sampler`), its trials kept in
+a database so that a search survives a kill and several processes can share it. No optimizer
+state is stored: a completed trial holds its genes (one user attribute, not one Optuna
+parameter each: Optuna writes and reads a parameter as a row of its own, with its
+distribution, which costs seconds a trial at thousands of genes), its fitness and the
+generation that proposed it.
 
 The budget counts completed trials. Every process runs trials until the completed ones plus
 the ones running elsewhere fill it; a trial asked for when it is already full is pruned
@@ -11,8 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -25,8 +29,11 @@ from optuna.trial import FrozenTrial, TrialState
 from merge_engine.errors import MergeError
 from merge_engine.evolve.genome import Gene
 from merge_engine.evolve.report import TrialRecord
+from merge_engine.evolve.sampler import GENES, CmaSampler, genes_of, genes_text
 from merge_engine.evolve.stopping import SearchStopped
 
+GENE_NAMES = "gene names"
+"""Study user attribute: the genes' names, in the order every trial stores its values."""
 HEARTBEAT_SECONDS = 5
 GRACE_SECONDS = 20
 """A running trial whose process has not been heard from for this long is failed."""
@@ -121,27 +128,21 @@ def open_study(
     seed: int,
     population: int | None,
     starts: list[dict[str, float]],
+    genes: list[Gene],
 ) -> optuna.Study:
     """The study ``name`` in ``storage``. The process that creates it queues ``starts`` (the
-    centre of the space, and for a layer path every source's own path) as its first trials; after that the CMA-ES sampler, seeded with ``seed``, proposes
-    every candidate, so a serial search proposes the same ones every time. A trial asked for
-    while no trial is complete yet (a second process starting at once) is drawn at random
-    with a seed of its own, so that two processes do not draw the same one."""
+    centre of the space, and for a layer path every source's own path) as its first trials;
+    after that CMA-ES (:class:`CmaSampler`, seeded with ``seed``) proposes every candidate, so
+    a serial search proposes the same ones every time."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is raised, not logged
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.CmaEsSampler(
-            seed=seed,
-            popsize=population,
-            independent_sampler=optuna.samplers.RandomSampler(seed=secrets.randbits(32)),
-            warn_independent_sampling=False,
-        )
+    sampler = CmaSampler(genes, seed, population)
     try:
         study = optuna.create_study(
             storage=storage, study_name=name, sampler=sampler, direction="maximize"
         )
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    study.set_user_attr(GENE_NAMES, [g.name for g in genes])
     for values in starts:
         study.enqueue_trial(values)
     return study
@@ -196,14 +197,15 @@ def fail_running(storage: optuna.storages.BaseStorage, name: str) -> int:
 
 def records_of(study: optuna.Study, stage: str) -> list[TrialRecord]:
     """The completed trials of ``study``, in the order they were asked for."""
-    return [_record(t, stage) for t in completed(study)]
+    names = study.user_attrs.get(GENE_NAMES, [])
+    return [_record(t, stage, names) for t in completed(study)]
 
 
-def _record(trial: FrozenTrial, stage: str) -> TrialRecord:
+def _record(trial: FrozenTrial, stage: str, names: list[str]) -> TrialRecord:
     return TrialRecord(
         number=trial.number,
         stage=stage,
-        params=dict(trial.params),
+        params=genes_of(trial, names),
         fitness=float(trial.value),
         scores=dict(trial.user_attrs.get("scores", {})),
         seconds=float(trial.user_attrs.get("seconds", 0.0)),
@@ -226,8 +228,7 @@ def read_study(storage: optuna.storages.BaseStorage, name: str, stage: str) -> S
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return StoredStudy([], {})
-    records = [_record(t, stage) for t in completed(study)]
-    return StoredStudy(records, study.user_attrs)
+    return StoredStudy(records_of(study, stage), study.user_attrs)
 
 
 @dataclass
@@ -240,8 +241,12 @@ class Stage:
     budget: int
     worker: str = field(default_factory=worker_name)
 
+    _names: list[str] = field(init=False, repr=False)
     _beaten: set[int] = field(default_factory=set, init=False, repr=False)
     """Running trials this process gave a heartbeat of its own (see :meth:`_fail_orphans`)."""
+
+    def __post_init__(self) -> None:
+        self._names = [g.name for g in self.genes]
 
     def counts(self) -> tuple[int, int]:
         trials = self.study.get_trials(
@@ -262,34 +267,6 @@ class Stage:
         trial that ``evaluate`` abandons by raising :class:`SearchStopped` is failed in the
         study and ends the run; a trial whose fitness is not a finite number fails the search
         (:class:`NonFiniteFitness`)."""
-
-        def objective(trial: optuna.Trial) -> float:
-            ahead = [
-                t
-                for t in self.study.get_trials(
-                    deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
-                )
-                if t.number < trial.number
-            ]
-            if len(ahead) >= self.budget:
-                raise optuna.TrialPruned("the budget is taken by other trials")
-            values = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.genes}
-            start = time.perf_counter()
-            outcome = evaluate(values)
-            if not math.isfinite(outcome.fitness):
-                raise NonFiniteFitness(self.name, trial.number, outcome)
-            trial.set_user_attr("scores", outcome.scores)
-            trial.set_user_attr("merge_seconds", outcome.merge_seconds)
-            trial.set_user_attr("seconds", time.perf_counter() - start)
-            trial.set_user_attr("worker", self.worker)
-            return outcome.fitness
-
-        def stop_when_full(study: optuna.Study, trial: FrozenTrial) -> None:
-            if after_trial and trial.state == TrialState.COMPLETE:
-                after_trial()
-            if sum(self.counts()) >= self.budget or (stop and stop()):
-                study.stop()
-
         while True:
             self._fail_orphans()
             done, running = self.counts()
@@ -300,22 +277,45 @@ class Stage:
                 time.sleep(WAIT_SECONDS)  # other processes hold the last trials
                 continue
             try:
-                self.study.optimize(
-                    objective,
-                    timeout=left,
-                    callbacks=[stop_when_full],
-                    gc_after_trial=False,
-                    catch=(),
-                )
+                completed_here = self._run_trial(evaluate)
             except SearchStopped:
                 return
-            except ValueError as error:
-                # Another process failed this trial when its heartbeat came late (a stalled
-                # machine): its slot is run again; Optuna says so only in this message.
-                if not str(error).startswith("Cannot tell a FAIL trial"):
-                    raise
-            if left is not None and deadline - time.monotonic() <= 0:
-                return
+            if completed_here and after_trial:
+                after_trial()
+
+    def _run_trial(self, evaluate: Callable[[dict[str, float]], Outcome]) -> bool:
+        """Ask for one trial and evaluate it; whether it completed here (not pruned for a
+        budget that other processes' trials took, nor failed by another process meanwhile)."""
+        with warnings.catch_warnings():  # Optuna warns that heartbeats are for its optimize()
+            warnings.simplefilter("ignore", UserWarning)
+            trial = self.study.ask()
+        storage = self.study._storage
+        with _Heartbeat(storage, trial._trial_id):
+            ahead = [
+                t
+                for t in self.study.get_trials(
+                    deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
+                )
+                if t.number < trial.number
+            ]
+            if len(ahead) >= self.budget:  # the budget is taken by other trials
+                _tell(self.study, trial, state=TrialState.PRUNED)
+                return False
+            try:
+                values = trial.relative_params
+                start = time.perf_counter()
+                outcome = evaluate(values)
+                if not math.isfinite(outcome.fitness):
+                    raise NonFiniteFitness(self.name, trial.number, outcome)
+            except BaseException:
+                _tell(self.study, trial, state=TrialState.FAIL)
+                raise
+            trial.set_user_attr(GENES, genes_text(values, self._names))
+            trial.set_user_attr("scores", outcome.scores)
+            trial.set_user_attr("merge_seconds", outcome.merge_seconds)
+            trial.set_user_attr("seconds", time.perf_counter() - start)
+            trial.set_user_attr("worker", self.worker)
+            return _tell(self.study, trial, values=outcome.fitness)
 
     def _fail_orphans(self) -> None:
         """Fail the trials whose process died: Optuna fails a running trial once its heartbeats
@@ -344,13 +344,49 @@ class Stage:
             max(t.datetime_complete.timestamp() for t in trials),
         )
 
-    def best(self) -> FrozenTrial:
+    def best(self) -> TrialRecord:
         """The completed trial with the highest fitness (the lowest number among ties), the
         same whichever process asks."""
-        trials = completed(self.study)
-        if not trials:
+        records = self.records()
+        if not records:
             raise MergeError(
                 f"the {self.name} search finished no trial before it stopped (at budget.wall_time, or when asked to); "
                 "start a new search with more wall_time"
             )
-        return max(trials, key=lambda t: (t.value, -t.number))
+        return max(records, key=lambda r: (r.fitness, -r.number))
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, **outcome) -> bool:
+    """Finish ``trial``; False when another process failed it first (its heartbeat came late,
+    on a stalled machine), so that its slot is run again."""
+    try:
+        study.tell(trial, **outcome)
+    except ValueError as error:  # Optuna says so only in this message
+        if not str(error).startswith("Cannot tell a FAIL trial"):
+            raise
+        return False
+    return True
+
+
+class _Heartbeat:
+    """Tells the storage every few seconds, from a thread, that this process still runs a
+    trial; the first at once."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            self.storage.record_heartbeat(self.trial_id)
+            if self.done.wait(HEARTBEAT_SECONDS):
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.done.set()
+        self.thread.join()
