@@ -275,6 +275,25 @@ budget: {{trials: 4, population: 4}}
     assert tuned[1].name in result.path[0].model
 
 
+def test_trials_jsonl_grows_in_place_so_tail_f_follows_a_running_search(scored_family, tmp_path):
+    """After each trial the search adds its new line to trials.jsonl instead of writing every
+    trial again into a new file (at 200 trials of 5,000 genes that was 2.4 s a trial), so
+    ``tail -f`` keeps following it; the finished search leaves one line per trial."""
+    base, tuned = scored_family
+    trials_file = tmp_path / "out" / "evolve" / "trials.jsonl"
+    seen: list[tuple[int, int]] = []  # (inode, lines) after each trial
+
+    def progress(stage: str, done: int, budget: int, best: float) -> None:
+        seen.append((trials_file.stat().st_ino, len(trials_file.read_text().splitlines())))
+
+    spec = spec_from_text(nll_spec(base, tuned, trials=5))
+    evolve(spec, tmp_path / "out", device="cpu", show_progress=False, progress=progress)
+
+    assert [lines for _, lines in seen] == [1, 2, 3, 4, 5]
+    assert len({inode for inode, _ in seen}) == 1
+    assert [t["number"] for t in read_trials(tmp_path / "out")] == [0, 1, 2, 3, 4]
+
+
 # --- a killed search resumes; two processes share a study ---------------------------------
 
 

@@ -339,6 +339,8 @@ class _Search:
         self.path_genes: LayerGenes | None = None
         self.layer_candidate: LayerCandidate | None = None
         self.layer_sources: list[LoadedSource] = []
+        self.written: set[tuple[str, int]] = set()
+        """The (stage, trial number) of every record this process has put in trials.jsonl."""
 
     def elapsed(self) -> float:
         """The search's wall time so far: what ``budget.wall_time`` bounds, and the duration
@@ -433,7 +435,12 @@ class _Search:
 
         def after_trial() -> None:
             records = [r for s in self.stages for r in s.records()]
-            report.write_trials(self.folder / "trials.jsonl", records)
+            new = [r for r in records if (r.stage, r.number) not in self.written]
+            if self.written:  # the file holds what this process wrote: add the new lines
+                report.append_trials(self.folder / "trials.jsonl", new)
+            else:  # its first write: whatever an earlier (killed) process left is replaced
+                report.write_trials(self.folder / "trials.jsonl", records)
+            self.written.update((r.stage, r.number) for r in new)
             done = [r for r in records if r.stage == name]
             best = max(r.fitness for r in done)
             bar.n = len(done)
