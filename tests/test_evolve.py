@@ -19,10 +19,11 @@ from conftest import SEARCH_TEXTS, load_weights
 from optuna.trial import TrialState
 from postgres_server import postgres_url
 from service_env import wait_until
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from merge_engine import cli, merge_models, parse_recipe
 from merge_engine.evolve.candidates import ParameterCandidate, load_source, output_dtype
+from merge_engine.evolve.fitness import evaluate, read_tasks
 from merge_engine.evolve.genome import Gene
 from merge_engine.evolve.report import TrialRecord
 from merge_engine.evolve.search import evolve
@@ -82,7 +83,7 @@ space: parameters
 models: [{{model: {tuned[0]}}}, {{model: {tuned[1]}}}]
 base_model: {base}
 parameters: {{method: task_arithmetic, search: {{weight: [0, 1]}}, layers_per_value: 2}}
-budget: {{trials: 60, population: 8}}
+budget: {{trials: 100, population: 8}}
 seed: 1
 """
     )
@@ -93,7 +94,7 @@ seed: 1
         assert found[m][:2] == [found[m][0]] * 2 and found[m][2:] == [found[m][2]] * 2
         assert found[m][0] == pytest.approx(TARGET[m][0], abs=0.1)
         assert found[m][2] == pytest.approx(TARGET[m][1], abs=0.1)
-    assert len(read_trials(tmp_path / "out")) == 60
+    assert len(read_trials(tmp_path / "out")) == 100
     assert result.search_fitness > max(b.search for b in result.baselines)
 
     # The written model is what `mergebot merge` makes of the written recipe, bit for bit.
@@ -529,3 +530,67 @@ def test_a_trial_left_without_a_heartbeat_is_failed_and_its_slot_run_again(tmp_p
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     assert states[orphan.number] == TrialState.FAIL
     assert list(states.values()).count(TrialState.COMPLETE) == 3
+
+
+# --- the paper's data-flow space at its real size ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep_pair(tmp_path_factory) -> list[Path]:
+    """Two 32-layer Llamas of tiny width (the paper's sources are 2 x 32 layers), with the
+    tiny tokenizer: a layer path over them, repeated 3 times, has 192 slots and 4,096 scales."""
+    from merge_engine.example import save_tiny_tokenizer
+
+    _, tuned = make_family(
+        tmp_path_factory.mktemp("deep"),
+        num_hidden_layers=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        scale=0.05,
+        initializer_range=0.2,
+    )
+    for folder in tuned:
+        save_tiny_tokenizer(folder)
+    return tuned
+
+
+@pytest.mark.slow
+def test_the_papers_data_flow_space_runs_resumes_and_writes_what_it_evaluated(deep_pair, tmp_path):
+    examples = json.dumps(SEARCH_TEXTS * 2)
+    text = f"""
+space: layers
+models: [{{model: {deep_pair[0]}}}, {{model: {deep_pair[1]}}}]
+layers: {{repeats: 3}}
+fitness:
+  - kind: nll
+    data: {{examples: {examples}}}
+budget: {{trials: 24, population: 8}}
+"""
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(text)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(evolve_command(spec_path, out), env=env)
+    trials_file = out / "evolve" / "trials.jsonl"
+    wait_until(
+        lambda: trials_file.is_file() and len(trials_file.read_text().splitlines()) >= 10,
+        "ten finished trials",
+    )
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = len(read_trials(out))
+
+    subprocess.run(evolve_command(spec_path, out, "--resume"), env=env, check=True, timeout=900)
+
+    trials = read_trials(out)
+    assert len(trials) == 24 and len({t["number"] for t in trials}) == 24
+    assert len(trials[0]["params"]) == 3 * 64 + 64 * 64  # the genome at the paper's size
+    assert before >= 10
+    written = AutoModelForCausalLM.from_pretrained(out)  # plain transformers
+    # The written model scores what the best trial scored: it is the evaluated candidate.
+    rows = read_tasks(spec_from_text(text).fitness, None, False, None)
+    tokenizer = AutoTokenizer.from_pretrained(deep_pair[0])
+    total = evaluate(written, tokenizer, rows, "search", torch.device("cpu")).total
+    assert total == pytest.approx(max(t["fitness"] for t in trials), abs=1e-4)
