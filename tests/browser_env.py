@@ -60,6 +60,17 @@ def serving_space(server: SandboxServer, work: Path) -> Iterator:
         process.stop()
 
 
+@pytest.fixture(scope="module")
+def demo_space(tmp_path_factory):
+    """The sandbox hub with the demo models (language models and SD1.5 pipelines), and the bot
+    serving the Space; the local sign-in is the demo user. A module that needs no other
+    models uses it as its ``space``."""
+    server = demo_hub()
+    with serving_space(server, tmp_path_factory.mktemp("space") / "work") as bot:
+        yield bot
+    server.__exit__()
+
+
 @contextmanager
 def space_page(browser, url: str) -> Iterator:
     """A fresh browser context on the Space at ``url``, once it has greeted the visitor."""

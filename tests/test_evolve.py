@@ -313,6 +313,21 @@ def evolve_command(spec: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def killed_after(spec: Path, out: Path, trials: int) -> list[dict]:
+    """Run ``mergebot evolve spec out`` until ``trials`` trials are done, kill it with SIGKILL
+    and return the trials it left in trials.jsonl."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(evolve_command(spec, out), env=env)
+    trials_file = out / "evolve" / "trials.jsonl"
+    wait_until(
+        lambda: trials_file.is_file() and len(trials_file.read_text().splitlines()) >= trials,
+        f"{trials} finished trials",
+    )
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return read_trials(out)
+
+
 def completed_trials(storage: str, spec_text: str) -> list[TrialRecord]:
     import optuna
 
@@ -328,16 +343,8 @@ def test_a_killed_search_resumes_without_evaluating_a_finished_trial_again(score
     spec = tmp_path / "spec.yaml"
     spec.write_text(text)
     out = tmp_path / "out"
+    before = {t["number"]: t for t in killed_after(spec, out, 4)}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(evolve_command(spec, out), env=env)
-    trials_file = out / "evolve" / "trials.jsonl"
-    wait_until(
-        lambda: trials_file.is_file() and len(trials_file.read_text().splitlines()) >= 4,
-        "four finished trials",
-    )
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    before = {t["number"]: t for t in read_trials(out)}
     assert not (out / "model.safetensors").exists()
 
     subprocess.run(evolve_command(spec, out, "--resume"), env=env, check=True, timeout=600)
@@ -571,16 +578,8 @@ budget: {{trials: 24, population: 8}}
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(text)
     out = tmp_path / "out"
+    before = len(killed_after(spec_path, out, 10))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(evolve_command(spec_path, out), env=env)
-    trials_file = out / "evolve" / "trials.jsonl"
-    wait_until(
-        lambda: trials_file.is_file() and len(trials_file.read_text().splitlines()) >= 10,
-        "ten finished trials",
-    )
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    before = len(read_trials(out))
 
     subprocess.run(evolve_command(spec_path, out, "--resume"), env=env, check=True, timeout=900)
 

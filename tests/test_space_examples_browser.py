@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from browser_env import browser, choose, demo_hub, field, page, serving_space
+from browser_env import browser, choose, demo_space, field, page
 from playwright.sync_api import expect
 from service_env import BOT_TOKEN
 
@@ -16,15 +16,12 @@ from service.search_form import FIRST_SEARCH
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["browser", "page"]  # the fixtures, used by this module's tests
+__all__ = ["browser", "demo_space", "page"]  # the fixtures, used by this module's tests
 
 
 @pytest.fixture(scope="module")
-def space(tmp_path_factory):
-    server = demo_hub()
-    with serving_space(server, tmp_path_factory.mktemp("examples-space") / "work") as bot:
-        yield bot
-    server.__exit__()
+def space(demo_space):
+    return demo_space
 
 
 NEW_JOB_OR_REFUSAL = """([outcome, job, known]) => {

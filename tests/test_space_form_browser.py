@@ -12,11 +12,10 @@ import pytest
 from browser_env import (
     browser,
     choose,
-    demo_hub,
+    demo_space,
     expect_text,
     field,
     page,
-    serving_space,
     set_value,
     shot,
 )
@@ -25,7 +24,7 @@ from service_env import ties_recipe
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["browser", "page"]  # the fixtures, used by this module's tests
+__all__ = ["browser", "demo_space", "page"]  # the fixtures, used by this module's tests
 
 NO_WEIGHT = (
     "ties needs 'weight' for model demo/math; set it for that model or in the top-level parameters"
@@ -33,12 +32,8 @@ NO_WEIGHT = (
 
 
 @pytest.fixture(scope="module")
-def space(tmp_path_factory):
-    """The demo hub (its language and SD1.5 models) and the bot serving the Space."""
-    server = demo_hub()
-    with serving_space(server, tmp_path_factory.mktemp("space") / "work") as bot:
-        yield bot
-    server.__exit__()
+def space(demo_space):
+    return demo_space
 
 
 def yaml_value(page):

@@ -14,10 +14,9 @@ from dataclasses import replace
 import pytest
 from browser_env import (
     browser,
-    demo_hub,
+    demo_space,
     expect_text,
     field,
-    serving_space,
     set_value,
     shot,
     space_page,
@@ -31,7 +30,7 @@ from service.search_form import to_yaml as spec_yaml
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["browser"]  # the fixture, used by this module's tests
+__all__ = ["browser", "demo_space"]  # the fixtures, used by this module's tests
 
 VALUES = [f"{0.04 * i:g}" for i in range(len(block_names("sd1")))]
 SD_RECIPE = f"""merge_method: linear
@@ -54,13 +53,8 @@ dtype: bfloat16
 
 
 @pytest.fixture(scope="module")
-def space(tmp_path_factory):
-    """The sandbox hub with the demo models (language models and SD1.5 pipelines), and the bot
-    serving the Space; the local sign-in is the demo user."""
-    server = demo_hub()
-    with serving_space(server, tmp_path_factory.mktemp("jobs-space") / "work") as bot:
-        yield bot
-    server.__exit__()
+def space(demo_space):
+    return demo_space
 
 
 def submitted(space, recipe: str, target: str) -> str:

@@ -11,10 +11,9 @@ import pytest
 from browser_env import (
     browser,
     choose,
-    demo_hub,
+    demo_space,
     expect_text,
     field,
-    serving_space,
     set_value,
     shot,
     space_page,
@@ -27,7 +26,7 @@ from service.search_form import FIRST_SEARCH
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["browser"]  # the fixture, used by this module's tests
+__all__ = ["browser", "demo_space"]  # the fixtures, used by this module's tests
 
 RECORD_STATES = """() => {
   window.searchStates = [];
@@ -65,13 +64,8 @@ FITNESS_ROWS = """(root) => {
 
 
 @pytest.fixture(scope="module")
-def space(tmp_path_factory):
-    """The sandbox hub with the demo models, and the bot serving the Space; the local
-    sign-in is the demo user."""
-    server = demo_hub()
-    with serving_space(server, tmp_path_factory.mktemp("search-space") / "work") as bot:
-        yield bot
-    server.__exit__()
+def space(demo_space):
+    return demo_space
 
 
 @pytest.fixture
