@@ -336,14 +336,6 @@ class Stage:
     def records(self) -> list[TrialRecord]:
         return records_of(self.study, self.name)
 
-    def span(self) -> tuple[float, float]:
-        """When the first completed trial started and the last one ended (POSIX seconds)."""
-        trials = completed(self.study)
-        return (
-            min(t.datetime_start.timestamp() for t in trials),
-            max(t.datetime_complete.timestamp() for t in trials),
-        )
-
     def best(self) -> TrialRecord:
         """The completed trial with the highest fitness (the lowest number among ties), the
         same whichever process asks."""
