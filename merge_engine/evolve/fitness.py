@@ -302,7 +302,7 @@ def _multiple_choice(
             pairs.append((prompt[-(task.max_length - len(ids)) :], ids))
     longest = max(len(prompt) + len(choice) for prompt, choice in pairs)
     scored = max(len(ids) for _, ids in pairs)
-    batch_size = task.batch_size or default_batch_size(model, device, longest, scored)
+    batch_size = batch_size_of(task, model, device, longest, scored)
     flat = iter(choice_scores(model, pairs, pad_id(tokenizer), batch_size, device, check))
     correct = 0
     for row in examples:
@@ -400,7 +400,7 @@ def _exact_match(
         for row in examples
     ]
     length = max(map(len, prompts)) + task.max_new_tokens
-    batch_size = task.batch_size or default_batch_size(model, device, length, 1)
+    batch_size = batch_size_of(task, model, device, length, 1)
     outputs = greedy(
         model, prompts, task.max_new_tokens, tokenizer.eos_token_id, batch_size, device, check
     )
@@ -430,7 +430,7 @@ def _nll(
     texts.sort(key=len)
     pad = pad_id(tokenizer)
     longest = len(texts[-1])
-    batch_size = task.batch_size or default_batch_size(model, device, longest, longest)
+    batch_size = batch_size_of(task, model, device, longest, longest)
     total, count = 0.0, 0
     for chunk in chunks(texts, batch_size, check):
         for logprob in _token_logprobs(model, chunk, pad, device):
@@ -475,7 +475,7 @@ def _classification(
         if config is not None and not own_pad:
             config.pad_token_id = pad
         longest = max(map(len, texts))
-        batch_size = task.batch_size or default_batch_size(model, device, longest, 1)
+        batch_size = batch_size_of(task, model, device, longest, 1)
         for chunk in chunks(texts, batch_size, check):
             ids, mask = right_padded(chunk, pad, device)
             predicted += model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
@@ -616,6 +616,13 @@ def _greedy_batch(
         mask = torch.cat([mask, torch.ones_like(ids)], 1)
     new = torch.stack(steps, 1).tolist()
     return [row[: row.index(eos) + 1] if eos in row else row for row in new]
+
+
+def batch_size_of(
+    task: FitnessTask, model: torch.nn.Module, device: Any, length: int, scored: int
+) -> int:
+    """The task's ``batch_size`` where it sets one, else :func:`default_batch_size`."""
+    return task.batch_size or default_batch_size(model, device, length, scored)
 
 
 def default_batch_size(model: torch.nn.Module, device: Any, length: int, scored: int) -> int:

@@ -16,7 +16,7 @@ import torch
 from lm_eval.api.model import LM
 
 from merge_engine.errors import RecipeError
-from merge_engine.evolve.fitness import chunks, default_batch_size, greedy, pad_id, right_padded
+from merge_engine.evolve.fitness import batch_size_of, chunks, greedy, pad_id, right_padded
 from merge_engine.evolve.spec import FitnessTask
 from merge_engine.evolve.stopping import StopCheckFunction
 
@@ -54,7 +54,8 @@ class CandidateLM(LM):
         texts = [""] * len(requests)
         for limit, members in groups.items():
             prompts = [self._prompt(requests[i].args[0]) for i in members]
-            batch_size = self._batch_size(max(map(len, prompts)) + limit, 1)
+            length = max(map(len, prompts)) + limit
+            batch_size = batch_size_of(self.task, self.model, self.device, length, 1)
             eos = self.tokenizer.eos_token_id
             new = greedy(self.model, prompts, limit, eos, batch_size, self.device, self.check)
             for i, tokens in zip(members, new, strict=True):
@@ -92,10 +93,6 @@ class CandidateLM(LM):
 
     # Tokens and scores
 
-    def _batch_size(self, length: int, scored: int) -> int:
-        """The task's ``batch_size``, else the built-in default for the model and device."""
-        return self.task.batch_size or default_batch_size(self.model, self.device, length, scored)
-
     def _prompt(self, context: str) -> list[int]:
         ids = self.tokenizer(context, add_special_tokens=True)["input_ids"]
         return ids[-self.task.max_length :] or [self._first_token()]
@@ -127,7 +124,8 @@ class CandidateLM(LM):
             sequences.append((context[-keep:] + continuation, len(continuation)))
         scores = []
         longest = max(len(ids) for ids, _ in sequences)
-        for chunk in chunks(sequences, self._batch_size(longest, longest), self.check):
+        batch_size = batch_size_of(self.task, self.model, self.device, longest, longest)
+        for chunk in chunks(sequences, batch_size, self.check):
             ids, mask = right_padded([ids for ids, _ in chunk], self.pad, self.device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
