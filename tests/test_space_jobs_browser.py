@@ -151,7 +151,14 @@ SETTLED = """(selector) => {
 def expect_left_alone(page, selector: str, job_id: str, ticks: int = 3) -> None:
     """While the page's other timer (the Jobs tables') ticks ``ticks`` times, no request
     names the finished job ``job_id`` and its status area ``selector`` is not touched."""
-    page.wait_for_function(SETTLED, arg=selector)
+    # On a loaded machine the queue drains slowly: the reads the timer sent before the job
+    # ended may take a while to come back, as the job itself did.
+    page.wait_for_function(SETTLED, arg=selector, timeout=120_000)
+    # A read its timer sent just before the job's end stopped it shows as pending only once
+    # sent: after a tick of the other timer it has been sent, if at all, and is awaited.
+    with page.expect_request(lambda r: "/queue/join" in r.url):
+        pass
+    page.wait_for_function(SETTLED, arg=selector, timeout=120_000)
     page.evaluate(WATCH, selector)
     asked = []
     page.on("request", lambda r: asked.append(r.post_data or "") if "/queue/join" in r.url else 0)
