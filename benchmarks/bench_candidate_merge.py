@@ -1,14 +1,16 @@
-"""A parameter-space search's TIES candidate with each task vector's magnitude order kept
-between trials, against the same candidate merged from scratch (a k-th value selection per
-tensor per trial, as before the order was kept), on the ~100M-parameter Llama family of
-``bench_evolve.py``.
+"""A parameter-space search's TIES candidate three ways, on the ~100M-parameter Llama family
+of ``bench_evolve.py``: merged from scratch (a k-th value selection per tensor per trial, as
+before the magnitude order was kept), with each task vector's magnitude order kept between
+trials (eager kernels), and kept order with the kernels compiled (``torch.compile``: one pass
+over memory per tensor), as a search of a model this size runs.
 
     python benchmarks/bench_candidate_merge.py [--work /tmp/mergebot-bench-evolve] [--small] [--trials 6]
 
-Both run in this process with one torch thread, alternating trial by trial on the same random
-4-decimal weights and densities (as a search draws them), so the machine's load falls on both
-alike; the figure is the ratio of their median times. The first kept-order trial pays the one
-sort per tensor and is reported on its own.
+All three run in this process with one torch thread, in turn trial by trial on the same random
+4-decimal weights and densities (as a search draws them), so the machine's load falls on all
+alike; the figures are ratios of their median times, and every trial's three candidates are
+checked equal bit for bit. The first trial of a kept order pays the one sort per tensor (and,
+compiled, the compile) and is reported on its own.
 """
 
 from __future__ import annotations
@@ -75,26 +77,37 @@ def main() -> None:
         for _ in range(args.trials + 1)
     ]
     dtype = output_dtype(recipes[0], loaded)
-    kept = ParameterCandidate(loaded, recipes[0].donor(), dtype, device)
-    fresh = ParameterCandidate(loaded, recipes[0].donor(), dtype, device)
+    kept = ParameterCandidate(loaded, recipes[0].donor(), dtype, device, compiled=False)
+    compiled = ParameterCandidate(loaded, recipes[0].donor(), dtype, device, compiled=True)
+    fresh = ParameterCandidate(loaded, recipes[0].donor(), dtype, device, compiled=False)
 
     first = seconds(kept.build, recipes[0])
-    kept_times, fresh_times = [], []
+    first_compiled = seconds(compiled.build, recipes[0])
+    kept_times, compiled_times, fresh_times = [], [], []
     for recipe in recipes[1:]:
         kept_times.append(seconds(kept.build, recipe))
+        compiled_times.append(seconds(compiled.build, recipe))
         fresh_times.append(seconds(from_scratch, fresh, recipe))
-        assert all(torch.equal(kept.state[n], fresh.state[n]) for n in kept.state)
+        for name, tensor in kept.state.items():
+            assert torch.equal(tensor, fresh.state[name]), name
+            assert torch.equal(tensor, compiled.state[name]), name
 
     params = sum(t.numel() for t in kept.state.values())
-    kept_median, fresh_median = statistics.median(kept_times), statistics.median(fresh_times)
+    fresh_median, kept_median, compiled_median = (
+        statistics.median(times) for times in (fresh_times, kept_times, compiled_times)
+    )
     print(
         f"TIES candidate, {params / 1e6:.1f}M parameters, 2 models + base, 1 thread, {args.trials} trials each"
     )
-    print(f"  first trial with kept order (sorts once): {first:.2f} s")
-    print(f"  from scratch (k-th value per tensor):     median {fresh_median:.2f} s")
-    print(f"  kept order (threshold lookup):            median {kept_median:.2f} s")
+    print(f"  first trial, kept order (sorts once):               {first:.2f} s")
+    print(f"  first trial, kept order compiled (sorts, compiles): {first_compiled:.2f} s")
+    print(f"  from scratch (k-th value per tensor):     median {fresh_median:.3f} s")
+    print(f"  kept order, eager kernels:                median {kept_median:.3f} s")
+    print(f"  kept order, compiled kernels:             median {compiled_median:.3f} s")
     print(
-        f"  ratio from scratch / kept: {fresh_median / kept_median:.2f}x (candidates equal bit for bit)"
+        f"  ratios: from scratch / kept {fresh_median / kept_median:.2f}x, "
+        f"kept / compiled {kept_median / compiled_median:.2f}x, "
+        f"from scratch / compiled {fresh_median / compiled_median:.2f}x (all equal bit for bit)"
     )
 
 

@@ -61,15 +61,18 @@ def resolve_device(device: str) -> torch.device:
     )
 
 
-class MagnitudeOrders:
-    """What a series of merges of the same sources keeps between merges (an evolutionary
-    search's candidates): each task vector's magnitude order, by input tensor, base tensor and
-    compute dtype, so a magnitude-pruning method looks its density's threshold up."""
+class MergeSeries:
+    """What a series of merges of the same sources (a search's candidates) keeps from one merge
+    to the next: each task vector's magnitude order, by input tensor, base tensor and compute
+    dtype, so a magnitude-pruning method looks its density's threshold up; and whether kernels
+    that can run ``compiled`` do (the compile takes seconds once, then each merge reads each
+    input once instead of some thirty times)."""
 
-    def __init__(self) -> None:
+    def __init__(self, compiled: bool = False) -> None:
+        self.compiled = compiled
         self._orders: dict[tuple, MagnitudeOrder] = {}
 
-    def of(self, task: TensorTask) -> list[MagnitudeOrder]:
+    def orders(self, task: TensorTask) -> list[MagnitudeOrder]:
         base = (task.base.model, task.base.name) if task.base else None
         return [
             self._orders.setdefault((i.model, i.name, base, task.compute_dtype), MagnitudeOrder())
@@ -83,10 +86,10 @@ def compute_task(
     tensors: list[torch.Tensor],
     device: torch.device,
     stats: list[Statistic | None] | None = None,
-    orders: MagnitudeOrders | None = None,
+    series: MergeSeries | None = None,
 ) -> torch.Tensor:
     """Apply the plan's method to one task's loaded inputs (base first, if any) and, for a
-    method that needs data, their statistics; ``orders`` where the same sources are merged
+    method that needs data, their statistics; ``series`` where the same sources are merged
     again and again."""
     if task.copy_only:
         return tensors[0].to(task.out_dtype)
@@ -99,8 +102,10 @@ def compute_task(
         kwargs[param.name] = [values[param.name] for values in task.per_model]
     if plan.method.needs_data:
         kwargs["stats"] = stats
-    if orders is not None and plan.method.prunes_by_magnitude:
-        kwargs["magnitude_orders"] = orders.of(task)
+    if series is not None and plan.method.prunes_by_magnitude:
+        kwargs["magnitude_orders"] = series.orders(task)
+    if series is not None and series.compiled and plan.method.compiles:
+        kwargs["compiled"] = True
     if plan.method.random:
         kwargs["generator"] = torch.Generator(device=device).manual_seed(plan.tensor_seed(task))
     with torch.no_grad():
@@ -155,7 +160,7 @@ def iter_merged(
     device: torch.device,
     progress: Progress | None = None,
     stats_files: StatsFiles | None = None,
-    orders: MagnitudeOrders | None = None,
+    series: MergeSeries | None = None,
 ) -> Iterator[tuple[TensorTask, torch.Tensor]]:
     """Yield (task, merged tensor) in plan order, prefetching the next task's inputs (and
     their statistics) and unmapping each input file after its last reader."""
@@ -175,7 +180,7 @@ def iter_merged(
         for index, task in enumerate(plan.tasks):
             tensors, stats = pending.result()
             pending = pool.submit(load, plan.tasks[index + 1]) if index + 1 < total else None
-            result = compute_task(plan, task, tensors, device, stats, orders)
+            result = compute_task(plan, task, tensors, device, stats, series)
             del tensors, stats
             yield task, result
             del result

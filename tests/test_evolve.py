@@ -30,6 +30,7 @@ from merge_engine.evolve.search import evolve
 from merge_engine.evolve.spec import spec_from_text
 from merge_engine.evolve.study import Outcome, Stage, open_storage, open_study, records_of
 from merge_engine.example import make_family
+from merge_engine.methods.task_vector_sum import compiled_entries
 from merge_engine.recipe import ModelReference
 
 
@@ -117,10 +118,12 @@ seed: 1
     assert (tmp_path / "out" / "evolve" / "fitness.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_ties_candidate_pruned_from_its_kept_order_equals_a_fresh_merge(scored_family):
-    """Candidates reuse each task vector's magnitude order from one trial to the next; every
-    candidate still equals the merge of its recipe made from scratch, bit for bit, on the
-    search's 4-decimal densities and on any other density."""
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_ties_candidate_pruned_from_its_kept_order_equals_a_fresh_merge(scored_family, compiled):
+    """Candidates reuse each task vector's magnitude order from one trial to the next, and
+    (``compiled``, as for a large model) run their kernels compiled; every candidate still
+    equals the merge of its recipe made from scratch, bit for bit, on the search's 4-decimal
+    densities and on any other density."""
     base, tuned = scored_family
     refs = [ModelReference(str(path)) for path in (base, *tuned)]
     loaded = {ref: load_source(ref, torch.device("cpu"), None, False, None) for ref in refs}
@@ -139,9 +142,9 @@ def test_a_ties_candidate_pruned_from_its_kept_order_equals_a_fresh_merge(scored
 
     first = recipe((0.3, 0.7))
     candidate = ParameterCandidate(
-        loaded, first.donor(), output_dtype(first, loaded), torch.device("cpu")
+        loaded, first.donor(), output_dtype(first, loaded), torch.device("cpu"), compiled
     )
-    for densities in [(0.3, 0.7), (0.7, 0.3), (0.1234, 0.9999), (1 / 3, 0.45)]:
+    for densities in [(0.3, 0.7), (0.7, 0.3), (0.1234, 0.9999), (1 / 3, 0.45), (1.0, 0.5)]:
         built = candidate.build(recipe(densities)).state_dict()
         fresh = merge_models(
             [tuned[0], tuned[1]],
@@ -150,6 +153,7 @@ def test_a_ties_candidate_pruned_from_its_kept_order_equals_a_fresh_merge(scored
             model_parameters=[{"weight": 0.7, "density": d} for d in densities],
         )
         assert all(torch.equal(built[name], fresh[name]) for name in fresh), densities
+    assert not (compiled and compiled_entries().failed), "torch.compile fell back to eager"
 
 
 def test_a_serial_search_with_a_seed_proposes_the_same_candidates(

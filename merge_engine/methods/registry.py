@@ -116,6 +116,10 @@ class MergeMethod:
     prunes_by_magnitude: bool = False
     """The kernel takes ``magnitude_orders``, one :class:`~merge_engine.methods.sparsify.MagnitudeOrder`
     per input, which a series of merges of the same sources keeps from one merge to the next."""
+    compiles: bool = False
+    """The kernel takes ``compiled``: run its per-entry arithmetic compiled into one loop
+    (``torch.compile``), with the same bits as eager; worth its seconds of compiling only in a
+    series of merges (a search's candidates)."""
     check: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = field(
         default=None, repr=False
     )

@@ -7,6 +7,7 @@ sort. Entries tied with the threshold magnitude are all kept, so the result is d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -74,6 +75,13 @@ class MagnitudeOrder:
     def __init__(self) -> None:
         self.thresholds: torch.Tensor | None = None
 
+    def known(self, density: float) -> torch.Tensor | None:
+        """The threshold of ``density`` if the grid holds it, without touching the tensor."""
+        step = round(density * DENSITY_STEPS)
+        if self.thresholds is None or step / DENSITY_STEPS != density:
+            return None
+        return self.thresholds[step]
+
     def kth_largest(self, magnitudes: torch.Tensor, k: int, density: float) -> torch.Tensor:
         step = round(density * DENSITY_STEPS)
         if step / DENSITY_STEPS != density:
@@ -96,20 +104,34 @@ def _ascending(values: torch.Tensor) -> torch.Tensor:
     return torch.sort(values).values
 
 
+def magnitude_threshold(
+    delta: Callable[[], torch.Tensor],
+    numel: int,
+    density: float,
+    order: MagnitudeOrder | None = None,
+) -> torch.Tensor | None:
+    """The smallest magnitude that TIES pruning at ``density`` keeps (it keeps the
+    k = max(1, floor(density * n)) largest-magnitude entries, and every entry tied with the
+    k-th), or None where it keeps everything. ``delta()`` gives the task vector, and is only
+    called when ``order`` (kept where the caller prunes the same tensor again and again) does
+    not know the threshold already."""
+    if density >= 1 or numel == 0:
+        return None
+    if order is not None and (known := order.known(density)) is not None:
+        return known
+    k = max(1, int(density * numel))
+    magnitudes = _magnitudes(delta())
+    return order.kth_largest(magnitudes, k, density) if order else kth_largest(magnitudes, k)
+
+
 def magnitude(
     tensor: torch.Tensor, density: float, order: MagnitudeOrder | None = None
 ) -> torch.Tensor:
-    """TIES pruning: keep the k = max(1, floor(density * n)) largest-magnitude entries.
-    ``order``, where the caller prunes this same tensor again and again, remembers its order."""
-    if density >= 1:
+    """TIES pruning: the entries at or above :func:`magnitude_threshold`, the rest zero."""
+    threshold = magnitude_threshold(lambda: tensor, tensor.numel(), density, order)
+    if threshold is None:
         return tensor
-    if tensor.numel() == 0:
-        return tensor
-    k = max(1, int(density * tensor.numel()))
-    magnitudes = _magnitudes(tensor)
-    threshold = order.kth_largest(magnitudes, k, density) if order else kth_largest(magnitudes, k)
-    keep = (magnitudes >= threshold).reshape(tensor.shape)
-    return torch.where(keep, tensor, 0)
+    return torch.where(tensor.abs() >= threshold, tensor, 0)
 
 
 def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

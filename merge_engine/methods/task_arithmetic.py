@@ -3,7 +3,8 @@
 For each input, the task vector δᵢ = θᵢ − θ₀ is (1) sparsified with its density, (2) weighted,
 Dᵢ = wᵢ·δᵢ, (3) optionally filtered by sign consensus (keep Dᵢ where its sign matches
 sign(ΣDⱼ)), (4) summed and optionally normalised by the sum of the weights that took part,
-(5) scaled by ``lambda`` and added back to the base. See shared/docs/methods.md.
+(5) scaled by ``lambda`` and added back to the base. See docs/methods.md; the per-entry steps
+(2)–(5) are :mod:`merge_engine.methods.task_vector_sum`.
 """
 
 from __future__ import annotations
@@ -14,73 +15,8 @@ from typing import Any
 
 import torch
 
-from merge_engine.methods import sparsify
+from merge_engine.methods import sparsify, task_vector_sum
 from merge_engine.methods.registry import REQUIRED, MergeMethod, Param, register
-
-
-def weighted_deltas(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor,
-    sparsified: Callable[[int, torch.Tensor], torch.Tensor],
-    weight: list[float],
-) -> list[torch.Tensor]:
-    """Dᵢ = wᵢ · sparsify(θᵢ − θ₀), one tensor per input, weights in the working dtype."""
-    deltas = []
-    for index, tensor in enumerate(tensors):
-        delta = sparsified(index, tensor - base)
-        if weight[index] != 1:  # x * 1.0 == x: skip the pass
-            delta.mul_(torch.tensor(weight[index], dtype=delta.dtype, device=delta.device))
-        deltas.append(delta)
-    return deltas
-
-
-CHUNK = 1 << 18
-"""Elements per block in the sign-consensus pass: bounds its scratch memory whatever the tensor size."""
-
-
-def sign_consensus_sum(
-    deltas: list[torch.Tensor], weight: list[float], normalize: bool
-) -> torch.Tensor:
-    """TIES' elect + disjoint merge: per entry, the sum of the Dᵢ whose sign agrees with
-    sign(ΣDᵢ) (≥0 counts as +), divided (with ``normalize``) by the sum of the agreeing
-    inputs' weights (0 → 1).
-
-    Block by block with preallocated scratch: the positive parts and the negative parts are
-    summed separately, and the elected sign picks one of the two sums.
-    """
-    flat = [d.reshape(-1) for d in deltas]
-    out = torch.empty_like(flat[0])
-    size = min(CHUNK, out.numel())
-    positive, negative, scratch, divisor, sign = (
-        torch.empty(size, dtype=out.dtype, device=out.device) for _ in range(5)
-    )
-    elected, agrees = (torch.empty(size, dtype=torch.bool, device=out.device) for _ in range(2))
-    for start in range(0, out.numel(), CHUNK):
-        parts = [f[start : start + CHUNK] for f in flat]
-        n = parts[0].numel()
-        pos, neg, tmp, elect, agree = (
-            positive[:n],
-            negative[:n],
-            scratch[:n],
-            elected[:n],
-            agrees[:n],
-        )
-        torch.clamp(parts[0], min=0, out=pos)
-        torch.clamp(parts[0], max=0, out=neg)
-        for part in parts[1:]:
-            pos.add_(torch.clamp(part, min=0, out=tmp))
-            neg.add_(torch.clamp(part, max=0, out=tmp))
-        torch.ge(torch.add(pos, neg, out=tmp), 0, out=elect)
-        merged = torch.where(elect, pos, neg, out=out[start : start + n])
-        if normalize:
-            total, elected_sign = divisor[:n].zero_(), sign[:n].copy_(elect).mul_(2).sub_(1)
-            for part, w in zip(parts, weight, strict=True):
-                torch.gt(
-                    torch.mul(part, elected_sign, out=tmp), 0, out=agree
-                )  # agrees with the elected sign
-                total.add_(agree, alpha=w)
-            merged.div_(total.masked_fill_(total == 0, 1))
-    return out.reshape(deltas[0].shape)
 
 
 @dataclass(frozen=True)
@@ -188,37 +124,48 @@ def make_kernel(variant: TaskArithmeticVariant) -> Callable[..., torch.Tensor]:
         rescale_mode: sparsify.RescaleMode = "l1",
         generator: torch.Generator | None = None,
         magnitude_orders: list[sparsify.MagnitudeOrder] | None = None,
+        compiled: bool = False,
     ) -> torch.Tensor:
         mode = rescale_mode if rescale else None
 
+        orders = magnitude_orders or [None] * len(tensors)
+
         def sparsified(i: int, delta: torch.Tensor) -> torch.Tensor:
-            if variant.sparsifier == "magnitude":
-                order = magnitude_orders[i] if magnitude_orders else None
-                pruned = sparsify.magnitude(delta, density[i], order)
-            elif variant.sparsifier == "magnitude_outliers":
-                pruned = sparsify.magnitude_outliers(delta, density[i], gamma[i])
-            elif variant.sparsifier == "random":
+            if variant.sparsifier == "random":
                 return sparsify.bernoulli(delta, density[i], mode, generator)
-            elif variant.sparsifier == "della_magprune":
+            if variant.sparsifier == "della_magprune":
                 return sparsify.della_magprune(delta, density[i], epsilon[i], mode, generator)
+            if variant.sparsifier == "magnitude":
+                pruned = sparsify.magnitude(delta, density[i], orders[i])
             else:
-                return delta
+                pruned = sparsify.magnitude_outliers(delta, density[i], gamma[i])
             return sparsify.match_l1(pruned, delta) if mode and density[i] < 1 else pruned
 
-        deltas = weighted_deltas(tensors, base, sparsified, weight)
-        if variant.consensus:
-            mixed = sign_consensus_sum(deltas, weight, normalize)
-        else:
-            mixed = deltas[0]
-            for delta in deltas[1:]:
-                mixed += delta
-            divisor = torch.tensor(weight, dtype=mixed.dtype, device=mixed.device).sum()
-            if normalize and divisor.abs() >= 1e-8:
-                mixed /= divisor
-        del deltas
-        if lambda_ != 1:
-            mixed *= lambda_
-        return mixed.add_(base)  # mixed is scratch of the base's dtype; addition commutes exactly
+        by_threshold = variant.sparsifier is None or (
+            variant.sparsifier == "magnitude" and not (mode and min(density) < 1)
+        )
+        if by_threshold:  # pruning is a rule per entry: the whole merge is one pass
+            thresholds = [
+                sparsify.magnitude_threshold(lambda t=tensor: t - base, base.numel(), d, order)
+                if variant.sparsifier
+                else None
+                for tensor, d, order in zip(tensors, density, orders, strict=True)
+            ]
+            inputs = tensors
+        else:  # a random or rescaled sparsifier reads each whole task vector first
+            inputs = [sparsified(i, tensor - base) for i, tensor in enumerate(tensors)]
+            thresholds = [None] * len(tensors)
+        return task_vector_sum.merged_tensor(
+            inputs,
+            base,
+            thresholds,
+            weight,
+            subtract_base=by_threshold,
+            consensus=variant.consensus,
+            normalize=normalize,
+            lambda_=lambda_,
+            compiled=compiled,
+        )
 
     return kernel
 
@@ -326,6 +273,7 @@ for _variant in VARIANTS:
             base="required",
             random=_variant.sparsifier in ("random", "della_magprune"),
             prunes_by_magnitude=_variant.sparsifier == "magnitude",
+            compiles=True,
             check=_density_epsilon_check if _variant.sparsifier == "della_magprune" else None,
         )
     )
