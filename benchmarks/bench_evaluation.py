@@ -84,7 +84,9 @@ def prompts(count: int, seed: int) -> list[dict]:
     return out
 
 
-def floor(model, tokenizer, examples: list[dict], batch: int, device) -> None:
+def floor(
+    model, tokenizer, examples: list[dict], batch: int, device, new_tokens: int = MAX_NEW_TOKENS
+) -> None:
     """transformers' greedy generate with the cache over prompts grouped by length."""
     groups: dict[int, list[list[int]]] = {}
     for row in examples:
@@ -98,7 +100,7 @@ def floor(model, tokenizer, examples: list[dict], batch: int, device) -> None:
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
                     do_sample=False,
-                    max_new_tokens=MAX_NEW_TOKENS,
+                    max_new_tokens=new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )

@@ -307,11 +307,15 @@ def test_the_scores_equal_the_old_loops(lm, tokenizer):
     with torch.no_grad():
         assert greedy(lm, prompts, 6, eos, 3, CPU) == old_greedy(lm, prompts, 6, eos, pad)
 
-    # choices sharing their prompt; the short max_length cuts some prompts per choice
+    # choices sharing their prompt; the short max_length cuts some prompts per choice; each
+    # prompt also gets its own greedy continuation as a choice
     pairs = []
     for prompt in random_prompts(9, seed=4, lengths=(2, 8)):
         for choice in random_prompts(3, seed=len(pairs), lengths=(1, 4)):
             pairs.append((prompt[-(8 - len(choice)) :], choice))
+        with torch.no_grad():
+            own = greedy(lm, [prompt[-5:]], 3, None, 1, CPU)[0]
+        pairs.append((prompt[-5:], own))
     with torch.no_grad():
         scores = choice_scores(lm, pairs, pad, 5, CPU)
         expected = [
@@ -319,7 +323,15 @@ def test_the_scores_equal_the_old_loops(lm, tokenizer):
             for (prompt, choice) in pairs
             for logprob in old_logprobs(lm, [prompt + choice], pad)
         ]
-    assert scores == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        predicted = [
+            lm(input_ids=torch.tensor([prompt + choice])).logits[0, len(prompt) - 1 : -1].argmax(-1)
+            for prompt, choice in pairs
+        ]
+    assert [s.logprob for s in scores] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert [s.greedy for s in scores] == [
+        p.tolist() == choice for p, (_, choice) in zip(predicted, pairs, strict=True)
+    ]
+    assert sum(s.greedy for s in scores) >= 9  # every prompt's own continuation at least
     assert len({tuple(p) for p, _ in pairs}) > 9  # some prompts were cut
 
     texts = [{"text": t} for t in TEXTS * 3]

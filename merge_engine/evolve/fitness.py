@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -306,9 +306,17 @@ def _multiple_choice(
     flat = iter(choice_scores(model, pairs, pad_id(tokenizer), batch_size, device, check))
     correct = 0
     for row in examples:
-        scores = [next(flat) for _ in row[task.choices_field]]
+        scores = [next(flat).logprob for _ in row[task.choices_field]]
         correct += max(range(len(scores)), key=scores.__getitem__) == row[task.answer_field]
     return correct / len(examples)
+
+
+class ContinuationScore(NamedTuple):
+    """A continuation after its prompt: its tokens' summed log-probability, and whether
+    greedy decoding would give every one of them."""
+
+    logprob: float
+    greedy: bool
 
 
 def choice_scores(
@@ -318,9 +326,9 @@ def choice_scores(
     batch_size: int,
     device: Any,
     check: StopCheckFunction = never_stop,
-) -> list[float]:
-    """Per (prompt, continuation) pair, the summed log-probability of the continuation's
-    tokens after the prompt.
+) -> list[ContinuationScore]:
+    """Per (prompt, continuation) pair (a prompt of one token at least, a continuation of
+    any length), how likely the continuation is after the prompt.
 
     Pairs with the same prompt share one forward over it: the prompts of a batch (all of one
     length, so nothing is padded) run once with the cache kept, the first continuation token
@@ -328,9 +336,10 @@ def choice_scores(
     its prompt's cache (right-padded, the padding after every real token). A batch holds at
     most ``batch_size`` continuations, and at least one prompt's."""
     prompts: dict[tuple[int, ...], list[int]] = {}  # prompt -> indices of its pairs
-    for index, (prompt, _) in enumerate(pairs):
-        prompts.setdefault(tuple(prompt), []).append(index)
-    scores = [0.0] * len(pairs)
+    scores = [ContinuationScore(0.0, True)] * len(pairs)  # an empty continuation's
+    for index, (prompt, continuation) in enumerate(pairs):
+        if continuation:
+            prompts.setdefault(tuple(prompt), []).append(index)
     for batch in _prompt_batches(prompts, batch_size):
         check()
         ids = torch.tensor([list(prompt) for prompt in batch], device=device)
@@ -340,10 +349,9 @@ def choice_scores(
         members = [(p, i) for p, prompt in enumerate(batch) for i in prompts[prompt]]
         owner = torch.tensor([p for p, _ in members], device=device)
         continuations = [pairs[i][1] for _, i in members]
-        picked = first[owner].gather(
-            -1, torch.tensor([[c[0]] for c in continuations], device=device)
-        )[:, 0]  # (C,): each continuation's first token
-        totals = picked.tolist()
+        heads = torch.tensor([[c[0]] for c in continuations], device=device)
+        picked = first[owner].gather(-1, heads)[:, 0]  # (C,): each continuation's first token
+        totals, greedy = picked, first[owner].argmax(-1) == heads[:, 0]
         if max(len(c) for c in continuations) > 1:  # the rest, after the cached prompt
             check()
             rest, rest_mask = right_padded([c[:-1] for c in continuations], pad, device)
@@ -357,10 +365,11 @@ def choice_scores(
             ).logits.float()  # (C, L-1, V)
             targets, target_mask = right_padded([c[1:] for c in continuations], pad, device)
             logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1))
-            later = (logprobs.squeeze(-1) * target_mask).sum(-1)
-            totals = (picked + later).tolist()
-        for (_, i), total in zip(members, totals, strict=True):
-            scores[i] = total
+            totals = picked + (logprobs.squeeze(-1) * target_mask).sum(-1)
+            missed = (logits.argmax(-1) != targets) & target_mask.bool()
+            greedy = greedy & ~missed.any(-1)
+        for (_, i), total, best in zip(members, totals.tolist(), greedy.tolist(), strict=True):
+            scores[i] = ContinuationScore(total, best)
     return scores
 
 

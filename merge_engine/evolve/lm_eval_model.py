@@ -16,7 +16,13 @@ import torch
 from lm_eval.api.model import LM
 
 from merge_engine.errors import RecipeError
-from merge_engine.evolve.fitness import batch_size_of, chunks, greedy, pad_id, right_padded
+from merge_engine.evolve.fitness import (
+    ContinuationScore,
+    batch_size_of,
+    choice_scores,
+    greedy,
+    pad_id,
+)
 from merge_engine.evolve.spec import FitnessTask
 from merge_engine.evolve.stopping import StopCheckFunction
 
@@ -65,7 +71,7 @@ class CandidateLM(LM):
 
     def loglikelihood(
         self, requests: list[Any], disable_tqdm: bool = False
-    ) -> list[tuple[float, bool]]:
+    ) -> list[ContinuationScore]:
         """(summed log-probability of the continuation after the context, whether greedy
         decoding would give it), per request; a context's trailing space moves to the
         continuation, as lm-eval's own models do."""
@@ -114,31 +120,18 @@ class CandidateLM(LM):
         head = len(self.tokenizer(context, add_special_tokens=True)["input_ids"])
         return whole[:head], whole[head:]
 
-    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[ContinuationScore]:
         """Per (context, continuation), the continuation's summed log-probability and whether
-        it is the greedy choice at every step; too long a pair loses the start of its context."""
-        sequences = []
+        it is the greedy choice at every step (:func:`choice_scores`: contexts shared by
+        several continuations run once); too long a pair loses the start of its context."""
+        fitted = []
         for context, continuation in pairs:
             continuation = continuation[: self.task.max_length - 1]
-            keep = self.task.max_length - len(continuation)
-            sequences.append((context[-keep:] + continuation, len(continuation)))
-        scores = []
-        longest = max(len(ids) for ids, _ in sequences)
-        batch_size = batch_size_of(self.task, self.model, self.device, longest, longest)
-        for chunk in chunks(sequences, batch_size, self.check):
-            ids, mask = right_padded([ids for ids, _ in chunk], self.pad, self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            for row, (sequence, count) in enumerate(chunk):
-                end = len(sequence)
-                if count == 0:
-                    scores.append((0.0, True))
-                    continue
-                steps = logprobs[row, end - count - 1 : end - 1]  # (count, V)
-                targets = ids[row, end - count : end]
-                total = steps.gather(-1, targets[:, None]).sum().item()
-                scores.append((total, bool((steps.argmax(-1) == targets).all())))
-        return scores
+            fitted.append((context[-(self.task.max_length - len(continuation)) :], continuation))
+        longest = max(len(context) + len(continuation) for context, continuation in fitted)
+        scored = max(len(continuation) for _, continuation in fitted)
+        batch_size = batch_size_of(self.task, self.model, self.device, longest, scored)
+        return choice_scores(self.model, fitted, self.pad, batch_size, self.device, self.check)
 
 
 def _cut(text: str, until: Any) -> str:

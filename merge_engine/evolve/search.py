@@ -339,8 +339,8 @@ class _Search:
         self.path_genes: LayerGenes | None = None
         self.layer_candidate: LayerCandidate | None = None
         self.layer_sources: list[LoadedSource] = []
-        self.written: set[tuple[str, int]] = set()
-        """The (stage, trial number) of every record this process has put in trials.jsonl."""
+        self.written: dict[str, set[int]] = {}
+        """By stage, the numbers of the trials this process has put in trials.jsonl."""
 
     def elapsed(self) -> float:
         """The search's wall time so far: what ``budget.wall_time`` bounds, and the duration
@@ -434,15 +434,16 @@ class _Search:
             return Outcome(total, scores, merge_seconds)
 
         def after_trial() -> None:
-            records = [r for s in self.stages for r in s.records()]
-            new = [r for r in records if (r.stage, r.number) not in self.written]
-            if self.written:  # the file holds what this process wrote: add the new lines
+            first = not self.written
+            new = [r for s in self.stages for r in s.records(self.written.get(s.name, set()))]
+            if first:  # whatever an earlier (killed) process left is replaced
+                report.write_trials(self.folder / "trials.jsonl", new)
+            else:  # the file holds what this process wrote: add the new lines
                 report.append_trials(self.folder / "trials.jsonl", new)
-            else:  # its first write: whatever an earlier (killed) process left is replaced
-                report.write_trials(self.folder / "trials.jsonl", records)
-            self.written.update((r.stage, r.number) for r in new)
-            done = [r for r in records if r.stage == name]
-            best = max(r.fitness for r in done)
+            for record in new:
+                self.written.setdefault(record.stage, set()).add(record.number)
+            done = stage.fitnesses()
+            best = max(done)
             bar.n = len(done)
             postfix = {"best": report.fitness_text(best)}
             if deadline is not None:  # the bar's own estimate knows nothing of wall_time

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,10 +195,13 @@ def fail_running(storage: optuna.storages.BaseStorage, name: str) -> int:
     return len(running)
 
 
-def records_of(study: optuna.Study, stage: str) -> list[TrialRecord]:
-    """The completed trials of ``study``, in the order they were asked for."""
+def records_of(
+    study: optuna.Study, stage: str, known: Container[int] = frozenset()
+) -> list[TrialRecord]:
+    """The completed trials of ``study`` but those numbered in ``known``, in the order they
+    were asked for (reading a trial's genes is what costs: thousands of numbers each)."""
     names = study.user_attrs.get(GENE_NAMES, [])
-    return [_record(t, stage, names) for t in completed(study)]
+    return [_record(t, stage, names) for t in completed(study) if t.number not in known]
 
 
 def _record(trial: FrozenTrial, stage: str, names: list[str]) -> TrialRecord:
@@ -333,8 +336,12 @@ class Stage:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
 
-    def records(self) -> list[TrialRecord]:
-        return records_of(self.study, self.name)
+    def records(self, known: Container[int] = frozenset()) -> list[TrialRecord]:
+        return records_of(self.study, self.name, known)
+
+    def fitnesses(self) -> list[float]:
+        """The completed trials' fitness, without reading their genes."""
+        return [float(t.value) for t in completed(self.study)]
 
     def best(self) -> TrialRecord:
         """The completed trial with the highest fitness (the lowest number among ties), the
