@@ -196,11 +196,12 @@ class Run:
     stdout: str
 
 
-def run_process(command: list[str], log: Path) -> Run:
-    """Run ``command`` to its end; its CPU time comes from wait4, its output goes to ``log``."""
+def run_process(command: list[str], log: Path, cwd: Path = REPO) -> Run:
+    """Run ``command`` in ``cwd`` to its end; its CPU time comes from wait4, its output goes
+    to ``log``."""
     started, start = datetime.now(), time.perf_counter()
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=cwd)
         _, status, usage = os.wait4(process.pid, 0)
     wall, ended = time.perf_counter() - start, datetime.now()
     process.returncode = os.waitstatus_to_exitcode(status)

@@ -78,14 +78,17 @@ def floor_seconds(model_dir: Path, tasks: list[dict]) -> float:
 
 
 def run_search(label: str, repo: Path, spec: Path, out: Path) -> bench_evolve.StageFigures:
-    """``mergebot evolve`` of ``repo`` (this checkout or the baseline) on one thread."""
+    """``mergebot evolve`` of ``repo`` (this checkout or the baseline) on one thread, run in
+    ``repo`` so that ``python -m`` imports its code (the current directory comes first)."""
     shutil.rmtree(out, ignore_errors=True)
     bench_evolve.ENV.update(
         PYTHONPATH=str(repo), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1"
     )
     command = [sys.executable, "-m", "merge_engine.cli", "evolve", str(spec), str(out)]
     print(f"  {label}: mergebot evolve ({repo}) ...", flush=True)
-    bench_evolve.run_process([*command, "--device", "cpu", "--quiet"], out.with_suffix(".log"))
+    bench_evolve.run_process(
+        [*command, "--device", "cpu", "--quiet"], out.with_suffix(".log"), cwd=repo
+    )
     stage = bench_evolve.stage_figures(out)["parameters"]
     print(
         f"    {stage.trials} trials: {stage.mean:.2f} s each (merge {stage.mean_merge:.2f} s), "
