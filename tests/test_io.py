@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_engine.io import PlannedTensor, ShardedWriter, assign_shards, read_header
+from merge_engine.sources.tensors import PlannedTensor, ShardedWriter, assign_shards, read_header
 
 
 def planned(tensors: dict[str, torch.Tensor]) -> list[PlannedTensor]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from merge_engine import calibration
+from merge_engine.data import calibration
 from merge_engine.errors import RecipeError, excerpt
 from merge_engine.evolve.spec import MAX_BATCH_SIZE, FitnessTask, TaskData
 from merge_engine.evolve.stopping import StopCheckFunction, never_stop

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from merge_engine.data.stats import Statistic
 from merge_engine.methods.linear import linear
 from merge_engine.methods.registry import MergeMethod, Param, register
-from merge_engine.stats import Statistic
 
 
 def fisher_average(

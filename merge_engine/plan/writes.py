@@ -3,7 +3,7 @@ checkpoint, the names ``discard`` leaves out, and the other layout's names when 
 asks for one (``output_layout``).
 
 All of it is decided from names and shapes before a weight is read. A layout change is a list
-of :class:`~merge_engine.formats.sd_names.Renamed` targets, each made from one or a few merged
+of :class:`~merge_engine.sources.formats.sd_names.Renamed` targets, each made from one or a few merged
 tensors (SDXL's second text encoder fuses q, k and v into one tensor in the single-file
 layout), so the writer holds at most those few tensors at a time.
 """
@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from merge_engine.errors import IncompatibleModelsError, RecipeError
-from merge_engine.formats.layouts import Layout, component_of
-from merge_engine.formats.sd_names import Renamed, convert_names
-from merge_engine.io import TensorInfo, TensorStore
-from merge_engine.patterns import NameFilter
+from merge_engine.recipe.patterns import NameFilter
+from merge_engine.sources.formats.layouts import Layout, component_of
+from merge_engine.sources.formats.sd_names import Renamed, convert_names
+from merge_engine.sources.tensors import TensorInfo, TensorStore
 
 if TYPE_CHECKING:
-    from merge_engine.plan import TensorTask
-    from merge_engine.sources import ModelSource
+    from merge_engine.plan.planner import TensorTask
+    from merge_engine.sources.inspection import ModelSource
 
 T = TypeVar("T")
 
@@ -43,7 +43,7 @@ def _vae_prefix(names: Iterable[str]) -> str:
 def vae_source(source: ModelSource, layout: Layout) -> ModelSource:
     """The VAE in ``source`` (a whole checkpoint's, a diffusers VAE, a single-file VAE) with
     its tensors named as ``layout`` names a VAE; converted on read where layouts differ."""
-    from merge_engine.sources import ModelSource
+    from merge_engine.sources.inspection import ModelSource
 
     if source.layout.is_diffusion:
         tensors = {n: i for n, i in source.tensors.items() if component_of(n) == "vae"}
@@ -93,7 +93,7 @@ def bake_vae(
     tasks: list[TensorTask], vae: ModelSource, out_dtype: torch.dtype | None
 ) -> list[TensorTask]:
     """The plan's VAE tensors taken from ``vae`` as they are (cast only to ``out_dtype``)."""
-    from merge_engine.plan import TensorInput, TensorTask
+    from merge_engine.plan.planner import TensorInput, TensorTask
 
     baked = []
     for task in tasks:

@@ -1,6 +1,6 @@
 """Recipe + input metadata → one task per output tensor, with every parameter resolved.
 
-Building the plan is the pre-flight: it reads only what :mod:`merge_engine.sources` learned
+Building the plan is the pre-flight: it reads only what :mod:`merge_engine.sources.inspection` learned
 from configs and headers, and it raises every recipe or compatibility error before a single
 weight is read. The runner then only executes tasks.
 """
@@ -16,20 +16,20 @@ from typing import Any
 
 import torch
 
-from merge_engine import layers
-from merge_engine.align_pass import AlignmentPlan, plan_alignment
-from merge_engine.calibration import CalibrationSource
+from merge_engine.align.step import AlignmentPlan, plan_alignment
+from merge_engine.data.calibration import CalibrationSource
 from merge_engine.errors import IncompatibleModelsError, RecipeError
-from merge_engine.formats.blocks import diffusion_places
-from merge_engine.formats.layouts import TRANSFORMERS, Layout
-from merge_engine.formats.output import bake_vae, plan_writes, vae_source
-from merge_engine.formats.recipe_checks import check_layout, common_layout
-from merge_engine.formats.sd_names import Renamed
-from merge_engine.io import PlannedTensor
 from merge_engine.methods import MergeMethod, get_method
-from merge_engine.parameters import Place, Scope, resolve, varies_by_tensor
-from merge_engine.recipe import InputSlice, ModelReference, Recipe
-from merge_engine.sources import LAYER_COUNT_KEYS, ModelSource, model_task
+from merge_engine.plan.writes import bake_vae, plan_writes, vae_source
+from merge_engine.recipe.parameters import Place, Scope, resolve, varies_by_tensor
+from merge_engine.recipe.schema import InputSlice, ModelReference, Recipe
+from merge_engine.sources import layers
+from merge_engine.sources.formats.blocks import diffusion_places
+from merge_engine.sources.formats.layouts import TRANSFORMERS, Layout
+from merge_engine.sources.formats.recipe_checks import check_layout, common_layout
+from merge_engine.sources.formats.sd_names import Renamed
+from merge_engine.sources.inspection import LAYER_COUNT_KEYS, ModelSource, model_task
+from merge_engine.sources.tensors import PlannedTensor
 
 
 @dataclass(frozen=True)
