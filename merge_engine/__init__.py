@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from merge_engine.errors import MergeError
-    from merge_engine.plan.planner import MergePlan, build_plan
+    from merge_engine.plan.merge_plan import MergePlan
+    from merge_engine.plan.planner import build_plan
     from merge_engine.recipe.schema import ModelReference, Recipe, load_recipe, parse_recipe
     from merge_engine.run.memory import merge_into, merge_models
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 # does not pay for torch, scipy and transformers until a name that needs them is used.
 _LAZY = {
     "MergeError": "merge_engine.errors",
-    "MergePlan": "merge_engine.plan.planner",
+    "MergePlan": "merge_engine.plan.merge_plan",
     "ModelReference": "merge_engine.recipe.schema",
     "Recipe": "merge_engine.recipe.schema",
     "build_plan": "merge_engine.plan.planner",
@@ -72,7 +73,7 @@ def preflight(
 
 def merge(recipe_or_plan: Recipe | MergePlan, out_dir: str | Path, **options: Any) -> Path:
     """Run a merge end to end into ``out_dir`` (see :func:`merge_engine.run.executor.write_merge` for options)."""
-    from merge_engine.plan.planner import MergePlan
+    from merge_engine.plan.merge_plan import MergePlan
     from merge_engine.run.executor import write_merge
 
     token = options.get("token")

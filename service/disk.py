@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from merge_engine.plan.planner import MergePlan
+from merge_engine.plan.merge_plan import MergePlan
 from merge_engine.recipe.schema import ModelReference
 from merge_engine.sources.inspection import ModelSource
 from service.errors import DiskFull

@@ -23,7 +23,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from merge_engine import preflight
 from merge_engine.errors import MergeError, excerpt
 from merge_engine.output.card import build_card
-from merge_engine.plan.planner import MergePlan
+from merge_engine.plan.merge_plan import MergePlan
 from merge_engine.recipe.schema import recipe_from_text
 from merge_engine.run.executor import download_plan, resolve_device, write_merge
 from merge_engine.sources.hub_failures import answered

@@ -16,7 +16,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData, constants
 
-from merge_engine.plan.planner import MergePlan
+from merge_engine.plan.merge_plan import MergePlan
 from merge_engine.recipe import quote
 from merge_engine.recipe.hub_names import is_loopback
 from merge_engine.recipe.schema import BlockValues, ModelReference

@@ -24,14 +24,15 @@ from merge_engine.data.stats import Statistic
 from merge_engine.errors import MergeError, OutputExistsError
 from merge_engine.methods import kernel_argument
 from merge_engine.methods.sparsify import MagnitudeOrder
-from merge_engine.plan.planner import MergePlan, TensorTask
-from merge_engine.plan.writes import converted
+from merge_engine.output.conversion import converted
+from merge_engine.output.shards import ComponentWriter, ShardedWriter
+from merge_engine.plan.merge_plan import MergePlan, TensorTask
 from merge_engine.recipe.schema import ModelReference
 from merge_engine.run.statistics import StatsFiles, collect_statistics, default_stats_dir
 from merge_engine.sources.formats.layouts import TRANSFORMERS
 from merge_engine.sources.inspection import TOKENIZER_FILES
 from merge_engine.sources.inspection import download as download_source
-from merge_engine.sources.tensors import ComponentWriter, ShardedWriter, TensorStore
+from merge_engine.sources.tensors import TensorStore
 
 Progress = Callable[[int, int, str], None]
 """Called after each output tensor with (done, total, tensor name)."""

@@ -25,7 +25,7 @@ from merge_engine.data.stats import (
     save_stats,
     transposed_weights,
 )
-from merge_engine.plan.planner import MergePlan
+from merge_engine.plan.merge_plan import MergePlan
 from merge_engine.recipe.schema import ModelReference
 from merge_engine.sources.inspection import ModelSource, model_task
 

@@ -36,6 +36,7 @@ from merge_engine.sources.hub_failures import read_failed
 from merge_engine.sources.tensors import (
     INDEX_NAME,
     MemoryStore,
+    RenamedStore,
     SafetensorsStore,
     TensorInfo,
     TensorStore,
@@ -121,8 +122,6 @@ class ModelSource:
         if folder is None:
             raise RuntimeError(f"internal error: {self.ref} was not downloaded before merging")
         if self.renames is not None:
-            from merge_engine.plan.writes import RenamedStore
-
             return RenamedStore(SafetensorsStore(folder, self.origin_tensors), self.renames)
         return SafetensorsStore(folder, self.tensors)
 
