@@ -34,9 +34,9 @@ from merge_engine.evolve.candidates import ParameterCandidate, load_source, outp
 from merge_engine.evolve.genome import ParameterGenes  # noqa: E402
 from merge_engine.evolve.spec import ParameterGenome  # noqa: E402
 from merge_engine.methods import get_method  # noqa: E402
-from merge_engine.plan import build_plan  # noqa: E402
-from merge_engine.recipe import ModelReference, Recipe  # noqa: E402
-from merge_engine.run import iter_merged  # noqa: E402
+from merge_engine.plan.planner import build_plan  # noqa: E402
+from merge_engine.recipe.schema import ModelReference, Recipe  # noqa: E402
+from merge_engine.run.executor import iter_merged  # noqa: E402
 
 
 def from_scratch(candidate: ParameterCandidate, recipe: Recipe) -> None:

@@ -50,8 +50,8 @@ def child(case: str, work: Path, out: Path, samples: int, fisher_samples: int) -
     import yaml
 
     from merge_engine import merge, parse_recipe, preflight
-    from merge_engine.calibration import batches
-    from merge_engine.stats_pass import collect_statistics
+    from merge_engine.data.calibration import batches
+    from merge_engine.run.statistics import collect_statistics
 
     timings: dict[str, float] = {}
     if case in ("forward", "backward"):

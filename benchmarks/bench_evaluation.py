@@ -44,7 +44,7 @@ from merge_engine.evolve.fitness import TaskRows, default_batch_size, evaluate_t
 from merge_engine.evolve.genome import LayerRef  # noqa: E402
 from merge_engine.evolve.spec import FitnessTask  # noqa: E402
 from merge_engine.example import save_model, save_tiny_tokenizer, tiny_config  # noqa: E402
-from merge_engine.recipe import ModelReference  # noqa: E402
+from merge_engine.recipe.schema import ModelReference  # noqa: E402
 
 SHAPE = dict(
     hidden_size=128,

@@ -4,7 +4,7 @@
     plan = preflight(load_recipe("recipe.yaml"))   # headers only: errors before any download
     merge(plan, "./merged")                          # streams tensors, writes card and recipe
 
-In memory: :func:`merge_models` and :func:`merge_into` (see :mod:`merge_engine.memory`).
+In memory: :func:`merge_models` and :func:`merge_into` (see :mod:`merge_engine.run.memory`).
 """
 
 from __future__ import annotations
@@ -15,22 +15,23 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from merge_engine.errors import MergeError
-    from merge_engine.memory import merge_into, merge_models
-    from merge_engine.plan import MergePlan, build_plan
-    from merge_engine.recipe import ModelReference, Recipe, load_recipe, parse_recipe
+    from merge_engine.plan.merge_plan import MergePlan
+    from merge_engine.plan.planner import build_plan
+    from merge_engine.recipe.schema import ModelReference, Recipe, load_recipe, parse_recipe
+    from merge_engine.run.memory import merge_into, merge_models
 
 # Imported on first use (PEP 562), so that importing any submodule, the CLI's among them,
 # does not pay for torch, scipy and transformers until a name that needs them is used.
 _LAZY = {
     "MergeError": "merge_engine.errors",
-    "MergePlan": "merge_engine.plan",
-    "ModelReference": "merge_engine.recipe",
-    "Recipe": "merge_engine.recipe",
-    "build_plan": "merge_engine.plan",
-    "load_recipe": "merge_engine.recipe",
-    "merge_into": "merge_engine.memory",
-    "merge_models": "merge_engine.memory",
-    "parse_recipe": "merge_engine.recipe",
+    "MergePlan": "merge_engine.plan.merge_plan",
+    "ModelReference": "merge_engine.recipe.schema",
+    "Recipe": "merge_engine.recipe.schema",
+    "build_plan": "merge_engine.plan.planner",
+    "load_recipe": "merge_engine.recipe.schema",
+    "merge_into": "merge_engine.run.memory",
+    "merge_models": "merge_engine.run.memory",
+    "parse_recipe": "merge_engine.recipe.schema",
 }
 
 
@@ -54,10 +55,10 @@ def preflight(
     weight (a Hub calibration dataset is pinned, not downloaded). ``hub_only`` reads every
     reference from the Hub, never a local folder or file; ``cache_dir`` keeps what is read
     (config.json) out of the shared Hugging Face cache."""
-    from merge_engine.calibration import resolve_recipe as resolve_calibration
+    from merge_engine.data.calibration import resolve_recipe as resolve_calibration
     from merge_engine.methods import get_method
-    from merge_engine.plan import build_plan
-    from merge_engine.sources import inspect_recipe_models
+    from merge_engine.plan.planner import build_plan
+    from merge_engine.sources.inspection import inspect_recipe_models
 
     sources = inspect_recipe_models(
         recipe.referenced_models(), token, allow_pickle, hub_only, cache_dir
@@ -71,9 +72,9 @@ def preflight(
 
 
 def merge(recipe_or_plan: Recipe | MergePlan, out_dir: str | Path, **options: Any) -> Path:
-    """Run a merge end to end into ``out_dir`` (see :func:`merge_engine.run.write_merge` for options)."""
-    from merge_engine.plan import MergePlan
-    from merge_engine.run import write_merge
+    """Run a merge end to end into ``out_dir`` (see :func:`merge_engine.run.executor.write_merge` for options)."""
+    from merge_engine.plan.merge_plan import MergePlan
+    from merge_engine.run.executor import write_merge
 
     token = options.get("token")
     plan = (

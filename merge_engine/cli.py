@@ -135,7 +135,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from merge_engine import load_recipe, merge, preflight
-    from merge_engine.run import DEFAULT_SHARD_SIZE
+    from merge_engine.run.executor import DEFAULT_SHARD_SIZE
 
     if args.quiet:
         from huggingface_hub.utils import disable_progress_bars
@@ -221,7 +221,7 @@ def cmd_example(args: argparse.Namespace) -> None:
         make_family,
         save_tiny_tokenizer,
     )
-    from merge_engine.recipe import recipe_from_text
+    from merge_engine.recipe.schema import recipe_from_text
 
     work = Path(args.work_dir)
     spec, searched = work / "search.yaml", work / "searched"

@@ -35,7 +35,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from merge_engine.formats.sd_names import Family, convert_names
+from merge_engine.sources.formats.sd_names import Family, convert_names
 
 COMPONENTS = {
     "sd1": ("unet", "vae", "text_encoder"),

@@ -22,12 +22,12 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
-from merge_engine import quote
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.evolve.report import fitness_text
 from merge_engine.evolve.spec import SearchSpec
-from merge_engine.recipe import Recipe
-from merge_engine.recipe_limits import load_yaml
+from merge_engine.recipe import quote
+from merge_engine.recipe.limits import load_yaml
+from merge_engine.recipe.schema import Recipe
 from service.hub import hub_api
 from service.intake import Identity, MergeRequest, SearchRequest, is_search_spec
 from service.job_store import ACTIVE, Job, Kind

@@ -12,9 +12,9 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from merge_engine.plan import MergePlan
-from merge_engine.recipe import ModelReference
-from merge_engine.sources import ModelSource
+from merge_engine.plan.merge_plan import MergePlan
+from merge_engine.recipe.schema import ModelReference
+from merge_engine.sources.inspection import ModelSource
 from service.errors import DiskFull
 
 FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from merge_engine.errors import MergeError
-from merge_engine.recipe import recipe_from_text
+from merge_engine.recipe.schema import recipe_from_text
 from service.hub import hub_api
 from service.intake import Identity, MergeRequest
 from service.job_store import Job, metadata

@@ -15,10 +15,10 @@ from typing import Any, Literal
 from merge_engine.errors import RecipeError, excerpt
 from merge_engine.evolve.lm_eval_tasks import check_task_files
 from merge_engine.evolve.spec import SearchSpec
-from merge_engine.hub_names import check_repo_id, check_revision
-from merge_engine.plan import MergePlan
-from merge_engine.recipe import DataBlock, ModelReference, Recipe
-from merge_engine.sources import ModelSource
+from merge_engine.plan.merge_plan import MergePlan
+from merge_engine.recipe.hub_names import check_repo_id, check_revision
+from merge_engine.recipe.schema import DataBlock, ModelReference, Recipe
+from merge_engine.sources.inspection import ModelSource
 from service.disk import source_bytes
 
 Origin = Literal["form", "discussion", "schedule", "api"]

@@ -10,9 +10,9 @@ from typing import Any
 import gradio as gr
 import yaml
 
-from merge_engine import quote
 from merge_engine.errors import MergeError
-from merge_engine.hub_names import is_loopback
+from merge_engine.recipe import quote
+from merge_engine.recipe.hub_names import is_loopback
 from service.intake import Identity
 from service.job_store import ACTIVE, Job
 from service.jobs import JobService

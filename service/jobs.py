@@ -27,10 +27,10 @@ from merge_engine.errors import MergeError, RecipeError, excerpt
 from merge_engine.evolve.checks import CheckedSpec, check_spec
 from merge_engine.evolve.report import TrialRecord
 from merge_engine.evolve.spec import SearchSpec, spec_from_text
-from merge_engine.formats.layouts import Layout
-from merge_engine.plan import MergePlan
-from merge_engine.recipe import ModelReference, Recipe, recipe_from_text, with_revisions
-from merge_engine.sources import inspect_hub
+from merge_engine.plan.merge_plan import MergePlan
+from merge_engine.recipe.schema import ModelReference, Recipe, recipe_from_text, with_revisions
+from merge_engine.sources.formats.layouts import Layout
+from merge_engine.sources.inspection import inspect_hub
 from service.disk import check_room, merge_bytes, search_bytes
 from service.errors import (
     HubUnavailable,

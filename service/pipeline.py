@@ -21,12 +21,12 @@ from dbos import DBOS, SetWorkflowID
 from huggingface_hub.errors import HfHubHTTPError
 
 from merge_engine import preflight
-from merge_engine.card import build_card
 from merge_engine.errors import MergeError, excerpt
-from merge_engine.hub_failures import answered
-from merge_engine.plan import MergePlan
-from merge_engine.recipe import recipe_from_text
-from merge_engine.run import download_plan, resolve_device, write_merge
+from merge_engine.output.card import build_card
+from merge_engine.plan.merge_plan import MergePlan
+from merge_engine.recipe.schema import recipe_from_text
+from merge_engine.run.executor import download_plan, resolve_device, write_merge
+from merge_engine.sources.hub_failures import answered
 from service.discussions import DiscussionWatcher, discussion_url, parse_discussion_key
 from service.disk import is_disk_full, merge_bytes
 from service.hub import hub_api, publish

@@ -21,10 +21,10 @@ from typing import Any
 import yaml
 
 from merge_engine.errors import RecipeError
-from merge_engine.formats.blocks import block_names
 from merge_engine.methods import all_methods, get_method
 from merge_engine.methods.registry import Param
-from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, load_yaml
+from merge_engine.recipe.limits import DEFAULT_LIMITS, RecipeLimits, load_yaml
+from merge_engine.sources.formats.blocks import block_names
 
 MAX_MODELS = 6
 DTYPES = ["", "float32", "float16", "bfloat16"]

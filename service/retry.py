@@ -18,7 +18,7 @@ from typing import TypeVar
 from huggingface_hub.errors import HfHubHTTPError
 
 from merge_engine.errors import MergeError
-from merge_engine.hub_failures import TRANSIENT_STATUS, is_unreachable
+from merge_engine.sources.hub_failures import TRANSIENT_STATUS, is_unreachable
 from service.errors import HubUnavailable
 
 T = TypeVar("T")

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from merge_engine import quote
 from merge_engine.evolve.report import Baseline, TrialRecord, duration, fitness_text
 from merge_engine.methods import all_methods, get_method
+from merge_engine.recipe import quote
 from service.recipe_form import DEMO_MODELS, HUB_MODELS, ExampleModels, previous_document
 
 if TYPE_CHECKING:

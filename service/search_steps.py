@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from dbos import DBOS
 
-from merge_engine.calibration import load_tokenizer
+from merge_engine.data.calibration import load_tokenizer
 from merge_engine.errors import MergeError
 from merge_engine.evolve.checks import check_spec
 from merge_engine.evolve.fitness import evaluate, read_tasks
@@ -34,9 +34,9 @@ from merge_engine.evolve.report import TrialRecord, fitness_text
 from merge_engine.evolve.search import BASELINES, SearchResult, StudyNames, evolve
 from merge_engine.evolve.spec import SearchSpec, spec_from_text
 from merge_engine.evolve.study import StoredStudy, read_study
-from merge_engine.model_building import building_model
-from merge_engine.run import resolve_device
-from merge_engine.sources import model_class
+from merge_engine.run.executor import resolve_device
+from merge_engine.sources.inspection import model_class
+from merge_engine.sources.model_building import building_model
 from service import pipeline
 from service.disk import search_bytes
 from service.job_store import Job

@@ -10,12 +10,12 @@ from typing import Any
 
 import gradio as gr
 
-from merge_engine import quote
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.evolve.report import fitness_figure
 from merge_engine.evolve.spec import BUILT_IN_KINDS, SPACES
-from merge_engine.hub_names import is_loopback
-from merge_engine.recipe_limits import load_yaml
+from merge_engine.recipe import quote
+from merge_engine.recipe.hub_names import is_loopback
+from merge_engine.recipe.limits import load_yaml
 from service.intake import Identity, SearchRequest
 from service.job_panel import (
     POLL_SECONDS,

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from merge_engine.errors import MergeError, excerpt
-from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits
+from merge_engine.recipe.limits import DEFAULT_LIMITS, RecipeLimits
 from service.intake import Limits, SearchLimits
 
 PUBLIC_HUB = "https://huggingface.co"

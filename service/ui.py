@@ -15,12 +15,12 @@ from typing import Any
 
 import gradio as gr
 
-from merge_engine import quote
 from merge_engine.errors import MergeError, RecipeError
-from merge_engine.hub_names import is_loopback
 from merge_engine.methods import all_methods, get_method
 from merge_engine.methods.registry import Param
-from merge_engine.recipe_limits import load_yaml
+from merge_engine.recipe import quote
+from merge_engine.recipe.hub_names import is_loopback
+from merge_engine.recipe.limits import load_yaml
 from service.intake import Identity, MergeRequest
 from service.job_panel import (
     POLL_SECONDS,

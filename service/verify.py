@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 
 from merge_engine.errors import MergeError, SourceError
-from merge_engine.formats.layouts import single_file_layout
-from merge_engine.io import TensorInfo, read_header
-from merge_engine.model_building import building_model
+from merge_engine.sources.formats.layouts import single_file_layout
+from merge_engine.sources.model_building import building_model
+from merge_engine.sources.tensors import TensorInfo, read_header
 from service.verify_diffusion import verify_pipeline, verify_single_file
 
 PROBE_TOKENS = [1, 2, 3, 4, 5]

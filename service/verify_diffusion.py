@@ -27,10 +27,10 @@ import torch
 from safetensors import safe_open
 
 from merge_engine.errors import MergeError
-from merge_engine.formats.layouts import component_of
-from merge_engine.formats.sd_names import Family, Renamed, convert_names
-from merge_engine.io import TensorInfo, read_header
-from merge_engine.model_building import building_model
+from merge_engine.sources.formats.layouts import component_of
+from merge_engine.sources.formats.sd_names import Family, Renamed, convert_names
+from merge_engine.sources.model_building import building_model
+from merge_engine.sources.tensors import TensorInfo, read_header
 
 Shape = tuple[int, ...]
 

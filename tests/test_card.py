@@ -11,12 +11,12 @@ import yaml
 from conftest import write_recipe
 
 from merge_engine import load_recipe, preflight
-from merge_engine.card import build_card
 from merge_engine.cli import main
-from merge_engine.io import TensorInfo
-from merge_engine.plan import build_plan
-from merge_engine.recipe import ModelReference, parse_recipe
-from merge_engine.sources import ModelSource
+from merge_engine.output.card import build_card
+from merge_engine.plan.planner import build_plan
+from merge_engine.recipe.schema import ModelReference, parse_recipe
+from merge_engine.sources.inspection import ModelSource
+from merge_engine.sources.tensors import TensorInfo
 
 
 def source(ref: str, revision: str | None, seed: int) -> ModelSource:

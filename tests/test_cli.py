@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from merge_engine.cli import main
 from merge_engine.example import EXAMPLE_SEARCH, EXAMPLE_TEXTS, save_tiny_tokenizer
-from merge_engine.io import read_header
 from merge_engine.methods import all_methods, get_method
+from merge_engine.sources.tensors import read_header
 from service.cli import main as service_main
 from service.sandbox_hub.seed import example_repo_ids
 

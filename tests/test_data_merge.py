@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from merge_engine.data_merge import fisher_merge, regmean_merge
+from merge_engine.data.stats import fisher_diagonal, gram_matrices, load_stats, save_stats
 from merge_engine.errors import IncompatibleModelsError, MergeError
-from merge_engine.stats import fisher_diagonal, gram_matrices, load_stats, save_stats
+from merge_engine.run.data_merge import fisher_merge, regmean_merge
 
 
 def least_squares_layer(x: torch.Tensor, y: torch.Tensor) -> nn.Linear:

@@ -23,12 +23,12 @@ from merge_engine.example_diffusion import (
     make_pipeline,
     write_single_file,
 )
-from merge_engine.formats.blocks import block_names
-from merge_engine.formats.sd_names import convert_names
 from merge_engine.methods import all_methods, get_method
-from merge_engine.plan import build_plan
-from merge_engine.run import write_merge
-from merge_engine.sources import inspect_recipe_models
+from merge_engine.plan.planner import build_plan
+from merge_engine.run.executor import write_merge
+from merge_engine.sources.formats.blocks import block_names
+from merge_engine.sources.formats.sd_names import convert_names
+from merge_engine.sources.inspection import inspect_recipe_models
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])

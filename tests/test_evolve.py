@@ -31,7 +31,7 @@ from merge_engine.evolve.spec import spec_from_text
 from merge_engine.evolve.study import Outcome, Stage, open_storage, open_study, records_of
 from merge_engine.example import make_family
 from merge_engine.methods.task_vector_sum import compiled_entries
-from merge_engine.recipe import ModelReference
+from merge_engine.recipe.schema import ModelReference
 
 
 def nll_spec(base: Path, tuned: list[Path], trials: int, extra: str = "") -> str:

@@ -20,7 +20,7 @@ from merge_engine.evolve.checks import check_spec
 from merge_engine.evolve.search import evolve
 from merge_engine.evolve.spec import spec_from_text
 from merge_engine.evolve.study import NonFiniteFitness, open_storage
-from merge_engine.recipe_limits import RecipeLimits
+from merge_engine.recipe.limits import RecipeLimits
 
 
 def spec_text(

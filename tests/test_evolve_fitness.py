@@ -30,7 +30,7 @@ from merge_engine.evolve.fitness import (
 from merge_engine.evolve.genome import LayerRef
 from merge_engine.evolve.spec import FitnessTask, parse_spec
 from merge_engine.example import save_tiny_tokenizer, tiny_config
-from merge_engine.recipe import ModelReference
+from merge_engine.recipe.schema import ModelReference
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest
 CPU = torch.device("cpu")

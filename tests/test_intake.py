@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from merge_engine.errors import RecipeError
-from merge_engine.io import TensorInfo
-from merge_engine.plan import build_plan
-from merge_engine.recipe import ModelReference, parse_recipe, recipe_from_text
-from merge_engine.sources import ModelSource
+from merge_engine.plan.planner import build_plan
+from merge_engine.recipe.schema import ModelReference, parse_recipe, recipe_from_text
+from merge_engine.sources.inspection import ModelSource
+from merge_engine.sources.tensors import TensorInfo
 from service.intake import (
     Limits,
     MergeRequest,

@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_engine.io import PlannedTensor, ShardedWriter, assign_shards, read_header
+from merge_engine.output.shards import ShardedWriter, assign_shards
+from merge_engine.plan.merge_plan import PlannedTensor
+from merge_engine.sources.tensors import read_header
 
 
 def planned(tensors: dict[str, torch.Tensor]) -> list[PlannedTensor]:

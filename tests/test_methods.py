@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from merge_engine import build_plan, merge_models, parse_recipe
-from merge_engine.io import TensorInfo
 from merge_engine.methods import all_methods
-from merge_engine.recipe import ModelReference
-from merge_engine.run import iter_merged
-from merge_engine.sources import ModelSource
+from merge_engine.recipe.schema import ModelReference
+from merge_engine.run.executor import iter_merged
+from merge_engine.sources.inspection import ModelSource
+from merge_engine.sources.tensors import TensorInfo
 
 SHAPE = (24, 40)
 

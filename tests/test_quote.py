@@ -7,7 +7,7 @@ import pytest
 from markdown_it import MarkdownIt
 from rendered import HOSTILE, hostile_elements
 
-from merge_engine import quote
+from merge_engine.recipe import quote
 
 NASTY = [HOSTILE, f"a | b ``` {HOSTILE}", f"x` {HOSTILE} `y", f"line one\n```\n{HOSTILE}\n```"]
 

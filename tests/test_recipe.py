@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from merge_engine.parameters import Place, evaluate, resolve
-from merge_engine.recipe import ConditionalParameter, ModelReference, parse_recipe
+from merge_engine.recipe.parameters import Place, evaluate, resolve
+from merge_engine.recipe.schema import ConditionalParameter, ModelReference, parse_recipe
 
 MERGEKIT_SLERP = """
 slices:

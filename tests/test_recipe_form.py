@@ -10,10 +10,10 @@ import yaml
 
 from merge_engine import parse_recipe
 from merge_engine.errors import RecipeError
-from merge_engine.formats.blocks import block_names
-from merge_engine.formats.layouts import Layout
-from merge_engine.formats.recipe_checks import check_layout
 from merge_engine.methods import get_method
+from merge_engine.sources.formats.blocks import block_names
+from merge_engine.sources.formats.layouts import Layout
+from merge_engine.sources.formats.recipe_checks import check_layout
 from service.recipe_form import (
     DEMO_MODELS,
     FIRST_EXAMPLE,

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from merge_engine.errors import RecipeError, excerpt
-from merge_engine.hub_names import check_repo_id, check_revision
-from merge_engine.recipe import load_recipe, parse_recipe, recipe_from_text
-from merge_engine.recipe_limits import RecipeLimits
+from merge_engine.recipe.hub_names import check_repo_id, check_revision
+from merge_engine.recipe.limits import RecipeLimits
+from merge_engine.recipe.schema import load_recipe, parse_recipe, recipe_from_text
 
 ONE_MODEL = "merge_method: linear\nmodels:\n  - model: {model}\n"
 
@@ -338,7 +338,7 @@ def test_discard_patterns_are_bounded_and_run_in_linear_time(patterns, field, wo
 
 
 def test_a_discard_pattern_matches_anywhere_in_a_name_as_re_search_does():
-    from merge_engine.patterns import NameFilter
+    from merge_engine.recipe.patterns import NameFilter
 
     discarded = NameFilter([r"\.ln_final\.", r"^first_stage_model\.", r"([\w.]+)+!"])
     names = ["cond.ln_final.weight", "first_stage_model.x", "model.first_stage_model.x", "a" * 500]

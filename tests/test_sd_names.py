@@ -1,4 +1,4 @@
-"""The Stable Diffusion name map (merge_engine.formats.sd_names) against diffusers' own converter.
+"""The Stable Diffusion name map (merge_engine.sources.formats.sd_names) against diffusers' own converter.
 
 Tiny SD1.5- and SDXL-shaped pipelines (merge_engine/example_diffusion.py) are written as single files with
 our diffusers -> single_file map and read back by diffusers' independent single_file -> diffusers
@@ -32,7 +32,7 @@ from merge_engine.example_diffusion import (
     make_pipeline,
     write_single_file,
 )
-from merge_engine.formats.sd_names import Renamed, convert_names
+from merge_engine.sources.formats.sd_names import Renamed, convert_names
 
 PIPELINES = {"sd1": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 

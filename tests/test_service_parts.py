@@ -13,7 +13,7 @@ from cryptography.fernet import Fernet
 from huggingface_hub.errors import HfHubHTTPError
 
 from merge_engine.errors import MergeError, RecipeError, SourceError
-from merge_engine.hub_failures import answered, read_failed
+from merge_engine.sources.hub_failures import answered, read_failed
 from service.clock import sweep
 from service.intake import Identity, check_push_rights
 from service.job_panel import card_shown, copy_stem, result_link

@@ -27,7 +27,7 @@ from playwright.sync_api import expect
 from service_env import BOT_TOKEN
 
 from merge_engine.example_diffusion import make_finetune, make_pipeline
-from merge_engine.formats.blocks import block_names
+from merge_engine.sources.formats.blocks import block_names
 from service.recipe_form import IN_BLOCKS_FROM_A, OUT_BLOCKS_FROM_B
 from service.server import MOCK_OAUTH_TOKEN
 

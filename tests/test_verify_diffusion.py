@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from merge_engine import merge
 from merge_engine.errors import MergeError
 from merge_engine.example_diffusion import make_finetune, make_pipeline, write_single_file
-from merge_engine.formats.sd_names import convert_names
-from merge_engine.io import read_header
-from merge_engine.recipe import recipe_from_text
+from merge_engine.recipe.schema import recipe_from_text
+from merge_engine.sources.formats.sd_names import convert_names
+from merge_engine.sources.tensors import read_header
 from service.verify import verify_output
 from service.verify_diffusion import unet_config, vae_config
 

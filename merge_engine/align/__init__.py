@@ -21,6 +21,10 @@ loses. In memory, on ``nn.Module``s or state dicts::
 :func:`spec_for`: Linear/Conv2d stacks, and transformers models whose ``model_type`` is llama,
 mistral, qwen2, gpt2 or bert; any other layout takes a :class:`PermutationSpec` by hand.
 ``save_permutations``/``load_permutations`` keep an alignment for inspection and reuse.
+
+A recipe's ``align`` step is :mod:`merge_engine.align.step`: which models are permuted to match
+which (planned in the pre-flight), run before the merge, and the permuted stores the executor
+reads.
 """
 
 from __future__ import annotations

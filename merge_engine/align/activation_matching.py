@@ -21,8 +21,8 @@ from merge_engine.align.assign import best_permutation, score_of
 from merge_engine.align.models import check_compatible, resolve_spec, state_of
 from merge_engine.align.result import Alignment, MatchReport
 from merge_engine.align.spec import PermutationSpec, Probe
+from merge_engine.data.stats import run_model, to_device, token_mask
 from merge_engine.errors import MergeError, RecipeError
-from merge_engine.stats import run_model, to_device, token_mask
 
 
 class Moments:

@@ -26,8 +26,8 @@ from torch import nn
 
 from merge_engine.align.models import check_compatible, spec_for, state_of
 from merge_engine.align.stack import _leaves, weight_layers
+from merge_engine.data.stats import run_model, to_device
 from merge_engine.errors import MergeError, RecipeError
-from merge_engine.stats import run_model, to_device
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 

@@ -26,17 +26,17 @@ from torch import nn
 from merge_engine.errors import IncompatibleModelsError
 from merge_engine.evolve.genome import LayerRef
 from merge_engine.evolve.stopping import StopCheckFunction, never_stop
-from merge_engine.model_building import building_model
-from merge_engine.plan import build_plan
-from merge_engine.recipe import ModelReference, Recipe, parse_recipe
-from merge_engine.run import MergeSeries, iter_merged
-from merge_engine.sources import (
+from merge_engine.plan.planner import build_plan
+from merge_engine.recipe.schema import ModelReference, Recipe, parse_recipe
+from merge_engine.run.executor import MergeSeries, iter_merged
+from merge_engine.sources.inspection import (
     LAYER_COUNT_KEYS,
     ModelSource,
     download,
     inspect_model,
     model_class,
 )
+from merge_engine.sources.model_building import building_model
 
 WRITES_TO_RESIDUAL = ("o_proj", "down_proj")
 """The projections of a pre-norm decoder layer that write into the residual stream."""

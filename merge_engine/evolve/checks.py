@@ -20,11 +20,11 @@ from merge_engine.evolve.genome import (
 )
 from merge_engine.evolve.lm_eval_tasks import check_task_files
 from merge_engine.evolve.spec import FOLDABLE_FAMILIES, SearchSpec
-from merge_engine.formats.layouts import TRANSFORMERS
 from merge_engine.methods import MergeMethod, get_method
-from merge_engine.plan import build_plan
-from merge_engine.recipe import ModelReference
-from merge_engine.sources import ModelSource, inspect_recipe_models, model_task
+from merge_engine.plan.planner import build_plan
+from merge_engine.recipe.schema import ModelReference
+from merge_engine.sources.formats.layouts import TRANSFORMERS
+from merge_engine.sources.inspection import ModelSource, inspect_recipe_models, model_task
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The built-in evaluators: a task's examples in, one number per task out, higher is better.
 
 Reading (:func:`read_tasks`) happens once, before the search: each split's data is pinned,
-fetched and read the way calibration data is (:mod:`merge_engine.calibration`), every field
+fetched and read the way calibration data is (:mod:`merge_engine.data.calibration`), every field
 the task reads is checked in every example, and the search data is split when the task gives
 no held-out data. Evaluating (:func:`evaluate`) scores one candidate on one split of every task.
 
@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from merge_engine import calibration
+from merge_engine.data import calibration
 from merge_engine.errors import RecipeError, excerpt
 from merge_engine.evolve.spec import MAX_BATCH_SIZE, FitnessTask, TaskData
 from merge_engine.evolve.stopping import StopCheckFunction, never_stop

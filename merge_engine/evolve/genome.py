@@ -18,7 +18,7 @@ from typing import Any
 from merge_engine.evolve.report import PathSlot
 from merge_engine.evolve.spec import LayerGenome, ParameterGenome
 from merge_engine.methods import MergeMethod
-from merge_engine.recipe import ModelReference, Recipe, parse_recipe
+from merge_engine.recipe.schema import ModelReference, Recipe, parse_recipe
 
 REST = "rest"
 """The filter name of the tensors that match none of the genome's ``filters``."""

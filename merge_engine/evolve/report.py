@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from merge_engine import quote
+from merge_engine.recipe import quote
 
 STAGES = ("parameters", "layers")
 """The stages in the order they run (``space: both`` runs both)."""

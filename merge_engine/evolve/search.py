@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from merge_engine.calibration import load_tokenizer
+from merge_engine.data.calibration import load_tokenizer
 from merge_engine.errors import MergeError, OutputExistsError
 from merge_engine.evolve import report
 from merge_engine.evolve.candidates import (
@@ -50,12 +50,12 @@ from merge_engine.evolve.study import (
     open_study,
     worker_name,
 )
-from merge_engine.io import TensorInfo
 from merge_engine.methods import get_method
-from merge_engine.model_building import building_model
-from merge_engine.recipe import ModelReference, Recipe
-from merge_engine.run import resolve_device, write_merge
-from merge_engine.sources import ModelSource, model_class
+from merge_engine.recipe.schema import ModelReference, Recipe
+from merge_engine.run.executor import resolve_device, write_merge
+from merge_engine.sources.inspection import ModelSource, model_class
+from merge_engine.sources.model_building import building_model
+from merge_engine.sources.tensors import TensorInfo
 
 FitnessFunction = Callable[[nn.Module, str], float]
 """A fitness of your own: called with a candidate model and the split ("search" while
@@ -199,7 +199,7 @@ def evolve(
     abandons the trial and ends the search with that exception), ``pause()`` after each trial
     whether to leave the search for now (evolve returns None; the study keeps every trial, and
     a later call continues it), and ``card_details`` are further arguments of the card (see
-    :func:`merge_engine.card.build_card`)."""
+    :func:`merge_engine.output.card.build_card`)."""
     out = Path(out)
     folder = out / "evolve"
     if workers < 1:

@@ -18,7 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merge_engine.errors import RecipeError, excerpt
-from merge_engine.recipe import (
+from merge_engine.recipe.limits import DEFAULT_LIMITS, RecipeLimits, check_examples, load_yaml
+from merge_engine.recipe.schema import (
     DTYPES,
     Calibration,
     DataBlock,
@@ -26,7 +27,6 @@ from merge_engine.recipe import (
     Parameters,
     first_error,
 )
-from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, check_examples, load_yaml
 
 SPACES = ("parameters", "layers", "both")
 BUILT_IN_KINDS = ("multiple_choice", "exact_match", "nll", "classification")

@@ -111,7 +111,7 @@ class MergeMethod:
     statistic: Callable[[dict[str, Any]], str] | None = field(default=None, repr=False)
     """For methods that need data: which statistic a tensor reads (``gram``,
     ``fisher_empirical``, ``fisher_exact``), from its global parameter values. The kernel then
-    receives ``stats``: one :class:`~merge_engine.stats.Statistic` per input, or None."""
+    receives ``stats``: one :class:`~merge_engine.data.stats.Statistic` per input, or None."""
     layer_stacking: bool = False
     prunes_by_magnitude: bool = False
     """The kernel takes ``magnitude_orders``, one :class:`~merge_engine.methods.sparsify.MagnitudeOrder`

@@ -1,5 +1,5 @@
 """The methods that use data: Fisher merging and RegMean. Their kernels are pure tensor math
-on the statistics that :mod:`merge_engine.stats` collected (one per input, or None for a
+on the statistics that :mod:`merge_engine.data.stats` collected (one per input, or None for a
 tensor no statistic covers, which then takes the plain or weighted average)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from merge_engine.data.stats import Statistic
 from merge_engine.methods.linear import linear
 from merge_engine.methods.registry import MergeMethod, Param, register
-from merge_engine.stats import Statistic
 
 
 def fisher_average(

@@ -16,18 +16,18 @@ from typing import Any
 
 import torch
 
-from merge_engine import calibration
-from merge_engine.calibration import load_model
-from merge_engine.plan import MergePlan
-from merge_engine.recipe import ModelReference
-from merge_engine.sources import ModelSource, model_task
-from merge_engine.stats import (
+from merge_engine.data import calibration
+from merge_engine.data.calibration import load_model
+from merge_engine.data.stats import (
     StatsFile,
     fisher_diagonal,
     gram_matrices,
     save_stats,
     transposed_weights,
 )
+from merge_engine.plan.merge_plan import MergePlan
+from merge_engine.recipe.schema import ModelReference
+from merge_engine.sources.inspection import ModelSource, model_task
 
 STATS_FORMAT = 1
 """Part of every key: raise it when the statistics' definition changes."""

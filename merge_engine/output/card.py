@@ -16,14 +16,14 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData, constants
 
-from merge_engine import quote
-from merge_engine.formats.blocks import block_names
-from merge_engine.formats.layouts import TRANSFORMERS
-from merge_engine.hub_names import is_loopback
-from merge_engine.plan import MergePlan
-from merge_engine.recipe import BlockValues, ModelReference
+from merge_engine.plan.merge_plan import MergePlan
+from merge_engine.recipe import quote
+from merge_engine.recipe.hub_names import is_loopback
+from merge_engine.recipe.schema import BlockValues, ModelReference
+from merge_engine.sources.formats.blocks import block_names
+from merge_engine.sources.formats.layouts import TRANSFORMERS
 
-TEMPLATE = files("merge_engine") / "templates" / "card.md"
+TEMPLATE = files("merge_engine.output") / "templates" / "card.md"
 DEFAULT_COMMAND = "mergebot merge mergebot_recipe.yaml ./merged"
 PUBLIC_HUB = "https://huggingface.co"
 """Where Spaces run: a Space's git repository is there even when the bot talks to a local hub."""

@@ -5,7 +5,7 @@ or ``slices`` (layer ranges, stacked in order: frankenmerging), plus ``parameter
 levels (global, per slice, per model). Parameter values are scalars, gradients (a list of
 numbers interpolated over the layers) or filter lists (``[{filter: mlp, value: 0.3}, ...]``).
 Whether a method exists and which parameters it takes is checked against the method registry
-by :mod:`merge_engine.plan`, not here: this module only knows the shape of the YAML.
+by :mod:`merge_engine.plan.planner`, not here: this module only knows the shape of the YAML.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from pydantic import (
 from pydantic_core import core_schema
 
 from merge_engine.errors import RecipeError, excerpt
-from merge_engine.hub_names import check_repo_id, check_revision
-from merge_engine.patterns import compile_pattern, count_error
-from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits, check_examples, load_yaml
+from merge_engine.recipe.hub_names import check_repo_id, check_revision
+from merge_engine.recipe.limits import DEFAULT_LIMITS, RecipeLimits, check_examples, load_yaml
+from merge_engine.recipe.patterns import compile_pattern, count_error
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -353,7 +353,7 @@ class Recipe(_Strict):
     @field_validator("discard", mode="before")
     @classmethod
     def _pattern_count(cls, value: Any, info: ValidationInfo) -> Any:
-        """Refuses too many patterns before any is read (see :mod:`merge_engine.patterns`)."""
+        """Refuses too many patterns before any is read (see :mod:`merge_engine.recipe.patterns`)."""
         too_many = isinstance(value, list) and count_error(value, _limits(info))
         if too_many:
             raise ValueError(too_many)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from merge_engine.formats.layouts import COMPONENTS, Family, Layout, component_of
-from merge_engine.parameters import Place
+from merge_engine.recipe.parameters import Place
+from merge_engine.sources.formats.layouts import COMPONENTS, Family, Layout, component_of
 
 _LEVELS = {"sd1": 12, "sdxl": 9}
 """How many input (and output) blocks each family's UNet has."""
@@ -94,7 +94,7 @@ def single_file_names(layout: Layout, shapes: Mapping[str, tuple[int, ...]]) -> 
     """Each tensor's name in the single-file layout, which block rules are written in."""
     if layout.format == "single_file":
         return {name: name for name in shapes}
-    from merge_engine.formats.sd_names import convert_names
+    from merge_engine.sources.formats.sd_names import convert_names
 
     renamed, _ = convert_names(layout.family, shapes, to="single_file")
     return {part: r.name for r in renamed for part in r.parts}

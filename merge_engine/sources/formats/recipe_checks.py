@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from merge_engine.errors import IncompatibleModelsError, RecipeError
-from merge_engine.formats.blocks import BLOCK_NAME, block_names, describe_blocks
-from merge_engine.formats.layouts import TRANSFORMERS, Layout
-from merge_engine.recipe import BlockValues, ConditionalParameter, ModelReference, Recipe
+from merge_engine.recipe.schema import BlockValues, ConditionalParameter, ModelReference, Recipe
+from merge_engine.sources.formats.blocks import BLOCK_NAME, block_names, describe_blocks
+from merge_engine.sources.formats.layouts import TRANSFORMERS, Layout
 
 
 def _settings(recipe: Recipe) -> Iterator[tuple[str, Any]]:

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge_engine.io import TensorInfo
-from merge_engine.plan import build_plan
-from merge_engine.recipe import ModelReference, parse_recipe
-from merge_engine.run import iter_merged, resolve_device
-from merge_engine.sources import ModelSource, download, inspect_model
+from merge_engine.plan.planner import build_plan
+from merge_engine.recipe.schema import ModelReference, parse_recipe
+from merge_engine.run.executor import iter_merged, resolve_device
+from merge_engine.sources.inspection import ModelSource, download, inspect_model
+from merge_engine.sources.tensors import TensorInfo
 
 ModelLike = nn.Module | Mapping[str, torch.Tensor] | str | Path
 

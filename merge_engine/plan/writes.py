@@ -2,29 +2,28 @@
 checkpoint, the names ``discard`` leaves out, and the other layout's names when the recipe
 asks for one (``output_layout``).
 
-All of it is decided from names and shapes before a weight is read. A layout change is a list
-of :class:`~merge_engine.formats.sd_names.Renamed` targets, each made from one or a few merged
+All of it is decided from names and shapes before a weight is read, in the plan; the writer
+renames as it goes (:mod:`merge_engine.output.conversion`). A layout change is a list
+of :class:`~merge_engine.sources.formats.sd_names.Renamed` targets, each made from one or a few merged
 tensors (SDXL's second text encoder fuses q, k and v into one tensor in the single-file
 layout), so the writer holds at most those few tensors at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 
 from merge_engine.errors import IncompatibleModelsError, RecipeError
-from merge_engine.formats.layouts import Layout, component_of
-from merge_engine.formats.sd_names import Renamed, convert_names
-from merge_engine.io import TensorInfo, TensorStore
-from merge_engine.patterns import NameFilter
-
-if TYPE_CHECKING:
-    from merge_engine.plan import TensorTask
-    from merge_engine.sources import ModelSource
+from merge_engine.plan.merge_plan import TensorInput, TensorTask
+from merge_engine.recipe.patterns import NameFilter
+from merge_engine.sources.formats.layouts import Layout, component_of
+from merge_engine.sources.formats.sd_names import Renamed, convert_names
+from merge_engine.sources.inspection import ModelSource
+from merge_engine.sources.tensors import TensorInfo
 
 T = TypeVar("T")
 
@@ -43,8 +42,6 @@ def _vae_prefix(names: Iterable[str]) -> str:
 def vae_source(source: ModelSource, layout: Layout) -> ModelSource:
     """The VAE in ``source`` (a whole checkpoint's, a diffusers VAE, a single-file VAE) with
     its tensors named as ``layout`` names a VAE; converted on read where layouts differ."""
-    from merge_engine.sources import ModelSource
-
     if source.layout.is_diffusion:
         tensors = {n: i for n, i in source.tensors.items() if component_of(n) == "vae"}
     elif source.layout.family == "state_dict":
@@ -93,8 +90,6 @@ def bake_vae(
     tasks: list[TensorTask], vae: ModelSource, out_dtype: torch.dtype | None
 ) -> list[TensorTask]:
     """The plan's VAE tensors taken from ``vae`` as they are (cast only to ``out_dtype``)."""
-    from merge_engine.plan import TensorInput, TensorTask
-
     baked = []
     for task in tasks:
         if component_of(task.output) != "vae":
@@ -146,41 +141,3 @@ def _some_left(kept: list[T], before: list[T]) -> list[T]:
             field="discard",
         )
     return kept
-
-
-def converted(
-    merged: Iterator[tuple[TensorTask, torch.Tensor]], writes: list[Renamed]
-) -> Iterator[tuple[Renamed, torch.Tensor]]:
-    """Each target of ``writes`` as soon as its parts are merged, holding a merged tensor only
-    until its last target is written."""
-    waiting = {part: 0 for r in writes for part in r.parts}
-    for r in writes:
-        for part in r.parts:
-            waiting[part] += 1
-    held: dict[str, torch.Tensor] = {}
-    position = 0
-    for task, tensor in merged:
-        held[task.output] = tensor
-        while position < len(writes) and all(p in held for p in writes[position].parts):
-            target = writes[position]
-            yield target, target.apply([held[p] for p in target.parts])
-            for part in target.parts:
-                waiting[part] -= 1
-                if not waiting[part]:
-                    del held[part]
-            position += 1
-
-
-class RenamedStore:
-    """A store whose tensors are made from another store's by :class:`Renamed` targets."""
-
-    def __init__(self, store: TensorStore, renames: Mapping[str, Renamed]):
-        self.store = store
-        self.renames = renames
-
-    def get(self, name: str) -> torch.Tensor:
-        target = self.renames[name]
-        return target.apply([self.store.get(part) for part in target.parts])
-
-    def release(self, file: str) -> None:
-        self.store.release(file)

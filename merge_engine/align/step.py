@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from merge_engine import calibration
 from merge_engine.align import (
     Alignment,
     MatchReport,
@@ -30,11 +29,12 @@ from merge_engine.align import (
     weight_matching,
 )
 from merge_engine.align.spec import permute_tensor
-from merge_engine.calibration import CalibrationSource, load_model
+from merge_engine.data import calibration
+from merge_engine.data.calibration import CalibrationSource, load_model
 from merge_engine.errors import RecipeError
-from merge_engine.io import TensorStore
-from merge_engine.recipe import ModelReference, Recipe
-from merge_engine.sources import ModelSource
+from merge_engine.recipe.schema import ModelReference, Recipe
+from merge_engine.sources.inspection import ModelSource
+from merge_engine.sources.tensors import TensorStore
 
 ALIGNMENT_FOLDER = "alignment"
 

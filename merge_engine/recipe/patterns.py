@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import re2
 
 from merge_engine.errors import excerpt
-from merge_engine.recipe_limits import RecipeLimits
+from merge_engine.recipe.limits import RecipeLimits
 
 PROGRAM_BYTES = 4 << 20
 """Memory RE2 may use for one compiled pattern (its default is 8 MiB)."""

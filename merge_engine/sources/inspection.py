@@ -3,7 +3,7 @@ every tensor's name, shape and dtype, and the pinned revision; then, only when m
 
 Inspection reads file names, ``config.json`` (or diffusers' ``model_index.json``) and
 safetensors headers only (locally, or through ``huggingface_hub`` for Hub repos), which is what
-lets ``mergebot validate`` answer in seconds. :mod:`merge_engine.formats.layouts` says which
+lets ``mergebot validate`` answer in seconds. :mod:`merge_engine.sources.formats.layouts` says which
 layout the names and headers show.
 """
 
@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 from merge_engine.errors import SourceError, UnsafeCheckpointError
-from merge_engine.formats.layouts import (
+from merge_engine.recipe.hub_names import check_repo_id, check_revision
+from merge_engine.recipe.schema import ModelReference
+from merge_engine.sources.formats.layouts import (
     COMPONENTS,
     STATE_DICT,
     TRANSFORMERS,
@@ -30,18 +32,17 @@ from merge_engine.formats.layouts import (
     pipeline_family,
     single_file_layout,
 )
-from merge_engine.hub_failures import read_failed
-from merge_engine.hub_names import check_repo_id, check_revision
-from merge_engine.io import (
+from merge_engine.sources.hub_failures import read_failed
+from merge_engine.sources.tensors import (
     INDEX_NAME,
     MemoryStore,
+    RenamedStore,
     SafetensorsStore,
     TensorInfo,
     TensorStore,
     read_header,
     tensor_infos,
 )
-from merge_engine.recipe import ModelReference
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -121,8 +122,6 @@ class ModelSource:
         if folder is None:
             raise RuntimeError(f"internal error: {self.ref} was not downloaded before merging")
         if self.renames is not None:
-            from merge_engine.formats.output import RenamedStore
-
             return RenamedStore(SafetensorsStore(folder, self.origin_tensors), self.renames)
         return SafetensorsStore(folder, self.tensors)
 

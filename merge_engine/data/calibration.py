@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from merge_engine import quote
 from merge_engine.errors import RecipeError, SourceError, excerpt
-from merge_engine.hub_failures import read_failed
-from merge_engine.model_building import building_model
-from merge_engine.recipe import CALIBRATION_SUFFIXES, Calibration, ModelReference, Recipe
-from merge_engine.sources import ModelSource, has_tokenizer_files, model_class
+from merge_engine.recipe import quote
+from merge_engine.recipe.schema import CALIBRATION_SUFFIXES, Calibration, ModelReference, Recipe
+from merge_engine.sources.hub_failures import read_failed
+from merge_engine.sources.inspection import ModelSource, has_tokenizer_files, model_class
+from merge_engine.sources.model_building import building_model
 
 
 @dataclass

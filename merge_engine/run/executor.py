@@ -18,20 +18,21 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from merge_engine.align_pass import PermutedStore, run_alignment
-from merge_engine.calibration import fetch as fetch_calibration
+from merge_engine.align.step import PermutedStore, run_alignment
+from merge_engine.data.calibration import fetch as fetch_calibration
+from merge_engine.data.stats import Statistic
 from merge_engine.errors import MergeError, OutputExistsError
-from merge_engine.formats.layouts import TRANSFORMERS
-from merge_engine.formats.output import converted
-from merge_engine.io import ComponentWriter, ShardedWriter, TensorStore
 from merge_engine.methods import kernel_argument
 from merge_engine.methods.sparsify import MagnitudeOrder
-from merge_engine.plan import MergePlan, TensorTask
-from merge_engine.recipe import ModelReference
-from merge_engine.sources import TOKENIZER_FILES
-from merge_engine.sources import download as download_source
-from merge_engine.stats import Statistic
-from merge_engine.stats_pass import StatsFiles, collect_statistics, default_stats_dir
+from merge_engine.output.conversion import converted
+from merge_engine.output.shards import ComponentWriter, ShardedWriter
+from merge_engine.plan.merge_plan import MergePlan, TensorTask
+from merge_engine.recipe.schema import ModelReference
+from merge_engine.run.statistics import StatsFiles, collect_statistics, default_stats_dir
+from merge_engine.sources.formats.layouts import TRANSFORMERS
+from merge_engine.sources.inspection import TOKENIZER_FILES
+from merge_engine.sources.inspection import download as download_source
+from merge_engine.sources.tensors import TensorStore
 
 Progress = Callable[[int, int, str], None]
 """Called after each output tensor with (done, total, tensor name)."""
@@ -319,8 +320,8 @@ def write_merge(
     of a method that needs data (kept in ``stats_dir``), merge, and publish ``out_dir``
     atomically. ``progress`` counts calibration batches, then output tensors; ``card_section``
     is added to the card (how the recipe was found), ``card_details`` are further arguments of
-    :func:`merge_engine.card.build_card`."""
-    from merge_engine.card import build_card
+    :func:`merge_engine.output.card.build_card`."""
+    from merge_engine.output.card import build_card
 
     out_dir = Path(out_dir)
     _check_output_dir(out_dir)

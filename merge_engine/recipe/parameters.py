@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from merge_engine.recipe import BlockValues, ConditionalParameter, ParameterSetting, Scalar
+from merge_engine.recipe.schema import BlockValues, ConditionalParameter, ParameterSetting, Scalar
 
 Scope = tuple[str, dict[str, ParameterSetting] | None]
 """A level of parameters with the recipe path it came from, e.g. ("models[1].parameters", {...})."""

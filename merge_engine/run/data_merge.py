@@ -1,6 +1,6 @@
 """Merging with data, on models in memory: each model's own calibration batches decide how its
 weights count. ``models`` are ``nn.Module``s of one architecture; ``batches`` holds one iterable
-of batches per model (see :mod:`merge_engine.stats` for what a batch is)::
+of batches per model (see :mod:`merge_engine.data.stats` for what a batch is)::
 
     merged = regmean_merge([model_a, model_b], [batches_a, batches_b], alpha=0.9)
     merged = fisher_merge([model_a, model_b], [batches_a, batches_b])
@@ -15,9 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge_engine.errors import IncompatibleModelsError, RecipeError
-from merge_engine.methods.with_data import fisher, regmean
-from merge_engine.stats import (
+from merge_engine.data.stats import (
     FisherMode,
     Statistic,
     fisher_diagonal,
@@ -25,6 +23,8 @@ from merge_engine.stats import (
     mean_of,
     transposed_weights,
 )
+from merge_engine.errors import IncompatibleModelsError, RecipeError
+from merge_engine.methods.with_data import fisher, regmean
 
 
 def _states(models: Sequence[nn.Module], batches: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
