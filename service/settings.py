@@ -45,7 +45,7 @@ from pathlib import Path
 
 from merge_engine.errors import MergeError, excerpt
 from merge_engine.recipe_limits import DEFAULT_LIMITS, RecipeLimits
-from service.intake import Limits, SearchLimits
+from service.intake.request import Limits, SearchLimits
 
 PUBLIC_HUB = "https://huggingface.co"
 

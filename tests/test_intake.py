@@ -14,7 +14,7 @@ from merge_engine.io import TensorInfo
 from merge_engine.plan import build_plan
 from merge_engine.recipe import ModelReference, parse_recipe, recipe_from_text
 from merge_engine.sources import ModelSource
-from service.intake import (
+from service.intake.request import (
     Limits,
     MergeRequest,
     check_hub_only,

@@ -14,7 +14,7 @@ from merge_engine.formats.blocks import block_names
 from merge_engine.formats.layouts import Layout
 from merge_engine.formats.recipe_checks import check_layout
 from merge_engine.methods import get_method
-from service.recipe_form import (
+from service.space.recipe_form import (
     DEMO_MODELS,
     FIRST_EXAMPLE,
     HUB_MODELS,

@@ -14,16 +14,16 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from merge_engine.errors import MergeError, RecipeError, SourceError
 from merge_engine.hub_failures import answered, read_failed
-from service.clock import sweep
-from service.intake import Identity, check_push_rights
-from service.job_panel import card_shown, copy_stem, result_link
-from service.job_store import Job
-from service.jobs import JobService
-from service.pipeline import describe_failure
-from service.recent_jobs import RecentJobs
-from service.retry import RetryPolicy
+from service.hub_client.retry import RetryPolicy
+from service.intake.clock import sweep
+from service.intake.jobs import JobService
+from service.intake.recent_jobs import RecentJobs
+from service.intake.request import Identity, check_push_rights
 from service.settings import Settings
-from service.token_vault import TokenVault, load_key
+from service.space.job_panel import card_shown, copy_stem, result_link
+from service.workflows.job_store import Job
+from service.workflows.job_workflow import describe_failure
+from service.workflows.token_vault import TokenVault, load_key
 
 
 @pytest.mark.parametrize(
@@ -178,7 +178,7 @@ def test_the_sweep_keeps_the_token_of_a_merge_that_follows_its_sources(tmp_path)
 
 
 def test_a_job_whose_merged_files_are_gone_fails_with_a_sentence(tmp_path):
-    from service import pipeline
+    from service.workflows import job_workflow as pipeline
 
     jobs = service(tmp_path)
     pipeline.configure(jobs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from service.jobs import JobService
+from service.intake.jobs import JobService
 
 APP_VERSION = "mergebot-jobs-3"
 """The workflow's version: recovery only resumes workflows of the same version, so bump it
@@ -25,7 +25,8 @@ def start_dbos(service: JobService, run_jobs: bool = True) -> None:
     """Launch DBOS on the service's database; with ``run_jobs`` this process also merges."""
     from dbos import DBOS, DBOSPortableJSONSerializer
 
-    from service import pipeline, search_steps
+    from service.workflows import job_workflow as pipeline
+    from service.workflows import search_steps
 
     settings = service.settings
     pipeline.configure(service)

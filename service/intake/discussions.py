@@ -10,7 +10,7 @@ field and how to fix it), again when the job ends (the link and a summary — a 
 sources, a search's fitness table — then it closes the discussion; on failure, the reason, and
 it stays open). ``@mergebot retry``, ``@mergebot cancel`` and ``@mergebot unfollow`` from the
 author act on the discussion's latest job, merge or search. Every event is handled once
-(``service.once``), whether the clock's poll, a webhook, or two processes see it.
+(``service.workflows.once``), whether the clock's poll, a webhook, or two processes see it.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from merge_engine.evolve.report import fitness_text
 from merge_engine.evolve.spec import SearchSpec
 from merge_engine.recipe import Recipe
 from merge_engine.recipe_limits import load_yaml
-from service.hub import hub_api
-from service.intake import Identity, MergeRequest, SearchRequest, is_search_spec
-from service.job_store import ACTIVE, Job, Kind
-from service.once import claim
+from service.hub_client.hub import hub_api
+from service.intake.request import Identity, MergeRequest, SearchRequest, is_search_spec
+from service.workflows.job_store import ACTIVE, Job, Kind
+from service.workflows.once import claim
 
 log = logging.getLogger("mergebot.discussions")
 TARGET = re.compile(r"\s*target:\s*([\w.-]+)\s*")

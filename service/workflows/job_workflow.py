@@ -1,5 +1,5 @@
 """The durable job workflow: pre-flight → download → merge → verify → card → push for a merge
-(a search's steps are in :mod:`service.search_steps`).
+(a search's steps are in :mod:`service.workflows.search_steps`).
 
 Each stage is a DBOS step, checkpointed in the database when it ends; a worker killed in the
 middle resumes, under the same worker id, at the first stage that had not finished. Every step
@@ -27,13 +27,13 @@ from merge_engine.hub_failures import answered
 from merge_engine.plan import MergePlan
 from merge_engine.recipe import recipe_from_text
 from merge_engine.run import download_plan, resolve_device, write_merge
-from service.discussions import DiscussionWatcher, discussion_url, parse_discussion_key
 from service.disk import is_disk_full, merge_bytes
-from service.hub import hub_api, publish
-from service.job_store import ACTIVE, SEARCH_STAGES, STAGES, Job
-from service.jobs import JobService
-from service.retry import HubOutage, RetryPolicy, is_transient, with_retries
-from service.verify import verify_output
+from service.hub_client.hub import hub_api, publish
+from service.hub_client.retry import HubOutage, RetryPolicy, is_transient, with_retries
+from service.intake.discussions import DiscussionWatcher, discussion_url, parse_discussion_key
+from service.intake.jobs import JobService
+from service.verification.verify import verify_output
+from service.workflows.job_store import ACTIVE, SEARCH_STAGES, STAGES, Job
 
 QUEUE = "merges"
 SEARCH_QUEUE = "searches"
@@ -58,7 +58,9 @@ def configure(service: JobService) -> None:
 
 def running_service() -> JobService:
     if _service is None:
-        raise RuntimeError("service.pipeline.configure() was not called in this process")
+        raise RuntimeError(
+            "service.workflows.job_workflow.configure() was not called in this process"
+        )
     return _service
 
 
@@ -129,7 +131,7 @@ def with_hub(job_id: str, call: Callable[[], T]) -> T:
 
 def _merged_dir(job: Job) -> Path:
     if job.kind == "search":
-        from service.search_steps import output_dir
+        from service.workflows.search_steps import output_dir
 
         return output_dir(running_service(), job)
     return running_service().settings.job_dir(job.id) / "merged"

@@ -37,10 +37,10 @@ from merge_engine.evolve.study import StoredStudy, read_study
 from merge_engine.model_building import building_model
 from merge_engine.run import resolve_device
 from merge_engine.sources import model_class
-from service import pipeline
 from service.disk import search_bytes
-from service.job_store import Job
-from service.verify import verify_output
+from service.verification.verify import verify_output
+from service.workflows import job_workflow as pipeline
+from service.workflows.job_store import Job
 
 log = logging.getLogger("mergebot.search")
 HELP_POLL_SECONDS = 2.0
