@@ -15,7 +15,6 @@ from merge_engine.plan import build_plan
 from merge_engine.recipe import ModelReference, parse_recipe, recipe_from_text
 from merge_engine.sources import ModelSource
 from service.intake.request import (
-    Limits,
     MergeRequest,
     check_hub_only,
     check_limits,
@@ -23,6 +22,7 @@ from service.intake.request import (
     check_target,
     job_id,
 )
+from service.settings import Limits
 
 RECIPE = "merge_method: ties\nbase_model: org/base\nmodels: [{model: org/math, parameters: {weight: 1, density: 0.5}}]\n"
 

@@ -48,7 +48,6 @@ from service.intake.request import (
     Identity,
     MergeRequest,
     SearchRequest,
-    SearchUse,
     check_daily_search_limits,
     check_hub_only,
     check_limits,
@@ -61,7 +60,7 @@ from service.intake.request import (
     with_wall_time,
 )
 from service.settings import Settings
-from service.workflows.job_store import Job, JobStore, make_engine
+from service.workflows.job_store import Job, JobStore, SearchUse, make_engine
 from service.workflows.once import create_tables as create_event_tables
 from service.workflows.token_vault import TokenVault, load_key
 
