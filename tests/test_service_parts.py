@@ -178,15 +178,15 @@ def test_the_sweep_keeps_the_token_of_a_merge_that_follows_its_sources(tmp_path)
 
 
 def test_a_job_whose_merged_files_are_gone_fails_with_a_sentence(tmp_path):
-    from service.workflows import job_workflow as pipeline
+    from service.workflows import steps
 
     jobs = service(tmp_path)
-    pipeline.configure(jobs)
+    steps.configure(jobs)
     missing = job("job-elsewhere", "running", "verify")
     with pytest.raises(MergeError, match="gone from this worker's disk"):
-        pipeline.merged_output(missing)
+        steps.merged_output(missing)
     (jobs.settings.job_dir("job-elsewhere") / "merged").mkdir(parents=True)
-    assert pipeline.merged_output(missing).is_dir()
+    assert steps.merged_output(missing).is_dir()
 
 
 def test_status_polls_of_one_job_read_the_database_once_per_moment():

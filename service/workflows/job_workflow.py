@@ -1,12 +1,11 @@
-"""The durable job workflow: pre-flight → download → merge → verify → card → push for a merge
-(a search's steps are in :mod:`service.workflows.search_steps`).
+"""A job's durable workflow (DBOS) and its queues: the workflow runs a merge's steps
+(:mod:`service.workflows.merge_steps`) or a search's (:mod:`service.workflows.search_steps`)
+in order, records how the job ended, tells its discussion, and queues a search's next turn when
+it gives its lane away. The intake queues a job with :func:`enqueue`.
 
-Each stage is a DBOS step, checkpointed in the database when it ends; a worker killed in the
-middle resumes, under the same worker id, at the first stage that had not finished. Every step
-is safe to run twice: downloads land in the job's own folder, the merged folder appears only
-complete (the engine renames it into place), and the push first looks for a commit carrying
-the job id. Steps pass nothing but the job id between them, so no token ever becomes a
-checkpointed input or output.
+The workflow and its steps are registered under fixed names (``mergebot.merge_job``,
+``mergebot.preflight`` …), not under their module's path: a job queued before a module moved
+is still found by the workers after it.
 """
 
 from __future__ import annotations
@@ -14,59 +13,24 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import TypeVar
 
 from dbos import DBOS, SetWorkflowID
 from huggingface_hub.errors import HfHubHTTPError
 
-from merge_engine import preflight
-from merge_engine.card import build_card
 from merge_engine.errors import MergeError, excerpt
 from merge_engine.hub_failures import answered
-from merge_engine.plan import MergePlan
-from merge_engine.recipe import recipe_from_text
-from merge_engine.run import download_plan, resolve_device, write_merge
-from service.disk import is_disk_full, merge_bytes
-from service.hub_client.hub import hub_api, publish
-from service.hub_client.retry import HubOutage, RetryPolicy, is_transient, with_retries
-from service.intake.discussions import DiscussionWatcher, discussion_url, parse_discussion_key
-from service.intake.jobs import JobService
-from service.verification.verify import verify_output
-from service.workflows.job_store import ACTIVE, SEARCH_STAGES, STAGES, Job
+from service.disk import is_disk_full
+from service.hub_client.retry import HubOutage, is_transient
+from service.workflows import merge_steps, search_steps
+from service.workflows.job_store import ACTIVE, SEARCH_STAGES, Job
+from service.workflows.replies import report
+from service.workflows.steps import JobCancelled, job_of, running_service, stage_done
 
 QUEUE = "merges"
 SEARCH_QUEUE = "searches"
 """Searches have a lane of their own on every worker: a merge never waits behind one."""
 WORKFLOW = "mergebot.merge_job"
-PROGRESS_EVERY = 0.5  # seconds between progress writes (and cancel checks) during a merge
 log = logging.getLogger("mergebot.jobs")
-T = TypeVar("T")
-
-_service: JobService | None = None
-
-
-class JobCancelled(Exception):
-    """The requester cancelled the job; it stops at the next checkpoint."""
-
-
-def configure(service: JobService) -> None:
-    """Give the workflow this process's job service (before DBOS launches and recovers)."""
-    global _service
-    _service = service
-
-
-def running_service() -> JobService:
-    if _service is None:
-        raise RuntimeError(
-            "service.workflows.job_workflow.configure() was not called in this process"
-        )
-    return _service
-
-
-def stage_done(stage: str, seconds: float) -> str:
-    """The log line of a finished stage, which the job's summary reads its time from."""
-    return f"{stage}: done in {seconds:.1f} s"
 
 
 def enqueue(job: Job, turn: int = 0) -> None:
@@ -81,215 +45,16 @@ def turn_workflow_id(job: Job, turn: int) -> str:
     return job.workflow_id if turn == 0 else f"{job.workflow_id}.turn{turn}"
 
 
-# --- what every step needs -----------------------------------------------------------------
-
-
-def job_of(job_id: str) -> Job:
-    job = running_service().store.get(job_id)
-    if job is None:
-        raise MergeError(f"job {job_id} is no longer in the job table; submit it again")
-    return job
-
-
-def read_token(job: Job) -> str | bool:
-    """Sources are read with the requester's token or anonymously, never with the bot's."""
-    return running_service().vault.get(job.id) or False
-
-
-_plans: dict[str, MergePlan] = {}
-"""Each running attempt's plan, built once in this process by its first step that needs it
-(a workflow resumed in a new process builds it again); it also remembers the downloads."""
-
-
-def _plan(job: Job) -> MergePlan:
-    plan = _plans.get(job.workflow_id)
-    if plan is None:
-        plan = preflight(
-            recipe_from_text(job.recipe),
-            token=read_token(job),
-            hub_only=True,
-            cache_dir=running_service().settings.job_dir(job.id) / "hub",
-        )
-        _plans[job.workflow_id] = plan
-    return plan
-
-
-def _hub_policy() -> RetryPolicy:
-    return RetryPolicy(patience=running_service().settings.hub_patience_seconds)
-
-
-def _log_line(job_id: str) -> Callable[[str], None]:
-    """Where a Hub step's retries are told: a line each in the job's log."""
-    store = running_service().store
-    return lambda line: store.update(job_id, log=line)
-
-
-def with_hub(job_id: str, call: Callable[[], T]) -> T:
-    """Run a step's Hub calls, riding out an outage; each retry is a line in the job's log."""
-    return with_retries(call, _hub_policy(), on_retry=_log_line(job_id))
-
-
-def _merged_dir(job: Job) -> Path:
-    if job.kind == "search":
-        from service.workflows.search_steps import output_dir
-
-        return output_dir(running_service(), job)
-    return running_service().settings.job_dir(job.id) / "merged"
-
-
-def merged_output(job: Job) -> Path:
-    """The merge step's output, which later steps need on this machine's disk."""
-    folder = _merged_dir(job)
-    if not folder.is_dir():
-        raise MergeError(
-            f"the merged files of job {job.id} are gone from this worker's disk (restarted on another machine?); submit the job again"
-        )
-    return folder
-
-
-def _progress(job_id: str) -> Callable[[int, int, str], None]:
-    """Write the merge's progress at most every PROGRESS_EVERY seconds and stop on cancel."""
-    store = running_service().store
-    last = 0.0
-
-    def report(done: int, total: int, name: str) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last < PROGRESS_EVERY and done < total:
-            return
-        last = now
-        store.update(job_id, fraction=done / total)
-        if store.cancel_requested(job_id):
-            raise JobCancelled()
-
-    return report
-
-
-# --- the steps -----------------------------------------------------------------------------
-
-
-@DBOS.step(name="mergebot.preflight")
-def preflight_step(job_id: str) -> None:
-    """The pinned sources are still there and still readable by this requester."""
-    job = job_of(job_id)
-    with_hub(job_id, lambda: _plan(job))
-
-
-@DBOS.step(name="mergebot.download")
-def download_step(job_id: str) -> None:
-    job = job_of(job_id)
-    plan = _plan(job)
-    running_service().check_disk(merge_bytes(plan), "the worker's")
-    cache = running_service().settings.job_dir(job_id) / "hub"
-    with_hub(job_id, lambda: download_plan(plan, read_token(job), cache))
-
-
-@DBOS.step(name="mergebot.merge")
-def merge_step(job_id: str) -> None:
-    jobs = running_service()
-    job = job_of(job_id)
-    jobs.store.count_merge_run(job_id, jobs.settings.worker_id)
-    out = _merged_dir(job)
-    if out.exists():  # finished before a crash: the engine renames it into place complete
-        return
-    write_merge(
-        _plan(job),
-        out,
-        device=jobs.settings.device,
-        token=read_token(job),
-        show_progress=False,
-        progress=_progress(job_id),
-        cache_dir=jobs.settings.job_dir(job_id) / "hub",
-        stats_dir=jobs.settings.job_dir(job_id) / "statistics",
-    )
-
-
-@DBOS.step(name="mergebot.verify")
-def verify_step(job_id: str) -> None:
-    verify_output(merged_output(job_of(job_id)), resolve_device(running_service().settings.device))
-
-
-@DBOS.step(name="mergebot.card")
-def card_step(job_id: str) -> None:
-    job = job_of(job_id)
-    card = build_card(
-        _plan(job),
-        name=job.target.split("/")[1],
-        command=f"mergebot merge mergebot_recipe.yaml ./{job.target.split('/')[1]}",
-        job_id=job.id,
-        credit=credit(job),
-        changes=job.changes,
-        endpoint=running_service().settings.endpoint,
-    )
-    card.save(merged_output(job) / "README.md")
-    running_service().store.update(job_id, card=card.text)
-
-
-def credit(job: Job) -> str:
-    if job.discussion is None:
-        return f"Requested by {job.requester}."
-    url = discussion_url(running_service().settings.endpoint, job.discussion)
-    _, _, num = parse_discussion_key(job.discussion)
-    return f"Requested by @{job.requester} in [discussion #{num}]({url})."
-
-
-@DBOS.step(name="mergebot.push")
-def push_step(job_id: str) -> None:
-    jobs = running_service()
-    job = job_of(job_id)
-    token = jobs.vault.get(job_id) or _bot_token_for(job)
-    api = hub_api(jobs.settings.endpoint, token)
-    commit = publish(
-        api,
-        merged_output(job),
-        job.target,
-        job.id,
-        private=job.private,
-        title=_commit_title(job),
-        policy=_hub_policy(),
-        on_retry=_log_line(job_id),
-    )
-    weights = sum(f.stat().st_size for f in merged_output(job).glob("*.safetensors"))
-    jobs.store.update(
-        job_id, commit=commit, url=f"{jobs.settings.endpoint}/{job.target}", output_bytes=weights
-    )
-
-
-def _commit_title(job: Job) -> str:
-    if job.kind == "search":
-        return "Evolutionary merge with mergebot"
-    return f"Merge with mergebot ({recipe_from_text(job.recipe).merge_method})"
-
-
-def _bot_token_for(job: Job) -> str:
-    """The bot's token, which writes only to the bot's namespace."""
-    settings = running_service().settings
-    if not settings.bot_token or job.target.split("/")[0] != settings.bot_namespace:
-        raise MergeError(
-            f"no token may push to {job.target}: the requester's token is gone and the bot writes only to {settings.bot_namespace}/...; submit the job again while signed in"
-        )
-    return settings.bot_token
-
-
-STEPS: list[tuple[str, Callable[[str], None]]] = list(
-    zip(
-        STAGES,
-        [preflight_step, download_step, merge_step, verify_step, card_step, push_step],
-        strict=True,
-    )
-)
-
-
 def _steps(job: Job) -> list[tuple[str, Callable[[str], None]]]:
     if job.kind != "search":
-        return STEPS
-    from service import search_steps as s
-
-    steps = [s.search_preflight_step, s.search_step, s.search_verify_step, push_step]
+        return merge_steps.STEPS
+    steps = [
+        search_steps.search_preflight_step,
+        search_steps.search_step,
+        search_steps.search_verify_step,
+        merge_steps.push_step,
+    ]
     return list(zip(SEARCH_STAGES, steps, strict=True))
-
-
-# --- the workflow --------------------------------------------------------------------------
 
 
 @DBOS.workflow(name=WORKFLOW)
@@ -346,7 +111,7 @@ def merge_job(job_id: str, turn: int = 0) -> str:
         outcome = dict(status="failed", error=message, log=f"failed: {message}")
         if outage:
             outcome["failure"] = "hub_outage"
-    _plans.pop(job.workflow_id, None)
+    merge_steps.forget_plan(job)
     # before the status: whoever sees the job ended sees it cleaned up; a job that will run
     # again when the Hub is back keeps its requester's token until then
     jobs.finish(job_id, keep_token=retry_later)
@@ -358,7 +123,8 @@ def merge_job(job_id: str, turn: int = 0) -> str:
 
 def _report_to_discussion(job_id: str) -> None:
     try:
-        DiscussionWatcher(running_service()).report(job_of(job_id))
+        jobs = running_service()
+        report(jobs.settings, jobs.store, job_of(job_id))
     except Exception as error:  # noqa: BLE001  (the merge is done; a lost reply must not undo it)
         log.warning("job %s: could not reply to its discussion (%s)", job_id, type(error).__name__)
 
