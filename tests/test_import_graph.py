@@ -84,7 +84,8 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def circles(graph: dict[str, set[str]], within: str) -> list[list[str]]:
-    """One circle through each strongly connected group of ``within``'s modules (Tarjan)."""
+    """One circle through each strongly connected group of ``within``'s modules (Tarjan),
+    followed by the group's other modules, which lie on further circles with it."""
     nodes = [n for n in graph if n == within or n.startswith(within + ".")]
     edges = {n: sorted(t for t in graph[n] if t in nodes) for n in nodes}
     index: dict[str, int] = {}
@@ -114,7 +115,11 @@ def circles(graph: dict[str, set[str]], within: str) -> list[list[str]]:
     for node in sorted(nodes):
         if node not in index:
             visit(node)
-    return [_circle_in(group, edges) for group in groups]
+    found = []
+    for group in groups:
+        circle = _circle_in(group, edges)
+        found.append(circle + sorted(group - set(circle)))
+    return found
 
 
 def _circle_in(group: set[str], edges: dict[str, list[str]]) -> list[str]:
@@ -134,7 +139,13 @@ def _circle_in(group: set[str], edges: dict[str, list[str]]) -> list[str]:
 
 
 def describe(found: list[list[str]]) -> str:
-    return "; ".join(" → ".join(circle) for circle in found)
+    """``a → b → a`` for each circle, and ``(with c, d)`` for the rest of its group."""
+    texts = []
+    for circle in found:
+        end = circle.index(circle[0], 1) + 1
+        rest = f" (with {', '.join(circle[end:])})" if circle[end:] else ""
+        texts.append(" → ".join(circle[:end]) + rest)
+    return "; ".join(texts)
 
 
 def part_of(name: str) -> str:
