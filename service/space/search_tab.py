@@ -1,7 +1,7 @@
 """The Space's Search tab: the spec's form and YAML (values move through
-:mod:`service.space.search_form`), Validate and Start through :class:`service.intake.jobs.JobService` like
-every other origin, and the live panel of a running search, read through the service's
-one-second cache of search status."""
+:mod:`service.space.search_form`), Validate and Start through
+:class:`service.intake.jobs.JobService` like every other origin, and the live panel of a running
+search, read through the service's one-second cache of search status."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """The Space's Gradio Blocks: the New merge and Jobs tabs here, the Search tab in
 :mod:`service.space.search_tab`. Thin on purpose: values move between the widgets and
-:mod:`service.space.recipe_form`; validating and merging go through :class:`service.intake.jobs.JobService`,
-the same path as every other origin; the job panel (:mod:`service.space.job_panel`) reads the job
-shown when it changes and then with a ``gr.Timer`` until the job ends; the Jobs tab's tables
-have a timer of their own. A job opened there comes back to the form as a copy of its recipe.
+:mod:`service.space.recipe_form`; validating and merging go through
+:class:`service.intake.jobs.JobService`, the same path as every other origin; the job panel
+(:mod:`service.space.job_panel`) reads the job shown when it changes and then with a
+``gr.Timer`` until the job ends; the Jobs tab's tables have a timer of their own. A job opened
+there comes back to the form as a copy of its recipe.
 """
 
 from __future__ import annotations
