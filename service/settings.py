@@ -71,6 +71,16 @@ class SearchLimits:
     """Fitness tasks of one search: every trial scores every task."""
 
 
+@dataclass(frozen=True)
+class SearchUse:
+    """What a requester's searches of the last 24 hours count against the daily limits: the
+    trials they booked, and their wall time (all of it while a search waits or runs; what it
+    used once it ended)."""
+
+    trials: int
+    seconds: float
+
+
 PUBLIC_HUB = "https://huggingface.co"
 
 

@@ -59,8 +59,8 @@ from service.intake.request import (
     search_job_id,
     with_wall_time,
 )
-from service.settings import Settings
-from service.workflows.job_store import Job, JobStore, SearchUse, make_engine
+from service.settings import SearchUse, Settings
+from service.workflows.job_store import Job, JobStore, make_engine
 from service.workflows.once import create_tables as create_event_tables
 from service.workflows.token_vault import TokenVault, load_key
 

@@ -20,8 +20,7 @@ from merge_engine.plan import MergePlan
 from merge_engine.recipe import DataBlock, ModelReference, Recipe
 from merge_engine.sources import ModelSource
 from service.disk import source_bytes
-from service.settings import Limits, SearchLimits
-from service.workflows.job_store import SearchUse
+from service.settings import Limits, SearchLimits, SearchUse
 
 Origin = Literal["form", "discussion", "schedule", "api"]
 

@@ -14,16 +14,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-
-@dataclass(frozen=True)
-class SearchUse:
-    """What a requester's searches of the last 24 hours count against the daily limits: the
-    trials they booked, and their wall time (all of it while a search waits or runs; what it
-    used once it ended)."""
-
-    trials: int
-    seconds: float
-
+from service.settings import SearchUse
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: tuple[Status, ...] = ("queued", "running")
