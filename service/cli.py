@@ -45,9 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from service.server import run_web, start_bot
 
     service = start_bot(args.hub_port, run_jobs=not args.no_worker)
-    from service.space.ui import (
-        build_blocks,  # after start_bot: it may set HF_ENDPOINT for the demo
-    )
+    # after start_bot: it may set HF_ENDPOINT for the demo
+    from service.space.ui import build_blocks
 
     run_web(service, build_blocks, args.host, args.port)
 
