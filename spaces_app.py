@@ -16,7 +16,8 @@ from service.server import run_web, start_bot
 
 def main() -> None:
     service = start_bot(hub_port=int(os.environ.get("MERGEBOT_SANDBOX_PORT", 7861)))
-    from service.ui import build_blocks  # after start_bot: it may set HF_ENDPOINT for the demo
+    # after start_bot: it may set HF_ENDPOINT for the demo
+    from service.space.ui import build_blocks
 
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     run_web(service, build_blocks, host, int(os.environ.get("GRADIO_SERVER_PORT", 7860)))

@@ -40,9 +40,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from merge_engine import merge  # noqa: E402
 from merge_engine.evolve.candidates import LayerCandidate, folded_recipe, load_source  # noqa: E402
-from merge_engine.evolve.fitness import TaskRows, default_batch_size, evaluate_task  # noqa: E402
+from merge_engine.evolve.decoding import default_batch_size  # noqa: E402
+from merge_engine.evolve.fitness import evaluate_task  # noqa: E402
 from merge_engine.evolve.genome import LayerRef  # noqa: E402
 from merge_engine.evolve.spec import FitnessTask  # noqa: E402
+from merge_engine.evolve.task_rows import TaskRows  # noqa: E402
 from merge_engine.example import save_model, save_tiny_tokenizer, tiny_config  # noqa: E402
 from merge_engine.recipe.schema import ModelReference  # noqa: E402
 

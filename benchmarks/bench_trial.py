@@ -41,7 +41,7 @@ import bench_evolve  # noqa: E402  (the model family, the tasks, running and rea
 from bench_evaluation import best_of, floor  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from merge_engine.evolve.fitness import default_batch_size  # noqa: E402
+from merge_engine.evolve.decoding import default_batch_size  # noqa: E402
 
 
 def nll_floor(model, tokenizer, texts: list[str], batch: int) -> None:

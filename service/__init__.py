@@ -1,10 +1,11 @@
 """mergebot's bot: intake, durable jobs, Hub I/O and the Space, built on :mod:`merge_engine`.
 
-A request (``intake``) goes through the one submit path (``jobs``) into the job table
-(``job_store``) and a durable workflow (``pipeline``, started by ``worker``) that merges, checks
-(``verify``) and publishes (``hub``); an evolutionary search runs ``search_steps`` instead, its
-trials shared by every idle worker. ``api`` serves it as JSON and ``ui`` as the Space (with
-``recipe_form``, ``search_form``, ``search_tab`` and ``job_panel``), both started by
-``server``; ``clock`` tidies up, and ``sandbox_hub`` stands in for the Hub in tests and in the
-offline demo.
+One folder per part, imports running one way: the Space (``space``) and the JSON API (``api``)
+hand requests to the intake (``intake``: every origin's request into one submit path), which
+queues the durable workflows (``workflows``: a merge's and a search's steps, the job table,
+the worker); they publish through the Hub client (``hub_client``) and check results with
+``verification``. ``server`` runs them in one process, ``cli`` is the ``mergebot`` command and
+``demo`` the offline demo's Hub. ``sandbox_hub`` is a Hub, not part of the bot: it stands in for
+the Hub in the tests and the demo, and the bot reaches it only through ``HF_ENDPOINT``. See
+docs/architecture.md.
 """

@@ -22,8 +22,8 @@ from merge_engine.cli import main as engine_main
 
 
 def cmd_sandbox_hub(args: argparse.Namespace) -> None:
+    from service.demo import seed_examples
     from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
-    from service.sandbox_hub.seed import seed_examples
     from service.server import quiet_libraries
 
     quiet_libraries()  # seeding saves models: no progress bars or optional-backend warnings
@@ -45,17 +45,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from service.server import run_web, start_bot
 
     service = start_bot(args.hub_port, run_jobs=not args.no_worker)
-    from service.ui import build_blocks  # after start_bot: it may set HF_ENDPOINT for the demo
+    # after start_bot: it may set HF_ENDPOINT for the demo
+    from service.space.ui import build_blocks
 
     run_web(service, build_blocks, args.host, args.port)
 
 
 def _start_jobs(role: str, worker_id: str | None, run_jobs: bool):
     """The job service of a ``worker`` or ``tick`` process, with DBOS launched."""
-    from service.jobs import JobService
+    from service.intake.jobs import JobService
     from service.server import quiet_libraries
     from service.settings import Settings
-    from service.worker import start_dbos
+    from service.workflows.worker import start_dbos
 
     quiet_libraries()
     settings = Settings.from_env()
@@ -66,7 +67,7 @@ def _start_jobs(role: str, worker_id: str | None, run_jobs: bool):
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from service.worker import stop_dbos
+    from service.workflows.worker import stop_dbos
 
     service = _start_jobs("worker", args.id, run_jobs=True)
     print(f"mergebot worker {service.settings.worker_id} waiting for jobs", flush=True)
@@ -78,8 +79,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_tick(args: argparse.Namespace) -> None:
-    from service.clock import tick
-    from service.worker import stop_dbos
+    from service.intake.clock import tick
+    from service.workflows.worker import stop_dbos
 
     tick(_start_jobs("tick", args.id, run_jobs=False))
     stop_dbos()
@@ -156,7 +157,7 @@ def _is_search(text: str) -> bool:
     """Whether the file is a search spec (the server reads either within its limits)."""
     import yaml
 
-    from service.intake import is_search_spec
+    from service.intake.request import is_search_spec
 
     try:
         return is_search_spec(yaml.safe_load(text))

@@ -2,7 +2,7 @@
 disk) and again by the worker before it downloads (on its own), each time for the job's
 sources and output plus a margin the bot keeps free. Jobs share the disk, so a disk can still
 fill during a job: that job fails with one sentence and its folder is removed (see
-``service.pipeline``), and the other jobs carry on.
+``service.workflows.job_workflow``), and the other jobs carry on.
 """
 
 from __future__ import annotations

@@ -37,8 +37,7 @@ def start_demo_hub(settings: Settings, port: int) -> Settings:
     url = f"http://127.0.0.1:{port}"
     os.environ["HF_ENDPOINT"] = url
     quiet_libraries()
-    from service.sandbox_hub.demo import BOT_USER, DEMO_USER, TOKENS_FILE, start_demo_hub
-    from service.sandbox_hub.seed import example_repo_ids
+    from service.demo import BOT_USER, DEMO_USER, TOKENS_FILE, example_repo_ids, start_demo_hub
 
     hub_folder = settings.work_dir / "sandbox-hub"
     server, tokens = start_demo_hub(hub_folder, port)
@@ -74,9 +73,9 @@ def start_bot(hub_port: int, run_jobs: bool = True):
         settings = start_demo_hub(settings, hub_port)
     else:
         quiet_libraries()
-    from service.clock import start_clock
-    from service.jobs import JobService
-    from service.worker import start_dbos
+    from service.intake.clock import start_clock
+    from service.intake.jobs import JobService
+    from service.workflows.worker import start_dbos
 
     service = JobService(settings.for_role("serve"))
     start_dbos(service, run_jobs=run_jobs)
@@ -119,7 +118,7 @@ def run_web(service, build_blocks, host: str, port: int) -> None:
     import gradio as gr
     import uvicorn
 
-    from service.api import create_app
+    from service.api.app import create_app
 
     with local_login_as(service.settings.local_login_token), warnings.catch_warnings():
         # Gradio warns (twice) that OAuth is mocked off Spaces; one line below says what it does

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from service_env import BOT_TOKEN, start_serve
 
+from service.demo import seed_examples
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
-from service.sandbox_hub.seed import seed_examples
 from service.server import MOCK_OAUTH_TOKEN
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -19,7 +19,7 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
-from service.hub import JOB_TRAILER
+from service.hub_client.hub import JOB_TRAILER
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 
 USERS = {"tok-alice": "alice", "tok-bob": "bob", "tok-carol": "carol", "tok-bot": "mergebot"}

@@ -21,7 +21,7 @@ from merge_engine.example import EXAMPLE_SEARCH, EXAMPLE_TEXTS, save_tiny_tokeni
 from merge_engine.methods import all_methods, get_method
 from merge_engine.sources.tensors import read_header
 from service.cli import main as service_main
-from service.sandbox_hub.seed import example_repo_ids
+from service.demo import example_repo_ids
 
 METHOD_NAMES = sorted(m.name for m in all_methods())
 
@@ -324,7 +324,7 @@ def test_jobs_columns_line_up_whatever_the_lengths(capsys):
 
 
 def test_sandbox_hub_help_names_the_models_it_seeds(capsys, monkeypatch):
-    from service.sandbox_hub.seed import DIFFUSION_REPOS, EXAMPLE_REPOS
+    from service.demo import DIFFUSION_REPOS, EXAMPLE_REPOS
 
     monkeypatch.setenv("COLUMNS", "300")  # argparse wraps at the terminal's width, even at a hyphen
     with pytest.raises(SystemExit):

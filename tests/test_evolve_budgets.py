@@ -253,7 +253,7 @@ def test_the_cli_stops_at_wall_time_within_seconds_whatever_it_is_doing(
 
 
 def test_a_search_status_holds_null_where_a_number_is_not_finite():
-    from service.search_steps import finite_json
+    from service.workflows.search_steps import finite_json
 
     status = {
         "best": {"fitness": float("nan")},

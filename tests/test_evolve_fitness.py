@@ -15,20 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceCl
 from merge_engine import merge
 from merge_engine.errors import RecipeError
 from merge_engine.evolve.candidates import LayerCandidate, folded_recipe, load_source
-from merge_engine.evolve.fitness import (
-    Fitness,
-    Score,
-    TaskRows,
-    choice_scores,
-    default_batch_size,
-    evaluate,
-    evaluate_task,
-    greedy,
-    read_task,
-    read_tasks,
-)
+from merge_engine.evolve.decoding import choice_scores, default_batch_size, greedy
+from merge_engine.evolve.fitness import Fitness, evaluate, evaluate_task, read_task, read_tasks
 from merge_engine.evolve.genome import LayerRef
 from merge_engine.evolve.spec import FitnessTask, parse_spec
+from merge_engine.evolve.task_rows import Score, TaskRows
 from merge_engine.example import save_tiny_tokenizer, tiny_config
 from merge_engine.recipe.schema import ModelReference
 

@@ -172,7 +172,7 @@ def test_a_missing_task_file_and_a_wrong_metric_get_one_sentence(lm, tokenizer, 
 
 def test_the_engine_and_the_bot_do_not_import_lm_eval_until_a_task_asks():
     code = (
-        "import sys, merge_engine.cli, merge_engine.evolve.search, service.intake\n"
+        "import sys, merge_engine.cli, merge_engine.evolve.search, service.intake.request\n"
         "assert 'lm_eval' not in sys.modules, 'lm-eval imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -7,8 +7,8 @@ import pytest
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from service.hub import find_job_commit, publish
-from service.retry import HubOutage, RetryPolicy, with_retries
+from service.hub_client.hub import find_job_commit, publish
+from service.hub_client.retry import HubOutage, RetryPolicy, with_retries
 from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 
 FAST = RetryPolicy(patience=30.0, first_delay=0.0)

@@ -14,8 +14,7 @@ from merge_engine.plan.planner import build_plan
 from merge_engine.recipe.schema import ModelReference, parse_recipe, recipe_from_text
 from merge_engine.sources.inspection import ModelSource
 from merge_engine.sources.tensors import TensorInfo
-from service.intake import (
-    Limits,
+from service.intake.request import (
     MergeRequest,
     check_hub_only,
     check_limits,
@@ -23,6 +22,7 @@ from service.intake import (
     check_target,
     job_id,
 )
+from service.settings import Limits
 
 RECIPE = "merge_method: ties\nbase_model: org/base\nmodels: [{model: org/math, parameters: {weight: 1, density: 0.5}}]\n"
 

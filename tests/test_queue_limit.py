@@ -11,8 +11,9 @@ from postgres_server import postgres_url
 
 from merge_engine.errors import RecipeError
 from merge_engine.evolve.spec import spec_from_text
-from service.intake import SearchLimits, SearchUse, check_daily_search_limits
-from service.job_store import Job, JobStore, make_engine
+from service.intake.request import check_daily_search_limits
+from service.settings import SearchLimits, SearchUse
+from service.workflows.job_store import Job, JobStore, make_engine
 
 SUBMITS, LIMIT = 20, 3
 SEARCH_TRIALS, DAILY_TRIALS = 60, 1000

@@ -14,7 +14,7 @@ from merge_engine.methods import get_method
 from merge_engine.sources.formats.blocks import block_names
 from merge_engine.sources.formats.layouts import Layout
 from merge_engine.sources.formats.recipe_checks import check_layout
-from service.recipe_form import (
+from service.space.recipe_form import (
     DEMO_MODELS,
     FIRST_EXAMPLE,
     HUB_MODELS,

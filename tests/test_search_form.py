@@ -8,8 +8,8 @@ import yaml
 
 from merge_engine.evolve.report import fitness_figure
 from merge_engine.evolve.spec import spec_from_text
-from service.recipe_form import DEMO_MODELS, HUB_MODELS
-from service.search_form import (
+from service.space.recipe_form import DEMO_MODELS, HUB_MODELS
+from service.space.search_form import (
     FIRST_SEARCH,
     SEARCH_METHODS,
     SearchedParam,

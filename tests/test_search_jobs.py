@@ -34,7 +34,7 @@ from service_env import (
 from merge_engine.evolve.report import wall_time_text
 from merge_engine.evolve.spec import spec_from_text
 from merge_engine.run.executor import resolve_device
-from service.search_steps import held_out_fitness
+from service.workflows.search_steps import held_out_fitness
 
 pytestmark = pytest.mark.slow  # real processes: a server with its worker, the sandbox hub
 

@@ -359,7 +359,7 @@ def test_a_merge_verified_while_a_search_loads_its_models_leaves_torch_in_float3
     from merge_engine.evolve.candidates import load_source
     from merge_engine.example import save_model
     from merge_engine.recipe.schema import ModelReference
-    from service.verify import verify_transformers
+    from service.verification.verify import verify_transformers
 
     base, _ = llama_family
     half = save_model(

@@ -14,16 +14,16 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from merge_engine.errors import MergeError, RecipeError, SourceError
 from merge_engine.sources.hub_failures import answered, read_failed
-from service.clock import sweep
-from service.intake import Identity, check_push_rights
-from service.job_panel import card_shown, copy_stem, result_link
-from service.job_store import Job
-from service.jobs import JobService
-from service.pipeline import describe_failure
-from service.recent_jobs import RecentJobs
-from service.retry import RetryPolicy
+from service.hub_client.retry import RetryPolicy
+from service.intake.clock import sweep
+from service.intake.jobs import JobService
+from service.intake.recent_jobs import RecentJobs
+from service.intake.request import Identity, check_push_rights
 from service.settings import Settings
-from service.token_vault import TokenVault, load_key
+from service.space.job_panel import card_shown, copy_stem, result_link
+from service.workflows.job_store import Job
+from service.workflows.job_workflow import describe_failure
+from service.workflows.token_vault import TokenVault, load_key
 
 
 @pytest.mark.parametrize(
@@ -178,15 +178,15 @@ def test_the_sweep_keeps_the_token_of_a_merge_that_follows_its_sources(tmp_path)
 
 
 def test_a_job_whose_merged_files_are_gone_fails_with_a_sentence(tmp_path):
-    from service import pipeline
+    from service.workflows import steps
 
     jobs = service(tmp_path)
-    pipeline.configure(jobs)
+    steps.configure(jobs)
     missing = job("job-elsewhere", "running", "verify")
     with pytest.raises(MergeError, match="gone from this worker's disk"):
-        pipeline.merged_output(missing)
+        steps.merged_output(missing)
     (jobs.settings.job_dir("job-elsewhere") / "merged").mkdir(parents=True)
-    assert pipeline.merged_output(missing).is_dir()
+    assert steps.merged_output(missing).is_dir()
 
 
 def test_status_polls_of_one_job_read_the_database_once_per_moment():

@@ -28,8 +28,8 @@ from service_env import BOT_TOKEN
 
 from merge_engine.example_diffusion import make_finetune, make_pipeline
 from merge_engine.sources.formats.blocks import block_names
-from service.recipe_form import IN_BLOCKS_FROM_A, OUT_BLOCKS_FROM_B
 from service.server import MOCK_OAUTH_TOKEN
+from service.space.recipe_form import IN_BLOCKS_FROM_A, OUT_BLOCKS_FROM_B
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from browser_env import browser, choose, demo_space, field, page
 from playwright.sync_api import expect
 from service_env import BOT_TOKEN
 
-from service.recipe_form import FIRST_EXAMPLE
-from service.search_form import FIRST_SEARCH
+from service.space.recipe_form import FIRST_EXAMPLE
+from service.space.search_form import FIRST_SEARCH
 
 pytestmark = pytest.mark.slow
 

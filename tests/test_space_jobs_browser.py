@@ -24,9 +24,9 @@ from browser_env import (
 from playwright.sync_api import expect
 
 from merge_engine.sources.formats.blocks import block_names
-from service.recipe_form import DEMO_MODELS
-from service.search_form import FIRST_SEARCH, search_examples
-from service.search_form import to_yaml as spec_yaml
+from service.space.recipe_form import DEMO_MODELS
+from service.space.search_form import FIRST_SEARCH, search_examples
+from service.space.search_form import to_yaml as spec_yaml
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from playwright.sync_api import expect
 from service_env import BOT_TOKEN
 
 from merge_engine.evolve.report import wall_time_text
-from service.search_form import FIRST_SEARCH
+from service.space.search_form import FIRST_SEARCH
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ from merge_engine.example_diffusion import make_finetune, make_pipeline, write_s
 from merge_engine.recipe.schema import recipe_from_text
 from merge_engine.sources.formats.sd_names import convert_names
 from merge_engine.sources.tensors import read_header
-from service.verify import verify_output
-from service.verify_diffusion import unet_config, vae_config
+from service.verification.diffusion import unet_config, vae_config
+from service.verification.verify import verify_output
 
 CPU = torch.device("cpu")
 UNET_NAN = (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from merge_engine.errors import IncompatibleModelsError, RecipeError
 from merge_engine.evolve.candidates import folded_recipe
-from merge_engine.evolve.fitness import TaskRows, read_tasks
+from merge_engine.evolve.fitness import read_tasks
 from merge_engine.evolve.genome import (
     GeneCount,
     LayerGenes,
@@ -20,6 +20,7 @@ from merge_engine.evolve.genome import (
 )
 from merge_engine.evolve.lm_eval_tasks import check_task_files
 from merge_engine.evolve.spec import FOLDABLE_FAMILIES, SearchSpec
+from merge_engine.evolve.task_rows import TaskRows
 from merge_engine.methods import MergeMethod, get_method
 from merge_engine.plan.planner import build_plan
 from merge_engine.recipe.schema import ModelReference

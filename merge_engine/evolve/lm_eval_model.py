@@ -16,7 +16,7 @@ import torch
 from lm_eval.api.model import LM
 
 from merge_engine.errors import RecipeError
-from merge_engine.evolve.fitness import (
+from merge_engine.evolve.decoding import (
     ContinuationScore,
     batch_size_of,
     choice_scores,

@@ -31,9 +31,9 @@ import torch
 import yaml
 
 from merge_engine.errors import RecipeError, excerpt
-from merge_engine.evolve.fitness import Score, TaskRows, _split
 from merge_engine.evolve.spec import FitnessTask
 from merge_engine.evolve.stopping import StopCheckFunction
+from merge_engine.evolve.task_rows import Score, TaskRows, split_examples
 
 INSTALL = "pip install 'mergebot[lm-eval]'"
 BOT_REFUSAL = (
@@ -180,7 +180,7 @@ def read_task(task: FitnessTask, where: str, hub_only: bool = False) -> LmEvalRo
                 "add documents or give the YAML both a validation_split and a test_split",
                 field=field,
             )
-        search, held_out = _split(documents, task.held_out_fraction, 0, where)
+        search, held_out = split_examples(documents, task.held_out_fraction, 0, where)
     metrics = list(search_task.aggregation())
     metric = task.metric or metrics[0]
     if metric not in metrics:

@@ -9,15 +9,23 @@ import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from service.sandbox_hub.exchange import Request, Response
-from service.sandbox_hub.store import Repo, comment_data
-
-if TYPE_CHECKING:
-    from service.sandbox_hub.server import SandboxHub
+from service.sandbox_hub.store import HubStore, Repo, comment_data
 
 _REPO = r"/api/(?P<t>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)/discussions"
+
+
+class Hub(Protocol):
+    """What the community routes ask of the hub that serves them (the server's ``SandboxHub``,
+    which builds its :class:`Community` and so is not imported here)."""
+
+    store: HubStore
+
+    def user(self, request: Request) -> str | None: ...
+
+    def find_repo(self, request: Request, write: bool = False) -> Repo | Response: ...
 
 
 @dataclass
@@ -49,7 +57,7 @@ class Delivery:
 
 @dataclass
 class Community:
-    hub: SandboxHub
+    hub: Hub
     webhooks: list[Webhook] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
     base_url: str = ""

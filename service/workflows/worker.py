@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from service.jobs import JobService
+from service.workflows.steps import Jobs
 
 APP_VERSION = "mergebot-jobs-3"
 """The workflow's version: recovery only resumes workflows of the same version, so bump it
@@ -21,14 +21,14 @@ SEARCHES_AT_ONCE = 1
 """Per worker, beside its merge: searches take turns in this lane (see docs/architecture.md)."""
 
 
-def start_dbos(service: JobService, run_jobs: bool = True) -> None:
+def start_dbos(service: Jobs, run_jobs: bool = True) -> None:
     """Launch DBOS on the service's database; with ``run_jobs`` this process also merges."""
     from dbos import DBOS, DBOSPortableJSONSerializer
 
-    from service import pipeline, search_steps
+    from service.workflows import job_workflow, search_steps, steps
 
     settings = service.settings
-    pipeline.configure(service)
+    steps.configure(service)
     DBOS(
         config={
             "name": "mergebot",
@@ -39,10 +39,10 @@ def start_dbos(service: JobService, run_jobs: bool = True) -> None:
             "log_level": "WARNING",
         }
     )
-    DBOS.listen_queues([pipeline.QUEUE, pipeline.SEARCH_QUEUE] if run_jobs else [])
+    DBOS.listen_queues([job_workflow.QUEUE, job_workflow.SEARCH_QUEUE] if run_jobs else [])
     DBOS.launch()
-    DBOS.register_queue(pipeline.QUEUE, worker_concurrency=MERGES_AT_ONCE)
-    DBOS.register_queue(pipeline.SEARCH_QUEUE, worker_concurrency=SEARCHES_AT_ONCE)
+    DBOS.register_queue(job_workflow.QUEUE, worker_concurrency=MERGES_AT_ONCE)
+    DBOS.register_queue(job_workflow.SEARCH_QUEUE, worker_concurrency=SEARCHES_AT_ONCE)
     if run_jobs:  # an idle worker evaluates trials of the searches other workers run
         service.helping = search_steps.start_helping(service)
     logging.getLogger("mergebot.jobs").info(
@@ -50,7 +50,7 @@ def start_dbos(service: JobService, run_jobs: bool = True) -> None:
     )
 
 
-def stop_dbos(service: JobService | None = None) -> None:
+def stop_dbos(service: Jobs | None = None) -> None:
     from dbos import DBOS
 
     if service is not None and service.helping is not None:

@@ -42,13 +42,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from merge_engine.errors import MergeError, excerpt
-from service import api_docs
-from service.discussions import DiscussionWatcher
+from service.api import reference
 from service.errors import NotFound, ServiceError, TooLarge
-from service.intake import Identity, MergeRequest, SearchRequest
-from service.job_store import Job
-from service.jobs import JobService
-from service.recent_jobs import JobView, RecentJobs
+from service.intake.discussions import DiscussionWatcher
+from service.intake.jobs import JobService
+from service.intake.recent_jobs import JobView, RecentJobs
+from service.intake.request import Identity, MergeRequest, SearchRequest
+from service.workflows.job_store import Job
 
 log = logging.getLogger("mergebot.api")
 T = TypeVar("T")
@@ -199,7 +199,7 @@ def create_app(service: JobService) -> FastAPI:
     @app.get("/api/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
         """The API's reference, readable offline (no CDN)."""
-        return HTMLResponse(api_docs.render(app.openapi()))
+        return HTMLResponse(reference.render(app.openapi()))
 
     @app.get("/api/health")
     async def health() -> dict:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from service.job_store import Job
+from service.workflows.job_store import Job
 
 READ_EVERY_SECONDS = 0.2
 """Shorter than the merge's progress writes (every 0.5 s): no progress step is hidden."""

@@ -1,7 +1,7 @@
 """The Space's Search tab: the spec's form and YAML (values move through
-:mod:`service.search_form`), Validate and Start through :class:`service.jobs.JobService` like
-every other origin, and the live panel of a running search, read through the service's
-one-second cache of search status."""
+:mod:`service.space.search_form`), Validate and Start through
+:class:`service.intake.jobs.JobService` like every other origin, and the live panel of a running
+search, read through the service's one-second cache of search status."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from merge_engine.evolve.spec import BUILT_IN_KINDS, SPACES
 from merge_engine.recipe import quote
 from merge_engine.recipe.hub_names import is_loopback
 from merge_engine.recipe.limits import load_yaml
-from service.intake import Identity, SearchRequest
-from service.job_panel import (
+from service.intake.jobs import JobService
+from service.intake.request import Identity, SearchRequest
+from service.space.job_panel import (
     POLL_SECONDS,
     card_shown,
     identity_of,
@@ -32,14 +33,12 @@ from service.job_panel import (
     stop_job,
     updated_sentence,
 )
-from service.job_store import Job
-from service.jobs import JobService
-from service.recipe_form import (
+from service.space.recipe_form import (
     DEMO_MODELS,
     HUB_MODELS,
     field_line,
 )
-from service.search_form import (
+from service.space.search_form import (
     EXAMPLES_HELP,
     FIRST_SEARCH,
     MAX_SEARCHED,
@@ -56,7 +55,8 @@ from service.search_form import (
     search_examples,
     valid_sentence,
 )
-from service.search_form import to_yaml as spec_yaml
+from service.space.search_form import to_yaml as spec_yaml
+from service.workflows.job_store import Job
 
 INTRO = (
     "Search a merge instead of guessing it: an evolutionary search (CMA-ES) tries merges "

@@ -1,9 +1,10 @@
 """The Space's Gradio Blocks: the New merge and Jobs tabs here, the Search tab in
-:mod:`service.search_tab`. Thin on purpose: values move between the widgets and
-:mod:`service.recipe_form`; validating and merging go through :class:`service.jobs.JobService`,
-the same path as every other origin; the job panel (:mod:`service.job_panel`) reads the job
-shown when it changes and then with a ``gr.Timer`` until the job ends; the Jobs tab's tables
-have a timer of their own. A job opened there comes back to the form as a copy of its recipe.
+:mod:`service.space.search_tab`. Thin on purpose: values move between the widgets and
+:mod:`service.space.recipe_form`; validating and merging go through
+:class:`service.intake.jobs.JobService`, the same path as every other origin; the job panel
+(:mod:`service.space.job_panel`) reads the job shown when it changes and then with a
+``gr.Timer`` until the job ends; the Jobs tab's tables have a timer of their own. A job opened
+there comes back to the form as a copy of its recipe.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from merge_engine.methods.registry import Param
 from merge_engine.recipe import quote
 from merge_engine.recipe.hub_names import is_loopback
 from merge_engine.recipe.limits import load_yaml
-from service.intake import Identity, MergeRequest
-from service.job_panel import (
+from service.intake.jobs import JobService
+from service.intake.request import Identity, MergeRequest
+from service.space.job_panel import (
     POLL_SECONDS,
     copy_notice,
     copy_stem,
@@ -39,9 +41,7 @@ from service.job_panel import (
     updated_sentence,
     visible_job,
 )
-from service.job_store import Job
-from service.jobs import JobService
-from service.recipe_form import (
+from service.space.recipe_form import (
     DEMO_MODELS,
     DTYPES,
     FIRST_EXAMPLE,
@@ -67,7 +67,8 @@ from service.recipe_form import (
     switch_method,
     to_yaml,
 )
-from service.search_tab import build_search_tab
+from service.space.search_tab import build_search_tab
+from service.workflows.job_store import Job
 
 PLACES = (
     "form",

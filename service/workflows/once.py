@@ -8,7 +8,7 @@ import time
 
 import sqlalchemy as sa
 
-from service.job_store import metadata
+from service.workflows.job_store import metadata
 
 events_table = sa.Table(
     "mergebot_events",

@@ -20,6 +20,7 @@ from merge_engine.recipe.hub_names import check_repo_id, check_revision
 from merge_engine.recipe.schema import DataBlock, ModelReference, Recipe
 from merge_engine.sources.inspection import ModelSource
 from service.disk import source_bytes
+from service.settings import Limits, SearchLimits, SearchUse
 
 Origin = Literal["form", "discussion", "schedule", "api"]
 
@@ -68,30 +69,6 @@ class Identity:
     @property
     def requester(self) -> str:
         return self.name or ANONYMOUS
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_models: int = 8
-    max_source_bytes: int = 100 * 10**9
-
-
-@dataclass(frozen=True)
-class SearchLimits:
-    """How much searching one request, and one requester in a day, may ask for."""
-
-    max_trials: int = 300
-    """Trials of one search, all stages together."""
-    max_hours: float = 6.0
-    """Wall time of one search; also the wall time of a spec that gives none."""
-    daily_trials: int = 1000
-    daily_hours: float = 24.0
-    max_genes: int = 5000
-    """Genes of one stage: the paper's data-flow space over two 32-layer models, 3 repeats, has
-    4,288. The optimizer costs about 0.1 s a trial at 5,000 genes, and the study database
-    about 22 bytes per trial and gene (33 MB for 300 trials at 5,000 genes)."""
-    max_tasks: int = 16
-    """Fitness tasks of one search: every trial scores every task."""
 
 
 SEARCH_KEYS = ("space", "fitness", "budget")
@@ -243,16 +220,6 @@ def check_search_limits(spec: SearchSpec, limits: SearchLimits) -> None:
             f"the search asks for {_hours(hours)} of wall time, more than the {_hours(limits.max_hours)} this bot gives one search; shorten budget.wall_time",
             field="budget.wall_time",
         )
-
-
-@dataclass(frozen=True)
-class SearchUse:
-    """What a requester's searches of the last 24 hours count against the daily limits: the
-    trials they booked, and their wall time (all of it while a search waits or runs; what it
-    used once it ended)."""
-
-    trials: int
-    seconds: float
 
 
 def check_daily_search_limits(

@@ -39,14 +39,15 @@ from service.errors import (
     QueueLimitError,
     SignInRequired,
 )
-from service.follows import Follows
-from service.hub import hub_api
-from service.identities import Identities
-from service.intake import (
+from service.hub_client.hub import hub_api
+from service.hub_client.retry import is_transient
+from service.intake.follows import Follows
+from service.intake.identities import Identities
+from service.intake.recent_jobs import RecentJobs
+from service.intake.request import (
     Identity,
     MergeRequest,
     SearchRequest,
-    SearchUse,
     check_daily_search_limits,
     check_hub_only,
     check_limits,
@@ -58,12 +59,10 @@ from service.intake import (
     search_job_id,
     with_wall_time,
 )
-from service.job_store import Job, JobStore, make_engine
-from service.once import create_tables as create_event_tables
-from service.recent_jobs import RecentJobs
-from service.retry import is_transient
-from service.settings import Settings
-from service.token_vault import TokenVault, load_key
+from service.settings import SearchUse, Settings
+from service.workflows.job_store import Job, JobStore, make_engine
+from service.workflows.once import create_tables as create_event_tables
+from service.workflows.token_vault import TokenVault, load_key
 
 
 class JobService:
@@ -91,7 +90,7 @@ class JobService:
         self._layouts_lock = threading.Lock()
 
     def _search_status(self, job: Job) -> dict:
-        from service.search_steps import search_status
+        from service.workflows.search_steps import search_status
 
         return search_status(self, job) if job.kind == "search" else {}
 
@@ -325,7 +324,7 @@ class JobService:
             return stored  # the same job, already queued, running or done
         if identity.token:
             self.vault.put(job.id, identity.token)
-        from service.pipeline import enqueue
+        from service.workflows.job_workflow import enqueue
 
         try:
             enqueue(job)
@@ -342,7 +341,7 @@ class JobService:
 
     def trials(self, job: Job) -> list[TrialRecord]:
         """The completed trials of a search job so far, every stage, in order."""
-        from service.search_steps import trial_records
+        from service.workflows.search_steps import trial_records
 
         return trial_records(self, job)
 
@@ -440,7 +439,7 @@ class JobService:
         waiting = self.store.failed_by_outage()
         if not waiting or not self._hub_answers():
             return []
-        from service.pipeline import enqueue
+        from service.workflows.job_workflow import enqueue
 
         queued = []
         for job in waiting:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from service.errors import HubUnavailable, ServiceError, TokenRefused
-from service.intake import Identity
+from service.intake.request import Identity
 
 REFUSED_TTL = 60.0
 """Seconds a token the Hub refused stays refused without asking again."""

@@ -37,10 +37,10 @@ from merge_engine.evolve.study import StoredStudy, read_study
 from merge_engine.run.executor import resolve_device
 from merge_engine.sources.inspection import model_class
 from merge_engine.sources.model_building import building_model
-from service import pipeline
 from service.disk import search_bytes
-from service.job_store import Job
-from service.verify import verify_output
+from service.verification.verify import verify_output
+from service.workflows import steps
+from service.workflows.job_store import Job
 
 log = logging.getLogger("mergebot.search")
 HELP_POLL_SECONDS = 2.0
@@ -57,11 +57,6 @@ def search_spec(job: Job) -> SearchSpec:
 def study_names(job: Job) -> StudyNames:
     """Every attempt of a job continues the same studies: trials are never run twice."""
     return StudyNames(job.id)
-
-
-def output_dir(service, job: Job) -> Path:
-    """Where the winner is written: a folder named after the target, as the card is."""
-    return service.settings.job_dir(job.id) / "search" / job.target.split("/")[1]
 
 
 def read_studies(service, job: Job) -> list[StoredStudy]:
@@ -145,13 +140,13 @@ def finite_json(value: Any) -> Any:
 @DBOS.step(name="mergebot.search.preflight")
 def search_preflight_step(job_id: str) -> None:
     """The pinned sources and the task data are still there and readable by this requester."""
-    job = pipeline.job_of(job_id)
-    service = pipeline.running_service()
+    job = steps.job_of(job_id)
+    service = steps.running_service()
     cache = service.settings.job_dir(job_id) / "hub"
-    checked = pipeline.with_hub(
+    checked = steps.with_hub(
         job_id,
         lambda: check_spec(
-            search_spec(job), token=pipeline.read_token(job), hub_only=True, cache_dir=cache
+            search_spec(job), token=steps.read_token(job), hub_only=True, cache_dir=cache
         ),
     )
     service.check_disk(search_bytes(checked.sources), "the worker's")  # the search downloads
@@ -163,18 +158,18 @@ def search_step(job_id: str) -> bool:
     the requester asks for the best so far, and write the winner with its card; or, once
     this turn has had its slice while another search waits, stop after the current trial
     and return True (the workflow queues the next turn)."""
-    service = pipeline.running_service()
+    service = steps.running_service()
     store = service.store
-    job = pipeline.job_of(job_id)
+    job = steps.job_of(job_id)
     store.count_merge_run(job_id, service.settings.worker_id)
     if job.turn_started is None:  # kept across a crash: the time until recovery counts
         job.turn_started = time.time()
         store.update(job_id, turn_started=job.turn_started)
     spec = search_spec(job)
-    out = output_dir(service, job)
+    out = steps.output_dir(service, job)
     resume = (out / "evolve" / "spec.yaml").is_file()  # this machine ran it before
     slice_end = job.turn_started + service.settings.search_slice_seconds
-    report = _progress(service, job, spec, pipeline.JobCancelled)
+    report = _progress(service, job, spec, steps.JobCancelled)
     trials = 0  # of this turn: every turn runs at least one
 
     def progress(stage: str, done: int, budget: int, best: float) -> None:
@@ -193,7 +188,7 @@ def search_step(job_id: str) -> bool:
             resume=resume,
             storage=service.settings.database_url,
             device=service.settings.device,
-            token=pipeline.read_token(job),
+            token=steps.read_token(job),
             hub_only=True,
             cache_dir=service.settings.job_dir(job_id) / "hub",
             show_progress=False,
@@ -201,11 +196,11 @@ def search_step(job_id: str) -> bool:
             study_name=study_names(job).prefix,
             worker=service.settings.worker_id,
             started=time.time() - search_seconds(job, time.time()),
-            stop=lambda: _stop_asked(service, job_id, pipeline.JobCancelled),
+            stop=lambda: _stop_asked(service, job_id, steps.JobCancelled),
             pause=pause,
             card_details={
                 "job_id": job.id,
-                "credit": pipeline.credit(job),
+                "credit": steps.credit(job),
                 "endpoint": service.settings.endpoint,
             },
         )
@@ -222,7 +217,7 @@ def search_step(job_id: str) -> bool:
         f"held-out {fitness_text(result.held_out_fitness)}",
     )
     # the stage's time is the wall time the card states, every turn's, not this turn's alone
-    store.update(job_id, log=pipeline.stage_done("search", result.wall_seconds))
+    store.update(job_id, log=steps.stage_done("search", result.wall_seconds))
     return False
 
 
@@ -265,11 +260,7 @@ def _progress(
         if best_so_far.get(stage) != best:
             best_so_far[stage] = best
             values["log"] = f"{stage} trial {done}/{budget}: best fitness {fitness_text(best)}"
-        if (
-            "log" in values
-            or time.monotonic() - written >= pipeline.PROGRESS_EVERY
-            or done == budget
-        ):
+        if "log" in values or time.monotonic() - written >= steps.PROGRESS_EVERY or done == budget:
             written = time.monotonic()
             service.store.update(job.id, **values)
         if service.store.cancel_requested(job.id):
@@ -282,14 +273,14 @@ def _progress(
 def search_verify_step(job_id: str) -> None:
     """The written winner loads, gives finite outputs and, measured again on the held-out
     split, has the fitness the card states."""
-    service = pipeline.running_service()
-    job = pipeline.job_of(job_id)
+    service = steps.running_service()
+    job = steps.job_of(job_id)
     device = resolve_device(service.settings.device)
-    out = pipeline.merged_output(job)
+    out = steps.merged_output(job)
     verify_output(out, device)
     stated = job.outcome["rows"][0]["held_out"]
     spec = search_spec(job)
-    token = pipeline.read_token(job)
+    token = steps.read_token(job)
     cache = service.settings.job_dir(job_id) / "hub"
     measured = held_out_fitness(out, spec, device, token, cache)
     if abs(measured - stated) > HELD_OUT_TOLERANCE:

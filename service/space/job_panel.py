@@ -13,10 +13,10 @@ import yaml
 from merge_engine.errors import MergeError
 from merge_engine.recipe import quote
 from merge_engine.recipe.hub_names import is_loopback
-from service.intake import Identity
-from service.job_store import ACTIVE, Job
-from service.jobs import JobService
-from service.search_form import fitness_table
+from service.intake.jobs import JobService
+from service.intake.request import Identity
+from service.space.search_form import fitness_table
+from service.workflows.job_store import ACTIVE, Job
 
 POLL_SECONDS = 1.0
 

@@ -19,10 +19,10 @@ import sqlalchemy as sa
 
 from merge_engine.errors import MergeError
 from merge_engine.recipe.schema import recipe_from_text
-from service.hub import hub_api
-from service.intake import Identity, MergeRequest
-from service.job_store import Job, metadata
-from service.once import claim
+from service.hub_client.hub import hub_api
+from service.intake.request import Identity, MergeRequest
+from service.workflows.job_store import Job, metadata
+from service.workflows.once import claim
 
 log = logging.getLogger("mergebot.follows")
 

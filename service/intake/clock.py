@@ -11,9 +11,9 @@ import shutil
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from service.discussions import DiscussionWatcher
-from service.job_store import ACTIVE
-from service.jobs import JobService
+from service.intake.discussions import DiscussionWatcher
+from service.intake.jobs import JobService
+from service.workflows.job_store import ACTIVE
 
 SWEEP_MINUTES = 10
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 
 from merge_engine.errors import MergeError
-from service.job_store import ACTIVE, awaits_outage_retry, jobs_table, metadata
+from service.workflows.job_store import ACTIVE, awaits_outage_retry, jobs_table, metadata
 
 tokens_table = sa.Table(
     "mergebot_tokens",

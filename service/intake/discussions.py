@@ -10,7 +10,7 @@ field and how to fix it), again when the job ends (the link and a summary — a 
 sources, a search's fitness table — then it closes the discussion; on failure, the reason, and
 it stays open). ``@mergebot retry``, ``@mergebot cancel`` and ``@mergebot unfollow`` from the
 author act on the discussion's latest job, merge or search. Every event is handled once
-(``service.once``), whether the clock's poll, a webhook, or two processes see it.
+(``service.workflows.once``), whether the clock's poll, a webhook, or two processes see it.
 """
 
 from __future__ import annotations
@@ -18,26 +18,29 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
 
 from huggingface_hub import HfApi
 
 from merge_engine.errors import MergeError, RecipeError
-from merge_engine.evolve.report import fitness_text
 from merge_engine.evolve.spec import SearchSpec
 from merge_engine.recipe import quote
 from merge_engine.recipe.limits import load_yaml
 from merge_engine.recipe.schema import Recipe
-from service.hub import hub_api
-from service.intake import Identity, MergeRequest, SearchRequest, is_search_spec
-from service.job_store import ACTIVE, Job, Kind
-from service.once import claim
+from service.hub_client.hub import hub_api
+from service.intake.request import Identity, MergeRequest, SearchRequest, is_search_spec
+from service.workflows.job_store import ACTIVE, Job, Kind
+from service.workflows.once import claim
+from service.workflows.replies import (
+    DOCUMENT,
+    NOUN,
+    discussion_key,
+    parse_discussion_key,
+    reply,
+)
 
 log = logging.getLogger("mergebot.discussions")
 TARGET = re.compile(r"\s*target:\s*([\w.-]+)\s*")
 COMMAND = re.compile(r"@mergebot\s+(retry|cancel|unfollow)\b")
-NOUN: dict[Kind, str] = {"merge": "job", "search": "search"}
-DOCUMENT: dict[Kind, str] = {"merge": "recipe", "search": "search spec"}
 DAY = 24 * 3600
 
 
@@ -72,23 +75,6 @@ def read_comment(text: str) -> tuple[str | None, str | None]:
             target = named[1]
             break
     return found, target
-
-
-def discussion_key(repo_key: str, num: int) -> str:
-    return f"{repo_key}#{num}"
-
-
-def parse_discussion_key(key: str) -> tuple[str, str, int]:
-    """``type/ns/name#num`` → (repo type, ``ns/name``, num)."""
-    repo_key, _, num = key.partition("#")
-    repo_type, _, repo_id = repo_key.partition("/")
-    return repo_type, repo_id, int(num)
-
-
-def discussion_url(endpoint: str, key: str) -> str:
-    repo_type, repo_id, num = parse_discussion_key(key)
-    prefix = "" if repo_type == "model" else f"{repo_type}s/"
-    return f"{endpoint}/{prefix}{repo_id}/discussions/{num}"
 
 
 class DiscussionWatcher:
@@ -145,7 +131,8 @@ class DiscussionWatcher:
             return  # conversation, or someone else's recipe: not a request
         size, limit = len(text.encode("utf-8", "surrogatepass")), self.settings.max_comment_bytes
         if size > limit:
-            self.reply(
+            reply(
+                self.settings,
                 key,
                 f"⚠ This comment is {size / 1024:,.0f} KB, more than the {limit / 1024:,.0f} KB "
                 "I read; post the ```yaml block in a shorter comment.",
@@ -181,14 +168,16 @@ class DiscussionWatcher:
                 if isinstance(error, RecipeError) and error.field
                 else ""
             )
-            self.reply(
+            reply(
+                self.settings,
                 key,
                 f"⚠ I could not queue this {kind}{field}:\n\n{quote.code_block(error)}\n\nFix the {DOCUMENT[kind]} and comment with the corrected ```yaml block.",
             )
             return
         sources = ", ".join(f"`{repo}@{sha[:8]}`" for repo, sha in sorted(job.sources.items()))
         doing = "searching for the best merge of" if kind == "search" else "merging"
-        self.reply(
+        reply(
+            self.settings,
             key,
             f"Queued as {NOUN[kind]} `{job.id}`: {doing} {sources} into `{target}`. I will reply here when it is done.",
         )
@@ -231,7 +220,8 @@ class DiscussionWatcher:
     def _command(self, key: str, author: str, command: str) -> None:
         job = self.service.store.of_discussion(key)
         if job is None:
-            self.reply(
+            reply(
+                self.settings,
                 key,
                 "There is no job of this discussion yet: post a recipe or a search spec in a ```yaml block.",
             )
@@ -239,67 +229,15 @@ class DiscussionWatcher:
         if command == "cancel":
             if job.status in ACTIVE:
                 self.service.request_cancel(job)
-                self.reply(key, f"Cancelling {NOUN[job.kind]} `{job.id}`.")
+                reply(self.settings, key, f"Cancelling {NOUN[job.kind]} `{job.id}`.")
             else:
-                self.reply(
-                    key, f"The {NOUN[job.kind]} `{job.id}` has already ended ({job.status})."
+                reply(
+                    self.settings,
+                    key,
+                    f"The {NOUN[job.kind]} `{job.id}` has already ended ({job.status}).",
                 )
         elif command == "retry":  # as asked: unpinned, so sources are pinned anew
             self._submit(key, author, job.request_recipe or job.recipe, job.target, job.kind)
         else:
             self.service.follows.stop(job.target, f"unfollowed by {author}")
-            self.reply(key, f"`{job.target}` no longer follows its sources.")
-
-    # --- replies ---------------------------------------------------------------------------
-
-    def reply(self, key: str, text: str, close: bool = False) -> None:
-        repo_type, repo_id, num = parse_discussion_key(key)
-        self.api.comment_discussion(repo_id, num, text, repo_type=repo_type)
-        if close:
-            self.api.change_discussion_status(repo_id, num, "closed", repo_type=repo_type)
-
-    def report(self, job: Job) -> None:
-        """The job of a discussion ended: say how, and close the discussion if it worked."""
-        if job.discussion is None or not claim(
-            self.service.store.engine, f"report:{job.workflow_id}"
-        ):
-            return
-        if job.status == "succeeded":
-            summary = (
-                _fitness_table(job.outcome or {})
-                if job.kind == "search"
-                else _card_summary(job.card or "")
-            )
-            self.reply(
-                job.discussion,
-                f"Done: [{job.target}]({job.url}) (commit `{(job.commit or '')[:10]}`).\n\n{summary}",
-                close=True,
-            )
-        elif job.status == "failed":
-            self.reply(
-                job.discussion,
-                f"⚠ The {NOUN[job.kind]} `{job.id}` failed:\n\n{quote.code_block(job.error or '')}\n\nComment `@mergebot retry` to try again, or post a corrected {DOCUMENT[job.kind]}.",
-            )
-        elif job.status == "cancelled":
-            self.reply(job.discussion, f"The {NOUN[job.kind]} `{job.id}` was cancelled.")
-
-
-def _fitness_table(outcome: dict[str, Any]) -> str:
-    """A finished search's fitness table (the winner first, then each source and the uniform
-    merge), for a reply."""
-    rows = ["| model | search fitness | held-out fitness |", "|---|---|---|"]
-    rows += [
-        f"| {quote.cell(row['model'])} | {fitness_text(row['search'])} | "
-        f"{fitness_text(row['held_out'])} |"
-        for row in outcome.get("rows", [])
-    ]
-    trials = f"The winner of {outcome.get('trials', 0)} trials, on the search and held-out splits:"
-    return "\n".join([trials, "", *rows])
-
-
-def _card_summary(card: str) -> str:
-    """The card's method line and its source table, for a reply."""
-    lines = card.splitlines()
-    method = next((line for line in lines if line.startswith("**")), "")
-    table = [line for line in lines if line.startswith("|") and ("`" in line or "model" in line)]
-    return "\n".join([method, "", *table]).strip()
+            reply(self.settings, key, f"`{job.target}` no longer follows its sources.")

@@ -11,7 +11,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from service.retry import RetryPolicy, with_retries
+from service.hub_client.retry import RetryPolicy, with_retries
 
 JOB_TRAILER = "mergebot-job: {job_id}"
 DEFAULT_POLICY = RetryPolicy()

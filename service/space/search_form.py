@@ -1,5 +1,5 @@
 """The Space's search form as plain data, and its two-way mapping to a search spec — no Gradio
-here, like :mod:`service.recipe_form`, so the mapping is tested directly.
+here, like :mod:`service.space.recipe_form`, so the mapping is tested directly.
 
 The form shows what most searches set: the sources, a base model, the space, the method, up to
 ``MAX_SEARCHED`` searched parameters with their bounds, up to ``MAX_TASKS`` fitness tasks (kind,
@@ -22,7 +22,7 @@ import yaml
 from merge_engine.evolve.report import Baseline, TrialRecord, duration, fitness_text
 from merge_engine.methods import all_methods, get_method
 from merge_engine.recipe import quote
-from service.recipe_form import DEMO_MODELS, HUB_MODELS, ExampleModels, previous_document
+from service.space.recipe_form import DEMO_MODELS, HUB_MODELS, ExampleModels, previous_document
 
 if TYPE_CHECKING:
     from merge_engine.evolve.checks import CheckedSpec

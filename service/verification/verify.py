@@ -3,7 +3,7 @@
 What is checked is told from the folder alone:
 
 - ``model_index.json``: a diffusers pipeline (SD1.5, SDXL): its UNet takes one denoising step,
-  its VAE decodes, its text encoders run (:mod:`service.verify_diffusion`);
+  its VAE decodes, its text encoders run (:mod:`service.verification.diffusion`);
 - ``config.json``: a transformers model, loaded (no remote code) and run on a few tokens;
 - safetensors weights and neither: a single-file SD1.5/SDXL checkpoint (told from the tensor
   names) is built from its shapes and takes the same step; anything else is a bare state dict,
@@ -21,7 +21,7 @@ from merge_engine.errors import MergeError, SourceError
 from merge_engine.sources.formats.layouts import single_file_layout
 from merge_engine.sources.model_building import building_model
 from merge_engine.sources.tensors import TensorInfo, read_header
-from service.verify_diffusion import verify_pipeline, verify_single_file
+from service.verification.diffusion import verify_pipeline, verify_single_file
 
 PROBE_TOKENS = [1, 2, 3, 4, 5]
 
