@@ -368,7 +368,8 @@ def test_a_killed_search_resumes_without_evaluating_a_finished_trial_again(score
 def test_ctrl_c_leaves_a_study_that_resume_finishes(scored_family, tmp_path):
     base, tuned = scored_family
     spec = tmp_path / "spec.yaml"
-    spec.write_text(nll_spec(base, tuned, trials=60))  # still running when stopped
+    # A trial takes some 50 ms here: 400 are still running when the first one's line is seen
+    spec.write_text(nll_spec(base, tuned, trials=400))
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.Popen(evolve_command(spec, out), env=env, stderr=subprocess.PIPE, text=True)
@@ -383,7 +384,7 @@ def test_ctrl_c_leaves_a_study_that_resume_finishes(scored_family, tmp_path):
     assert "Traceback" not in stderr
     subprocess.run(evolve_command(spec, out, "--resume"), env=env, check=True, timeout=600)
     numbers = [t["number"] for t in read_trials(out)]  # the interrupted trial is not among them
-    assert len(numbers) == len(set(numbers)) == 60
+    assert len(numbers) == len(set(numbers)) == 400
 
 
 @pytest.mark.slow
