@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import textwrap
 import traceback
@@ -163,6 +164,33 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged {len(plan.tasks)} tensors into {out}")
 
 
+class _Interrupt:
+    """Ctrl-C for a search that cannot lose it. Python raises KeyboardInterrupt wherever the
+    interpreter is when the signal is handled, and drops it when that is a garbage
+    collector's callback (SQLAlchemy's run often, between the study's queries): the search
+    then ran to its budget. The handler raises as usual and also remembers, and the search's
+    stop check (between trials, and every half second within one) raises it again."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __enter__(self) -> _Interrupt:
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def stop(self) -> bool:
+        if self.seen:
+            raise KeyboardInterrupt
+        return False
+
+
 def cmd_evolve(args: argparse.Namespace) -> None:
     from merge_engine.evolve.report import fitness_text, wall_time_text
     from merge_engine.evolve.search import evolve
@@ -170,16 +198,18 @@ def cmd_evolve(args: argparse.Namespace) -> None:
 
     spec = load_spec(Path(args.spec))
     try:
-        result = evolve(
-            spec,
-            args.out_dir,
-            resume=args.resume,
-            storage=args.storage,
-            workers=args.workers,
-            device=args.device,
-            show_progress=not args.quiet,
-            join=args.join,
-        )
+        with _Interrupt() as interrupt:
+            result = evolve(
+                spec,
+                args.out_dir,
+                resume=args.resume,
+                storage=args.storage,
+                workers=args.workers,
+                device=args.device,
+                show_progress=not args.quiet,
+                join=args.join,
+                stop=interrupt.stop,
+            )
     except KeyboardInterrupt:
         from merge_engine.evolve.study import without_password
 
