@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -264,14 +265,14 @@ seed: {seed}
 """
 
 
-def run_mergebot(task: Task, work: Path, seed: int, trials: int) -> Run:
-    out = work / f"mergebot-seed{seed}"
+def run_mergebot(task: Task, work: Path, seed: int, trials: int, variant: str) -> Run:
+    out = work / (f"mergebot-seed{seed}" + ("" if variant == "shipped" else f"-{variant}"))
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     spec = out / "spec.yaml"
     spec.write_text(mergebot_spec(task, seed, trials))
     result = out / "result.json"
-    print(f"mergebot seed {seed}: {trials} trials ...", flush=True)
+    print(f"mergebot ({variant}) seed {seed}: {trials} trials ...", flush=True)
     started = time.monotonic()
     with (out / "log.txt").open("w") as log:
         subprocess.run(
@@ -282,6 +283,8 @@ def run_mergebot(task: Task, work: Path, seed: int, trials: int) -> Run:
                 str(spec),
                 str(out / "model"),
                 str(result),
+                "--variant",
+                variant,
             ],
             env=ENV,
             stdout=log,
@@ -290,7 +293,7 @@ def run_mergebot(task: Task, work: Path, seed: int, trials: int) -> Run:
         )
     figures = json.loads(result.read_text())
     return Run(
-        "mergebot",
+        "mergebot" if variant == "shipped" else f"mergebot [{variant}]",
         seed,
         figures["trials"],
         figures["loop_seconds"],
@@ -301,8 +304,61 @@ def run_mergebot(task: Task, work: Path, seed: int, trials: int) -> Run:
     )
 
 
-def child_mergebot(spec_path: Path, out: Path, result: Path) -> None:
+VARIANTS = {
+    "shipped": "mergebot as it is",
+    "start-d1": "CMA-ES mean and trial 0 at mergekit's x0: weights 0.5, densities 1 (their upper bound)",
+    "clip": "a draw outside the bounds is clipped to them (mass on the bound, as mergekit's clamp) instead of redrawn",
+    "mergekit-like": "start-d1 and clip together",
+}
+"""The ablations of mergebot's optimizer (``--variants``), patched into the child process only:
+they change no file of the engine. They ask what of mergekit-evolve's settings matters."""
+
+
+def patch_variant(variant: str) -> None:
+    """Make the child's search ``variant`` (see :data:`VARIANTS`)."""
+    import cmaes
+    import numpy as np
+
+    from merge_engine.evolve import sampler, search
+
+    start_d1 = variant in ("start-d1", "mergekit-like")
+    clip = variant in ("clip", "mergekit-like")
+    if start_d1:
+
+        def start(genes):
+            return {
+                g.name: g.high if g.name.startswith("density") else (g.low + g.high) / 2
+                for g in genes
+            }
+
+        search.centre = start
+
+    def new_optimizer(self):
+        n = self._dimensions()
+        mean = np.full(n, 0.5)
+        if start_d1:
+            mean[: len(self._names)] = [
+                1.0 if name.startswith("density") else 0.5 for name in self._names
+            ]
+        bounds = np.tile([0.0, 1.0], (n, 1))
+        kind = cmaes.SepCMA if self.separable else cmaes.CMA
+        redraws = 0 if clip else (10 if self.separable else 10 * n)  # 0: clipped at once
+        return kind(
+            mean,
+            sampler.STEP,
+            bounds,
+            seed=self._seed,
+            n_max_resampling=redraws,
+            population_size=self._population,
+        )
+
+    if variant != "shipped":
+        sampler.CmaSampler._new_optimizer = new_optimizer
+
+
+def child_mergebot(spec_path: Path, out: Path, result: Path, variant: str = "shipped") -> None:
     """In its own process: the search through the Python API, timing its trials."""
+    patch_variant(variant)
     from merge_engine.evolve import sampler
     from merge_engine.evolve.search import evolve
     from merge_engine.evolve.spec import load_spec
@@ -317,7 +373,7 @@ def child_mergebot(spec_path: Path, out: Path, result: Path) -> None:
     )
     records = found.records
     genes = len(records[0].params)
-    population = 4 + int(3 * __import__("math").log(genes))
+    population = 4 + int(3 * math.log(genes))
     covariance = "separable" if genes > sampler.SEPARABLE_ABOVE else "full cov"
     loop = done[-1] - done[0] + records[0].seconds  # trial 0 began before the first report
     result.write_text(
@@ -331,6 +387,7 @@ def child_mergebot(spec_path: Path, out: Path, result: Path) -> None:
                 "settings": (
                     f"replayed CMA-ES, {covariance}, mean = centre (w 0.5, d 0.55), "
                     f"step {sampler.STEP:.3f} of width, pop {population}, bounded w [0,1] d [0.1,1]"
+                    + ("" if variant == "shipped" else f"; {variant}: {VARIANTS[variant]}")
                 ),
             }
         )
@@ -391,10 +448,18 @@ def main() -> None:
     parser.add_argument("--mergekit-seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--examples", type=int, default=200, help="search rows per task")
     parser.add_argument("--held-out", type=int, default=200, help="held-out rows per task")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["shipped"],
+        choices=list(VARIANTS),
+        help="mergebot's optimizer as it is, or ablations towards mergekit-evolve's settings",
+    )
+    parser.add_argument("--variant", default="shipped", help=argparse.SUPPRESS)
     parser.add_argument("--child-mergebot", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_mergebot:
-        child_mergebot(*args.child_mergebot)
+        child_mergebot(*args.child_mergebot, args.variant)
         return
     if args.setup:
         setup_venv(args.venv)
@@ -405,7 +470,7 @@ def main() -> None:
     task = make_task(args.work, args.examples, args.held_out)
     runs = [run_mergekit(task, args.work, args.venv, s, args.trials) for s in args.mergekit_seeds]
     budget = runs[0].trials if runs else args.trials
-    runs += [run_mergebot(task, args.work, s, budget) for s in args.seeds]
+    runs += [run_mergebot(task, args.work, s, budget, v) for v in args.variants for s in args.seeds]
     for run in runs:
         run.search, run.held_out = score(task, run.model)
     print_table(runs)
