@@ -5,7 +5,8 @@ scores side by side, trials per hour, and each optimizer's settings.
     python benchmarks/bench_vs_mergekit_evolve.py --setup [--venv /work/venvs/mergekit]
     # the comparison (about 15 min of CPU per tool on a shared 2-core machine)
     OMP_NUM_THREADS=1 python benchmarks/bench_vs_mergekit_evolve.py \\
-        [--work /tmp/mergebot-vs-mergekit] [--trials 61] [--seeds 0 1 2] [--mergekit-seeds 0]
+        [--work /tmp/mergebot-vs-mergekit] [--trials 60] [--seeds 0 1 2] [--mergekit-seeds 0] \
+        [--variants shipped start-d1 clip mergekit-like]
 
 mergekit is installed only in the benchmark venv (``--setup`` runs ``python -m venv VENV``,
 ``VENV/bin/pip install torch==2.13.0`` (the CPU build) and ``VENV/bin/pip install
@@ -44,9 +45,17 @@ What it measures, per tool and seed:
   centre of the bounds (queued as trial 0), step 1/6 of each bound's width, the same
   population, bounds handled by resampling (then clipping).
 
-The trial budget: mergekit-evolve stops on ``--max-fevals`` only at a generation's end and
-then evaluates the final mean, so its evaluations are counted from its log, and mergebot gets
-that count (``--trials`` is what mergekit-evolve is asked for; 60 at population 12 gives 61).
+The trial budget: mergekit-evolve (pycma) stops on ``--max-fevals`` only after the generation
+that passes it and then evaluates the final mean, so its evaluations are counted from its log
+and mergebot gets that count (``--trials`` is what mergekit-evolve is asked for: 60 at
+population 12 gave 6 generations + 1 = 73). Without mergekit seeds (``--mergekit-seeds`` with
+no value) mergebot gets ``--trials``.
+
+``--variants`` adds ablations of mergebot's optimizer towards mergekit-evolve's settings,
+patched into mergebot's child process only (no engine file changes): ``start-d1`` (CMA-ES's
+mean and trial 0 at mergekit's x0, densities 1), ``clip`` (a draw outside the bounds is
+clipped onto them, as mergekit's clamp puts mass on density 1, instead of redrawn) and
+``mergekit-like`` (both).
 Every process runs with OMP_NUM_THREADS=1 (mergekit's Ray workers too).
 """
 
