@@ -127,6 +127,7 @@ class Task:
     models: dict[str, Path]  # base, copy, reverse
     mergebot_yaml: Path  # validation: search rows, test: held-out rows
     mergekit_dir: Path  # holds the YAML whose only split is the search rows
+    held_out_dir: Path  # the same YAML over the held-out rows only, for lm-eval's own check
 
 
 def make_task(work: Path, examples: int, held_out: int) -> Task:
@@ -160,7 +161,15 @@ def make_task(work: Path, examples: int, held_out: int) -> Task:
             splits="validation_split: validation",
         )
     )
-    return Task(family, mergebot_yaml, mergekit_dir)
+    held_out_dir = work / "held-out-task"
+    held_out_dir.mkdir(exist_ok=True)
+    (held_out_dir / "digits.yaml").write_text(
+        TASK_YAML.format(
+            data_files=json.dumps({"validation": str(held)}),
+            splits="validation_split: validation",
+        )
+    )
+    return Task(family, mergebot_yaml, mergekit_dir, held_out_dir)
 
 
 # The two tools
@@ -178,6 +187,7 @@ class Run:
     settings: str
     search: float = float("nan")  # re-scored here
     held_out: float = float("nan")
+    lm_eval_held_out: float = float("nan")  # lm-eval's own HF model, in the venv (--lm-eval-check)
 
     @property
     def per_hour(self) -> float:
@@ -431,20 +441,59 @@ def score(task: Task, model_dir: Path) -> tuple[float, float]:
         )
 
 
+def lm_eval_held_out(task: Task, venv: Path, model_dir: Path) -> float:
+    """The held-out exact match as lm-eval's own ``hf`` model scores it (float32, CPU, batch
+    1), in the mergekit venv: a check on :func:`score` by an evaluator that is not mergebot's."""
+    output = task.held_out_dir / f"{model_dir.parent.name}-{model_dir.name}"
+    subprocess.run(
+        [
+            str(venv / "bin" / "lm_eval"),
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={model_dir},dtype=float32",
+            "--device",
+            "cpu",
+            "--tasks",
+            "digits",
+            "--include_path",
+            str(task.held_out_dir),
+            "--batch_size",
+            "1",
+            "--output_path",
+            str(output),
+        ],
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    (found,) = output.rglob("results_*.json")
+    return json.loads(found.read_text())["results"]["digits"]["exact_match,none"]
+
+
 def print_table(runs: list[Run]) -> None:
     print()
-    header = "| tool | seed | trials | search (own) | search | held-out | trials/h | optimizer |"
-    print(header)
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        "| tool | seed | trials | search (own) | search | held-out | held-out (lm-eval hf) "
+        "| trials/h | optimizer |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in runs:
+        check = "-" if math.isnan(r.lm_eval_held_out) else f"{r.lm_eval_held_out:.4f}"
         print(
             f"| {r.tool} | {r.seed} | {r.trials} | {r.own_search:.4f} | {r.search:.4f} | "
-            f"{r.held_out:.4f} | {r.per_hour:,.0f} | {r.settings} |"
+            f"{r.held_out:.4f} | {check} | {r.per_hour:,.0f} | {r.settings} |"
         )
+    print()
     for tool in dict.fromkeys(r.tool for r in runs):
-        held = [r.held_out for r in runs if r.tool == tool]
+        mine = [r for r in runs if r.tool == tool]
+        search = statistics.mean(r.search for r in mine)
+        held = [r.held_out for r in mine]
         spread = f" (min {min(held):.4f}, max {max(held):.4f})" if len(held) > 1 else ""
-        print(f"{tool}: mean held-out {statistics.mean(held):.4f} over {len(held)} seed(s){spread}")
+        print(
+            f"{tool}: {len(mine)} seed(s), mean search {search:.4f}, "
+            f"mean held-out {statistics.mean(held):.4f}{spread}"
+        )
 
 
 def main() -> None:
@@ -464,6 +513,11 @@ def main() -> None:
         choices=list(VARIANTS),
         help="mergebot's optimizer as it is, or ablations towards mergekit-evolve's settings",
     )
+    parser.add_argument(
+        "--lm-eval-check",
+        action="store_true",
+        help="also score each winner's held-out split with lm-eval's own hf model (in the venv)",
+    )
     parser.add_argument("--variant", default="shipped", help=argparse.SUPPRESS)
     parser.add_argument("--child-mergebot", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -482,6 +536,8 @@ def main() -> None:
     runs += [run_mergebot(task, args.work, s, budget, v) for v in args.variants for s in args.seeds]
     for run in runs:
         run.search, run.held_out = score(task, run.model)
+        if args.lm_eval_check:
+            run.lm_eval_held_out = lm_eval_held_out(task, args.venv, run.model)
     print_table(runs)
     (args.work / "runs.json").write_text(
         json.dumps([{**r.__dict__, "model": str(r.model), "per_hour": r.per_hour} for r in runs])
