@@ -55,7 +55,8 @@ no value) mergebot gets ``--trials``.
 patched into mergebot's child process only (no engine file changes): ``start-d1`` (CMA-ES's
 mean and trial 0 at mergekit's x0, densities 1), ``clip`` (a draw outside the bounds is
 clipped onto them, as mergekit's clamp puts mass on density 1, instead of redrawn) and
-``mergekit-like`` (both).
+``mergekit-like`` (both); ``old-outside`` is mergebot before it gave the final norm and head
+the last layer group's values (all tensors outside the layers took the first group's).
 Every process runs with OMP_NUM_THREADS=1 (mergekit's Ray workers too).
 """
 
@@ -328,6 +329,10 @@ VARIANTS = {
     "start-d1": "CMA-ES mean and trial 0 at mergekit's x0: weights 0.5, densities 1 (their upper bound)",
     "clip": "a draw outside the bounds is clipped to them (mass on the bound, as mergekit's clamp) instead of redrawn",
     "mergekit-like": "start-d1 and clip together",
+    "old-outside": (
+        "as before commit 8b32ae3: the embeddings, final norm and head all take the first layer "
+        "group's values (mergekit: the head and final norm take the last group's)"
+    ),
 }
 """The ablations of mergebot's optimizer (``--variants``), patched into the child process only:
 they change no file of the engine. They ask what of mergekit-evolve's settings matters."""
@@ -371,7 +376,11 @@ def patch_variant(variant: str) -> None:
             population_size=self._population,
         )
 
-    if variant != "shipped":
+    if variant == "old-outside":
+        from merge_engine import plan
+
+        plan._outside_position = lambda name: 0.0
+    elif variant != "shipped":
         sampler.CmaSampler._new_optimizer = new_optimizer
 
 
