@@ -55,7 +55,8 @@ no value) mergebot gets ``--trials``.
 patched into mergebot's child process only (no engine file changes): ``start-d1`` (CMA-ES's
 mean and trial 0 at mergekit's x0, densities 1), ``clip`` (a draw outside the bounds is
 clipped onto them, as mergekit's clamp puts mass on density 1, instead of redrawn) and
-``mergekit-like`` (both); ``old-outside`` is mergebot before it gave the final norm and head
+``mergekit-like`` (both); ``separable`` is mergebot's setting for genomes above 256
+genes (a diagonal covariance) at this genome's 16, to price it; ``old-outside`` is mergebot before it gave the final norm and head
 the last layer group's values (all tensors outside the layers took the first group's).
 Every process runs with OMP_NUM_THREADS=1 (mergekit's Ray workers too).
 """
@@ -329,6 +330,10 @@ VARIANTS = {
     "start-d1": "CMA-ES mean and trial 0 at mergekit's x0: weights 0.5, densities 1 (their upper bound)",
     "clip": "a draw outside the bounds is clipped to them (mass on the bound, as mergekit's clamp) instead of redrawn",
     "mergekit-like": "start-d1 and clip together",
+    "separable": (
+        "the diagonal covariance (sep-CMA-ES) that mergebot uses above 256 genes, here at 16: "
+        "what the setting for long genomes costs"
+    ),
     "old-outside": (
         "as before commit 8b32ae3: the embeddings, final norm and head all take the first layer "
         "group's values (mergekit: the head and final norm take the last group's)"
@@ -376,7 +381,9 @@ def patch_variant(variant: str) -> None:
             population_size=self._population,
         )
 
-    if variant == "old-outside":
+    if variant == "separable":
+        sampler.SEPARABLE_ABOVE = 0
+    elif variant == "old-outside":
         from merge_engine import plan
 
         plan._outside_position = lambda name: 0.0
