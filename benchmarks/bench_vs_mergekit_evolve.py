@@ -20,7 +20,8 @@ pretrained on copying and reversing digit strings; one fine-tune that copies and
 reverses, each forgetting the other task), trained here in about 20 s. Both tools search a
 TIES merge of the two fine-tunes over the base with one weight and one density per model
 per layer (4 layer groups x 2 models x 2 parameters = 16 genes; mergekit-evolve
-``layer_granularity: 1``, mergebot ``layers_per_value: 1``; ``normalize: false`` in both),
+``layer_granularity: 1``, mergebot ``layers_per_value: 1``; ``normalize: false`` in both;
+``--filters self_attn mlp`` gives each of those its own values in both: 48 genes),
 with the fitness of ONE lm-evaluation-harness task YAML (``generate_until``, exact match
 after stripping, ``max_gen_toks: 8``) over local jsonl: the search split is ``--examples``
 dev strings per task, the held-out split ``--held-out`` test strings per task (strings the
@@ -196,7 +197,9 @@ class Run:
         return self.trials / self.loop_seconds * 3600
 
 
-def run_mergekit(task: Task, work: Path, venv: Path, seed: int, trials: int) -> Run:
+def run_mergekit(
+    task: Task, work: Path, venv: Path, seed: int, trials: int, filters: list[str]
+) -> Run:
     out = work / f"mergekit-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -209,6 +212,7 @@ def run_mergekit(task: Task, work: Path, venv: Path, seed: int, trials: int) -> 
   base_model: {m["base"]}
   layer_granularity: 1
   normalize: false
+  filters: {json.dumps(filters or None)}
 tasks:
   - {{name: digits, metric: "exact_match,none"}}
 apply_chat_template: false
@@ -268,7 +272,7 @@ fewshot_as_multiturn: false
     )
 
 
-def mergebot_spec(task: Task, seed: int, trials: int) -> str:
+def mergebot_spec(task: Task, seed: int, trials: int, filters: list[str]) -> str:
     m = task.models
     return f"""space: parameters
 models: [{{model: {m["copy"]}}}, {{model: {m["reverse"]}}}]
@@ -278,6 +282,7 @@ parameters:
   search: {{weight: [0, 1], density: [0.1, 1]}}
   fixed: {{normalize: false}}
   layers_per_value: 1
+  filters: {json.dumps(filters)}
   dtype: float32
 fitness:
   - {{name: digits, kind: lm_eval, task: {task.mergebot_yaml}, metric: exact_match}}
@@ -286,12 +291,14 @@ seed: {seed}
 """
 
 
-def run_mergebot(task: Task, work: Path, seed: int, trials: int, variant: str) -> Run:
+def run_mergebot(
+    task: Task, work: Path, seed: int, trials: int, variant: str, filters: list[str]
+) -> Run:
     out = work / (f"mergebot-seed{seed}" + ("" if variant == "shipped" else f"-{variant}"))
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     spec = out / "spec.yaml"
-    spec.write_text(mergebot_spec(task, seed, trials))
+    spec.write_text(mergebot_spec(task, seed, trials, filters))
     result = out / "result.json"
     print(f"mergebot ({variant}) seed {seed}: {trials} trials ...", flush=True)
     started = time.monotonic()
@@ -530,6 +537,12 @@ def main() -> None:
         help="mergebot's optimizer as it is, or ablations towards mergekit-evolve's settings",
     )
     parser.add_argument(
+        "--filters",
+        nargs="*",
+        default=[],
+        help="tensor filters with values of their own in both genomes (self_attn mlp: 48 genes)",
+    )
+    parser.add_argument(
         "--lm-eval-check",
         action="store_true",
         help="also score each winner's held-out split with lm-eval's own hf model (in the venv)",
@@ -547,9 +560,16 @@ def main() -> None:
         raise SystemExit(f"no mergekit venv at {args.venv}; build it with --setup first")
     args.work.mkdir(parents=True, exist_ok=True)
     task = make_task(args.work, args.examples, args.held_out)
-    runs = [run_mergekit(task, args.work, args.venv, s, args.trials) for s in args.mergekit_seeds]
+    runs = [
+        run_mergekit(task, args.work, args.venv, s, args.trials, args.filters)
+        for s in args.mergekit_seeds
+    ]
     budget = runs[0].trials if runs else args.trials
-    runs += [run_mergebot(task, args.work, s, budget, v) for v in args.variants for s in args.seeds]
+    runs += [
+        run_mergebot(task, args.work, s, budget, v, args.filters)
+        for v in args.variants
+        for s in args.seeds
+    ]
     for run in runs:
         run.search, run.held_out = score(task, run.model)
         if args.lm_eval_check:
