@@ -232,7 +232,6 @@ fewshot_as_multiturn: false
         "--task-search-path",
         str(task.mergekit_dir),
     ]
-    env = {**ENV, "MERGEKIT_CPU_TOKENIZER": str(m["copy"])}
     print(f"mergekit-evolve seed {seed}: {trials} evaluations asked ...", flush=True)
     started = time.monotonic()
     first = complete = None
@@ -241,7 +240,7 @@ fewshot_as_multiturn: false
     with (
         (out / "log.txt").open("w") as log,
         subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as process,
     ):
         for line in process.stdout:

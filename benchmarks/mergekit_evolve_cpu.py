@@ -5,26 +5,31 @@ mergebot's environment; mergekit is not a dependency of mergebot):
     OMP_NUM_THREADS=1 /work/venvs/mergekit/bin/python benchmarks/mergekit_evolve_cpu.py \\
         CONFIG.yaml --storage-path DIR --max-fevals 60 --random-seed 0 [other mergekit-evolve options]
 
-Every option is mergekit-evolve's own; this runner adds ``--in-memory --strategy pool
---num-gpus 1 --no-merge-cuda --batch-size 1 --no-reshard`` unless they are given. As
-shipped, mergekit-evolve cannot start here: every Ray actor and task asks for
-``num_gpus=1`` and a CPU-only Ray cluster has no GPU to give, so the search waits forever.
-The patches, all made from this process before mergekit's command runs, none to its files:
+Every option is mergekit-evolve's own; this runner adds ``--no-in-memory --strategy pool
+--num-gpus 1 --no-merge-cuda --batch-size 1 --no-reshard`` unless they are given: each
+candidate is merged to disk by ``run_merge`` on the CPU and scored by lm-eval's ``hf`` model
+loaded from that folder (mergekit's "maximum compatibility" path), one at a time. The
+in-memory evaluator (``--in-memory``) fails in mergekit 0.1.5 whatever the device
+(``MergePlanner.plan_in_memory`` builds an abstract ``Task``), so it is not used.
 
-1. Ray is started with one *logical* GPU (``ray.init(num_gpus=1)``): the actor that asks for
-   it is scheduled; nothing uses CUDA, since the merge runs with ``--no-merge-cuda`` (device
-   ``cpu``) and lm-eval's HF model is given the in-memory model that lives on the CPU.
-2. ``torch.cpu`` has no ``empty_cache`` in some torch builds; mergekit's on-disk evaluator
-   calls the accelerator module's ``empty_cache`` before each merge: a no-op is added where
-   it is missing.
-3. The in-memory evaluator hands lm-eval's ``HFLM`` a model made from a config, whose
-   ``name_or_path`` is empty, so HFLM cannot find a tokenizer: the patched ``HFLM`` is given
-   the first source's tokenizer (the genome's tokenizer donor) and ``device="cpu"``.
-5. ``mergekit.evo.actors`` names ``lm_eval.models.vllm_causallms.VLLM`` in a class
-   annotation, and that lm-eval module imports vLLM: without vLLM the import fails. An empty
+As shipped, mergekit-evolve cannot run here. The patches, all made from this process (and,
+through Ray's ``worker_process_setup_hook``, from each Ray worker) before mergekit's code
+runs; none touches mergekit's or lm-eval's files (``MERGEKIT_CPU_RAY_CPUS``, default 2, is
+the CPU count Ray is given):
+
+1. Every Ray actor and task of mergekit-evolve asks for ``num_gpus=1``, and a CPU-only Ray
+   cluster has no GPU to give, so the search would wait forever: Ray is started with one
+   *logical* GPU (``ray.init(num_gpus=1)``). Nothing uses CUDA (patch 3 and the
+   ``--no-merge-cuda`` merge).
+2. The on-disk evaluator calls the accelerator module's ``empty_cache`` before each merge,
+   and ``torch.cpu`` has none (torch 2.13): a no-op is added.
+3. mergekit asks lm-eval for its ``hf`` model without a device, and HFLM's default,
+   ``"cuda"``, is taken as given and fails without CUDA: HFLM is made to use ``"cpu"``.
+4. ``mergekit.evo.actors`` names ``lm_eval.models.vllm_causallms.VLLM`` in a class
+   annotation, and that lm-eval module imports vLLM, which is not installed: an empty
    stand-in module is registered under that name before mergekit is imported.
-4. The worker processes get one torch thread (``torch.set_num_threads(1)`` when the actor
-   starts, besides ``OMP_NUM_THREADS=1`` in their environment).
+5. Each worker runs torch on one thread (``torch.set_num_threads(1)``, and
+   ``OMP_NUM_THREADS=1`` in its environment).
 
 Nothing else changes: mergekit's genome, its merge (bfloat16, ``int8_mask``), lm-eval's
 evaluator and ``cma.fmin2`` with mergekit's defaults (x0 = weight 1/models and density 1,
@@ -39,12 +44,12 @@ import sys
 
 
 def patch_mergekit() -> None:
-    """The driver: the worker's patches, and Ray started with a logical GPU (patch 1)."""
+    """The driver: the workers' patches, and Ray started with a logical GPU (patch 1)."""
     import ray
 
     patch_worker()
     threads = os.environ.get("OMP_NUM_THREADS", "1")
-    ray.init(  # patch 1
+    ray.init(
         num_cpus=int(os.environ.get("MERGEKIT_CPU_RAY_CPUS", "2")),
         num_gpus=1,
         include_dashboard=False,
@@ -52,7 +57,6 @@ def patch_mergekit() -> None:
             "env_vars": {
                 "OMP_NUM_THREADS": threads,
                 "MKL_NUM_THREADS": threads,
-                "MERGEKIT_CPU_TOKENIZER": os.environ["MERGEKIT_CPU_TOKENIZER"],
                 "HF_DATASETS_OFFLINE": "1",
                 "HF_HUB_OFFLINE": "1",
                 "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
@@ -64,36 +68,29 @@ def patch_mergekit() -> None:
 
 
 def patch_worker() -> None:
-    """What every Ray worker process runs first: the same patches as the driver's, less Ray."""
+    """Patches 2 to 5, in every process that runs mergekit's code."""
     import types
 
     import lm_eval.models
     import lm_eval.models.huggingface
     import torch
-    import transformers
 
-    if "lm_eval.models.vllm_causallms" not in sys.modules:  # patch 5
+    torch.set_num_threads(1)  # patch 5
+    if not hasattr(torch.cpu, "empty_cache"):  # patch 2
+        torch.cpu.empty_cache = lambda: None
+    if "lm_eval.models.vllm_causallms" not in sys.modules:  # patch 4
         stub = types.ModuleType("lm_eval.models.vllm_causallms")
         stub.VLLM = type("VLLM", (), {})
         sys.modules[stub.__name__] = stub
         lm_eval.models.vllm_causallms = stub
-
-    torch.set_num_threads(1)
-    if not hasattr(torch.cpu, "empty_cache"):
-        torch.cpu.empty_cache = lambda: None
-
     hflm = lm_eval.models.huggingface.HFLM
     if getattr(hflm, "_cpu_patched", False):
         return
     shipped_init = hflm.__init__
 
-    def init_on_cpu(self, pretrained="gpt2", *args, **kwargs):  # patch 3
-        kwargs["device"] = "cpu"  # HFLM's default, "cuda", is taken as given
-        if not isinstance(pretrained, str) and kwargs.get("tokenizer") is None:
-            kwargs["tokenizer"] = transformers.AutoTokenizer.from_pretrained(
-                os.environ["MERGEKIT_CPU_TOKENIZER"]
-            )
-        shipped_init(self, pretrained, *args, **kwargs)
+    def init_on_cpu(self, *args, **kwargs):  # patch 3
+        kwargs["device"] = "cpu"
+        shipped_init(self, *args, **kwargs)
 
     hflm.__init__ = init_on_cpu
     hflm._cpu_patched = True
