@@ -3,10 +3,11 @@ scores side by side, trials per hour, and each optimizer's settings.
 
     # once: the benchmark venv for mergekit (never mergebot's environment)
     python benchmarks/bench_vs_mergekit_evolve.py --setup [--venv /work/venvs/mergekit]
-    # the comparison (about 15 min of CPU per tool on a shared 2-core machine)
+    # the comparison: about 13 min per mergekit-evolve seed, 1-2 min per mergebot seed here
     OMP_NUM_THREADS=1 python benchmarks/bench_vs_mergekit_evolve.py \\
-        [--work /tmp/mergebot-vs-mergekit] [--trials 60] [--seeds 0 1 2] [--mergekit-seeds 0] \
-        [--variants shipped start-d1 clip mergekit-like]
+        [--work /tmp/mergebot-vs-mergekit] [--trials 60] [--seeds 0 1 2] [--mergekit-seeds 0] \\
+        [--variants shipped start-d1 clip mergekit-like separable old-outside] \\
+        [--filters self_attn mlp] [--lm-eval-check]
 
 mergekit is installed only in the benchmark venv (``--setup`` runs ``python -m venv VENV``,
 ``VENV/bin/pip install torch==2.13.0`` (the CPU build) and ``VENV/bin/pip install
@@ -56,9 +57,11 @@ no value) mergebot gets ``--trials``.
 patched into mergebot's child process only (no engine file changes): ``start-d1`` (CMA-ES's
 mean and trial 0 at mergekit's x0, densities 1), ``clip`` (a draw outside the bounds is
 clipped onto them, as mergekit's clamp puts mass on density 1, instead of redrawn) and
-``mergekit-like`` (both); ``separable`` is mergebot's setting for genomes above 256
-genes (a diagonal covariance) at this genome's 16, to price it; ``old-outside`` is mergebot before it gave the final norm and head
-the last layer group's values (all tensors outside the layers took the first group's).
+``mergekit-like`` (both); ``separable`` is mergebot's setting for genomes above 256 genes
+(a diagonal covariance) at this genome's size, to price it; ``old-outside`` is mergebot
+before it gave the final norm and head the last layer group's values (all tensors outside
+the layers took the first group's). ``--lm-eval-check`` scores each winner's held-out split
+once more with lm-eval's own ``hf`` model in the venv, an evaluator that is not mergebot's.
 Every process runs with OMP_NUM_THREADS=1 (mergekit's Ray workers too).
 """
 
