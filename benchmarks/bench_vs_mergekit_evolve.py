@@ -243,7 +243,12 @@ fewshot_as_multiturn: false
     with (
         (out / "log.txt").open("w") as log,
         subprocess.Popen(
-            command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            cwd=out,  # pycma writes its log folder, outcmaes/, into the working directory
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         ) as process,
     ):
         for line in process.stdout:
