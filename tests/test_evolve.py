@@ -422,15 +422,16 @@ def test_two_processes_share_one_postgres_study(scored_family, tmp_path):
 def test_workers_on_one_machine_share_the_budget(scored_family, tmp_path):
     base, tuned = scored_family
     spec = tmp_path / "spec.yaml"
-    # Trials long enough (a few tenths of a second) that the second process, which first
-    # imports torch and loads the models, arrives before the first has used the budget.
+    # A budget long enough (300 trials of about 0.1 s) that the second process, which first
+    # imports torch and loads the models, arrives before the first has used it: 60 trials
+    # were done before it came, once a trial's bookkeeping stopped re-reading every trial.
     longer = json.dumps([" ".join(SEARCH_TEXTS)] * 96)
-    spec.write_text(nll_spec(base, tuned, trials=60).replace(json.dumps(SEARCH_TEXTS * 4), longer))
+    spec.write_text(nll_spec(base, tuned, trials=300).replace(json.dumps(SEARCH_TEXTS * 4), longer))
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(evolve_command(spec, out, "--workers", "2"), env=env, check=True, timeout=600)
     trials = read_trials(out)
-    assert sorted(t["number"] for t in trials) == list(range(60))
+    assert sorted(t["number"] for t in trials) == list(range(300))
     assert len({t["worker"] for t in trials}) == 2, "both processes evaluated trials"
     assert (out / "model.safetensors").is_file()
 
