@@ -128,9 +128,9 @@ def child(case: str, work: Path, out: Path) -> None:
     )
 
 
-def measure(command: list[str]) -> dict[str, float]:
+def measure(command: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak_rss = peak_anon = 0
     status = Path(f"/proc/{process.pid}/status")
     while process.poll() is None:

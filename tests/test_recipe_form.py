@@ -82,6 +82,22 @@ def test_defaults_stay_out_and_per_model_values_stay_with_their_model():
     }
 
 
+def test_a_rows_adapter_makes_a_base_plus_adapter_reference_and_reads_back():
+    form = MergeForm(
+        method="linear",
+        models=[
+            ModelRow("org/a", "v2", params={"weight": 0.5}, adapter="org/a-lora@c1"),
+            ModelRow("org/b", params={"weight": 0.5}),
+        ],
+    )
+    recipe = to_recipe(form)
+    assert [m["model"] for m in recipe["models"]] == ["org/a@v2+org/a-lora@c1", "org/b"]
+    assert parse_recipe(recipe).models[0].model.adapter.path == "org/a-lora"
+    row = from_recipe(recipe).models[0]
+    assert (row.repo, row.revision, row.adapter) == ("org/a", "v2", "org/a-lora@c1")
+    assert from_recipe(recipe).notice == ""
+
+
 def test_a_layer_range_makes_slices():
     form = MergeForm(
         method="passthrough",

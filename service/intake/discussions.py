@@ -206,8 +206,8 @@ class DiscussionWatcher:
             )
 
     def _check_namespaces(self, document: Recipe | SearchSpec) -> None:
-        for ref in document.referenced_models():
-            namespace = ref.path.split("/")[0]
+        for part in (p for ref in document.referenced_models() for p in ref.parts()):
+            namespace = part.path.split("/")[0]
             denied = namespace in self.settings.deny_namespaces
             if denied or (
                 self.settings.allow_namespaces and namespace not in self.settings.allow_namespaces

@@ -135,7 +135,7 @@ class Follows:
         recipe = recipe_from_text(follow.recipe)
         api = hub_api(settings.endpoint, token)
         moved = []
-        for ref in recipe.referenced_models():
+        for ref in (part for model in recipe.referenced_models() for part in model.parts()):
             if ref.revision is not None or ref.path not in follow.sources:
                 continue  # pinned by the requester: it does not move
             try:

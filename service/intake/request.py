@@ -127,15 +127,17 @@ def _data_blocks(document: Recipe | SearchSpec) -> list[tuple[str, DataBlock | N
 
 
 def _check_hub_model(ref: ModelReference, field: str) -> None:
-    if not _looks_like_hub_repo(ref.path):
-        raise RecipeError(
-            f"{excerpt(str(ref))} is not a Hub model; requests to the bot may name only Hub repos as org/name or org/name@revision",
-            field=field,
-        )
-    # what the engine took for a local folder was not checked when the recipe was read
-    check_repo_id(ref.path, "model", field=field)
-    if ref.revision is not None:
-        check_revision(ref.revision, field=field)
+    """Each part of ``ref`` (a model, and the adapter of ``base+adapter``) is a Hub repo."""
+    for part in ref.parts():
+        if not _looks_like_hub_repo(part.path):
+            raise RecipeError(
+                f"{excerpt(str(part))} is not a Hub model; requests to the bot may name only Hub repos as org/name or org/name@revision",
+                field=field,
+            )
+        # what the engine took for a local folder was not checked when the recipe was read
+        check_repo_id(part.path, "model", field=field)
+        if part.revision is not None:
+            check_revision(part.revision, field=field)
 
 
 def _looks_like_hub_repo(path: str) -> bool:

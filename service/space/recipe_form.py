@@ -2,7 +2,9 @@
 so the mapping is tested directly and the UI only moves values in and out.
 
 The form shows what most recipes use: a method, its global parameters, up to ``MAX_MODELS``
-rows (repo, revision, optional layer range, per-model parameters), a base model and a dtype.
+rows (repo, revision, an optional LoRA adapter applied to it, optional layer range, per-model
+parameters), a base model and a dtype. A row's adapter makes its reference ``base+adapter``,
+mergekit's notation, which the YAML shows.
 A row with a layer range turns the recipe into ``slices`` (a frankenmerge); gradients, filter
 lists and multi-source slices stay in the YAML, and the form says so.
 
@@ -92,14 +94,18 @@ class ModelRow:
     typed: comma-separated, in block order; empty for the plain scalar."""
     set_aside: dict[str, Any] = field(default_factory=dict)
     """What the person set for per-model parameters the method shown lacks (:func:`switch_method`)."""
+    adapter: str = ""
+    """A LoRA adapter applied to the model before merging, ``org/name[@revision]``; empty
+    for none."""
 
     @property
     def reference(self) -> str:
-        return (
+        model = (
             f"{self.repo.strip()}@{self.revision.strip()}"
             if self.revision.strip()
             else self.repo.strip()
         )
+        return f"{model}+{self.adapter.strip()}" if self.adapter.strip() else model
 
 
 @dataclass
@@ -399,8 +405,9 @@ def _row(entry: Any, hidden: list[str], where: str, block: str | None = None) ->
     if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
         hidden.append(where)
         return ModelRow()
-    repo, _, revision = entry["model"].partition("@")
-    row = ModelRow(repo=repo, revision=revision)
+    model, _, adapter = entry["model"].partition("+")
+    repo, _, revision = model.partition("@")
+    row = ModelRow(repo=repo, revision=revision, adapter=adapter)
     if "calibration" in entry:
         hidden.append(f"{where}.calibration")
     for name, value in (entry.get("parameters") or {}).items():

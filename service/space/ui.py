@@ -104,6 +104,8 @@ class Row:
     box: gr.Group
     repo: gr.Textbox
     revision: gr.Textbox
+    adapter: gr.Textbox
+    """A LoRA adapter applied to the model before merging (``ModelRow.adapter``)."""
     layers: gr.Textbox
     params: dict[str, gr.components.Component]
     remove: gr.Button
@@ -154,6 +156,12 @@ class MergeFormWidgets:
                     revision = gr.Textbox(
                         label="revision", placeholder="main", elem_id=f"model-{i}-revision"
                     )
+                    adapter = gr.Textbox(
+                        label="LoRA adapter",
+                        info="applied to this model before merging: a PEFT adapter of it",
+                        placeholder="optional: org/name or org/name@revision",
+                        elem_id=f"model-{i}-adapter",
+                    )
                     layers = gr.Textbox(
                         label=LAYERS_LABEL,
                         info=LAYERS_HELP,
@@ -178,7 +186,9 @@ class MergeFormWidgets:
                     remove = gr.Button(
                         f"Remove model {i + 1}", size="sm", scale=0, elem_id=f"model-{i}-remove"
                     )
-            self.rows.append(Row(box, repo, revision, layers, params, remove, blocks, gr.State({})))
+            self.rows.append(
+                Row(box, repo, revision, adapter, layers, params, remove, blocks, gr.State({}))
+            )
         self.add = gr.Button("Add model", size="sm", elem_id="add-model")
         self.errors["models"] = gr.Markdown(elem_id="error-models")
         self.dtype = gr.Dropdown(DTYPES, value="", label="dtype (computation)", elem_id="dtype")
@@ -192,8 +202,8 @@ class MergeFormWidgets:
         widgets = [self.method, *self.params.values(), self.base_model, self.dtype, self.shown]
         widgets += [self.family, self.set_aside]
         for row in self.rows:
-            widgets += [row.repo, row.revision, row.layers, *row.params.values(), row.blocks]
-            widgets.append(row.set_aside)
+            widgets += [row.repo, row.revision, row.adapter, row.layers, *row.params.values()]
+            widgets += [row.blocks, row.set_aside]
         return widgets
 
     def read(self, values: list[Any]) -> MergeForm:
@@ -204,12 +214,19 @@ class MergeFormWidgets:
         family, set_aside = values.pop(0), values.pop(0)
         rows = []
         for _ in self.rows:
-            repo, revision, layers = values.pop(0), values.pop(0), values.pop(0)
+            repo, revision, adapter = values.pop(0), values.pop(0), values.pop(0)
+            layers = values.pop(0)
             row_params = {name: values.pop(0) for name in PER_MODEL_PARAMS}
             blocks, row_aside = values.pop(0), values.pop(0)
             rows.append(
                 ModelRow(
-                    repo or "", revision or "", layers or "", row_params, blocks or "", row_aside
+                    repo or "",
+                    revision or "",
+                    layers or "",
+                    row_params,
+                    blocks or "",
+                    row_aside,
+                    adapter=adapter or "",
                 )
             )
         rows = rows[:shown]
@@ -229,7 +246,8 @@ class MergeFormWidgets:
         widgets += [self.dtype, self.shown, self.notice, self.family, self.set_aside]
         widgets.append(self.fields_of)
         for row in self.rows:
-            widgets += [row.box, row.repo, row.revision, row.layers, *row.params.values()]
+            widgets += [row.box, row.repo, row.revision, row.adapter, row.layers]
+            widgets += list(row.params.values())
             widgets += [row.blocks, row.set_aside]
         return widgets
 
@@ -249,7 +267,7 @@ class MergeFormWidgets:
         updates.append(form.method)
         for i, _ in enumerate(self.rows):
             row = form.models[i] if i < len(form.models) else ModelRow()
-            updates += [gr.update(visible=i < shown), row.repo, row.revision]
+            updates += [gr.update(visible=i < shown), row.repo, row.revision, row.adapter]
             updates.append(gr.update(value=row.layers, visible=shows_layers(form, row)))
             help_of = partial(row_param_help, form, row)
             updates += [
@@ -267,7 +285,10 @@ class MergeFormWidgets:
         fields += [(self.base_model, ["base_model"]), (self.dtype, ["dtype"])]
         for i, row in enumerate(self.rows):
             # which models are listed: also what the list's own errors are about
-            fields += [(widget, [f"model-{i}", "models"]) for widget in (row.repo, row.revision)]
+            fields += [
+                (widget, [f"model-{i}", "models"])
+                for widget in (row.repo, row.revision, row.adapter)
+            ]
             fields += [
                 (widget, [f"model-{i}"])
                 for widget in (row.layers, *row.params.values(), row.blocks)
