@@ -260,3 +260,48 @@ def test_a_bad_adapter_gets_one_sentence_and_nothing_is_written(
     assert message.startswith(sentence.format(**names)), message
     assert message.count(". ") == 0 and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # starts mergebot in a subprocess against the sandbox hub
+def test_a_hub_composite_is_pinned_in_both_parts_and_equals_peft(adapted, tmp_path):
+    from huggingface_hub import HfApi
+    from test_sources_hub import TOKEN, mergebot
+
+    from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
+
+    base, adapter, expected = adapted["gpt2-float32"]
+    with SandboxServer(SandboxHub(HubStore(), users={TOKEN: "alice"})) as server:
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        for name, folder in (("base", base), ("lora", adapter)):
+            api.create_repo(f"alice/{name}")
+            api.upload_folder(
+                repo_id=f"alice/{name}", folder_path=folder, ignore_patterns=["README.md"]
+            )
+        api.upload_file(
+            repo_id="alice/lora", path_or_fileobj=b"\0" * 1000, path_in_repo="optimizer.pt"
+        )
+        shas = {name: api.model_info(f"alice/{name}").sha for name in ("base", "lora")}
+        recipe = write_recipe(
+            tmp_path, "merge_method: passthrough\nmodels: [{model: alice/base@main+alice/lora}]\n"
+        )
+        before = len(server.hub.requests)
+        run = mergebot(server, tmp_path, "validate", str(recipe))
+        assert run.returncode == 0, run.stderr
+        assert f"alice/base@main: {shas['base']}" in run.stdout
+        assert f"+ adapter alice/lora: {shas['lora']} (PEFT LoRA, rank 2, 12 modules)" in run.stdout
+        run = mergebot(server, tmp_path, "merge", str(recipe), str(tmp_path / "out"), "--quiet")
+        assert run.returncode == 0, run.stderr
+        fetched = {
+            r.path.rsplit("/", 1)[-1] for r in server.hub.requests[before:] if "/resolve/" in r.path
+        }
+    assert "optimizer.pt" not in fetched
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= fetched
+    merged = load_weights(tmp_path / "out")
+    assert all(torch.equal(merged[k], expected[k]) for k in merged)
+    pinned = f"alice/base@{shas['base']}+alice/lora@{shas['lora']}"
+    assert pinned in (tmp_path / "out" / "mergebot_recipe.yaml").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| `{shas['base']}` + `{shas['lora']}` |" in card
+    assert (
+        f"+ adapter [alice/lora]({server.url}/alice/lora) (PEFT LoRA, rank 2, 12 modules)" in card
+    )
