@@ -126,6 +126,36 @@ def test_merging_an_adapted_model_equals_merging_the_baked_model(
         assert torch.equal(tensor, outputs["baked"][key]), key
 
 
+def test_a_merge_with_data_and_a_search_run_the_adapted_model(tmp_path, one_thread):
+    """RegMean's statistics come from running each model on its data, and a search's
+    candidates from models loaded whole: both see the adapter applied."""
+    from merge_engine.evolve.candidates import load_source
+    from merge_engine.example import make_family, save_tiny_tokenizer
+
+    _, (a, b) = make_family(tmp_path / "models", "llama", finetunes=2, seed=3, scale=0.05)
+    adapter = save_adapter(a, tmp_path / "lora", seed=5, target_modules=["q_proj", "up_proj"])
+    baked = tmp_path / "baked"
+    expected = bake(a, adapter, baked)
+    for folder in (a, b, baked):
+        save_tiny_tokenizer(folder)
+    (tmp_path / "data.txt").write_text("\n".join(f"{i} + {i} = {2 * i}" for i in range(20)))
+    outputs = {}
+    for label, first in (("adapted", f"{a}+{adapter}"), ("baked", baked)):
+        recipe = write_recipe(
+            tmp_path,
+            f"merge_method: regmean\nmodels: [{{model: {first}}}, {{model: {b}}}]\n"
+            f"calibration: {{path: {tmp_path / 'data.txt'}, samples: 8, batch_size: 4}}\n",
+        )
+        merge(preflight(load_recipe(recipe)), tmp_path / f"{label}-out", show_progress=False)
+        outputs[label] = load_weights(tmp_path / f"{label}-out")
+    for key, tensor in outputs["adapted"].items():
+        assert torch.equal(tensor, outputs["baked"][key]), key
+
+    loaded = load_source(ModelReference.parse(f"{a}+{adapter}"), torch.device("cpu"))
+    for key, tensor in loaded.source.memory.items():
+        assert torch.equal(tensor, expected[key]), key
+
+
 def test_the_card_and_the_pinned_recipe_name_a_local_adapter(adapted, tmp_path):
     base, adapter, _ = adapted["llama-float32"]
     recipe = write_recipe(
