@@ -127,7 +127,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
         + f", {plan.output_bytes / 1e6:.1f} MB of weights"
     )
     for ref, source in plan.sources.items():
-        print(f"  {ref}: {source.revision or ref.local_kind()}")
+        print(f"  {ref.base}: {source.revision or ref.base.local_kind()}")
+        if source.adapter is not None:
+            adapter = source.adapter
+            pin = adapter.revision or adapter.ref.local_kind()
+            print(f"    + adapter {adapter.ref}: {pin} ({adapter.describe()})")
     for ref, data in plan.calibration.items():
         print(f"  calibration of {ref}: {data.describe()}")
     for note in plan.notes:
