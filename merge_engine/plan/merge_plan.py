@@ -17,7 +17,7 @@ from merge_engine.methods import MergeMethod
 from merge_engine.recipe.schema import ModelReference, Recipe
 from merge_engine.sources.formats.layouts import TRANSFORMERS, Layout
 from merge_engine.sources.formats.sd_names import Renamed
-from merge_engine.sources.inspection import ModelSource
+from merge_engine.sources.inspection import ModelSource, pinned_parts
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,7 @@ class MergePlan:
     def pinned_recipe(self) -> Recipe:
         """The recipe with every Hub source pinned to its resolved commit (both parts of a
         ``base+adapter``)."""
-        revisions: dict[ModelReference, str] = {}
-        for source in self.sources.values():
-            revisions.update(source.revisions())
+        revisions = pinned_parts(self.sources)
         for data in self.calibration.values():
             if data.spec.dataset is not None and data.revision:
                 revisions[data.spec.dataset] = data.revision

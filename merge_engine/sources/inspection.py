@@ -158,6 +158,12 @@ class ModelSource:
         return SafetensorsStore(folder, self.tensors)
 
 
+def pinned_parts(sources: Mapping[ModelReference, ModelSource]) -> dict[ModelReference, str]:
+    """The commit every Hub repo of ``sources`` was read at, both parts of a ``base+adapter``
+    each under its plain reference (what a recipe is pinned with, and what a follow watches)."""
+    return {ref: sha for source in sources.values() for ref, sha in source.revisions().items()}
+
+
 def config_layout(config: dict[str, Any]) -> Layout:
     """A transformers model, or a diffusers component (``_class_name``: a VAE, a UNet),
     which is merged by tensor name like a bare state dict and keeps its config."""

@@ -30,7 +30,7 @@ from merge_engine.evolve.spec import SearchSpec, spec_from_text
 from merge_engine.plan.merge_plan import MergePlan
 from merge_engine.recipe.schema import ModelReference, Recipe, recipe_from_text, with_revisions
 from merge_engine.sources.formats.layouts import Layout
-from merge_engine.sources.inspection import inspect_hub
+from merge_engine.sources.inspection import inspect_hub, pinned_parts
 from service.disk import check_room, merge_bytes, search_bytes
 from service.errors import (
     HubUnavailable,
@@ -164,8 +164,7 @@ class JobService:
                 cache_dir=cache,
                 max_genes=self.settings.search_limits.max_genes,
             )
-        revisions = {ref: s.revision for ref, s in checked.sources.items() if s.revision}
-        checked = replace(checked, spec=with_revisions(spec, revisions))
+        checked = replace(checked, spec=with_revisions(spec, pinned_parts(checked.sources)))
         check_limits(checked.sources, self.settings.limits)
         self.check_disk(search_bytes(checked.sources), "the bot's")
         new_id = search_job_id(checked.spec, request)
@@ -266,7 +265,7 @@ class JobService:
             private=request.private,
             follow_sources=request.follow_sources,
             recipe=_job_recipe(plan, new_id),
-            sources={ref.path: s.revision for ref, s in plan.sources.items() if s.revision},
+            sources={ref.path: sha for ref, sha in pinned_parts(plan.sources).items()},
             log=[f"queued: {plan.method.name} of {plan.describe_models()} into {request.target}"],
             request_recipe=request.recipe.to_yaml(),
             discussion=request.discussion,
@@ -289,7 +288,7 @@ class JobService:
             private=request.private,
             follow_sources=False,
             recipe=spec.to_yaml(),
-            sources={r.path: s.revision for r, s in checked.sources.items() if s.revision},
+            sources={ref.path: sha for ref, sha in pinned_parts(checked.sources).items()},
             log=[f"queued: a {spec.space} search over {models} into {request.target}"],
             request_recipe=request.spec.to_yaml(),
             discussion=request.discussion,

@@ -22,6 +22,7 @@ from merge_engine.methods.registry import Param
 from merge_engine.recipe import quote
 from merge_engine.recipe.hub_names import is_loopback
 from merge_engine.recipe.limits import load_yaml
+from merge_engine.sources.inspection import pinned_parts
 from service.intake.jobs import JobService
 from service.intake.request import Identity, MergeRequest
 from service.space.job_panel import (
@@ -653,7 +654,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 boxes, where = errors_for(error, text, on)
                 return [*boxes, f"Not valid: {SEE_ERROR} {where}."]
             pinned = ", ".join(
-                f"{r.path}@{s.revision[:8]}" for r, s in plan.sources.items() if s.revision
+                f"{ref.path}@{sha[:8]}" for ref, sha in pinned_parts(plan.sources).items()
             )
             message = f"✓ valid: {plan.method.name}, {len(plan.tasks)} tensors, {plan.output_bytes / 1e6:.1f} MB; sources {pinned}"
             return [*([""] * len(PLACES)), message]
