@@ -9,6 +9,7 @@ import torch
 
 from merge_engine.errors import RecipeError
 from merge_engine.methods.low_rank import factor, rank_for_energy
+from tests.conftest import load_weights
 
 
 def _delta(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -80,3 +81,79 @@ def test_bad_ranks_and_thresholds_are_refused_in_one_sentence():
     for energy in (0, 1.5, float("nan")):
         with pytest.raises(RecipeError, match="^energy: .* is not a fraction"):
             factor(delta, energy=energy)
+
+
+def _load_merged(base, adapter_folder) -> dict[str, torch.Tensor]:
+    """PEFT's own reading of an adapter folder: loaded on the base, merged, unloaded."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_folder)
+    return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def test_written_adapter_loads_in_peft_with_its_ranks_alphas_and_saved_modules(
+    llama_family, tmp_path
+):
+    """Ranks and alphas that differ per module (rank_pattern, alpha_pattern), an embedding
+    LoRA and a module saved whole: PEFT's merge equals base + scale · B @ A for each."""
+    from merge_engine.output.peft_adapter import (
+        LoraModule,
+        PeftAdapter,
+        PeftAdapterWriter,
+        adapter_card,
+    )
+    from merge_engine.plan.merge_plan import PlannedTensor
+
+    base, _ = llama_family
+    weights = load_weights(base)
+    module_names = [n.removesuffix(".weight") for n in weights if n.endswith(".weight")]
+    modules = [
+        LoraModule(f"model.layers.{i}.self_attn.q_proj", (32, 3), (3, 32), 6.0) for i in range(4)
+    ]
+    modules += [
+        LoraModule("model.layers.0.self_attn.v_proj", (16, 2), (2, 32), 5.0),
+        LoraModule("model.embed_tokens", (32, 3), (3, 96), 6.0, embedding=True),
+    ]
+    generator = torch.Generator().manual_seed(5)
+    factors = {
+        m.name: (
+            torch.randn(m.up_shape, generator=generator),
+            torch.randn(m.down_shape, generator=generator),
+        )
+        for m in modules
+    }
+    head = torch.randn((96, 32), generator=generator)
+    adapter = PeftAdapter(
+        str(base),
+        tuple(modules),
+        torch.float32,
+        saved=(PlannedTensor("lm_head.weight", (96, 32), torch.float32),),
+        base_modules=module_names,
+    )
+    config = adapter.config()
+    assert config["r"] == 3 and config["lora_alpha"] == 6
+    assert config["rank_pattern"] == {"model.layers.0.self_attn.v_proj": 2}
+    assert config["alpha_pattern"] == {"model.layers.0.self_attn.v_proj": 5}
+    # q_proj is adapted in every layer, v_proj in one: short name for one, full path for the other.
+    assert config["target_modules"] == ["embed_tokens", "model.layers.0.self_attn.v_proj", "q_proj"]
+    writer = PeftAdapterWriter(tmp_path, adapter)
+    for module in modules:
+        writer.write_module(module, *factors[module.name])
+    writer.write_saved("lm_head.weight", head)
+    writer.finish(adapter_card("An adapter.", None))
+    merged = _load_merged(base, tmp_path)
+    for module in modules:
+        up, down = factors[module.name]
+        update = adapter.scale(module) * (up @ down)
+        if module.embedding:
+            update = update.T
+        expected = weights[module.name + ".weight"] + update
+        torch.testing.assert_close(merged[module.name + ".weight"], expected)
+    torch.testing.assert_close(merged["lm_head.weight"], head)
+    torch.testing.assert_close(
+        merged["model.layers.1.self_attn.v_proj.weight"],
+        weights["model.layers.1.self_attn.v_proj.weight"],
+    )
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n")
