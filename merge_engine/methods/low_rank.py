@@ -104,8 +104,7 @@ def check_rank(rank: int, shape: tuple[int, ...], name: str = "the weight") -> N
     if rank > largest:
         dims = "×".join(str(d) for d in shape)
         raise RecipeError(
-            f"{rank} is larger than {name} ({dims}) can have; "
-            f"ask for a rank of at most {largest}, or leave {name} out",
+            f"{rank} is larger than {name} ({dims}) can have; ask for a rank of at most {largest}",
             "rank",
         )
 
