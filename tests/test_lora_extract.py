@@ -409,3 +409,55 @@ def test_an_output_folder_that_holds_something_is_refused(llama_family, tmp_path
     assert "already exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "adapter").iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging left behind
+
+
+@pytest.mark.slow  # mergebot in a subprocess against the sandbox hub
+def test_hub_references_are_pinned_in_the_adapter_and_its_card(llama_family, tmp_path):
+    """A fine-tune named at a commit that is no longer its main, and a base named without one:
+    the extraction reads the named commit (equal to extracting its local copy), and the config
+    and the card pin both."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from huggingface_hub import HfApi
+
+    from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
+
+    token = "hf_sandbox_alice"
+    base, (tuned, other, _) = llama_family
+    with SandboxServer(SandboxHub(HubStore(), users={token: "alice"})) as server:
+        api = HfApi(endpoint=server.url, token=token)
+        for name in ("base", "tuned"):
+            api.create_repo(f"alice/{name}")
+        base_sha = api.upload_folder(repo_id="alice/base", folder_path=base).oid
+        tuned_sha = api.upload_folder(repo_id="alice/tuned", folder_path=tuned).oid
+        api.upload_folder(repo_id="alice/tuned", folder_path=other)  # main moves on
+        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf-home")}
+        env.update(HF_TOKEN=token, HF_HUB_DISABLE_TELEMETRY="1")
+        out = tmp_path / "adapter"
+        argv = ["extract-lora", f"alice/tuned@{tuned_sha}", str(out), "--base", "alice/base"]
+        run = subprocess.run(
+            [sys.executable, "-m", "merge_engine.cli", *argv, "--rank", "3", "--quiet"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+    assert run.returncode == 0, run.stderr
+    _extract(tuned, base, tmp_path / "local", "--rank", "3")
+    from_hub, local = _adapter_tensors(out), _adapter_tensors(tmp_path / "local")
+    assert from_hub.keys() == local.keys()
+    for name, tensor in local.items():
+        torch.testing.assert_close(from_hub[name], tensor, rtol=0, atol=0)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("alice/base", base_sha)
+    card = (out / "README.md").read_text()
+    assert "base_model: alice/base\n" in card and "base_model_relation: adapter" in card
+    assert f"| `alice/tuned` | fine-tune | `{tuned_sha}` |" in card
+    assert f"| `alice/base` | base | `{base_sha}` |" in card
+    assert (
+        f"mergebot extract-lora alice/tuned@{tuned_sha} ./adapter --base alice/base@{base_sha}"
+        in card
+    )
