@@ -116,8 +116,10 @@ class PeftAdapter:
         """``PEFT LoRA, rank 8, 28 modules`` (and what it replaces whole)."""
         ranks = "/".join(str(rank) for rank in self.ranks) or "0"
         text = f"{self.kind}, rank {ranks}, {len(self.modules)} module{'s' if len(self.modules) != 1 else ''}"
-        if self.replaced:
-            text += f", replaces {', '.join(sorted(self.replaced))}"
+        replaced = sorted(self.replaced)
+        if replaced:
+            more = f" and {len(replaced) - 3} more" if len(replaced) > 3 else ""
+            text += f", replaces {', '.join(replaced[:3])}{more}"
         return text
 
     def files(self) -> list[str]:
@@ -129,7 +131,7 @@ class PeftAdapter:
             raise RuntimeError(f"internal error: adapter {self.ref} was not downloaded")
         return SafetensorsStore(self.folder, self.tensors)
 
-    def deltas(self, store: TensorStore, strength: float = 1.0) -> dict[str, list[LowRankDelta]]:
+    def deltas(self, store: TensorStore) -> dict[str, list[LowRankDelta]]:
         """Each changed base tensor's delta, read from ``store`` (the adapter's tensors)."""
         return {
             name: [
@@ -137,7 +139,7 @@ class PeftAdapter:
                     store,
                     module.up,
                     module.down,
-                    module.scale * strength,
+                    module.scale,
                     fan_in_fan_out=module.fan_in_fan_out,
                     rounded_first=module.embedding,
                 )
