@@ -220,6 +220,19 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / CONFIG_NAME).is_file()
 
 
+def read_adapter(
+    ref: ModelReference,
+    token: str | bool | None = None,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+) -> PeftAdapter:
+    """A PEFT adapter in a local folder or a Hub repo (``hub_only``: always the Hub, as the
+    service reads every reference). Its modules' orientation is settled by :meth:`fitted`."""
+    if ref.is_local and not hub_only:
+        return read_local_adapter(ref)
+    return read_hub_adapter(ref, token, cache_dir)
+
+
 def read_local_adapter(ref: ModelReference) -> PeftAdapter:
     """A PEFT adapter in a local folder, from its config and header."""
     folder = Path(ref.path).expanduser()
