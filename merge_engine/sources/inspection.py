@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from merge_engine.sources.formats.layouts import (
     single_file_layout,
 )
 from merge_engine.sources.hub_failures import read_failed
+from merge_engine.sources.hub_reading import hub_errors, hub_header, hub_infos
 from merge_engine.sources.tensors import (
     INDEX_NAME,
     MemoryStore,
@@ -41,7 +41,6 @@ from merge_engine.sources.tensors import (
     TensorInfo,
     TensorStore,
     read_header,
-    tensor_infos,
 )
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -264,63 +263,6 @@ def has_tokenizer_files(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
-@contextmanager
-def _hub_errors(ref: ModelReference) -> Iterator[None]:
-    """Turn what the Hub client raises while reading ``ref`` into one sentence each."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        NotASafetensorsRepoError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        yield
-    except (SourceError, UnsafeCheckpointError):
-        raise
-    except GatedRepoError:
-        raise SourceError(
-            f"{ref.path} is gated; accept its terms on the Hub and log in (hf auth login)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise SourceError(
-            f"model repo {ref.path} does not exist on the Hub or is private; check the name, or log in with a token that can read it"
-        ) from None
-    except RevisionNotFoundError:
-        raise SourceError(
-            f"{ref.path} has no revision {ref.revision!r}; use a branch, tag or commit that exists"
-        ) from None
-    except NotASafetensorsRepoError:
-        raise UnsafeCheckpointError(
-            f"{ref.path} has no safetensors weights; mergebot reads safetensors only (pickle weights can run code)"
-        ) from None
-    except EntryNotFoundError:
-        raise SourceError(
-            f"a file that {ref.path} lists is missing on the Hub; check the repo, or pin a revision that is complete"
-        ) from None
-    except OfflineModeIsEnabled:
-        raise SourceError(
-            f"{ref.path} is a Hub model but HF_HUB_OFFLINE is set; unset it, or point the recipe at a local folder"
-        ) from None
-    except Exception as error:  # noqa: BLE001  (HTTP, transport and reading errors alike)
-        raise SourceError(read_failed(error, str(ref))) from None
-
-
-def _hub_infos(found: Any, ref: ModelReference, sha: str, file: str) -> dict[str, TensorInfo]:
-    """The tensors of one Hub file from the client's parsed header (``found``)."""
-    header = {name: {"dtype": i.dtype, "shape": i.shape} for name, i in found.tensors.items()}
-    return tensor_infos(header, file, f"{ref.path}@{sha}/{file}")
-
-
-def _hub_header(api: Any, ref: ModelReference, sha: str, file: str) -> dict[str, TensorInfo]:
-    """One Hub file's tensors, from its header alone (a range request)."""
-    return _hub_infos(
-        api.parse_safetensors_file_metadata(ref.path, file, revision=sha), ref, sha, file
-    )
-
-
 def inspect_hub(
     ref: ModelReference, token: str | bool | None = None, cache_dir: Path | None = None
 ) -> ModelSource:
@@ -338,7 +280,7 @@ def inspect_hub(
         path = hf_hub_download(ref.path, file, revision=sha, token=token, cache_dir=cache_dir)
         return _read_json(Path(path), ref.path)
 
-    with _hub_errors(ref):
+    with hub_errors(ref):
         info = api.model_info(ref.path, revision=ref.revision)
         sha = info.sha
         files = {sibling.rfilename for sibling in info.siblings or []}
@@ -348,7 +290,7 @@ def inspect_hub(
             tensors: dict[str, TensorInfo] = {}
             for component, names in pipeline_files(files, read_json, family, ref.path).items():
                 for name in names:
-                    tensors.update(_component_tensors(component, _hub_header(api, ref, sha, name)))
+                    tensors.update(_component_tensors(component, hub_header(api, ref, sha, name)))
             return ModelSource(
                 ref, index, tensors, revision=sha, layout=Layout(family, "diffusers")
             )
@@ -359,14 +301,14 @@ def inspect_hub(
                 "mergebot reads one checkpoint per repo: name a repo that holds one, or a local file"
             )
         if "config.json" not in files and len(weights) == 1:  # a single-file checkpoint
-            tensors = _hub_header(api, ref, sha, weights[0])
+            tensors = hub_header(api, ref, sha, weights[0])
             layout = single_file_layout(tensors, ref.path)
             return ModelSource(ref, {}, tensors, revision=sha, layout=layout)
         metadata = api.get_safetensors_metadata(ref.path, revision=sha)
         config = read_json("config.json") if "config.json" in files else {}
     tensors = {}
     for file, file_meta in metadata.files_metadata.items():
-        tensors.update(_hub_infos(file_meta, ref, sha, file))
+        tensors.update(hub_infos(file_meta, ref, sha, file))
     layout = config_layout(config) if config else single_file_layout(tensors, ref.path)
     has_tokenizer = not files.isdisjoint(TOKENIZER_FILES)
     return ModelSource(
