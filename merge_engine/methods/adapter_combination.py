@@ -53,7 +53,20 @@ DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if t not in ("svd", "linear",
 SIGN_TYPES = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
 """The types that elect a sign, and so read ``majority_sign_method``."""
 RANDOM_TYPES = tuple(t for t in COMBINATION_TYPES if t.startswith("dare"))
-SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
+DESCRIPTIONS = {
+    "svd": "the weighted sum of the adapters' updates, cut back to the rank by SVD",
+    "linear": "A's and B's summed separately with the square roots of the weights (equal ranks); a rough approximation of the weighted sum of the updates",
+    "cat": "the adapters' factors side by side: exactly the weighted sum of their updates, at the sum of their ranks",
+    "ties": "TIES on A's and B's separately (equal ranks): each pruned to the density by magnitude, signs elected, agreeing entries averaged",
+    "ties_svd": "TIES on the adapters' updates (pruned to the density by magnitude, signs elected, agreeing entries averaged), cut back to the rank by SVD",
+    "dare_ties": "DARE then TIES on A's and B's separately (equal ranks): entries dropped at random to the density and rescaled, signs elected",
+    "dare_linear": "DARE on A's and B's separately (equal ranks): entries dropped at random to the density and rescaled, then summed",
+    "dare_ties_svd": "DARE then TIES on the adapters' updates, cut back to the rank by SVD",
+    "dare_linear_svd": "DARE on the adapters' updates (dropped at random to the density, rescaled, summed), cut back to the rank by SVD",
+    "magnitude_prune": "A's and B's (equal ranks) each pruned to the density by magnitude, then summed",
+    "magnitude_prune_svd": "the adapters' updates each pruned to the density by magnitude, summed, cut back to the rank by SVD",
+}
+"""One line per combination type, for the card."""
 
 ModuleKind = Literal["linear", "embedding"]
 
@@ -183,6 +196,8 @@ def _svd(
     )
     if fan_in_fan_out or kind == "embedding":
         merged = merged.T
+    if merged.dtype in (torch.float16, torch.bfloat16):  # no half SVD on a CPU; PEFT fails
+        merged = merged.float()
     u, s, vh = torch.linalg.svd(
         merged, full_matrices=combination.svd_full_matrices, driver=combination.svd_driver
     )

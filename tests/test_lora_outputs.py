@@ -1,0 +1,166 @@
+"""Adapters combined into an adapter (``output: adapter``): every PEFT combination type gives
+exactly PEFT's own ``add_weighted_adapter`` on the same saved adapters, through the engine's
+pre-flight and merge and through ``mergebot merge``; the folder loads with
+``PeftModel.from_pretrained``; bad inputs are refused in one sentence with nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_recipe
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from merge_engine import merge, preflight
+from merge_engine.cli import main
+from merge_engine.errors import IncompatibleModelsError, MergeError, RecipeError
+from merge_engine.example import save_model, tiny_config
+from merge_engine.methods.adapter_combination import (
+    COMBINATION_TYPES,
+    DENSITY_TYPES,
+    SIGN_TYPES,
+    SVD_TYPES,
+)
+from merge_engine.recipe.schema import recipe_from_text
+
+WEIGHTS = (0.7, -0.4)
+SEED = 1234
+TOKENS = torch.tensor([[1, 5, 9, 2, 33, 70]])
+
+ADAPTERS = {
+    # different targets (q_proj in all, v_proj and the embedding in one, down_proj and o_proj
+    # in others), plain and rsLoRA scales, another rank with a rank and alpha pattern: every
+    # case of PEFT's loop
+    "a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    "b": LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "down_proj"]),
+    "c": LoraConfig(
+        r=2,
+        lora_alpha=2,
+        target_modules=["q_proj", "o_proj"],
+        rank_pattern={"layers.1.self_attn.o_proj": 3},
+        alpha_pattern={"layers.1.self_attn.o_proj": 5},
+    ),
+}
+
+
+def _base() -> AutoModelForCausalLM:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config("llama"))
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """A tiny Llama base and three PEFT LoRA adapters of it with random non-zero B's, saved."""
+    root = tmp_path_factory.mktemp("adapters")
+    base_dir = save_model(_base(), root / "base")
+    folders = {}
+    for index, (name, config) in enumerate(ADAPTERS.items()):
+        model = get_peft_model(_base(), config)
+        generator = torch.Generator().manual_seed(index + 1)
+        for key, parameter in model.named_parameters():
+            if "lora_" in key:
+                parameter.data = torch.randn(parameter.shape, generator=generator) * 0.2
+        model.save_pretrained(root / name)
+        folders[name] = root / name
+    return base_dir, folders
+
+
+def peft_combined(
+    base: Path, folders: list[Path], combination_type: str, weights=WEIGHTS, **kwargs
+) -> PeftModel:
+    """PEFT's own combination of the saved adapters, active as adapter ``combined``."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folders[0], "s0")
+    for index, folder in enumerate(folders[1:], start=1):
+        model.load_adapter(folder, f"s{index}")
+    torch.manual_seed(SEED)
+    model.add_weighted_adapter(
+        [f"s{i}" for i in range(len(folders))],
+        list(weights),
+        "combined",
+        combination_type=combination_type,
+        **kwargs,
+    )
+    model.set_adapter("combined")
+    return model
+
+
+def recipe_text(base: Path, folders: list[Path], combination_type: str, weights=WEIGHTS, **shared):
+    models = "\n".join(
+        f"  - model: {folder}\n    parameters: {{weight: {weight}}}"
+        for folder, weight in zip(folders, weights, strict=True)
+    )
+    parameters = f"parameters: {json.dumps(shared)}\n" if shared else ""
+    return (
+        f"output: adapter\nmerge_method: {combination_type}\nbase_model: {base}\n"
+        f"random_seed: {SEED}\nmodels:\n{models}\n{parameters}"
+    )
+
+
+def arguments(combination_type: str) -> dict:
+    """PEFT's arguments for a type: a density where it prunes, the sign method where it
+    elects signs, a rank and a clamp where it cuts by SVD."""
+    kwargs = {}
+    if combination_type in DENSITY_TYPES:
+        kwargs["density"] = 0.6
+    if combination_type in SIGN_TYPES:
+        kwargs["majority_sign_method"] = "frequency"
+    if combination_type in SVD_TYPES:
+        kwargs["svd_rank"] = 3
+        kwargs["svd_clamp"] = 0.95
+    return kwargs
+
+
+def logits(base: Path, adapter: Path) -> torch.Tensor:
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def assert_same_adapter(out: Path, reference: PeftModel, base: Path) -> None:
+    """The written factors are PEFT's combined adapter's, bit for bit, and the folder loads
+    with PeftModel.from_pretrained and gives the logits of PEFT's combined adapter saved and
+    loaded the same way."""
+    saved = get_peft_model_state_dict(reference, adapter_name="combined")
+    expected = {key: tensor for key, tensor in saved.items() if ".lora_" in key}
+    written = load_file(out / "adapter_model.safetensors")
+    assert written.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(written[key], tensor), key
+    peft_dir = out.parent / "peft"
+    reference.save_pretrained(peft_dir, selected_adapters=["combined"])
+    assert torch.equal(logits(base, out), logits(base, peft_dir / "combined"))
+
+
+@pytest.mark.parametrize("combination_type", COMBINATION_TYPES)
+def test_each_combination_type_equals_peft_add_weighted_adapter(
+    adapters, tmp_path, combination_type, one_thread
+):
+    base, folders = adapters
+    sources = [folders["a"], folders["b"]]
+    kwargs = arguments(combination_type)
+    recipe = recipe_from_text(recipe_text(base, sources, combination_type, **kwargs))
+    out = merge(preflight(recipe), tmp_path / "combined", show_progress=False)
+    assert_same_adapter(out, peft_combined(base, sources, combination_type, **kwargs), base)
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "svd", "ties_svd", "dare_linear_svd"])
+def test_adapters_of_different_ranks_combine_as_peft_does(
+    adapters, tmp_path, combination_type, one_thread
+):
+    """Three adapters, ranks 4, 4 and 2 with a rank-3 module: cat stacks them to rank 11 (a
+    module fewer adapters target keeps zeros at the end), the svd types cut to the rank."""
+    base, folders = adapters
+    sources = [folders["a"], folders["b"], folders["c"]]
+    weights = (0.7, -0.4, 1.5)
+    kwargs = arguments(combination_type)
+    recipe = recipe_from_text(recipe_text(base, sources, combination_type, weights, **kwargs))
+    plan = preflight(recipe)
+    assert plan.rank == (11 if combination_type == "cat" else 3)
+    out = merge(plan, tmp_path / "combined", show_progress=False)
+    reference = peft_combined(base, sources, combination_type, weights, **kwargs)
+    assert_same_adapter(out, reference, base)
