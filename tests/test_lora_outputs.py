@@ -164,3 +164,133 @@ def test_adapters_of_different_ranks_combine_as_peft_does(
     out = merge(plan, tmp_path / "combined", show_progress=False)
     reference = peft_combined(base, sources, combination_type, weights, **kwargs)
     assert_same_adapter(out, reference, base)
+
+
+def test_mergebot_merge_writes_a_peft_adapter_with_its_card(adapters, tmp_path, capsys):
+    """``mergebot merge`` on an adapter recipe: PEFT's dare_ties_svd for the same seed, and a
+    card that names the combination, the weights and the base."""
+    base, folders = adapters
+    sources = [folders["a"], folders["b"]]
+    kwargs = arguments("dare_ties_svd")
+    recipe = write_recipe(tmp_path, recipe_text(base, sources, "dare_ties_svd", **kwargs))
+    out = tmp_path / "adapter"
+    assert main(["merge", str(recipe), str(out), "--quiet"]) == 0
+    assert "combined 2 adapters into" in capsys.readouterr().out
+    assert_same_adapter(out, peft_combined(base, sources, "dare_ties_svd", **kwargs), base)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "mergebot_recipe.yaml",
+    ]
+    card = (out / "README.md").read_text()
+    front, body = card.split("\n---\n", 1)
+    assert "library_name: peft" in front and "dare_ties_svd" in front
+    assert 'combination_type="dare_ties_svd"' in body
+    assert "rank 3" in body and "| `density` | 0.6 |" in body
+    assert f"| `random_seed` | {SEED} " in body
+    assert "| 0.7 |" in body and "| -0.4 |" in body  # each adapter's weight
+    assert f"Base model: `{base}`" in body
+    # the recipe written beside it makes the same adapter again
+    again = tmp_path / "again"
+    assert main(["merge", str(out / "mergebot_recipe.yaml"), str(again), "--quiet"]) == 0
+    first, second = (load_file(f / "adapter_model.safetensors") for f in (out, again))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.fixture(scope="module")
+def odd_adapters(tmp_path_factory) -> dict[str, Path]:
+    """Adapters mergebot refuses to combine: one of a wider base, a DoRA, one with a module
+    trained whole, and a full model where an adapter belongs."""
+    root = tmp_path_factory.mktemp("odd")
+    torch.manual_seed(0)
+    wide = AutoModelForCausalLM.from_config(tiny_config("llama", hidden_size=48))
+    get_peft_model(wide, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(root / "wide")
+    dora = LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    get_peft_model(_base(), dora).save_pretrained(root / "dora")
+    whole = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    get_peft_model(_base(), whole).save_pretrained(root / "whole")
+    return {
+        "wide": root / "wide",
+        "dora": root / "dora",
+        "whole": root / "whole",
+        "model": save_model(_base(), root / "model"),
+    }
+
+
+def refusal(base, sources, kind="svd", weights=None, **shared) -> MergeError:
+    text = recipe_text(base, sources, kind, weights or WEIGHTS[: len(sources)], **shared)
+    with pytest.raises(MergeError) as caught:
+        preflight(recipe_from_text(text))
+    return caught.value
+
+
+def test_bad_adapters_are_refused_in_one_sentence(adapters, odd_adapters):
+    base, folders = adapters
+    wide = refusal(base, [folders["a"], odd_adapters["wide"]])
+    assert isinstance(wide, IncompatibleModelsError)
+    assert "q_proj with an update of shape (48, 48)" in str(wide)
+    assert "apply it to the model it was trained on" in str(wide)
+    assert "DoRA (use_dora: true)" in str(refusal(base, [folders["a"], odd_adapters["dora"]]))
+    whole = refusal(base, [folders["a"], odd_adapters["whole"]])
+    assert str(whole).startswith("models[1].model: adapter ") and "lm_head.weight whole" in str(
+        whole
+    )
+    assert "is not a PEFT adapter" in str(refusal(base, [odd_adapters["model"], folders["a"]]))
+
+
+@pytest.mark.parametrize(
+    ("kind", "shared", "field", "says"),
+    [
+        ("slerp", {}, "merge_method", "is not one of PEFT's combination types"),
+        ("linear", {"density": 0.5}, "parameters.density", "linear does not read density"),
+        ("ties", {}, "parameters.density", "prunes each adapter to a density"),
+        ("ties", {"density": 0}, "parameters.density", "above 0 and at most 1, got 0"),
+        ("dare_linear", {"density": 1.5}, "parameters.density", "at most 1, got 1.5"),
+        (
+            "ties",
+            {"density": 0.5, "majority_sign_method": "sum"},
+            "parameters.majority_sign_method",
+            "total, frequency",
+        ),
+        ("svd", {"svd_rank": 0}, "parameters.svd_rank", "at least 1"),
+        (
+            "svd",
+            {"svd_rank": 33},
+            "parameters.svd_rank",
+            "embed_tokens (32 × 96) can hold (rank 32)",
+        ),
+        ("svd", {"svd_clamp": 2}, "parameters.svd_clamp", "at most 1"),
+        ("svd", {"svd_full_matrices": "yes"}, "parameters.svd_full_matrices", "true or false"),
+        ("svd", {"svd_driver": "gesvdj"}, "parameters.svd_driver", "only on CUDA"),
+        ("cat", {"weight": 1}, "parameters.weight", "one weight per adapter"),
+        ("cat", {"epsilon": 1}, "parameters.'epsilon'", "is not a parameter of an adapter output"),
+    ],
+)
+def test_bad_parameters_are_refused_naming_the_field(adapters, kind, shared, field, says):
+    base, folders = adapters
+    error = refusal(base, [folders["a"], folders["b"]], kind, **shared)
+    assert isinstance(error, RecipeError) and error.field == field
+    assert says in str(error) and str(error).count(". ") == 0
+
+
+def test_unequal_ranks_are_refused_for_the_factor_types(adapters):
+    base, folders = adapters
+    error = refusal(base, [folders["a"], folders["c"]], "ties", density=0.5)
+    assert error.field == "merge_method"
+    assert "rank 4" in str(error) and "rank 2/3" in str(error) and "use cat, svd" in str(error)
+
+
+def test_a_refused_recipe_writes_nothing(adapters, tmp_path, capsys):
+    base, folders = adapters
+    text = recipe_text(base, [folders["a"], folders["b"]], "svd", svd_rank=64)
+    recipe = write_recipe(tmp_path, text)
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 1
+    assert "svd_rank 64 is more than" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]
+    # fields that shape a merged model mean nothing for an adapter, and the base is needed
+    for extra, field in (("dtype: float16\n", "dtype"), ("base_model: null\n", "base_model")):
+        with pytest.raises(RecipeError) as caught:
+            preflight(recipe_from_text(text + extra))
+        assert caught.value.field == field

@@ -99,6 +99,25 @@ class AdapterPlan:
         count = len(self.adapters)
         return f"{count} LoRA adapter{'s' if count != 1 else ''} of {self.recipe.base_model}"
 
+    def summary(self) -> list[str]:
+        """What ``mergebot validate`` and ``mergebot merge`` print: the combination, then
+        each source and the notes."""
+        lines = [
+            f"ok: {self.combination.type} of {self.describe_models()} into one adapter of "
+            f"rank {self.rank}, {len(self.tasks)} modules, {self.output_bytes / 1e6:.1f} MB"
+        ]
+        lines.append(
+            f"  {self.base.ref} (base): {self.base.revision or self.base.ref.local_kind()}"
+        )
+        for adapter, weight in zip(self.adapters, self.weights, strict=True):
+            where = adapter.revision or adapter.ref.local_kind()
+            ranks = "/".join(str(rank) for rank in adapter.ranks)
+            lines.append(
+                f"  {adapter.ref}: rank {ranks}, {len(adapter.modules)} modules, "
+                f"weight {weight:g}, {where}"
+            )
+        return lines + [f"  note: {note}" for note in self.notes]
+
     def pinned_recipe(self) -> Recipe:
         revisions = {a.ref: a.revision for a in self.adapters if a.revision}
         if self.base.revision:
@@ -264,8 +283,8 @@ def _check_svd_rank(tasks: list[ModuleTask], rank: int, given: bool) -> None:
         if rank > side:
             where = "the svd_rank" if given else "the largest adapter rank (the default svd_rank)"
             raise RecipeError(
-                f"{where} {rank} is larger than {task.module}, a {task.out_features} × "
-                f"{task.in_features} matrix, can hold (rank {side}); give svd_rank {side} or less",
+                f"{where} {rank} is more than {task.module} ({task.out_features} × "
+                f"{task.in_features}) can hold (rank {side}); give svd_rank {side} or less",
                 field="parameters.svd_rank",
             )
 

@@ -104,7 +104,7 @@ def read_combination(recipe: Recipe) -> tuple[Combination, list[float]]:
             )
     if kind in DENSITY_TYPES and "density" not in shared:
         raise RecipeError(
-            f"{kind} prunes each adapter to a density; give it as a number above 0 and at most 1, e.g. density: 0.5",
+            f"{kind} prunes each adapter to a density; give it as a number above 0 and at most 1 (density: 0.5 keeps half of each)",
             field="parameters.density",
         )
     combination = Combination(
