@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_recipe
+from huggingface_hub import HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
+from test_sources_hub import mergebot
 from transformers import AutoModelForCausalLM
 
 from merge_engine import merge, preflight
@@ -27,6 +29,7 @@ from merge_engine.methods.adapter_combination import (
     SVD_TYPES,
 )
 from merge_engine.recipe.schema import recipe_from_text
+from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
 
 WEIGHTS = (0.7, -0.4)
 SEED = 1234
@@ -294,3 +297,58 @@ def test_a_refused_recipe_writes_nothing(adapters, tmp_path, capsys):
         with pytest.raises(RecipeError) as caught:
             preflight(recipe_from_text(text + extra))
         assert caught.value.field == field
+
+
+@pytest.mark.slow  # mergebot in a subprocess against the sandbox hub
+def test_hub_adapters_are_read_by_header_pinned_and_combined(adapters, tmp_path):
+    """Adapters and base on the (sandbox) Hub: the pre-flight reads headers only and pins
+    every repo; the merge downloads the adapters' two files and no weight of the base, and
+    gives PEFT's combination, with the pinned commits in the recipe and the card."""
+    base, folders = adapters
+    token = "hf_sandbox_alice"
+    with SandboxServer(SandboxHub(HubStore(), users={token: "alice"})) as server:
+        api = HfApi(endpoint=server.url, token=token)
+        shas = {}
+        for name, folder in (("base", base), ("a", folders["a"]), ("b", folders["b"])):
+            api.create_repo(f"alice/{name}")
+            # PEFT's own README names no base (the adapters were made from a config), which
+            # the Hub's card check refuses
+            shas[name] = api.upload_folder(
+                repo_id=f"alice/{name}", folder_path=folder, ignore_patterns=["README.md"]
+            ).oid
+        kwargs = arguments("dare_linear")
+        text = recipe_text("alice/base", ["alice/a", "alice/b"], "dare_linear", **kwargs)
+        recipe = write_recipe(tmp_path, text)
+        before = len(server.hub.requests)
+        run = mergebot(server, tmp_path, "validate", str(recipe))
+        assert run.returncode == 0, run.stderr
+        assert "ok: dare_linear of 2 LoRA adapters of alice/base" in run.stdout
+        assert all(f"{sha}" in run.stdout for sha in shas.values())
+        reads = [
+            r
+            for r in server.hub.requests[before:]
+            if r.method == "GET" and r.path.endswith(".safetensors")
+        ]
+        assert reads and all(r.range and r.range.startswith("bytes=0-") for r in reads)
+
+        before = len(server.hub.requests)
+        out = tmp_path / "adapter"
+        run = mergebot(server, tmp_path, "merge", str(recipe), str(out), "--quiet")
+        assert run.returncode == 0, run.stderr
+        fetched = [
+            r.path.split("/resolve/")[0] + ":" + r.path.rsplit("/", 1)[-1]
+            for r in server.hub.requests[before:]
+            if r.method == "GET" and "/resolve/" in r.path and not r.range
+        ]
+        weights = sorted(f for f in fetched if f.endswith(".safetensors"))
+        assert weights == [
+            "/alice/a:adapter_model.safetensors",
+            "/alice/b:adapter_model.safetensors",
+        ]
+        pinned = (out / "mergebot_recipe.yaml").read_text()
+        card = (out / "README.md").read_text()
+        for name, sha in shas.items():
+            assert f"alice/{name}@{sha}" in pinned and f"`{sha}`" in card
+        assert "base_model: alice/base" in card
+    reference = peft_combined(base, [folders["a"], folders["b"]], "dare_linear", **kwargs)
+    assert_same_adapter(out, reference, base)
