@@ -352,3 +352,65 @@ def test_hub_adapters_are_read_by_header_pinned_and_combined(adapters, tmp_path)
         assert "base_model: alice/base" in card
     reference = peft_combined(base, [folders["a"], folders["b"]], "dare_linear", **kwargs)
     assert_same_adapter(out, reference, base)
+
+
+@pytest.mark.parametrize("combination_type", ["dare_ties_svd", "dare_linear", "cat"])
+def test_gpt2_conv1d_adapters_combine_as_peft_does(tmp_path, combination_type, one_thread):
+    """GPT-2 stores its projections (in, out) (``Conv1D``, PEFT's ``fan_in_fan_out``): the
+    deltas are transposed where PEFT transposes them, and the random masks drawn on the same
+    layouts."""
+
+    def gpt2():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(tiny_config("gpt2"))
+
+    base = save_model(gpt2(), tmp_path / "base")
+    folders = []
+    for index, targets in enumerate((["c_attn", "c_fc"], ["c_attn", "c_proj"])):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=True)
+        model = get_peft_model(gpt2(), config)
+        generator = torch.Generator().manual_seed(index + 7)
+        for key, parameter in model.named_parameters():
+            if "lora_" in key:
+                parameter.data = torch.randn(parameter.shape, generator=generator) * 0.2
+        model.save_pretrained(tmp_path / f"adapter{index}")
+        folders.append(tmp_path / f"adapter{index}")
+    kwargs = arguments(combination_type)
+    recipe = recipe_from_text(recipe_text(base, folders, combination_type, **kwargs))
+    out = merge(preflight(recipe), tmp_path / "combined", show_progress=False)
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert_same_adapter(out, peft_combined(base, folders, combination_type, **kwargs), base)
+
+
+def test_modules_are_read_combined_and_written_one_at_a_time(adapters, tmp_path, monkeypatch):
+    """Streaming: between two modules' writes, only the next module's factors are read, so
+    memory holds one module's factors (and the base's weights are never read)."""
+    from merge_engine.output.peft_adapter import PeftAdapterWriter
+    from merge_engine.sources.tensors import SafetensorsStore
+
+    events: list[tuple[str, str]] = []
+    get, write_module = SafetensorsStore.get, PeftAdapterWriter.write_module
+
+    def spy_get(store, name):
+        events.append(("read", name.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]))
+        return get(store, name)
+
+    def spy_write(writer, module, up, down):
+        events.append(("write", module.name))
+        return write_module(writer, module, up, down)
+
+    monkeypatch.setattr(SafetensorsStore, "get", spy_get)
+    monkeypatch.setattr(PeftAdapterWriter, "write_module", spy_write)
+    base, folders = adapters
+    recipe = recipe_from_text(recipe_text(base, [folders["a"], folders["b"]], "cat"))
+    plan = preflight(recipe)
+    merge(plan, tmp_path / "combined", show_progress=False)
+    written = [module for event, module in events if event == "write"]
+    assert written == [task.module for task in plan.tasks] and len(written) == 13
+    since_write: set[str] = set()
+    for event, module in events:
+        if event == "read":
+            since_write.add(module)
+        else:
+            assert since_write == {module}
+            since_write = set()
