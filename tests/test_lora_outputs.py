@@ -414,3 +414,30 @@ def test_modules_are_read_combined_and_written_one_at_a_time(adapters, tmp_path,
         else:
             assert since_write == {module}
             since_write = set()
+
+
+@pytest.mark.parametrize("combination_type", ["ties", "dare_linear_svd"])
+def test_half_precision_adapters_combine_in_float32_as_peft_loads_them(
+    adapters, tmp_path, combination_type, one_thread
+):
+    """PEFT loads bfloat16 and float16 adapters in float32 (``autocast_adapter_dtype``) and
+    combines them there; so does mergebot, and writes float32."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base, folders = adapters
+    sources = []
+    for name, dtype in (("a", torch.bfloat16), ("b", torch.float16)):
+        folder = shutil.copytree(folders[name], tmp_path / name)
+        tensors = load_file(folder / "adapter_model.safetensors")
+        half = {k: v.to(dtype) if ".lora_" in k else v for k, v in tensors.items()}
+        save_file(half, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        sources.append(folder)
+    kwargs = arguments(combination_type)
+    recipe = recipe_from_text(recipe_text(base, sources, combination_type, **kwargs))
+    out = merge(preflight(recipe), tmp_path / "combined", show_progress=False)
+    assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {
+        torch.float32
+    }
+    assert_same_adapter(out, peft_combined(base, sources, combination_type, **kwargs), base)

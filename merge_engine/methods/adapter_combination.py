@@ -196,8 +196,6 @@ def _svd(
     )
     if fan_in_fan_out or kind == "embedding":
         merged = merged.T
-    if merged.dtype in (torch.float16, torch.bfloat16):  # no half SVD on a CPU; PEFT fails
-        merged = merged.float()
     u, s, vh = torch.linalg.svd(
         merged, full_matrices=combination.svd_full_matrices, driver=combination.svd_driver
     )

@@ -82,7 +82,8 @@ class AdapterPlan:
     tasks: list[ModuleTask]
     rank: int
     dtype: torch.dtype
-    """The combined factors' dtype: the first adapter's, as PEFT's."""
+    """The dtype every factor is read in, combined and written: the first adapter's, half
+    precision as float32 (PEFT's)."""
     seed: int | None = None
     replays_peft_draws: bool = False
     """The dare masks are drawn after replaying PEFT's draws for the new adapter's initial
@@ -290,7 +291,9 @@ def _check_svd_rank(tasks: list[ModuleTask], rank: int, given: bool) -> None:
 
 
 def _dtype(adapters: list[PeftAdapter]) -> torch.dtype:
-    """The first adapter's factor dtype, which PEFT's combined factors keep."""
+    """The dtype the factors are combined and written in: the first adapter's, with half
+    precision read as float32, as PEFT loads adapters (``autocast_adapter_dtype``)."""
     first = adapters[0]
     module = next(iter(first.modules.values()))
-    return first.tensors[module.down].dtype
+    dtype = first.tensors[module.down].dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -99,7 +99,11 @@ def _combine(
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     factors = [
-        Factors(stores[i.adapter].get(i.down), stores[i.adapter].get(i.up), i.scaling)
+        Factors(
+            stores[i.adapter].get(i.down).to(plan.dtype),
+            stores[i.adapter].get(i.up).to(plan.dtype),
+            i.scaling,
+        )
         for i in task.inputs
     ]
     weights = [plan.weights[i.adapter] for i in task.inputs]
