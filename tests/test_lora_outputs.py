@@ -404,6 +404,8 @@ def test_modules_are_read_combined_and_written_one_at_a_time(adapters, tmp_path,
     base, folders = adapters
     recipe = recipe_from_text(recipe_text(base, [folders["a"], folders["b"]], "cat"))
     plan = preflight(recipe)
+    assert [str(ref) for ref in plan.sources] == [str(folders["a"]), str(folders["b"])]
+    assert not plan.random and plan.seed is None and plan.revisions() == {}
     merge(plan, tmp_path / "combined", show_progress=False)
     written = [module for event, module in events if event == "write"]
     assert written == [task.module for task in plan.tasks] and len(written) == 13

@@ -92,6 +92,25 @@ class AdapterPlan:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def sources(self) -> dict[ModelReference, PeftAdapter]:
+        """The adapters by reference: what the merge downloads (each with ``tensors`` from
+        its header, ``revision`` and ``folder``, as a ``ModelSource``); the base's weights are
+        never read."""
+        return {adapter.ref: adapter for adapter in self.adapters}
+
+    @property
+    def random(self) -> bool:
+        """The combination draws random masks: the same ``random_seed`` gives the same adapter."""
+        return self.combination.type in RANDOM_TYPES
+
+    def revisions(self) -> dict[ModelReference, str]:
+        """The commit each Hub reference (the base and the adapters) was read at."""
+        revisions = {a.ref: a.revision for a in self.adapters if a.revision}
+        if self.base.revision:
+            revisions[self.base.ref] = self.base.revision
+        return revisions
+
+    @property
     def output_bytes(self) -> int:
         sides = sum(task.in_features + task.out_features for task in self.tasks)
         return sides * self.rank * self.dtype.itemsize
@@ -120,10 +139,7 @@ class AdapterPlan:
         return lines + [f"  note: {note}" for note in self.notes]
 
     def pinned_recipe(self) -> Recipe:
-        revisions = {a.ref: a.revision for a in self.adapters if a.revision}
-        if self.base.revision:
-            revisions[self.base.ref] = self.base.revision
-        return self.recipe.with_revisions(revisions)
+        return self.recipe.with_revisions(self.revisions())
 
     def reproducible_recipe(self) -> Recipe:
         pinned = self.pinned_recipe()
