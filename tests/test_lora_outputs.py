@@ -443,3 +443,43 @@ def test_half_precision_adapters_combine_in_float32_as_peft_loads_them(
         torch.float32
     }
     assert_same_adapter(out, peft_combined(base, sources, combination_type, **kwargs), base)
+
+
+def test_one_adapter_is_combined_linearly_as_peft_does(adapters, tmp_path, one_thread):
+    """PEFT combines a single adapter linearly whatever the type asked; so does mergebot, and
+    the card says so."""
+    base, folders = adapters
+    text = recipe_text(base, [folders["b"]], "ties", weights=(0.5,), density=0.5)
+    plan = preflight(recipe_from_text(text))
+    assert plan.combination.type == "linear" and "one adapter: PEFT combines" in plan.notes[0]
+    out = merge(plan, tmp_path / "combined", show_progress=False)
+    assert "one adapter: PEFT combines" in (out / "README.md").read_text()
+    reference = peft_combined(base, [folders["b"]], "ties", weights=(0.5,), density=0.5)
+    assert_same_adapter(out, reference, base)
+
+
+def test_an_adapter_naming_another_base_is_combined_with_a_note(adapters, tmp_path):
+    """base_model_name_or_path is often a path on the trainer's machine: a differing one is a
+    note; the base's shapes are what is checked."""
+    import shutil
+
+    base, folders = adapters
+    moved = shutil.copytree(folders["b"], tmp_path / "b")
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/home/trainer/llama"
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    plan = preflight(recipe_from_text(recipe_text(base, [folders["a"], moved], "cat")))
+    assert plan.notes == [
+        f"{moved} says it was trained on /home/trainer/llama, not {base}; its shapes fit {base}"
+    ]
+
+
+def test_a_base_with_an_adapter_is_refused_for_an_adapter_output(adapters):
+    base, folders = adapters
+    text = recipe_text(base, [folders["a"], folders["b"]], "cat")
+    text = text.replace(f"- model: {folders['b']}\n", f"- model: {base}+{folders['b']}\n")
+    with pytest.raises(RecipeError) as caught:
+        preflight(recipe_from_text(text))
+    assert caught.value.field == "models[1].model" and "name each adapter alone" in str(
+        caught.value
+    )

@@ -76,6 +76,16 @@ def read_combination(recipe: Recipe) -> tuple[Combination, list[float]]:
             "an adapter output needs the base model its adapters were trained on; name it in base_model",
             field="base_model",
         )
+    composite = [("base_model", recipe.base_model)] + [
+        (f"models[{i}].model", entry.model) for i, entry in enumerate(recipe.models)
+    ]
+    for where, ref in composite:
+        if ref.adapter is not None:
+            raise RecipeError(
+                f"{excerpt(str(ref))} applies an adapter ('+'), but an adapter output combines "
+                "adapters of one base: name each adapter alone under models and the base in base_model",
+                field=where,
+            )
     kind = recipe.merge_method
     if kind not in COMBINATION_TYPES:
         raise RecipeError(
