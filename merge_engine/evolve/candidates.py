@@ -73,6 +73,7 @@ def load_source(
         module = model_class(source.config).from_pretrained(
             source.folder, dtype=_stored_dtype(source), trust_remote_code=False
         )
+    source.apply_adapter(module)
     module.to(device).eval()
     state = module.state_dict()
     memory = {name: state[name] for name in source.tensors if name in state}

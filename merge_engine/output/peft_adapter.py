@@ -100,6 +100,8 @@ class PeftAdapter:
     base_modules: Collection[str] = ()
     """Every module path of the base that holds a weight, for :meth:`target_modules` (empty:
     full paths only)."""
+    base_revision: str | None = None
+    """The base's commit, when it came from the Hub (PEFT's ``revision``)."""
     task_type: str | None = "CAUSAL_LM"
     use_rslora: bool = False
     fan_in_fan_out: bool = False
@@ -146,6 +148,7 @@ class PeftAdapter:
         return {
             "peft_type": "LORA",
             "base_model_name_or_path": self.base_model,
+            "revision": self.base_revision,
             "task_type": self.task_type,
             "r": rank,
             "lora_alpha": _number(alpha),

@@ -21,6 +21,7 @@ import torch
 from merge_engine.errors import SourceError, UnsafeCheckpointError
 from merge_engine.recipe.hub_names import check_repo_id, check_revision
 from merge_engine.recipe.schema import ModelReference
+from merge_engine.sources.formats import peft_adapter
 from merge_engine.sources.formats.layouts import (
     COMPONENTS,
     STATE_DICT,
@@ -33,6 +34,7 @@ from merge_engine.sources.formats.layouts import (
 )
 from merge_engine.sources.hub_failures import read_failed
 from merge_engine.sources.hub_reading import hub_errors, hub_header, hub_infos
+from merge_engine.sources.low_rank import AdaptedStore
 from merge_engine.sources.tensors import (
     INDEX_NAME,
     MemoryStore,
@@ -106,6 +108,10 @@ class ModelSource:
     origin_tensors: Mapping[str, TensorInfo] | None = field(default=None, repr=False)
     has_tokenizer: bool | None = None
     """Whether the folder or repo holds tokenizer files (None: not looked at)."""
+    adapter: peft_adapter.PeftAdapter | None = field(default=None, repr=False)
+    """For ``base+adapter``: the adapter read (its reference, pinned revision, kind, folder),
+    applied by :meth:`store` as the tensors stream; ``tensors`` and ``revision`` are the
+    base's, whose names and shapes the adapter keeps."""
 
     @property
     def num_layers(self) -> int | None:
@@ -114,7 +120,34 @@ class ModelSource:
                 return self.config[key]
         return None
 
+    def revisions(self) -> dict[ModelReference, str]:
+        """The commit each Hub part of the reference was read at, keyed by plain reference
+        (what :meth:`ModelReference.with_revisions` pins)."""
+        pinned = {self.ref.base: self.revision} if self.revision else {}
+        if self.adapter is not None and self.adapter.revision:
+            pinned[self.adapter.ref] = self.adapter.revision
+        return pinned
+
     def store(self) -> TensorStore:
+        """The model's tensors, one at a time, with its adapter applied if it has one."""
+        store = self._base_store()
+        if self.adapter is None:
+            return store
+        adapter = self.adapter.store()
+        return AdaptedStore(store, self.adapter.deltas(adapter), self.adapter.replacements(adapter))
+
+    def apply_adapter(self, module: torch.nn.Module) -> None:
+        """For ``base+adapter``: a module loaded from the base's folder gets the adapted
+        tensors, copied in one at a time (nothing happens without an adapter)."""
+        if self.adapter is None:
+            return
+        state, adapted = module.state_dict(), self.store()
+        with torch.no_grad():
+            for name in self.tensors:
+                if name in state:
+                    state[name].copy_(adapted.get(name))
+
+    def _base_store(self) -> TensorStore:
         if self.memory is not None:
             return MemoryStore(self.memory)
         folder = self.origin.folder if self.origin else self.folder
@@ -228,6 +261,8 @@ def inspect_local(ref: ModelReference, allow_pickle: bool = False) -> ModelSourc
     if (folder / "model_index.json").is_file():
         return _local_pipeline(ref, folder)
     has_config = (folder / "config.json").is_file()
+    if not has_config and peft_adapter.is_adapter_folder(folder):
+        raise SourceError(_adapter_as_model(ref))
     config = _read_json(folder / "config.json", ref.path) if has_config else {}
     tensors = _local_safetensors(folder, ref.path)
     if tensors:
@@ -294,6 +329,8 @@ def inspect_hub(
             return ModelSource(
                 ref, index, tensors, revision=sha, layout=Layout(family, "diffusers")
             )
+        if "config.json" not in files and peft_adapter.CONFIG_NAME in files:
+            raise SourceError(_adapter_as_model(ref))
         weights = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
         if "config.json" not in files and INDEX_NAME not in files and len(weights) > 1:
             raise SourceError(
@@ -316,6 +353,13 @@ def inspect_hub(
     )
 
 
+def _adapter_as_model(ref: ModelReference) -> str:
+    return (
+        f"{ref} is a PEFT adapter, not a model; apply it to its base model as "
+        f"base+adapter (for example org/base+{ref})"
+    )
+
+
 def inspect_model(
     ref: ModelReference,
     token: str | bool | None = None,
@@ -324,10 +368,48 @@ def inspect_model(
     cache_dir: Path | None = None,
 ) -> ModelSource:
     """A local folder or a Hub repo; with ``hub_only`` always the Hub, whatever folders exist
-    here (the service: a request must never read the server's own files)."""
+    here (the service: a request must never read the server's own files). ``base+adapter``:
+    the base with the adapter checked against it (:func:`inspect_adapted`)."""
+    if ref.adapter is not None:
+        return inspect_adapted(ref, token, allow_pickle, hub_only, cache_dir)
     if ref.is_local and not hub_only:
         return inspect_local(ref, allow_pickle)
     return inspect_hub(ref, token, cache_dir)
+
+
+def read_adapter(
+    ref: ModelReference,
+    token: str | bool | None = None,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+) -> peft_adapter.PeftAdapter:
+    """A PEFT adapter in a local folder or a Hub repo (``hub_only``: always the Hub)."""
+    if ref.is_local and not hub_only:
+        return peft_adapter.read_local_adapter(ref)
+    return peft_adapter.read_hub_adapter(ref, token, cache_dir)
+
+
+def inspect_adapted(
+    ref: ModelReference,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+) -> ModelSource:
+    """``base+adapter`` from headers and configs alone: the base inspected, the adapter read,
+    and every tensor the adapter changes or replaces checked to exist in the base with a
+    fitting shape."""
+    assert ref.adapter is not None
+    base = inspect_model(ref.base, token, allow_pickle, hub_only, cache_dir)
+    adapter = read_adapter(ref.adapter, token, hub_only, cache_dir)
+    if base.layout.is_diffusion:
+        raise SourceError(
+            f"{ref.base} is a Stable Diffusion checkpoint and {ref.adapter} a PEFT adapter for "
+            "language models, so '+' cannot apply it; name a transformers base model, or give "
+            "a diffusion LoRA in the model's LoRA list"
+        )
+    fitted = adapter.fitted(base.tensors, str(ref.base))
+    return replace(base, ref=ref, adapter=fitted)
 
 
 def download(
@@ -340,7 +422,10 @@ def download(
 ) -> None:
     """Fetch, pinned to the resolved commit, only what is needed: the weight files when the
     plan reads this model's tensors, the config, and the tokenizer for the tokenizer donor.
-    ``cache_dir`` replaces the shared Hugging Face cache (the service gives each job its own)."""
+    ``cache_dir`` replaces the shared Hugging Face cache (the service gives each job its own).
+    A model's adapter is fetched with it, pinned to the commit it was read at."""
+    if source.adapter is not None and weights:
+        peft_adapter.download_adapter(source.adapter, token, cache_dir)
     if source.origin is not None:
         download(source.origin, token, weights=weights, cache_dir=cache_dir)
         return
