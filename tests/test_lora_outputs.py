@@ -105,16 +105,20 @@ def recipe_text(base: Path, folders: list[Path], combination_type: str, weights=
 
 
 def arguments(combination_type: str) -> dict:
-    """PEFT's arguments for a type: a density where it prunes, the sign method where it
-    elects signs, a rank and a clamp where it cuts by SVD."""
+    """PEFT's arguments for a type: a density where it prunes, either sign method where it
+    elects signs, a rank where it cuts by SVD, with a clamp or reduced matrices for some."""
     kwargs = {}
     if combination_type in DENSITY_TYPES:
         kwargs["density"] = 0.6
     if combination_type in SIGN_TYPES:
-        kwargs["majority_sign_method"] = "frequency"
+        frequency = combination_type in ("ties", "dare_ties_svd")
+        kwargs["majority_sign_method"] = "frequency" if frequency else "total"
     if combination_type in SVD_TYPES:
         kwargs["svd_rank"] = 3
+    if combination_type in ("svd", "ties_svd", "dare_ties_svd"):
         kwargs["svd_clamp"] = 0.95
+    if combination_type in ("dare_linear_svd", "magnitude_prune_svd"):
+        kwargs["svd_full_matrices"] = False
     return kwargs
 
 
