@@ -174,18 +174,21 @@ def build_adapter_plan(
         combination = Combination("linear")
     fitted = [_fit(i, adapter, base) for i, adapter in enumerate(adapters)]
     notes += _base_names(recipe, fitted)
-    ranks = [max(a.ranks) for a in fitted]
-    if combination.type in FACTOR_TYPES and len({r for a in fitted for r in a.ranks}) > 1:
-        listed = ", ".join(f"{a.ref} rank {'/'.join(map(str, a.ranks))}" for a in fitted)
-        raise RecipeError(
-            f"{combination.type} combines the adapters' A and B factors entry by entry, so "
-            f"every adapter needs the same rank in every module (PEFT's rule), got {listed}; "
-            "use cat, svd or a *_svd type, which take any ranks",
-            field="merge_method",
-        )
-    rank = combination.new_rank(ranks)
+    if combination.type in FACTOR_TYPES:
+        module_ranks = {r for a in fitted for r in a.ranks}
+        if len(module_ranks) > 1:
+            listed = ", ".join(f"{a.ref} rank {'/'.join(map(str, a.ranks))}" for a in fitted)
+            raise RecipeError(
+                f"{combination.type} combines the adapters' A and B factors entry by entry, so "
+                f"every adapter needs the same rank in every module (PEFT's rule), got {listed}; "
+                "use cat, svd or a *_svd type, which take any ranks",
+                field="merge_method",
+            )
+        rank = module_ranks.pop()
+    else:
+        rank = combination.new_rank([_peft_rank(a) for a in fitted])
     order = module_order(base.config)
-    tasks = _tasks(fitted, base, order, rank)
+    tasks = _tasks(fitted, base, order)
     if combination.type in SVD_TYPES:
         _check_svd_rank(tasks, rank, combination.svd_rank is not None)
     init = fitted[0].config.get("init_lora_weights", True)
@@ -259,8 +262,13 @@ def _base_names(recipe: Recipe, adapters: list[PeftAdapter]) -> list[str]:
     ]
 
 
+def _peft_rank(adapter: PeftAdapter) -> int:
+    """The rank PEFT sizes a combination by: ``r`` or the largest in ``rank_pattern``."""
+    return max([adapter.config["r"], *(adapter.config.get("rank_pattern") or {}).values()])
+
+
 def _tasks(
-    adapters: list[PeftAdapter], base: ModelSource, order: list[str] | None, rank: int
+    adapters: list[PeftAdapter], base: ModelSource, order: list[str] | None
 ) -> list[ModuleTask]:
     targeted = list(dict.fromkeys(name for a in adapters for name in a.modules))
     position = {f"{name}.weight": i for i, name in enumerate(order or [])}
@@ -270,9 +278,16 @@ def _tasks(
         inputs, first = [], None
         for index, adapter in enumerate(adapters):
             module = adapter.modules.get(name)
-            if module is not None:
-                first = first or module
-                inputs.append(ModuleInput(index, module.down, module.up, module.scale))
+            if module is None:
+                continue
+            first = first or module
+            if module.fan_in_fan_out != first.fan_in_fan_out:
+                raise IncompatibleModelsError(
+                    f"{adapters[index].ref} applies its update to {module.module} transposed "
+                    f"(fan_in_fan_out) and {adapters[inputs[0].adapter].ref} does not, so their "
+                    "factors cannot be combined; re-save one with the other's fan_in_fan_out"
+                )
+            inputs.append(ModuleInput(index, module.down, module.up, module.scale))
         shape = base.tensors[name].shape
         kind: ModuleKind = "embedding" if first.embedding else "linear"
         # An embedding (PEFT: in = the vocabulary, out = the width) and GPT-2's Conv1D store
