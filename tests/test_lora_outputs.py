@@ -487,3 +487,25 @@ def test_a_base_with_an_adapter_is_refused_for_an_adapter_output(adapters):
     assert caught.value.field == "models[1].model" and "name each adapter alone" in str(
         caught.value
     )
+
+
+def test_adapters_that_disagree_on_a_modules_layout_are_refused(tmp_path):
+    """A square GPT-2 projection is read as its adapter's config says; two adapters that
+    disagree on it (one config edited by hand) cannot be combined factor by factor."""
+
+    def gpt2():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(tiny_config("gpt2"))
+
+    base = save_model(gpt2(), tmp_path / "base")
+    for name, targets in (("square", ["attn.c_proj"]), ("both", ["c_attn", "attn.c_proj"])):
+        get_peft_model(gpt2(), LoraConfig(r=4, target_modules=targets)).save_pretrained(
+            tmp_path / name
+        )
+    config_file = tmp_path / "square" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "fan_in_fan_out": False}))
+    sources = [tmp_path / "square", tmp_path / "both"]
+    with pytest.raises(IncompatibleModelsError) as caught:
+        preflight(recipe_from_text(recipe_text(base, sources, "cat")))
+    assert "transformer.h.0.attn.c_proj transposed (fan_in_fan_out)" in str(caught.value)
