@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from merge_engine.plan.adapter_plan import AdapterPlan
 from merge_engine.plan.merge_plan import MergePlan
 from merge_engine.recipe.schema import ModelReference
 from merge_engine.sources.inspection import ModelSource
@@ -22,11 +23,17 @@ FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def source_bytes(sources: Mapping[ModelReference, ModelSource]) -> int:
-    """The weights of ``sources``, from their headers: what the job downloads."""
-    return sum(info.nbytes for source in sources.values() for info in source.tensors.values())
+    """The weights of ``sources``, from their headers: what the job downloads (a
+    ``base+adapter``'s adapter too)."""
+    total = 0
+    for source in sources.values():
+        adapter = getattr(source, "adapter", None)  # an adapter output's sources are adapters
+        infos = [*source.tensors.values(), *(adapter.tensors.values() if adapter else ())]
+        total += sum(info.nbytes for info in infos)
+    return total
 
 
-def merge_bytes(plan: MergePlan) -> int:
+def merge_bytes(plan: MergePlan | AdapterPlan) -> int:
     """What a merge downloads and writes: its sources, and its output."""
     return source_bytes(plan.sources) + plan.output_bytes
 

@@ -105,3 +105,65 @@ models:
         Path(pinned).read_text()
     )
     assert "alice/math-lora" in card and shas["alice/math-lora"] in card
+
+
+def test_an_adapter_output_is_published_as_a_peft_repo_that_peft_loads(
+    bot, sandbox, llama_family, adapters, tmp_path
+):
+    recipe = """output: adapter
+merge_method: linear
+base_model: alice/base
+models:
+  - model: alice/math-lora
+    parameters: {weight: 0.7}
+  - model: alice/code-lora
+    parameters: {weight: 0.3}
+"""
+    status, job = bot.submit(recipe, "alice/merged-lora", ALICE)
+    assert status == 202, job
+    api = HfApi(endpoint=sandbox.url, token=ALICE)
+    repos = ("alice/base", "alice/math-lora", "alice/code-lora")
+    assert {repo: job["sources"][repo] for repo in repos} == {
+        repo: api.model_info(repo).sha for repo in repos
+    }
+    done = bot.wait_done(job["id"])
+    assert done["status"] == "succeeded", done
+    assert len(job_commits(sandbox.url, "alice/merged-lora", ALICE, job["id"])) == 1
+    files = set(api.list_repo_files("alice/merged-lora"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
+    card = Path(
+        api.hf_hub_download("alice/merged-lora", "README.md", local_dir=tmp_path / "card")
+    ).read_text()
+    assert "library_name: peft" in card and "base_model: alice/base" in card
+    assert job["id"] in card
+
+    # PEFT loads it from the Hub onto the base, and it is PEFT's own linear combination
+    script = (
+        "import sys, torch; from peft import PeftModel;"
+        "from transformers import AutoModelForCausalLM;"
+        "base = AutoModelForCausalLM.from_pretrained(sys.argv[1]);"
+        f"m = PeftModel.from_pretrained(base, 'alice/merged-lora', token={ALICE!r});"
+        "torch.save(m(torch.tensor([[1, 2, 3]])).logits, sys.argv[2])"
+    )
+    env = {**os.environ, "HF_ENDPOINT": sandbox.url, "HF_HOME": str(tmp_path / "hf")}
+    base, _ = llama_family
+    out = tmp_path / "logits.pt"
+    subprocess.run([sys.executable, "-c", script, str(base), str(out)], env=env, check=True)
+    torch.testing.assert_close(
+        torch.load(out, weights_only=True), peft_linear_logits(base, adapters, (0.7, 0.3))
+    )
+
+
+def peft_linear_logits(base: Path, adapters: dict[str, Path], weights) -> torch.Tensor:
+    """PEFT's own ``add_weighted_adapter(combination_type="linear")`` of the two adapters."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), adapters["math-lora"], adapter_name="math"
+    )
+    model.load_adapter(adapters["code-lora"], adapter_name="code")
+    model.add_weighted_adapter(["math", "code"], list(weights), "both", combination_type="linear")
+    model.set_adapter("both")
+    with torch.no_grad():
+        return model(torch.tensor([[1, 2, 3]])).logits

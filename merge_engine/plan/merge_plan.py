@@ -98,10 +98,19 @@ class MergePlan:
         tuned = f"{others} fine-tune{'s' if others != 1 else ''}"
         return f"{total} ({base} and {tuned})" if others else f"{total} ({base})"
 
+    @property
+    def random(self) -> bool:
+        """The method draws random masks: the same ``random_seed`` gives the same tensors."""
+        return self.method.random
+
+    def revisions(self) -> dict[ModelReference, str]:
+        """The commit each Hub model repo was read at (both parts of a ``base+adapter``)."""
+        return pinned_parts(self.sources)
+
     def pinned_recipe(self) -> Recipe:
         """The recipe with every Hub source pinned to its resolved commit (both parts of a
         ``base+adapter``)."""
-        revisions = pinned_parts(self.sources)
+        revisions = self.revisions()
         for data in self.calibration.values():
             if data.spec.dataset is not None and data.revision:
                 revisions[data.spec.dataset] = data.revision

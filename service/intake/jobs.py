@@ -27,6 +27,7 @@ from merge_engine.errors import MergeError, RecipeError, excerpt
 from merge_engine.evolve.checks import CheckedSpec, check_spec
 from merge_engine.evolve.report import TrialRecord
 from merge_engine.evolve.spec import SearchSpec, spec_from_text
+from merge_engine.plan.adapter_plan import AdapterPlan
 from merge_engine.plan.merge_plan import MergePlan
 from merge_engine.recipe.schema import ModelReference, Recipe, recipe_from_text, with_revisions
 from merge_engine.sources.formats.layouts import Layout
@@ -109,7 +110,9 @@ class JobService:
         """A search spec from a request's YAML, within the same limits as a recipe."""
         return spec_from_text(text, self.settings.recipe_limits)
 
-    def check(self, request: MergeRequest, identity: Identity) -> tuple[MergePlan, str]:
+    def check(
+        self, request: MergeRequest, identity: Identity
+    ) -> tuple[MergePlan | AdapterPlan, str]:
         """Everything submit checks, queueing nothing: the plan and the job id it would get.
         What the request alone shows is checked before anything is asked of the Hub."""
         limits = self.settings.limits
@@ -265,8 +268,10 @@ class JobService:
             private=request.private,
             follow_sources=request.follow_sources,
             recipe=_job_recipe(plan, new_id),
-            sources={ref.path: sha for ref, sha in pinned_parts(plan.sources).items()},
-            log=[f"queued: {plan.method.name} of {plan.describe_models()} into {request.target}"],
+            sources={ref.path: sha for ref, sha in plan.revisions().items()},
+            log=[
+                f"queued: {plan.recipe.merge_method} of {plan.describe_models()} into {request.target}"
+            ],
             request_recipe=request.recipe.to_yaml(),
             discussion=request.discussion,
             changes=list(request.changes),
@@ -470,11 +475,11 @@ PROPOSALS = 20
 """Numbered names a form's proposed target tries before it takes a random suffix."""
 
 
-def _job_recipe(plan: MergePlan, job_id: str) -> str:
+def _job_recipe(plan: MergePlan | AdapterPlan, job_id: str) -> str:
     """The pinned recipe the worker merges. A random method gets a seed derived from the job
     id, so a job resumed after a crash draws the same tensors as its first run."""
     recipe = plan.pinned_recipe()
-    if plan.method.random and recipe.random_seed is None:
+    if plan.random and recipe.random_seed is None:
         seed = int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
         recipe = recipe.model_copy(update={"random_seed": seed})
     return recipe.to_yaml()

@@ -19,10 +19,10 @@ import gradio as gr
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.methods import all_methods, get_method
 from merge_engine.methods.registry import Param
+from merge_engine.plan.adapter_plan import AdapterPlan
 from merge_engine.recipe import quote
 from merge_engine.recipe.hub_names import is_loopback
 from merge_engine.recipe.limits import load_yaml
-from merge_engine.sources.inspection import pinned_parts
 from service.intake.jobs import JobService
 from service.intake.request import Identity, MergeRequest
 from service.space.job_panel import (
@@ -653,10 +653,9 @@ def build_blocks(service: JobService) -> gr.Blocks:
             except MergeError as error:
                 boxes, where = errors_for(error, text, on)
                 return [*boxes, f"Not valid: {SEE_ERROR} {where}."]
-            pinned = ", ".join(
-                f"{ref.path}@{sha[:8]}" for ref, sha in pinned_parts(plan.sources).items()
-            )
-            message = f"✓ valid: {plan.method.name}, {len(plan.tasks)} tensors, {plan.output_bytes / 1e6:.1f} MB; sources {pinned}"
+            pinned = ", ".join(f"{ref.path}@{sha[:8]}" for ref, sha in plan.revisions().items())
+            parts = "modules" if isinstance(plan, AdapterPlan) else "tensors"
+            message = f"✓ valid: {plan.recipe.merge_method}, {len(plan.tasks)} {parts}, {plan.output_bytes / 1e6:.1f} MB; sources {pinned}"
             return [*([""] * len(PLACES)), message]
 
         def submit(

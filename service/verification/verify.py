@@ -5,6 +5,9 @@ What is checked is told from the folder alone:
 - ``model_index.json``: a diffusers pipeline (SD1.5, SDXL): its UNet takes one denoising step,
   its VAE decodes, its text encoders run (:mod:`service.verification.diffusion`);
 - ``config.json``: a transformers model, loaded (no remote code) and run on a few tokens;
+- ``adapter_config.json``: a PEFT LoRA adapter, read back as a merge would read it (a LoRA,
+  every module's A and B of one rank) and its every factor finite (the base is not loaded:
+  its shapes were checked against the adapters' in the pre-flight);
 - safetensors weights and neither: a single-file SD1.5/SDXL checkpoint (told from the tensor
   names) is built from its shapes and takes the same step; anything else is a bare state dict,
   whose every float tensor must be finite, read one at a time.
@@ -18,6 +21,8 @@ import torch
 from safetensors import safe_open
 
 from merge_engine.errors import MergeError, SourceError
+from merge_engine.recipe.schema import ModelReference
+from merge_engine.sources.formats import peft_adapter
 from merge_engine.sources.formats.layouts import single_file_layout
 from merge_engine.sources.model_building import building_model
 from merge_engine.sources.tensors import TensorInfo, read_header
@@ -30,6 +35,8 @@ def verify_output(folder: Path, device: torch.device) -> None:
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         verify_pipeline(folder, device)
+    elif (folder / peft_adapter.CONFIG_NAME).is_file():
+        verify_adapter(folder)
     elif not (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         infos = weights_of(folder)
         family = _diffusion_family(infos, folder)
@@ -61,6 +68,14 @@ def _diffusion_family(infos: dict[str, TensorInfo], folder: Path) -> str | None:
         sdxl = any(n.startswith("model.diffusion_model.label_emb.") for n in infos)
         return "sdxl" if sdxl else "sd1"
     return layout.family if layout.is_diffusion else None
+
+
+def verify_adapter(folder: Path) -> None:
+    try:
+        peft_adapter.read_local_adapter(ModelReference(str(folder)))
+    except SourceError as error:
+        raise MergeError(f"the merged adapter does not read back as a PEFT LoRA: {error}") from None
+    verify_state_dict(folder, weights_of(folder))
 
 
 def verify_state_dict(folder: Path, infos: dict[str, TensorInfo]) -> None:

@@ -18,10 +18,14 @@ from dbos import DBOS
 
 from merge_engine import preflight
 from merge_engine.errors import MergeError
+from merge_engine.output.adapter_card import build_adapter_card
 from merge_engine.output.card import build_card
+from merge_engine.plan.adapter_plan import AdapterPlan
 from merge_engine.plan.merge_plan import MergePlan
 from merge_engine.recipe.schema import recipe_from_text
+from merge_engine.run.adapter_merge import write_adapter_merge
 from merge_engine.run.executor import download_plan, resolve_device, write_merge
+from merge_engine.sources.formats.peft_adapter import download_adapter
 from service.disk import merge_bytes
 from service.hub_client.hub import hub_api, publish
 from service.verification.verify import verify_output
@@ -40,12 +44,12 @@ from service.workflows.steps import (
     with_hub,
 )
 
-_plans: dict[str, MergePlan] = {}
+_plans: dict[str, MergePlan | AdapterPlan] = {}
 """Each running attempt's plan, built once in this process by its first step that needs it
 (a workflow resumed in a new process builds it again); it also remembers the downloads."""
 
 
-def plan_of(job: Job) -> MergePlan:
+def plan_of(job: Job) -> MergePlan | AdapterPlan:
     plan = _plans.get(job.workflow_id)
     if plan is None:
         plan = preflight(
@@ -94,6 +98,10 @@ def download_step(job_id: str) -> None:
     plan = plan_of(job)
     running_service().check_disk(merge_bytes(plan), "the worker's")
     cache = running_service().settings.job_dir(job_id) / "hub"
+    if isinstance(plan, AdapterPlan):  # the adapters only: the base's weights are never read
+        for adapter in plan.adapters:
+            with_hub(job_id, lambda a=adapter: download_adapter(a, read_token(job), cache))
+        return
     with_hub(job_id, lambda: download_plan(plan, read_token(job), cache))
 
 
@@ -105,8 +113,18 @@ def merge_step(job_id: str) -> None:
     out = merged_dir(job)
     if out.exists():  # finished before a crash: the engine renames it into place complete
         return
+    plan = plan_of(job)
+    if isinstance(plan, AdapterPlan):  # modules of a few factors each: seconds, no progress
+        write_adapter_merge(
+            plan,
+            out,
+            token=read_token(job),
+            cache_dir=jobs.settings.job_dir(job_id) / "hub",
+            show_progress=False,
+        )
+        return
     write_merge(
-        plan_of(job),
+        plan,
         out,
         device=jobs.settings.device,
         token=read_token(job),
@@ -125,17 +143,22 @@ def verify_step(job_id: str) -> None:
 @DBOS.step(name="mergebot.card")
 def card_step(job_id: str) -> None:
     job = job_of(job_id)
-    card = build_card(
-        plan_of(job),
-        name=job.target.split("/")[1],
-        command=f"mergebot merge mergebot_recipe.yaml ./{job.target.split('/')[1]}",
-        job_id=job.id,
-        credit=credit(job),
-        changes=job.changes,
-        endpoint=running_service().settings.endpoint,
-    )
-    card.save(merged_output(job) / "README.md")
-    running_service().store.update(job_id, card=card.text)
+    plan = plan_of(job)
+    name = job.target.split("/")[1]
+    command = f"mergebot merge mergebot_recipe.yaml ./{name}"
+    endpoint = running_service().settings.endpoint
+    if isinstance(plan, AdapterPlan):
+        text = build_adapter_card(
+            plan, name, command, job.id, credit(job), endpoint, repo_id=job.target
+        )
+        (merged_output(job) / "README.md").write_text(text, encoding="utf-8")
+    else:
+        card = build_card(
+            plan, name, command, job.id, credit(job), changes=job.changes, endpoint=endpoint
+        )
+        card.save(merged_output(job) / "README.md")
+        text = card.text
+    running_service().store.update(job_id, card=text)
 
 
 @DBOS.step(name="mergebot.push")
