@@ -241,7 +241,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         "--seed",
         action="store_true",
         help="add the example models: a tiny Llama base, USER/base, and its three fine-tunes, "
-        "USER/math, USER/code and USER/chat; a tiny SD1.5 pipeline, USER/sd-base, and its two "
+        "USER/math, USER/code and USER/chat, and a LoRA adapter of it, USER/math-lora; a tiny SD1.5 pipeline, USER/sd-base, and its two "
         "fine-tunes, USER/sd-dreamy and USER/sd-photo",
     )
     hub.add_argument(

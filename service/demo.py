@@ -2,8 +2,10 @@
 the example models of user ``demo`` and the bot's own user ``mergebot``. Both tokens are made
 once and kept in a file only its owner can read, never printed.
 
-The example models are a tiny Llama base and three fine-tunes, and a tiny SD1.5 pipeline and
-two fine-tunes of it (diffusers layout), made by the engine and committed into the hub's store
+The example models are a tiny Llama base, three fine-tunes and a LoRA adapter of the base
+(``math-lora``: the math fine-tune extracted at rank 4, so ``demo/base+demo/math-lora`` is
+close to ``demo/math``), and a tiny SD1.5 pipeline and two fine-tunes of it (diffusers
+layout), made by the engine and committed into the hub's store
 as a user would upload them, so the demo has something to merge. They are made here, on the
 bot's side, because the sandbox hub is a Hub and knows nothing of the engine; the bot itself
 reaches it only through ``HF_ENDPOINT``.
@@ -24,6 +26,7 @@ BOT_USER = "mergebot"
 DEMO_USER = "demo"
 TOKENS_FILE = "tokens.json"
 EXAMPLE_REPOS = ("base", "math", "code", "chat")
+ADAPTER_REPOS = ("math-lora",)
 DIFFUSION_REPOS = ("sd-base", "sd-dreamy", "sd-photo")
 
 
@@ -50,19 +53,23 @@ def start_demo_hub(folder: Path, port: int) -> tuple[SandboxServer, dict[str, st
 
 def example_repo_ids(owner: str) -> list[str]:
     """The ids of every example model ``owner`` gets: the Llama family, then the SD one."""
-    return [f"{owner}/{name}" for name in EXAMPLE_REPOS + DIFFUSION_REPOS]
+    return [f"{owner}/{name}" for name in EXAMPLE_REPOS + ADAPTER_REPOS + DIFFUSION_REPOS]
 
 
 def seed_examples(store: HubStore, owner: str = "demo") -> list[str]:
     """Create ``owner/base`` and its fine-tunes ``math``, ``code``, ``chat``, and
     ``owner/sd-base`` and its fine-tunes, unless they exist; return their ids."""
-    repo_ids = [f"{owner}/{name}" for name in EXAMPLE_REPOS]
+    repo_ids = [f"{owner}/{name}" for name in EXAMPLE_REPOS + ADAPTER_REPOS]
     if not all(store.get("model", repo_id) for repo_id in repo_ids):
+        from merge_engine.extract import extract_lora, plan_extraction
+
         with tempfile.TemporaryDirectory() as tmp:
             base, tuned = make_family(Path(tmp), "llama", finetunes=3)
             for folder in (base, *tuned):  # so merges with calibration data can tokenize
                 save_tiny_tokenizer(folder)
-            _upload(store, owner, repo_ids, [base, *tuned])
+            adapter = Path(tmp) / "math-lora"
+            extract_lora(plan_extraction(tuned[0], base, rank=4), adapter, show_progress=False)
+            _upload(store, owner, repo_ids, [base, *tuned, adapter])
     diffusion_ids = [f"{owner}/{name}" for name in DIFFUSION_REPOS]
     if not all(store.get("model", repo_id) for repo_id in diffusion_ids):
         from merge_engine.example_diffusion import make_finetune, make_pipeline

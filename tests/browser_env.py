@@ -102,11 +102,11 @@ def value(page, selector: str) -> str:
 def set_value(page, selector: str, text: str) -> None:
     """Type into a field as a person does: Gradio's ``input`` event follows key presses."""
     field = page.locator(f"{selector} input, {selector} textarea").first
-    if field.evaluate("e => e.tagName") == "TEXTAREA":
+    if text and field.evaluate("e => e.tagName") == "TEXTAREA":
         field.fill(text[:-1])
         field.press("End")
         page.keyboard.type(text[-1])
-    else:  # a number: typed digit by digit it would pass through "0." and lose the dot
+    else:  # emptied, or a number: typed digit by digit it would pass through "0." and lose the dot
         field.fill(text)
     field.press("Tab")
 

@@ -324,7 +324,7 @@ def test_jobs_columns_line_up_whatever_the_lengths(capsys):
 
 
 def test_sandbox_hub_help_names_the_models_it_seeds(capsys, monkeypatch):
-    from service.demo import DIFFUSION_REPOS, EXAMPLE_REPOS
+    from service.demo import ADAPTER_REPOS, DIFFUSION_REPOS, EXAMPLE_REPOS
 
     monkeypatch.setenv("COLUMNS", "300")  # argparse wraps at the terminal's width, even at a hyphen
     with pytest.raises(SystemExit):
@@ -333,7 +333,8 @@ def test_sandbox_hub_help_names_the_models_it_seeds(capsys, monkeypatch):
         line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--seed")
     )
     assert "three fine-tunes" in seed_help and "two fine-tunes" in seed_help
-    assert all(f"USER/{name}" in seed_help for name in EXAMPLE_REPOS + DIFFUSION_REPOS)
+    repos = EXAMPLE_REPOS + ADAPTER_REPOS + DIFFUSION_REPOS
+    assert all(f"USER/{name}" in seed_help for name in repos)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 Playwright against ``mergebot serve`` with the demo hub): an error leaves once its field is
 changed and names no tensor when the value is the model's; a change of method through one
 without per-model weights keeps them; an SD model's block row stands for its weight, and its
-Remove button comes after it."""
+Remove button comes after it; a row's LoRA adapter joins its model as ``base+adapter``."""
 
 from __future__ import annotations
 
@@ -101,6 +101,23 @@ def test_a_method_without_weights_between_two_with_them_keeps_them(page):
     expect(page.locator("#param-int8_mask input")).to_be_checked()
     page.locator("#validate").click()
     expect_text(page, "#outcome", "✓ valid: dare_ties")
+
+
+def test_a_rows_lora_adapter_reaches_the_yaml_and_validates_pinned(page):
+    """The first example with model 1 as the base and the demo's adapter in its LoRA field:
+    the YAML names ``base+adapter``, Validate pins both repos, and the YAML read back fills
+    the row's fields again."""
+    set_value(page, "#model-0-repo", "demo/base")
+    set_value(page, "#model-0-adapter", "demo/math-lora")
+    expect(yaml_value(page)).to_have_value(re.compile(r"model: demo/base\+demo/math-lora\n"))
+    back_to_form(page)
+    page.locator("#validate").click()
+    shown = expect_text(page, "#outcome", "✓ valid: ties")
+    assert re.search(r"demo/base@[0-9a-f]{8}", shown) and re.search(
+        r"demo/math-lora@[0-9a-f]{8}", shown
+    ), shown
+    set_value(page, "#model-0-adapter", "")
+    expect(yaml_value(page)).to_have_value(re.compile(r"model: demo/base\n"))
 
 
 def test_an_sd_models_weight_is_optional_beside_its_block_row_and_remove_comes_after(page):
