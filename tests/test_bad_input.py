@@ -142,10 +142,10 @@ CASES = [
         "models[0].parameters.weight: must be a number, true/false, a list of numbers (a gradient), a list of {{filter, value}} entries or {{blocks: [one value per block]}}",
     ),
     (
-        "LoRA reference",
-        "merge_method: linear\nmodels: [{{model: {a}+org/adapter}}]\n",
+        "two LoRA adapters on one model",
+        "merge_method: linear\nmodels: [{{model: {a}+org/adapter+org/other}}]\n",
         RecipeError,
-        "models[0].model: '{a}+org/adapter' applies a LoRA adapter ('+'), which mergebot does not support yet",
+        "models[0].model: '{a}+org/adapter+org/other' applies more than one adapter ('+' twice); mergebot applies one adapter per model: merge the adapters into one first",
     ),
     (
         "slice without a base for a method that needs one",

@@ -249,7 +249,7 @@ HUGE = "z" * 1_000_000
     [
         {"merge_method": "linear", "models": [{"model": "org/a"}], "dtype": HUGE},
         {"merge_method": "linear", "models": [{"model": "org/" + HUGE}]},
-        {"merge_method": "linear", "models": [{"model": HUGE + "+org/adapter"}]},
+        {"merge_method": "linear", "models": [{"model": HUGE + "+org/adapter+org/other"}]},
         {
             "merge_method": "linear",
             "models": [{"model": "org/a"}],

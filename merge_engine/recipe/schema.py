@@ -11,6 +11,7 @@ by :mod:`merge_engine.plan.planner`, not here: this module only knows the shape 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -49,13 +50,20 @@ def _is_local_model(path: str) -> bool:
 
 class ModelReference:
     """``org/name``, ``org/name@revision``, a local folder or a local ``.safetensors`` file (a
-    single-file checkpoint); frozen, parses and prints back."""
+    single-file checkpoint); or, as mergekit writes it, ``base+adapter``: a model with a LoRA
+    adapter applied (each side any of those, pinnable on its own). Frozen, parses and prints
+    back."""
 
-    __slots__ = ("path", "revision")
+    __slots__ = ("path", "revision", "adapter")
 
-    def __init__(self, path: str, revision: str | None = None):
+    def __init__(
+        self, path: str, revision: str | None = None, adapter: ModelReference | None = None
+    ):
+        if adapter is not None and adapter.adapter is not None:
+            raise ValueError("an adapter reference cannot carry an adapter of its own")
         object.__setattr__(self, "path", path)
         object.__setattr__(self, "revision", revision)
+        object.__setattr__(self, "adapter", adapter)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("ModelReference is immutable")
@@ -80,10 +88,8 @@ class ModelReference:
             raise ValueError(
                 "a model reference must be a non-empty string: a folder, org/name or org/name@revision"
             )
-        elif "+" in value:
-            raise ValueError(
-                f"{excerpt(value.strip(), _PATH_EXCERPT)} applies a LoRA adapter ('+'), which mergebot does not support yet; merge the adapter into its model first"
-            )
+        elif "+" in value and not _is_local_model(value.strip()):
+            return cls._parse_composite(value.strip())
         elif _is_local_model(value.strip()):
             return cls(value.strip())
         else:
@@ -95,15 +101,50 @@ class ModelReference:
                 check_revision(ref.revision)
         return ref
 
+    @classmethod
+    def _parse_composite(cls, value: str) -> ModelReference:
+        """``base+adapter``, split on the first ``+`` as mergekit does."""
+        base_text, _, adapter_text = value.partition("+")
+        if not base_text.strip() or not adapter_text.strip():
+            raise ValueError(
+                f"{excerpt(value, _PATH_EXCERPT)} has nothing on one side of '+'; write base+adapter, e.g. org/base+org/lora"
+            )
+        if "+" in adapter_text and not _is_local_model(adapter_text.strip()):
+            raise ValueError(
+                f"{excerpt(value, _PATH_EXCERPT)} applies more than one adapter ('+' twice); mergebot applies one adapter per model: merge the adapters into one first"
+            )
+        base = cls.parse(base_text)
+        return cls(base.path, base.revision, cls.parse(adapter_text))
+
+    @property
+    def base(self) -> ModelReference:
+        """The reference without its adapter (itself when it has none)."""
+        return self if self.adapter is None else ModelReference(self.path, self.revision)
+
+    def parts(self) -> list[ModelReference]:
+        """The plain references read: [base, adapter], or [self]."""
+        return [self] if self.adapter is None else [self.base, self.adapter]
+
+    def with_revisions(self, revisions: Mapping[ModelReference, str]) -> ModelReference:
+        """Each part pinned to its commit in ``revisions`` (keyed by plain references); a part
+        not in it stays as it is."""
+        base = self.base
+        path, revision = base.path, revisions.get(base, base.revision)
+        if self.adapter is None:
+            return type(self)(path, revision)
+        return type(self)(path, revision, self.adapter.with_revisions(revisions))
+
     @property
     def is_local(self) -> bool:
-        """A folder on this machine, as opposed to a Hub repository id."""
+        """A folder on this machine, as opposed to a Hub repository id (a composite reference:
+        its base; its adapter says for itself)."""
         if self.revision is None and _is_local_model(self.path):
             return True
         return not _HUB_ID.match(self.path)
 
     def __str__(self) -> str:
-        return f"{self.path}@{self.revision}" if self.revision else self.path
+        text = f"{self.path}@{self.revision}" if self.revision else self.path
+        return f"{text}+{self.adapter}" if self.adapter is not None else text
 
     def local_kind(self) -> str:
         """How a listing names a local reference: ``local file`` or ``local folder``."""
@@ -111,6 +152,8 @@ class ModelReference:
 
     def short(self) -> str:
         """As a table shows it: a commit SHA cut to its first 8 characters."""
+        if self.adapter is not None:
+            return f"{self.base.short()}+{self.adapter.short()}"
         if self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision):
             return f"{self.path}@{self.revision[:8]}"
         return str(self)
@@ -119,13 +162,14 @@ class ModelReference:
         return f"{type(self).__name__}({str(self)!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ModelReference) and (self.path, self.revision) == (
+        return isinstance(other, ModelReference) and (self.path, self.revision, self.adapter) == (
             other.path,
             other.revision,
+            other.adapter,
         )
 
     def __hash__(self) -> int:
-        return hash((self.path, self.revision))
+        return hash((self.path, self.revision, self.adapter))
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
@@ -440,11 +484,14 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 def with_revisions(document: ModelT, revisions: dict[ModelReference, str]) -> ModelT:
     """A copy of ``document`` (a recipe, a search spec) with each reference in ``revisions``
-    (a model's or a dataset's) pinned to the given commit."""
+    (a model's or a dataset's) pinned to the given commit; a ``base+adapter`` reference has
+    each part pinned (``revisions`` is keyed by plain references)."""
 
     def pin(value: Any) -> Any:
-        if isinstance(value, ModelReference) and value in revisions:
-            return type(value)(value.path, revisions[value])
+        if isinstance(value, DatasetReference) and value in revisions:
+            return DatasetReference(value.path, revisions[value])
+        if isinstance(value, ModelReference) and not isinstance(value, DatasetReference):
+            return value.with_revisions(revisions)
         if isinstance(value, BaseModel):
             return value.model_copy(
                 update={k: pin(getattr(value, k)) for k in type(value).model_fields}
