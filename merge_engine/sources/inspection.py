@@ -107,6 +107,8 @@ class ModelSource:
     origin_tensors: Mapping[str, TensorInfo] | None = field(default=None, repr=False)
     has_tokenizer: bool | None = None
     """Whether the folder or repo holds tokenizer files (None: not looked at)."""
+    loras: tuple[Any, ...] = ()
+    """Diffusion LoRAs baked into the tensors as they are read (``baked_loras.BakedLora``)."""
 
     @property
     def num_layers(self) -> int | None:
@@ -116,6 +118,11 @@ class ModelSource:
         return None
 
     def store(self) -> TensorStore:
+        if self.loras:
+            from merge_engine.sources.baked_loras import bake_store
+
+            plain = replace(self, loras=())
+            return bake_store(plain.store(), self.loras, self.tensors)
         if self.memory is not None:
             return MemoryStore(self.memory)
         folder = self.origin.folder if self.origin else self.folder
@@ -399,6 +406,8 @@ def download(
     """Fetch, pinned to the resolved commit, only what is needed: the weight files when the
     plan reads this model's tensors, the config, and the tokenizer for the tokenizer donor.
     ``cache_dir`` replaces the shared Hugging Face cache (the service gives each job its own)."""
+    for lora in source.loras if weights else ():
+        download(lora.source, token, cache_dir=cache_dir)
     if source.origin is not None:
         download(source.origin, token, weights=weights, cache_dir=cache_dir)
         return
