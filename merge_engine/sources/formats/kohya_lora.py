@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from merge_engine.errors import IncompatibleModelsError, SourceError, excerpt
-from merge_engine.sources.formats.blocks import block_of
+from merge_engine.sources.formats.blocks import block_of, single_file_names
 from merge_engine.sources.formats.layouts import Layout
 from merge_engine.sources.formats.sd_names import convert_names
 
 Shape = tuple[int, ...]
+_UNET = "model.diffusion_model."
 Component = Literal["unet", "text_encoder", "text_encoder_2"]
 
 KOHYA_PREFIXES: dict[str, Component] = {
@@ -217,8 +218,6 @@ class _Place:
 def _module_index(layout: Layout, shapes: Mapping[str, Shape]) -> dict[tuple[str, str], _Place]:
     """Every weight of the checkpoint's UNet and text encoders under the (component, path) its
     LoRA modules may name: the diffusers path, and for the UNet also the LDM one."""
-    to = "diffusers" if layout.format == "single_file" else "single_file"
-    renamed, _ = convert_names(layout.family, shapes, to=to)
     index: dict[tuple[str, str], _Place] = {}
 
     def add(component: str, name: str, place: _Place) -> None:
@@ -226,21 +225,25 @@ def _module_index(layout: Layout, shapes: Mapping[str, Shape]) -> dict[tuple[str
             key = (component, _match_path(component, name.removesuffix(".weight")))  # type: ignore[arg-type]
             index[key] = place
 
-    for r in renamed:
+    if layout.format == "diffusers":  # each tensor under its own name, and the UNet's LDM one
+        singles = single_file_names(layout, shapes)
+        for name, shape in shapes.items():
+            component, _, key = name.partition("/")
+            single = singles.get(name, name)
+            place = _Place(name, None, tuple(shape), single)
+            add(component, key, place)
+            if component == "unet":
+                add("unet", single.removeprefix(_UNET), place)
+        return index
+    renamed, _ = convert_names(layout.family, shapes, to="diffusers")
+    for r in renamed:  # a diffusers name made of single-file tensors
         if r.op not in ("same", "rows"):
-            continue  # a reshape (the VAE) or q/k/v concatenated: no LoRA module of its own
-        if layout.format == "single_file":  # r: diffusers name made of single-file tensors
-            component, _, key = r.name.partition("/")
-            place = _Place(r.parts[0], r.rows, r.shape, r.parts[0])
-            add(component, key, place)
-            if component == "unet":
-                add("unet", r.parts[0].removeprefix("model.diffusion_model."), place)
-        else:  # r: single-file name made of one diffusers tensor
-            component, _, key = r.parts[0].partition("/")
-            place = _Place(r.parts[0], None, r.shape, r.name)
-            add(component, key, place)
-            if component == "unet":
-                add("unet", r.name.removeprefix("model.diffusion_model."), place)
+            continue  # a reshape (the VAE's attention) or a transpose: no LoRA module of its own
+        component, _, key = r.name.partition("/")
+        place = _Place(r.parts[0], r.rows, r.shape, r.parts[0])
+        add(component, key, place)
+        if component == "unet":
+            add("unet", r.parts[0].removeprefix(_UNET), place)
     return index
 
 

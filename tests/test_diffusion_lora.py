@@ -1,0 +1,319 @@
+"""Diffusion LoRAs baked into SD1.5/SDXL checkpoints, against diffusers' own ``load_lora_weights``
++ ``fuse_lora``: LoRAs made by PEFT on tiny pipelines (random, non-zero A and B), saved in
+diffusers' names and in kohya's (diffusers' converter, SDXL's UNet renamed to the LDM names
+sd-scripts writes), baked at a strength into both checkpoint layouts; block strengths; two
+LoRAs at once; and what is refused, in one sentence, before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import convert_state_dict_to_kohya
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from merge_engine import merge, preflight
+from merge_engine.errors import IncompatibleModelsError, RecipeError, SourceError
+from merge_engine.example_diffusion import COMPONENTS, make_pipeline, write_single_file
+from merge_engine.recipe.schema import parse_recipe
+from merge_engine.sources.formats.blocks import block_names, single_file_names
+from merge_engine.sources.formats.layouts import Layout, component_tensor_name
+from merge_engine.sources.formats.sd_names import convert_names
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"]
+TEXT_TARGETS = ["fc1", "fc2"]  # diffusers 0.42 loads kohya text-encoder attention into no module
+TEXT_ENCODERS = {"sd1": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+
+
+def peft_lora(folder: Path, seed: int, text_targets=TEXT_TARGETS) -> dict[str, torch.Tensor]:
+    """A LoRA made with PEFT on the pipeline at ``folder``, in diffusers' names (``unet.…``,
+    ``text_encoder.…``): rank 4 on the UNet (LoCon's 3x3 convolutions included), 2 on the text
+    encoders, every matrix random and non-zero."""
+    torch.manual_seed(seed)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False)
+    )
+    state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(pipe.unet).items()}
+    for name in ("text_encoder", "text_encoder_2"):
+        if hasattr(pipe, name):
+            encoder = getattr(pipe, name)
+            config = LoraConfig(
+                r=2, lora_alpha=2, target_modules=text_targets, init_lora_weights=False
+            )
+            encoder.add_adapter(config)
+            state |= {f"{name}.{k}": v for k, v in get_peft_model_state_dict(encoder).items()}
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """``state`` in kohya's names, every module's alpha ``alpha`` (diffusers maps one alpha
+    per file correctly; a different one per module it mixes up)."""
+    found = convert_state_dict_to_kohya(dict(state))
+    return {
+        k: torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous() for k, v in found.items()
+    }
+
+
+def ldm_unet_names(state: dict[str, torch.Tensor], folder: Path, family: str) -> dict:
+    """A kohya LoRA's UNet modules under their LDM paths (``lora_unet_input_blocks_4_1_…``), as
+    sd-scripts names an SDXL LoRA: the pipeline's own name map."""
+    unet = load_file(next((folder / "unet").glob("*.safetensors")))
+    renamed, _ = convert_names(
+        family, {f"unet/{k}": tuple(v.shape) for k, v in unet.items()}, to="single_file"
+    )
+    ldm = {}
+    for r in renamed:
+        diffusers = r.parts[0].removeprefix("unet/").removesuffix(".weight").replace(".", "_")
+        single = r.name.removeprefix("model.diffusion_model.").removesuffix(".weight")
+        ldm[f"lora_unet_{diffusers}"] = f"lora_unet_{single.replace('.', '_')}"
+    out = {}
+    for key, value in state.items():
+        module, _, suffix = key.partition(".")
+        out[f"{ldm.get(module, module)}.{suffix}"] = value
+    return out
+
+
+def component_weights(folder: Path, family: str) -> dict[str, torch.Tensor]:
+    """A pipeline folder's tensors named as mergebot names them (``unet/…``)."""
+    found = {}
+    for component in COMPONENTS[family]:
+        for key, value in load_file(next((folder / component).glob("*.safetensors"))).items():
+            found[component_tensor_name(component, key)] = value
+    return found
+
+
+def diffusers_fused(folder: Path, family: str, loras: list[tuple[Path, float]]) -> dict:
+    """The pipeline with each LoRA loaded by diffusers and fused at its strength, in order."""
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    for path, strength in loras:
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora(lora_scale=strength)
+        pipe.unload_lora_weights()
+    found = {}
+    for component in COMPONENTS[family]:
+        for key, value in getattr(pipe, component).state_dict().items():
+            found[component_tensor_name(component, key)] = value.detach()
+    return found
+
+
+def as_single_file(tensors: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    renamed, _ = convert_names(
+        family, {k: tuple(v.shape) for k, v in tensors.items()}, "single_file"
+    )
+    return {r.name: r.apply([tensors[p] for p in r.parts]) for r in renamed}
+
+
+def bake(tmp: Path, checkpoint: Path, loras: list[dict]) -> dict[str, torch.Tensor]:
+    """``checkpoint`` with ``loras`` baked, merged alone (linear, weight 1) and read back."""
+    recipe = parse_recipe(
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(checkpoint), "parameters": {"weight": 1.0}, "loras": loras}],
+        }
+    )
+    out = tmp / "baked"
+    merge(preflight(recipe), out)
+    if checkpoint.suffix == ".safetensors":
+        return load_file(next(out.glob("*.safetensors")))
+    family = "sdxl" if (out / "text_encoder_2").is_dir() else "sd1"
+    return component_weights(out, family)
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    worst = max((got[k].double() - want[k].double()).abs().max().item() for k in want)
+    assert worst <= 1e-6, worst
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def pipeline(request, tmp_path_factory) -> dict:
+    """A tiny pipeline as a folder and a single file, and LoRAs made for it: in diffusers'
+    names, in kohya's (alpha 3 for rank 4 and 2), and a second kohya LoRA."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"lora-{family}")
+    folder = make_pipeline(root / "base", family, seed=0)
+    single = write_single_file(folder, root / "base.safetensors", family)
+    first, second = peft_lora(folder, seed=1), peft_lora(folder, seed=2)
+    files = {"diffusers": root / "peft.safetensors"}
+    save_file(
+        peft_lora(folder, seed=3, text_targets=["q_proj", "v_proj", "fc1"]), files["diffusers"]
+    )
+    for name, state in (("kohya", first), ("second", second)):
+        found = kohya(state, alpha=3.0)
+        if family == "sdxl":  # sd-scripts trains SDXL on the LDM UNet and names it so
+            found = ldm_unet_names(found, folder, family)
+        files[name] = root / f"{name}.safetensors"
+        save_file(found, files[name])
+    return {"family": family, "folder": folder, "single": single, "files": files}
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "single_file"])
+def test_kohya_lora_baked_at_a_strength_equals_diffusers_fuse_lora(pipeline, layout, tmp_path):
+    family, folder = pipeline["family"], pipeline["folder"]
+    lora = pipeline["files"]["kohya"]
+    want = diffusers_fused(folder, family, [(lora, 0.7)])
+    checkpoint = folder if layout == "diffusers" else pipeline["single"]
+    got = bake(tmp_path, checkpoint, [{"lora": str(lora), "strength": 0.7}])
+    assert_same(got, want if layout == "diffusers" else as_single_file(want, family))
+    base = component_weights(folder, family)
+    changed = {k for k in want if not torch.equal(want[k], base[k])}
+    assert any(k.startswith("unet/") and k.endswith("conv1.weight") for k in changed)  # LoCon
+    assert any(k.startswith(TEXT_ENCODERS[family][-1]) for k in changed)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "single_file"])
+def test_diffusers_format_lora_with_text_attention_equals_diffusers(pipeline, layout, tmp_path):
+    """diffusers' own names (``unet.….lora_A.weight``), the text encoders' q and v included: in
+    a single-file SDXL those are rows of OpenCLIP's fused ``in_proj_weight``."""
+    family, folder = pipeline["family"], pipeline["folder"]
+    lora = pipeline["files"]["diffusers"]
+    want = diffusers_fused(folder, family, [(lora, 1.3)])
+    checkpoint = folder if layout == "diffusers" else pipeline["single"]
+    got = bake(tmp_path, checkpoint, [{"lora": str(lora), "strength": 1.3}])
+    assert_same(got, want if layout == "diffusers" else as_single_file(want, family))
+
+
+def test_two_loras_equal_diffusers_fusing_both(pipeline, tmp_path):
+    family, folder, files = pipeline["family"], pipeline["folder"], pipeline["files"]
+    want = diffusers_fused(folder, family, [(files["kohya"], 0.8), (files["second"], -0.5)])
+    got = bake(
+        tmp_path,
+        folder,
+        [
+            {"lora": str(files["kohya"]), "strength": 0.8},
+            {"lora": str(files["second"]), "strength": -0.5},
+        ],
+    )
+    assert_same(got, want)
+
+
+def test_block_strengths_change_exactly_the_named_blocks(pipeline, tmp_path):
+    """One block at 0.5, BASE (the text encoders) and every other block at 0: only that
+    block's tensors move, by half the full bake's change; the rest is the base, bit for bit."""
+    family, folder = pipeline["family"], pipeline["folder"]
+    lora = str(pipeline["files"]["kohya"])
+    names = block_names(family)
+    chosen = "IN04" if family == "sdxl" else "OUT05"
+    row = ",".join("0.5" if n == chosen else "0" for n in names)
+    got = bake(tmp_path / "one", folder, [{"lora": lora, "blocks": row, "strength": 2.0}])
+    full = bake(tmp_path / "full", folder, [{"lora": lora, "strength": 1.0}])
+    base = component_weights(folder, family)
+    layout = Layout(family, "diffusers")  # type: ignore[arg-type]
+    singles = single_file_names(layout, {k: tuple(v.shape) for k, v in base.items()})
+    from merge_engine.sources.formats.blocks import block_of
+
+    in_block = {k for k in base if block_of(family, singles[k]) == chosen}
+    changed = {k for k in base if not torch.equal(got[k], base[k])}
+    assert changed and changed <= in_block
+    assert changed == {k for k in in_block if not torch.equal(full[k], base[k])}
+    for key in changed:
+        torch.testing.assert_close(got[key], full[key])
+
+
+def test_short_block_row_of_the_lora_block_weight_extension(pipeline, tmp_path):
+    """LBW's 17-value (SD1.5) or 12-value (SDXL) row names the attention blocks; a LoRA that
+    also changes a block outside it (LoCon's convolutions) is told to give the full row."""
+    family, folder = pipeline["family"], pipeline["folder"]
+    short = 17 if family == "sd1" else 12
+    lora = str(pipeline["files"]["kohya"])
+    recipe = parse_recipe(
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(folder), "loras": [{"lora": lora, "blocks": [1.0] * short}]}],
+        }
+    )
+    with pytest.raises(RecipeError, match=rf"which a row of {short} does not name"):
+        preflight(recipe)
+
+
+@pytest.fixture(scope="module")
+def sd1_and_sdxl(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    found = {f: make_pipeline(root / f, f, seed=0) for f in ("sd1", "sdxl")}
+    found["sdxl_lora"] = root / "sdxl_lora.safetensors"
+    save_file(kohya(peft_lora(found["sdxl"], seed=4), 4.0), found["sdxl_lora"])
+    found["sd1_lora"] = root / "sd1_lora.safetensors"
+    save_file(kohya(peft_lora(found["sd1"], seed=4), 4.0), found["sd1_lora"])
+    return found
+
+
+def _refused(tmp: Path, model: Path, loras: list[dict], **recipe) -> str:
+    out = tmp / "out"
+    data = {"merge_method": "linear", "models": [{"model": str(model), "loras": loras}]}
+    with pytest.raises((RecipeError, SourceError, IncompatibleModelsError)) as error:
+        merge(preflight(parse_recipe(data | recipe)), out)
+    assert not out.exists()
+    message = str(error.value)
+    assert message.count(". ") == 0 and "\n" not in message, message
+    return message
+
+
+def test_lora_for_another_family_is_refused(sd1_and_sdxl, tmp_path):
+    message = _refused(tmp_path, sd1_and_sdxl["sd1"], [{"lora": str(sd1_and_sdxl["sdxl_lora"])}])
+    assert "SDXL LoRA" in message and "SD1.5" in message
+    message = _refused(tmp_path, sd1_and_sdxl["sdxl"], [{"lora": str(sd1_and_sdxl["sd1_lora"])}])
+    assert "made for another model" in message
+
+
+def test_wrong_number_of_block_strengths_is_refused(sd1_and_sdxl, tmp_path):
+    lora = str(sd1_and_sdxl["sd1_lora"])
+    message = _refused(tmp_path, sd1_and_sdxl["sd1"], [{"lora": lora, "blocks": "1,0,1"}])
+    assert message.startswith("models[0].loras[0].blocks: has 3 block strengths")
+    assert "26" in message and "17" in message
+
+
+@pytest.mark.parametrize(
+    ("suffixes", "kind"),
+    [
+        ((".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".alpha"), "LoHa"),
+        ((".lokr_w1", ".lokr_w2", ".alpha"), "LoKr"),
+        ((".lora_down.weight", ".lora_up.weight", ".dora_scale", ".alpha"), "DoRA"),
+        ((".weight", ".on_input"), "IA3"),
+        ((".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight"), "GLoRA"),
+        ((".lora_down.weight", ".lora_mid.weight", ".lora_up.weight"), "CP decomposition"),
+    ],
+)
+def test_unsupported_lycoris_types_are_refused_by_name(sd1_and_sdxl, tmp_path, suffixes, kind):
+    module = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    path = tmp_path / "lycoris.safetensors"
+    save_file({module + s: torch.ones(2, 2) for s in suffixes}, path)
+    message = _refused(tmp_path, sd1_and_sdxl["sd1"], [{"lora": str(path)}])
+    assert kind in message and "does not bake" in message
+
+
+def test_loras_on_a_transformers_model_are_refused(llama_family, sd1_and_sdxl, tmp_path):
+    base, _ = llama_family
+    message = _refused(tmp_path, base, [{"lora": str(sd1_and_sdxl["sd1_lora"])}])
+    assert "base+adapter" in message
+
+
+def test_recipe_reads_loras_and_lists_them_as_sources(sd1_and_sdxl):
+    recipe = parse_recipe(
+        {
+            "merge_method": "linear",
+            "models": [
+                {
+                    "model": str(sd1_and_sdxl["sd1"]),
+                    "loras": [{"lora": "org/style@main", "strength": 0.8, "blocks": "1,0"}],
+                }
+            ],
+        }
+    )
+    entry = recipe.models[0].loras[0]
+    assert (str(entry.lora), entry.strength, entry.blocks) == ("org/style@main", 0.8, [1.0, 0.0])
+    assert recipe.lora_references() == [entry.lora]
+    assert entry.lora in recipe.referenced_models()
+    pinned = recipe.with_revisions({entry.lora: "a" * 40})
+    assert str(pinned.models[0].loras[0].lora) == f"org/style@{'a' * 40}"
+    with pytest.raises(RecipeError, match=r"models\[0\]\.loras\[0\]\.strength"):
+        parse_recipe(
+            {
+                "merge_method": "linear",
+                "models": [{"model": "a/b", "loras": [{"lora": "c/d", "strength": "nan"}]}],
+            }
+        )
