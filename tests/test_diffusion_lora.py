@@ -190,6 +190,8 @@ def test_two_loras_equal_diffusers_fusing_both(pipeline, tmp_path):
         ],
     )
     assert_same(got, want)
+    card = (tmp_path / "baked" / "README.md").read_text()
+    assert "| LoRA, strength 0.8 |" in card and "| LoRA, strength -0.5 |" in card
 
 
 def test_block_strengths_change_exactly_the_named_blocks(pipeline, tmp_path):
