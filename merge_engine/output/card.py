@@ -99,6 +99,10 @@ def _hub_link(ref: ModelReference, is_local: bool, endpoint: str) -> str:
     return f"[{quote.cell(ref.path)}]({endpoint}/{ref.path})"
 
 
+def _pin(revision: str | None) -> str:
+    return f"`{revision}`" if revision else "local"
+
+
 def mergebot_version() -> str:
     try:
         return version("mergebot")
@@ -186,7 +190,11 @@ def build_card(
     shows_base = recipe.base_model is not None and plan.method.base != "unused"
     read = plan.read_models
     merged_from = [
-        ref.path for ref in recipe.referenced_models() if ref in read and not ref.is_local
+        part.path
+        for ref in recipe.referenced_models()
+        if ref in read
+        for part in ref.parts()
+        if not part.is_local
     ]
     datasets = [d.path for d in recipe.datasets()] if plan.calibration else []
     diffusion = plan.layout.is_diffusion
@@ -203,14 +211,12 @@ def build_card(
     models = []
     for ref in recipe.referenced_models():
         source = plan.sources[ref]
-        revision = f"`{source.revision}`" if source.revision else "local"
-        models.append(
-            {
-                "link": _hub_link(ref, ref.is_local, endpoint),
-                "role": _role(plan, ref, read),
-                "revision": revision,
-            }
-        )
+        link, revision = _hub_link(ref.base, ref.base.is_local, endpoint), _pin(source.revision)
+        if source.adapter is not None:
+            adapter = source.adapter
+            link += f" + adapter {_hub_link(adapter.ref, adapter.ref.is_local, endpoint)} ({quote.cell(adapter.describe())})"
+            revision += f" + `{adapter.revision}`" if adapter.revision else " + local"
+        models.append({"link": link, "role": _role(plan, ref, read), "revision": revision})
     card = ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),

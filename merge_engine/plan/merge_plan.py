@@ -99,10 +99,11 @@ class MergePlan:
         return f"{total} ({base} and {tuned})" if others else f"{total} ({base})"
 
     def pinned_recipe(self) -> Recipe:
-        """The recipe with every Hub source pinned to its resolved commit."""
-        revisions: dict[ModelReference, str] = {
-            ref: s.revision for ref, s in self.sources.items() if s.revision
-        }
+        """The recipe with every Hub source pinned to its resolved commit (both parts of a
+        ``base+adapter``)."""
+        revisions: dict[ModelReference, str] = {}
+        for source in self.sources.values():
+            revisions.update(source.revisions())
         for data in self.calibration.values():
             if data.spec.dataset is not None and data.revision:
                 revisions[data.spec.dataset] = data.revision

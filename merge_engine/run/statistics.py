@@ -37,12 +37,22 @@ Progress = Callable[[int, int, str], None]
 
 
 def _model_identity(source: ModelSource) -> str:
-    if source.revision:
-        return f"{source.ref.path}@{source.revision}"
-    assert source.folder is not None
-    files = sorted(source.folder.glob("*.safetensors")) + sorted(source.folder.glob("*.bin"))
+    """What the statistics were computed on: a Hub commit, else the local files' names, sizes
+    and times; a ``base+adapter`` both parts."""
+    identity = _files_identity(source.ref.path, source.revision, source.folder)
+    if source.adapter is None:
+        return identity
+    adapter = source.adapter
+    return f"{identity}+{_files_identity(adapter.ref.path, adapter.revision, adapter.folder)}"
+
+
+def _files_identity(path: str, revision: str | None, folder: Path | None) -> str:
+    if revision:
+        return f"{path}@{revision}"
+    assert folder is not None
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     stamps = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return json.dumps([str(source.folder.resolve()), stamps])
+    return json.dumps([str(folder.resolve()), stamps])
 
 
 def stats_path(plan: MergePlan, ref: ModelReference, kind: str, stats_dir: Path) -> Path:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from merge_engine.errors import SourceError, UnsafeCheckpointError
 from merge_engine.recipe.hub_names import check_repo_id, check_revision
 from merge_engine.recipe.schema import ModelReference
+from merge_engine.sources.formats import peft_adapter
 from merge_engine.sources.formats.layouts import (
     COMPONENTS,
     STATE_DICT,
@@ -33,6 +33,8 @@ from merge_engine.sources.formats.layouts import (
     single_file_layout,
 )
 from merge_engine.sources.hub_failures import read_failed
+from merge_engine.sources.hub_reading import hub_errors, hub_header, hub_infos
+from merge_engine.sources.low_rank import AdaptedStore
 from merge_engine.sources.tensors import (
     INDEX_NAME,
     MemoryStore,
@@ -41,7 +43,6 @@ from merge_engine.sources.tensors import (
     TensorInfo,
     TensorStore,
     read_header,
-    tensor_infos,
 )
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -107,6 +108,10 @@ class ModelSource:
     origin_tensors: Mapping[str, TensorInfo] | None = field(default=None, repr=False)
     has_tokenizer: bool | None = None
     """Whether the folder or repo holds tokenizer files (None: not looked at)."""
+    adapter: peft_adapter.PeftAdapter | None = field(default=None, repr=False)
+    """For ``base+adapter``: the adapter read (its reference, pinned revision, kind, folder),
+    applied by :meth:`store` as the tensors stream; ``tensors`` and ``revision`` are the
+    base's, whose names and shapes the adapter keeps."""
     loras: tuple[Any, ...] = ()
     """Diffusion LoRAs baked into the tensors as they are read (``baked_loras.BakedLora``)."""
 
@@ -117,12 +122,30 @@ class ModelSource:
                 return self.config[key]
         return None
 
+    def revisions(self) -> dict[ModelReference, str]:
+        """The commit each Hub part of the reference was read at, keyed by plain reference
+        (what :meth:`ModelReference.with_revisions` pins)."""
+        pinned = {self.ref.base: self.revision} if self.revision else {}
+        if self.adapter is not None and self.adapter.revision:
+            pinned[self.adapter.ref] = self.adapter.revision
+        return pinned
+
     def store(self) -> TensorStore:
+        """The model's tensors, one at a time, with its adapter applied if it has one, and
+        its baked LoRAs."""
+        store = self._base_store()
+        if self.adapter is not None:
+            adapter = self.adapter.store()
+            store = AdaptedStore(
+                store, self.adapter.deltas(adapter), self.adapter.replacements(adapter)
+            )
         if self.loras:
             from merge_engine.sources.baked_loras import bake_store
 
-            plain = replace(self, loras=())
-            return bake_store(plain.store(), self.loras, self.tensors)
+            store = bake_store(store, self.loras, self.tensors)
+        return store
+
+    def _base_store(self) -> TensorStore:
         if self.memory is not None:
             return MemoryStore(self.memory)
         folder = self.origin.folder if self.origin else self.folder
@@ -236,6 +259,8 @@ def inspect_local(ref: ModelReference, allow_pickle: bool = False) -> ModelSourc
     if (folder / "model_index.json").is_file():
         return _local_pipeline(ref, folder)
     has_config = (folder / "config.json").is_file()
+    if not has_config and peft_adapter.is_adapter_folder(folder):
+        raise SourceError(_adapter_as_model(ref))
     config = _read_json(folder / "config.json", ref.path) if has_config else {}
     tensors = _local_safetensors(folder, ref.path)
     if tensors:
@@ -271,63 +296,6 @@ def has_tokenizer_files(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
-@contextmanager
-def _hub_errors(ref: ModelReference) -> Iterator[None]:
-    """Turn what the Hub client raises while reading ``ref`` into one sentence each."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        NotASafetensorsRepoError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        yield
-    except (SourceError, UnsafeCheckpointError):
-        raise
-    except GatedRepoError:
-        raise SourceError(
-            f"{ref.path} is gated; accept its terms on the Hub and log in (hf auth login)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise SourceError(
-            f"model repo {ref.path} does not exist on the Hub or is private; check the name, or log in with a token that can read it"
-        ) from None
-    except RevisionNotFoundError:
-        raise SourceError(
-            f"{ref.path} has no revision {ref.revision!r}; use a branch, tag or commit that exists"
-        ) from None
-    except NotASafetensorsRepoError:
-        raise UnsafeCheckpointError(
-            f"{ref.path} has no safetensors weights; mergebot reads safetensors only (pickle weights can run code)"
-        ) from None
-    except EntryNotFoundError:
-        raise SourceError(
-            f"a file that {ref.path} lists is missing on the Hub; check the repo, or pin a revision that is complete"
-        ) from None
-    except OfflineModeIsEnabled:
-        raise SourceError(
-            f"{ref.path} is a Hub model but HF_HUB_OFFLINE is set; unset it, or point the recipe at a local folder"
-        ) from None
-    except Exception as error:  # noqa: BLE001  (HTTP, transport and reading errors alike)
-        raise SourceError(read_failed(error, str(ref))) from None
-
-
-def _hub_infos(found: Any, ref: ModelReference, sha: str, file: str) -> dict[str, TensorInfo]:
-    """The tensors of one Hub file from the client's parsed header (``found``)."""
-    header = {name: {"dtype": i.dtype, "shape": i.shape} for name, i in found.tensors.items()}
-    return tensor_infos(header, file, f"{ref.path}@{sha}/{file}")
-
-
-def _hub_header(api: Any, ref: ModelReference, sha: str, file: str) -> dict[str, TensorInfo]:
-    """One Hub file's tensors, from its header alone (a range request)."""
-    return _hub_infos(
-        api.parse_safetensors_file_metadata(ref.path, file, revision=sha), ref, sha, file
-    )
-
-
 def inspect_hub(
     ref: ModelReference, token: str | bool | None = None, cache_dir: Path | None = None
 ) -> ModelSource:
@@ -345,7 +313,7 @@ def inspect_hub(
         path = hf_hub_download(ref.path, file, revision=sha, token=token, cache_dir=cache_dir)
         return _read_json(Path(path), ref.path)
 
-    with _hub_errors(ref):
+    with hub_errors(ref):
         info = api.model_info(ref.path, revision=ref.revision)
         sha = info.sha
         files = {sibling.rfilename for sibling in info.siblings or []}
@@ -355,10 +323,12 @@ def inspect_hub(
             tensors: dict[str, TensorInfo] = {}
             for component, names in pipeline_files(files, read_json, family, ref.path).items():
                 for name in names:
-                    tensors.update(_component_tensors(component, _hub_header(api, ref, sha, name)))
+                    tensors.update(_component_tensors(component, hub_header(api, ref, sha, name)))
             return ModelSource(
                 ref, index, tensors, revision=sha, layout=Layout(family, "diffusers")
             )
+        if "config.json" not in files and peft_adapter.CONFIG_NAME in files:
+            raise SourceError(_adapter_as_model(ref))
         weights = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
         if "config.json" not in files and INDEX_NAME not in files and len(weights) > 1:
             raise SourceError(
@@ -366,18 +336,25 @@ def inspect_hub(
                 "mergebot reads one checkpoint per repo: name a repo that holds one, or a local file"
             )
         if "config.json" not in files and len(weights) == 1:  # a single-file checkpoint
-            tensors = _hub_header(api, ref, sha, weights[0])
+            tensors = hub_header(api, ref, sha, weights[0])
             layout = single_file_layout(tensors, ref.path)
             return ModelSource(ref, {}, tensors, revision=sha, layout=layout)
         metadata = api.get_safetensors_metadata(ref.path, revision=sha)
         config = read_json("config.json") if "config.json" in files else {}
     tensors = {}
     for file, file_meta in metadata.files_metadata.items():
-        tensors.update(_hub_infos(file_meta, ref, sha, file))
+        tensors.update(hub_infos(file_meta, ref, sha, file))
     layout = config_layout(config) if config else single_file_layout(tensors, ref.path)
     has_tokenizer = not files.isdisjoint(TOKENIZER_FILES)
     return ModelSource(
         ref, config, tensors, revision=sha, layout=layout, has_tokenizer=has_tokenizer
+    )
+
+
+def _adapter_as_model(ref: ModelReference) -> str:
+    return (
+        f"{ref} is a PEFT adapter, not a model; apply it to its base model as "
+        f"base+adapter (for example org/base+{ref})"
     )
 
 
@@ -389,10 +366,48 @@ def inspect_model(
     cache_dir: Path | None = None,
 ) -> ModelSource:
     """A local folder or a Hub repo; with ``hub_only`` always the Hub, whatever folders exist
-    here (the service: a request must never read the server's own files)."""
+    here (the service: a request must never read the server's own files). ``base+adapter``:
+    the base with the adapter checked against it (:func:`inspect_adapted`)."""
+    if ref.adapter is not None:
+        return inspect_adapted(ref, token, allow_pickle, hub_only, cache_dir)
     if ref.is_local and not hub_only:
         return inspect_local(ref, allow_pickle)
     return inspect_hub(ref, token, cache_dir)
+
+
+def read_adapter(
+    ref: ModelReference,
+    token: str | bool | None = None,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+) -> peft_adapter.PeftAdapter:
+    """A PEFT adapter in a local folder or a Hub repo (``hub_only``: always the Hub)."""
+    if ref.is_local and not hub_only:
+        return peft_adapter.read_local_adapter(ref)
+    return peft_adapter.read_hub_adapter(ref, token, cache_dir)
+
+
+def inspect_adapted(
+    ref: ModelReference,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+) -> ModelSource:
+    """``base+adapter`` from headers and configs alone: the base inspected, the adapter read,
+    and every tensor the adapter changes or replaces checked to exist in the base with a
+    fitting shape."""
+    assert ref.adapter is not None
+    base = inspect_model(ref.base, token, allow_pickle, hub_only, cache_dir)
+    adapter = read_adapter(ref.adapter, token, hub_only, cache_dir)
+    if base.layout.is_diffusion:
+        raise SourceError(
+            f"{ref.base} is a Stable Diffusion checkpoint and {ref.adapter} a PEFT adapter for "
+            "language models, so '+' cannot apply it; name a transformers base model, or give "
+            "a diffusion LoRA in the model's LoRA list"
+        )
+    fitted = adapter.fitted(base.tensors, str(ref.base))
+    return replace(base, ref=ref, adapter=fitted)
 
 
 def download(
@@ -405,7 +420,11 @@ def download(
 ) -> None:
     """Fetch, pinned to the resolved commit, only what is needed: the weight files when the
     plan reads this model's tensors, the config, and the tokenizer for the tokenizer donor.
-    ``cache_dir`` replaces the shared Hugging Face cache (the service gives each job its own)."""
+    ``cache_dir`` replaces the shared Hugging Face cache (the service gives each job its own).
+    A model's adapter is fetched with it, pinned to the commit it was read at, and so are the
+    LoRA files baked into it."""
+    if source.adapter is not None and weights:
+        peft_adapter.download_adapter(source.adapter, token, cache_dir)
     for lora in source.loras if weights else ():
         download(lora.source, token, cache_dir=cache_dir)
     if source.origin is not None:

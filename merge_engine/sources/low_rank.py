@@ -60,10 +60,11 @@ class LowRankDelta:
 
 
 class AdaptedStore:
-    """A base store whose tensors come out with their adapters applied: each named tensor plus
-    every delta listed for it, in order (each addition rounded to the base's dtype, as PEFT
-    merging adapters one after another does), or the tensor an adapter replaces (PEFT's
-    ``modules_to_save``). Names with neither come out of the base unchanged."""
+    """A base store whose tensors come out with their adapters applied: each named tensor (or
+    the tensor an adapter replaces it with, PEFT's ``modules_to_save``, in the base's dtype as
+    PEFT loads it) plus every delta listed for it, in order (each addition rounded to the
+    base's dtype, as PEFT merging adapters one after another does). Names with neither come
+    out of the base unchanged."""
 
     def __init__(
         self,
@@ -76,10 +77,10 @@ class AdaptedStore:
         self.replaced = replaced or {}
 
     def get(self, name: str) -> torch.Tensor:
+        tensor = self.base.get(name)
         if name in self.replaced:
             store, key = self.replaced[name]
-            return store.get(key)
-        tensor = self.base.get(name)
+            tensor = store.get(key).to(tensor.dtype)
         for delta in self.deltas.get(name, ()):
             shape = tuple(tensor.shape)
             if delta.rounded_first:

@@ -1,0 +1,262 @@
+"""PEFT LoRA adapters as sources (``model: base+adapter``): mergebot's adapted tensors against
+PEFT's own ``merge_and_unload`` on the same adapter, merges of adapted models against merges of
+the models PEFT baked, the CLI, a Hub composite pinned in both parts, and the refusals."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_weights, write_recipe
+
+from merge_engine import load_recipe, merge, preflight
+from merge_engine.cli import main
+from merge_engine.errors import MergeError
+from merge_engine.recipe.schema import ModelReference
+from merge_engine.sources.inspection import inspect_model
+from merge_engine.sources.low_rank import AdaptedStore
+from merge_engine.sources.tensors import MemoryStore
+
+LLAMA_LORA = dict(
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "embed_tokens"],
+    modules_to_save=["lm_head"],
+    rank_pattern={"layers.1.self_attn.q_proj": 3, "down_proj": 4},
+    alpha_pattern={"v_proj": 7},
+)
+GPT2_LORA = dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, use_rslora=True)
+
+
+def save_adapter(base: Path, folder: Path, seed: int = 0, **lora) -> Path:
+    """A PEFT LoRA adapter of ``base`` with random (non-zero) A and B, as PEFT saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=2, lora_alpha=5, init_lora_weights=False, **lora)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that it saves the embedding it adapts
+        get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+def bake(base: Path, adapter: Path, folder: Path | None = None) -> dict[str, torch.Tensor]:
+    """PEFT's own ``merge_and_unload`` of ``adapter`` into ``base`` (saved to ``folder``)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    baked = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if folder is not None:
+        baked.save_pretrained(folder, safe_serialization=True)
+    return baked.state_dict()
+
+
+def in_dtype(folder: Path, dtype: torch.dtype, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(folder).to(dtype).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapted(llama_family, gpt2_family, tmp_path_factory):
+    """Per family and dtype: the base, its adapter, and PEFT's baked weights."""
+    root = tmp_path_factory.mktemp("adapted")
+    found = {}
+    for family, (base, _), lora in (
+        ("llama", llama_family, LLAMA_LORA),
+        ("gpt2", gpt2_family, GPT2_LORA),
+    ):
+        for dtype in (torch.float32, torch.bfloat16):
+            name = f"{family}-{str(dtype).removeprefix('torch.')}"
+            typed = in_dtype(base, dtype, root / name / "base")
+            adapter = save_adapter(typed, root / name / "adapter", **lora)
+            found[name] = (typed, adapter, bake(typed, adapter))
+    return found
+
+
+@pytest.mark.parametrize(
+    "name", ["llama-float32", "llama-bfloat16", "gpt2-float32", "gpt2-bfloat16"]
+)
+def test_base_plus_adapter_equals_peft_merge_and_unload(adapted, name, tmp_path, one_thread):
+    base, adapter, expected = adapted[name]
+    recipe = write_recipe(
+        tmp_path, f"merge_method: passthrough\nmodels: [{{model: {base}+{adapter}}}]\n"
+    )
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 0
+    merged = load_weights(tmp_path / "out")
+    changed = [k for k in merged if not torch.equal(merged[k], load_weights(base)[k])]
+    assert len(changed) >= 12  # the adapter changed every module it targets
+    assert merged.keys() <= expected.keys()
+    for key, tensor in merged.items():
+        assert tensor.dtype == expected[key].dtype
+        assert torch.equal(tensor, expected[key]), key
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_merging_an_adapted_model_equals_merging_the_baked_model(
+    llama_family, tmp_path, method, one_thread
+):
+    base, (a, b, _) = llama_family
+    adapter = save_adapter(a, tmp_path / "lora_a", seed=3, **LLAMA_LORA)
+    bake(a, adapter, tmp_path / "a-baked")
+    recipe = (
+        "merge_method: {method}\nbase_model: {base}\nmodels:\n"
+        "  - model: {a}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+        "  - model: {b}\n    parameters: {{weight: 0.5, density: 0.7}}\ndtype: float32\n"
+    )
+    outputs = {}
+    for label, first in (("adapted", f"{a}+{adapter}"), ("baked", tmp_path / "a-baked")):
+        folder = tmp_path / label
+        folder.mkdir()
+        text = recipe.format(method=method, base=base, a=first, b=b)
+        if method == "linear":
+            text = text.replace(f"base_model: {base}\n", "").replace(", density: 0.5", "")
+            text = text.replace(", density: 0.7", "")
+        merge(
+            preflight(load_recipe(write_recipe(folder, text))), folder / "out", show_progress=False
+        )
+        outputs[label] = load_weights(folder / "out")
+    assert outputs["adapted"].keys() == outputs["baked"].keys()
+    for key, tensor in outputs["adapted"].items():
+        assert torch.equal(tensor, outputs["baked"][key]), key
+
+
+def test_the_card_and_the_pinned_recipe_name_a_local_adapter(adapted, tmp_path):
+    base, adapter, _ = adapted["llama-float32"]
+    recipe = write_recipe(
+        tmp_path, f"merge_method: passthrough\nmodels: [{{model: {base}+{adapter}}}]\n"
+    )
+    plan = preflight(load_recipe(recipe))
+    assert plan.pinned_recipe().models[0].model == ModelReference.parse(f"{base}+{adapter}")
+    merge(plan, tmp_path / "out", show_progress=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"+ adapter `{adapter}` (local folder) (PEFT LoRA, rank 2/3/4" in card
+    assert "| local + local |" in card
+
+
+def test_an_adapter_is_applied_one_tensor_at_a_time(adapted):
+    """Reading one tensor reads that tensor of the base and the two of its own adapter
+    module, nothing else: the adapter is never applied to a whole model at once."""
+    base, adapter, _ = adapted["llama-float32"]
+    source = inspect_model(ModelReference.parse(f"{base}+{adapter}"))
+    reads: list[str] = []
+
+    class Recording(MemoryStore):
+        def get(self, name: str) -> torch.Tensor:
+            reads.append(name)
+            return super().get(name)
+
+    store = source.store()
+    assert isinstance(store, AdaptedStore)
+    base_store = Recording({k: store.base.get(k) for k in source.tensors})
+    adapter_store = Recording(load_weights(adapter))
+    recorded = AdaptedStore(
+        base_store,
+        source.adapter.deltas(adapter_store),
+        source.adapter.replacements(adapter_store),
+    )
+    name = "model.layers.2.self_attn.q_proj.weight"
+    assert torch.equal(recorded.get(name), store.get(name))
+    prefix = "base_model.model.model.layers.2.self_attn.q_proj"
+    assert reads == [name, f"{prefix}.lora_B.weight", f"{prefix}.lora_A.weight"]
+
+
+def _peft_config(folder: Path, **changes) -> Path:
+    import json
+
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(llama_family, tmp_path_factory):
+    """Adapters that mergebot refuses, each for one reason."""
+    from peft import LoHaConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from merge_engine.example import make_family
+
+    root = tmp_path_factory.mktemp("bad-adapters")
+    base, _ = llama_family
+    wide, _ = make_family(root / "wide", "llama", finetunes=0, hidden_size=48)
+    found = {"wide": save_adapter(wide, root / "wide-lora", target_modules=["q_proj"])}
+    found["dora"] = save_adapter(base, root / "dora", target_modules=["q_proj"], use_dora=True)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    get_peft_model(model, LoHaConfig(target_modules=["q_proj"])).save_pretrained(root / "loha")
+    found["loha"] = root / "loha"
+    found["plain"] = save_adapter(base, root / "plain", target_modules=["q_proj"])
+    found["bias"] = _peft_config(shutil.copytree(found["plain"], root / "bias"), lora_bias=True)
+    return found
+
+
+@pytest.fixture(scope="module")
+def sd_pipeline(tmp_path_factory):
+    from merge_engine.example_diffusion import make_pipeline
+
+    return make_pipeline(tmp_path_factory.mktemp("sd") / "sd1", "sd1")
+
+
+BAD_CASES = [
+    (
+        "shapes that do not fit",
+        "{base}+{wide}",
+        "adapter {wide} changes model.layers.0.self_attn.q_proj with an update of "
+        "shape (48, 48), but {base} has model.layers.0.self_attn.q_proj.weight of shape (32, 32); "
+        "apply it to the model it was trained on",
+    ),
+    (
+        "DoRA",
+        "{base}+{dora}",
+        "adapter {dora} is DoRA (use_dora: true), which mergebot does not apply; "
+        "bake it into its base with PEFT's merge_and_unload and name the baked model, or use a plain LoRA",
+    ),
+    (
+        "another PEFT type",
+        "{base}+{loha}",
+        "adapter {loha} is a PEFT 'LOHA' adapter; mergebot applies LoRA adapters "
+        "only (peft_type LORA)",
+    ),
+    (
+        "a trained bias",
+        "{base}+{bias}",
+        "adapter {bias} is LoRA with a trained bias (lora_bias: true)",
+    ),
+    (
+        "a diffusion base",
+        "{sd}+{plain}",
+        "{sd} is a Stable Diffusion checkpoint and {plain} a PEFT adapter for "
+        "language models, so '+' cannot apply it",
+    ),
+    (
+        "an adapter named as a model",
+        "{plain}",
+        "{plain} is a PEFT adapter, not a model; apply it to its base model as base+adapter",
+    ),
+    (
+        "a model named as an adapter",
+        "{base}+{base}",
+        "{base} has no adapter_config.json, so it is not a PEFT adapter",
+    ),
+]
+
+
+@pytest.mark.parametrize(("label", "model", "sentence"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_a_bad_adapter_gets_one_sentence_and_nothing_is_written(
+    llama_family, bad_adapters, sd_pipeline, tmp_path, label, model, sentence
+):
+    names = {"base": llama_family[0], "sd": sd_pipeline, **bad_adapters}
+    recipe = write_recipe(
+        tmp_path, f"merge_method: passthrough\nmodels: [{{model: {model.format(**names)}}}]\n"
+    )
+    with pytest.raises(MergeError) as caught:
+        merge(preflight(load_recipe(recipe)), tmp_path / "out", show_progress=False)
+    message = str(caught.value)
+    assert message.startswith(sentence.format(**names)), message
+    assert message.count(". ") == 0 and "\n" not in message
+    assert not (tmp_path / "out").exists()
