@@ -319,3 +319,22 @@ def test_recipe_reads_loras_and_lists_them_as_sources(sd1_and_sdxl):
                 "models": [{"model": "a/b", "loras": [{"lora": "c/d", "strength": "nan"}]}],
             }
         )
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "single_file"])
+def test_checkpoint_plus_lora_bakes_it_at_strength_one(pipeline, layout, tmp_path):
+    """mergekit's ``model: base+adapter`` with a diffusion LoRA file after the ``+``: the same
+    as the model's LoRA list at strength 1, i.e. diffusers' fuse_lora at scale 1."""
+    family, folder = pipeline["family"], pipeline["folder"]
+    lora = pipeline["files"]["kohya"]
+    checkpoint = folder if layout == "diffusers" else pipeline["single"]
+    recipe = parse_recipe(
+        {"merge_method": "passthrough", "models": [{"model": f"{checkpoint}+{lora}"}]}
+    )
+    merge(preflight(recipe), tmp_path / "plus")
+    if layout == "diffusers":
+        got = component_weights(tmp_path / "plus", family)
+    else:
+        got = load_file(next((tmp_path / "plus").glob("*.safetensors")))
+    want = diffusers_fused(folder, family, [(lora, 1.0)])
+    assert_same(got, want if layout == "diffusers" else as_single_file(want, family))

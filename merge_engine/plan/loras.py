@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from merge_engine.errors import RecipeError
-from merge_engine.recipe.schema import LoraEntry, ModelReference, Recipe
-from merge_engine.sources.baked_loras import BakedLora
+from merge_engine.recipe.schema import ModelReference, Recipe
+from merge_engine.sources.baked_loras import BakedLora, bake_lora
 from merge_engine.sources.formats.blocks import block_names
-from merge_engine.sources.formats.kohya_lora import LoraTarget, lora_targets, read_lora_modules
 from merge_engine.sources.formats.layouts import Family, Layout
 from merge_engine.sources.inspection import ModelSource
 
@@ -60,50 +59,38 @@ def plan_loras(
                 field=where,
             )
         model = sources[entry.model]
-        shapes = {name: info.shape for name, info in model.tensors.items()}
         baked = []
         for j, lora in enumerate(entry.loras):
-            lora_source = sources[lora.lora]
-            lora_shapes = {name: info.shape for name, info in lora_source.tensors.items()}
-            modules = read_lora_modules(lora_shapes, str(lora.lora))
-            targets = lora_targets(modules, layout, shapes, str(lora.lora), str(entry.model))
-            strengths = _strengths(lora, targets, layout.family, f"{where}[{j}].blocks")
-            kept = [(t, s) for t, s in zip(targets, strengths, strict=True) if s != 0]
-            baked.append(
-                BakedLora(
-                    lora_source,
-                    tuple(t for t, _ in kept),
-                    tuple(s for _, s in kept),
-                    lora.strength,
-                )
-            )
-        found[entry.model] = replace(model, loras=tuple(baked))
+            full = bake_lora(model, sources[lora.lora], lora.strength)
+            if lora.blocks is not None:
+                values = _block_values(lora.blocks, full, layout.family, f"{where}[{j}].blocks")
+                full = full.by_block(values)
+            baked.append(full)
+        found[entry.model] = replace(model, loras=model.loras + tuple(baked))
     return found
 
 
-def _strengths(
-    entry: LoraEntry, targets: list[LoraTarget], family: Family, where: str
-) -> list[float]:
-    """Each target's strength: the entry's, times its block's when ``blocks`` is given."""
-    if entry.blocks is None:
-        return [entry.strength] * len(targets)
+def _block_values(
+    row: list[float], lora: BakedLora, family: Family, where: str
+) -> dict[str, float]:
+    """A row of block strengths by block name: the family's full row or LBW's short one, which
+    must name every block the LoRA changes."""
     full, short = block_names(family), SHORT_ROWS[family]
-    if len(entry.blocks) not in (len(full), len(short)):
+    if len(row) not in (len(full), len(short)):
         raise RecipeError(
-            f"has {len(entry.blocks)} block strengths, but an {_NAMES[family]} LoRA takes "
+            f"has {len(row)} block strengths, but an {_NAMES[family]} LoRA takes "
             f"{len(full)} ({', '.join(full)}) or {len(short)} ({', '.join(short)})",
             field=where,
         )
-    named = full if len(entry.blocks) == len(full) else short
-    values = dict(zip(named, entry.blocks, strict=True))
-    missing = sorted({t.block for t in targets} - set(values), key=full.index)
+    values = dict(zip(full if len(row) == len(full) else short, row, strict=True))
+    missing = sorted({t.block for t in lora.targets} - set(values), key=full.index)
     if missing:
         raise RecipeError(
             f"the LoRA changes {', '.join(missing)}, which a row of {len(short)} does not name; "
             f"give all {len(full)} blocks ({', '.join(full)})",
             field=where,
         )
-    return [entry.strength * values[t.block] for t in targets]
+    return values
 
 
 _NAMES = {"sd1": "SD1.5", "sdxl": "SDXL"}

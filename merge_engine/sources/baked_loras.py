@@ -12,19 +12,24 @@ exactly as they were.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 
-from merge_engine.sources.formats.kohya_lora import LoraTarget
+from merge_engine.sources.formats.kohya_lora import LoraTarget, lora_targets, read_lora_modules
+from merge_engine.sources.formats.layouts import Layout
 from merge_engine.sources.low_rank import AdaptedStore, LowRankDelta
-from merge_engine.sources.tensors import TensorStore
+from merge_engine.sources.tensors import TensorInfo, TensorStore
 
 
 class _Opens(Protocol):
-    """What a baked LoRA needs of its file's source (a ``ModelSource``)."""
+    """What baking reads of a checkpoint's or a LoRA file's source (a ``ModelSource``)."""
+
+    ref: Any
+    tensors: dict[str, TensorInfo]
+    layout: Layout
 
     def store(self) -> TensorStore: ...
 
@@ -40,6 +45,27 @@ class BakedLora:
     """Per target: the entry's strength times its block's; a target at 0 is left out."""
     strength: float
     """The entry's strength, as the card shows it."""
+
+    def by_block(self, values: Mapping[str, float]) -> BakedLora:
+        """The same LoRA with each target's strength times its block's value (a target at 0
+        left out); ``values`` names every block a target is in."""
+        kept = [
+            (t, s * values[t.block])
+            for t, s in zip(self.targets, self.strengths, strict=True)
+            if s * values[t.block] != 0
+        ]
+        return replace(self, targets=tuple(t for t, _ in kept), strengths=tuple(s for _, s in kept))
+
+
+def bake_lora(model: _Opens, lora: _Opens, strength: float = 1.0) -> BakedLora:
+    """The LoRA file ``lora`` baked into the checkpoint ``model`` at ``strength``, from the
+    headers of both; a file that is no plain LoRA, or one made for another model, is refused
+    in one sentence."""
+    shapes = {name: info.shape for name, info in lora.tensors.items()}
+    modules = read_lora_modules(shapes, str(lora.ref))
+    checkpoint = {name: info.shape for name, info in model.tensors.items()}
+    targets = lora_targets(modules, model.layout, checkpoint, str(lora.ref), str(model.ref))
+    return BakedLora(lora, tuple(targets), (strength,) * len(targets), strength)
 
 
 class _PaddedUpStore:
