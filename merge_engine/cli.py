@@ -1,4 +1,5 @@
-"""The ``mergebot`` command: ``methods``, ``validate``, ``merge``, ``evolve`` and ``example``.
+"""The ``mergebot`` command: ``methods``, ``validate``, ``merge``, ``evolve``, ``extract-lora``
+and ``example``.
 
 Every engine error is printed as one sentence and exits 1; set ``MERGEBOT_DEBUG=1`` for the
 traceback. Usage errors exit 2.
@@ -162,6 +163,42 @@ def cmd_merge(args: argparse.Namespace) -> None:
     for note in plan.notes:
         print(f"note: {note}")
     print(f"merged {len(plan.tasks)} tensors into {out}")
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> None:
+    import torch
+
+    from merge_engine.extract import extract_lora, plan_extraction
+
+    if args.rank is None and args.energy is None:
+        raise MergeError("give --rank R, --energy F or both (the rank then caps the threshold)")
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    plan = plan_extraction(
+        args.finetune,
+        args.base,
+        rank=args.rank,
+        energy=args.energy,
+        save=args.save,
+        lora_embeddings=args.lora_embeddings,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+    )
+    result = extract_lora(plan, args.out_dir, device=args.device, show_progress=not args.quiet)
+    errors = [m.relative_error for m in result.modules]
+    ranks = sorted({m.rank for m in result.modules})
+    print(
+        f"extracted {len(result.modules)} modules at rank "
+        f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]} to {ranks[-1]}'} into {result.out}: "
+        f"relative error mean {sum(errors) / len(errors):.4g}, largest {max(errors):.4g}"
+    )
+    if result.differing:
+        name, difference = result.differing[0]
+        print(
+            f"note: {len(result.differing)} tensor(s) outside the adapter differ from the base "
+            f"(largest: {name}, {difference:.3g}); the card lists them, --save MODULE stores one whole"
+        )
 
 
 class _Interrupt:
@@ -377,6 +414,50 @@ def build_parser(
     evolve.add_argument("--quiet", action="store_true", help="no progress bar")
     evolve.add_argument("--join", action="store_true", help=argparse.SUPPRESS)
     evolve.set_defaults(func=cmd_evolve)
+
+    extract = sub.add_parser(
+        "extract-lora",
+        help="extract a PEFT LoRA adapter from a fine-tune and its base (truncated SVD)",
+        description="Factor the difference between a fine-tune and its base, module by module, "
+        "into a PEFT LoRA adapter in OUT_DIR (adapter_config.json, adapter_model.safetensors, a "
+        "card with each module's reconstruction error). By default every linear layer inside the "
+        "transformer layers; models are local folders or Hub references (org/name@revision), "
+        "read one tensor at a time.",
+    )
+    extract.add_argument("finetune", metavar="FINETUNE", help="the fine-tuned model")
+    extract.add_argument("out_dir", metavar="OUT_DIR", help="the adapter folder (new or empty)")
+    extract.add_argument(
+        "--base", required=True, help="the base model the fine-tune was trained from"
+    )
+    extract.add_argument("--rank", type=int, help="the rank of every module's factors")
+    extract.add_argument(
+        "--energy",
+        type=float,
+        help="per module, the smallest rank keeping this fraction of the squared singular values "
+        "(e.g. 0.9); with --rank, that rank caps it",
+    )
+    extract.add_argument(
+        "--save",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="store this module whole (modules_to_save), e.g. lm_head; repeatable",
+    )
+    extract.add_argument(
+        "--lora-embeddings",
+        action="store_true",
+        help="factor the input embedding and the output head too (default: left out)",
+    )
+    extract.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="the factors' dtype (default: the fine-tune's)",
+    )
+    extract.add_argument(
+        "--device", default="auto", help="auto (GPU when there is one), cpu or cuda"
+    )
+    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    extract.set_defaults(func=cmd_extract_lora)
 
     example_help = "make tiny models, a recipe and a search spec, and run a TIES merge end to end"
     example = sub.add_parser(

@@ -91,17 +91,20 @@ def max_rank(shape: tuple[int, ...]) -> int:
     return min(shape[0], math.prod(shape[1:]))
 
 
+def check_rank_value(rank: int) -> None:
+    if rank < 1:
+        raise RecipeError(f"{rank} keeps nothing; ask for a rank of at least 1", "rank")
+
+
 def check_rank(rank: int, shape: tuple[int, ...], name: str = "the weight") -> None:
     """Refuse a rank below 1 or above what a ``shape`` weight can have, in one sentence
     naming ``name``, before any work: the CLI checks every module from headers alone."""
+    check_rank_value(rank)
     largest = max_rank(shape)
-    if rank < 1:
-        raise RecipeError(f"{rank} keeps nothing; ask for a rank of at least 1", "rank")
     if rank > largest:
         dims = "×".join(str(d) for d in shape)
         raise RecipeError(
-            f"{rank} is larger than {name} ({dims}) can have; "
-            f"ask for a rank of at most {largest}, or leave {name} out",
+            f"{rank} is larger than {name} ({dims}) can have; ask for a rank of at most {largest}",
             "rank",
         )
 

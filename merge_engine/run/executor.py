@@ -21,11 +21,12 @@ from tqdm import tqdm
 from merge_engine.align.step import PermutedStore, run_alignment
 from merge_engine.data.calibration import fetch as fetch_calibration
 from merge_engine.data.stats import Statistic
-from merge_engine.errors import MergeError, OutputExistsError
+from merge_engine.errors import MergeError
 from merge_engine.methods import kernel_argument
 from merge_engine.methods.sparsify import MagnitudeOrder
 from merge_engine.output.conversion import converted
 from merge_engine.output.shards import ComponentWriter, ShardedWriter
+from merge_engine.output.staging import check_output_dir
 from merge_engine.plan.merge_plan import MergePlan, TensorTask
 from merge_engine.recipe.schema import ModelReference
 from merge_engine.run.statistics import StatsFiles, collect_statistics, default_stats_dir
@@ -219,13 +220,6 @@ def _check_free_space(folder: Path, needed: int) -> None:
         )
 
 
-def _check_output_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise OutputExistsError(
-            f"output folder {out_dir} already exists and is not empty; choose a new folder or delete it first"
-        )
-
-
 SIDE_FILE_SUFFIXES = (".json", ".txt")
 """What a diffusers folder holds besides weights: configs, tokenizers, the scheduler."""
 
@@ -324,7 +318,7 @@ def write_merge(
     from merge_engine.output.card import build_card
 
     out_dir = Path(out_dir)
-    _check_output_dir(out_dir)
+    check_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_free_space(out_dir.parent, plan.output_bytes)
     torch_device = resolve_device(device)
