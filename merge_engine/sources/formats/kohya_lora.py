@@ -205,6 +205,7 @@ class LoraTarget:
     tensor: str  # the checkpoint's name
     rows: tuple[int, int] | None  # the rows of ``tensor`` it changes; None: all of it
     block: str  # the block (BASE, IN00 …) block strengths name it by
+    kohya_name: str  # the module as sd-scripts names it for this family (what mergebot writes)
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,24 @@ class _Place:
     rows: tuple[int, int] | None
     shape: Shape
     single_file_name: str
+    kohya_name: str
+
+
+_TEXT_PREFIXES = {
+    "sd1": {"text_encoder": "lora_te_"},
+    "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+}
+
+
+def kohya_name(family: str, component: str, key: str, single_file_name: str) -> str:
+    """A module's name as sd-scripts writes it: the UNet by its diffusers path for SD1.5 and its
+    LDM path for SDXL (sd-scripts trains each on that UNet), a text encoder by its transformers
+    path; ``key`` is the weight's diffusers key in its component."""
+    if component == "unet":
+        path = single_file_name.removeprefix(_UNET) if family == "sdxl" else key
+        return "lora_unet_" + path.removesuffix(".weight").replace(".", "_")
+    path = _match_path(component, key.removesuffix(".weight"))  # type: ignore[arg-type]
+    return f"{_TEXT_PREFIXES[family][component]}text_model_{path}"
 
 
 def _module_index(layout: Layout, shapes: Mapping[str, Shape]) -> dict[tuple[str, str], _Place]:
@@ -220,30 +239,28 @@ def _module_index(layout: Layout, shapes: Mapping[str, Shape]) -> dict[tuple[str
     LoRA modules may name: the diffusers path, and for the UNet also the LDM one."""
     index: dict[tuple[str, str], _Place] = {}
 
-    def add(component: str, name: str, place: _Place) -> None:
-        if component in ("unet", "text_encoder", "text_encoder_2") and name.endswith(".weight"):
-            key = (component, _match_path(component, name.removesuffix(".weight")))  # type: ignore[arg-type]
-            index[key] = place
+    def add(
+        diffusers_name: str, single: str, tensor: str, rows: tuple[int, int] | None, shape: Shape
+    ) -> None:
+        component, _, key = diffusers_name.partition("/")
+        if component not in ("unet", *_TEXT_PREFIXES[layout.family]) or not key.endswith(".weight"):
+            return
+        name = kohya_name(layout.family, component, key, single)
+        place = _Place(tensor, rows, tuple(shape), single, name)
+        index[(component, _match_path(component, key.removesuffix(".weight")))] = place  # type: ignore[arg-type]
+        if component == "unet":
+            ldm = single.removeprefix(_UNET).removesuffix(".weight")
+            index[("unet", _match_path("unet", ldm))] = place
 
     if layout.format == "diffusers":  # each tensor under its own name, and the UNet's LDM one
         singles = single_file_names(layout, shapes)
         for name, shape in shapes.items():
-            component, _, key = name.partition("/")
-            single = singles.get(name, name)
-            place = _Place(name, None, tuple(shape), single)
-            add(component, key, place)
-            if component == "unet":
-                add("unet", single.removeprefix(_UNET), place)
+            add(name, singles.get(name, name), name, None, shape)
         return index
     renamed, _ = convert_names(layout.family, shapes, to="diffusers")
     for r in renamed:  # a diffusers name made of single-file tensors
-        if r.op not in ("same", "rows"):
-            continue  # a reshape (the VAE's attention) or a transpose: no LoRA module of its own
-        component, _, key = r.name.partition("/")
-        place = _Place(r.parts[0], r.rows, r.shape, r.parts[0])
-        add(component, key, place)
-        if component == "unet":
-            add("unet", r.parts[0].removeprefix(_UNET), place)
+        if r.op in ("same", "rows"):  # not the VAE's reshapes, nor a transpose
+            add(r.name, r.parts[0], r.parts[0], r.rows, r.shape)
     return index
 
 
@@ -282,7 +299,7 @@ def lora_targets(
                 f"made for another model ({_guess(modules)}?), pick a LoRA for this one"
             )
         block = block_of(layout.family, place.single_file_name)
-        targets.append(LoraTarget(module, place.tensor, place.rows, block))
+        targets.append(LoraTarget(module, place.tensor, place.rows, block, place.kohya_name))
     return targets
 
 
