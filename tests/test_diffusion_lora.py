@@ -338,3 +338,100 @@ def test_checkpoint_plus_lora_bakes_it_at_strength_one(pipeline, layout, tmp_pat
         got = load_file(next((tmp_path / "plus").glob("*.safetensors")))
     want = diffusers_fused(folder, family, [(lora, 1.0)])
     assert_same(got, want if layout == "diffusers" else as_single_file(want, family))
+
+
+# --- several LoRAs merged into one LoRA file ---------------------------------------------------
+
+
+def _merge_files(
+    pipeline, out: Path, combination: str, rank: int | None = None, second: str = "second"
+) -> Path:
+    from merge_engine.recipe.schema import ModelReference
+    from merge_engine.run.lora_merge import merge_lora_files
+    from merge_engine.sources.inspection import inspect_model
+
+    files = pipeline["files"]
+    model = inspect_model(ModelReference(str(pipeline["folder"])))
+    loras = [
+        (inspect_model(ModelReference(str(files["kohya"]))), 0.8),
+        (inspect_model(ModelReference(str(files[second]))), -0.6),
+    ]
+    return merge_lora_files(
+        model, loras, out, combination, rank, metadata={"mergebot_recipe": "test"}
+    )
+
+
+def test_lora_files_merged_by_concatenation_equal_both_fused(pipeline, tmp_path):
+    """``cat`` of two kohya LoRAs (for SDXL in LDM names): the merged kohya file, loaded by
+    diffusers, equals fusing both."""
+    from safetensors import safe_open
+
+    family, folder, files = pipeline["family"], pipeline["folder"], pipeline["files"]
+    merged = _merge_files(pipeline, tmp_path / "merged", "cat")
+    assert merged.name == "pytorch_lora_weights.safetensors"
+    with safe_open(merged, "pt") as f:
+        assert f.metadata()["mergebot_recipe"] == "test"
+        names = list(f.keys())
+    prefix = "lora_unet_input_blocks_" if family == "sdxl" else "lora_unet_down_blocks_"
+    assert any(n.startswith(prefix) for n in names)
+    assert all(n.startswith(("lora_unet_", "lora_te")) for n in names)
+    want = diffusers_fused(folder, family, [(files["kohya"], 0.8), (files["second"], -0.6)])
+    got = diffusers_fused(folder, family, [(merged, 1.0)])
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+
+
+def test_kohya_and_diffusers_files_merge_into_their_sum(pipeline, tmp_path):
+    """A kohya file and a diffusers-format one of different ranks, text-encoder attention
+    included (diffusers 0.42 with transformers 5 loads no kohya text-encoder attention, so
+    mergebot's bake, checked against diffusers above, is the reference): the merged file
+    baked at 1 equals both baked at their weights."""
+    files = pipeline["files"]
+    merged = _merge_files(pipeline, tmp_path / "merged", "cat", second="diffusers")
+    got = bake(tmp_path / "one", pipeline["folder"], [{"lora": str(merged)}])
+    want = bake(
+        tmp_path / "two",
+        pipeline["folder"],
+        [
+            {"lora": str(files["kohya"]), "strength": 0.8},
+            {"lora": str(files["diffusers"]), "strength": -0.6},
+        ],
+    )
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+    assert any(
+        k.startswith("text_encoder") and "q_proj" in k and not torch.equal(got[k], base)
+        for k, base in component_weights(pipeline["folder"], pipeline["family"]).items()
+    )
+
+
+def test_lora_files_merged_by_svd_are_the_truncated_svd_of_the_sum(pipeline, tmp_path):
+    """``svd`` at full rank (what each module can hold) reproduces the sum; at rank 2 each
+    module's product is the rank-2 truncated SVD of the summed delta (clamped on smaller ones)."""
+    from merge_engine.methods.low_rank import factor
+
+    family, folder = pipeline["family"], pipeline["folder"]
+    full = _merge_files(pipeline, tmp_path / "full", "svd", rank=10_000)
+    both = _merge_files(pipeline, tmp_path / "cat", "cat")
+    want = diffusers_fused(folder, family, [(both, 1.0)])
+    got = diffusers_fused(folder, family, [(full, 1.0)])
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+    low = load_file(_merge_files(pipeline, tmp_path / "low", "svd", rank=2))
+    cat = load_file(both)
+    modules = {k.removesuffix(".lora_down.weight") for k in cat if k.endswith(".lora_down.weight")}
+    alphas = {low[k].item() for k in low if k.endswith(".alpha")} | {
+        cat[k].item() for k in cat if k.endswith(".alpha")
+    }
+    assert len(alphas) == 2  # one alpha per file: diffusers mixes up alphas that differ
+
+    def product(file: dict, name: str) -> torch.Tensor:
+        down, up = file[f"{name}.lora_down.weight"], file[f"{name}.lora_up.weight"]
+        scale = file[f"{name}.alpha"].item() / down.shape[0]
+        return scale * (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+    for name in sorted(modules):
+        summed = product(cat, name)
+        expected = factor(summed, rank=min(2, *summed.flatten(1).shape)).product()
+        torch.testing.assert_close(product(low, name), expected, rtol=1e-4, atol=1e-5)
