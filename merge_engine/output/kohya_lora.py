@@ -52,31 +52,31 @@ def _planned(modules: Sequence[PlannedModule], dtype: torch.dtype) -> list[Plann
 def write_kohya_lora(
     out_dir: Path,
     modules: Sequence[PlannedModule],
-    factors: Iterable[tuple[torch.Tensor, torch.Tensor, float]],
+    factors: Iterable[tuple[torch.Tensor, torch.Tensor]],
     dtype: torch.dtype,
     metadata: dict[str, str],
 ) -> Path:
-    """Write ``modules`` in order, each from the next ``(down, up, alpha)`` of ``factors``
-    (computed as the writer asks for them: one module in memory at a time), into
-    ``out_dir/pytorch_lora_weights.safetensors``; returns the file's path."""
-    ranks = sorted({m.rank for m in modules})
+    """Write ``modules`` in order, each from the next ``(down, up)`` of ``factors`` (computed as
+    the writer asks for them: one module in memory at a time), whose product ``up @ down`` is the
+    module's whole update, into ``out_dir/pytorch_lora_weights.safetensors``; returns its path.
+
+    Every module gets one alpha, the largest rank, its up scaled by ``rank / alpha`` so that
+    ``alpha / rank * up @ down`` stays the update: diffusers mis-assigns alphas that differ
+    between attention modules, so a file with one alpha loads right everywhere."""
+    alpha = max((m.rank for m in modules), default=1)
     header = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks[-1] if ranks else 0),
-        "ss_network_alpha": str(ranks[-1] if ranks else 0),
+        "ss_network_dim": str(alpha),
+        "ss_network_alpha": str(alpha),
         **metadata,
     }
     out_dir = Path(out_dir)
     with staging_folder(out_dir) as staging:
-        writer = ShardedWriter(
-            staging,
-            _planned(modules, dtype),
-            _ONE_FILE,
-            LORA_FILE.removesuffix(".safetensors"),
-            header,
-        )
+        stem = LORA_FILE.removesuffix(".safetensors")
+        writer = ShardedWriter(staging, _planned(modules, dtype), _ONE_FILE, stem, header)
         try:
-            for module, (down, up, alpha) in zip(modules, factors, strict=True):
+            for module, (down, up) in zip(modules, factors, strict=True):
+                up = up.float() * (module.rank / alpha)
                 writer.write(f"{module.name}.alpha", torch.tensor(float(alpha)))
                 writer.write(f"{module.name}.lora_down.weight", down.to(dtype).contiguous())
                 writer.write(f"{module.name}.lora_up.weight", up.to(dtype).contiguous())

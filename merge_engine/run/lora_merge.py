@@ -19,7 +19,7 @@ module as sd-scripts does for the family. One module is in memory at a time.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from merge_engine.errors import RecipeError
-from merge_engine.methods.low_rank import check_rank, factor, max_rank
+from merge_engine.methods.low_rank import check_rank_value, factor, max_rank
 from merge_engine.output.kohya_lora import PlannedModule, write_kohya_lora
 from merge_engine.sources.baked_loras import BakedLora, bake_lora
 from merge_engine.sources.formats.kohya_lora import LoraTarget
@@ -67,7 +67,7 @@ def plan_lora_merge(
     if combination == "svd" and rank is None:
         raise RecipeError("svd merges LoRAs at a rank; give it (svd_rank)", "svd_rank")
     if rank is not None:
-        check_rank(rank, (rank, rank))  # at least 1; each module clamps it to what it can hold
+        check_rank_value(rank)  # each module clamps it to what it can hold
     groups: dict[str, list[_Part]] = defaultdict(list)
     for source, weight in loras:
         baked = bake_lora(model, source, weight)
@@ -94,18 +94,6 @@ def _scale(part: _Part) -> float:
     store = part.lora.source.store()
     alpha = float(store.get(module.alpha).item()) if module.alpha else module.rank
     return part.strength * alpha / module.rank
-
-
-def _factors(
-    modules: Sequence[MergedModule], combination: Combination
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
-    """Each module's (down, up, alpha). Every module gets one alpha, the largest rank, its up
-    scaled by ``rank / alpha`` to keep the product: diffusers mis-assigns alphas that differ
-    between attention modules, so a file with one alpha loads right everywhere."""
-    alpha = float(max((m.planned.rank for m in modules), default=1))
-    for merged in modules:
-        down, up = _product_factors(merged, combination)
-        yield down, up * (merged.planned.rank / alpha), alpha
 
 
 def _product_factors(
@@ -153,7 +141,7 @@ def merge_lora_files(
     return write_kohya_lora(
         Path(out_dir),
         [m.planned for m in modules],
-        _factors(modules, combination),
+        (_product_factors(m, combination) for m in modules),
         dtype,
         metadata or {},
     )
