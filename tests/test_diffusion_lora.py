@@ -25,7 +25,7 @@ from merge_engine.sources.formats.layouts import Layout, component_tensor_name
 from merge_engine.sources.formats.sd_names import convert_names
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"]
-TEXT_TARGETS = ["fc1", "fc2"]  # diffusers 0.42 loads kohya text-encoder attention into no module
+TEXT_TARGETS = ["q_proj", "out_proj", "fc1", "fc2"]
 TEXT_ENCODERS = {"sd1": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
 
 
@@ -50,13 +50,19 @@ def peft_lora(folder: Path, seed: int, text_targets=TEXT_TARGETS) -> dict[str, t
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """``state`` in kohya's names, every module's alpha ``alpha`` (diffusers maps one alpha
-    per file correctly; a different one per module it mixes up)."""
+def kohya(state: dict[str, torch.Tensor], alpha: float, family: str) -> dict[str, torch.Tensor]:
+    """``state`` in kohya's names (diffusers' converter, the text encoders' ``text_model_``
+    and SD1.5's ``lora_te_`` as sd-scripts writes them), every module's alpha ``alpha``
+    (diffusers maps one alpha per file correctly; one per module it mixes up)."""
     found = convert_state_dict_to_kohya(dict(state))
-    return {
-        k: torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous() for k, v in found.items()
-    }
+    single = "lora_te_" if family == "sd1" else "lora_te1_"
+    out = {}
+    for key, value in found.items():
+        for prefix, kohya_prefix in (("lora_te1_", single), ("lora_te2_", "lora_te2_")):
+            if key.startswith(prefix) and not key.startswith(f"{prefix}text_model_"):
+                key = f"{kohya_prefix}text_model_{key.removeprefix(prefix)}"
+        out[key] = torch.tensor(alpha) if key.endswith(".alpha") else value.contiguous()
+    return out
 
 
 def ldm_unet_names(state: dict[str, torch.Tensor], folder: Path, family: str) -> dict:
@@ -144,7 +150,7 @@ def pipeline(request, tmp_path_factory) -> dict:
         peft_lora(folder, seed=3, text_targets=["q_proj", "v_proj", "fc1"]), files["diffusers"]
     )
     for name, state in (("kohya", first), ("second", second)):
-        found = kohya(state, alpha=3.0)
+        found = kohya(state, alpha=3.0, family=family)
         if family == "sdxl":  # sd-scripts trains SDXL on the LDM UNet and names it so
             found = ldm_unet_names(found, folder, family)
         files[name] = root / f"{name}.safetensors"
@@ -238,9 +244,9 @@ def sd1_and_sdxl(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
     found = {f: make_pipeline(root / f, f, seed=0) for f in ("sd1", "sdxl")}
     found["sdxl_lora"] = root / "sdxl_lora.safetensors"
-    save_file(kohya(peft_lora(found["sdxl"], seed=4), 4.0), found["sdxl_lora"])
+    save_file(kohya(peft_lora(found["sdxl"], seed=4), 4.0, "sdxl"), found["sdxl_lora"])
     found["sd1_lora"] = root / "sd1_lora.safetensors"
-    save_file(kohya(peft_lora(found["sd1"], seed=4), 4.0), found["sd1_lora"])
+    save_file(kohya(peft_lora(found["sd1"], seed=4), 4.0, "sd1"), found["sd1_lora"])
     return found
 
 
@@ -383,10 +389,9 @@ def test_lora_files_merged_by_concatenation_equal_both_fused(pipeline, tmp_path)
 
 
 def test_kohya_and_diffusers_files_merge_into_their_sum(pipeline, tmp_path):
-    """A kohya file and a diffusers-format one of different ranks, text-encoder attention
-    included (diffusers 0.42 with transformers 5 loads no kohya text-encoder attention, so
-    mergebot's bake, checked against diffusers above, is the reference): the merged file
-    baked at 1 equals both baked at their weights."""
+    """A kohya file and a diffusers-format one (different modules, different ranks): the merged
+    file baked at 1 equals both baked at their weights (mergebot's bake, checked against
+    diffusers above)."""
     files = pipeline["files"]
     merged = _merge_files(pipeline, tmp_path / "merged", "cat", second="diffusers")
     got = bake(tmp_path / "one", pipeline["folder"], [{"lora": str(merged)}])
@@ -435,3 +440,105 @@ def test_lora_files_merged_by_svd_are_the_truncated_svd_of_the_sum(pipeline, tmp
         summed = product(cat, name)
         expected = factor(summed, rank=min(2, *summed.flatten(1).shape)).product()
         torch.testing.assert_close(product(low, name), expected, rtol=1e-4, atol=1e-5)
+
+
+# --- extraction ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(pipeline, tmp_path_factory) -> dict:
+    from merge_engine.example_diffusion import make_finetune
+
+    root = tmp_path_factory.mktemp(f"tuned-{pipeline['family']}")
+    folder = make_finetune(pipeline["folder"], root / "tuned", seed=9, noise=0.05)
+    single = write_single_file(folder, root / "tuned.safetensors", pipeline["family"])
+    return {"diffusers": folder, "single_file": single}
+
+
+def _extract(args: list[str]) -> int:
+    from merge_engine.cli import main
+
+    return main(["extract-lora", *args, "--quiet"])
+
+
+def test_extracted_sd_lora_at_full_rank_loads_in_diffusers_and_reproduces_the_fine_tune(
+    pipeline, tuned, tmp_path
+):
+    """``mergebot extract-lora`` on an SD fine-tune: a kohya file diffusers loads; fused at
+    1 it gives the fine-tune's weights on every module the LoRA holds and leaves the rest."""
+    family, folder = pipeline["family"], pipeline["folder"]
+    from merge_engine.methods.low_rank import max_rank
+    from merge_engine.sources.formats.kohya_lora import lora_places
+
+    shapes = {k: tuple(v.shape) for k, v in component_weights(folder, family).items()}
+    full = max(max_rank(p.shape) for p in lora_places(Layout(family, "diffusers"), shapes))
+    out = tmp_path / "extracted"
+    args = [str(tuned["diffusers"]), str(out), "--base", str(folder), "--rank", str(full)]
+    assert _extract(args) == 0
+    lora = out / "pytorch_lora_weights.safetensors"
+    names = {k.rsplit(".", 2)[0] for k in load_file(lora)}
+    got = diffusers_fused(folder, family, [(lora, 1.0)])
+    finetune, base = (
+        component_weights(tuned["diffusers"], family),
+        component_weights(folder, family),
+    )
+    reproduced = 0
+    for key, value in got.items():
+        if torch.equal(value, base[key]):
+            continue
+        torch.testing.assert_close(value, finetune[key], rtol=1e-4, atol=1e-4)
+        reproduced += 1
+    assert reproduced == len(names)
+    assert any(
+        n.startswith("lora_unet_input_blocks" if family == "sdxl" else "lora_unet_down")
+        for n in names
+    )
+    baked = bake(tmp_path, folder, [{"lora": str(lora)}])
+    for key in (k for k in baked if not torch.equal(baked[k], base[k])):
+        torch.testing.assert_close(baked[key], finetune[key], rtol=1e-4, atol=1e-4)
+
+
+def test_extracted_sd_lora_at_rank_r_is_the_truncated_svd(pipeline, tuned, tmp_path):
+    """A single-file fine-tune at rank 2, LoCon's convolutions included: each module's product
+    is the rank-2 truncated SVD of fine-tune − base, and the reported error is the SVD's."""
+    from merge_engine.extract.sd_lora import extract_sd_lora, plan_sd_extraction
+    from merge_engine.methods.low_rank import factor
+    from merge_engine.recipe.schema import ModelReference
+    from merge_engine.sources.inspection import inspect_model
+
+    finetune = inspect_model(ModelReference(str(tuned["single_file"])))
+    base = inspect_model(ModelReference(str(pipeline["single"])))
+    plan = plan_sd_extraction(finetune, base, rank=2, conv=True)
+    result = extract_sd_lora(plan, tmp_path / "low")
+    lora = load_file(result.out)
+    tuned_weights, base_weights = load_file(tuned["single_file"]), load_file(pipeline["single"])
+    assert any("resnets" in m.name or "in_layers" in m.name for m in result.modules)
+    for place, module in zip(plan.places, result.modules, strict=True):
+        start, end = place.rows or (0, None)
+        delta = (
+            tuned_weights[place.tensor][start:end] - base_weights[place.tensor][start:end]
+        ).float()
+        expected = factor(delta, rank=2)
+        down, up = lora[f"{module.name}.lora_down.weight"], lora[f"{module.name}.lora_up.weight"]
+        scale = lora[f"{module.name}.alpha"].item() / down.shape[0]
+        product = scale * (up.flatten(1) @ down.flatten(1)).reshape(delta.shape)
+        torch.testing.assert_close(product, expected.product(), rtol=1e-4, atol=1e-5)
+        assert module.relative_error == pytest.approx(expected.relative_error, rel=1e-5)
+
+
+def test_sd_extraction_bad_input_is_one_sentence(pipeline, tuned, sd1_and_sdxl, tmp_path, capsys):
+    other = sd1_and_sdxl["sdxl" if pipeline["family"] == "sd1" else "sd1"]
+    folder, base = str(tuned["diffusers"]), str(pipeline["folder"])
+    cases = [
+        ([folder, "--base", str(pipeline["single"]), "--rank", "4"], "same layout"),
+        ([folder, "--base", str(other), "--rank", "4"], "same layout"),
+        ([folder, "--base", base, "--rank", "0"], "at least 1"),
+        ([folder, "--base", base, "--rank", "100000"], "larger than any weight"),
+        ([folder, "--base", base, "--energy", "0.9"], "--rank R alone"),
+    ]
+    for args, words in cases:
+        out = tmp_path / "out"
+        assert _extract([args[0], str(out), *args[1:]]) == 1
+        message = capsys.readouterr().err.strip()
+        assert words in message and "\n" not in message, message
+        assert not out.exists()

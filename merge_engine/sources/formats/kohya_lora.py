@@ -209,7 +209,9 @@ class LoraTarget:
 
 
 @dataclass(frozen=True)
-class _Place:
+class ModulePlace:
+    """A weight of the checkpoint that a LoRA module may change, and how it is named."""
+
     tensor: str
     rows: tuple[int, int] | None
     shape: Shape
@@ -234,10 +236,12 @@ def kohya_name(family: str, component: str, key: str, single_file_name: str) -> 
     return f"{_TEXT_PREFIXES[family][component]}text_model_{path}"
 
 
-def _module_index(layout: Layout, shapes: Mapping[str, Shape]) -> dict[tuple[str, str], _Place]:
+def _module_index(
+    layout: Layout, shapes: Mapping[str, Shape]
+) -> dict[tuple[str, str], ModulePlace]:
     """Every weight of the checkpoint's UNet and text encoders under the (component, path) its
     LoRA modules may name: the diffusers path, and for the UNet also the LDM one."""
-    index: dict[tuple[str, str], _Place] = {}
+    index: dict[tuple[str, str], ModulePlace] = {}
 
     def add(
         diffusers_name: str, single: str, tensor: str, rows: tuple[int, int] | None, shape: Shape
@@ -246,7 +250,7 @@ def _module_index(layout: Layout, shapes: Mapping[str, Shape]) -> dict[tuple[str
         if component not in ("unet", *_TEXT_PREFIXES[layout.family]) or not key.endswith(".weight"):
             return
         name = kohya_name(layout.family, component, key, single)
-        place = _Place(tensor, rows, tuple(shape), single, name)
+        place = ModulePlace(tensor, rows, tuple(shape), single, name)
         index[(component, _match_path(component, key.removesuffix(".weight")))] = place  # type: ignore[arg-type]
         if component == "unet":
             ldm = single.removeprefix(_UNET).removesuffix(".weight")
@@ -262,6 +266,34 @@ def _module_index(layout: Layout, shapes: Mapping[str, Shape]) -> dict[tuple[str
         if r.op in ("same", "rows"):  # not the VAE's reshapes, nor a transpose
             add(r.name, r.parts[0], r.parts[0], r.rows, r.shape)
     return index
+
+
+_ATTENTION_MODULES = re.compile(
+    r"(down_blocks_\d+_|up_blocks_\d+_|mid_block_)attentions_\d+_(proj_in|proj_out"
+    r"|transformer_blocks_\d+_(attn[12]_to_(q|k|v|out_0)|ff_net_(0_proj|2)))"
+    r"|encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"
+)
+_CONV_MODULES = re.compile(
+    r"(down_blocks_\d+_|up_blocks_\d+_|mid_block_)(resnets_\d+_(conv1|conv2|conv_shortcut"
+    r"|time_emb_proj)|(downsamplers|upsamplers)_0_conv)"
+)
+
+
+def lora_places(
+    layout: Layout, shapes: Mapping[str, Shape], conv: bool = False
+) -> list[ModulePlace]:
+    """The weights sd-scripts gives a LoRA module, sorted by module name: the UNet's attention
+    blocks (projections, q/k/v/out, feed-forward) and the text encoders' attention and MLP;
+    with ``conv``, LoCon's too (the resnets' convolutions and time projections, the up- and
+    downsamplers)."""
+    found: dict[str, ModulePlace] = {}
+    for (component, path), place in _module_index(layout, shapes).items():
+        wanted = _ATTENTION_MODULES.fullmatch(path) or (
+            conv and component == "unet" and _CONV_MODULES.fullmatch(path)
+        )
+        if wanted:
+            found[place.kohya_name] = place
+    return [found[name] for name in sorted(found)]
 
 
 _FAMILY_NAMES = {"sd1": "SD1.5", "sdxl": "SDXL"}
