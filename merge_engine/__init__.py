@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from merge_engine.errors import MergeError
+    from merge_engine.plan.adapter_plan import AdapterPlan
     from merge_engine.plan.merge_plan import MergePlan
     from merge_engine.plan.planner import build_plan
     from merge_engine.recipe.schema import ModelReference, Recipe, load_recipe, parse_recipe
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 # Imported on first use (PEP 562), so that importing any submodule, the CLI's among them,
 # does not pay for torch, scipy and transformers until a name that needs them is used.
 _LAZY = {
+    "AdapterPlan": "merge_engine.plan.adapter_plan",
     "MergeError": "merge_engine.errors",
     "MergePlan": "merge_engine.plan.merge_plan",
     "ModelReference": "merge_engine.recipe.schema",
@@ -50,11 +52,14 @@ def preflight(
     allow_pickle: bool = False,
     hub_only: bool = False,
     cache_dir: Path | None = None,
-) -> MergePlan:
+) -> MergePlan | AdapterPlan:
     """Validate a recipe against the models' configs and safetensors headers; download no
     weight (a Hub calibration dataset is pinned, not downloaded). ``hub_only`` reads every
     reference from the Hub, never a local folder or file; ``cache_dir`` keeps what is read
-    (config.json) out of the shared Hugging Face cache."""
+    (config.json) out of the shared Hugging Face cache. A recipe with ``output: adapter``
+    gives an :class:`AdapterPlan` (LoRA adapters combined into one adapter)."""
+    if recipe.output == "adapter":
+        return _preflight_adapter(recipe, token, allow_pickle, hub_only, cache_dir)
     from merge_engine.data.calibration import resolve_recipe as resolve_calibration
     from merge_engine.methods import get_method
     from merge_engine.plan.planner import build_plan
@@ -71,21 +76,48 @@ def preflight(
     return build_plan(recipe, sources, calibration=calibration)
 
 
-def merge(recipe_or_plan: Recipe | MergePlan, out_dir: str | Path, **options: Any) -> Path:
-    """Run a merge end to end into ``out_dir`` (see :func:`merge_engine.run.executor.write_merge` for options)."""
+def _preflight_adapter(
+    recipe: Recipe,
+    token: str | bool | None,
+    allow_pickle: bool,
+    hub_only: bool,
+    cache_dir: Path | None,
+) -> AdapterPlan:
+    """The base's config and header and each adapter's, then the plan."""
+    from merge_engine.plan.adapter_plan import build_adapter_plan, read_adapter
+    from merge_engine.plan.adapter_recipe import read_combination
+    from merge_engine.sources.inspection import inspect_model
+
+    read_combination(recipe)  # the recipe's own mistakes before anything is read
+    base = inspect_model(recipe.base_model, token, allow_pickle, hub_only, cache_dir)
+    adapters = [read_adapter(ref, token, hub_only, cache_dir) for ref in recipe.input_models()]
+    return build_adapter_plan(recipe, base, adapters)
+
+
+def merge(
+    recipe_or_plan: Recipe | MergePlan | AdapterPlan, out_dir: str | Path, **options: Any
+) -> Path:
+    """Run a merge end to end into ``out_dir`` (see :func:`merge_engine.run.executor.write_merge`
+    for options; an adapter output: :func:`merge_engine.run.adapter_merge.write_adapter_merge`)."""
+    from merge_engine.plan.adapter_plan import AdapterPlan
     from merge_engine.plan.merge_plan import MergePlan
     from merge_engine.run.executor import write_merge
 
     token = options.get("token")
     plan = (
         recipe_or_plan
-        if isinstance(recipe_or_plan, MergePlan)
+        if isinstance(recipe_or_plan, MergePlan | AdapterPlan)
         else preflight(recipe_or_plan, token=token)
     )
+    if isinstance(plan, AdapterPlan):
+        from merge_engine.run.adapter_merge import write_adapter_merge
+
+        return write_adapter_merge(plan, out_dir, **options)
     return write_merge(plan, out_dir, **options)
 
 
 __all__ = [
+    "AdapterPlan",
     "MergeError",
     "MergePlan",
     "ModelReference",

@@ -121,6 +121,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from merge_engine import load_recipe, preflight
 
     plan = preflight(load_recipe(Path(args.recipe)), allow_pickle=args.allow_pickle)
+    if plan.recipe.output == "adapter":
+        print("\n".join(plan.summary()))
+        return
     layers = plan.config.get("num_hidden_layers", plan.config.get("n_layer"))
     print(
         f"ok: {plan.method.name} of {plan.describe_models()}, {len(plan.tasks)} output tensors"
@@ -128,7 +131,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
         + f", {plan.output_bytes / 1e6:.1f} MB of weights"
     )
     for ref, source in plan.sources.items():
-        print(f"  {ref}: {source.revision or ref.local_kind()}")
+        print(f"  {ref.base}: {source.revision or ref.base.local_kind()}")
+        if source.adapter is not None:
+            adapter = source.adapter
+            pin = adapter.revision or adapter.ref.local_kind()
+            print(f"    + adapter {adapter.ref}: {pin} ({adapter.describe()})")
     for ref, data in plan.calibration.items():
         print(f"  calibration of {ref}: {data.describe()}")
     for note in plan.notes:
@@ -147,6 +154,11 @@ def cmd_merge(args: argparse.Namespace) -> None:
     if args.dtype:
         recipe = recipe.model_copy(update={"out_dtype": args.dtype})
     plan = preflight(recipe, allow_pickle=args.allow_pickle)
+    if recipe.output == "adapter":  # LoRA adapters combined into one (plan.adapter_plan)
+        out = merge(plan, args.out_dir, show_progress=not args.quiet)
+        print("\n".join(plan.summary()[1:]))
+        print(f"combined {len(plan.adapters)} adapters into {out}")
+        return
     command = "mergebot merge mergebot_recipe.yaml ./merged"
     shard_size = DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size
     command += f" --shard-size {shard_size}" if shard_size != DEFAULT_SHARD_SIZE else ""

@@ -354,6 +354,12 @@ BAD_EXTRACTIONS = {
         "error: save: no module of {tuned} is named 'lm_haed'; name a module by its path or its "
         "last parts, e.g. lm_head or model.embed_tokens",
     ),
+    "not a reference": (
+        ["--rank", "2", "--base", "org/base@bad rev"],
+        "error: base: revision 'bad rev' is not a branch, tag or commit name git accepts (at most "
+        "255 characters, no spaces, control characters, '..', '@{{', '//' or any of ~^:?*[\\, not "
+        "starting with '-' or '/', not ending with '/', '.' or '.lock'); fix the revision",
+    ),
     "other architecture": (
         ["--rank", "2", "--base", "{gpt2}"],
         "error: the fine-tune {tuned} is a llama (LlamaForCausalLM) and the base {gpt2} a gpt2 "
@@ -461,3 +467,21 @@ def test_hub_references_are_pinned_in_the_adapter_and_its_card(llama_family, tmp
         f"mergebot extract-lora alice/tuned@{tuned_sha} ./adapter --base alice/base@{base_sha}"
         in card
     )
+
+
+def test_a_failure_midway_leaves_no_folder_behind(llama_family, tmp_path):
+    """The fine-tune's weight file is cut short after its header: the headers plan fine, the
+    read fails part way, and neither the output nor its staging folder is left."""
+    import shutil
+
+    from merge_engine.extract import extract_lora, plan_extraction
+
+    base, (tuned, *_) = llama_family
+    cut = tmp_path / "cut"
+    shutil.copytree(tuned, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    plan = plan_extraction(cut, base, rank=2)
+    with pytest.raises(Exception):  # noqa: B017, PT011  (safetensors' own error for a short file)
+        extract_lora(plan, tmp_path / "out", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut"]

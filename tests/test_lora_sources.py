@@ -126,6 +126,36 @@ def test_merging_an_adapted_model_equals_merging_the_baked_model(
         assert torch.equal(tensor, outputs["baked"][key]), key
 
 
+def test_a_merge_with_data_and_a_search_run_the_adapted_model(tmp_path, one_thread):
+    """RegMean's statistics come from running each model on its data, and a search's
+    candidates from models loaded whole: both see the adapter applied."""
+    from merge_engine.evolve.candidates import load_source
+    from merge_engine.example import make_family, save_tiny_tokenizer
+
+    _, (a, b) = make_family(tmp_path / "models", "llama", finetunes=2, seed=3, scale=0.05)
+    adapter = save_adapter(a, tmp_path / "lora", seed=5, target_modules=["q_proj", "up_proj"])
+    baked = tmp_path / "baked"
+    expected = bake(a, adapter, baked)
+    for folder in (a, b, baked):
+        save_tiny_tokenizer(folder)
+    (tmp_path / "data.txt").write_text("\n".join(f"{i} + {i} = {2 * i}" for i in range(20)))
+    outputs = {}
+    for label, first in (("adapted", f"{a}+{adapter}"), ("baked", baked)):
+        recipe = write_recipe(
+            tmp_path,
+            f"merge_method: regmean\nmodels: [{{model: {first}}}, {{model: {b}}}]\n"
+            f"calibration: {{path: {tmp_path / 'data.txt'}, samples: 8, batch_size: 4}}\n",
+        )
+        merge(preflight(load_recipe(recipe)), tmp_path / f"{label}-out", show_progress=False)
+        outputs[label] = load_weights(tmp_path / f"{label}-out")
+    for key, tensor in outputs["adapted"].items():
+        assert torch.equal(tensor, outputs["baked"][key]), key
+
+    loaded = load_source(ModelReference.parse(f"{a}+{adapter}"), torch.device("cpu"))
+    for key, tensor in loaded.source.memory.items():
+        assert torch.equal(tensor, expected[key]), key
+
+
 def test_the_card_and_the_pinned_recipe_name_a_local_adapter(adapted, tmp_path):
     base, adapter, _ = adapted["llama-float32"]
     recipe = write_recipe(
@@ -260,3 +290,48 @@ def test_a_bad_adapter_gets_one_sentence_and_nothing_is_written(
     assert message.startswith(sentence.format(**names)), message
     assert message.count(". ") == 0 and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # starts mergebot in a subprocess against the sandbox hub
+def test_a_hub_composite_is_pinned_in_both_parts_and_equals_peft(adapted, tmp_path):
+    from huggingface_hub import HfApi
+    from test_sources_hub import TOKEN, mergebot
+
+    from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
+
+    base, adapter, expected = adapted["gpt2-float32"]
+    with SandboxServer(SandboxHub(HubStore(), users={TOKEN: "alice"})) as server:
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        for name, folder in (("base", base), ("lora", adapter)):
+            api.create_repo(f"alice/{name}")
+            api.upload_folder(
+                repo_id=f"alice/{name}", folder_path=folder, ignore_patterns=["README.md"]
+            )
+        api.upload_file(
+            repo_id="alice/lora", path_or_fileobj=b"\0" * 1000, path_in_repo="optimizer.pt"
+        )
+        shas = {name: api.model_info(f"alice/{name}").sha for name in ("base", "lora")}
+        recipe = write_recipe(
+            tmp_path, "merge_method: passthrough\nmodels: [{model: alice/base@main+alice/lora}]\n"
+        )
+        before = len(server.hub.requests)
+        run = mergebot(server, tmp_path, "validate", str(recipe))
+        assert run.returncode == 0, run.stderr
+        assert f"alice/base@main: {shas['base']}" in run.stdout
+        assert f"+ adapter alice/lora: {shas['lora']} (PEFT LoRA, rank 2, 12 modules)" in run.stdout
+        run = mergebot(server, tmp_path, "merge", str(recipe), str(tmp_path / "out"), "--quiet")
+        assert run.returncode == 0, run.stderr
+        fetched = {
+            r.path.rsplit("/", 1)[-1] for r in server.hub.requests[before:] if "/resolve/" in r.path
+        }
+    assert "optimizer.pt" not in fetched
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= fetched
+    merged = load_weights(tmp_path / "out")
+    assert all(torch.equal(merged[k], expected[k]) for k in merged)
+    pinned = f"alice/base@{shas['base']}+alice/lora@{shas['lora']}"
+    assert pinned in (tmp_path / "out" / "mergebot_recipe.yaml").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| `{shas['base']}` + `{shas['lora']}` |" in card
+    assert (
+        f"+ adapter [alice/lora]({server.url}/alice/lora) (PEFT LoRA, rank 2, 12 modules)" in card
+    )

@@ -313,8 +313,10 @@ def load_tokenizer(folders: list[Path | None], ref: ModelReference) -> Any:
 
 def load_model(source: ModelSource) -> torch.nn.Module:
     """A checkpoint loaded with transformers (float32, no remote code) to run on calibration
-    data: a sequence classifier when its config says so, else a causal LM."""
+    data: a sequence classifier when its config says so, else a causal LM; with its adapter
+    applied when it is a ``base+adapter``."""
     loader = model_class(source.config)
     with building_model():
         model = loader.from_pretrained(source.folder, dtype=torch.float32, trust_remote_code=False)
+    source.apply_adapter(model)
     return model.eval()

@@ -73,13 +73,7 @@ def load_source(
         module = model_class(source.config).from_pretrained(
             source.folder, dtype=_stored_dtype(source), trust_remote_code=False
         )
-    state = module.state_dict()
-    if source.adapter is not None:  # base+adapter: the adapted tensors, one at a time
-        adapted = source.store()
-        with torch.no_grad():
-            for name in source.tensors:
-                if name in state:
-                    state[name].copy_(adapted.get(name))
+    source.apply_adapter(module)
     module.to(device).eval()
     state = module.state_dict()
     memory = {name: state[name] for name in source.tensors if name in state}

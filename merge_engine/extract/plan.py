@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -128,9 +129,16 @@ def _matches(module: str, patterns: Sequence[str]) -> bool:
     return any(module == p or module.endswith("." + p) for p in patterns)
 
 
+def _reference(value: ModelReference | str | Path, role: str) -> ModelReference:
+    try:
+        return ModelReference.parse(value if isinstance(value, ModelReference) else str(value))
+    except ValueError as error:
+        raise RecipeError(str(error), role) from None
+
+
 def plan_extraction(
-    finetune: ModelReference | str,
-    base: ModelReference | str,
+    finetune: ModelReference | str | Path,
+    base: ModelReference | str | Path,
     *,
     rank: int | None = None,
     energy: float | None = None,
@@ -150,8 +158,11 @@ def plan_extraction(
         check_rank_value(rank)
     if energy is not None:
         check_energy(energy)
-    finetune_source = inspect_model(ModelReference.parse(finetune), token, hub_only=hub_only)
-    base_source = inspect_model(ModelReference.parse(base), token, hub_only=hub_only)
+    refs = {
+        role: _reference(value, role) for role, value in (("finetune", finetune), ("base", base))
+    }
+    finetune_source = inspect_model(refs["finetune"], token, hub_only=hub_only)
+    base_source = inspect_model(refs["base"], token, hub_only=hub_only)
     _check_pair(finetune_source, base_source)
     kinds = _module_kinds(finetune_source)
     modules, saved, left_out, unmatched = [], [], [], set(save)

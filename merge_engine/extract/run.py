@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from merge_engine.extract.card import extraction_card
 from merge_engine.extract.plan import ExtractedModule, ExtractionPlan

@@ -417,6 +417,10 @@ class Recipe(_Strict):
     """Regular expressions (run by RE2): output tensors whose name matches one are left out."""
     output_layout: Literal["diffusers", "single_file"] | None = None
     """Diffusion models: the layout written; the sources' when not given."""
+    output: Literal["model", "adapter"] | None = None
+    """``adapter``: the models are LoRA adapters of ``base_model``, combined into one PEFT
+    adapter by ``merge_method``, one of PEFT's ``add_weighted_adapter`` combination types
+    (see :mod:`merge_engine.plan.adapter_recipe`); a model when not given."""
 
     @field_validator("tokenizer_source", mode="before")
     @classmethod

@@ -147,6 +147,17 @@ class ModelSource:
             store = bake_store(store, self.loras, self.tensors)
         return store
 
+    def apply_adapter(self, module: torch.nn.Module) -> None:
+        """For ``base+adapter``: a module loaded from the base's folder gets the adapted
+        tensors, copied in one at a time (nothing happens without an adapter)."""
+        if self.adapter is None:
+            return
+        state, adapted = module.state_dict(), self.store()
+        with torch.no_grad():
+            for name in self.tensors:
+                if name in state:
+                    state[name].copy_(adapted.get(name))
+
     def _base_store(self) -> TensorStore:
         if self.memory is not None:
             return MemoryStore(self.memory)

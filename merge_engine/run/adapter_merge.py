@@ -1,0 +1,118 @@
+"""Running an adapter output: each module's factors read from every adapter that targets it,
+combined (:mod:`merge_engine.methods.adapter_combination`) and written, one module at a
+time, so memory holds one module's factors; then the config, the card and the recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from merge_engine.methods.adapter_combination import (
+    Factors,
+    combine_module,
+    draw_initial_weights,
+)
+from merge_engine.output.adapter_card import build_adapter_card
+from merge_engine.output.peft_adapter import LoraModule, PeftAdapter, PeftAdapterWriter
+from merge_engine.output.staging import staging_folder
+from merge_engine.plan.adapter_plan import AdapterPlan, ModuleTask
+from merge_engine.run.executor import RECIPE_NAME
+from merge_engine.sources.formats.peft_adapter import download_adapter
+from merge_engine.sources.tensors import TensorStore
+
+
+def output_adapter(plan: AdapterPlan) -> PeftAdapter:
+    """The folder the plan writes: every module at the combined rank with ``lora_alpha``
+    equal to it (PEFT's combined adapter has a scale of 1)."""
+    first = plan.adapters[0].config
+    return PeftAdapter(
+        base_model=str(plan.recipe.base_model),
+        modules=tuple(_module(task, plan.rank) for task in plan.tasks),
+        dtype=plan.dtype,
+        base_modules=[name.removesuffix(".weight") for name in plan.base.tensors],
+        task_type=first.get("task_type", "CAUSAL_LM"),
+        fan_in_fan_out=any(t.fan_in_fan_out for t in plan.tasks if t.kind == "linear"),
+    )
+
+
+def _module(task: ModuleTask, rank: int) -> LoraModule:
+    return LoraModule(
+        name=task.module,
+        up_shape=(task.out_features, rank),
+        down_shape=(rank, task.in_features),
+        alpha=rank,
+        embedding=task.kind == "embedding",
+    )
+
+
+def write_adapter_merge(
+    plan: AdapterPlan,
+    out_dir: str | Path,
+    *,
+    token: str | bool | None = None,
+    cache_dir: Path | None = None,
+    show_progress: bool = True,
+    card_command: str | None = None,
+    card_details: dict | None = None,
+) -> Path:
+    """Download the adapters (Hub ones, pinned), combine them into ``out_dir`` (published
+    atomically): ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` and
+    the recipe. ``card_details`` are further arguments of :func:`build_adapter_card`."""
+    out_dir = Path(out_dir)
+    for adapter in plan.adapters:
+        download_adapter(adapter, token, cache_dir)
+    stores = [adapter.store() for adapter in plan.adapters]
+    generator = None
+    if plan.seed is not None:
+        generator = torch.Generator().manual_seed(plan.seed)
+        if plan.replays_peft_draws:
+            modules = [(t.kind, t.in_features, t.out_features) for t in plan.tasks]
+            draw_initial_weights(generator, modules, plan.rank, plan.init_lora_weights)
+    output = output_adapter(plan)
+    with staging_folder(out_dir) as staging:
+        writer = PeftAdapterWriter(staging, output)
+        try:
+            for task, module in tqdm(
+                list(zip(plan.tasks, output.modules, strict=True)),
+                desc=f"{plan.combination.type} of adapters",
+                unit="module",
+                disable=not show_progress,
+            ):
+                down, up = _combine(plan, task, stores, generator)
+                writer.write_module(module, up, down)
+            card = build_adapter_card(
+                plan, name=out_dir.name, command=card_command, **(card_details or {})
+            )
+            writer.finish(card)
+        finally:
+            writer.close()
+        (staging / RECIPE_NAME).write_text(plan.reproducible_recipe().to_yaml())
+    return out_dir
+
+
+def _combine(
+    plan: AdapterPlan,
+    task: ModuleTask,
+    stores: list[TensorStore],
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    factors = [
+        Factors(
+            stores[i.adapter].get(i.down).to(plan.dtype),
+            stores[i.adapter].get(i.up).to(plan.dtype),
+            i.scaling,
+        )
+        for i in task.inputs
+    ]
+    weights = [plan.weights[i.adapter] for i in task.inputs]
+    return combine_module(
+        plan.combination,
+        factors,
+        weights,
+        plan.rank,
+        kind=task.kind,
+        fan_in_fan_out=task.fan_in_fan_out,
+        generator=generator,
+    )
