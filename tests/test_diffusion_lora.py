@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import DiffusionPipeline
 from diffusers.utils import convert_state_dict_to_kohya
 from peft import LoraConfig
@@ -362,21 +363,32 @@ def _merge_files(
         (inspect_model(ModelReference(str(files["kohya"]))), 0.8),
         (inspect_model(ModelReference(str(files[second]))), -0.6),
     ]
-    return merge_lora_files(
-        model, loras, out, combination, rank, metadata={"mergebot_recipe": "test"}
-    )
+    return merge_lora_files(model, loras, out, combination, rank)
 
 
 def test_lora_files_merged_by_concatenation_equal_both_fused(pipeline, tmp_path):
-    """``cat`` of two kohya LoRAs (for SDXL in LDM names): the merged kohya file, loaded by
-    diffusers, equals fusing both."""
+    """A recipe (``output: adapter``, PEFT's ``cat``, an SD base) merging two kohya LoRAs (for
+    SDXL in LDM names): the kohya file written, loaded by diffusers, equals fusing both; its
+    header holds the recipe."""
     from safetensors import safe_open
 
     family, folder, files = pipeline["family"], pipeline["folder"], pipeline["files"]
-    merged = _merge_files(pipeline, tmp_path / "merged", "cat")
-    assert merged.name == "pytorch_lora_weights.safetensors"
+    recipe = parse_recipe(
+        {
+            "output": "adapter",
+            "merge_method": "cat",
+            "base_model": str(pipeline["single"]),
+            "models": [
+                {"model": str(files["kohya"]), "parameters": {"weight": 0.8}},
+                {"model": str(files["second"]), "parameters": {"weight": -0.6}},
+            ],
+        }
+    )
+    plan = preflight(recipe)
+    assert plan.summary()[0].startswith("ok: cat of 2 LoRA files of")
+    merged = merge(plan, tmp_path / "merged") / "pytorch_lora_weights.safetensors"
     with safe_open(merged, "pt") as f:
-        assert f.metadata()["mergebot_recipe"] == "test"
+        assert parse_recipe(yaml.safe_load(f.metadata()["mergebot_recipe"])) == recipe
         names = list(f.keys())
     prefix = "lora_unet_input_blocks_" if family == "sdxl" else "lora_unet_down_blocks_"
     assert any(n.startswith(prefix) for n in names)
@@ -542,3 +554,29 @@ def test_sd_extraction_bad_input_is_one_sentence(pipeline, tuned, sd1_and_sdxl, 
         message = capsys.readouterr().err.strip()
         assert words in message and "\n" not in message, message
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters", "words"),
+    [
+        ("ties", {"density": 0.5}, "merge_method: ties is not a way mergebot merges SD LoRA files"),
+        ("svd", {"svd_clamp": 0.99}, "parameters.svd_clamp: clips the factors' values"),
+        ("cat", {}, "is an SDXL LoRA"),
+    ],
+)
+def test_sd_lora_file_merge_bad_input_is_one_sentence(
+    sd1_and_sdxl, tmp_path, method, parameters, words
+):
+    lora = sd1_and_sdxl["sdxl_lora" if method == "cat" else "sd1_lora"]
+    recipe = {
+        "output": "adapter",
+        "merge_method": method,
+        "base_model": str(sd1_and_sdxl["sd1"]),
+        "models": [{"model": str(lora)}, {"model": str(sd1_and_sdxl["sd1_lora"])}],
+        "parameters": parameters,
+    }
+    out = tmp_path / "out"
+    with pytest.raises((RecipeError, IncompatibleModelsError)) as error:
+        merge(preflight(parse_recipe(recipe)), out)
+    assert words in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert not out.exists()

@@ -311,7 +311,7 @@ def lora_targets(
     if any(m.component == "text_encoder_2" for m in modules) and layout.family == "sd1":
         raise IncompatibleModelsError(
             f"{lora_origin} is an SDXL LoRA (it changes a second text encoder), and "
-            f"{model_origin} is {layout}; bake it into an SDXL checkpoint"
+            f"{model_origin} is {layout}; use it with an SDXL checkpoint"
         )
     index = _module_index(layout, shapes)
     targets = []
