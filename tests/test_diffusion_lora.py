@@ -580,3 +580,44 @@ def test_sd_lora_file_merge_bad_input_is_one_sentence(
         merge(preflight(parse_recipe(recipe)), out)
     assert words in str(error.value) and "\n" not in str(error.value), str(error.value)
     assert not out.exists()
+
+
+@pytest.mark.slow  # starts mergebot in a subprocess against the sandbox hub
+def test_hub_lora_is_read_by_header_pinned_downloaded_and_baked(sd1_and_sdxl, tmp_path):
+    """A checkpoint and a LoRA on the (sandbox) Hub: the recipe and the card pin both, and
+    the merge equals baking the same files locally."""
+    from huggingface_hub import HfApi
+    from test_sources_hub import TOKEN, mergebot
+
+    from service.sandbox_hub import HubStore, SandboxHub, SandboxServer
+
+    sandbox = SandboxHub(HubStore(), users={TOKEN: "alice"})
+    with SandboxServer(sandbox) as server:
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo("alice/sd1")
+        api.upload_folder(repo_id="alice/sd1", folder_path=sd1_and_sdxl["sd1"])
+        api.create_repo("alice/style")
+        api.upload_file(
+            repo_id="alice/style",
+            path_or_fileobj=str(sd1_and_sdxl["sd1_lora"]),
+            path_in_repo="style.safetensors",
+        )
+        shas = {name: api.model_info(f"alice/{name}").sha for name in ("sd1", "style")}
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(
+            "merge_method: linear\nmodels:\n  - model: alice/sd1\n    parameters: {weight: 1}\n"
+            "    loras: [{lora: alice/style, strength: 0.7}]\n"
+        )
+        run = mergebot(server, tmp_path, "merge", str(recipe), str(tmp_path / "out"), "--quiet")
+        assert run.returncode == 0, run.stderr
+    pinned = (tmp_path / "out" / "mergebot_recipe.yaml").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    for name, sha in shas.items():
+        assert f"alice/{name}@{sha}" in pinned and f"`{sha}`" in card
+    assert "| LoRA, strength 0.7 |" in card
+    local = bake(
+        tmp_path / "local",
+        sd1_and_sdxl["sd1"],
+        [{"lora": str(sd1_and_sdxl["sd1_lora"]), "strength": 0.7}],
+    )
+    assert_same(component_weights(tmp_path / "out", "sd1"), local)
