@@ -94,9 +94,11 @@ def component_weights(folder: Path, family: str) -> dict[str, torch.Tensor]:
     return found
 
 
-def diffusers_fused(folder: Path, family: str, loras: list[tuple[Path, float]]) -> dict:
+def diffusers_fused(
+    folder: Path, family: str, loras: list[tuple[Path, float]], dtype=torch.float32
+) -> dict:
     """The pipeline with each LoRA loaded by diffusers and fused at its strength, in order."""
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
     for path, strength in loras:
         pipe.load_lora_weights(str(path))
         pipe.fuse_lora(lora_scale=strength)
@@ -171,6 +173,24 @@ def test_kohya_lora_baked_at_a_strength_equals_diffusers_fuse_lora(pipeline, lay
     changed = {k for k in want if not torch.equal(want[k], base[k])}
     assert any(k.startswith("unet/") and k.endswith("conv1.weight") for k in changed)  # LoCon
     assert any(k.startswith(TEXT_ENCODERS[family][-1]) for k in changed)
+
+
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.float16])
+def test_half_precision_checkpoint_equals_diffusers_fusing_in_half(pipeline, lora_dtype, tmp_path):
+    """A float16 checkpoint: diffusers loads the LoRA in float16, multiplies in float32,
+    rounds the update to float16 and adds it; the bake gives the same bits, for a float32
+    and a float16 LoRA file alike."""
+    family = pipeline["family"]
+    half = tmp_path / "half"
+    DiffusionPipeline.from_pretrained(
+        pipeline["folder"], torch_dtype=torch.float16
+    ).save_pretrained(half)
+    lora = tmp_path / "lora.safetensors"
+    save_file({k: v.to(lora_dtype) for k, v in load_file(pipeline["files"]["kohya"]).items()}, lora)
+    want = diffusers_fused(half, family, [(lora, 0.7)], dtype=torch.float16)
+    got = bake(tmp_path, half, [{"lora": str(lora), "strength": 0.7}])
+    assert {v.dtype for v in got.values()} == {torch.float16}
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "single_file"])
@@ -293,6 +313,16 @@ def test_unsupported_lycoris_types_are_refused_by_name(sd1_and_sdxl, tmp_path, s
     save_file({module + s: torch.ones(2, 2) for s in suffixes}, path)
     message = _refused(tmp_path, sd1_and_sdxl["sd1"], [{"lora": str(path)}])
     assert kind in message and "does not bake" in message
+
+
+def test_a_module_named_twice_is_refused(sd1_and_sdxl, tmp_path):
+    """One weight under its diffusers and its LDM name in one file would be applied twice."""
+    pair = {".lora_down.weight": torch.ones(2, 8, 1, 1), ".lora_up.weight": torch.ones(8, 2, 1, 1)}
+    path = tmp_path / "twice.safetensors"
+    names = ("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_input_blocks_1_1_proj_in")
+    save_file({n + suffix: t.clone() for n in names for suffix, t in pair.items()}, path)
+    message = _refused(tmp_path, sd1_and_sdxl["sd1"], [{"lora": str(path)}])
+    assert "changes one weight twice" in message
 
 
 def test_loras_on_a_transformers_model_are_refused(llama_family, sd1_and_sdxl, tmp_path):

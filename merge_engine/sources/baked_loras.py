@@ -6,7 +6,8 @@ A module's scale is ``alpha / r`` (the ``.alpha`` tensor, read when the merge st
 value, not in the header) times its strength; the strength is the entry's ``strength`` times its
 block's. A target that is some rows of a fused tensor (OpenCLIP's ``in_proj_weight`` in a
 single-file SDXL) gets an up matrix padded with zero rows, so its delta leaves the other rows
-exactly as they were.
+exactly as they were. A half-precision checkpoint gets what diffusers' ``fuse_lora`` gives it:
+the factors rounded to its dtype, their product in float32, rounded, then added.
 """
 
 from __future__ import annotations
@@ -68,45 +69,55 @@ def bake_lora(model: _Opens, lora: _Opens, strength: float = 1.0) -> BakedLora:
     return BakedLora(lora, tuple(targets), (strength,) * len(targets), strength)
 
 
-class _PaddedUpStore:
-    """A LoRA store whose up matrices named in ``rows`` come out as the rows
-    ``[start, end)`` of a zero matrix of ``total`` rows: a delta to some rows of a fused tensor."""
+@dataclass(frozen=True)
+class _View:
+    key: str  # the factor's name in the LoRA file
+    dtype: torch.dtype  # the checkpoint tensor's
+    rows: tuple[int, int, int] | None  # an up factor's place in a fused tensor: start, end, total
 
-    def __init__(self, store: TensorStore, rows: dict[str, tuple[str, int, int, int]]):
+
+class _FactorStore:
+    """A LoRA file's factors as the checkpoint's weights receive them: in the weight's dtype
+    (diffusers and the WebUI load a LoRA in the model's dtype before fusing it), and an up
+    factor of some rows of a fused tensor padded with zero rows to the whole tensor."""
+
+    def __init__(self, store: TensorStore, views: dict[str, _View]):
         self.store = store
-        self.rows = rows
+        self.views = views
         self.tensors = getattr(store, "tensors", {})
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.rows:
-            return self.store.get(name)
-        key, start, end, total = self.rows[name]
-        up = self.store.get(key)
-        padded = up.new_zeros((total, *up.shape[1:]))
-        padded[start:end] = up
+        view = self.views[name]
+        factor = self.store.get(view.key).to(view.dtype)
+        if view.rows is None:
+            return factor
+        start, end, total = view.rows
+        padded = factor.new_zeros((total, *factor.shape[1:]))
+        padded[start:end] = factor
         return padded
 
     def release(self, file: str) -> None:
         self.store.release(file)
 
 
-def bake_store(base: TensorStore, loras: Sequence[BakedLora], shapes: dict) -> AdaptedStore:
-    """``base`` with every LoRA's deltas added, in order (``shapes``: the checkpoint's tensors'
-    infos, for the row count of a fused target)."""
+def bake_store(base: TensorStore, loras: Sequence[BakedLora], infos: dict) -> AdaptedStore:
+    """``base`` with every LoRA's deltas added, in order, as PEFT fuses a LoRA (diffusers'
+    ``fuse_lora``): the product in float32 from factors in the weight's dtype, times the scale,
+    rounded to the weight's dtype, then added (``infos``: the checkpoint's tensor infos)."""
     deltas: dict[str, list[LowRankDelta]] = defaultdict(list)
     for lora in loras:
         raw = lora.source.store()
-        rows = {}
-        for target in lora.targets:
-            if target.rows is not None:
-                start, end = target.rows
-                total = shapes[target.tensor].shape[0]
-                rows[f"{target.module.up}#rows{start}"] = (target.module.up, start, end, total)
-        store = _PaddedUpStore(raw, rows) if rows else raw
+        views = {}
+        for target in lora.targets:  # a module's factors under its own name: q, k and v of
+            info = infos[target.tensor]  # a fused tensor are three modules of one tensor
+            rows = None if target.rows is None else (*target.rows, info.shape[0])
+            views[target.module.up] = _View(target.module.up, info.dtype, rows)
+            views[target.module.down] = _View(target.module.down, info.dtype, None)
+        store = _FactorStore(raw, views)
         for target, strength in zip(lora.targets, lora.strengths, strict=True):
             module = target.module
             alpha = float(raw.get(module.alpha).item()) if module.alpha else module.rank
-            up = module.up if target.rows is None else f"{module.up}#rows{target.rows[0]}"
             scale = alpha / module.rank * strength
-            deltas[target.tensor].append(LowRankDelta(store, up, module.down, scale))
+            delta = LowRankDelta(store, module.up, module.down, scale, rounded_first=True)
+            deltas[target.tensor].append(delta)
     return AdaptedStore(base, deltas)

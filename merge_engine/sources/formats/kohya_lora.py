@@ -296,9 +296,6 @@ def lora_places(
     return [found[name] for name in sorted(found)]
 
 
-_FAMILY_NAMES = {"sd1": "SD1.5", "sdxl": "SDXL"}
-
-
 def lora_targets(
     modules: list[LoraModule],
     layout: Layout,
@@ -314,7 +311,8 @@ def lora_targets(
             f"{model_origin} is {layout}; use it with an SDXL checkpoint"
         )
     index = _module_index(layout, shapes)
-    targets = []
+    targets: list[LoraTarget] = []
+    seen: dict[str, str] = {}
     for module in modules:
         place = index.get((module.component, module.path))
         if place is None:
@@ -330,6 +328,12 @@ def lora_targets(
                 f"that weight of {model_origin} ({layout}) is {list(place.shape)}; the LoRA was "
                 f"made for another model ({_guess(modules)}?), pick a LoRA for this one"
             )
+        if place.kohya_name in seen:
+            raise IncompatibleModelsError(
+                f"{lora_origin} changes one weight twice, as {excerpt(seen[place.kohya_name])} and "
+                f"{excerpt(module.name)}; keep one of the two names in the file"
+            )
+        seen[place.kohya_name] = module.name
         block = block_of(layout.family, place.single_file_name)
         targets.append(LoraTarget(module, place.tensor, place.rows, block, place.kohya_name))
     return targets
@@ -342,7 +346,3 @@ def _guess(modules: list[LoraModule]) -> str:
         return "SDXL"
     widths = {m.down_shape[1] for m in modules if m.path.endswith(("attn2_to_k", "attn2_to_v"))}
     return {2048: "SDXL", 1024: "SD2", 768: "SD1.5"}.get(next(iter(widths), 0), "another family")
-
-
-def family_name(layout: Layout) -> str:
-    return _FAMILY_NAMES.get(layout.family, str(layout))
