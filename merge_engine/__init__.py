@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from merge_engine.errors import MergeError
     from merge_engine.plan.adapter_plan import AdapterPlan
+    from merge_engine.plan.lora_file_plan import LoraFilePlan
     from merge_engine.plan.merge_plan import MergePlan
     from merge_engine.plan.planner import build_plan
     from merge_engine.recipe.schema import ModelReference, Recipe, load_recipe, parse_recipe
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 # does not pay for torch, scipy and transformers until a name that needs them is used.
 _LAZY = {
     "AdapterPlan": "merge_engine.plan.adapter_plan",
+    "LoraFilePlan": "merge_engine.plan.lora_file_plan",
     "MergeError": "merge_engine.errors",
     "MergePlan": "merge_engine.plan.merge_plan",
     "ModelReference": "merge_engine.recipe.schema",
@@ -52,12 +54,13 @@ def preflight(
     allow_pickle: bool = False,
     hub_only: bool = False,
     cache_dir: Path | None = None,
-) -> MergePlan | AdapterPlan:
+) -> MergePlan | AdapterPlan | LoraFilePlan:
     """Validate a recipe against the models' configs and safetensors headers; download no
     weight (a Hub calibration dataset is pinned, not downloaded). ``hub_only`` reads every
     reference from the Hub, never a local folder or file; ``cache_dir`` keeps what is read
     (config.json) out of the shared Hugging Face cache. A recipe with ``output: adapter``
-    gives an :class:`AdapterPlan` (LoRA adapters combined into one adapter)."""
+    gives an :class:`AdapterPlan` (LoRA adapters combined into one adapter), or with an SD
+    base a :class:`LoraFilePlan` (SD LoRA files merged into one LoRA file)."""
     if recipe.output == "adapter":
         return _preflight_adapter(recipe, token, allow_pickle, hub_only, cache_dir)
     from merge_engine.data.calibration import resolve_recipe as resolve_calibration
@@ -82,33 +85,54 @@ def _preflight_adapter(
     allow_pickle: bool,
     hub_only: bool,
     cache_dir: Path | None,
-) -> AdapterPlan:
-    """The base's config and header and each adapter's, then the plan."""
+) -> AdapterPlan | LoraFilePlan:
+    """The base's config and header and each adapter's, then the plan (for an SD base: each
+    LoRA file's header, merged into one kohya-format LoRA file)."""
     from merge_engine.plan.adapter_plan import build_adapter_plan, read_adapter
     from merge_engine.plan.adapter_recipe import read_combination
     from merge_engine.sources.inspection import inspect_model
 
-    read_combination(recipe)  # the recipe's own mistakes before anything is read
+    combination, weights = read_combination(recipe)  # the recipe's mistakes before any read
     base = inspect_model(recipe.base_model, token, allow_pickle, hub_only, cache_dir)
+    if base.layout.is_diffusion:  # SD LoRA files into one kohya LoRA file
+        from merge_engine.plan.lora_file_plan import build_lora_file_plan
+
+        loras = [inspect_model(r, token, False, hub_only, cache_dir) for r in recipe.input_models()]
+        return build_lora_file_plan(
+            base,
+            loras,
+            weights,
+            combination.type,
+            combination.svd_rank,
+            recipe,
+            combination.svd_clamp,
+        )
     adapters = [read_adapter(ref, token, hub_only, cache_dir) for ref in recipe.input_models()]
     return build_adapter_plan(recipe, base, adapters)
 
 
 def merge(
-    recipe_or_plan: Recipe | MergePlan | AdapterPlan, out_dir: str | Path, **options: Any
+    recipe_or_plan: Recipe | MergePlan | AdapterPlan | LoraFilePlan,
+    out_dir: str | Path,
+    **options: Any,
 ) -> Path:
     """Run a merge end to end into ``out_dir`` (see :func:`merge_engine.run.executor.write_merge`
     for options; an adapter output: :func:`merge_engine.run.adapter_merge.write_adapter_merge`)."""
     from merge_engine.plan.adapter_plan import AdapterPlan
+    from merge_engine.plan.lora_file_plan import LoraFilePlan
     from merge_engine.plan.merge_plan import MergePlan
     from merge_engine.run.executor import write_merge
 
     token = options.get("token")
     plan = (
         recipe_or_plan
-        if isinstance(recipe_or_plan, MergePlan | AdapterPlan)
+        if isinstance(recipe_or_plan, MergePlan | AdapterPlan | LoraFilePlan)
         else preflight(recipe_or_plan, token=token)
     )
+    if isinstance(plan, LoraFilePlan):
+        from merge_engine.run.lora_merge import write_lora_file_merge
+
+        return write_lora_file_merge(plan, out_dir)
     if isinstance(plan, AdapterPlan):
         from merge_engine.run.adapter_merge import write_adapter_merge
 
@@ -118,6 +142,7 @@ def merge(
 
 __all__ = [
     "AdapterPlan",
+    "LoraFilePlan",
     "MergeError",
     "MergePlan",
     "ModelReference",

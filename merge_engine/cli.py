@@ -188,6 +188,8 @@ def cmd_extract_lora(args: argparse.Namespace) -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    if _extract_sd_lora(args):
+        return
     plan = plan_extraction(
         args.finetune,
         args.base,
@@ -211,6 +213,35 @@ def cmd_extract_lora(args: argparse.Namespace) -> None:
             f"note: {len(result.differing)} tensor(s) outside the adapter differ from the base "
             f"(largest: {name}, {difference:.3g}); the card lists them, --save MODULE stores one whole"
         )
+
+
+def _extract_sd_lora(args: argparse.Namespace) -> bool:
+    """``extract-lora`` for a Stable Diffusion fine-tune: a kohya-format LoRA file; False when
+    the fine-tune is no diffusion checkpoint (a PEFT adapter is extracted instead)."""
+    import torch
+
+    from merge_engine.extract.sd_lora import extract_sd_lora, plan_sd_extraction
+    from merge_engine.recipe.schema import ModelReference
+    from merge_engine.sources.inspection import inspect_model
+
+    finetune = inspect_model(ModelReference.parse(args.finetune))
+    if not finetune.layout.is_diffusion:
+        return False
+    if args.rank is None or args.energy is not None or args.save or args.lora_embeddings:
+        raise MergeError(
+            f"{args.finetune} is {finetune.layout}, whose LoRA is extracted at one rank; give "
+            "--rank R alone (--energy, --save and --lora-embeddings are for language models)"
+        )
+    base = inspect_model(ModelReference.parse(args.base))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    plan = plan_sd_extraction(finetune, base, args.rank, conv=args.conv, dtype=dtype)
+    result = extract_sd_lora(plan, args.out_dir)
+    errors = [m.relative_error for m in result.modules]
+    print(
+        f"extracted {len(result.modules)} modules at rank {args.rank} into {result.out}: "
+        f"relative error mean {sum(errors) / len(errors):.4g}, largest {max(errors):.4g}"
+    )
+    return True
 
 
 class _Interrupt:
@@ -429,12 +460,14 @@ def build_parser(
 
     extract = sub.add_parser(
         "extract-lora",
-        help="extract a PEFT LoRA adapter from a fine-tune and its base (truncated SVD)",
+        help="extract a LoRA from a fine-tune and its base (truncated SVD): a PEFT adapter, or a "
+        "kohya-format LoRA file for an SD1.5/SDXL checkpoint",
         description="Factor the difference between a fine-tune and its base, module by module, "
         "into a PEFT LoRA adapter in OUT_DIR (adapter_config.json, adapter_model.safetensors, a "
         "card with each module's reconstruction error). By default every linear layer inside the "
         "transformer layers; models are local folders or Hub references (org/name@revision), "
-        "read one tensor at a time.",
+        "read one tensor at a time. An SD1.5/SDXL fine-tune (diffusers folder or single file) "
+        "gives a kohya-format LoRA, OUT_DIR/pytorch_lora_weights.safetensors, at --rank.",
     )
     extract.add_argument("finetune", metavar="FINETUNE", help="the fine-tuned model")
     extract.add_argument("out_dir", metavar="OUT_DIR", help="the adapter folder (new or empty)")
@@ -467,6 +500,11 @@ def build_parser(
     )
     extract.add_argument(
         "--device", default="auto", help="auto (GPU when there is one), cpu or cuda"
+    )
+    extract.add_argument(
+        "--conv",
+        action="store_true",
+        help="SD checkpoints: factor the UNet's convolutions too (LoCon), not only its attention",
     )
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(func=cmd_extract_lora)

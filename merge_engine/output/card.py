@@ -159,6 +159,12 @@ def _role(plan: MergePlan, ref: ModelReference, read: set[ModelReference]) -> st
     bases = {plan.recipe.base_model, *(s.base_model for s in plan.recipe.slices or [])}
     if ref in bases and plan.method.base != "unused":
         return "base"
+    entries = [e for m in plan.recipe.models or [] for e in m.loras or [] if e.lora == ref]
+    if entries:
+        strengths = ", ".join(
+            f"{e.strength:g}" + (" by block" if e.blocks else "") for e in entries
+        )
+        return f"LoRA, strength {strengths}"
     if ref in read:
         return "input"
     return "config donor" if ref == plan.recipe.donor() else "tokenizer"

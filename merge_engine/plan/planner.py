@@ -16,7 +16,8 @@ import secrets
 from merge_engine.align.step import plan_alignment
 from merge_engine.data.calibration import CalibrationSource
 from merge_engine.errors import IncompatibleModelsError, RecipeError
-from merge_engine.methods import MergeMethod
+from merge_engine.methods import MergeMethod, get_method
+from merge_engine.plan.loras import plan_loras
 from merge_engine.plan.merge_plan import DTYPES, MergePlan, TensorTask
 from merge_engine.plan.output_config import output_config
 from merge_engine.plan.places import describe_layers, tensor_places
@@ -182,11 +183,12 @@ def build_plan(
 ) -> MergePlan:
     """Check the recipe against the models' metadata and resolve every output tensor.
     ``calibration`` holds each input model's resolved calibration data (methods that need data)."""
-    resolver = TaskResolver(recipe, sources)
-    method = resolver.method
+    method = get_method(recipe.merge_method)
     check_parameter_names(recipe, method)
     layout = common_layout(recipe, {ref: s.layout for ref, s in sources.items()})
     check_layout(recipe, layout, method.needs_data, method.name)
+    sources = plan_loras(recipe, sources, layout, uses_base=method.base != "unused")
+    resolver = TaskResolver(recipe, sources)
     calibration = calibration or {}
     notes = _check_calibration(recipe, method, sources, calibration)
     if (

@@ -235,14 +235,19 @@ class BlockValues(BaseModel):
     @field_validator("blocks", mode="before")
     @classmethod
     def _row(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return [float(v) for v in value.split(",")]
-            except ValueError:
-                raise ValueError(
-                    f"blocks must be numbers separated by commas, got {excerpt(value)}"
-                ) from None
-        return value
+        return block_row(value)
+
+
+def block_row(value: Any) -> Any:
+    """Block values typed as one comma-separated row (``"1,0,0.5"``) as a list of numbers."""
+    if isinstance(value, str):
+        try:
+            return [float(v) for v in value.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"blocks must be numbers separated by commas, got {excerpt(value)}"
+            ) from None
+    return value
 
 
 ParameterSetting = (
@@ -312,10 +317,38 @@ class Align(_Strict):
     seed: int = 0
 
 
+class LoraEntry(_Strict):
+    """A LoRA baked into a diffusion model before it is merged, as the WebUI's
+    ``<lora:name:strength>`` does: ``lora`` is a kohya or diffusers LoRA file (a local
+    ``.safetensors`` file, or a Hub repo holding one), ``strength`` its multiplier, ``blocks``
+    one strength per block (the LoRA Block Weight extension's rows, ``BASE`` being the text
+    encoders), each multiplied by ``strength``."""
+
+    lora: ModelReference
+    strength: float = Field(default=1.0, allow_inf_nan=False)
+    blocks: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None
+
+    @field_validator("lora")
+    @classmethod
+    def _plain(cls, value: ModelReference) -> ModelReference:
+        if value.adapter is not None:
+            raise ValueError(
+                f"a LoRA is one file, not base+adapter; got {excerpt(str(value), _PATH_EXCERPT)}"
+            )
+        return value
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _row(cls, value: Any) -> Any:
+        return block_row(value)
+
+
 class InputModel(_Strict):
     model: ModelReference
     parameters: Parameters | None = None
     calibration: Calibration | None = None
+    loras: list[LoraEntry] | None = None
+    """Diffusion models: LoRAs baked into this model, in order, before it is merged."""
 
 
 class InputSlice(_Strict):
@@ -437,7 +470,13 @@ class Recipe(_Strict):
         )
         refs += self.input_models() + ([tokenizer] if tokenizer else [])
         refs += [self.vae] if self.vae else []
+        refs += self.lora_references()
         return list(dict.fromkeys(refs))
+
+    def lora_references(self) -> list[ModelReference]:
+        """Every LoRA file baked into a model (``models[i].loras``), each once."""
+        loras = [entry.lora for m in self.models or [] for entry in m.loras or []]
+        return list(dict.fromkeys(loras))
 
     def parameter_levels(self) -> list[tuple[str, Parameters | None, str]]:
         """Every parameters block: (path, block, level), level ``global``, ``slice`` or

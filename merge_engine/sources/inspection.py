@@ -112,6 +112,8 @@ class ModelSource:
     """For ``base+adapter``: the adapter read (its reference, pinned revision, kind, folder),
     applied by :meth:`store` as the tensors stream; ``tensors`` and ``revision`` are the
     base's, whose names and shapes the adapter keeps."""
+    loras: tuple[Any, ...] = ()
+    """Diffusion LoRAs baked into the tensors as they are read (``baked_loras.BakedLora``)."""
 
     @property
     def num_layers(self) -> int | None:
@@ -126,15 +128,24 @@ class ModelSource:
         pinned = {self.ref.base: self.revision} if self.revision else {}
         if self.adapter is not None and self.adapter.revision:
             pinned[self.adapter.ref] = self.adapter.revision
+        for lora in self.loras:  # checkpoint+lora's LoRA file
+            pinned |= lora.source.revisions()
         return pinned
 
     def store(self) -> TensorStore:
-        """The model's tensors, one at a time, with its adapter applied if it has one."""
+        """The model's tensors, one at a time, with its adapter applied if it has one, and
+        its baked LoRAs."""
         store = self._base_store()
-        if self.adapter is None:
-            return store
-        adapter = self.adapter.store()
-        return AdaptedStore(store, self.adapter.deltas(adapter), self.adapter.replacements(adapter))
+        if self.adapter is not None:
+            adapter = self.adapter.store()
+            store = AdaptedStore(
+                store, self.adapter.deltas(adapter), self.adapter.replacements(adapter)
+            )
+        if self.loras:
+            from merge_engine.sources.baked_loras import bake_store
+
+            store = bake_store(store, self.loras, self.tensors)
+        return store
 
     def apply_adapter(self, module: torch.nn.Module) -> None:
         """For ``base+adapter``: a module loaded from the base's folder gets the adapted
@@ -268,7 +279,7 @@ def inspect_local(ref: ModelReference, allow_pickle: bool = False) -> ModelSourc
         return _local_pipeline(ref, folder)
     has_config = (folder / "config.json").is_file()
     if not has_config and peft_adapter.is_adapter_folder(folder):
-        raise SourceError(_adapter_as_model(ref))
+        raise AdapterGivenAsModel(_adapter_as_model(ref))
     config = _read_json(folder / "config.json", ref.path) if has_config else {}
     tensors = _local_safetensors(folder, ref.path)
     if tensors:
@@ -336,7 +347,7 @@ def inspect_hub(
                 ref, index, tensors, revision=sha, layout=Layout(family, "diffusers")
             )
         if "config.json" not in files and peft_adapter.CONFIG_NAME in files:
-            raise SourceError(_adapter_as_model(ref))
+            raise AdapterGivenAsModel(_adapter_as_model(ref))
         weights = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
         if "config.json" not in files and INDEX_NAME not in files and len(weights) > 1:
             raise SourceError(
@@ -357,6 +368,10 @@ def inspect_hub(
     return ModelSource(
         ref, config, tensors, revision=sha, layout=layout, has_tokenizer=has_tokenizer
     )
+
+
+class AdapterGivenAsModel(SourceError):
+    """A PEFT adapter where a model was expected."""
 
 
 def _adapter_as_model(ref: ModelReference) -> str:
@@ -395,15 +410,35 @@ def inspect_adapted(
     fitting shape."""
     assert ref.adapter is not None
     base = inspect_model(ref.base, token, allow_pickle, hub_only, cache_dir)
-    adapter = peft_adapter.read_adapter(ref.adapter, token, hub_only, cache_dir)
     if base.layout.is_diffusion:
+        return _with_diffusion_lora(ref, base, token, hub_only, cache_dir)
+    adapter = peft_adapter.read_adapter(ref.adapter, token, hub_only, cache_dir)
+    fitted = adapter.fitted(base.tensors, str(ref.base))
+    return replace(base, ref=ref, adapter=fitted)
+
+
+def _with_diffusion_lora(
+    ref: ModelReference,
+    base: ModelSource,
+    token: str | bool | None,
+    hub_only: bool,
+    cache_dir: Path | None,
+) -> ModelSource:
+    """``checkpoint+lora`` for a Stable Diffusion checkpoint: the LoRA file (kohya or diffusers
+    names) baked at strength 1, as the model's LoRA list would; a PEFT language-model adapter
+    is refused."""
+    from merge_engine.sources.baked_loras import bake_lora
+
+    assert ref.adapter is not None
+    try:
+        lora = inspect_model(ref.adapter, token, hub_only=hub_only, cache_dir=cache_dir)
+    except AdapterGivenAsModel:
         raise SourceError(
             f"{ref.base} is a Stable Diffusion checkpoint and {ref.adapter} a PEFT adapter for "
             "language models, so '+' cannot apply it; name a transformers base model, or give "
-            "a diffusion LoRA in the model's LoRA list"
-        )
-    fitted = adapter.fitted(base.tensors, str(ref.base))
-    return replace(base, ref=ref, adapter=fitted)
+            "a diffusion LoRA file (kohya or diffusers) after the '+'"
+        ) from None
+    return replace(base, ref=ref, loras=(bake_lora(base, lora),))
 
 
 def download(
@@ -417,9 +452,12 @@ def download(
     """Fetch, pinned to the resolved commit, only what is needed: the weight files when the
     plan reads this model's tensors, the config, and the tokenizer for the tokenizer donor.
     ``cache_dir`` replaces the shared Hugging Face cache (the service gives each job its own).
-    A model's adapter is fetched with it, pinned to the commit it was read at."""
+    A model's adapter is fetched with it, pinned to the commit it was read at, and so are the
+    LoRA files baked into it."""
     if source.adapter is not None and weights:
         peft_adapter.download_adapter(source.adapter, token, cache_dir)
+    for lora in source.loras if weights else ():
+        download(lora.source, token, cache_dir=cache_dir)
     if source.origin is not None:
         download(source.origin, token, weights=weights, cache_dir=cache_dir)
         return

@@ -1,0 +1,104 @@
+"""Running a merge of Stable Diffusion LoRA files into one kohya-format LoRA file, as
+sd-scripts' ``merge_lora.py --concat`` and ``svd_merge_lora.py`` do (PEFT's ``cat`` and ``svd``),
+one module in memory at a time; the plan is :mod:`merge_engine.plan.lora_file_plan`.
+
+* ``cat``: each module's factors stacked, ``down = [down_1; down_2; …]`` and
+  ``up = [w_1 s_1 up_1, w_2 s_2 up_2, …]`` (``s_i = alpha_i / r_i``, ``w_i`` the file's weight):
+  ``up @ down`` is exactly ``Σ w_i s_i up_i @ down_i``, whatever the ranks (sd-scripts scales by
+  square roots and keeps the first file's alpha; the product is the same sum only when the
+  ranks and alphas agree, so mergebot computes the sum itself).
+* ``svd``: the same sum as a full delta, then its truncated SVD at the rank (clamped to what
+  each module can hold), singular values on the up factor as sd-scripts puts them. sd-scripts
+  also clips the factors' values at their 99th percentile; mergebot does not, so the file
+  holds the best rank-r approximation (Eckart–Young), nothing else.
+
+Modules are matched through the base checkpoint, so kohya, LDM-named and diffusers files of one
+family merge together; the output names every module as sd-scripts does for the family, and its
+header holds the pinned recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from merge_engine.methods.low_rank import factor
+from merge_engine.output.kohya_lora import write_kohya_lora
+from merge_engine.plan.lora_file_plan import (
+    LoraFilePlan,
+    LoraPart,
+    MergedModule,
+    build_lora_file_plan,
+)
+from merge_engine.sources.inspection import ModelSource, download
+from merge_engine.sources.low_rank import LowRankDelta
+
+RECIPE_KEY = "mergebot_recipe"
+"""The header entry holding the recipe (YAML) that made the file."""
+
+
+def _scale(part: LoraPart) -> float:
+    """``strength * alpha / r`` of one LoRA module (alpha read from its file)."""
+    module = part.target.module
+    store = part.lora.source.store()
+    alpha = float(store.get(module.alpha).item()) if module.alpha else module.rank
+    return part.strength * alpha / module.rank
+
+
+def _product_factors(merged: MergedModule, combination: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) whose product is the module's summed delta (``cat``) or its truncated SVD."""
+    if combination == "cat":
+        downs, ups = [], []
+        for part in merged.parts:
+            store = part.lora.source.store()
+            module = part.target.module
+            out, trailing = merged.weight_shape[0], merged.planned.up_shape[2:]
+            downs.append(
+                store.get(module.down).float().reshape(module.rank, *merged.weight_shape[1:])
+            )
+            up = store.get(module.up).float().reshape(out, module.rank, *trailing)
+            ups.append(up * _scale(part))
+        return torch.cat(downs), torch.cat(ups, dim=1)
+    delta = torch.zeros(merged.weight_shape)
+    for part in merged.parts:
+        module = part.target.module
+        store = part.lora.source.store()
+        delta += LowRankDelta(store, module.up, module.down, _scale(part)).delta(
+            merged.weight_shape
+        )
+    found = factor(delta, rank=merged.planned.rank, split="up", name=merged.planned.name)
+    return found.down, found.up
+
+
+def write_lora_file_merge(plan: LoraFilePlan, out_dir: str | Path, **_: object) -> Path:
+    """Download the LoRA files (not the base) and write the merged LoRA into the new folder
+    ``out_dir``; the pinned recipe goes into its header. Returns the folder."""
+    for lora in plan.loras:
+        download(lora)
+    recipe = plan.pinned_recipe()
+    metadata = {RECIPE_KEY: recipe.to_yaml()} if recipe else {}
+    write_kohya_lora(
+        Path(out_dir),
+        [m.planned for m in plan.modules],
+        (_product_factors(m, plan.combination) for m in plan.modules),
+        plan.dtype,
+        metadata,
+    )
+    return Path(out_dir)
+
+
+def merge_lora_files(
+    base: ModelSource,
+    loras: Sequence[tuple[ModelSource, float]],
+    out_dir: str | Path,
+    combination: str = "cat",
+    rank: int | None = None,
+) -> Path:
+    """LoRA files of ``base`` (each with its weight) merged into one kohya-format LoRA file in
+    the new folder ``out_dir``, without a recipe; returns the file."""
+    plan = build_lora_file_plan(
+        base, [s for s, _ in loras], [w for _, w in loras], combination, rank
+    )
+    return write_lora_file_merge(plan, out_dir) / "pytorch_lora_weights.safetensors"
