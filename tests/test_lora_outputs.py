@@ -297,10 +297,19 @@ def test_a_refused_recipe_writes_nothing(adapters, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]
     # fields that shape a merged model mean nothing for an adapter, and the base is needed
-    for extra, field in (("dtype: float16\n", "dtype"), ("base_model: null\n", "base_model")):
+    calibration = ("calibration: {examples: [hi]}\n", "calibration")
+    for extra, field in (
+        ("dtype: float16\n", "dtype"),
+        ("base_model: null\n", "base_model"),
+        calibration,
+    ):
         with pytest.raises(RecipeError) as caught:
             preflight(recipe_from_text(text + extra))
         assert caught.value.field == field
+    per_model = text.replace("parameters: {weight: 0.7}", "calibration: {examples: [hi]}")
+    with pytest.raises(RecipeError) as caught:
+        preflight(recipe_from_text(per_model))
+    assert caught.value.field == "models[0].calibration"
 
 
 @pytest.mark.slow  # mergebot in a subprocess against the sandbox hub
