@@ -18,7 +18,7 @@ from merge_engine.output.adapter_card import build_adapter_card
 from merge_engine.output.peft_adapter import LoraModule, PeftAdapter, PeftAdapterWriter
 from merge_engine.output.staging import staging_folder
 from merge_engine.plan.adapter_plan import AdapterPlan, ModuleTask
-from merge_engine.run.executor import RECIPE_NAME
+from merge_engine.run.executor import RECIPE_NAME, Progress
 from merge_engine.sources.formats.peft_adapter import download_adapter
 from merge_engine.sources.tensors import TensorStore
 
@@ -47,6 +47,15 @@ def _module(task: ModuleTask, rank: int) -> LoraModule:
     )
 
 
+def download_adapters(
+    plan: AdapterPlan, token: str | bool | None = None, cache_dir: Path | None = None
+) -> None:
+    """Fetch each Hub adapter's two files at the commit the pre-flight read (a local one is in
+    place); the base's weights are never needed."""
+    for adapter in plan.adapters:
+        download_adapter(adapter, token, cache_dir)
+
+
 def write_adapter_merge(
     plan: AdapterPlan,
     out_dir: str | Path,
@@ -54,15 +63,16 @@ def write_adapter_merge(
     token: str | bool | None = None,
     cache_dir: Path | None = None,
     show_progress: bool = True,
+    progress: Progress | None = None,
     card_command: str | None = None,
     card_details: dict | None = None,
 ) -> Path:
     """Download the adapters (Hub ones, pinned), combine them into ``out_dir`` (published
     atomically): ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` and
-    the recipe. ``card_details`` are further arguments of :func:`build_adapter_card`."""
+    the recipe. ``progress`` counts modules; ``card_details`` are further arguments of
+    :func:`build_adapter_card`."""
     out_dir = Path(out_dir)
-    for adapter in plan.adapters:
-        download_adapter(adapter, token, cache_dir)
+    download_adapters(plan, token, cache_dir)
     stores = [adapter.store() for adapter in plan.adapters]
     generator = None
     if plan.seed is not None:
@@ -74,14 +84,18 @@ def write_adapter_merge(
     with staging_folder(out_dir) as staging:
         writer = PeftAdapterWriter(staging, output)
         try:
-            for task, module in tqdm(
-                list(zip(plan.tasks, output.modules, strict=True)),
+            modules = list(zip(plan.tasks, output.modules, strict=True))
+            bar = tqdm(
+                modules,
                 desc=f"{plan.combination.type} of adapters",
                 unit="module",
                 disable=not show_progress,
-            ):
+            )
+            for done, (task, module) in enumerate(bar, start=1):
                 down, up = _combine(plan, task, stores, generator)
                 writer.write_module(module, up, down)
+                if progress:
+                    progress(done, len(modules), task.module)
             card = build_adapter_card(
                 plan, name=out_dir.name, command=card_command, **(card_details or {})
             )
