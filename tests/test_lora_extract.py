@@ -138,9 +138,11 @@ def test_written_adapter_loads_in_peft_with_its_ranks_alphas_and_saved_modules(
     # q_proj is adapted in every layer, v_proj in one: short name for one, full path for the other.
     assert config["target_modules"] == ["embed_tokens", "model.layers.0.self_attn.v_proj", "q_proj"]
     writer = PeftAdapterWriter(tmp_path, adapter)
-    for module in modules:
-        writer.write_module(module, *factors[module.name])
-    writer.write_saved("lm_head.weight", head)
+    for entry in adapter.write_order():  # the checkpoint's order: embeddings, layers, head
+        if isinstance(entry, LoraModule):
+            writer.write_module(entry, *factors[entry.name])
+        else:
+            writer.write_saved(entry.name, head)
     writer.finish(adapter_card("An adapter.", None))
     merged = _load_merged(base, tmp_path)
     for module in modules:

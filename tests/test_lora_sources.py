@@ -29,6 +29,88 @@ LLAMA_LORA = dict(
 GPT2_LORA = dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, use_rslora=True)
 
 
+def test_a_composite_reference_parses_prints_back_and_pins_each_part():
+    ref = ModelReference.parse("org/base@v1+org/lora")
+    assert (ref.path, ref.revision, str(ref)) == ("org/base", "v1", "org/base@v1+org/lora")
+    assert ref.base == ModelReference("org/base", "v1") and ref.base.adapter is None
+    assert ref.adapter == ModelReference("org/lora")
+    assert ref.parts() == [ref.base, ref.adapter]
+    assert ModelReference.parse("org/base").parts() == [ModelReference("org/base")]
+    assert ref != ref.base and ModelReference.parse(str(ref)) == ref
+    pinned = ref.with_revisions({ref.base: "a" * 40, ModelReference("org/lora"): "b" * 40})
+    assert str(pinned) == f"org/base@{'a' * 40}+org/lora@{'b' * 40}"
+    assert ref.with_revisions({}) == ref
+
+
+@pytest.mark.parametrize(
+    ("model", "sentence"),
+    [
+        ("org/base+", "'org/base+' has nothing on one side of '+'; write base+adapter"),
+        ("org/a+org/b+org/c", "'org/a+org/b+org/c' applies more than one adapter ('+' twice)"),
+        (
+            "org/base+org/--lora",
+            "models[0].model: model 'org/--lora' is not a name the Hub accepts",
+        ),
+    ],
+)
+def test_a_bad_composite_reference_is_refused_when_the_recipe_is_read(model, sentence):
+    from merge_engine.errors import RecipeError
+    from merge_engine.recipe.schema import parse_recipe
+
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe({"merge_method": "passthrough", "models": [{"model": model}]})
+    assert sentence in str(caught.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_low_rank_delta_equals_peft_on_linear_conv_and_embedding_layers(dtype):
+    """The arithmetic kohya LoRAs share: 1x1 and 3x3 convolutions beside linear layers and an
+    embedding, against PEFT's merge of the same weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from merge_engine.sources.low_rank import LowRankDelta
+
+    class Layers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.embedding = torch.nn.Linear(8, 6), torch.nn.Embedding(10, 6)
+            self.pointwise, self.kernel = torch.nn.Conv2d(4, 5, 1), torch.nn.Conv2d(4, 5, 3)
+
+    torch.manual_seed(0)
+    model = Layers().to(dtype)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = ["linear", "embedding", "pointwise", "kernel"]
+    config = LoraConfig(r=2, lora_alpha=5, init_lora_weights=False, target_modules=modules)
+    peft_model = get_peft_model(model, config)
+    adapter = MemoryStore({k: v.detach().clone() for k, v in peft_model.state_dict().items()})
+    expected = peft_model.merge_and_unload().state_dict()
+    prefix = "base_model.model."
+    deltas = {
+        f"{m}.weight": [
+            LowRankDelta(
+                adapter,
+                f"{prefix}{m}.lora_B.default.weight",
+                f"{prefix}{m}.lora_A.default.weight",
+                2.5,
+            )
+        ]
+        for m in ("linear", "pointwise", "kernel")
+    }
+    deltas["embedding.weight"] = [
+        LowRankDelta(
+            adapter,
+            f"{prefix}embedding.lora_embedding_B.default",
+            f"{prefix}embedding.lora_embedding_A.default",
+            2.5,
+            fan_in_fan_out=True,
+            rounded_first=True,
+        )
+    ]
+    store = AdaptedStore(MemoryStore(base), deltas)
+    for name in base:
+        assert torch.equal(store.get(name), expected[name]), name
+
+
 def save_adapter(base: Path, folder: Path, seed: int = 0, **lora) -> Path:
     """A PEFT LoRA adapter of ``base`` with random (non-zero) A and B, as PEFT saves it."""
     from peft import LoraConfig, get_peft_model
@@ -321,10 +403,16 @@ def test_a_hub_composite_is_pinned_in_both_parts_and_equals_peft(adapted, tmp_pa
         assert f"+ adapter alice/lora: {shas['lora']} (PEFT LoRA, rank 2, 12 modules)" in run.stdout
         run = mergebot(server, tmp_path, "merge", str(recipe), str(tmp_path / "out"), "--quiet")
         assert run.returncode == 0, run.stderr
+        missing = write_recipe(
+            tmp_path, "merge_method: passthrough\nmodels: [{model: alice/base+alice/nope}]\n"
+        )
+        refused = mergebot(server, tmp_path, "merge", str(missing), str(tmp_path / "no"))
         fetched = {
             r.path.rsplit("/", 1)[-1] for r in server.hub.requests[before:] if "/resolve/" in r.path
         }
     assert "optimizer.pt" not in fetched
+    assert refused.returncode != 0 and not (tmp_path / "no").exists()
+    assert "model repo alice/nope does not exist on the Hub or is private" in refused.stderr
     assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= fetched
     merged = load_weights(tmp_path / "out")
     assert all(torch.equal(merged[k], expected[k]) for k in merged)

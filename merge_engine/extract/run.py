@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,29 +27,17 @@ from tqdm import tqdm
 from merge_engine.extract.card import extraction_card
 from merge_engine.extract.plan import ExtractedModule, ExtractionPlan
 from merge_engine.extract.result import ExtractionResult, ModuleResult
-from merge_engine.methods.low_rank import LowRankFactors, factor
+from merge_engine.methods.low_rank import factor
 from merge_engine.output.peft_adapter import LoraModule, PeftAdapter, PeftAdapterWriter
 from merge_engine.output.staging import staging_folder
 from merge_engine.plan.merge_plan import PlannedTensor
 from merge_engine.run.executor import resolve_device
 from merge_engine.sources.inspection import download, model_task
+from merge_engine.sources.layers import sort_key
 from merge_engine.sources.tensors import TensorStore
 
 Progress = Callable[[int, int, str], None]
 """Called after each module with (done, total, module name)."""
-
-
-class _Releaser:
-    """Unmaps each file of a store after the last tensor read from it."""
-
-    def __init__(self, store: TensorStore, files: dict[str, str], order: list[str]):
-        self.store = store
-        self.last = {files[name]: name for name in order}
-
-    def done(self, name: str) -> None:
-        for file, last in self.last.items():
-            if last == name:
-                self.store.release(file)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -93,6 +81,45 @@ def _relative_difference(tuned: torch.Tensor, base: torch.Tensor) -> float:
     return difference / norm if norm > 0 else difference
 
 
+class _Reader:
+    """The two models' tensors, read in one order: each file is unmapped after the last
+    tensor read from it, so the pages of one file at a time stay in the process."""
+
+    def __init__(self, plan: ExtractionPlan, order: list[str]):
+        self.finetune, self.base = plan.finetune.store(), plan.base.store()
+        self._release_after: dict[str, list[tuple[TensorStore, str]]] = {}
+        for store, source in ((self.finetune, plan.finetune), (self.base, plan.base)):
+            last = {source.tensors[name].file: name for name in order}
+            for file, name in last.items():
+                self._release_after.setdefault(name, []).append((store, file))
+
+    def done(self, name: str) -> None:
+        for store, file in self._release_after.pop(name, []):
+            store.release(file)
+
+
+class _Spool:
+    """Factors kept on disk, one small safetensors file per module, until the adapter's
+    header can be laid out (with an energy threshold, once every rank is known)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir()
+        self._files: dict[str, Path] = {}
+
+    def put(self, module: str, up: torch.Tensor, down: torch.Tensor) -> None:
+        path = self.folder / f"{len(self._files)}.safetensors"
+        save_file({"up": up.cpu().contiguous(), "down": down.cpu().contiguous()}, path)
+        self._files[module] = path
+
+    def get(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        with safe_open(self._files[module], framework="pt") as spooled:
+            return spooled.get_tensor("up"), spooled.get_tensor("down")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder)
+
+
 def extract_lora(
     plan: ExtractionPlan,
     out_dir: str | Path,
@@ -105,92 +132,67 @@ def extract_lora(
     command: str | None = None,
 ) -> ExtractionResult:
     """Download what the plan reads (pinned), factor every module, write the adapter folder
-    ``out_dir`` with its card (``command``: how the card says to reproduce it)."""
+    ``out_dir`` with its card (``command``: how the card says to reproduce it, by default
+    the extraction with both models pinned). ``progress`` is called after each module."""
     out_dir = Path(out_dir)
     torch_device = resolve_device(device)
+    modules = {m.weight: m for m in plan.modules}
+    saved = set(plan.saved)
+    order = sorted([*modules, *plan.saved, *plan.left_out], key=sort_key)
+    results: dict[str, ModuleResult] = {}
+    differing: list[tuple[str, float]] = []
+    bar = tqdm(total=len(modules), desc="extract-lora", unit="module", disable=not show_progress)
+    writer: PeftAdapterWriter | None = None
     with staging_folder(out_dir) as staging:
-        for source in (plan.finetune, plan.base):
-            download(source, token, cache_dir=cache_dir)
-        finetune, base = plan.finetune.store(), plan.base.store()
-        order = [m.weight for m in plan.modules] + plan.saved + plan.left_out
-        releasers = [
-            _Releaser(store, {n: source.tensors[n].file for n in order}, order)
-            for store, source in ((finetune, plan.finetune), (base, plan.base))
-        ]
-
-        def read(name: str) -> None:
-            for releaser in releasers:
-                releaser.done(name)
-
-        bar = tqdm(
-            total=len(plan.modules), desc="extract-lora", unit="module", disable=not show_progress
-        )
-
-        def factored() -> Iterator[tuple[ExtractedModule, LowRankFactors]]:
-            for done, module in enumerate(plan.modules, 1):
-                delta = _delta(module, finetune, base, torch_device)
-                found = factor(delta, plan.rank, plan.energy, name=module.weight)
-                del delta
-                read(module.weight)
-                yield module, found
-                bar.update(1)
-                if progress:
-                    progress(done, len(plan.modules), module.name)
-
-        results: list[ModuleResult] = []
-
-        def record(module: ExtractedModule, found: LowRankFactors) -> None:
-            results.append(ModuleResult(module.name, found.rank, found.relative_error))
-
-        writer: PeftAdapterWriter | None = None
         try:
-            if plan.energy is None:
-                writer = PeftAdapterWriter(staging, _adapter(plan, [plan.rank] * len(plan.modules)))
-                for lora, (module, found) in zip(writer.adapter.modules, factored(), strict=True):
-                    record(module, found)
-                    writer.write_module(lora, found.up, found.down)
+            for source in (plan.finetune, plan.base):
+                download(source, token, cache_dir=cache_dir)
+            reader = _Reader(plan, order)
+            if plan.energy is None:  # every rank known: straight into the file
+                writer = PeftAdapterWriter(staging, _adapter(plan, [plan.rank] * len(modules)))
+                loras = {lora.name: lora for lora in writer.adapter.modules}
             else:
-                writer = _spooled(plan, staging, factored(), record)
-            for name in plan.saved:
-                writer.write_saved(name, finetune.get(name))
-                read(name)
-            differing = []
-            for name in plan.left_out:
-                difference = _relative_difference(finetune.get(name), base.get(name))
-                read(name)
-                if difference > 0 or math.isnan(difference):
-                    differing.append((name, difference))
+                spool = _Spool(staging / ".spool")
+            for name in order:
+                if name in modules:
+                    module = modules[name]
+                    delta = _delta(module, reader.finetune, reader.base, torch_device)
+                    found = factor(delta, plan.rank, plan.energy, name=name)
+                    del delta
+                    results[module.name] = ModuleResult(
+                        module.name, found.rank, found.relative_error
+                    )
+                    if writer is not None:
+                        writer.write_module(loras[module.name], found.up, found.down)
+                    else:
+                        spool.put(module.name, found.up.to(plan.dtype), found.down.to(plan.dtype))
+                    bar.update(1)
+                    if progress:
+                        progress(len(results), len(modules), module.name)
+                elif name in saved:
+                    if writer is not None:
+                        writer.write_saved(name, reader.finetune.get(name))
+                else:
+                    difference = _relative_difference(
+                        reader.finetune.get(name), reader.base.get(name)
+                    )
+                    if difference > 0 or math.isnan(difference):
+                        differing.append((name, difference))
+                reader.done(name)
+            if writer is None:  # every rank now known: the spool into the file
+                ranks = [results[m.name].rank for m in plan.modules]
+                writer = PeftAdapterWriter(staging, _adapter(plan, ranks))
+                for entry in writer.adapter.write_order():
+                    if isinstance(entry, LoraModule):
+                        writer.write_module(entry, *spool.get(entry.name))
+                    else:
+                        writer.write_saved(entry.name, reader.finetune.get(entry.name))
+                spool.remove()
             differing.sort(key=lambda item: -item[1])
-            result = ExtractionResult(out_dir, results, differing)
+            result = ExtractionResult(out_dir, [results[m.name] for m in plan.modules], differing)
             writer.finish(extraction_card(plan, result, out_dir.name, command))
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
     return result
-
-
-def _spooled(
-    plan: ExtractionPlan,
-    staging: Path,
-    factored: Iterator[tuple[ExtractedModule, LowRankFactors]],
-    record: Callable[[ExtractedModule, LowRankFactors], None],
-) -> PeftAdapterWriter:
-    """Factor every module into a spool file of its own, then open the adapter (its ranks now
-    known) and stream the spooled factors into it; the spool is removed."""
-    spool = staging / ".spool"
-    spool.mkdir()
-    ranks = []
-    for index, (module, found) in enumerate(factored):
-        record(module, found)
-        ranks.append(found.rank)
-        cast = {"up": found.up.to(plan.dtype), "down": found.down.to(plan.dtype)}
-        save_file(
-            {k: v.cpu().contiguous() for k, v in cast.items()}, spool / f"{index}.safetensors"
-        )
-    writer = PeftAdapterWriter(staging, _adapter(plan, ranks))
-    for index, module in enumerate(writer.adapter.modules):
-        with safe_open(spool / f"{index}.safetensors", framework="pt") as spooled:
-            writer.write_module(module, spooled.get_tensor("up"), spooled.get_tensor("down"))
-    shutil.rmtree(spool)
-    return writer

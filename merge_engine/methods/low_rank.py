@@ -16,7 +16,8 @@ own. So its norms are known without forming it:
 - spectral (largest singular value): ``s_{r+1}``;
 - nuclear (sum of singular values): ``s_{r+1} + s_{r+2} + …``.
 
-The SVD is the full one (``torch.linalg.svd``, ``full_matrices=False``) in float32 (float64
+The SVD is the full one (``torch.linalg.svd``, ``full_matrices=False``; a wide matrix as its
+transpose, which is faster) in float32 (float64
 stays float64), not a randomized ``svd_lowrank``: an energy threshold needs every singular
 value, and the error above is the SVD's only for the exact decomposition.
 """
@@ -131,6 +132,16 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     return min(max(rank, 1), kept.numel())
 
 
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd`` without full matrices. A wide matrix (out < in, e.g. an MLP's
+    down projection) is decomposed as its transpose, copied tall: LAPACK takes about twice as
+    long on the wide layout on a CPU (4 s against 8 s for 2048 × 5632 on one thread)."""
+    if matrix.shape[0] >= matrix.shape[1]:
+        return torch.linalg.svd(matrix.contiguous(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(matrix.T.contiguous(), full_matrices=False)
+    return vh.T, s, u.T
+
+
 def factor(
     delta: torch.Tensor,
     rank: int | None = None,
@@ -151,7 +162,7 @@ def factor(
         check_energy(energy)
     dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
     matrix = as_matrix(delta).to(dtype)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = _svd(matrix)
     kept = rank if rank is not None else s.numel()
     if energy is not None:
         kept = min(kept, rank_for_energy(s, energy))

@@ -28,6 +28,7 @@ from huggingface_hub import ModelCardData
 
 from merge_engine.output.shards import ShardedWriter
 from merge_engine.plan.merge_plan import PlannedTensor
+from merge_engine.sources.layers import sort_key
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -118,13 +119,26 @@ class PeftAdapter:
                 f"internal error: {sorted(overlap)[0]} is both adapted and saved whole"
             )
 
+    def write_order(self) -> list[LoraModule | PlannedTensor]:
+        """The modules and the saved tensors in the order the file holds them, which
+        :class:`PeftAdapterWriter` takes them in: the checkpoint's own (embeddings, the layers
+        in order, the rest), so that a writer reading the checkpoint in this order is done
+        with each of its files in turn."""
+        entries: list[LoraModule | PlannedTensor] = [*self.modules, *self.saved]
+        return sorted(
+            entries,
+            key=lambda e: sort_key(e.name + ".weight" if isinstance(e, LoraModule) else e.name),
+        )
+
     def planned(self) -> list[PlannedTensor]:
-        """The file's tensors in writing order: each module's A then B, then saved tensors."""
+        """The file's tensors in writing order: a module's A then its B; a saved tensor."""
         tensors = []
-        for module in self.modules:
-            tensors.append(PlannedTensor(module.down_name, module.down_shape, self.dtype))
-            tensors.append(PlannedTensor(module.up_name, module.up_shape, self.dtype))
-        tensors += [PlannedTensor(PREFIX + t.name, t.shape, t.dtype) for t in self.saved]
+        for entry in self.write_order():
+            if isinstance(entry, LoraModule):
+                tensors.append(PlannedTensor(entry.down_name, entry.down_shape, self.dtype))
+                tensors.append(PlannedTensor(entry.up_name, entry.up_shape, self.dtype))
+            else:
+                tensors.append(PlannedTensor(PREFIX + entry.name, entry.shape, entry.dtype))
         return tensors
 
     def target_modules(self) -> list[str]:
@@ -183,7 +197,7 @@ def adapter_card(body: str, base_model: str | None, tags: Iterable[str] = ()) ->
 
 
 class PeftAdapterWriter:
-    """Streams an adapter's tensors, in :meth:`PeftAdapter.planned` order, into ``folder``;
+    """Streams an adapter's tensors, in :meth:`PeftAdapter.write_order`, into ``folder``;
     :meth:`finish` adds the config and the card. Cast to the adapter's dtype as written."""
 
     def __init__(self, folder: Path, adapter: PeftAdapter, metadata: dict[str, str] | None = None):

@@ -377,18 +377,6 @@ def inspect_model(
     return inspect_hub(ref, token, cache_dir)
 
 
-def read_adapter(
-    ref: ModelReference,
-    token: str | bool | None = None,
-    hub_only: bool = False,
-    cache_dir: Path | None = None,
-) -> peft_adapter.PeftAdapter:
-    """A PEFT adapter in a local folder or a Hub repo (``hub_only``: always the Hub)."""
-    if ref.is_local and not hub_only:
-        return peft_adapter.read_local_adapter(ref)
-    return peft_adapter.read_hub_adapter(ref, token, cache_dir)
-
-
 def inspect_adapted(
     ref: ModelReference,
     token: str | bool | None = None,
@@ -401,7 +389,7 @@ def inspect_adapted(
     fitting shape."""
     assert ref.adapter is not None
     base = inspect_model(ref.base, token, allow_pickle, hub_only, cache_dir)
-    adapter = read_adapter(ref.adapter, token, hub_only, cache_dir)
+    adapter = peft_adapter.read_adapter(ref.adapter, token, hub_only, cache_dir)
     if base.layout.is_diffusion:
         raise SourceError(
             f"{ref.base} is a Stable Diffusion checkpoint and {ref.adapter} a PEFT adapter for "

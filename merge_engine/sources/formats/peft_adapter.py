@@ -116,8 +116,10 @@ class PeftAdapter:
         """``PEFT LoRA, rank 8, 28 modules`` (and what it replaces whole)."""
         ranks = "/".join(str(rank) for rank in self.ranks) or "0"
         text = f"{self.kind}, rank {ranks}, {len(self.modules)} module{'s' if len(self.modules) != 1 else ''}"
-        if self.replaced:
-            text += f", replaces {', '.join(sorted(self.replaced))}"
+        replaced = sorted(self.replaced)
+        if replaced:
+            more = f" and {len(replaced) - 3} more" if len(replaced) > 3 else ""
+            text += f", replaces {', '.join(replaced[:3])}{more}"
         return text
 
     def files(self) -> list[str]:
@@ -129,7 +131,7 @@ class PeftAdapter:
             raise RuntimeError(f"internal error: adapter {self.ref} was not downloaded")
         return SafetensorsStore(self.folder, self.tensors)
 
-    def deltas(self, store: TensorStore, strength: float = 1.0) -> dict[str, list[LowRankDelta]]:
+    def deltas(self, store: TensorStore) -> dict[str, list[LowRankDelta]]:
         """Each changed base tensor's delta, read from ``store`` (the adapter's tensors)."""
         return {
             name: [
@@ -137,7 +139,7 @@ class PeftAdapter:
                     store,
                     module.up,
                     module.down,
-                    module.scale * strength,
+                    module.scale,
                     fan_in_fan_out=module.fan_in_fan_out,
                     rounded_first=module.embedding,
                 )
@@ -216,6 +218,19 @@ def _shape(shape: tuple[int, ...]) -> str:
 def is_adapter_folder(folder: Path) -> bool:
     """Whether a local folder holds a PEFT adapter (its config file)."""
     return (folder / CONFIG_NAME).is_file()
+
+
+def read_adapter(
+    ref: ModelReference,
+    token: str | bool | None = None,
+    hub_only: bool = False,
+    cache_dir: Path | None = None,
+) -> PeftAdapter:
+    """A PEFT adapter in a local folder or a Hub repo (``hub_only``: always the Hub, as the
+    service reads every reference). Its modules' orientation is settled by :meth:`fitted`."""
+    if ref.is_local and not hub_only:
+        return read_local_adapter(ref)
+    return read_hub_adapter(ref, token, cache_dir)
 
 
 def read_local_adapter(ref: ModelReference) -> PeftAdapter:
