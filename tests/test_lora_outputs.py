@@ -426,8 +426,10 @@ def test_modules_are_read_combined_and_written_one_at_a_time(adapters, tmp_path,
         show_progress=False,
         progress=lambda done, total, name: reported.append((done, total, name)),
     )
+    from merge_engine.run.adapter_merge import output_adapter
+
     written = [module for event, module in events if event == "write"]
-    assert written == [task.module for task in plan.tasks] and len(written) == 13
+    assert written == [m.name for m in output_adapter(plan).write_order()] and len(written) == 13
     assert reported == [(i + 1, 13, module) for i, module in enumerate(written)]
     since_write: set[str] = set()
     for event, module in events:
