@@ -297,10 +297,19 @@ def test_a_refused_recipe_writes_nothing(adapters, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]
     # fields that shape a merged model mean nothing for an adapter, and the base is needed
-    for extra, field in (("dtype: float16\n", "dtype"), ("base_model: null\n", "base_model")):
+    calibration = ("calibration: {examples: [hi]}\n", "calibration")
+    for extra, field in (
+        ("dtype: float16\n", "dtype"),
+        ("base_model: null\n", "base_model"),
+        calibration,
+    ):
         with pytest.raises(RecipeError) as caught:
             preflight(recipe_from_text(text + extra))
         assert caught.value.field == field
+    per_model = text.replace("parameters: {weight: 0.7}", "calibration: {examples: [hi]}")
+    with pytest.raises(RecipeError) as caught:
+        preflight(recipe_from_text(per_model))
+    assert caught.value.field == "models[0].calibration"
 
 
 @pytest.mark.slow  # mergebot in a subprocess against the sandbox hub
@@ -410,9 +419,18 @@ def test_modules_are_read_combined_and_written_one_at_a_time(adapters, tmp_path,
     plan = preflight(recipe)
     assert [str(ref) for ref in plan.sources] == [str(folders["a"]), str(folders["b"])]
     assert not plan.random and plan.seed is None and plan.revisions() == {}
-    merge(plan, tmp_path / "combined", show_progress=False)
+    reported = []
+    merge(
+        plan,
+        tmp_path / "combined",
+        show_progress=False,
+        progress=lambda done, total, name: reported.append((done, total, name)),
+    )
+    from merge_engine.run.adapter_merge import output_adapter
+
     written = [module for event, module in events if event == "write"]
-    assert written == [task.module for task in plan.tasks] and len(written) == 13
+    assert written == [m.name for m in output_adapter(plan).write_order()] and len(written) == 13
+    assert reported == [(i + 1, 13, module) for i, module in enumerate(written)]
     since_write: set[str] = set()
     for event, module in events:
         if event == "read":
@@ -509,3 +527,27 @@ def test_adapters_that_disagree_on_a_modules_layout_are_refused(tmp_path):
     with pytest.raises(IncompatibleModelsError) as caught:
         preflight(recipe_from_text(recipe_text(base, sources, "cat")))
     assert "transformer.h.0.attn.c_proj transposed (fan_in_fan_out)" in str(caught.value)
+
+
+def test_the_card_names_the_job_the_changes_and_where_the_adapter_is_pushed(adapters):
+    """What the service hands the card: its job, who asked, what moved, and the repo the
+    adapter is pushed to, which the loading example names."""
+    from merge_engine.output.adapter_card import build_adapter_card
+
+    base, folders = adapters
+    plan = preflight(recipe_from_text(recipe_text(base, [folders["a"], folders["b"]], "svd")))
+    card = build_adapter_card(
+        plan,
+        name="mixed-lora",
+        command="mergebot merge mergebot_recipe.yaml ./mixed-lora",
+        job_id="job-123",
+        credit="Requested by alice.",
+        changes=["alice/a moved to 1234abcd"],
+        endpoint="https://hub.example",
+        repo_id="alice/mixed-lora",
+    )
+    assert card.startswith("---\n") and "library_name: peft" in card
+    assert "# mixed-lora" in card and "job `job-123`. Requested by alice." in card
+    assert "## Changes since the last merge" in card and "- alice/a moved to 1234abcd" in card
+    assert "PeftModel.from_pretrained(base, 'alice/mixed-lora')" in card
+    assert "mergebot merge mergebot_recipe.yaml ./mixed-lora" in card

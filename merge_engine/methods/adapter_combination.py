@@ -282,8 +282,37 @@ def _random_prune(
     more keeps everything and draws nothing (PEFT's ``prune``)."""
     if density >= 1:
         return tensor
-    mask = torch.bernoulli(torch.full_like(input=tensor, fill_value=density), generator=generator)
-    return tensor * mask / density
+    return tensor * _mask(tensor, density, generator) / density
+
+
+def _mask(tensor: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """PEFT's draw: Bernoulli(density) in ``tensor``'s shape, dtype and layout."""
+    return torch.bernoulli(torch.full_like(input=tensor, fill_value=density), generator=generator)
+
+
+def draw_masks(
+    combination: Combination,
+    shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
+    dtype: torch.dtype,
+    *,
+    kind: ModuleKind = "linear",
+    fan_in_fan_out: bool = False,
+    generator: torch.Generator,
+) -> None:
+    """Advances ``generator`` by exactly the draws :func:`combine_module` makes for one module
+    whose adapters' factors have these (down, up) shapes, without reading or computing them:
+    so a module's masks can be drawn out of PEFT's order from the state recorded for it."""
+    density = combination.density
+    if combination.type not in RANDOM_TYPES or density is None or density >= 1:
+        return
+    if combination.type in SVD_TYPES:  # one mask per adapter's delta, laid out as PEFT's
+        for down, up in shapes:
+            delta = torch.empty(up[0], down[1], dtype=dtype)
+            _mask(delta.T if fan_in_fan_out or kind == "embedding" else delta, density, generator)
+        return
+    for side in (0, 1):  # every adapter's A, then every adapter's B
+        for pair in shapes:
+            _mask(torch.empty(pair[side], dtype=dtype), density, generator)
 
 
 def _majority_sign_mask(stacked: torch.Tensor, method: str) -> torch.Tensor:

@@ -52,10 +52,12 @@ def build_adapter_card(
     credit: str | None = None,
     endpoint: str | None = None,
     repo_id: str | None = None,
+    changes: list[str] | None = None,
 ) -> str:
     """The whole ``README.md`` of an adapter output, front matter included; ``repo_id`` is
     where it will be pushed (the loading example names it), ``endpoint`` the Hub the sources
-    came from (``HF_ENDPOINT`` when not given)."""
+    came from (``HF_ENDPOINT`` when not given), ``job_id`` the service job that made it,
+    ``credit`` who asked, ``changes`` what moved since the last merge of a followed recipe."""
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     install = install_instructions(endpoint)
     base = plan.base.ref
@@ -89,6 +91,7 @@ def build_adapter_card(
             usage=quote.code_block(usage, "python"),
             job_id=job_id,
             credit=credit,
+            changes=changes or [],
             combination=plan.combination,
             description=DESCRIPTIONS[plan.combination.type],
             rank=plan.rank,

@@ -4,8 +4,9 @@ From the recipe (:mod:`merge_engine.plan.adapter_recipe`), the base's config and
 each adapter's config and header (:mod:`merge_engine.sources.formats.peft_adapter`), and
 nothing else, it checks that every source is a plain LoRA adapter fitting the base, that the
 ranks suit the combination type, and that an SVD rank fits every module; then it lists the
-modules in the base's module order (the order PEFT visits them in, which the dare masks
-follow) with the adapters that target each, and the shapes of the factors written.
+modules (for the dare types in the base's module order, the order PEFT visits them in and
+draws their masks in; by name otherwise) with the adapters that target each, and the shapes
+of the factors written.
 
 Decisions where PEFT is silent or differs:
 - ``base_model_name_or_path`` of an adapter that differs from the recipe's base (or from the
@@ -187,12 +188,14 @@ def build_adapter_plan(
         rank = module_ranks.pop()
     else:
         rank = combination.new_rank([_peft_rank(a) for a in fitted])
-    order = module_order(base.config)
+    random = combination.type in RANDOM_TYPES
+    # Only the masks depend on the order the modules are visited in; building the model on
+    # the meta device to learn PEFT's order costs a second and the model's imports.
+    order = module_order(base.config) if random else None
     tasks = _tasks(fitted, base, order)
     if combination.type in SVD_TYPES:
         _check_svd_rank(tasks, rank, combination.svd_rank is not None)
     init = fitted[0].config.get("init_lora_weights", True)
-    random = combination.type in RANDOM_TYPES
     if random:
         seed = (
             recipe.random_seed

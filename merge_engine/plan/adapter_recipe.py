@@ -71,6 +71,12 @@ def read_combination(recipe: Recipe) -> tuple[Combination, list[float]]:
                 "is not used when the output is an adapter (output: adapter combines LoRA adapters into one); remove it",
                 field=name,
             )
+    for i, entry in enumerate(recipe.models):
+        if entry.calibration is not None:
+            raise RecipeError(
+                "is not used when the output is an adapter (adapters are combined without data); remove it",
+                field=f"models[{i}].calibration",
+            )
     if recipe.base_model is None:
         raise RecipeError(
             "an adapter output needs the base model its adapters were trained on; name it in base_model",
