@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from merge_engine.errors import MergeError
     from merge_engine.plan.adapter_plan import AdapterPlan
+    from merge_engine.plan.kinds import Plan
     from merge_engine.plan.lora_file_plan import LoraFilePlan
     from merge_engine.plan.merge_plan import MergePlan
     from merge_engine.plan.planner import build_plan
@@ -54,7 +55,7 @@ def preflight(
     allow_pickle: bool = False,
     hub_only: bool = False,
     cache_dir: Path | None = None,
-) -> MergePlan | AdapterPlan | LoraFilePlan:
+) -> Plan:
     """Validate a recipe against the models' configs and safetensors headers; download no
     weight (a Hub calibration dataset is pinned, not downloaded). ``hub_only`` reads every
     reference from the Hub, never a local folder or file; ``cache_dir`` keeps what is read
@@ -132,7 +133,8 @@ def merge(
     if isinstance(plan, LoraFilePlan):
         from merge_engine.run.lora_merge import write_lora_file_merge
 
-        return write_lora_file_merge(plan, out_dir)
+        kept = ("token", "cache_dir", "show_progress", "progress")  # a file of factors: no shards
+        return write_lora_file_merge(plan, out_dir, **{k: options[k] for k in kept if k in options})
     if isinstance(plan, AdapterPlan):
         from merge_engine.run.adapter_merge import write_adapter_merge
 

@@ -12,8 +12,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from merge_engine.plan.adapter_plan import AdapterPlan
-from merge_engine.plan.merge_plan import MergePlan
+from merge_engine.plan.kinds import Plan
 from merge_engine.recipe.schema import ModelReference
 from merge_engine.sources.inspection import ModelSource
 from service.errors import DiskFull
@@ -33,7 +32,7 @@ def source_bytes(sources: Mapping[ModelReference, ModelSource]) -> int:
     return total
 
 
-def merge_bytes(plan: MergePlan | AdapterPlan) -> int:
+def merge_bytes(plan: Plan) -> int:
     """What a merge downloads and writes: its sources, and its output."""
     return source_bytes(plan.sources) + plan.output_bytes
 

@@ -19,10 +19,11 @@ header holds the pinned recipe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from merge_engine.methods.low_rank import factor
 from merge_engine.output.kohya_lora import write_kohya_lora
@@ -32,6 +33,7 @@ from merge_engine.plan.lora_file_plan import (
     MergedModule,
     build_lora_file_plan,
 )
+from merge_engine.run.executor import Progress
 from merge_engine.sources.inspection import ModelSource, download
 from merge_engine.sources.low_rank import LowRankDelta
 
@@ -72,19 +74,41 @@ def _product_factors(merged: MergedModule, combination: str) -> tuple[torch.Tens
     return found.down, found.up
 
 
-def write_lora_file_merge(plan: LoraFilePlan, out_dir: str | Path, **_: object) -> Path:
-    """Download the LoRA files (not the base) and write the merged LoRA into the new folder
-    ``out_dir``; the pinned recipe goes into its header. Returns the folder."""
+def download_lora_files(
+    plan: LoraFilePlan, token: str | bool | None = None, cache_dir: Path | None = None
+) -> None:
+    """Fetch each Hub LoRA file at the commit the pre-flight read (the base is never read)."""
     for lora in plan.loras:
-        download(lora)
+        download(lora, token, cache_dir=cache_dir)
+
+
+def write_lora_file_merge(
+    plan: LoraFilePlan,
+    out_dir: str | Path,
+    *,
+    token: str | bool | None = None,
+    cache_dir: Path | None = None,
+    show_progress: bool = True,
+    progress: Progress | None = None,
+) -> Path:
+    """Download the LoRA files (not the base) and write the merged LoRA into the new folder
+    ``out_dir`` (published whole or not at all); the pinned recipe goes into its header.
+    ``progress`` counts modules. Returns the folder."""
+    download_lora_files(plan, token, cache_dir)
     recipe = plan.pinned_recipe()
     metadata = {RECIPE_KEY: recipe.to_yaml()} if recipe else {}
+    total = len(plan.modules)
+
+    def factors() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for done, module in enumerate(
+            tqdm(plan.modules, desc=f"{plan.combination} of LoRA files", disable=not show_progress)
+        ):
+            yield _product_factors(module, plan.combination)
+            if progress is not None:
+                progress(done + 1, total, module.planned.name)
+
     write_kohya_lora(
-        Path(out_dir),
-        [m.planned for m in plan.modules],
-        (_product_factors(m, plan.combination) for m in plan.modules),
-        plan.dtype,
-        metadata,
+        Path(out_dir), [m.planned for m in plan.modules], factors(), plan.dtype, metadata
     )
     return Path(out_dir)
 

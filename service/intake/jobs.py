@@ -27,8 +27,7 @@ from merge_engine.errors import MergeError, RecipeError, excerpt
 from merge_engine.evolve.checks import CheckedSpec, check_spec
 from merge_engine.evolve.report import TrialRecord
 from merge_engine.evolve.spec import SearchSpec, spec_from_text
-from merge_engine.plan.adapter_plan import AdapterPlan
-from merge_engine.plan.merge_plan import MergePlan
+from merge_engine.plan.kinds import Plan
 from merge_engine.recipe.schema import ModelReference, Recipe, recipe_from_text, with_revisions
 from merge_engine.sources.formats.layouts import Layout
 from merge_engine.sources.inspection import inspect_hub, pinned_parts
@@ -110,9 +109,7 @@ class JobService:
         """A search spec from a request's YAML, within the same limits as a recipe."""
         return spec_from_text(text, self.settings.recipe_limits)
 
-    def check(
-        self, request: MergeRequest, identity: Identity
-    ) -> tuple[MergePlan | AdapterPlan, str]:
+    def check(self, request: MergeRequest, identity: Identity) -> tuple[Plan, str]:
         """Everything submit checks, queueing nothing: the plan and the job id it would get.
         What the request alone shows is checked before anything is asked of the Hub."""
         limits = self.settings.limits
@@ -475,7 +472,7 @@ PROPOSALS = 20
 """Numbered names a form's proposed target tries before it takes a random suffix."""
 
 
-def _job_recipe(plan: MergePlan | AdapterPlan, job_id: str) -> str:
+def _job_recipe(plan: Plan, job_id: str) -> str:
     """The pinned recipe the worker merges. A random method gets a seed derived from the job
     id, so a job resumed after a crash draws the same tensors as its first run."""
     recipe = plan.pinned_recipe()

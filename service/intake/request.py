@@ -15,8 +15,7 @@ from typing import Any, Literal
 from merge_engine.errors import RecipeError, excerpt
 from merge_engine.evolve.lm_eval_tasks import check_task_files
 from merge_engine.evolve.spec import SearchSpec
-from merge_engine.plan.adapter_plan import AdapterPlan
-from merge_engine.plan.merge_plan import MergePlan
+from merge_engine.plan.kinds import Plan
 from merge_engine.recipe.hub_names import check_repo_id, check_revision
 from merge_engine.recipe.schema import DataBlock, ModelReference, Recipe
 from merge_engine.sources.inspection import ModelSource
@@ -258,7 +257,7 @@ def search_job_id(spec: SearchSpec, request: SearchRequest) -> str:
     )
 
 
-def job_id(plan: MergePlan | AdapterPlan, request: MergeRequest) -> str:
+def job_id(plan: Plan, request: MergeRequest) -> str:
     """Hash of the normalised recipe with every source pinned, the target and what else shapes
     the result (private or public, followed or not): the same request at the same source
     revisions is the same job, and asking for a private copy is not."""

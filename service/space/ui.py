@@ -19,7 +19,7 @@ import gradio as gr
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.methods import all_methods, get_method
 from merge_engine.methods.registry import Param
-from merge_engine.plan.adapter_plan import AdapterPlan
+from merge_engine.plan.kinds import output_parts
 from merge_engine.recipe import quote
 from merge_engine.recipe.hub_names import is_loopback
 from merge_engine.recipe.limits import load_yaml
@@ -654,8 +654,7 @@ def build_blocks(service: JobService) -> gr.Blocks:
                 boxes, where = errors_for(error, text, on)
                 return [*boxes, f"Not valid: {SEE_ERROR} {where}."]
             pinned = ", ".join(f"{ref.path}@{sha[:8]}" for ref, sha in plan.revisions().items())
-            parts = "modules" if isinstance(plan, AdapterPlan) else "tensors"
-            message = f"✓ valid: {plan.recipe.merge_method}, {len(plan.tasks)} {parts}, {plan.output_bytes / 1e6:.1f} MB; sources {pinned}"
+            message = f"✓ valid: {plan.recipe.merge_method}, {output_parts(plan)}, {plan.output_bytes / 1e6:.1f} MB; sources {pinned}"
             return [*([""] * len(PLACES)), message]
 
         def submit(

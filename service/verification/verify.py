@@ -5,6 +5,9 @@ What is checked is told from the folder alone:
 - ``model_index.json``: a diffusers pipeline (SD1.5, SDXL): its UNet takes one denoising step,
   its VAE decodes, its text encoders run (:mod:`service.verification.diffusion`);
 - ``config.json``: a transformers model, loaded (no remote code) and run on a few tokens;
+- ``pytorch_lora_weights.safetensors`` alone: Stable Diffusion LoRA files merged into one, read
+  back as a LoRA (each module's up and down of one rank, no unsupported type) with every
+  factor finite;
 - ``adapter_config.json``: a PEFT LoRA adapter, read back as a merge would read it (a LoRA,
   every module's A and B of one rank) and its every factor finite (the base is not loaded:
   its shapes were checked against the adapters' in the pre-flight);
@@ -21,8 +24,10 @@ import torch
 from safetensors import safe_open
 
 from merge_engine.errors import MergeError, SourceError
+from merge_engine.output.kohya_lora import LORA_FILE
 from merge_engine.recipe.schema import ModelReference
 from merge_engine.sources.formats import peft_adapter
+from merge_engine.sources.formats.kohya_lora import read_lora_modules
 from merge_engine.sources.formats.layouts import single_file_layout
 from merge_engine.sources.model_building import building_model
 from merge_engine.sources.tensors import TensorInfo, read_header
@@ -37,6 +42,8 @@ def verify_output(folder: Path, device: torch.device) -> None:
         verify_pipeline(folder, device)
     elif (folder / peft_adapter.CONFIG_NAME).is_file():
         verify_adapter(folder)
+    elif (folder / LORA_FILE).is_file() and not (folder / "config.json").is_file():
+        verify_lora_file(folder)
     elif not (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         infos = weights_of(folder)
         family = _diffusion_family(infos, folder)
@@ -76,6 +83,15 @@ def verify_adapter(folder: Path) -> None:
     except SourceError as error:
         raise MergeError(f"the merged adapter does not read back as a PEFT LoRA: {error}") from None
     verify_state_dict(folder, weights_of(folder))
+
+
+def verify_lora_file(folder: Path) -> None:
+    infos = read_header(folder / LORA_FILE)
+    try:
+        read_lora_modules({name: info.shape for name, info in infos.items()}, str(folder))
+    except SourceError as error:
+        raise MergeError(f"the merged LoRA file does not read back as a LoRA: {error}") from None
+    verify_state_dict(folder, infos)
 
 
 def verify_state_dict(folder: Path, infos: dict[str, TensorInfo]) -> None:

@@ -20,12 +20,14 @@ from merge_engine import preflight
 from merge_engine.errors import MergeError
 from merge_engine.output.adapter_card import build_adapter_card
 from merge_engine.output.card import build_card
+from merge_engine.output.lora_file_card import build_lora_file_card
 from merge_engine.plan.adapter_plan import AdapterPlan
-from merge_engine.plan.merge_plan import MergePlan
+from merge_engine.plan.kinds import Plan
+from merge_engine.plan.lora_file_plan import LoraFilePlan
 from merge_engine.recipe.schema import recipe_from_text
-from merge_engine.run.adapter_merge import write_adapter_merge
+from merge_engine.run.adapter_merge import download_adapters, write_adapter_merge
 from merge_engine.run.executor import download_plan, resolve_device, write_merge
-from merge_engine.sources.formats.peft_adapter import download_adapter
+from merge_engine.run.lora_merge import download_lora_files, write_lora_file_merge
 from service.disk import merge_bytes
 from service.hub_client.hub import hub_api, publish
 from service.verification.verify import verify_output
@@ -44,12 +46,12 @@ from service.workflows.steps import (
     with_hub,
 )
 
-_plans: dict[str, MergePlan | AdapterPlan] = {}
+_plans: dict[str, Plan] = {}
 """Each running attempt's plan, built once in this process by its first step that needs it
 (a workflow resumed in a new process builds it again); it also remembers the downloads."""
 
 
-def plan_of(job: Job) -> MergePlan | AdapterPlan:
+def plan_of(job: Job) -> Plan:
     plan = _plans.get(job.workflow_id)
     if plan is None:
         plan = preflight(
@@ -99,10 +101,11 @@ def download_step(job_id: str) -> None:
     running_service().check_disk(merge_bytes(plan), "the worker's")
     cache = running_service().settings.job_dir(job_id) / "hub"
     if isinstance(plan, AdapterPlan):  # the adapters only: the base's weights are never read
-        for adapter in plan.adapters:
-            with_hub(job_id, lambda a=adapter: download_adapter(a, read_token(job), cache))
-        return
-    with_hub(job_id, lambda: download_plan(plan, read_token(job), cache))
+        with_hub(job_id, lambda: download_adapters(plan, read_token(job), cache))
+    elif isinstance(plan, LoraFilePlan):  # the LoRA files only, likewise
+        with_hub(job_id, lambda: download_lora_files(plan, read_token(job), cache))
+    else:
+        with_hub(job_id, lambda: download_plan(plan, read_token(job), cache))
 
 
 @DBOS.step(name="mergebot.merge")
@@ -114,25 +117,24 @@ def merge_step(job_id: str) -> None:
     if out.exists():  # finished before a crash: the engine renames it into place complete
         return
     plan = plan_of(job)
-    if isinstance(plan, AdapterPlan):  # modules of a few factors each: seconds, no progress
-        write_adapter_merge(
-            plan,
-            out,
-            token=read_token(job),
-            cache_dir=jobs.settings.job_dir(job_id) / "hub",
-            show_progress=False,
-        )
-        return
-    write_merge(
-        plan,
-        out,
-        device=jobs.settings.device,
+    options = dict(
         token=read_token(job),
         show_progress=False,
         progress=_progress(job_id),
         cache_dir=jobs.settings.job_dir(job_id) / "hub",
-        stats_dir=jobs.settings.job_dir(job_id) / "statistics",
     )
+    if isinstance(plan, AdapterPlan):
+        write_adapter_merge(plan, out, **options)
+    elif isinstance(plan, LoraFilePlan):
+        write_lora_file_merge(plan, out, **options)
+    else:
+        write_merge(
+            plan,
+            out,
+            device=jobs.settings.device,
+            stats_dir=jobs.settings.job_dir(job_id) / "statistics",
+            **options,
+        )
 
 
 @DBOS.step(name="mergebot.verify")
@@ -147,9 +149,10 @@ def card_step(job_id: str) -> None:
     name = job.target.split("/")[1]
     command = f"mergebot merge mergebot_recipe.yaml ./{name}"
     endpoint = running_service().settings.endpoint
-    if isinstance(plan, AdapterPlan):
-        text = build_adapter_card(
-            plan, name, command, job.id, credit(job), endpoint, repo_id=job.target
+    if isinstance(plan, AdapterPlan | LoraFilePlan):
+        build = build_adapter_card if isinstance(plan, AdapterPlan) else build_lora_file_card
+        text = build(
+            plan, name, command, job.id, credit(job), endpoint, job.target, changes=job.changes
         )
         (merged_output(job) / "README.md").write_text(text, encoding="utf-8")
     else:
