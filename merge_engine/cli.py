@@ -211,7 +211,8 @@ def cmd_extract_lora(args: argparse.Namespace) -> None:
         name, difference = result.differing[0]
         print(
             f"note: {len(result.differing)} tensor(s) outside the adapter differ from the base "
-            f"(largest: {name}, {difference:.3g}); the card lists them, --save MODULE stores one whole"
+            f"(the most: {name}, relative difference {difference:.3g}); the card lists them, "
+            "and --save MODULE stores a module whole"
         )
 
 
