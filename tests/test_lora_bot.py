@@ -1,6 +1,7 @@
-"""LoRA adapters through the bot end to end: a ``base+adapter`` request through the JSON API of
-a real ``mergebot serve``, both repos pinned, merged by its worker and pushed to the sandbox hub
-in one commit whose card names the adapter at its commit."""
+"""LoRA adapters through the bot end to end, each a request through the JSON API of a real
+``mergebot serve``, merged by its worker and pushed to the sandbox hub in one commit with its
+card: a ``base+adapter`` merge (both repos pinned), PEFT adapters combined into a PEFT adapter
+repo, and Stable Diffusion LoRA files merged into one LoRA file."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import torch
 from conftest import load_weights
 from huggingface_hub import HfApi
 from peft_adapters import bake, save_adapter
+from safetensors import safe_open
+from safetensors.torch import load_file
 from service_env import job_commits, start_sandbox, start_serve
+
+from merge_engine import load_recipe, merge, preflight
 
 pytestmark = pytest.mark.slow  # real processes: a server, a worker, the sandbox hub
 
@@ -34,10 +39,29 @@ def adapters(llama_family, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def sandbox(llama_family, adapters):
+def sd_loras(tmp_path_factory) -> dict[str, Path]:
+    """A tiny SD1.5 pipeline and two LoRA files, each a fine-tune of it extracted at rank 4."""
+    from merge_engine.example_diffusion import make_finetune, make_pipeline
+    from merge_engine.extract.sd_lora import extract_sd_lora, plan_sd_extraction
+    from merge_engine.recipe.schema import ModelReference
+    from merge_engine.sources.inspection import inspect_model
+
+    root = tmp_path_factory.mktemp("sd")
+    base = make_pipeline(root / "sd-base", "sd1", seed=0)
+    found = {"sd-base": base}
+    for name, seed in (("sd-lora-a", 1), ("sd-lora-b", 2)):
+        tuned = make_finetune(base, root / f"tuned-{seed}", seed=seed, noise=0.05)
+        sources = [inspect_model(ModelReference(str(folder))) for folder in (tuned, base)]
+        extract_sd_lora(plan_sd_extraction(*sources, rank=4), root / name)
+        found[name] = root / name
+    return found
+
+
+@pytest.fixture(scope="module")
+def sandbox(llama_family, adapters, sd_loras):
     server = start_sandbox({"alice": llama_family})
     api = HfApi(endpoint=server.url, token=ALICE)
-    for name, folder in adapters.items():
+    for name, folder in {**adapters, **sd_loras}.items():
         api.create_repo(f"alice/{name}")
         # PEFT's own card names the base by its local path, which the Hub refuses
         api.upload_folder(repo_id=f"alice/{name}", folder_path=folder, ignore_patterns="README.md")
@@ -167,3 +191,53 @@ def peft_linear_logits(base: Path, adapters: dict[str, Path], weights) -> torch.
     model.set_adapter("both")
     with torch.no_grad():
         return model(torch.tensor([[1, 2, 3]])).logits
+
+
+def test_sd_lora_files_merged_into_one_are_published_as_one_file_with_the_recipe(
+    bot, sandbox, sd_loras, tmp_path
+):
+    recipe = """output: adapter
+merge_method: cat
+base_model: alice/sd-base
+models:
+  - model: alice/sd-lora-a
+    parameters: {weight: 0.5}
+  - model: alice/sd-lora-b
+    parameters: {weight: 1.0}
+"""
+    status, job = bot.submit(recipe, "alice/merged-sd-lora", ALICE)
+    assert status == 202, job
+    done = bot.wait_done(job["id"])
+    assert done["status"] == "succeeded", done
+    api = HfApi(endpoint=sandbox.url, token=ALICE)
+    assert len(job_commits(sandbox.url, "alice/merged-sd-lora", ALICE, job["id"])) == 1
+    assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(
+        api.list_repo_files("alice/merged-sd-lora")
+    )
+    shas = {repo: api.model_info(repo).sha for repo in ("alice/sd-lora-a", "alice/sd-lora-b")}
+    card = Path(
+        api.hf_hub_download("alice/merged-sd-lora", "README.md", local_dir=tmp_path / "hub")
+    ).read_text()
+    assert "library_name: diffusers" in card and "base_model: alice/sd-base" in card
+    assert all(sha in card for sha in shas.values()) and job["id"] in card
+    published = Path(
+        api.hf_hub_download(
+            "alice/merged-sd-lora", "pytorch_lora_weights.safetensors", local_dir=tmp_path / "hub"
+        )
+    )
+    with safe_open(str(published), "pt") as file:
+        pinned = file.metadata()["mergebot_recipe"]
+        got = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    assert all(f"{repo}@{sha}" in pinned for repo, sha in shas.items())
+
+    # the same files merged from local folders by the engine give the same file
+    local = tmp_path / "local.yaml"
+    local.write_text(
+        recipe.replace("alice/sd-base", str(sd_loras["sd-base"]))
+        .replace("alice/sd-lora-a", str(sd_loras["sd-lora-a"]))
+        .replace("alice/sd-lora-b", str(sd_loras["sd-lora-b"]))
+    )
+    merge(preflight(load_recipe(local)), tmp_path / "out", show_progress=False)
+    expected = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert got.keys() == expected.keys()
+    assert all(got[name].equal(expected[name]) for name in expected)

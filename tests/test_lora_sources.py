@@ -5,12 +5,12 @@ the models PEFT baked, the CLI, a Hub composite pinned in both parts, and the re
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_weights, write_recipe
+from peft_adapters import bake, save_adapter
 
 from merge_engine import load_recipe, merge, preflight
 from merge_engine.cli import main
@@ -109,32 +109,6 @@ def test_a_low_rank_delta_equals_peft_on_linear_conv_and_embedding_layers(dtype)
     store = AdaptedStore(MemoryStore(base), deltas)
     for name in base:
         assert torch.equal(store.get(name), expected[name]), name
-
-
-def save_adapter(base: Path, folder: Path, seed: int = 0, **lora) -> Path:
-    """A PEFT LoRA adapter of ``base`` with random (non-zero) A and B, as PEFT saves it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=2, lora_alpha=5, init_lora_weights=False, **lora)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT warns that it saves the embedding it adapts
-        get_peft_model(model, config).save_pretrained(folder)
-    return folder
-
-
-def bake(base: Path, adapter: Path, folder: Path | None = None) -> dict[str, torch.Tensor]:
-    """PEFT's own ``merge_and_unload`` of ``adapter`` into ``base`` (saved to ``folder``)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    baked = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    if folder is not None:
-        baked.save_pretrained(folder, safe_serialization=True)
-    return baked.state_dict()
 
 
 def in_dtype(folder: Path, dtype: torch.dtype, out: Path) -> Path:
