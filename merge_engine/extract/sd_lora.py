@@ -19,7 +19,8 @@ import torch
 
 from merge_engine.errors import IncompatibleModelsError, RecipeError
 from merge_engine.methods.low_rank import check_rank_value, factor, max_rank
-from merge_engine.output.kohya_lora import PlannedModule, write_kohya_lora
+from merge_engine.output.kohya_lora import write_kohya_lora
+from merge_engine.plan.merge_plan import PlannedModule
 from merge_engine.sources.formats.kohya_lora import ModulePlace, lora_places
 from merge_engine.sources.inspection import ModelSource, download
 

@@ -12,30 +12,16 @@ header, written first, carries ``metadata`` (the recipe that made it) beside sd-
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from merge_engine.output.shards import ShardedWriter
 from merge_engine.output.staging import staging_folder
-from merge_engine.plan.merge_plan import PlannedTensor
+from merge_engine.plan.merge_plan import PlannedModule, PlannedTensor
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 _ONE_FILE = 1 << 62  # a LoRA is written as one file, however large
-
-
-@dataclass(frozen=True)
-class PlannedModule:
-    """One module of the file before it is computed: its name and its factors' shapes."""
-
-    name: str
-    down_shape: tuple[int, ...]
-    up_shape: tuple[int, ...]
-
-    @property
-    def rank(self) -> int:
-        return self.down_shape[0]
 
 
 def _planned(modules: Sequence[PlannedModule], dtype: torch.dtype) -> list[PlannedTensor]:

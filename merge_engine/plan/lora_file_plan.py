@@ -30,7 +30,7 @@ import torch
 
 from merge_engine.errors import RecipeError
 from merge_engine.methods.low_rank import check_rank_value, max_rank
-from merge_engine.output.kohya_lora import PlannedModule
+from merge_engine.plan.merge_plan import PlannedModule
 from merge_engine.recipe.schema import ModelReference, Recipe
 from merge_engine.sources.baked_loras import BakedLora, bake_lora
 from merge_engine.sources.formats.kohya_lora import LoraTarget

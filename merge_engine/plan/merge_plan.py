@@ -155,3 +155,17 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class PlannedModule:
+    """One module of a kohya LoRA file before it is computed: its name (as sd-scripts writes
+    it) and its factors' shapes."""
+
+    name: str
+    down_shape: tuple[int, ...]
+    up_shape: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return self.down_shape[0]
