@@ -89,8 +89,9 @@ def _preflight_adapter(
 ) -> AdapterPlan | LoraFilePlan:
     """The base's config and header and each adapter's, then the plan (for an SD base: each
     LoRA file's header, merged into one kohya-format LoRA file)."""
-    from merge_engine.plan.adapter_plan import build_adapter_plan, read_adapter
+    from merge_engine.plan.adapter_plan import build_adapter_plan
     from merge_engine.plan.adapter_recipe import read_combination
+    from merge_engine.sources.formats.peft_adapter import read_adapter
     from merge_engine.sources.inspection import inspect_model
 
     combination, weights = read_combination(recipe)  # the recipe's mistakes before any read

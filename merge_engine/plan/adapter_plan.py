@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -40,8 +39,6 @@ from merge_engine.plan.adapter_recipe import read_combination
 from merge_engine.recipe.schema import ModelReference, Recipe
 from merge_engine.sources.formats.peft_adapter import (
     PeftAdapter,
-    read_hub_adapter,
-    read_local_adapter,
 )
 from merge_engine.sources.inspection import ModelSource
 from merge_engine.sources.module_order import module_order
@@ -147,18 +144,6 @@ class AdapterPlan:
         if self.seed is None:
             return pinned
         return pinned.model_copy(update={"random_seed": self.seed})
-
-
-def read_adapter(
-    ref: ModelReference,
-    token: str | bool | None = None,
-    hub_only: bool = False,
-    cache_dir: Path | None = None,
-) -> PeftAdapter:
-    """One adapter's config and header, from a local folder or the Hub."""
-    if ref.is_local and not hub_only:
-        return read_local_adapter(ref)
-    return read_hub_adapter(ref, token, cache_dir)
 
 
 def build_adapter_plan(

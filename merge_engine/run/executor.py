@@ -6,9 +6,7 @@ written. A failure removes the staging folder, so no half-written model ever loo
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +24,7 @@ from merge_engine.methods import kernel_argument
 from merge_engine.methods.sparsify import MagnitudeOrder
 from merge_engine.output.conversion import converted
 from merge_engine.output.shards import ComponentWriter, ShardedWriter
-from merge_engine.output.staging import check_output_dir
+from merge_engine.output.staging import check_output_dir, staging_folder
 from merge_engine.plan.merge_plan import MergePlan, TensorTask
 from merge_engine.recipe.schema import ModelReference
 from merge_engine.run.statistics import StatsFiles, collect_statistics, default_stats_dir
@@ -336,62 +334,52 @@ def write_merge(
             plan, stats_dir or default_stats_dir(), torch_device, show_progress, report_stats
         )
 
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    writer = _open_writer(plan, staging, shard_size)
     bar = tqdm(
         total=len(plan.tasks),
         desc=f"{plan.method.name} merge",
         unit="tensor",
         disable=not show_progress,
     )
+
+    def report(done: int, total: int, name: str) -> None:
+        bar.update(1)
+        if progress:
+            progress(stats_units + done, stats_units + total, name)
+
     try:
-        if plan.alignment is not None:
-            run_alignment(
-                plan.alignment,
-                plan.sources,
-                plan.calibration,
-                staging,
-                torch_device,
-                show_progress,
-                progress,
+        with staging_folder(out_dir) as staging:
+            writer = _open_writer(plan, staging, shard_size)
+            try:
+                if plan.alignment is not None:
+                    run_alignment(
+                        plan.alignment,
+                        plan.sources,
+                        plan.calibration,
+                        staging,
+                        torch_device,
+                        show_progress,
+                        progress,
+                    )
+                merged = iter_merged(plan, torch_device, report, stats_files)
+                if plan.writes is None:
+                    for task, tensor in merged:
+                        writer.write(task.output, tensor)
+                else:
+                    for target, tensor in converted(merged, plan.writes):
+                        writer.write(target.name, tensor)
+                writer.finish()
+            finally:
+                writer.close()
+            _copy_side_files(plan, staging)
+            (staging / RECIPE_NAME).write_text(plan.reproducible_recipe().to_yaml())
+            card = build_card(
+                plan,
+                name=out_dir.name,
+                command=card_command,
+                section=card_section,
+                **(card_details or {}),
             )
-
-        def report(done: int, total: int, name: str) -> None:
-            bar.update(1)
-            if progress:
-                progress(stats_units + done, stats_units + total, name)
-
-        merged = iter_merged(plan, torch_device, report, stats_files)
-        if plan.writes is None:
-            for task, tensor in merged:
-                writer.write(task.output, tensor)
-        else:
-            for target, tensor in converted(merged, plan.writes):
-                writer.write(target.name, tensor)
-        writer.finish()
-        _copy_side_files(plan, staging)
-        (staging / RECIPE_NAME).write_text(plan.reproducible_recipe().to_yaml())
-        card = build_card(
-            plan,
-            name=out_dir.name,
-            command=card_command,
-            section=card_section,
-            **(card_details or {}),
-        )
-        card.save(staging / "README.md")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        staging.rename(out_dir)
-    except BaseException as error:
-        writer.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            raise MergeError(
-                f"the disk holding {out_dir.parent} filled up during the merge; free some space and run it again"
-            ) from None
-        raise
+            card.save(staging / "README.md")
     finally:
         bar.close()
     return out_dir
