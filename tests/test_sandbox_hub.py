@@ -115,8 +115,8 @@ def test_the_sandbox_hub_command_serves_seeded_example_models(tmp_path):
         url = process.stdout.readline().split()[3].rstrip(";")
         assert (
             process.stdout.readline().strip()
-            == "example models: demo/base, demo/math, demo/code, demo/chat, demo/sd-base, "
-            "demo/sd-dreamy, demo/sd-photo"
+            == "example models: demo/base, demo/math, demo/code, demo/chat, demo/math-lora, "
+            "demo/sd-base, demo/sd-dreamy, demo/sd-photo"
         )
         assert {s.rfilename for s in HfApi(endpoint=url).model_info("demo/sd-dreamy").siblings} >= {
             "model_index.json",
