@@ -86,7 +86,9 @@ def test_the_space_without_a_token_runs_the_offline_demo(tmp_path):
     serve = start()
     try:
         assert f"sandbox hub on http://127.0.0.1:{hub_port}" in serve.log
-        assert "demo/chat, demo/math-lora, demo/sd-base, demo/sd-dreamy, demo/sd-photo;" in serve.log
+        assert (
+            "demo/chat, demo/math-lora, demo/sd-base, demo/sd-dreamy, demo/sd-photo;" in serve.log
+        )
         demo_token = json.loads((work / "sandbox-hub" / "tokens.json").read_text())["demo"]
         (tmp_path / "recipe.yaml").write_text(RECIPE)
         client = {
