@@ -78,8 +78,14 @@ def page(browser, space):
 
 
 def load_example(page, name: str) -> None:
+    """Load an example and wait for the load's own answer. The page may show that example
+    already, so its fields prove nothing; the target, which a load always rewrites, first
+    holds a name no load proposes. (Gradio runs different events of a page at once: an edit
+    made before the load's answer lands is overwritten by it.)"""
     choose(page, "#search-example", name)
+    set_value(page, "#search-target", "waiting/for-the-load")
     page.locator("#load-search-example").click()
+    expect(field(page, "#search-target")).not_to_have_value("waiting/for-the-load")
     expect(field(page, "#search-sources")).to_have_value("demo/math\ndemo/code")
 
 
