@@ -19,7 +19,7 @@ header holds the pinned recipe.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -33,41 +33,45 @@ from merge_engine.plan.lora_file_plan import (
     MergedModule,
     build_lora_file_plan,
 )
+from merge_engine.recipe.schema import ModelReference
 from merge_engine.run.executor import Progress
 from merge_engine.sources.inspection import ModelSource, download
 from merge_engine.sources.low_rank import LowRankDelta
+from merge_engine.sources.tensors import TensorStore
 
 RECIPE_KEY = "mergebot_recipe"
 """The header entry holding the recipe (YAML) that made the file."""
 
 
-def _scale(part: LoraPart) -> float:
-    """``strength * alpha / r`` of one LoRA module (alpha read from its file)."""
+def _scale(part: LoraPart, store: TensorStore) -> float:
+    """``strength * alpha / r`` of one LoRA module (alpha read from its file's ``store``)."""
     module = part.target.module
-    store = part.lora.source.store()
     alpha = float(store.get(module.alpha).item()) if module.alpha else module.rank
     return part.strength * alpha / module.rank
 
 
-def _product_factors(merged: MergedModule, combination: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) whose product is the module's summed delta (``cat``) or its truncated SVD."""
+def _product_factors(
+    merged: MergedModule, combination: str, stores: Mapping[ModelReference, TensorStore]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) whose product is the module's summed delta (``cat``) or its truncated SVD;
+    ``stores`` holds each LoRA file open, by reference."""
     if combination == "cat":
         downs, ups = [], []
         for part in merged.parts:
-            store = part.lora.source.store()
+            store = stores[part.lora.source.ref]
             module = part.target.module
             out, trailing = merged.weight_shape[0], merged.planned.up_shape[2:]
             downs.append(
                 store.get(module.down).float().reshape(module.rank, *merged.weight_shape[1:])
             )
             up = store.get(module.up).float().reshape(out, module.rank, *trailing)
-            ups.append(up * _scale(part))
+            ups.append(up * _scale(part, store))
         return torch.cat(downs), torch.cat(ups, dim=1)
     delta = torch.zeros(merged.weight_shape)
     for part in merged.parts:
         module = part.target.module
-        store = part.lora.source.store()
-        delta += LowRankDelta(store, module.up, module.down, _scale(part)).delta(
+        store = stores[part.lora.source.ref]
+        delta += LowRankDelta(store, module.up, module.down, _scale(part, store)).delta(
             merged.weight_shape
         )
     found = factor(delta, rank=merged.planned.rank, split="up", name=merged.planned.name)
@@ -98,12 +102,13 @@ def write_lora_file_merge(
     recipe = plan.pinned_recipe()
     metadata = {RECIPE_KEY: recipe.to_yaml()} if recipe else {}
     total = len(plan.modules)
+    stores = {lora.ref: lora.store() for lora in plan.loras}  # each file opened once
 
     def factors() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for done, module in enumerate(
             tqdm(plan.modules, desc=f"{plan.combination} of LoRA files", disable=not show_progress)
         ):
-            yield _product_factors(module, plan.combination)
+            yield _product_factors(module, plan.combination, stores)
             if progress is not None:
                 progress(done + 1, total, module.planned.name)
 
