@@ -28,11 +28,8 @@ from huggingface_hub import ModelCardData
 
 from merge_engine.output.shards import ShardedWriter
 from merge_engine.plan.merge_plan import PlannedTensor
+from merge_engine.sources.formats.peft_adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from merge_engine.sources.layers import sort_key
-
-PREFIX = "base_model.model."
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -205,7 +202,9 @@ class PeftAdapterWriter:
         self.adapter = adapter
         planned = adapter.planned()
         size = sum(t.nbytes for t in planned) + 1  # PEFT reads one file, never shards
-        self._writer = ShardedWriter(folder, planned, size, "adapter_model", metadata)
+        self._writer = ShardedWriter(
+            folder, planned, size, WEIGHTS_NAME.removesuffix(".safetensors"), metadata
+        )
 
     def write_module(self, module: LoraModule, up: torch.Tensor, down: torch.Tensor) -> None:
         self._writer.write(module.down_name, down.to(self.adapter.dtype))
